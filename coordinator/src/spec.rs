@@ -1,0 +1,479 @@
+//! Job specs: the TOML users write (`examples/jobs/*.toml`) and the validated [`JobSpec`] the state machine
+//! stores.
+//!
+//! Parsing and validation happen before anything is proposed, on whichever node receives the submission,
+//! and again in the CLI so the user sees the file name. A spec that fails either step is refused with a
+//! [`SpecError`] naming the field, line and column; nothing is stored.
+//!
+//! ```toml
+//! name = "hello"
+//! kind = "command"            # or "train"
+//! command = "echo"
+//! args = ["hello", "kiln"]
+//! max_restarts = 1
+//! [env]
+//! GREETING = "hi"
+//! [resources]                 # per worker
+//! workers = 2
+//! cpus = 1
+//! gpus = 0
+//! memory = "512MiB"
+//! ```
+//!
+//! Left out on purpose: the train section's dataset and optimizer details are checked by the training
+//! issue; here a train job must name its model and may carry the common hyperparameters.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+/// Largest world size a single job may ask for.
+pub const WORKERS_MAX: u32 = 1024;
+/// Most restarts a job may ask for; more would hide a broken job for hours.
+pub const MAX_RESTARTS_MAX: u32 = 100;
+/// Longest job name, so it fits in a DNS label and a terminal column.
+pub const NAME_LENGTH_MAX: usize = 63;
+/// Largest spec accepted, in bytes; specs are replicated through Raft and must stay small.
+pub const SPEC_BYTES_MAX: usize = 64 * 1024;
+
+/// A spec the coordinator accepted. Every field is checked; the state machine trusts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub name: String,
+    pub kind: JobKind,
+    /// The program for `command` jobs; empty for `train` jobs.
+    pub command: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub resources: ResourceSpec,
+    pub max_restarts: u32,
+    /// Higher runs first; FIFO within one priority.
+    pub priority: i32,
+    pub train: Option<TrainSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    Command,
+    Train,
+}
+
+impl JobKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            JobKind::Command => "command",
+            JobKind::Train => "train",
+        }
+    }
+}
+
+/// What each worker (rank) of a job needs; the job needs `workers` times this.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceSpec {
+    pub workers: u32,
+    pub cpus: u32,
+    pub gpus: u32,
+    pub memory_bytes: u64,
+}
+
+/// The train section. The training issue adds dataset, optimizer and checkpoint settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrainSpec {
+    pub model: String,
+    pub epochs: Option<u32>,
+    pub batch_size: Option<u32>,
+    /// Kept as text so the spec stays `Eq` and encodes exactly.
+    pub learning_rate: Option<String>,
+    pub seed: Option<u64>,
+}
+
+/// Why a spec was refused: what is wrong, where (1-based line and column), and in which file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError {
+    pub source_name: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid job spec {}:{}:{}: {}",
+            self.source_name, self.line, self.column, self.message
+        )
+    }
+}
+
+impl std::error::Error for SpecError {}
+
+/// The TOML shape. Unknown keys are refused so a typo (`max_restart`) never silently does nothing.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    name: Spanned<String>,
+    kind: Spanned<JobKind>,
+    command: Option<Spanned<String>>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<Spanned<String>, String>,
+    resources: Option<Spanned<RawResources>>,
+    #[serde(default)]
+    max_restarts: Option<Spanned<u32>>,
+    #[serde(default)]
+    priority: i32,
+    train: Option<Spanned<RawTrain>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResources {
+    workers: Option<Spanned<u32>>,
+    cpus: Option<Spanned<u32>>,
+    #[serde(default)]
+    gpus: u32,
+    memory: Option<Spanned<Memory>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrain {
+    model: Spanned<String>,
+    epochs: Option<u32>,
+    batch_size: Option<u32>,
+    learning_rate: Option<f64>,
+    seed: Option<u64>,
+}
+
+/// Memory per worker: an integer number of bytes or a string with a unit (`"512MiB"`, `"4GB"`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Memory {
+    Bytes(u64),
+    Text(String),
+}
+
+/// Parses `"512MiB"`, `"4 GB"`, `"1024"`. Binary (KiB, MiB, GiB, TiB) and decimal (KB, MB, GB, TB) units.
+pub fn parse_memory(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let value: f64 = number.parse().map_err(|_| {
+        format!("memory '{text}' does not start with a number; expected e.g. \"512MiB\"")
+    })?;
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        other => {
+            return Err(format!(
+                "memory unit '{other}' is not known; expected one of B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
+            ));
+        }
+    };
+    let bytes = value * multiplier as f64;
+    if !bytes.is_finite() || bytes > u64::MAX as f64 {
+        return Err(format!("memory '{text}' is too large"));
+    }
+    Ok(bytes as u64)
+}
+
+/// 1-based line and column of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map_or(0, |tail| tail.chars().count())
+        + 1;
+    (line, column)
+}
+
+/// Parses and validates a spec. `source_name` only decorates error messages.
+pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecError> {
+    let error_at = |offset: usize, message: String| {
+        let (line, column) = line_column(text, offset);
+        SpecError {
+            source_name: source_name.to_string(),
+            line,
+            column,
+            message,
+        }
+    };
+    if text.len() > SPEC_BYTES_MAX {
+        return Err(error_at(
+            SPEC_BYTES_MAX,
+            format!(
+                "spec is {} bytes; at most {SPEC_BYTES_MAX} are accepted",
+                text.len()
+            ),
+        ));
+    }
+    let raw: RawSpec = toml::from_str(text).map_err(|error| {
+        let offset = error.span().map_or(0, |span| span.start);
+        error_at(offset, error.message().trim().to_string())
+    })?;
+
+    let name = raw.name.get_ref();
+    if name.is_empty()
+        || name.len() > NAME_LENGTH_MAX
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(error_at(
+            raw.name.span().start,
+            format!(
+                "field 'name' is {name:?}; expected 1 to {NAME_LENGTH_MAX} characters of letters, digits, '-', '_' or '.'"
+            ),
+        ));
+    }
+
+    let kind = *raw.kind.get_ref();
+    let command = match (kind, &raw.command) {
+        (JobKind::Command, None) => {
+            return Err(error_at(
+                raw.kind.span().start,
+                "field 'command' is missing; a job of kind \"command\" needs the program to run"
+                    .into(),
+            ));
+        }
+        (JobKind::Command, Some(command)) if command.get_ref().trim().is_empty() => {
+            return Err(error_at(
+                command.span().start,
+                "field 'command' is empty; expected the program to run".into(),
+            ));
+        }
+        (JobKind::Command, Some(command)) => command.get_ref().clone(),
+        (JobKind::Train, Some(command)) => {
+            return Err(error_at(
+                command.span().start,
+                "field 'command' is not used by a job of kind \"train\"; remove it or use kind = \"command\"".into(),
+            ));
+        }
+        (JobKind::Train, None) => String::new(),
+    };
+
+    let train = match (kind, raw.train) {
+        (JobKind::Train, None) => {
+            return Err(error_at(
+                raw.kind.span().start,
+                "section [train] is missing; a job of kind \"train\" needs at least train.model"
+                    .into(),
+            ));
+        }
+        (JobKind::Command, Some(train)) => {
+            return Err(error_at(
+                train.span().start,
+                "section [train] is only for jobs of kind \"train\"".into(),
+            ));
+        }
+        (JobKind::Command, None) => None,
+        (JobKind::Train, Some(train)) => {
+            let train = train.into_inner();
+            if train.model.get_ref().trim().is_empty() {
+                return Err(error_at(
+                    train.model.span().start,
+                    "field 'train.model' is empty; expected a built-in model name such as \"mlp\""
+                        .into(),
+                ));
+            }
+            Some(TrainSpec {
+                model: train.model.into_inner(),
+                epochs: train.epochs,
+                batch_size: train.batch_size,
+                learning_rate: train.learning_rate.map(|rate| rate.to_string()),
+                seed: train.seed,
+            })
+        }
+    };
+
+    let mut env = BTreeMap::new();
+    for (key, value) in raw.env {
+        let valid = !key.get_ref().is_empty()
+            && !key.get_ref().starts_with(|c: char| c.is_ascii_digit())
+            && key
+                .get_ref()
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(error_at(
+                key.span().start,
+                format!(
+                    "environment variable name {:?} is not valid; expected letters, digits and '_', not starting with a digit",
+                    key.get_ref()
+                ),
+            ));
+        }
+        env.insert(key.into_inner(), value);
+    }
+
+    let resources = match raw.resources {
+        None => ResourceSpec {
+            workers: 1,
+            cpus: 1,
+            gpus: 0,
+            memory_bytes: 0,
+        },
+        Some(resources) => {
+            let resources = resources.into_inner();
+            let workers = match resources.workers {
+                None => 1,
+                Some(workers) if *workers.get_ref() == 0 || *workers.get_ref() > WORKERS_MAX => {
+                    return Err(error_at(
+                        workers.span().start,
+                        format!(
+                            "field 'resources.workers' is {}; expected 1 to {WORKERS_MAX}",
+                            workers.get_ref()
+                        ),
+                    ));
+                }
+                Some(workers) => workers.into_inner(),
+            };
+            let cpus = match resources.cpus {
+                None => 1,
+                Some(cpus) if *cpus.get_ref() == 0 => {
+                    return Err(error_at(
+                        cpus.span().start,
+                        "field 'resources.cpus' is 0; expected at least 1 CPU slot per worker"
+                            .into(),
+                    ));
+                }
+                Some(cpus) => cpus.into_inner(),
+            };
+            let memory_bytes = match resources.memory {
+                None => 0,
+                Some(memory) => {
+                    let start = memory.span().start;
+                    match memory.into_inner() {
+                        Memory::Bytes(bytes) => bytes,
+                        Memory::Text(text) => parse_memory(&text).map_err(|message| {
+                            error_at(start, format!("field 'resources.memory': {message}"))
+                        })?,
+                    }
+                }
+            };
+            ResourceSpec {
+                workers,
+                cpus,
+                gpus: resources.gpus,
+                memory_bytes,
+            }
+        }
+    };
+
+    let max_restarts = match raw.max_restarts {
+        None => 0,
+        Some(restarts) if *restarts.get_ref() > MAX_RESTARTS_MAX => {
+            return Err(error_at(
+                restarts.span().start,
+                format!(
+                    "field 'max_restarts' is {}; expected 0 to {MAX_RESTARTS_MAX}",
+                    restarts.get_ref()
+                ),
+            ));
+        }
+        Some(restarts) => restarts.into_inner(),
+    };
+
+    Ok(JobSpec {
+        name: raw.name.into_inner(),
+        kind,
+        command,
+        args: raw.args,
+        env,
+        resources,
+        max_restarts,
+        priority: raw.priority,
+        train,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HELLO: &str = r#"
+name = "hello"
+kind = "command"
+command = "echo"
+args = ["hello"]
+[resources]
+workers = 2
+memory = "512MiB"
+"#;
+
+    #[test]
+    fn accepts_a_valid_spec() {
+        let spec = parse_job_spec("hello.toml", HELLO).unwrap();
+        assert_eq!(spec.name, "hello");
+        assert_eq!(spec.resources.workers, 2);
+        assert_eq!(spec.resources.memory_bytes, 512 << 20);
+        assert_eq!(spec.resources.cpus, 1);
+    }
+
+    #[test]
+    fn names_the_field_line_and_column() {
+        let bad = HELLO.replace("workers = 2", "workers = 0");
+        let error = parse_job_spec("hello.toml", &bad).unwrap_err();
+        assert_eq!((error.line, error.column), (7, 11), "{error}");
+        assert!(error.message.contains("resources.workers"), "{error}");
+        assert!(
+            error
+                .to_string()
+                .starts_with("invalid job spec hello.toml:7:11:"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn refuses_unknown_fields_and_kinds() {
+        let typo = HELLO.replace("args", "argz");
+        let error = parse_job_spec("t.toml", &typo).unwrap_err();
+        assert!(error.message.contains("argz"), "{error}");
+        assert_eq!(error.line, 5);
+
+        let kind = HELLO.replace("\"command\"\ncommand", "\"batch\"\ncommand");
+        let error = parse_job_spec("t.toml", &kind).unwrap_err();
+        assert!(
+            error.message.contains("command") && error.message.contains("train"),
+            "{error}"
+        );
+        assert_eq!(error.line, 3);
+    }
+
+    #[test]
+    fn cross_field_rules() {
+        let no_command = "name = \"x\"\nkind = \"command\"\n";
+        let error = parse_job_spec("t.toml", no_command).unwrap_err();
+        assert!(error.message.contains("'command' is missing"), "{error}");
+        let train = "name = \"x\"\nkind = \"train\"\n[train]\nmodel = \"mlp\"\nepochs = 3\n";
+        let spec = parse_job_spec("t.toml", train).unwrap();
+        assert_eq!(spec.train.unwrap().epochs, Some(3));
+        let error = parse_job_spec("t.toml", "name = \"x\"\nkind = \"train\"\n").unwrap_err();
+        assert!(error.message.contains("[train]"), "{error}");
+    }
+
+    #[test]
+    fn memory_units() {
+        assert_eq!(parse_memory("4GB").unwrap(), 4_000_000_000);
+        assert_eq!(parse_memory("1.5 GiB").unwrap(), 3 << 29);
+        assert!(parse_memory("4 parsecs").unwrap_err().contains("parsecs"));
+        assert!(parse_memory("lots").is_err());
+    }
+}
