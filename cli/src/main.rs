@@ -1,1 +1,432 @@
-fn main() {}
+//! `kiln`: the one binary. `main` parses the command line, runs the command, and reports its error.
+
+mod bench;
+mod demo;
+mod output;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use kiln_coordinator::client::{Client, new_idempotency_key};
+use kiln_coordinator::spec::parse_job_spec;
+use kiln_coordinator::{Coordinator, CoordinatorConfig};
+use kiln_proto as pb;
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Kiln: a highly available cluster runtime for machine learning"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct Target {
+    /// Coordinator addresses, comma-separated; the client fails over between them.
+    #[arg(
+        long,
+        global = true,
+        env = "KILN_COORDINATOR",
+        default_value = "127.0.0.1:7070"
+    )]
+    coordinator: String,
+}
+
+impl Target {
+    fn client(&self) -> Result<Client> {
+        Ok(Client::new(&self.coordinator)?)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one coordinator (a Raft member).
+    Coordinator(CoordinatorArgs),
+    /// Run an embedded single-node cluster on the default ports until Ctrl-C.
+    Up(UpArgs),
+    /// Start an embedded three-node cluster, submit the example jobs, survive a leader loss, summarise.
+    Demo(demo::DemoArgs),
+    /// Submit a job spec (TOML); prints the job id.
+    Submit {
+        file: PathBuf,
+        /// Reuse a key to make a retried submission return the first one's job.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List, show, cancel and watch jobs.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Inspect and change the coordinator group.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Benchmark a running cluster (suite: raft).
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct CoordinatorArgs {
+    /// This node's id (1, 2, …), unique in the cluster.
+    #[arg(long)]
+    id: u64,
+    /// The founding members' Raft addresses: ID=HOST:PORT,… (this node included).
+    #[arg(long, value_parser = parse_peers, default_value = "")]
+    peers: BTreeMap<u64, String>,
+    /// Address for clients and workers.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Address for Raft peers; defaults to this node's entry in --peers, else 127.0.0.1:7071.
+    #[arg(long)]
+    raft_listen: Option<SocketAddr>,
+    #[arg(long, env = "KILN_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Start empty and wait for `kiln cluster add ID=HOST:PORT` on a running cluster.
+    #[arg(long)]
+    join: bool,
+    /// Snapshot the state and compact the Raft log every this many entries.
+    #[arg(long, default_value_t = 10_000)]
+    snapshot_interval: u64,
+    /// Raft tick in milliseconds; elections start after 10 to 20 silent ticks.
+    #[arg(long, default_value_t = 50)]
+    tick_ms: u64,
+}
+
+#[derive(Args)]
+struct UpArgs {
+    #[arg(long, env = "KILN_DATA_DIR", default_value = "kiln-data")]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:7071")]
+    raft_listen: SocketAddr,
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// Jobs in id order.
+    List {
+        /// Only jobs in this state (queued, running, succeeded, failed, cancelled); repeatable.
+        #[arg(long = "state")]
+        states: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    Show {
+        id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    Cancel {
+        id: u64,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Print every change to the given jobs (all jobs when none given) until interrupted.
+    Watch {
+        ids: Vec<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Members, leader, term, commit and applied index, each member's health.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The members only.
+    Members {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add ID=HOST:PORT (its Raft address) as a learner, then promote it once it caught up.
+    Add {
+        #[arg(value_parser = parse_peer)]
+        member: (u64, String),
+        /// Keep it a learner (a non-voting replica).
+        #[arg(long)]
+        learner: bool,
+    },
+    Remove {
+        id: u64,
+    },
+    TransferLeader {
+        id: u64,
+    },
+}
+
+fn parse_peer(text: &str) -> Result<(u64, String), String> {
+    let (id, addr) = text
+        .split_once('=')
+        .ok_or_else(|| format!("'{text}' is not ID=HOST:PORT (for example 2=127.0.0.2:7071)"))?;
+    let id: u64 = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{id}' in '{text}' is not a node id (a positive integer)"))?;
+    if id == 0 {
+        return Err(format!("node id 0 in '{text}'; ids start at 1"));
+    }
+    kiln_coordinator::server::validate_host_port(addr.trim()).map_err(|error| error.to_string())?;
+    Ok((id, addr.trim().to_string()))
+}
+
+fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>, String> {
+    let mut peers = BTreeMap::new();
+    for item in text
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+    {
+        let (id, addr) = parse_peer(item)?;
+        if peers.insert(id, addr).is_some() {
+            return Err(format!("node id {id} appears twice in --peers"));
+        }
+    }
+    Ok(peers)
+}
+
+/// Logs go to stderr; `KILN_LOG` (tracing's filter syntax) overrides the default level.
+fn init_tracing(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{default_level},raft=warn,h2=warn,tower=warn"))
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_on_signal(token: tokio_util::sync::CancellationToken) {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+        () = token.cancelled() => {}
+    }
+    token.cancel();
+}
+
+async fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
+    let mut config = CoordinatorConfig::new(args.id, args.data_dir);
+    config.peers = args.peers;
+    config.join = args.join;
+    config.api_listen = args.listen;
+    config.raft_listen = match args.raft_listen {
+        Some(addr) => addr,
+        None => match config.peers.get(&args.id) {
+            Some(addr) => addr.parse().with_context(|| {
+                format!("this node's --peers entry '{addr}' is not IP:PORT; pass --raft-listen")
+            })?,
+            None => SocketAddr::from(([127, 0, 0, 1], 7071)),
+        },
+    };
+    config.node.snapshot_interval_entries = args.snapshot_interval.max(1);
+    config.tick_interval = Duration::from_millis(args.tick_ms.max(1));
+    let coordinator = Coordinator::start(config).await?;
+    println!(
+        "coordinator {} serving clients on {} and peers on {}",
+        coordinator.node_id, coordinator.api_addr, coordinator.raft_addr
+    );
+    tokio::spawn(shutdown_on_signal(coordinator.shutdown_token()));
+    coordinator.wait().await?;
+    Ok(())
+}
+
+async fn run_up(args: UpArgs) -> Result<()> {
+    let mut config = CoordinatorConfig::new(1, args.data_dir.clone());
+    config.api_listen = args.listen;
+    config.raft_listen = args.raft_listen;
+    config.peers.insert(1, args.raft_listen.to_string());
+    let coordinator = Coordinator::start(config).await?;
+    println!("kiln is up: an embedded single-node cluster");
+    println!(
+        "  coordinator API  {}   (kiln --coordinator {} …)",
+        coordinator.api_addr, coordinator.api_addr
+    );
+    println!("  raft peers       {}", coordinator.raft_addr);
+    println!("  data             {}", args.data_dir.display());
+    println!("Try: kiln submit examples/jobs/hello.toml && kiln jobs list. Ctrl-C stops it.");
+    tokio::spawn(shutdown_on_signal(coordinator.shutdown_token()));
+    coordinator.wait().await?;
+    Ok(())
+}
+
+async fn submit(file: PathBuf, key: Option<String>, json: bool, target: Target) -> Result<()> {
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let source = file.display().to_string();
+    // Checked here first so the error names the file before anything leaves this machine.
+    parse_job_spec(&source, &text)?;
+    let key = key.unwrap_or_else(new_idempotency_key);
+    let response = target
+        .client()?
+        .submit(&text, &source, &key)
+        .await
+        .map_err(output::status_error)?;
+    let job = response.job.context("the coordinator returned no job")?;
+    if json {
+        let mut value = output::job_json(&job);
+        value["created"] = serde_json::Value::Bool(response.created);
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!("{}", job.id);
+    }
+    Ok(())
+}
+
+async fn jobs(command: JobsCommand, target: Target) -> Result<()> {
+    let mut client = target.client()?;
+    match command {
+        JobsCommand::List {
+            states,
+            limit,
+            json,
+        } => {
+            let mut wanted = Vec::new();
+            for state in states {
+                match pb::JobState::from_label(&state) {
+                    Some(parsed) => wanted.push(parsed),
+                    None => bail!(
+                        "--state '{state}' is not a job state; expected queued, running, succeeded, failed or cancelled"
+                    ),
+                }
+            }
+            let jobs = client
+                .list_jobs(wanted, limit)
+                .await
+                .map_err(output::status_error)?;
+            output::print_jobs(&jobs, json)?;
+        }
+        JobsCommand::Show { id, json } => {
+            let job = client.get_job(id).await.map_err(output::status_error)?;
+            output::print_job(&job, json)?;
+        }
+        JobsCommand::Cancel { id, reason } => {
+            let job = client
+                .cancel_job(id, &reason)
+                .await
+                .map_err(output::status_error)?;
+            println!("job {} {}", job.id, output::state_label(job.state));
+        }
+        JobsCommand::Watch { ids, json } => {
+            let mut stream = client.watch_jobs(ids).await.map_err(output::status_error)?;
+            while let Some(event) = stream.message().await.map_err(output::status_error)? {
+                let Some(job) = event.job else { continue };
+                if json {
+                    println!("{}", serde_json::to_string(&output::job_json(&job))?);
+                } else {
+                    println!(
+                        "job {:<6} {:<10} {}",
+                        job.id,
+                        output::state_label(job.state),
+                        job.name
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn cluster(command: ClusterCommand, target: Target) -> Result<()> {
+    let mut client = target.client()?;
+    let status = match command {
+        ClusterCommand::Status { json } => {
+            let status = client
+                .cluster_status()
+                .await
+                .map_err(output::status_error)?;
+            return output::print_cluster_status(&status, json, true);
+        }
+        ClusterCommand::Members { json } => {
+            let status = client
+                .cluster_status()
+                .await
+                .map_err(output::status_error)?;
+            return output::print_cluster_status(&status, json, false);
+        }
+        ClusterCommand::Add {
+            member: (id, addr),
+            learner,
+        } => client
+            .add_member(id, &addr, learner)
+            .await
+            .map_err(output::status_error)?,
+        ClusterCommand::Remove { id } => client
+            .remove_member(id)
+            .await
+            .map_err(output::status_error)?,
+        ClusterCommand::TransferLeader { id } => client
+            .transfer_leader(id)
+            .await
+            .map_err(output::status_error)?,
+    };
+    output::print_cluster_status(&status, false, false)
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Coordinator(args) => run_coordinator(args).await,
+        Command::Up(args) => run_up(args).await,
+        Command::Demo(args) => demo::run(args).await,
+        Command::Submit {
+            file,
+            idempotency_key,
+            json,
+            target,
+        } => submit(file, idempotency_key, json, target).await,
+        Command::Jobs { command, target } => jobs(command, target).await,
+        Command::Cluster { command, target } => cluster(command, target).await,
+        Command::Bench(args) => bench::run(args).await,
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    // Servers narrate what they do; client commands and the demo speak only when something is wrong.
+    let server = matches!(cli.command, Command::Coordinator(_) | Command::Up(_));
+    init_tracing(if server { "info" } else { "warn" });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: starting the async runtime: {error}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(error) = runtime.block_on(run(cli)) {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,6 +1,34 @@
-//! placeholder
+//! The Kiln coordinator: a Raft group (raft-rs) that replicates the cluster's control state.
+//!
+//! ```text
+//!            ┌──────────── coordinator process ─────────────┐
+//!  clients ─►│ gRPC :7070  JobService, ClusterService       │
+//!            │      │ writes (forwarded to the leader)       │
+//!            │      ▼                                       │
+//!            │  event loop ── Node (RawNode + StateMachine) │
+//!            │      │  ▲            │ fsync                 │
+//!            │      ▼  │            ▼                       │
+//!  peers  ◄─►│ gRPC :7071 RaftPeer  LogStore (redb)         │
+//!            └──────────────────────────────────────────────┘
+//! ```
+//!
+//! Module map: [`spec`] parses job TOML; [`state`] is the deterministic state machine; [`storage`] the
+//! durable raft log; [`node`] the sans-IO consensus node; [`server`] the event loop, peer transport and
+//! gRPC services; [`client`] the failover client the CLI and tests use.
+//!
+//! Invariants (DESIGN.md): an acknowledged write survives the loss of any minority and a restart of all;
+//! apply is deterministic; a retried submission with the same idempotency key never creates a second job.
+//!
+//! Left out for now: the scheduler, workers and everything past jobs; those issues extend the state
+//! machine with new commands (and bump the snapshot format version).
+
+pub mod client;
 pub mod error;
 pub mod node;
+pub mod server;
 pub mod spec;
 pub mod state;
 pub mod storage;
+
+pub use error::CoordinatorError;
+pub use server::{Coordinator, CoordinatorConfig};

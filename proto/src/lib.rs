@@ -15,6 +15,12 @@ pub mod v1 {
 
 pub use v1::*;
 
+/// The one etcd v3 KV method the `raft` benchmark uses to load an etcd baseline with the same client code.
+#[allow(clippy::all, clippy::pedantic, missing_docs)] // generated code
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
 impl JobState {
     /// The lower-case name users see: `queued`, `running`, `succeeded`, `failed`, `cancelled`.
     pub fn label(self) -> &'static str {

@@ -1,0 +1,279 @@
+//! `kiln bench SUITE`: measures a running cluster, the way nccl-tests measures a fabric. Prints a table
+//! and writes JSON that `benches/run-raft.sh` turns into a report beside its baselines.
+//!
+//! Suite `raft`: committed job submissions per second and commit latency (p50, p99) at each client
+//! concurrency. `--target etcd` drives an etcd cluster's KV Put with the same load generator, value size
+//! and concurrency, so the two are compared on equal terms.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use kiln_coordinator::client::{Client, new_idempotency_key};
+use kiln_proto as pb;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+const HELLO: &str = include_str!("../../examples/jobs/hello.toml");
+/// Requests each client sends before measuring starts.
+const WARMUP_PER_CLIENT: usize = 10;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchTarget {
+    Kiln,
+    Etcd,
+}
+
+impl BenchTarget {
+    fn label(self) -> &'static str {
+        match self {
+            BenchTarget::Kiln => "kiln",
+            BenchTarget::Etcd => "etcd",
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// The suite to run: raft.
+    suite: String,
+    /// Kiln coordinator addresses (the leader is found and loaded directly).
+    #[arg(long, env = "KILN_COORDINATOR", default_value = "127.0.0.1:7070")]
+    coordinator: String,
+    #[arg(long, value_enum, default_value = "kiln")]
+    target: BenchTarget,
+    /// etcd client URLs' HOST:PORT, comma-separated (the first one is loaded), with --target etcd.
+    #[arg(long, default_value = "127.0.0.1:2379")]
+    etcd: String,
+    /// Client concurrencies to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    clients: Vec<usize>,
+    /// Requests per concurrency level.
+    #[arg(long, default_value_t = 4000)]
+    requests: usize,
+    /// Stop a level after this many seconds even if requests remain.
+    #[arg(long, default_value_t = 30)]
+    max_seconds: u64,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct LevelResult {
+    suite: String,
+    target: BenchTarget,
+    clients: usize,
+    requests: u64,
+    errors: u64,
+    seconds: f64,
+    ops_per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    value_bytes: usize,
+}
+
+async fn channel(addr: &str) -> Result<Channel> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {addr}"))?)
+}
+
+async fn one_request(
+    target: BenchTarget,
+    channel: Channel,
+    client_index: usize,
+    sequence: usize,
+) -> Result<(), tonic::Status> {
+    match target {
+        BenchTarget::Kiln => {
+            let request = pb::SubmitJobRequest {
+                spec_toml: HELLO.to_string(),
+                idempotency_key: new_idempotency_key(),
+                source_name: "bench".into(),
+            };
+            pb::job_service_client::JobServiceClient::new(channel)
+                .submit(request)
+                .await?;
+        }
+        BenchTarget::Etcd => {
+            let request = pb::etcd::PutRequest {
+                key: format!("kiln-bench/{client_index}/{sequence}").into_bytes(),
+                value: HELLO.as_bytes().to_vec(),
+                ..Default::default()
+            };
+            pb::etcd::kv_client::KvClient::new(channel)
+                .put(request)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn run_level(
+    target: BenchTarget,
+    addr: &str,
+    clients: usize,
+    requests: usize,
+    max_seconds: u64,
+) -> Result<LevelResult> {
+    let mut channels = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        channels.push(channel(addr).await?);
+    }
+    // Warm up connections and the leader.
+    let warmups = channels.iter().enumerate().map(|(index, channel)| {
+        let channel = channel.clone();
+        async move {
+            for sequence in 0..WARMUP_PER_CLIENT {
+                one_request(target, channel.clone(), index, usize::MAX - sequence).await?;
+            }
+            Ok::<(), tonic::Status>(())
+        }
+    });
+    for result in futures::future::join_all(warmups).await {
+        result.map_err(|status| anyhow::anyhow!("warm-up request failed: {}", status.message()))?;
+    }
+    let progress = indicatif::ProgressBar::new(requests as u64);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {per_sec}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    progress.set_message(format!("{clients} clients"));
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let deadline = Instant::now() + Duration::from_secs(max_seconds);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, channel) in channels.into_iter().enumerate() {
+        let next = next.clone();
+        let progress = progress.clone();
+        tasks.spawn(async move {
+            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                .expect("valid histogram bounds");
+            let mut errors = 0u64;
+            loop {
+                let sequence = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if sequence >= requests || Instant::now() >= deadline {
+                    break;
+                }
+                let sent = Instant::now();
+                match one_request(target, channel.clone(), index, sequence).await {
+                    Ok(()) => {
+                        let micros = sent.elapsed().as_micros().clamp(1, 60_000_000) as u64;
+                        histogram.record(micros).expect("latency within bounds");
+                    }
+                    Err(_) => errors += 1,
+                }
+                progress.inc(1);
+            }
+            (histogram, errors)
+        });
+    }
+    let mut histogram =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
+    let mut errors = 0;
+    while let Some(result) = tasks.join_next().await {
+        let (part, part_errors) = result.context("a load task panicked")?;
+        histogram.add(part).context("merging latency histograms")?;
+        errors += part_errors;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    progress.finish_and_clear();
+    let completed = histogram.len();
+    Ok(LevelResult {
+        suite: "raft".into(),
+        target,
+        clients,
+        requests: completed,
+        errors,
+        seconds,
+        ops_per_second: completed as f64 / seconds,
+        p50_ms: histogram.value_at_quantile(0.50) as f64 / 1000.0,
+        p99_ms: histogram.value_at_quantile(0.99) as f64 / 1000.0,
+        max_ms: histogram.max() as f64 / 1000.0,
+        value_bytes: HELLO.len(),
+    })
+}
+
+/// The leader's client address, so the load is not measured through a forwarding hop.
+async fn kiln_leader(addresses: &str) -> Result<String> {
+    let mut client = Client::new(addresses)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = client
+            .cluster_status()
+            .await
+            .map_err(crate::output::status_error)?;
+        if let Some(leader) = status
+            .members
+            .iter()
+            .find(|member| member.id == status.leader_id && !member.api_addr.is_empty())
+        {
+            return Ok(leader.api_addr.clone());
+        }
+        if Instant::now() > deadline {
+            bail!("the cluster at {addresses} has no leader");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn run(args: BenchArgs) -> Result<()> {
+    if args.suite != "raft" {
+        bail!(
+            "benchmark suite '{}' is not known; available: raft",
+            args.suite
+        );
+    }
+    if args.clients.is_empty() || args.clients.contains(&0) {
+        bail!("--clients needs positive concurrencies, for example 1,64");
+    }
+    let addr = match args.target {
+        BenchTarget::Kiln => kiln_leader(&args.coordinator).await?,
+        BenchTarget::Etcd => args
+            .etcd
+            .split(',')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+    };
+    let mut results = Vec::new();
+    for &clients in &args.clients {
+        results
+            .push(run_level(args.target, &addr, clients, args.requests, args.max_seconds).await?);
+    }
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|result| {
+            vec![
+                result.target.label().to_string(),
+                result.clients.to_string(),
+                result.requests.to_string(),
+                result.errors.to_string(),
+                format!("{:.0}", result.ops_per_second),
+                format!("{:.2}", result.p50_ms),
+                format!("{:.2}", result.p99_ms),
+            ]
+        })
+        .collect();
+    crate::output::print_table(
+        &[
+            "TARGET", "CLIENTS", "REQUESTS", "ERRORS", "OPS/S", "P50 MS", "P99 MS",
+        ],
+        &rows,
+    );
+    if let Some(path) = &args.out {
+        std::fs::write(path, serde_json::to_string_pretty(&results)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
