@@ -110,9 +110,7 @@ async fn one_request(
                 value: HELLO.as_bytes().to_vec(),
                 ..Default::default()
             };
-            pb::etcd::kv_client::KvClient::new(channel)
-                .put(request)
-                .await?;
+            pb::etcd::kv_client::KvClient::new(channel).put(request).await?;
         }
     }
     Ok(())
@@ -156,8 +154,7 @@ async fn run_level(
         let next = next.clone();
         let progress = progress.clone();
         tasks.spawn(async move {
-            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-                .expect("valid histogram bounds");
+            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
             let mut errors = 0u64;
             loop {
                 let sequence = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -177,8 +174,7 @@ async fn run_level(
             (histogram, errors)
         });
     }
-    let mut histogram =
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
     let mut errors = 0;
     while let Some(result) = tasks.join_next().await {
         let (part, part_errors) = result.context("a load task panicked")?;
@@ -208,10 +204,7 @@ async fn kiln_leader(addresses: &str) -> Result<String> {
     let mut client = Client::new(addresses)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let status = client
-            .cluster_status()
-            .await
-            .map_err(crate::output::status_error)?;
+        let status = client.cluster_status().await.map_err(crate::output::status_error)?;
         if let Some(leader) = status
             .members
             .iter()
@@ -228,28 +221,18 @@ async fn kiln_leader(addresses: &str) -> Result<String> {
 
 pub async fn run(args: BenchArgs) -> Result<()> {
     if args.suite != "raft" {
-        bail!(
-            "benchmark suite '{}' is not known; available: raft",
-            args.suite
-        );
+        bail!("benchmark suite '{}' is not known; available: raft", args.suite);
     }
     if args.clients.is_empty() || args.clients.contains(&0) {
         bail!("--clients needs positive concurrencies, for example 1,64");
     }
     let addr = match args.target {
         BenchTarget::Kiln => kiln_leader(&args.coordinator).await?,
-        BenchTarget::Etcd => args
-            .etcd
-            .split(',')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
+        BenchTarget::Etcd => args.etcd.split(',').next().unwrap_or_default().trim().to_string(),
     };
     let mut results = Vec::new();
     for &clients in &args.clients {
-        results
-            .push(run_level(args.target, &addr, clients, args.requests, args.max_seconds).await?);
+        results.push(run_level(args.target, &addr, clients, args.requests, args.max_seconds).await?);
     }
     let rows: Vec<Vec<String>> = results
         .iter()
@@ -266,9 +249,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         })
         .collect();
     crate::output::print_table(
-        &[
-            "TARGET", "CLIENTS", "REQUESTS", "ERRORS", "OPS/S", "P50 MS", "P99 MS",
-        ],
+        &["TARGET", "CLIENTS", "REQUESTS", "ERRORS", "OPS/S", "P50 MS", "P99 MS"],
         &rows,
     );
     if let Some(path) = &args.out {

@@ -41,22 +41,12 @@ fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-async fn start_node(
-    id: u64,
-    peers: &[(u64, String, String)],
-    root: &std::path::Path,
-) -> Result<Coordinator> {
+async fn start_node(id: u64, peers: &[(u64, String, String)], root: &std::path::Path) -> Result<Coordinator> {
     let mut config = CoordinatorConfig::new(id, root.join(format!("node-{id}")));
-    let (_, raft, api) = peers
-        .iter()
-        .find(|(peer, _, _)| *peer == id)
-        .expect("node is in peers");
+    let (_, raft, api) = peers.iter().find(|(peer, _, _)| *peer == id).expect("node is in peers");
     config.api_listen = api.parse()?;
     config.raft_listen = raft.parse()?;
-    config.peers = peers
-        .iter()
-        .map(|(peer, raft, _)| (*peer, raft.clone()))
-        .collect();
+    config.peers = peers.iter().map(|(peer, raft, _)| (*peer, raft.clone())).collect();
     Ok(Coordinator::start(config).await?)
 }
 
@@ -82,9 +72,7 @@ fn step(number: u32, text: &str) {
 
 pub async fn run(args: DemoArgs) -> Result<()> {
     let temporary = tempfile::tempdir().context("creating a temporary directory")?;
-    let root = args
-        .data_dir
-        .unwrap_or_else(|| temporary.path().to_path_buf());
+    let root = args.data_dir.unwrap_or_else(|| temporary.path().to_path_buf());
     let mut peers = Vec::new();
     for id in 1..=3u64 {
         peers.push((
@@ -93,10 +81,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             format!("127.0.0.1:{}", free_port()?),
         ));
     }
-    step(
-        1,
-        "start an embedded cluster of three coordinators on loopback",
-    );
+    step(1, "start an embedded cluster of three coordinators on loopback");
     let mut nodes = Vec::new();
     for (id, _, _) in &peers {
         nodes.push(Some(start_node(*id, &peers, &root).await?));
@@ -120,16 +105,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     for (index, (name, text)) in EXAMPLES.iter().enumerate() {
         let mut one = Client::new(&all[index % all.len()])?;
         let key = new_idempotency_key();
-        let response = one
-            .submit(text, name, &key)
-            .await
-            .map_err(output::status_error)?;
+        let response = one.submit(text, name, &key).await.map_err(output::status_error)?;
         let job = response.job.context("no job returned")?;
-        println!(
-            "{name} -> job {} (via node {})",
-            job.id,
-            index % all.len() + 1
-        );
+        println!("{name} -> job {} (via node {})", job.id, index % all.len() + 1);
         if index == 0 {
             first_key = key;
             first_id = job.id;
@@ -155,27 +133,17 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         "submit a malformed spec: refused with the field, line and column, nothing stored",
     );
     let broken = EXAMPLES[0].1.replace("workers = 1", "workers = 0");
-    match client
-        .submit(&broken, "broken.toml", &new_idempotency_key())
-        .await
-    {
+    match client.submit(&broken, "broken.toml", &new_idempotency_key()).await {
         Ok(_) => bail!("a malformed spec was accepted"),
         Err(status) => println!("refused: {}", status.message()),
     }
 
-    step(
-        5,
-        "cancel the training job (no workers exist yet to run it)",
-    );
+    step(5, "cancel the training job (no workers exist yet to run it)");
     let cancelled = client
         .cancel_job(first_id + 2, "demo: cancelled by hand")
         .await
         .map_err(output::status_error)?;
-    println!(
-        "job {} is {}",
-        cancelled.id,
-        output::state_label(cancelled.state)
-    );
+    println!("job {} is {}", cancelled.id, output::state_label(cancelled.state));
     output::print_jobs(&client.list_jobs(Vec::new(), 0).await?, false)?;
 
     step(
@@ -198,25 +166,19 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let jobs = client.list_jobs(Vec::new(), 0).await?;
     println!("{} jobs still present on the new leader's side", jobs.len());
     if jobs.len() != EXAMPLES.len() {
-        bail!(
-            "expected {} jobs after failover, found {}",
-            EXAMPLES.len(),
-            jobs.len()
-        );
+        bail!("expected {} jobs after failover, found {}", EXAMPLES.len(), jobs.len());
     }
 
-    step(
-        7,
-        "restart the stopped node from its data directory; it catches up",
-    );
+    step(7, "restart the stopped node from its data directory; it catches up");
     nodes[index] = Some(start_node(leader, &peers, &root).await?);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let status = client.cluster_status().await?;
         let caught_up = status.members.iter().all(|member| {
-            member.health.as_ref().is_some_and(|health| {
-                health.reachable && health.applied_index >= status.commit_index
-            })
+            member
+                .health
+                .as_ref()
+                .is_some_and(|health| health.reachable && health.applied_index >= status.commit_index)
         });
         if caught_up {
             output::print_cluster_status(&status, false, true)?;
@@ -232,9 +194,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         "\nsummary: 3 coordinators, {} jobs submitted, 1 retry de-duplicated, 1 bad spec refused, leader lost and replaced, nothing lost.",
         EXAMPLES.len()
     );
-    println!(
-        "Next: `kiln up` for a cluster that stays up, then `kiln submit examples/jobs/hello.toml`."
-    );
+    println!("Next: `kiln up` for a cluster that stays up, then `kiln submit examples/jobs/hello.toml`.");
     for node in nodes.into_iter().flatten() {
         node.shutdown().await?;
     }

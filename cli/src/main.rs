@@ -30,12 +30,7 @@ struct Cli {
 #[derive(Args, Clone)]
 struct Target {
     /// Coordinator addresses, comma-separated; the client fails over between them.
-    #[arg(
-        long,
-        global = true,
-        env = "KILN_COORDINATOR",
-        default_value = "127.0.0.1:7070"
-    )]
+    #[arg(long, global = true, env = "KILN_COORDINATOR", default_value = "127.0.0.1:7070")]
     coordinator: String,
 }
 
@@ -194,11 +189,7 @@ fn parse_peer(text: &str) -> Result<(u64, String), String> {
 
 fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>, String> {
     let mut peers = BTreeMap::new();
-    for item in text
-        .split(',')
-        .map(str::trim)
-        .filter(|item| !item.is_empty())
-    {
+    for item in text.split(',').map(str::trim).filter(|item| !item.is_empty()) {
         let (id, addr) = parse_peer(item)?;
         if peers.insert(id, addr).is_some() {
             return Err(format!("node id {id} appears twice in --peers"));
@@ -243,9 +234,9 @@ async fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
     config.raft_listen = match args.raft_listen {
         Some(addr) => addr,
         None => match config.peers.get(&args.id) {
-            Some(addr) => addr.parse().with_context(|| {
-                format!("this node's --peers entry '{addr}' is not IP:PORT; pass --raft-listen")
-            })?,
+            Some(addr) => addr
+                .parse()
+                .with_context(|| format!("this node's --peers entry '{addr}' is not IP:PORT; pass --raft-listen"))?,
             None => SocketAddr::from(([127, 0, 0, 1], 7071)),
         },
     };
@@ -281,8 +272,7 @@ async fn run_up(args: UpArgs) -> Result<()> {
 }
 
 async fn submit(file: PathBuf, key: Option<String>, json: bool, target: Target) -> Result<()> {
-    let text =
-        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     let source = file.display().to_string();
     // Checked here first so the error names the file before anything leaves this machine.
     parse_job_spec(&source, &text)?;
@@ -306,11 +296,7 @@ async fn submit(file: PathBuf, key: Option<String>, json: bool, target: Target) 
 async fn jobs(command: JobsCommand, target: Target) -> Result<()> {
     let mut client = target.client()?;
     match command {
-        JobsCommand::List {
-            states,
-            limit,
-            json,
-        } => {
+        JobsCommand::List { states, limit, json } => {
             let mut wanted = Vec::new();
             for state in states {
                 match pb::JobState::from_label(&state) {
@@ -320,10 +306,7 @@ async fn jobs(command: JobsCommand, target: Target) -> Result<()> {
                     ),
                 }
             }
-            let jobs = client
-                .list_jobs(wanted, limit)
-                .await
-                .map_err(output::status_error)?;
+            let jobs = client.list_jobs(wanted, limit).await.map_err(output::status_error)?;
             output::print_jobs(&jobs, json)?;
         }
         JobsCommand::Show { id, json } => {
@@ -331,10 +314,7 @@ async fn jobs(command: JobsCommand, target: Target) -> Result<()> {
             output::print_job(&job, json)?;
         }
         JobsCommand::Cancel { id, reason } => {
-            let job = client
-                .cancel_job(id, &reason)
-                .await
-                .map_err(output::status_error)?;
+            let job = client.cancel_job(id, &reason).await.map_err(output::status_error)?;
             println!("job {} {}", job.id, output::state_label(job.state));
         }
         JobsCommand::Watch { ids, json } => {
@@ -344,12 +324,7 @@ async fn jobs(command: JobsCommand, target: Target) -> Result<()> {
                 if json {
                     println!("{}", serde_json::to_string(&output::job_json(&job))?);
                 } else {
-                    println!(
-                        "job {:<6} {:<10} {}",
-                        job.id,
-                        output::state_label(job.state),
-                        job.name
-                    );
+                    println!("job {:<6} {:<10} {}", job.id, output::state_label(job.state), job.name);
                 }
             }
         }
@@ -361,17 +336,11 @@ async fn cluster(command: ClusterCommand, target: Target) -> Result<()> {
     let mut client = target.client()?;
     let status = match command {
         ClusterCommand::Status { json } => {
-            let status = client
-                .cluster_status()
-                .await
-                .map_err(output::status_error)?;
+            let status = client.cluster_status().await.map_err(output::status_error)?;
             return output::print_cluster_status(&status, json, true);
         }
         ClusterCommand::Members { json } => {
-            let status = client
-                .cluster_status()
-                .await
-                .map_err(output::status_error)?;
+            let status = client.cluster_status().await.map_err(output::status_error)?;
             return output::print_cluster_status(&status, json, false);
         }
         ClusterCommand::Add {
@@ -381,14 +350,8 @@ async fn cluster(command: ClusterCommand, target: Target) -> Result<()> {
             .add_member(id, &addr, learner)
             .await
             .map_err(output::status_error)?,
-        ClusterCommand::Remove { id } => client
-            .remove_member(id)
-            .await
-            .map_err(output::status_error)?,
-        ClusterCommand::TransferLeader { id } => client
-            .transfer_leader(id)
-            .await
-            .map_err(output::status_error)?,
+        ClusterCommand::Remove { id } => client.remove_member(id).await.map_err(output::status_error)?,
+        ClusterCommand::TransferLeader { id } => client.transfer_leader(id).await.map_err(output::status_error)?,
     };
     output::print_cluster_status(&status, false, false)
 }
@@ -415,10 +378,7 @@ fn main() {
     // Servers narrate what they do; client commands and the demo speak only when something is wrong.
     let server = matches!(cli.command, Command::Coordinator(_) | Command::Up(_));
     init_tracing(if server { "info" } else { "warn" });
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: starting the async runtime: {error}");

@@ -95,10 +95,7 @@ pub fn print_jobs(jobs: &[pb::Job], json: bool) -> Result<()> {
             ]
         })
         .collect();
-    print_table(
-        &["ID", "NAME", "KIND", "STATE", "WORKERS", "SUBMITTED"],
-        &rows,
-    );
+    print_table(&["ID", "NAME", "KIND", "STATE", "WORKERS", "SUBMITTED"], &rows);
     Ok(())
 }
 
@@ -166,11 +163,7 @@ pub fn cluster_json(status: &pb::ClusterStatus) -> Value {
 pub fn print_cluster_status(status: &pb::ClusterStatus, json: bool, summary: bool) -> Result<()> {
     if json {
         let value = cluster_json(status);
-        let value = if summary {
-            value
-        } else {
-            value["members"].clone()
-        };
+        let value = if summary { value } else { value["members"].clone() };
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }

@@ -29,11 +29,7 @@ pub struct Client {
 fn retryable(status: &Status) -> bool {
     matches!(
         status.code(),
-        Code::Unavailable
-            | Code::DeadlineExceeded
-            | Code::Unknown
-            | Code::Cancelled
-            | Code::ResourceExhausted
+        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled | Code::ResourceExhausted
     )
 }
 
@@ -62,9 +58,7 @@ impl Client {
         {
             validate_host_port(address)?;
             let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-                .map_err(|error| {
-                    CoordinatorError::InvalidArgument(format!("address '{address}': {error}"))
-                })?
+                .map_err(|error| CoordinatorError::InvalidArgument(format!("address '{address}': {error}")))?
                 .connect_timeout(Duration::from_secs(1))
                 .tcp_nodelay(true)
                 .timeout(Duration::from_secs(20))
@@ -84,10 +78,7 @@ impl Client {
     }
 
     pub fn addresses(&self) -> Vec<String> {
-        self.endpoints
-            .iter()
-            .map(|(address, _)| address.clone())
-            .collect()
+        self.endpoints.iter().map(|(address, _)| address.clone()).collect()
     }
 
     /// Calls `call` on the preferred endpoint; on an error another node or a later try may fix, moves
@@ -145,12 +136,7 @@ impl Client {
         };
         self.call(|channel| {
             let request = request.clone();
-            async move {
-                Ok(JobServiceClient::new(channel)
-                    .submit(request)
-                    .await?
-                    .into_inner())
-            }
+            async move { Ok(JobServiceClient::new(channel).submit(request).await?.into_inner()) }
         })
         .await
     }
@@ -165,24 +151,14 @@ impl Client {
         .await
     }
 
-    pub async fn list_jobs(
-        &mut self,
-        states: Vec<pb::JobState>,
-        limit: u32,
-    ) -> Result<Vec<pb::Job>, Status> {
+    pub async fn list_jobs(&mut self, states: Vec<pb::JobState>, limit: u32) -> Result<Vec<pb::Job>, Status> {
         let request = pb::ListJobsRequest {
             states: states.into_iter().map(|state| state as i32).collect(),
             limit,
         };
         self.call(|channel| {
             let request = request.clone();
-            async move {
-                Ok(JobServiceClient::new(channel)
-                    .list(request)
-                    .await?
-                    .into_inner()
-                    .jobs)
-            }
+            async move { Ok(JobServiceClient::new(channel).list(request).await?.into_inner().jobs) }
         })
         .await
     }
@@ -194,29 +170,16 @@ impl Client {
         };
         self.call(|channel| {
             let request = request.clone();
-            async move {
-                Ok(JobServiceClient::new(channel)
-                    .cancel(request)
-                    .await?
-                    .into_inner())
-            }
+            async move { Ok(JobServiceClient::new(channel).cancel(request).await?.into_inner()) }
         })
         .await
     }
 
     /// Opens a watch on one endpoint that answers; the stream ends with an error if that node goes away.
-    pub async fn watch_jobs(
-        &mut self,
-        ids: Vec<u64>,
-    ) -> Result<tonic::Streaming<pb::JobEvent>, Status> {
+    pub async fn watch_jobs(&mut self, ids: Vec<u64>) -> Result<tonic::Streaming<pb::JobEvent>, Status> {
         self.call(|channel| {
             let request = pb::WatchJobsRequest { ids: ids.clone() };
-            async move {
-                Ok(JobServiceClient::new(channel)
-                    .watch(request)
-                    .await?
-                    .into_inner())
-            }
+            async move { Ok(JobServiceClient::new(channel).watch(request).await?.into_inner()) }
         })
         .await
     }
@@ -231,12 +194,7 @@ impl Client {
         .await
     }
 
-    pub async fn add_member(
-        &mut self,
-        id: u64,
-        raft_addr: &str,
-        learner: bool,
-    ) -> Result<pb::ClusterStatus, Status> {
+    pub async fn add_member(&mut self, id: u64, raft_addr: &str, learner: bool) -> Result<pb::ClusterStatus, Status> {
         let request = pb::AddMemberRequest {
             id,
             raft_addr: raft_addr.to_string(),

@@ -16,10 +16,7 @@ pub enum CoordinatorError {
     FailedPrecondition(String),
     /// This node cannot serve writes; the leader, when known, can. Retry there.
     #[error("node {node_id} is not the leader (leader: {})", leader_id.map_or("unknown".to_string(), |id| id.to_string()))]
-    NotLeader {
-        node_id: u64,
-        leader_id: Option<u64>,
-    },
+    NotLeader { node_id: u64, leader_id: Option<u64> },
     /// The cluster cannot answer now (no leader, no quorum, leadership changed mid-request). Retry.
     #[error("{0}")]
     Unavailable(String),
@@ -40,9 +37,7 @@ impl CoordinatorError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            CoordinatorError::NotLeader { .. }
-                | CoordinatorError::Unavailable(_)
-                | CoordinatorError::Timeout(_)
+            CoordinatorError::NotLeader { .. } | CoordinatorError::Unavailable(_) | CoordinatorError::Timeout(_)
         )
     }
 
@@ -56,9 +51,7 @@ impl CoordinatorError {
                 tonic::Status::unavailable(message)
             }
             CoordinatorError::Timeout(_) => tonic::Status::deadline_exceeded(message),
-            CoordinatorError::Storage(_) | CoordinatorError::Internal(_) => {
-                tonic::Status::internal(message)
-            }
+            CoordinatorError::Storage(_) | CoordinatorError::Internal(_) => tonic::Status::internal(message),
         }
     }
 }

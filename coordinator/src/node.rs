@@ -33,15 +33,11 @@
 use std::collections::BTreeMap;
 
 use protobuf::Message as _;
-use raft::eraftpb::{
-    ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot,
-};
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot};
 use raft::{ReadOnlyOption, StateRole};
 
 use crate::error::CoordinatorError;
-use crate::state::{
-    Command, CommandResult, Job, NodeId, Query, QueryResult, StateMachine, decode, encode,
-};
+use crate::state::{Command, CommandResult, Job, NodeId, Query, QueryResult, StateMachine, decode, encode};
 use crate::storage::LogStore;
 
 /// Identifies one waiting caller; chosen by whoever drives the node.
@@ -152,11 +148,7 @@ impl Node {
     /// Starts a node on a log that was opened (and, for a founding member, bootstrapped) by the caller.
     /// The state machine is rebuilt from the latest snapshot; entries after it are applied again as
     /// raft-rs hands them back as committed.
-    pub fn new(
-        config: NodeConfig,
-        store: LogStore,
-        logger: &slog::Logger,
-    ) -> Result<Node, CoordinatorError> {
+    pub fn new(config: NodeConfig, store: LogStore, logger: &slog::Logger) -> Result<Node, CoordinatorError> {
         let snapshot = store.latest_snapshot();
         let applied = snapshot.get_metadata().index;
         let state = StateMachine::from_snapshot(snapshot.get_data())?;
@@ -172,9 +164,9 @@ impl Node {
             read_only_option: ReadOnlyOption::Safe,
             ..raft::Config::default()
         };
-        raft_config.validate().map_err(|error| {
-            CoordinatorError::InvalidArgument(format!("raft configuration: {error}"))
-        })?;
+        raft_config
+            .validate()
+            .map_err(|error| CoordinatorError::InvalidArgument(format!("raft configuration: {error}")))?;
         let raw = raft::RawNode::new(&raft_config, store, logger)
             .map_err(|error| CoordinatorError::Storage(format!("starting raft: {error}")))?;
         Ok(Node {
@@ -224,10 +216,7 @@ impl Node {
             .map(|(index, _)| *index)
             .collect();
         for index in expired {
-            let pending = self
-                .proposals
-                .remove(&index)
-                .expect("expired proposal is present");
+            let pending = self.proposals.remove(&index).expect("expired proposal is present");
             self.reply(
                 pending.token,
                 Reply::Failed(CoordinatorError::Timeout(format!(
@@ -294,13 +283,7 @@ impl Node {
     }
 
     /// Proposes a membership change; `raft_addr` travels in the entry so every member learns it.
-    pub fn propose_conf_change(
-        &mut self,
-        token: Token,
-        change_type: ConfChangeType,
-        node_id: NodeId,
-        raft_addr: &str,
-    ) {
+    pub fn propose_conf_change(&mut self, token: Token, change_type: ConfChangeType, node_id: NodeId, raft_addr: &str) {
         if !self.is_leader() {
             let error = self.not_leader();
             self.reply(token, Reply::Failed(error));
@@ -315,13 +298,7 @@ impl Node {
         self.track(token, expected_index, result, ProposalKind::ConfChange);
     }
 
-    fn track(
-        &mut self,
-        token: Token,
-        expected_index: u64,
-        result: raft::Result<()>,
-        kind: ProposalKind,
-    ) {
+    fn track(&mut self, token: Token, expected_index: u64, result: raft::Result<()>, kind: ProposalKind) {
         match result {
             Ok(()) if self.raw.raft.raft_log.last_index() >= expected_index => {
                 let pending = PendingProposal {
@@ -338,10 +315,7 @@ impl Node {
                 } else {
                     "the leader dropped the proposal; retry"
                 };
-                self.reply(
-                    token,
-                    Reply::Failed(CoordinatorError::Unavailable(message.into())),
-                );
+                self.reply(token, Reply::Failed(CoordinatorError::Unavailable(message.into())));
             }
             Err(error) => self.reply(
                 token,
@@ -434,11 +408,7 @@ impl Node {
                 self.install_snapshot(&snapshot)?;
             }
             for read_state in ready.take_read_states() {
-                let bytes: [u8; 8] = read_state
-                    .request_ctx
-                    .as_slice()
-                    .try_into()
-                    .unwrap_or_default();
+                let bytes: [u8; 8] = read_state.request_ctx.as_slice().try_into().unwrap_or_default();
                 if let Some(pending) = self.reads.get_mut(&u64::from_be_bytes(bytes)) {
                     pending.index = Some(read_state.index);
                 }
@@ -454,8 +424,8 @@ impl Node {
             self.apply_entries(light.take_committed_entries())?;
             self.raw.advance_apply_to(self.applied);
             self.output.messages.extend(messages);
-            self.maybe_snapshot()?;
         }
+        self.maybe_snapshot()?;
         self.serve_reads();
         Ok(std::mem::take(&mut self.output))
     }
@@ -464,16 +434,9 @@ impl Node {
         let index = snapshot.get_metadata().index;
         self.state = StateMachine::from_snapshot(snapshot.get_data())?;
         self.applied = index;
-        let stale: Vec<u64> = self
-            .proposals
-            .range(..=index)
-            .map(|(index, _)| *index)
-            .collect();
+        let stale: Vec<u64> = self.proposals.range(..=index).map(|(index, _)| *index).collect();
         for stale_index in stale {
-            let pending = self
-                .proposals
-                .remove(&stale_index)
-                .expect("stale proposal is present");
+            let pending = self.proposals.remove(&stale_index).expect("stale proposal is present");
             self.reply(
                 pending.token,
                 Reply::Failed(CoordinatorError::Unavailable(
@@ -481,11 +444,7 @@ impl Node {
                 )),
             );
         }
-        tracing::info!(
-            node = self.config.id,
-            index,
-            "installed a snapshot from the leader"
-        );
+        tracing::info!(node = self.config.id, index, "installed a snapshot from the leader");
         Ok(())
     }
 
@@ -509,12 +468,7 @@ impl Node {
                         CoordinatorError::Internal(format!("decoding a membership change: {error}"))
                     })?;
                     let outcome = self.raw.apply_conf_change(&change);
-                    Some(self.conf_change_applied(
-                        outcome,
-                        change.node_id,
-                        change.get_change_type(),
-                        &change.context,
-                    ))
+                    Some(self.conf_change_applied(outcome, change.node_id, change.get_change_type(), &change.context))
                 }
                 EntryType::EntryConfChangeV2 => {
                     let change = ConfChangeV2::parse_from_bytes(&entry.data).map_err(|error| {
@@ -522,12 +476,7 @@ impl Node {
                     })?;
                     let single = change.get_changes().first().cloned().unwrap_or_default();
                     let outcome = self.raw.apply_conf_change(&change);
-                    Some(self.conf_change_applied(
-                        outcome,
-                        single.node_id,
-                        single.get_change_type(),
-                        &change.context,
-                    ))
+                    Some(self.conf_change_applied(outcome, single.node_id, single.get_change_type(), &change.context))
                 }
             };
             self.applied = entry.index;
@@ -599,7 +548,8 @@ impl Node {
 
     fn maybe_snapshot(&mut self) -> Result<(), CoordinatorError> {
         let snapshot_index = self.raw.store().latest_snapshot().get_metadata().index;
-        if self.applied < snapshot_index + self.config.snapshot_interval_entries {
+        let wanted = self.raw.store().take_snapshot_wanted() && self.applied > snapshot_index;
+        if !wanted && self.applied < snapshot_index + self.config.snapshot_interval_entries {
             return Ok(());
         }
         let data = self.state.to_snapshot()?;
@@ -623,11 +573,7 @@ impl slog::Drain for TracingDrain {
     type Ok = ();
     type Err = slog::Never;
 
-    fn log(
-        &self,
-        record: &slog::Record<'_>,
-        _values: &slog::OwnedKVList,
-    ) -> Result<(), slog::Never> {
+    fn log(&self, record: &slog::Record<'_>, _values: &slog::OwnedKVList) -> Result<(), slog::Never> {
         let message = record.msg().to_string();
         match record.level() {
             slog::Level::Critical | slog::Level::Error => {

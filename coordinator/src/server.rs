@@ -38,8 +38,8 @@ use crate::error::CoordinatorError;
 use crate::node::{Node, NodeConfig, NodeStatus, Reply, Token, raft_logger};
 use crate::spec::parse_job_spec;
 use crate::state::{
-    Command, CommandResult, IDEMPOTENCY_KEY_LENGTH_MAX, Job, JobId, JobState, NodeId, Query,
-    QueryResult, Request, decode, encode,
+    Command, CommandResult, IDEMPOTENCY_KEY_LENGTH_MAX, Job, JobId, JobState, NodeId, Query, QueryResult, Request,
+    StateMachine, decode, encode,
 };
 use crate::storage::LogStore;
 
@@ -178,12 +178,21 @@ impl Transport {
         }
     }
 
+    fn undeliverable(&self, to: NodeId, snapshot: bool, unreachable: &mut Vec<NodeId>) {
+        unreachable.push(to);
+        if snapshot {
+            // A leader waits for a snapshot's fate before sending that member anything else.
+            let _ = self.events.try_send(Event::SnapshotSent { to, delivered: false });
+        }
+    }
+
     fn send(&mut self, messages: Vec<Message>) -> Vec<NodeId> {
         let mut unreachable = Vec::new();
         for message in messages {
             let to = message.to;
+            let snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
             let Some(addr) = self.book.get(&to).cloned() else {
-                unreachable.push(to);
+                self.undeliverable(to, snapshot, &mut unreachable);
                 continue;
             };
             let stale = self
@@ -210,7 +219,7 @@ impl Transport {
             }
             let (_, sender) = &self.links[&to];
             if sender.try_send(message).is_err() {
-                unreachable.push(to);
+                self.undeliverable(to, snapshot, &mut unreachable);
             }
         }
         unreachable
@@ -270,10 +279,7 @@ impl PeerLink {
                 }
             };
             if carries_snapshot {
-                let _ = self.events.try_send(Event::SnapshotSent {
-                    to: self.to,
-                    delivered,
-                });
+                let _ = self.events.try_send(Event::SnapshotSent { to: self.to, delivered });
             }
         }
     }
@@ -292,9 +298,7 @@ fn endpoint(addr: &str) -> Result<Endpoint, CoordinatorError> {
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(10))
         })
-        .map_err(|error| {
-            CoordinatorError::InvalidArgument(format!("address '{addr}' is not valid: {error}"))
-        })
+        .map_err(|error| CoordinatorError::InvalidArgument(format!("address '{addr}' is not valid: {error}")))
 }
 
 fn peer_client(addr: &str) -> Result<RaftPeerClient<Channel>, CoordinatorError> {
@@ -316,60 +320,54 @@ fn run_event_loop(
     let mut waiting: HashMap<Token, oneshot::Sender<Reply>> = HashMap::new();
     let mut next_token: Token = 0;
     let mut next_tick = Instant::now() + tick_interval;
-    let mut handle =
-        |event: Event, node: &mut Node, transport: &mut Transport, waiting: &mut HashMap<_, _>| {
-            let mut wait = |reply: oneshot::Sender<Reply>| {
-                next_token += 1;
-                waiting.insert(next_token, reply);
-                next_token
-            };
-            match event {
-                Event::Raft {
-                    from_id,
-                    from_addr,
-                    messages,
-                } => {
-                    transport.learn(from_id, &from_addr);
-                    for message in messages {
-                        node.step(message);
-                    }
-                }
-                Event::Propose { command, reply } => {
-                    let token = wait(reply);
-                    node.propose(token, &command);
-                }
-                Event::ConfChange {
-                    change_type,
-                    node_id,
-                    raft_addr,
-                    reply,
-                } => {
-                    let token = wait(reply);
-                    transport.learn(node_id, &raft_addr);
-                    node.propose_conf_change(token, change_type, node_id, &raft_addr);
-                }
-                Event::Read { query, reply } => {
-                    let token = wait(reply);
-                    node.read(token, query);
-                }
-                Event::TransferLeader { to } => node.transfer_leader(to),
-                Event::Status { reply } => {
-                    let mut status = node.status();
-                    for (id, addr) in &transport.book {
-                        status
-                            .member_addrs
-                            .entry(*id)
-                            .or_insert_with(|| addr.clone());
-                    }
-                    status
-                        .member_addrs
-                        .insert(node.id(), transport.self_addr.clone());
-                    let _ = reply.send(status);
-                }
-                Event::Unreachable { to } => node.report_unreachable(to),
-                Event::SnapshotSent { to, delivered } => node.report_snapshot(to, delivered),
-            }
+    let mut handle = |event: Event, node: &mut Node, transport: &mut Transport, waiting: &mut HashMap<_, _>| {
+        let mut wait = |reply: oneshot::Sender<Reply>| {
+            next_token += 1;
+            waiting.insert(next_token, reply);
+            next_token
         };
+        match event {
+            Event::Raft {
+                from_id,
+                from_addr,
+                messages,
+            } => {
+                transport.learn(from_id, &from_addr);
+                for message in messages {
+                    node.step(message);
+                }
+            }
+            Event::Propose { command, reply } => {
+                let token = wait(reply);
+                node.propose(token, &command);
+            }
+            Event::ConfChange {
+                change_type,
+                node_id,
+                raft_addr,
+                reply,
+            } => {
+                let token = wait(reply);
+                transport.learn(node_id, &raft_addr);
+                node.propose_conf_change(token, change_type, node_id, &raft_addr);
+            }
+            Event::Read { query, reply } => {
+                let token = wait(reply);
+                node.read(token, query);
+            }
+            Event::TransferLeader { to } => node.transfer_leader(to),
+            Event::Status { reply } => {
+                let mut status = node.status();
+                for (id, addr) in &transport.book {
+                    status.member_addrs.entry(*id).or_insert_with(|| addr.clone());
+                }
+                status.member_addrs.insert(node.id(), transport.self_addr.clone());
+                let _ = reply.send(status);
+            }
+            Event::Unreachable { to } => node.report_unreachable(to),
+            Event::SnapshotSent { to, delivered } => node.report_snapshot(to, delivered),
+        }
+    };
     while !shutdown.is_cancelled() {
         let timeout = next_tick.saturating_duration_since(Instant::now());
         match receiver.recv_timeout(timeout) {
@@ -415,20 +413,10 @@ fn run_event_loop(
 /// What a write produced, as it travels back from the leader to the node the client called.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum WriteOutcome {
-    Submitted {
-        job: Job,
-        created: bool,
-    },
-    Cancelled {
-        job: Job,
-    },
-    Membership {
-        voters: Vec<NodeId>,
-        learners: Vec<NodeId>,
-    },
-    LeaderIs {
-        id: NodeId,
-    },
+    Submitted { job: Job, created: bool },
+    Cancelled { job: Job },
+    Membership { voters: Vec<NodeId>, learners: Vec<NodeId> },
+    LeaderIs { id: NodeId },
 }
 
 /// What the gRPC handlers share: a way to reach the loop, and to reach peers.
@@ -445,10 +433,7 @@ struct Shared {
 }
 
 impl Shared {
-    async fn ask<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<T>) -> Event,
-    ) -> Result<T, CoordinatorError> {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Event) -> Result<T, CoordinatorError> {
         let (sender, receiver) = oneshot::channel();
         match self.events.try_send(make(sender)) {
             Ok(()) => {}
@@ -458,16 +443,12 @@ impl Shared {
                 ));
             }
             Err(TrySendError::Disconnected(_)) => {
-                return Err(CoordinatorError::Unavailable(
-                    "the coordinator is shutting down".into(),
-                ));
+                return Err(CoordinatorError::Unavailable("the coordinator is shutting down".into()));
             }
         }
         match tokio::time::timeout(self.request_timeout, receiver).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(_)) => Err(CoordinatorError::Unavailable(
-                "the coordinator is shutting down".into(),
-            )),
+            Ok(Err(_)) => Err(CoordinatorError::Unavailable("the coordinator is shutting down".into())),
             Err(_) => Err(CoordinatorError::Timeout(
                 "the coordinator did not answer in time; retry".into(),
             )),
@@ -513,9 +494,7 @@ impl Shared {
             })
             .await?
         {
-            Reply::ConfChanged { voters, learners } => {
-                Ok(WriteOutcome::Membership { voters, learners })
-            }
+            Reply::ConfChanged { voters, learners } => Ok(WriteOutcome::Membership { voters, learners }),
             Reply::Failed(error) => Err(error),
             other => Err(CoordinatorError::Internal(format!(
                 "unexpected reply to a membership change: {other:?}"
@@ -558,11 +537,7 @@ impl Shared {
         }
     }
 
-    async fn forward(
-        &self,
-        leader: NodeId,
-        request: &Request,
-    ) -> Result<WriteOutcome, CoordinatorError> {
+    async fn forward(&self, leader: NodeId, request: &Request) -> Result<WriteOutcome, CoordinatorError> {
         let status = self.status().await?;
         let Some(addr) = status.member_addrs.get(&leader).cloned() else {
             return Err(CoordinatorError::Unavailable(format!(
@@ -601,9 +576,7 @@ impl Shared {
                     now_ms: now_ms(),
                 };
                 match self.propose(command).await? {
-                    CommandResult::Submitted { job, created } => {
-                        Ok(WriteOutcome::Submitted { job, created })
-                    }
+                    CommandResult::Submitted { job, created } => Ok(WriteOutcome::Submitted { job, created }),
                     other => Err(CoordinatorError::Internal(format!(
                         "unexpected submit result {other:?}"
                     ))),
@@ -624,11 +597,7 @@ impl Shared {
                     ))),
                 }
             }
-            Request::AddMember {
-                id,
-                raft_addr,
-                learner,
-            } => self.add_member(id, raft_addr, learner).await,
+            Request::AddMember { id, raft_addr, learner } => self.add_member(id, raft_addr, learner).await,
             Request::RemoveMember { id } => self.remove_member(id).await,
             Request::TransferLeader { id } => self.transfer_leader(id).await,
         }
@@ -646,12 +615,7 @@ impl Shared {
         Ok(status)
     }
 
-    async fn add_member(
-        &self,
-        id: NodeId,
-        raft_addr: String,
-        learner: bool,
-    ) -> Result<WriteOutcome, CoordinatorError> {
+    async fn add_member(&self, id: NodeId, raft_addr: String, learner: bool) -> Result<WriteOutcome, CoordinatorError> {
         let status = self.leader_status().await?;
         if status.voters.contains(&id) {
             if learner {
@@ -694,8 +658,7 @@ impl Shared {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        self.conf_change(ConfChangeType::AddNode, id, raft_addr)
-            .await
+        self.conf_change(ConfChangeType::AddNode, id, raft_addr).await
     }
 
     async fn remove_member(&self, id: NodeId) -> Result<WriteOutcome, CoordinatorError> {
@@ -716,8 +679,7 @@ impl Shared {
                 "node {id} is the last voter"
             )));
         }
-        self.conf_change(ConfChangeType::RemoveNode, id, String::new())
-            .await
+        self.conf_change(ConfChangeType::RemoveNode, id, String::new()).await
     }
 
     async fn transfer_leader(&self, id: NodeId) -> Result<WriteOutcome, CoordinatorError> {
@@ -833,8 +795,8 @@ impl JobService for Shared {
         } else {
             request.source_name.as_str()
         };
-        let spec = parse_job_spec(source, &request.spec_toml)
-            .map_err(|error| Status::invalid_argument(error.to_string()))?;
+        let spec =
+            parse_job_spec(source, &request.spec_toml).map_err(|error| Status::invalid_argument(error.to_string()))?;
         let idempotency_key = self.idempotency_key(request.idempotency_key)?;
         match self
             .execute(Request::SubmitJob {
@@ -852,10 +814,7 @@ impl JobService for Shared {
         }
     }
 
-    async fn get(
-        &self,
-        request: GrpcRequest<pb::GetJobRequest>,
-    ) -> Result<Response<pb::Job>, Status> {
+    async fn get(&self, request: GrpcRequest<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
         match self
             .query(Query::GetJob {
                 id: request.into_inner().id,
@@ -867,10 +826,7 @@ impl JobService for Shared {
         }
     }
 
-    async fn list(
-        &self,
-        request: GrpcRequest<pb::ListJobsRequest>,
-    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+    async fn list(&self, request: GrpcRequest<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
         let request = request.into_inner();
         let states = request
             .states
@@ -891,10 +847,7 @@ impl JobService for Shared {
         }
     }
 
-    async fn cancel(
-        &self,
-        request: GrpcRequest<pb::CancelJobRequest>,
-    ) -> Result<Response<pb::Job>, Status> {
+    async fn cancel(&self, request: GrpcRequest<pb::CancelJobRequest>) -> Result<Response<pb::Job>, Status> {
         let request = request.into_inner();
         match self
             .execute(Request::CancelJob {
@@ -910,10 +863,7 @@ impl JobService for Shared {
 
     type WatchStream = tokio_stream::wrappers::ReceiverStream<Result<pb::JobEvent, Status>>;
 
-    async fn watch(
-        &self,
-        request: GrpcRequest<pb::WatchJobsRequest>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(&self, request: GrpcRequest<pb::WatchJobsRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let ids: Vec<JobId> = request.into_inner().ids;
         let wanted = move |job: &Job| ids.is_empty() || ids.contains(&job.id);
         // Subscribe before reading, so no change between the read and the subscription is missed.
@@ -951,9 +901,7 @@ impl JobService for Shared {
                     }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        let status = Status::data_loss(format!(
-                            "the watch fell {missed} events behind; watch again"
-                        ));
+                        let status = Status::data_loss(format!("the watch fell {missed} events behind; watch again"));
                         let _ = sender.send(Err(status)).await;
                         return;
                     }
@@ -961,9 +909,7 @@ impl JobService for Shared {
                 }
             }
         });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
-            receiver,
-        )))
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(receiver)))
     }
 }
 
@@ -995,12 +941,7 @@ impl Shared {
 
     async fn cluster_status(&self) -> Result<pb::ClusterStatus, CoordinatorError> {
         let local = self.status().await?;
-        let mut ids: Vec<NodeId> = local
-            .voters
-            .iter()
-            .chain(local.learners.iter())
-            .copied()
-            .collect();
+        let mut ids: Vec<NodeId> = local.voters.iter().chain(local.learners.iter()).copied().collect();
         ids.sort_unstable();
         ids.dedup();
         let probes = ids.iter().map(|id| {
@@ -1020,22 +961,13 @@ impl Shared {
         let answers = futures::future::join_all(probes).await;
         let leader_matched: BTreeMap<u64, u64> = answers
             .iter()
-            .find_map(|(_, _, answer)| {
-                answer
-                    .as_ref()
-                    .ok()
-                    .filter(|status| status.role == "leader")
-            })
+            .find_map(|(_, _, answer)| answer.as_ref().ok().filter(|status| status.role == "leader"))
             .map(|status| status.matched.clone().into_iter().collect())
             .unwrap_or_default();
         let members = answers
             .into_iter()
             .map(|(id, raft_addr, answer)| {
-                let membership = if local.voters.contains(&id) {
-                    "voter"
-                } else {
-                    "learner"
-                };
+                let membership = if local.voters.contains(&id) { "voter" } else { "learner" };
                 let (api_addr, health) = match answer {
                     Ok(status) => (
                         status.api_addr.clone(),
@@ -1098,9 +1030,7 @@ impl ClusterService for Shared {
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         let request = request.into_inner();
         if request.id == 0 {
-            return Err(Status::invalid_argument(
-                "member id is 0; node ids start at 1",
-            ));
+            return Err(Status::invalid_argument("member id is 0; node ids start at 1"));
         }
         validate_host_port(&request.raft_addr)?;
         self.execute(Request::AddMember {
@@ -1137,9 +1067,9 @@ impl ClusterService for Shared {
 
 /// Checks `HOST:PORT`, the form every address flag takes.
 pub fn validate_host_port(addr: &str) -> Result<(), CoordinatorError> {
-    let valid = addr.rsplit_once(':').is_some_and(|(host, port)| {
-        !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port != 0)
-    });
+    let valid = addr
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port != 0));
     if valid {
         Ok(())
     } else {
@@ -1151,16 +1081,12 @@ pub fn validate_host_port(addr: &str) -> Result<(), CoordinatorError> {
 
 #[tonic::async_trait]
 impl RaftPeer for Shared {
-    async fn send(
-        &self,
-        request: GrpcRequest<pb::RaftBatch>,
-    ) -> Result<Response<pb::RaftAck>, Status> {
+    async fn send(&self, request: GrpcRequest<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
         let batch = request.into_inner();
         let mut messages = Vec::with_capacity(batch.messages.len());
         for bytes in &batch.messages {
-            let message = Message::parse_from_bytes(bytes).map_err(|error| {
-                Status::invalid_argument(format!("raft message does not decode: {error}"))
-            })?;
+            let message = Message::parse_from_bytes(bytes)
+                .map_err(|error| Status::invalid_argument(format!("raft message does not decode: {error}")))?;
             messages.push(message);
         }
         let event = Event::Raft {
@@ -1176,10 +1102,7 @@ impl RaftPeer for Shared {
         }
     }
 
-    async fn forward(
-        &self,
-        request: GrpcRequest<pb::ForwardRequest>,
-    ) -> Result<Response<pb::ForwardResponse>, Status> {
+    async fn forward(&self, request: GrpcRequest<pb::ForwardRequest>) -> Result<Response<pb::ForwardResponse>, Status> {
         let request: Request = decode(&request.into_inner().request, "a forwarded request")?;
         // Only the leader executes forwarded writes; anyone else answers NotLeader and the sender retries.
         let outcome = self.execute_locally(&request).await;
@@ -1228,10 +1151,7 @@ impl Coordinator {
         let raft_listener = tokio::net::TcpListener::bind(config.raft_listen)
             .await
             .map_err(|error| {
-                CoordinatorError::InvalidArgument(format!(
-                    "cannot listen for peers on {}: {error}",
-                    config.raft_listen
-                ))
+                CoordinatorError::InvalidArgument(format!("cannot listen for peers on {}: {error}", config.raft_listen))
             })?;
         let api_addr = api_listener
             .local_addr()
@@ -1248,12 +1168,12 @@ impl Coordinator {
         let mut store = LogStore::open(&config.data_dir.join("raft.redb"))?;
         if store.is_blank() && !config.join {
             let voters: Vec<NodeId> = config.peers.keys().copied().collect();
-            store.bootstrap(&voters)?;
-            tracing::info!(
-                node = id,
-                ?voters,
-                "bootstrapped a new cluster configuration"
-            );
+            let mut founders = StateMachine::default();
+            for (peer, addr) in &config.peers {
+                founders.record_member(*peer, Some(addr.clone()));
+            }
+            store.bootstrap(&voters, founders.to_snapshot()?)?;
+            tracing::info!(node = id, ?voters, "bootstrapped a new cluster configuration");
         }
         let node = Node::new(config.node.clone(), store, &raft_logger())?;
 
@@ -1294,9 +1214,7 @@ impl Coordinator {
                 loop_shutdown.cancel();
                 result
             })
-            .map_err(|error| {
-                CoordinatorError::Internal(format!("starting the event loop: {error}"))
-            })?;
+            .map_err(|error| CoordinatorError::Internal(format!("starting the event loop: {error}")))?;
 
         let shared = Shared {
             node_id: id,

@@ -165,9 +165,9 @@ pub fn parse_memory(text: &str) -> Result<u64, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(trimmed.len());
     let (number, unit) = trimmed.split_at(split);
-    let value: f64 = number.parse().map_err(|_| {
-        format!("memory '{text}' does not start with a number; expected e.g. \"512MiB\"")
-    })?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("memory '{text}' does not start with a number; expected e.g. \"512MiB\""))?;
     let multiplier: u64 = match unit.trim() {
         "" | "B" => 1,
         "KB" | "kB" => 1_000,
@@ -196,11 +196,7 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
-    let column = before
-        .rsplit('\n')
-        .next()
-        .map_or(0, |tail| tail.chars().count())
-        + 1;
+    let column = before.rsplit('\n').next().map_or(0, |tail| tail.chars().count()) + 1;
     (line, column)
 }
 
@@ -218,10 +214,7 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
     if text.len() > SPEC_BYTES_MAX {
         return Err(error_at(
             SPEC_BYTES_MAX,
-            format!(
-                "spec is {} bytes; at most {SPEC_BYTES_MAX} are accepted",
-                text.len()
-            ),
+            format!("spec is {} bytes; at most {SPEC_BYTES_MAX} are accepted", text.len()),
         ));
     }
     let raw: RawSpec = toml::from_str(text).map_err(|error| {
@@ -249,8 +242,7 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
         (JobKind::Command, None) => {
             return Err(error_at(
                 raw.kind.span().start,
-                "field 'command' is missing; a job of kind \"command\" needs the program to run"
-                    .into(),
+                "field 'command' is missing; a job of kind \"command\" needs the program to run".into(),
             ));
         }
         (JobKind::Command, Some(command)) if command.get_ref().trim().is_empty() => {
@@ -273,8 +265,7 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
         (JobKind::Train, None) => {
             return Err(error_at(
                 raw.kind.span().start,
-                "section [train] is missing; a job of kind \"train\" needs at least train.model"
-                    .into(),
+                "section [train] is missing; a job of kind \"train\" needs at least train.model".into(),
             ));
         }
         (JobKind::Command, Some(train)) => {
@@ -289,8 +280,7 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
             if train.model.get_ref().trim().is_empty() {
                 return Err(error_at(
                     train.model.span().start,
-                    "field 'train.model' is empty; expected a built-in model name such as \"mlp\""
-                        .into(),
+                    "field 'train.model' is empty; expected a built-in model name such as \"mlp\"".into(),
                 ));
             }
             Some(TrainSpec {
@@ -307,10 +297,7 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
     for (key, value) in raw.env {
         let valid = !key.get_ref().is_empty()
             && !key.get_ref().starts_with(|c: char| c.is_ascii_digit())
-            && key
-                .get_ref()
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+            && key.get_ref().chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
             return Err(error_at(
                 key.span().start,
@@ -350,8 +337,7 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
                 Some(cpus) if *cpus.get_ref() == 0 => {
                     return Err(error_at(
                         cpus.span().start,
-                        "field 'resources.cpus' is 0; expected at least 1 CPU slot per worker"
-                            .into(),
+                        "field 'resources.cpus' is 0; expected at least 1 CPU slot per worker".into(),
                     ));
                 }
                 Some(cpus) => cpus.into_inner(),
@@ -362,9 +348,8 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
                     let start = memory.span().start;
                     match memory.into_inner() {
                         Memory::Bytes(bytes) => bytes,
-                        Memory::Text(text) => parse_memory(&text).map_err(|message| {
-                            error_at(start, format!("field 'resources.memory': {message}"))
-                        })?,
+                        Memory::Text(text) => parse_memory(&text)
+                            .map_err(|message| error_at(start, format!("field 'resources.memory': {message}")))?,
                     }
                 }
             };
@@ -434,9 +419,7 @@ memory = "512MiB"
         assert_eq!((error.line, error.column), (7, 11), "{error}");
         assert!(error.message.contains("resources.workers"), "{error}");
         assert!(
-            error
-                .to_string()
-                .starts_with("invalid job spec hello.toml:7:11:"),
+            error.to_string().starts_with("invalid job spec hello.toml:7:11:"),
             "{error}"
         );
     }

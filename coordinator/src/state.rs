@@ -57,10 +57,7 @@ impl JobState {
     }
 
     pub fn is_finished(self) -> bool {
-        matches!(
-            self,
-            JobState::Succeeded | JobState::Failed | JobState::Cancelled
-        )
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
     }
 
     pub fn label(self) -> &'static str {
@@ -192,10 +189,7 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CoordinatorError> {
         .map_err(|error| CoordinatorError::Internal(format!("encoding: {error}")))
 }
 
-pub fn decode<T: serde::de::DeserializeOwned>(
-    bytes: &[u8],
-    what: &str,
-) -> Result<T, CoordinatorError> {
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, CoordinatorError> {
     let (value, read) = bincode::serde::decode_from_slice(bytes, bincode_config())
         .map_err(|error| CoordinatorError::Internal(format!("decoding {what}: {error}")))?;
     if read != bytes.len() {
@@ -220,13 +214,7 @@ impl StateMachine {
                     && let Some(existing) = self.idempotency_keys.get(&idempotency_key)
                 {
                     let job = self.jobs[existing].clone();
-                    return (
-                        CommandResult::Submitted {
-                            job,
-                            created: false,
-                        },
-                        None,
-                    );
+                    return (CommandResult::Submitted { job, created: false }, None);
                 }
                 self.next_job_id += 1;
                 let job = Job {
@@ -256,9 +244,7 @@ impl StateMachine {
             Command::CancelJob { id, reason, now_ms } => {
                 let Some(job) = self.jobs.get_mut(&id) else {
                     return (
-                        CommandResult::Rejected(CoordinatorError::NotFound(format!(
-                            "job {id} does not exist"
-                        ))),
+                        CommandResult::Rejected(CoordinatorError::NotFound(format!("job {id} does not exist"))),
                         None,
                     );
                 };
@@ -282,10 +268,7 @@ impl StateMachine {
                 } else {
                     reason
                 };
-                (
-                    CommandResult::Cancelled { job: job.clone() },
-                    Some(job.clone()),
-                )
+                (CommandResult::Cancelled { job: job.clone() }, Some(job.clone()))
             }
         }
     }
@@ -294,9 +277,7 @@ impl StateMachine {
         match query {
             Query::GetJob { id } => match self.jobs.get(id) {
                 Some(job) => QueryResult::Job(job.clone()),
-                None => QueryResult::Rejected(CoordinatorError::NotFound(format!(
-                    "job {id} does not exist"
-                ))),
+                None => QueryResult::Rejected(CoordinatorError::NotFound(format!("job {id} does not exist"))),
             },
             Query::ListJobs { states, limit } => {
                 let selected = self
@@ -348,9 +329,7 @@ impl StateMachine {
             return Ok(StateMachine::default());
         }
         let (version, _): (u32, usize) = bincode::serde::decode_from_slice(bytes, bincode_config())
-            .map_err(|error| {
-                CoordinatorError::Storage(format!("snapshot header is corrupt: {error}"))
-            })?;
+            .map_err(|error| CoordinatorError::Storage(format!("snapshot header is corrupt: {error}")))?;
         if version != SNAPSHOT_FORMAT_VERSION {
             return Err(CoordinatorError::Storage(format!(
                 "snapshot format version {version} is not supported; this build reads version {SNAPSHOT_FORMAT_VERSION}"
@@ -382,16 +361,8 @@ mod tests {
         let mut state = StateMachine::default();
         let (first, _) = state.apply(submit("k1", 10));
         let (again, event) = state.apply(submit("k1", 20));
-        let (
-            CommandResult::Submitted {
-                job: a,
-                created: true,
-            },
-            CommandResult::Submitted {
-                job: b,
-                created: false,
-            },
-        ) = (first, again)
+        let (CommandResult::Submitted { job: a, created: true }, CommandResult::Submitted { job: b, created: false }) =
+            (first, again)
         else {
             panic!("unexpected results");
         };
@@ -412,19 +383,13 @@ mod tests {
         let CommandResult::Cancelled { job } = result else {
             panic!("{result:?}")
         };
-        assert_eq!(
-            (job.state, job.finished_at_ms),
-            (JobState::Cancelled, Some(5))
-        );
+        assert_eq!((job.state, job.finished_at_ms), (JobState::Cancelled, Some(5)));
         let (result, _) = state.apply(Command::CancelJob {
             id: 9,
             reason: String::new(),
             now_ms: 5,
         });
-        assert!(matches!(
-            result,
-            CommandResult::Rejected(CoordinatorError::NotFound(_))
-        ));
+        assert!(matches!(result, CommandResult::Rejected(CoordinatorError::NotFound(_))));
         assert!(!JobState::Succeeded.can_become(JobState::Cancelled));
     }
 

@@ -20,6 +20,7 @@
 //! Left out: asynchronous entry fetching (raft-rs's `LogTemporarilyUnavailable`); the whole tail is in
 //! memory, which compaction keeps small.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
@@ -46,6 +47,9 @@ pub struct LogStore {
     snapshot: Snapshot,
     /// Entries `snapshot.index + 1 ..= last_index`.
     entries: VecDeque<Entry>,
+    /// Set when raft-rs asked for a snapshot the stored one cannot serve (too old, or taken before the
+    /// receiver joined); the node takes a fresh one after its next apply.
+    snapshot_wanted: Cell<bool>,
 }
 
 fn encode<M: protobuf::Message>(message: &M) -> Result<Vec<u8>, CoordinatorError> {
@@ -55,17 +59,15 @@ fn encode<M: protobuf::Message>(message: &M) -> Result<Vec<u8>, CoordinatorError
 }
 
 fn decode<M: protobuf::Message>(bytes: &[u8], what: &str) -> Result<M, CoordinatorError> {
-    M::parse_from_bytes(bytes).map_err(|error| {
-        CoordinatorError::Storage(format!("the stored {what} is corrupt: {error}"))
-    })
+    M::parse_from_bytes(bytes)
+        .map_err(|error| CoordinatorError::Storage(format!("the stored {what} is corrupt: {error}")))
 }
 
 impl LogStore {
     /// Opens (or creates) the log at `path`.
     pub fn open(path: &Path) -> Result<LogStore, CoordinatorError> {
-        let database = Database::create(path).map_err(|error| {
-            CoordinatorError::Storage(format!("opening the raft log {}: {error}", path.display()))
-        })?;
+        let database = Database::create(path)
+            .map_err(|error| CoordinatorError::Storage(format!("opening the raft log {}: {error}", path.display())))?;
         LogStore::from_database(Arc::new(database))
     }
 
@@ -125,6 +127,7 @@ impl LogStore {
             conf_state,
             snapshot,
             entries,
+            snapshot_wanted: Cell::new(false),
         })
     }
 
@@ -141,21 +144,27 @@ impl LogStore {
             && self.snapshot.get_metadata().index == 0
     }
 
-    /// Writes the first configuration of a new cluster (every founding member does the same).
-    pub fn bootstrap(&mut self, voters: &[u64]) -> Result<(), CoordinatorError> {
-        assert!(
-            self.is_blank(),
-            "bootstrap of a log that already holds state"
-        );
+    /// Writes the first configuration of a new cluster as a snapshot at index 1, term 1. Every founding
+    /// member writes the same one. A member added later starts blank and receives this configuration
+    /// (and the state) by snapshot, never by replaying a log that does not contain the founders.
+    pub fn bootstrap(&mut self, voters: &[u64], state: Vec<u8>) -> Result<(), CoordinatorError> {
+        assert!(self.is_blank(), "bootstrap of a log that already holds state");
         let mut conf_state = ConfState::default();
         conf_state.voters = voters.to_vec();
-        self.write(|_, meta| {
-            meta.insert(CONF_STATE_KEY, encode(&conf_state)?.as_slice())
-                .map_err(storage_error)?;
-            Ok(())
-        })?;
-        self.conf_state = conf_state;
-        Ok(())
+        let mut snapshot = Snapshot::default();
+        snapshot.set_data(state.into());
+        snapshot.mut_metadata().index = 1;
+        snapshot.mut_metadata().term = 1;
+        snapshot.mut_metadata().set_conf_state(conf_state.clone());
+        let mut hard_state = HardState::default();
+        hard_state.term = 1;
+        hard_state.commit = 1;
+        self.persist(Some(&snapshot), &[], Some(&hard_state))
+    }
+
+    /// True once after raft-rs asked for a snapshot newer than the stored one.
+    pub fn take_snapshot_wanted(&self) -> bool {
+        self.snapshot_wanted.replace(false)
     }
 
     pub fn hard_state(&self) -> &HardState {
@@ -271,8 +280,7 @@ impl LogStore {
         hard_state.commit = commit;
         let bytes = encode(&hard_state)?;
         self.write_with(Durability::None, |_, meta| {
-            meta.insert(HARD_STATE_KEY, bytes.as_slice())
-                .map_err(storage_error)?;
+            meta.insert(HARD_STATE_KEY, bytes.as_slice()).map_err(storage_error)?;
             Ok(())
         })?;
         self.hard_state = hard_state;
@@ -283,8 +291,7 @@ impl LogStore {
     pub fn set_conf_state(&mut self, conf_state: ConfState) -> Result<(), CoordinatorError> {
         let bytes = encode(&conf_state)?;
         self.write(|_, meta| {
-            meta.insert(CONF_STATE_KEY, bytes.as_slice())
-                .map_err(storage_error)?;
+            meta.insert(CONF_STATE_KEY, bytes.as_slice()).map_err(storage_error)?;
             Ok(())
         })?;
         self.conf_state = conf_state;
@@ -318,11 +325,8 @@ impl LogStore {
         let bytes = encode(&snapshot)?;
         let first = self.first();
         self.write(|table, meta| {
-            meta.insert(SNAPSHOT_KEY, bytes.as_slice())
-                .map_err(storage_error)?;
-            table
-                .retain_in(first..=index, |_, _| false)
-                .map_err(storage_error)?;
+            meta.insert(SNAPSHOT_KEY, bytes.as_slice()).map_err(storage_error)?;
+            table.retain_in(first..=index, |_, _| false).map_err(storage_error)?;
             Ok(())
         })?;
         let drop = (index + 1 - first) as usize;
@@ -338,10 +342,7 @@ impl LogStore {
 
     fn write(
         &self,
-        body: impl FnOnce(
-            &mut redb::Table<u64, &[u8]>,
-            &mut redb::Table<&str, &[u8]>,
-        ) -> Result<(), CoordinatorError>,
+        body: impl FnOnce(&mut redb::Table<u64, &[u8]>, &mut redb::Table<&str, &[u8]>) -> Result<(), CoordinatorError>,
     ) -> Result<(), CoordinatorError> {
         self.write_with(Durability::Immediate, body)
     }
@@ -349,10 +350,7 @@ impl LogStore {
     fn write_with(
         &self,
         durability: Durability,
-        body: impl FnOnce(
-            &mut redb::Table<u64, &[u8]>,
-            &mut redb::Table<&str, &[u8]>,
-        ) -> Result<(), CoordinatorError>,
+        body: impl FnOnce(&mut redb::Table<u64, &[u8]>, &mut redb::Table<&str, &[u8]>) -> Result<(), CoordinatorError>,
     ) -> Result<(), CoordinatorError> {
         let mut transaction = self.database.begin_write().map_err(storage_error)?;
         transaction
@@ -396,10 +394,7 @@ impl Storage for LogStore {
         let offset = self.first();
         let mut selected = Vec::with_capacity((high - low) as usize);
         let mut size = 0u64;
-        for entry in self
-            .entries
-            .range((low - offset) as usize..(high - offset) as usize)
-        {
+        for entry in self.entries.range((low - offset) as usize..(high - offset) as usize) {
             size += u64::from(entry.compute_size());
             // Always return at least one entry, as raft-rs requires.
             if !selected.is_empty() && size > max_size {
@@ -432,11 +427,14 @@ impl Storage for LogStore {
         Ok(self.last())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        if self.snapshot.get_metadata().index < request_index {
-            return Err(raft::Error::Store(
-                StorageError::SnapshotTemporarilyUnavailable,
-            ));
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let metadata = self.snapshot.get_metadata();
+        let conf_state = metadata.get_conf_state();
+        // A member cannot install a snapshot whose configuration does not include it.
+        let includes_receiver = conf_state.voters.contains(&to) || conf_state.learners.contains(&to);
+        if metadata.index < request_index || !includes_receiver {
+            self.snapshot_wanted.set(true);
+            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
         }
         Ok(self.snapshot.clone())
     }
@@ -460,8 +458,8 @@ mod tests {
         let path = directory.path().join("raft.redb");
         {
             let mut store = LogStore::open(&path).unwrap();
-            store.bootstrap(&[1, 2, 3]).unwrap();
-            let entries: Vec<Entry> = (1..=5).map(|index| entry(index, 1)).collect();
+            store.bootstrap(&[1, 2, 3], Vec::new()).unwrap();
+            let entries: Vec<Entry> = (2..=5).map(|index| entry(index, 1)).collect();
             let mut hard_state = HardState::default();
             hard_state.term = 1;
             hard_state.commit = 3;
@@ -481,14 +479,13 @@ mod tests {
     fn compaction_keeps_the_snapshot_and_the_tail() {
         let database = LogStore::in_memory_database().unwrap();
         let mut store = LogStore::from_database(Arc::clone(&database)).unwrap();
-        store.bootstrap(&[1]).unwrap();
-        let entries: Vec<Entry> = (1..=10).map(|index| entry(index, 1)).collect();
+        store.bootstrap(&[1], Vec::new()).unwrap();
+        assert_eq!(store.first_index().unwrap(), 2);
+        let entries: Vec<Entry> = (2..=10).map(|index| entry(index, 1)).collect();
         store.persist(None, &entries, None).unwrap();
         let mut conf_state = ConfState::default();
         conf_state.voters = vec![1];
-        store
-            .compact_to_snapshot(6, conf_state, b"state".to_vec())
-            .unwrap();
+        store.compact_to_snapshot(6, conf_state, b"state".to_vec()).unwrap();
         let store = LogStore::from_database(database).unwrap();
         assert_eq!(store.first_index().unwrap(), 7);
         assert_eq!(store.last_index().unwrap(), 10);
