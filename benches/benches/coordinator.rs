@@ -27,6 +27,7 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use kiln_coordinator::spec::{JobSpec, parse_job_spec};
 use kiln_coordinator::state::{Command, StateMachine, encode};
 use kiln_coordinator::storage::LogStore;
+use raft::Storage as _;
 use raft::eraftpb::{Entry, HardState};
 
 const HELLO: &str = include_str!("../../examples/jobs/hello.toml");
@@ -123,8 +124,14 @@ fn fresh_store(directory: Option<&Path>, generation: u64) -> LogStore {
         None => LogStore::from_database(LogStore::in_memory_database().expect("in-memory database opens"))
             .expect("log store loads"),
     };
-    store.bootstrap(&[1]).expect("bootstrap writes");
+    let empty_state = StateMachine::default().to_snapshot().expect("empty state encodes");
+    store.bootstrap(&[1], empty_state).expect("bootstrap writes");
     store
+}
+
+/// The index the next appended entry must have, whatever `bootstrap` wrote first.
+fn next_index(store: &LogStore) -> u64 {
+    store.last_index().expect("last index is known") + 1
 }
 
 fn batch(payload: &[u8], first_index: u64, size: u64) -> (Vec<Entry>, HardState) {
@@ -158,9 +165,10 @@ fn bench_log_append(c: &mut Criterion) {
         for batch_size in [1u64, 64] {
             group.throughput(Throughput::Elements(batch_size));
             let mut generation = 0;
+            let store = fresh_store(directory, generation);
             let mut target = AppendTarget {
-                store: fresh_store(directory, generation),
-                next_index: 1,
+                next_index: next_index(&store),
+                store,
                 batches: 0,
             };
             group.bench_function(format!("batch_{batch_size}"), |b| {
@@ -170,9 +178,10 @@ fn bench_log_append(c: &mut Criterion) {
                         if target.batches == APPENDS_PER_STORE {
                             generation += 1;
                             // Replace the store first so the old file is closed before it is removed.
+                            let store = fresh_store(directory, generation);
                             target = AppendTarget {
-                                store: fresh_store(directory, generation),
-                                next_index: 1,
+                                next_index: next_index(&store),
+                                store,
                                 batches: 0,
                             };
                             if let Some(directory) = directory {

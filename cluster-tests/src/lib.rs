@@ -1,1 +1,244 @@
-//! placeholder
+//! A harness for tests that run real `kiln coordinator` processes on loopback: start a cluster on free
+//! ports, SIGKILL or restart members, grow it, and wait for conditions with deadlines.
+//!
+//! The tests themselves live beside the binary (`cli/tests/`), where Cargo hands them its path;
+//! they pass it to [`Cluster::new`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use kiln_coordinator::client::Client;
+use kiln_proto as pb;
+
+/// A port nobody listens on right now (the kernel picks it; released before use).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+pub struct Member {
+    pub id: u64,
+    pub api_addr: String,
+    pub raft_addr: String,
+    child: Option<Child>,
+    /// Founding members start with `--peers`; later ones with `--join`.
+    founding: bool,
+}
+
+pub struct Cluster {
+    binary: PathBuf,
+    directory: tempfile::TempDir,
+    pub members: BTreeMap<u64, Member>,
+    /// Extra flags for every coordinator (for example `--snapshot-interval 50`).
+    pub extra_args: Vec<String>,
+}
+
+impl Cluster {
+    /// Plans `founders` members (ids 1..=founders) without starting them.
+    pub fn new(binary: &Path, founders: u64, extra_args: &[&str]) -> Result<Cluster> {
+        let mut cluster = Cluster {
+            binary: binary.to_path_buf(),
+            directory: tempfile::tempdir()?,
+            members: BTreeMap::new(),
+            extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
+        };
+        for id in 1..=founders {
+            cluster.plan(id, true);
+        }
+        Ok(cluster)
+    }
+
+    /// Reserves addresses for a member; `founding: false` makes it start with `--join`.
+    pub fn plan(&mut self, id: u64, founding: bool) {
+        let member = Member {
+            id,
+            api_addr: format!("127.0.0.1:{}", free_port()),
+            raft_addr: format!("127.0.0.1:{}", free_port()),
+            child: None,
+            founding,
+        };
+        self.members.insert(id, member);
+    }
+
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.directory.path().join(format!("node-{id}"))
+    }
+
+    fn peers_flag(&self) -> String {
+        let founders: Vec<String> = self
+            .members
+            .values()
+            .filter(|member| member.founding)
+            .map(|member| format!("{}={}", member.id, member.raft_addr))
+            .collect();
+        founders.join(",")
+    }
+
+    pub fn start(&mut self, id: u64) -> Result<()> {
+        let peers = self.peers_flag();
+        let data_dir = self.data_dir(id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.directory.path().join(format!("node-{id}.log")))?;
+        let member = self.members.get_mut(&id).context("unknown member")?;
+        if member.child.is_some() {
+            bail!("member {id} is already running");
+        }
+        let mut command = Command::new(&self.binary);
+        command
+            .arg("coordinator")
+            .args([
+                "--id",
+                &id.to_string(),
+                "--listen",
+                &member.api_addr,
+                "--raft-listen",
+                &member.raft_addr,
+            ])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(&self.extra_args)
+            .env("KILN_LOG", "info,raft=info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if member.founding {
+            command.args(["--peers", &peers]);
+        } else {
+            command.arg("--join");
+        }
+        member.child = Some(
+            command
+                .spawn()
+                .with_context(|| format!("starting {}", self.binary.display()))?,
+        );
+        Ok(())
+    }
+
+    pub fn start_all(&mut self) -> Result<()> {
+        let ids: Vec<u64> = self.members.keys().copied().collect();
+        for id in ids {
+            self.start(id)?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL: no goodbye, no flush beyond what was already fsynced.
+    pub fn kill(&mut self, id: u64) -> Result<()> {
+        let member = self.members.get_mut(&id).context("unknown member")?;
+        if let Some(mut child) = member.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    pub fn kill_all(&mut self) -> Result<()> {
+        let ids: Vec<u64> = self.members.keys().copied().collect();
+        for id in ids {
+            self.kill(id)?;
+        }
+        Ok(())
+    }
+
+    pub fn is_running(&self, id: u64) -> bool {
+        self.members.get(&id).is_some_and(|member| member.child.is_some())
+    }
+
+    /// Client addresses of the running members, comma-separated.
+    pub fn addresses(&self) -> String {
+        let running: Vec<&str> = self
+            .members
+            .values()
+            .filter(|member| member.child.is_some())
+            .map(|member| member.api_addr.as_str())
+            .collect();
+        running.join(",")
+    }
+
+    pub fn client(&self) -> Result<Client> {
+        Ok(Client::new(&self.addresses())?)
+    }
+
+    pub fn client_of(&self, id: u64) -> Result<Client> {
+        let mut client = Client::new(&self.members[&id].api_addr)?;
+        client.retry_deadline = Duration::from_secs(2);
+        Ok(client)
+    }
+
+    /// Runs the `kiln` CLI against the running members.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        Ok(Command::new(&self.binary)
+            .args(args)
+            .env("KILN_COORDINATOR", self.addresses())
+            .output()?)
+    }
+
+    /// The status as member `id` sees it, if it answers.
+    pub async fn status_of(&self, id: u64) -> Option<pb::ClusterStatus> {
+        let mut client = self.client_of(id).ok()?;
+        client.retry_deadline = Duration::from_millis(300);
+        client.cluster_status().await.ok()
+    }
+
+    /// Waits until a running member reports a leader other than `not`; returns it.
+    pub async fn wait_for_leader(&self, not: Option<u64>, timeout: Duration) -> Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for (id, member) in &self.members {
+                if member.child.is_none() {
+                    continue;
+                }
+                if let Some(status) = self.status_of(*id).await
+                    && status.leader_id != 0
+                    && Some(status.leader_id) != not
+                    && self.is_running(status.leader_id)
+                {
+                    return Ok(status.leader_id);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no leader within {timeout:?}; logs in {}",
+                    self.directory.path().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until member `id` has applied everything the leader committed.
+    pub async fn wait_caught_up(&self, id: u64, timeout: Duration) -> Result<pb::ClusterStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let leader = self.wait_for_leader(None, timeout).await?;
+            if let (Some(leader_status), Some(status)) = (self.status_of(leader).await, self.status_of(id).await)
+                && status.applied_index >= leader_status.commit_index
+            {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("member {id} did not catch up within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.kill_all();
+        // A failing test keeps the members' data and logs for reading.
+        if std::thread::panicking()
+            && let Ok(empty) = tempfile::tempdir()
+        {
+            let kept = std::mem::replace(&mut self.directory, empty).keep();
+            eprintln!("cluster logs and data kept in {}", kept.display());
+        }
+    }
+}

@@ -256,7 +256,10 @@ impl Sim {
             }
         }
         let statuses: Vec<_> = self.nodes.values().flatten().map(Node::status).collect();
-        panic!("the cluster did not converge; waiting {:?}; {statuses:#?}", self.waiting);
+        panic!(
+            "the cluster did not converge; waiting {:?}; {statuses:#?}",
+            self.waiting
+        );
     }
 
     /// Every running node holds the same state, and every acknowledged job is in it exactly once.
