@@ -116,7 +116,7 @@ impl Client {
                 Err(status) => return Err(status),
             }
             attempts += 1;
-            if attempts % self.endpoints.len() == 0 {
+            if attempts.is_multiple_of(self.endpoints.len()) {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }

@@ -109,8 +109,8 @@ impl LogStore {
         };
         let table = transaction.open_table(ENTRIES).map_err(storage_error)?;
         let mut entries = VecDeque::new();
-        let mut expected = snapshot.get_metadata().index + 1;
-        for row in table.range(expected..).map_err(storage_error)? {
+        let first = snapshot.get_metadata().index + 1;
+        for (expected, row) in (first..).zip(table.range(first..).map_err(storage_error)?) {
             let (index, bytes) = row.map_err(storage_error)?;
             if index.value() != expected {
                 return Err(CoordinatorError::Storage(format!(
@@ -119,7 +119,6 @@ impl LogStore {
                 )));
             }
             entries.push_back(decode::<Entry>(bytes.value(), "log entry")?);
-            expected += 1;
         }
         Ok(LogStore {
             database,
@@ -149,16 +148,20 @@ impl LogStore {
     /// (and the state) by snapshot, never by replaying a log that does not contain the founders.
     pub fn bootstrap(&mut self, voters: &[u64], state: Vec<u8>) -> Result<(), CoordinatorError> {
         assert!(self.is_blank(), "bootstrap of a log that already holds state");
-        let mut conf_state = ConfState::default();
-        conf_state.voters = voters.to_vec();
+        let conf_state = ConfState {
+            voters: voters.to_vec(),
+            ..ConfState::default()
+        };
         let mut snapshot = Snapshot::default();
         snapshot.set_data(state.into());
         snapshot.mut_metadata().index = 1;
         snapshot.mut_metadata().term = 1;
         snapshot.mut_metadata().set_conf_state(conf_state.clone());
-        let mut hard_state = HardState::default();
-        hard_state.term = 1;
-        hard_state.commit = 1;
+        let hard_state = HardState {
+            term: 1,
+            commit: 1,
+            ..HardState::default()
+        };
         self.persist(Some(&snapshot), &[], Some(&hard_state))
     }
 
@@ -445,11 +448,12 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut entry = Entry::default();
-        entry.index = index;
-        entry.term = term;
-        entry.data = vec![index as u8; 3].into();
-        entry
+        Entry {
+            index,
+            term,
+            data: vec![index as u8; 3].into(),
+            ..Entry::default()
+        }
     }
 
     #[test]
@@ -460,9 +464,11 @@ mod tests {
             let mut store = LogStore::open(&path).unwrap();
             store.bootstrap(&[1, 2, 3], Vec::new()).unwrap();
             let entries: Vec<Entry> = (2..=5).map(|index| entry(index, 1)).collect();
-            let mut hard_state = HardState::default();
-            hard_state.term = 1;
-            hard_state.commit = 3;
+            let hard_state = HardState {
+                term: 1,
+                commit: 3,
+                ..HardState::default()
+            };
             store.persist(None, &entries, Some(&hard_state)).unwrap();
             // A new leader overwrites entries 4 and 5.
             store.persist(None, &[entry(4, 2)], None).unwrap();
@@ -483,8 +489,10 @@ mod tests {
         assert_eq!(store.first_index().unwrap(), 2);
         let entries: Vec<Entry> = (2..=10).map(|index| entry(index, 1)).collect();
         store.persist(None, &entries, None).unwrap();
-        let mut conf_state = ConfState::default();
-        conf_state.voters = vec![1];
+        let conf_state = ConfState {
+            voters: vec![1],
+            ..ConfState::default()
+        };
         store.compact_to_snapshot(6, conf_state, b"state".to_vec()).unwrap();
         let store = LogStore::from_database(database).unwrap();
         assert_eq!(store.first_index().unwrap(), 7);
