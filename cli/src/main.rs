@@ -340,7 +340,12 @@ async fn cluster(command: ClusterCommand, target: Target) -> Result<()> {
             return output::print_cluster_status(&status, json, true);
         }
         ClusterCommand::Members { json } => {
-            let status = client.cluster_status().await.map_err(output::status_error)?;
+            let members = client.members().await.map_err(output::status_error)?;
+            let status = pb::ClusterStatus {
+                leader_id: members.leader_id,
+                members: members.members,
+                ..Default::default()
+            };
             return output::print_cluster_status(&status, json, false);
         }
         ClusterCommand::Add {

@@ -259,3 +259,37 @@ fn demo_runs_end_to_end() {
     );
     assert!(text.contains("nothing lost"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_runs_a_single_node_cluster_that_survives_a_restart() {
+    let directory = tempfile::tempdir().unwrap();
+    let api = format!("127.0.0.1:{}", kiln_cluster_tests::free_port());
+    let raft = format!("127.0.0.1:{}", kiln_cluster_tests::free_port());
+    let data = directory.path().join("data");
+    let start = || {
+        std::process::Command::new(KILN)
+            .args(["up", "--listen", &api, "--raft-listen", &raft, "--data-dir"])
+            .arg(&data)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let hello = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs/hello.toml");
+    let cli = |args: &[&str]| {
+        std::process::Command::new(KILN)
+            .args(args)
+            .args(["--coordinator", &api])
+            .output()
+            .unwrap()
+    };
+    let mut up = start();
+    let id = stdout(&cli(&["submit", hello.to_str().unwrap()]));
+    up.kill().unwrap();
+    up.wait().unwrap();
+    let mut up = start();
+    let jobs = json(&cli(&["jobs", "list", "--json"]));
+    up.kill().unwrap();
+    up.wait().unwrap();
+    assert_eq!(jobs[0]["id"].to_string(), id.trim(), "{jobs:#}");
+}

@@ -194,6 +194,16 @@ impl Client {
         .await
     }
 
+    pub async fn members(&mut self) -> Result<pb::MembersResponse, Status> {
+        self.call(|channel| async move {
+            Ok(ClusterServiceClient::new(channel)
+                .members(pb::MembersRequest {})
+                .await?
+                .into_inner())
+        })
+        .await
+    }
+
     pub async fn add_member(&mut self, id: u64, raft_addr: &str, learner: bool) -> Result<pb::ClusterStatus, Status> {
         let request = pb::AddMemberRequest {
             id,

@@ -1024,6 +1024,17 @@ impl ClusterService for Shared {
         Ok(Response::new(self.cluster_status().await?))
     }
 
+    async fn members(
+        &self,
+        _request: GrpcRequest<pb::MembersRequest>,
+    ) -> Result<Response<pb::MembersResponse>, Status> {
+        let status = self.cluster_status().await?;
+        Ok(Response::new(pb::MembersResponse {
+            leader_id: status.leader_id,
+            members: status.members,
+        }))
+    }
+
     async fn add_member(
         &self,
         request: GrpcRequest<pb::AddMemberRequest>,
