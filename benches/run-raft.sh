@@ -46,9 +46,16 @@ die() {
 
 # Remembers a command line exactly as run, for the report.
 record() {
-  local line
-  printf -v line '%q ' "$@"
-  COMMANDS+=("${line% }")
+  local argument line="" quoted
+  for argument in "$@"; do
+    if [[ "$argument" =~ ^[A-Za-z0-9_./:=,@+-]+$ ]]; then
+      quoted="$argument"
+    else
+      printf -v quoted '%q' "$argument"
+    fi
+    line+="${line:+ }$quoted"
+  done
+  COMMANDS+=("$line")
 }
 
 # Stops the given processes (TERM, then KILL after STOP_TIMEOUT_S), by PID only, and reaps them.
@@ -377,10 +384,12 @@ for clients in levels:
     ]
     for name, row in (("kiln", k), ("etcd", e)):
         if row["errors"]:
-            notes.append(f"- {name} at {clients} clients: {row['errors']} requests failed.")
+            notes.append(
+                f"- {name} at {clients} client{'s' if clients != 1 else ''}: {row['errors']} requests failed."
+            )
         if row["requests"] + row["errors"] < int(env["REPORT_REQUESTS"]):
             notes.append(
-                f"- {name} at {clients} clients: stopped at the time limit after "
+                f"- {name} at {clients} client{'s' if clients != 1 else ''}: stopped at the time limit after "
                 f"{row['requests']} of {env['REPORT_REQUESTS']} requests."
             )
 
@@ -391,7 +400,8 @@ report = f"""# Raft suite: kiln against etcd
 - Machine: {env['REPORT_NPROC']} CPUs ({env['REPORT_CPU']}), {env['REPORT_MEMORY']} memory, Linux {env['REPORT_KERNEL']}; data directories on {env['REPORT_FILESYSTEM']}
 - kiln: {env['REPORT_KILN_VERSION']}, commit {env['REPORT_GIT']}, release build
 - etcd: {env['REPORT_ETCD_VERSION']} (Debian etcd-server), default settings
-- Load: {env['REPORT_REQUESTS']} requests per concurrency level after a warm-up of 10 per client, sent to the leader
+- Load: {env['REPORT_REQUESTS']} requests per concurrency level (a level stops after 30 s, `kiln bench`'s
+  `--max-seconds` default) after a warm-up of 10 per client, sent to the leader
   of a 3-node cluster on loopback; each request is one committed, fsynced write of {', '.join(map(str, value_bytes))} bytes
   (kiln: `SubmitJob` of `examples/jobs/hello.toml`; etcd: KV `Put` of the same bytes). The two clusters ran one
   after the other, never at the same time.
@@ -405,7 +415,9 @@ report = f"""# Raft suite: kiln against etcd
 
 ## Per concurrency
 
-{chr(10).join(details)}"""
+{chr(10).join(details).rstrip()}
+
+"""
 if notes:
     report += "## Notes\n\n" + "\n".join(notes) + "\n\n"
 report += f"""## Commands

@@ -55,6 +55,8 @@ fn submit(spec: &JobSpec, sequence: u64) -> Command {
 fn bench_spec(c: &mut Criterion) {
     let mut group = c.benchmark_group("spec");
     group.sample_size(20);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(3));
     group.throughput(Throughput::Elements(1));
     group.bench_function("parse_hello", |b| {
         b.iter(|| parse_job_spec(black_box("hello.toml"), black_box(HELLO)))
@@ -66,6 +68,8 @@ fn bench_apply(c: &mut Criterion) {
     let spec = hello_spec();
     let mut group = c.benchmark_group("state");
     group.sample_size(20);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(3));
     group.throughput(Throughput::Elements(SUBMITS_PER_ITERATION));
     group.bench_function("apply_submit", |b| {
         b.iter_batched(
@@ -98,6 +102,8 @@ fn bench_snapshot(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("snapshot");
     group.sample_size(20);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(3));
     group.throughput(Throughput::Bytes(bytes.len() as u64));
     group.bench_function("encode_10k_jobs", |b| {
         b.iter(|| black_box(&state).to_snapshot().expect("snapshot encodes"))

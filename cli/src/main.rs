@@ -32,11 +32,16 @@ struct Target {
     /// Coordinator addresses, comma-separated; the client fails over between them.
     #[arg(long, global = true, env = "KILN_COORDINATOR", default_value = "127.0.0.1:7070")]
     coordinator: String,
+    /// Give up after this many seconds of failing over and retrying.
+    #[arg(long, global = true, env = "KILN_TIMEOUT", default_value_t = 30)]
+    timeout: u64,
 }
 
 impl Target {
     fn client(&self) -> Result<Client> {
-        Ok(Client::new(&self.coordinator)?)
+        let mut client = Client::new(&self.coordinator)?;
+        client.retry_deadline = Duration::from_secs(self.timeout.max(1));
+        Ok(client)
     }
 }
 
@@ -102,6 +107,9 @@ struct CoordinatorArgs {
     /// Raft tick in milliseconds; elections start after 10 to 20 silent ticks.
     #[arg(long, default_value_t = 50)]
     tick_ms: u64,
+    /// Seconds a client request may take inside the cluster (forwarding and retries included).
+    #[arg(long, default_value_t = 10)]
+    request_timeout: u64,
 }
 
 #[derive(Args)]
@@ -242,6 +250,7 @@ async fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
     };
     config.node.snapshot_interval_entries = args.snapshot_interval.max(1);
     config.tick_interval = Duration::from_millis(args.tick_ms.max(1));
+    config.request_timeout = Duration::from_secs(args.request_timeout.max(1));
     let coordinator = Coordinator::start(config).await?;
     println!(
         "coordinator {} serving clients on {} and peers on {}",

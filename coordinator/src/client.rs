@@ -94,7 +94,14 @@ impl Client {
         loop {
             let index = (self.preferred + attempts) % self.endpoints.len();
             let (address, channel) = &self.endpoints[index];
-            match call(channel.clone()).await {
+            // No single attempt may outlive the whole call's deadline.
+            let remaining = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(100));
+            let outcome = tokio::time::timeout(remaining, call(channel.clone()))
+                .await
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded(format!("no answer from {address} in time"))));
+            match outcome {
                 Ok(value) => {
                     self.preferred = index;
                     return Ok(value);

@@ -14,7 +14,7 @@
 //! the time into the command. Reads run ReadIndex on the node that received them.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -56,6 +56,10 @@ const PEER_MESSAGE_BYTES_MAX: usize = 512 << 20;
 /// How long a learner may take to catch up before `cluster add` gives up on promoting it.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one batch of Raft messages may take to reach a peer before it is dropped (raft-rs resends).
+const BATCH_SEND_TIMEOUT: Duration = Duration::from_secs(2);
+/// The same for a batch that carries a snapshot.
+const SNAPSHOT_SEND_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
@@ -159,6 +163,8 @@ enum Event {
 /// Outbound Raft traffic: one task per peer, each with a bounded queue.
 struct Transport {
     self_id: NodeId,
+    /// The address peer connections leave from (see [`peer_client`]).
+    local_ip: Option<IpAddr>,
     self_addr: String,
     /// Every peer address known: from `--peers`, from applied membership changes, from incoming batches.
     book: BTreeMap<NodeId, String>,
@@ -202,6 +208,7 @@ impl Transport {
             if stale {
                 let (sender, receiver) = tokio::sync::mpsc::channel(PEER_QUEUE_CAPACITY);
                 let link = PeerLink {
+                    local_ip: self.local_ip,
                     to,
                     addr: addr.clone(),
                     from_id: self.self_id,
@@ -227,6 +234,7 @@ impl Transport {
 }
 
 struct PeerLink {
+    local_ip: Option<IpAddr>,
     to: NodeId,
     addr: String,
     from_id: NodeId,
@@ -236,7 +244,7 @@ struct PeerLink {
 
 impl PeerLink {
     async fn run(self, mut receiver: tokio::sync::mpsc::Receiver<Message>) {
-        let mut client = match peer_client(&self.addr) {
+        let mut client = match peer_client(&self.addr, self.local_ip) {
             Ok(client) => client,
             Err(error) => {
                 tracing::warn!(to = self.to, addr = %self.addr, %error, "cannot reach peer");
@@ -268,7 +276,17 @@ impl PeerLink {
                 from_raft_addr: self.from_addr.clone(),
                 messages: encoded,
             };
-            let delivered = match client.send(request).await {
+            // A peer that vanished without closing the connection must not hold up its queue: bound
+            // every batch, more generously when it carries a snapshot.
+            let limit = if carries_snapshot {
+                SNAPSHOT_SEND_TIMEOUT
+            } else {
+                BATCH_SEND_TIMEOUT
+            };
+            let outcome = tokio::time::timeout(limit, client.send(request))
+                .await
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded(format!("no answer within {limit:?}"))));
+            let delivered = match outcome {
                 Ok(_) => true,
                 Err(status) => {
                     tracing::debug!(to = self.to, addr = %self.addr, %status, "raft batch not delivered");
@@ -296,13 +314,18 @@ fn endpoint(addr: &str) -> Result<Endpoint, CoordinatorError> {
             endpoint
                 .connect_timeout(Duration::from_secs(1))
                 .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(10))
+                .http2_keep_alive_interval(Duration::from_secs(1))
+                .keep_alive_timeout(Duration::from_secs(3))
+                .keep_alive_while_idle(true)
         })
         .map_err(|error| CoordinatorError::InvalidArgument(format!("address '{addr}' is not valid: {error}")))
 }
 
-fn peer_client(addr: &str) -> Result<RaftPeerClient<Channel>, CoordinatorError> {
-    let channel = endpoint(addr)?.connect_lazy();
+/// A client for a peer's RaftPeer service. Connections leave from `local_ip` (this node's Raft listen
+/// address, when it is a specific one), so a member on 127.0.0.2 talks to its peers as 127.0.0.2: what
+/// multi-homed hosts expect, and what lets a test cut one member off with a firewall rule.
+fn peer_client(addr: &str, local_ip: Option<IpAddr>) -> Result<RaftPeerClient<Channel>, CoordinatorError> {
+    let channel = endpoint(addr)?.local_address(local_ip).connect_lazy();
     Ok(RaftPeerClient::new(channel)
         .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX))
@@ -423,6 +446,7 @@ pub enum WriteOutcome {
 #[derive(Clone)]
 struct Shared {
     node_id: NodeId,
+    local_ip: Option<IpAddr>,
     api_addr: String,
     raft_addr: String,
     events: SyncSender<Event>,
@@ -507,7 +531,7 @@ impl Shared {
         if let Some(client) = peers.get(addr) {
             return Ok(client.clone());
         }
-        let client = peer_client(addr)?;
+        let client = peer_client(addr, self.local_ip)?;
         peers.insert(addr.to_string(), client.clone());
         Ok(client)
     }
@@ -549,7 +573,10 @@ impl Shared {
             request: encode(request)?,
         });
         grpc_request.set_timeout(self.request_timeout);
-        match client.forward(grpc_request).await {
+        let outcome = tokio::time::timeout(self.request_timeout, client.forward(grpc_request))
+            .await
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("the leader did not answer in time")));
+        match outcome {
             Ok(response) => {
                 let outcome: Result<WriteOutcome, CoordinatorError> =
                     decode(&response.into_inner().reply, "a forwarded reply")?;
@@ -1131,6 +1158,12 @@ impl RaftPeer for Shared {
     }
 }
 
+/// Accepted connections with Nagle's algorithm off: small RPCs otherwise wait out the peer's delayed ACK
+/// (about 40 ms per round trip on Linux).
+fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// A running coordinator; dropping it does not stop it, [`Coordinator::shutdown`] does.
 pub struct Coordinator {
     pub node_id: NodeId,
@@ -1170,6 +1203,7 @@ impl Coordinator {
         let raft_addr = raft_listener
             .local_addr()
             .map_err(|error| CoordinatorError::Internal(error.to_string()))?;
+        let local_ip = Some(raft_addr.ip()).filter(|ip| !ip.is_unspecified());
         let raft_advertised = match config.peers.get(&id) {
             Some(addr) if !addr.ends_with(":0") => addr.clone(),
             _ => raft_addr.to_string(),
@@ -1194,6 +1228,7 @@ impl Coordinator {
         let transport = Transport {
             self_id: id,
             self_addr: raft_advertised.clone(),
+            local_ip,
             book: config
                 .peers
                 .iter()
@@ -1229,6 +1264,7 @@ impl Coordinator {
 
         let shared = Shared {
             node_id: id,
+            local_ip,
             api_addr: api_addr.to_string(),
             raft_addr: raft_advertised,
             events,
@@ -1247,10 +1283,7 @@ impl Coordinator {
             .add_service(health_service.clone())
             .add_service(JobServiceServer::new(shared.clone()))
             .add_service(ClusterServiceServer::new(shared.clone()))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(api_listener),
-                shutdown.clone().cancelled_owned(),
-            );
+            .serve_with_incoming_shutdown(incoming(api_listener), shutdown.clone().cancelled_owned());
         servers.spawn(api);
         let peer = tonic::transport::Server::builder()
             .add_service(health_service)
@@ -1259,10 +1292,7 @@ impl Coordinator {
                     .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
                     .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
             )
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(raft_listener),
-                shutdown.clone().cancelled_owned(),
-            );
+            .serve_with_incoming_shutdown(incoming(raft_listener), shutdown.clone().cancelled_owned());
         servers.spawn(peer);
         tracing::info!(node = id, %api_addr, %raft_addr, "coordinator started");
         Ok(Coordinator {
