@@ -229,6 +229,15 @@ async fn cli_refuses_bad_specs_and_manages_jobs() {
     );
 
     let id = submitted["id"].to_string();
+    // A watcher sees the job as it is now, then each change as it is applied.
+    let mut watch = cluster
+        .client()
+        .unwrap()
+        .watch_jobs(vec![submitted["id"].as_u64().unwrap()])
+        .await
+        .unwrap();
+    let first = watch.message().await.unwrap().unwrap().job.unwrap();
+    assert_eq!(first.state, kiln_proto::JobState::Queued as i32);
     let shown = json(&cluster.cli(&["jobs", "show", &id, "--json"]).unwrap());
     assert_eq!(
         (shown["name"].as_str(), shown["state"].as_str()),
@@ -236,6 +245,17 @@ async fn cli_refuses_bad_specs_and_manages_jobs() {
     );
     assert_eq!(shown["spec"]["resources"]["memory_bytes"], 64 << 20);
     assert!(stdout(&cluster.cli(&["jobs", "cancel", &id]).unwrap()).contains("cancelled"));
+    let change = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let changed = change.job.unwrap();
+    assert_eq!(
+        (changed.state, changed.message.as_str()),
+        (kiln_proto::JobState::Cancelled as i32, "cancelled by user")
+    );
+    assert!(change.index > 0, "events carry the log index that produced them");
     let listed = json(
         &cluster
             .cli(&["jobs", "list", "--json", "--state", "cancelled"])

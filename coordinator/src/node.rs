@@ -418,7 +418,7 @@ impl Node {
             messages.extend(ready.take_persisted_messages());
             let mut light = self.raw.advance(ready);
             if let Some(commit) = light.commit_index() {
-                self.raw.mut_store().set_commit(commit)?;
+                self.raw.mut_store().set_commit(commit);
             }
             messages.extend(light.take_messages());
             self.apply_entries(light.take_committed_entries())?;

@@ -107,6 +107,9 @@ impl LogStore {
             Some(bytes) => decode(&bytes, "snapshot")?,
             None => Snapshot::default(),
         };
+        let mut hard_state = hard_state;
+        // A snapshot holds only committed state, so the commit index is at least its index.
+        hard_state.commit = hard_state.commit.max(snapshot.get_metadata().index);
         let table = transaction.open_table(ENTRIES).map_err(storage_error)?;
         let mut entries = VecDeque::new();
         let first = snapshot.get_metadata().index + 1;
@@ -193,13 +196,30 @@ impl LogStore {
 
     /// Makes one Ready durable in one transaction: a snapshot from the leader, new entries (replacing
     /// any conflicting suffix), the hard state. Returns after the fsync.
+    ///
+    /// A Ready whose only change is a higher commit index is not written at all: the commit index is
+    /// never relied on from disk (a restarted member learns it again from the leader), and skipping it
+    /// keeps an fsync off the path between a write being committed and its client being answered. The
+    /// latest commit index rides along with the next durable write.
     pub fn persist(
         &mut self,
         snapshot: Option<&Snapshot>,
         entries: &[Entry],
         hard_state: Option<&HardState>,
     ) -> Result<(), CoordinatorError> {
-        if snapshot.is_none() && entries.is_empty() && hard_state.is_none() {
+        let mut next_hard_state = self.hard_state.clone();
+        if let Some(hard_state) = hard_state {
+            next_hard_state = hard_state.clone();
+        }
+        if let Some(snapshot) = snapshot {
+            let metadata = snapshot.get_metadata();
+            next_hard_state.commit = next_hard_state.commit.max(metadata.index);
+            next_hard_state.term = next_hard_state.term.max(metadata.term);
+        }
+        let vote_or_term_changed =
+            next_hard_state.term != self.hard_state.term || next_hard_state.vote != self.hard_state.vote;
+        if snapshot.is_none() && entries.is_empty() && !vote_or_term_changed {
+            self.hard_state.commit = self.hard_state.commit.max(next_hard_state.commit);
             return Ok(());
         }
         // Where the new entries start, as seen after the snapshot (if any) is installed.
@@ -218,6 +238,7 @@ impl LogStore {
         }
         let old_first = self.first();
         let old_last = self.last();
+        let hard_state_bytes = encode(&next_hard_state)?;
         self.write(|table, meta| {
             if let Some(snapshot) = snapshot {
                 let index = snapshot.get_metadata().index;
@@ -245,49 +266,28 @@ impl LogStore {
                         .map_err(storage_error)?;
                 }
             }
-            if let Some(hard_state) = hard_state {
-                meta.insert(HARD_STATE_KEY, encode(hard_state)?.as_slice())
-                    .map_err(storage_error)?;
-            }
+            meta.insert(HARD_STATE_KEY, hard_state_bytes.as_slice())
+                .map_err(storage_error)?;
             Ok(())
         })?;
         if let Some(snapshot) = snapshot {
             self.entries.clear();
             self.conf_state = snapshot.get_metadata().get_conf_state().clone();
             self.snapshot = snapshot.clone();
-            if self.hard_state.commit < snapshot.get_metadata().index {
-                self.hard_state.commit = snapshot.get_metadata().index;
-            }
-            if self.hard_state.term < snapshot.get_metadata().term {
-                self.hard_state.term = snapshot.get_metadata().term;
-            }
         }
         if let Some(first_new) = entries.first() {
             let keep = (first_new.index - self.first()) as usize;
             self.entries.truncate(keep);
             self.entries.extend(entries.iter().cloned());
         }
-        if let Some(hard_state) = hard_state {
-            self.hard_state = hard_state.clone();
-        }
+        self.hard_state = next_hard_state;
         Ok(())
     }
 
-    /// Records a higher commit index. Not fsynced: a commit index that goes back after a crash is
-    /// learned again from the leader, and raft-rs never relies on it being durable.
-    pub fn set_commit(&mut self, commit: u64) -> Result<(), CoordinatorError> {
-        if commit <= self.hard_state.commit {
-            return Ok(());
-        }
-        let mut hard_state = self.hard_state.clone();
-        hard_state.commit = commit;
-        let bytes = encode(&hard_state)?;
-        self.write_with(Durability::None, |_, meta| {
-            meta.insert(HARD_STATE_KEY, bytes.as_slice()).map_err(storage_error)?;
-            Ok(())
-        })?;
-        self.hard_state = hard_state;
-        Ok(())
+    /// Records a higher commit index in memory; it reaches the disk with the next durable write (see
+    /// [`LogStore::persist`]).
+    pub fn set_commit(&mut self, commit: u64) {
+        self.hard_state.commit = self.hard_state.commit.max(commit);
     }
 
     /// Records the configuration after a membership change was applied.
@@ -326,9 +326,13 @@ impl LogStore {
         metadata.term = term;
         metadata.set_conf_state(conf_state);
         let bytes = encode(&snapshot)?;
+        // The stored commit index must never be below the snapshot: a restart applies from the snapshot.
+        let hard_state_bytes = encode(&self.hard_state)?;
         let first = self.first();
         self.write(|table, meta| {
             meta.insert(SNAPSHOT_KEY, bytes.as_slice()).map_err(storage_error)?;
+            meta.insert(HARD_STATE_KEY, hard_state_bytes.as_slice())
+                .map_err(storage_error)?;
             table.retain_in(first..=index, |_, _| false).map_err(storage_error)?;
             Ok(())
         })?;
@@ -343,21 +347,14 @@ impl LogStore {
             .map_err(|error| CoordinatorError::Storage(format!("term of entry {index}: {error}")))
     }
 
+    /// One redb write transaction, committed with `Durability::Immediate`: fsynced when this returns.
     fn write(
         &self,
         body: impl FnOnce(&mut redb::Table<u64, &[u8]>, &mut redb::Table<&str, &[u8]>) -> Result<(), CoordinatorError>,
     ) -> Result<(), CoordinatorError> {
-        self.write_with(Durability::Immediate, body)
-    }
-
-    fn write_with(
-        &self,
-        durability: Durability,
-        body: impl FnOnce(&mut redb::Table<u64, &[u8]>, &mut redb::Table<&str, &[u8]>) -> Result<(), CoordinatorError>,
-    ) -> Result<(), CoordinatorError> {
         let mut transaction = self.database.begin_write().map_err(storage_error)?;
         transaction
-            .set_durability(durability)
+            .set_durability(Durability::Immediate)
             .map_err(|error| CoordinatorError::Storage(error.to_string()))?;
         {
             let mut table = transaction.open_table(ENTRIES).map_err(storage_error)?;
@@ -490,7 +487,7 @@ mod tests {
         let entries: Vec<Entry> = (2..=10).map(|index| entry(index, 1)).collect();
         store.persist(None, &entries, None).unwrap();
         let conf_state = ConfState {
-            voters: vec![1],
+            voters: vec![1, 2],
             ..ConfState::default()
         };
         store.compact_to_snapshot(6, conf_state, b"state".to_vec()).unwrap();
@@ -510,5 +507,34 @@ mod tests {
             4
         );
         assert_eq!(store.snapshot(0, 2).unwrap().get_data(), b"state");
+        // A member the snapshot's configuration does not know needs a newer one.
+        assert!(store.snapshot(0, 3).is_err());
+        assert!(store.take_snapshot_wanted());
+        assert!(!store.take_snapshot_wanted());
+    }
+
+    #[test]
+    fn a_commit_only_change_is_not_written_but_rides_along() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("raft.redb");
+        let mut store = LogStore::open(&path).unwrap();
+        store.bootstrap(&[1], Vec::new()).unwrap();
+        store.persist(None, &[entry(2, 1), entry(3, 1)], None).unwrap();
+        store.set_commit(3);
+        drop(store);
+        assert_eq!(
+            LogStore::open(&path).unwrap().hard_state().commit,
+            1,
+            "commit alone is not fsynced"
+        );
+        let mut store = LogStore::open(&path).unwrap();
+        store.set_commit(3);
+        store.persist(None, &[entry(4, 1)], None).unwrap();
+        drop(store);
+        assert_eq!(
+            LogStore::open(&path).unwrap().hard_state().commit,
+            3,
+            "it rides with the next write"
+        );
     }
 }
