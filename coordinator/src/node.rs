@@ -209,14 +209,7 @@ impl Node {
         self.raw.tick();
         self.ticks += 1;
         let now = self.ticks;
-        let expired: Vec<u64> = self
-            .proposals
-            .iter()
-            .filter(|(_, pending)| pending.deadline_tick <= now)
-            .map(|(index, _)| *index)
-            .collect();
-        for index in expired {
-            let pending = self.proposals.remove(&index).expect("expired proposal is present");
+        for (index, pending) in take_where(&mut self.proposals, |_, pending| pending.deadline_tick <= now) {
             self.reply(
                 pending.token,
                 Reply::Failed(CoordinatorError::Timeout(format!(
@@ -224,14 +217,7 @@ impl Node {
                 ))),
             );
         }
-        let expired: Vec<u64> = self
-            .reads
-            .iter()
-            .filter(|(_, pending)| pending.deadline_tick <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in expired {
-            let pending = self.reads.remove(&id).expect("expired read is present");
+        for (_, pending) in take_where(&mut self.reads, |_, pending| pending.deadline_tick <= now) {
             self.reply(
                 pending.token,
                 Reply::Failed(CoordinatorError::Unavailable(
@@ -434,9 +420,7 @@ impl Node {
         let index = snapshot.get_metadata().index;
         self.state = StateMachine::from_snapshot(snapshot.get_data())?;
         self.applied = index;
-        let stale: Vec<u64> = self.proposals.range(..=index).map(|(index, _)| *index).collect();
-        for stale_index in stale {
-            let pending = self.proposals.remove(&stale_index).expect("stale proposal is present");
+        for (_, pending) in take_where(&mut self.proposals, |proposal_index, _| proposal_index <= index) {
             self.reply(
                 pending.token,
                 Reply::Failed(CoordinatorError::Unavailable(
@@ -533,14 +517,9 @@ impl Node {
 
     fn serve_reads(&mut self) {
         let applied = self.applied;
-        let ready: Vec<u64> = self
-            .reads
-            .iter()
-            .filter(|(_, pending)| pending.index.is_some_and(|index| index <= applied))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ready {
-            let pending = self.reads.remove(&id).expect("ready read is present");
+        for (_, pending) in take_where(&mut self.reads, |_, pending| {
+            pending.index.is_some_and(|index| index <= applied)
+        }) {
             let result = self.state.query(&pending.query);
             self.reply(pending.token, Reply::Query(result));
         }
@@ -564,6 +543,18 @@ impl Node {
         );
         Ok(())
     }
+}
+
+/// Removes and returns the entries whose value matches, in key order.
+fn take_where<V>(map: &mut BTreeMap<u64, V>, matches: impl Fn(u64, &V) -> bool) -> Vec<(u64, V)> {
+    let keys: Vec<u64> = map
+        .iter()
+        .filter(|(key, value)| matches(**key, value))
+        .map(|(key, _)| *key)
+        .collect();
+    keys.into_iter()
+        .filter_map(|key| map.remove(&key).map(|value| (key, value)))
+        .collect()
 }
 
 /// A slog drain that forwards raft-rs's log lines to `tracing`.
