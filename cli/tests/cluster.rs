@@ -270,13 +270,31 @@ async fn cli_refuses_bad_specs_and_manages_jobs() {
 
 #[test]
 fn demo_runs_end_to_end() {
-    let output = std::process::Command::new(KILN).arg("demo").output().unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let directory = tempfile::tempdir().unwrap();
+    let out = directory.path().join("demo.out");
+    let mut demo = std::process::Command::new(KILN)
+        .arg("demo")
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = demo.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = demo.kill();
+            let _ = demo.wait();
+            panic!(
+                "the demo did not finish within 120 s:\n{}",
+                std::fs::read_to_string(&out).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(status.success(), "{text}");
     assert!(text.contains("nothing lost"), "{text}");
 }
 

@@ -56,9 +56,9 @@ const PEER_MESSAGE_BYTES_MAX: usize = 512 << 20;
 /// How long a learner may take to catch up before `cluster add` gives up on promoting it.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one batch of Raft messages may take to reach a peer before it is dropped (raft-rs resends).
-const BATCH_SEND_TIMEOUT: Duration = Duration::from_secs(2);
-/// The same for a batch that carries a snapshot.
+/// Batches queued on one peer stream; beyond this they are dropped (raft-rs resends).
+const STREAM_BUFFER_BATCHES: usize = 256;
+/// How long a batch that carries a snapshot may take to be acknowledged.
 const SNAPSHOT_SEND_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone)]
@@ -243,14 +243,37 @@ struct PeerLink {
 }
 
 impl PeerLink {
+    fn encode(&self, batch: &[Message]) -> pb::RaftBatch {
+        let mut encoded = Vec::with_capacity(batch.len());
+        for message in batch {
+            match message.write_to_bytes() {
+                Ok(bytes) => encoded.push(bytes),
+                Err(error) => tracing::error!(%error, "encoding a raft message"),
+            }
+        }
+        pb::RaftBatch {
+            from_id: self.from_id,
+            from_raft_addr: self.from_addr.clone(),
+            messages: encoded,
+        }
+    }
+
+    fn unreachable(&self, why: &dyn std::fmt::Display) {
+        tracing::debug!(to = self.to, addr = %self.addr, %why, "raft messages not delivered");
+        let _ = self.events.try_send(Event::Unreachable { to: self.to });
+    }
+
+    /// Sends batches over one long-lived stream (no per-batch round trip); a batch with a snapshot goes
+    /// as its own acknowledged call, so the leader learns whether the snapshot arrived.
     async fn run(self, mut receiver: tokio::sync::mpsc::Receiver<Message>) {
-        let mut client = match peer_client(&self.addr, self.local_ip) {
+        let client = match peer_client(&self.addr, self.local_ip) {
             Ok(client) => client,
             Err(error) => {
                 tracing::warn!(to = self.to, addr = %self.addr, %error, "cannot reach peer");
                 return;
             }
         };
+        let mut stream: Option<(tokio::sync::mpsc::Sender<pb::RaftBatch>, tokio::task::JoinHandle<()>)> = None;
         let mut batch = Vec::new();
         while let Some(first) = receiver.recv().await {
             batch.clear();
@@ -261,44 +284,46 @@ impl PeerLink {
                     Err(_) => break,
                 }
             }
-            let carries_snapshot = batch
+            let request = self.encode(&batch);
+            if batch
                 .iter()
-                .any(|message| message.get_msg_type() == MessageType::MsgSnapshot);
-            let mut encoded = Vec::with_capacity(batch.len());
-            for message in &batch {
-                match message.write_to_bytes() {
-                    Ok(bytes) => encoded.push(bytes),
-                    Err(error) => tracing::error!(%error, "encoding a raft message"),
+                .any(|message| message.get_msg_type() == MessageType::MsgSnapshot)
+            {
+                let mut client = client.clone();
+                let outcome = tokio::time::timeout(SNAPSHOT_SEND_TIMEOUT, client.send(request)).await;
+                let delivered = matches!(outcome, Ok(Ok(_)));
+                if !delivered {
+                    self.unreachable(&"the snapshot was not acknowledged");
                 }
-            }
-            let request = pb::RaftBatch {
-                from_id: self.from_id,
-                from_raft_addr: self.from_addr.clone(),
-                messages: encoded,
-            };
-            // A peer that vanished without closing the connection must not hold up its queue: bound
-            // every batch, more generously when it carries a snapshot.
-            let limit = if carries_snapshot {
-                SNAPSHOT_SEND_TIMEOUT
-            } else {
-                BATCH_SEND_TIMEOUT
-            };
-            let outcome = tokio::time::timeout(limit, client.send(request))
-                .await
-                .unwrap_or_else(|_| Err(Status::deadline_exceeded(format!("no answer within {limit:?}"))));
-            let delivered = match outcome {
-                Ok(_) => true,
-                Err(status) => {
-                    tracing::debug!(to = self.to, addr = %self.addr, %status, "raft batch not delivered");
-                    let _ = self.events.try_send(Event::Unreachable { to: self.to });
-                    // Do not spin on a dead peer: raft-rs resends after its next heartbeat anyway.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    false
-                }
-            };
-            if carries_snapshot {
                 let _ = self.events.try_send(Event::SnapshotSent { to: self.to, delivered });
+                continue;
             }
+            // A stream whose call ended (peer restarted, connection lost) is replaced; what was in flight
+            // on it is lost, and raft-rs sends it again.
+            if let Some((_, call)) = &stream
+                && call.is_finished()
+            {
+                self.unreachable(&"the stream to the peer ended");
+                stream = None;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let (sender, _) = stream.get_or_insert_with(|| {
+                let (sender, batches) = tokio::sync::mpsc::channel(STREAM_BUFFER_BATCHES);
+                let mut client = client.clone();
+                let call = tokio::spawn(async move {
+                    let _ = client
+                        .stream(tokio_stream::wrappers::ReceiverStream::new(batches))
+                        .await;
+                });
+                (sender, call)
+            });
+            if let Err(error) = sender.try_send(request) {
+                // Full: the peer is slow or gone. Dropping is safe; raft-rs resends.
+                self.unreachable(&error);
+            }
+        }
+        if let Some((_, call)) = stream {
+            call.abort();
         }
     }
 }
@@ -446,6 +471,8 @@ pub enum WriteOutcome {
 #[derive(Clone)]
 struct Shared {
     node_id: NodeId,
+    /// Long-lived streams (peer streams, watches) end when this is cancelled.
+    shutdown: CancellationToken,
     local_ip: Option<IpAddr>,
     api_addr: String,
     raft_addr: String,
@@ -905,6 +932,7 @@ impl JobService for Shared {
             return Err(Status::internal("unexpected result listing jobs"));
         };
         let (sender, receiver) = tokio::sync::mpsc::channel(64);
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             for job in current.iter().filter(|job| wanted(job)) {
                 let event = pb::JobEvent {
@@ -916,7 +944,11 @@ impl JobService for Shared {
                 }
             }
             loop {
-                match changes.recv().await {
+                let change = tokio::select! {
+                    change = changes.recv() => change,
+                    () = shutdown.cancelled() => return,
+                };
+                match change {
                     Ok((index, job)) if wanted(&job) => {
                         let event = pb::JobEvent {
                             job: Some(pb::Job::from(&job)),
@@ -1117,27 +1149,46 @@ pub fn validate_host_port(addr: &str) -> Result<(), CoordinatorError> {
     }
 }
 
+fn raft_event(batch: pb::RaftBatch) -> Result<Event, Status> {
+    let mut messages = Vec::with_capacity(batch.messages.len());
+    for bytes in &batch.messages {
+        let message = Message::parse_from_bytes(bytes)
+            .map_err(|error| Status::invalid_argument(format!("raft message does not decode: {error}")))?;
+        messages.push(message);
+    }
+    Ok(Event::Raft {
+        from_id: batch.from_id,
+        from_addr: batch.from_raft_addr,
+        messages,
+    })
+}
+
 #[tonic::async_trait]
 impl RaftPeer for Shared {
     async fn send(&self, request: GrpcRequest<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
-        let batch = request.into_inner();
-        let mut messages = Vec::with_capacity(batch.messages.len());
-        for bytes in &batch.messages {
-            let message = Message::parse_from_bytes(bytes)
-                .map_err(|error| Status::invalid_argument(format!("raft message does not decode: {error}")))?;
-            messages.push(message);
-        }
-        let event = Event::Raft {
-            from_id: batch.from_id,
-            from_addr: batch.from_raft_addr,
-            messages,
-        };
-        match self.events.try_send(event) {
+        match self.events.try_send(raft_event(request.into_inner())?) {
             Ok(()) => Ok(Response::new(pb::RaftAck {})),
             Err(_) => Err(Status::unavailable(
                 "the coordinator is overloaded; raft messages dropped",
             )),
         }
+    }
+
+    async fn stream(
+        &self,
+        request: GrpcRequest<tonic::Streaming<pb::RaftBatch>>,
+    ) -> Result<Response<pb::RaftAck>, Status> {
+        let mut batches = request.into_inner();
+        // Ends with the server, or a graceful shutdown would wait on peers' streams forever.
+        while let Some(batch) = tokio::select! {
+            batch = batches.message() => batch?,
+            () = self.shutdown.cancelled() => None,
+        } {
+            if self.events.try_send(raft_event(batch)?).is_err() {
+                tracing::debug!("the event queue is full; a batch of raft messages was dropped");
+            }
+        }
+        Ok(Response::new(pb::RaftAck {}))
     }
 
     async fn forward(&self, request: GrpcRequest<pb::ForwardRequest>) -> Result<Response<pb::ForwardResponse>, Status> {
@@ -1264,6 +1315,7 @@ impl Coordinator {
 
         let shared = Shared {
             node_id: id,
+            shutdown: shutdown.clone(),
             local_ip,
             api_addr: api_addr.to_string(),
             raft_addr: raft_advertised,
