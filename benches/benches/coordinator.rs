@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use kiln_coordinator::spec::{JobSpec, parse_job_spec};
 use kiln_coordinator::state::{Command, StateMachine, encode};
-use kiln_coordinator::storage::LogStore;
+use kiln_coordinator::storage::{Databases, LogStore};
 use raft::Storage as _;
 use raft::eraftpb::{Entry, HardState};
 
@@ -124,11 +124,11 @@ struct AppendTarget {
 fn fresh_store(directory: Option<&Path>, generation: u64) -> LogStore {
     let mut store = match directory {
         Some(directory) => {
-            let path = directory.join(format!("raft-{generation}.redb"));
-            LogStore::open(&path).expect("log store opens")
+            let path = directory.join(format!("raft-{generation}"));
+            std::fs::create_dir_all(&path).expect("store directory is created");
+            LogStore::open(Databases::open(&path).expect("databases open")).expect("log store opens")
         }
-        None => LogStore::from_database(LogStore::in_memory_database().expect("in-memory database opens"))
-            .expect("log store loads"),
+        None => LogStore::open(Databases::in_memory().expect("in-memory databases open")).expect("log store loads"),
     };
     let empty_state = StateMachine::default().to_snapshot().expect("empty state encodes");
     store.bootstrap(&[1], empty_state).expect("bootstrap writes");

@@ -13,7 +13,7 @@
 //!   │ 4. apply committed entries, answer proposers   │
 //!   │ 5. advance; record commit; apply the rest      │
 //!   │ 6. answer reads whose index is applied         │
-//!   │ 7. snapshot + compact every N applied entries  │
+//!   │ 7. every N applied entries: a snapshot task    │
 //!   └────────────────────────────────────────────────┘
 //!                               │
 //!                               ▼
@@ -31,6 +31,7 @@
 //! Left out: asynchronous log writes (raft-rs `advance_append_async`) and lease reads.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot};
@@ -38,7 +39,7 @@ use raft::{ReadOnlyOption, StateRole};
 
 use crate::error::CoordinatorError;
 use crate::state::{Command, CommandResult, Job, NodeId, Query, QueryResult, StateMachine, decode, encode};
-use crate::storage::LogStore;
+use crate::storage::{LogStore, save_snapshot_data};
 
 /// Identifies one waiting caller; chosen by whoever drives the node.
 pub type Token = u64;
@@ -87,6 +88,8 @@ pub struct Output {
     pub replies: Vec<(Token, Reply)>,
     /// Jobs changed by applied entries, with the index that changed them.
     pub events: Vec<(u64, Job)>,
+    /// A snapshot to take off the event loop: run it, then hand the result to [`Node::snapshot_saved`].
+    pub snapshot: Option<SnapshotTask>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +145,8 @@ pub struct Node {
     reads: BTreeMap<u64, PendingRead>,
     next_read_id: u64,
     output: Output,
+    /// A [`SnapshotTask`] is out with the driver; no second one until it comes back.
+    snapshot_in_flight: bool,
 }
 
 impl Node {
@@ -179,6 +184,7 @@ impl Node {
             reads: BTreeMap::new(),
             next_read_id: 0,
             output: Output::default(),
+            snapshot_in_flight: false,
         })
     }
 
@@ -411,7 +417,7 @@ impl Node {
             self.raw.advance_apply_to(self.applied);
             self.output.messages.extend(messages);
         }
-        self.maybe_snapshot()?;
+        self.maybe_snapshot();
         self.serve_reads();
         Ok(std::mem::take(&mut self.output))
     }
@@ -525,23 +531,88 @@ impl Node {
         }
     }
 
-    fn maybe_snapshot(&mut self) -> Result<(), CoordinatorError> {
+    /// Every `snapshot_interval_entries` applied entries (or when raft-rs needs a newer snapshot for a
+    /// member), hands the driver a copy of the state to encode and save off the event loop. The copy
+    /// is cheap: the state's maps share structure.
+    fn maybe_snapshot(&mut self) {
         let snapshot_index = self.raw.store().latest_snapshot().get_metadata().index;
         let wanted = self.raw.store().take_snapshot_wanted() && self.applied > snapshot_index;
-        if !wanted && self.applied < snapshot_index + self.config.snapshot_interval_entries {
-            return Ok(());
+        let due = self.applied >= snapshot_index + self.config.snapshot_interval_entries;
+        if self.snapshot_in_flight || !(wanted || due) {
+            return;
         }
-        let data = self.state.to_snapshot()?;
-        let conf_state = self.raw.store().conf_state().clone();
+        self.snapshot_in_flight = true;
+        self.output.snapshot = Some(SnapshotTask {
+            index: self.applied,
+            conf_state: self.raw.store().conf_state().clone(),
+            state: self.state.clone(),
+            snapshots: Arc::clone(&self.raw.store().databases().snapshots),
+        });
+    }
+
+    /// The driver finished a [`SnapshotTask`]: record it and compact the log behind it.
+    pub fn snapshot_saved(&mut self, outcome: Result<SavedSnapshot, CoordinatorError>) -> Result<(), CoordinatorError> {
+        self.snapshot_in_flight = false;
+        let saved = match outcome {
+            Ok(saved) => saved,
+            Err(error) => {
+                // The log just grows until the next try; nothing is lost.
+                tracing::error!(node = self.config.id, %error, "saving a snapshot failed");
+                return Ok(());
+            }
+        };
+        let index = saved.index;
+        let bytes = saved.data.len();
+        let started = std::time::Instant::now();
         self.raw
             .mut_store()
-            .compact_to_snapshot(self.applied, conf_state, data)?;
+            .record_snapshot(saved.index, saved.conf_state, saved.data)?;
+        let compaction_ms = started.elapsed().as_secs_f64() * 1e3;
         tracing::info!(
             node = self.config.id,
-            index = self.applied,
-            "snapshot taken, log compacted"
+            index,
+            bytes,
+            compaction_ms,
+            "snapshot saved, log compacted"
         );
         Ok(())
+    }
+}
+
+/// A copy of the state machine at `index`, to encode and make durable on another thread.
+pub struct SnapshotTask {
+    pub index: u64,
+    conf_state: ConfState,
+    state: StateMachine,
+    snapshots: Arc<redb::Database>,
+}
+
+/// A snapshot whose data is durable, ready for [`Node::snapshot_saved`].
+pub struct SavedSnapshot {
+    index: u64,
+    conf_state: ConfState,
+    data: Vec<u8>,
+}
+
+impl std::fmt::Debug for SnapshotTask {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("SnapshotTask")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SnapshotTask {
+    /// Encodes the state and writes it to the snapshot database (fsynced). Runs on any thread.
+    pub fn run(self) -> Result<SavedSnapshot, CoordinatorError> {
+        let data = self.state.to_snapshot()?;
+        save_snapshot_data(&self.snapshots, self.index, &data)?;
+        Ok(SavedSnapshot {
+            index: self.index,
+            conf_state: self.conf_state,
+            data,
+        })
     }
 }
 

@@ -35,13 +35,13 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request as GrpcRequest, Response, Status};
 
 use crate::error::CoordinatorError;
-use crate::node::{Node, NodeConfig, NodeStatus, Reply, Token, raft_logger};
+use crate::node::{Node, NodeConfig, NodeStatus, Reply, SavedSnapshot, SnapshotTask, Token, raft_logger};
 use crate::spec::parse_job_spec;
 use crate::state::{
     Command, CommandResult, IDEMPOTENCY_KEY_LENGTH_MAX, Job, JobId, JobState, NodeId, Query, QueryResult, Request,
     StateMachine, decode, encode,
 };
-use crate::storage::LogStore;
+use crate::storage::{Databases, LogStore};
 
 /// Events waiting for the loop; beyond this callers are told to retry.
 const EVENT_QUEUE_CAPACITY: usize = 8192;
@@ -154,6 +154,7 @@ enum Event {
     Unreachable {
         to: NodeId,
     },
+    SnapshotSaved(Result<SavedSnapshot, CoordinatorError>),
     SnapshotSent {
         to: NodeId,
         delivered: bool,
@@ -356,6 +357,23 @@ fn peer_client(addr: &str, local_ip: Option<IpAddr>) -> Result<RaftPeerClient<Ch
         .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX))
 }
 
+/// A thread that encodes and saves snapshots, so a large state never stalls the event loop. It ends
+/// when the loop drops its sender.
+fn spawn_snapshot_worker(events: SyncSender<Event>) -> Result<SyncSender<SnapshotTask>, CoordinatorError> {
+    let (sender, tasks) = std::sync::mpsc::sync_channel::<SnapshotTask>(1);
+    std::thread::Builder::new()
+        .name("kiln-snapshots".into())
+        .spawn(move || {
+            for task in tasks {
+                if events.send(Event::SnapshotSaved(task.run())).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(|error| CoordinatorError::Internal(format!("starting the snapshot thread: {error}")))?;
+    Ok(sender)
+}
+
 /// The event loop: owns the node, the disk and the transport.
 fn run_event_loop(
     mut node: Node,
@@ -367,6 +385,7 @@ fn run_event_loop(
 ) -> Result<(), CoordinatorError> {
     let mut waiting: HashMap<Token, oneshot::Sender<Reply>> = HashMap::new();
     let mut next_token: Token = 0;
+    let snapshots = spawn_snapshot_worker(transport.events.clone())?;
     let mut next_tick = Instant::now() + tick_interval;
     let mut handle = |event: Event, node: &mut Node, transport: &mut Transport, waiting: &mut HashMap<_, _>| {
         let mut wait = |reply: oneshot::Sender<Reply>| {
@@ -414,17 +433,19 @@ fn run_event_loop(
             }
             Event::Unreachable { to } => node.report_unreachable(to),
             Event::SnapshotSent { to, delivered } => node.report_snapshot(to, delivered),
+            Event::SnapshotSaved(outcome) => return node.snapshot_saved(outcome),
         }
+        Ok(())
     };
     while !shutdown.is_cancelled() {
         let timeout = next_tick.saturating_duration_since(Instant::now());
         match receiver.recv_timeout(timeout) {
             Ok(event) => {
-                handle(event, &mut node, &mut transport, &mut waiting);
+                handle(event, &mut node, &mut transport, &mut waiting)?;
                 // Take what else is queued so one Ready (one fsync) covers many requests.
                 for _ in 0..EVENT_QUEUE_CAPACITY {
                     match receiver.try_recv() {
-                        Ok(event) => handle(event, &mut node, &mut transport, &mut waiting),
+                        Ok(event) => handle(event, &mut node, &mut transport, &mut waiting)?,
                         Err(_) => break,
                     }
                 }
@@ -440,6 +461,10 @@ fn run_event_loop(
             }
         }
         let output = node.ready()?;
+        if let Some(task) = output.snapshot {
+            // The node sends at most one at a time, so this never waits.
+            let _ = snapshots.send(task);
+        }
         for (id, member) in node.state().members() {
             transport.learn(*id, &member.raft_addr);
         }
@@ -1261,7 +1286,7 @@ impl Coordinator {
         };
         config.peers.insert(id, raft_advertised.clone());
 
-        let mut store = LogStore::open(&config.data_dir.join("raft.redb"))?;
+        let mut store = LogStore::open(Databases::open(&config.data_dir)?)?;
         if store.is_blank() && !config.join {
             let voters: Vec<NodeId> = config.peers.keys().copied().collect();
             let mut founders = StateMachine::default();

@@ -172,10 +172,12 @@ pub enum QueryResult {
     Rejected(CoordinatorError),
 }
 
+/// The replicated state. Its maps are persistent (`imbl`): a clone shares structure and costs next to
+/// nothing, so a snapshot copy never stalls the event loop however many jobs there are.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateMachine {
-    jobs: BTreeMap<JobId, Job>,
-    idempotency_keys: BTreeMap<String, JobId>,
+    jobs: imbl::OrdMap<JobId, Job>,
+    idempotency_keys: imbl::OrdMap<String, JobId>,
     next_job_id: JobId,
     members: BTreeMap<NodeId, MemberRecord>,
 }

@@ -1,11 +1,16 @@
-//! The durable Raft log: raft-rs's [`Storage`] over a redb database.
+//! The durable Raft log: raft-rs's [`Storage`] over two redb databases.
 //!
 //! ```text
-//!   redb file  ── entries: u64 index → eraftpb::Entry (rust-protobuf bytes)
-//!              └─ meta:    "hard_state" | "conf_state" | "snapshot" → rust-protobuf bytes
-//!   memory     ── the same log tail, hard state, conf state and latest snapshot, so raft-rs reads
-//!                 never touch the disk
+//!   raft.redb       ── entries: u64 index → eraftpb::Entry (rust-protobuf bytes)
+//!                   └─ meta:    "hard_state" | "conf_state" | "snapshot" (metadata only)
+//!   snapshots.redb  ── snapshots: u64 index → state machine bytes (the newest two)
+//!   memory          ── the log tail, hard state, conf state and latest snapshot, so raft-rs reads
+//!                      never touch the disk
 //! ```
+//!
+//! Snapshots live in their own database so a background thread can write a large one (redb allows one
+//! writer per database) while the event loop keeps appending to the log. Snapshot data is durable
+//! before the log's metadata points at it.
 //!
 //! Invariants:
 //! - Every write is a redb transaction committed with `Durability::Immediate` (fsync) before the caller
@@ -28,7 +33,7 @@ use std::sync::Arc;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
-use redb::{Database, Durability, ReadableDatabase, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::error::CoordinatorError;
 
@@ -37,10 +42,71 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
 const HARD_STATE_KEY: &str = "hard_state";
 const CONF_STATE_KEY: &str = "conf_state";
 const SNAPSHOT_KEY: &str = "snapshot";
+/// Compacted entries deleted per write at most, so compaction never stalls the log.
+const COMPACTION_BATCH_ENTRIES: u64 = 512;
+
+const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
+
+/// The databases one member keeps. Cloning shares them (a test restarts a node by reopening a clone).
+#[derive(Clone)]
+pub struct Databases {
+    /// Small and hot: written, and fsynced, on every Ready.
+    pub log: Arc<Database>,
+    /// Large and rare: state machine snapshots.
+    pub snapshots: Arc<Database>,
+}
+
+impl Databases {
+    /// Opens (or creates) `raft.redb` and `snapshots.redb` in `directory`.
+    pub fn open(directory: &Path) -> Result<Databases, CoordinatorError> {
+        let open = |name: &str| {
+            let path = directory.join(name);
+            Database::create(&path)
+                .map(Arc::new)
+                .map_err(|error| CoordinatorError::Storage(format!("opening {}: {error}", path.display())))
+        };
+        Ok(Databases {
+            log: open("raft.redb")?,
+            snapshots: open("snapshots.redb")?,
+        })
+    }
+
+    /// Databases kept in memory only, for tests.
+    pub fn in_memory() -> Result<Databases, CoordinatorError> {
+        let create = || {
+            Database::builder()
+                .create_with_backend(redb::backends::InMemoryBackend::new())
+                .map(Arc::new)
+                .map_err(storage_error)
+        };
+        Ok(Databases {
+            log: create()?,
+            snapshots: create()?,
+        })
+    }
+}
+
+/// Writes a snapshot's data, durably, and drops all but the newest earlier one (the log's metadata may
+/// still point at it until the caller records this one). Runs on any thread.
+pub fn save_snapshot_data(snapshots: &Database, index: u64, data: &[u8]) -> Result<(), CoordinatorError> {
+    let mut transaction = snapshots.begin_write().map_err(storage_error)?;
+    transaction
+        .set_durability(Durability::Immediate)
+        .map_err(|error| CoordinatorError::Storage(error.to_string()))?;
+    {
+        let mut table = transaction.open_table(SNAPSHOTS).map_err(storage_error)?;
+        let newest = table.last().map_err(storage_error)?.map(|(key, _)| key.value());
+        if let Some(newest) = newest {
+            table.retain_in(..newest, |_, _| false).map_err(storage_error)?;
+        }
+        table.insert(index, data).map_err(storage_error)?;
+    }
+    transaction.commit().map_err(storage_error)
+}
 
 /// The Raft log, hard state, conf state and latest snapshot, durable in redb and mirrored in memory.
 pub struct LogStore {
-    database: Arc<Database>,
+    databases: Databases,
     hard_state: HardState,
     conf_state: ConfState,
     /// The latest snapshot, data included: sent as is to followers that fell behind the compacted log.
@@ -50,6 +116,9 @@ pub struct LogStore {
     /// Set when raft-rs asked for a snapshot the stored one cannot serve (too old, or taken before the
     /// receiver joined); the node takes a fresh one after its next apply.
     snapshot_wanted: Cell<bool>,
+    /// The lowest index that may still be on disk below the snapshot; such entries are deleted a batch
+    /// per write.
+    stale_from: u64,
 }
 
 fn encode<M: protobuf::Message>(message: &M) -> Result<Vec<u8>, CoordinatorError> {
@@ -63,31 +132,24 @@ fn decode<M: protobuf::Message>(bytes: &[u8], what: &str) -> Result<M, Coordinat
         .map_err(|error| CoordinatorError::Storage(format!("the stored {what} is corrupt: {error}")))
 }
 
+/// The snapshot as the log's metadata records it: everything but the data.
+fn metadata_only(snapshot: &Snapshot) -> Snapshot {
+    let mut recorded = Snapshot::default();
+    recorded.set_metadata(snapshot.get_metadata().clone());
+    recorded
+}
+
 impl LogStore {
-    /// Opens (or creates) the log at `path`.
-    pub fn open(path: &Path) -> Result<LogStore, CoordinatorError> {
-        let database = Database::create(path)
-            .map_err(|error| CoordinatorError::Storage(format!("opening the raft log {}: {error}", path.display())))?;
-        LogStore::from_database(Arc::new(database))
-    }
-
-    /// A log kept in memory only; for tests that restart nodes by reopening the same database.
-    pub fn in_memory_database() -> Result<Arc<Database>, CoordinatorError> {
-        let database = Database::builder()
-            .create_with_backend(redb::backends::InMemoryBackend::new())
-            .map_err(storage_error)?;
-        Ok(Arc::new(database))
-    }
-
-    /// Loads the log from an open database, as after a restart.
-    pub fn from_database(database: Arc<Database>) -> Result<LogStore, CoordinatorError> {
-        {
+    /// Loads the log, as after a restart (or creates an empty one).
+    pub fn open(databases: Databases) -> Result<LogStore, CoordinatorError> {
+        for database in [&databases.log, &databases.snapshots] {
             let transaction = database.begin_write().map_err(storage_error)?;
             transaction.open_table(ENTRIES).map_err(storage_error)?;
             transaction.open_table(META).map_err(storage_error)?;
+            transaction.open_table(SNAPSHOTS).map_err(storage_error)?;
             transaction.commit().map_err(storage_error)?;
         }
-        let transaction = database.begin_read().map_err(storage_error)?;
+        let transaction = databases.log.begin_read().map_err(storage_error)?;
         let meta = transaction.open_table(META).map_err(storage_error)?;
         let read_meta = |key: &str| -> Result<Option<Vec<u8>>, CoordinatorError> {
             Ok(meta
@@ -95,7 +157,7 @@ impl LogStore {
                 .map_err(storage_error)?
                 .map(|value| value.value().to_vec()))
         };
-        let hard_state = match read_meta(HARD_STATE_KEY)? {
+        let mut hard_state = match read_meta(HARD_STATE_KEY)? {
             Some(bytes) => decode(&bytes, "hard state")?,
             None => HardState::default(),
         };
@@ -103,16 +165,26 @@ impl LogStore {
             Some(bytes) => decode(&bytes, "conf state")?,
             None => ConfState::default(),
         };
-        let snapshot = match read_meta(SNAPSHOT_KEY)? {
-            Some(bytes) => decode(&bytes, "snapshot")?,
+        let mut snapshot = match read_meta(SNAPSHOT_KEY)? {
+            Some(bytes) => decode::<Snapshot>(&bytes, "snapshot")?,
             None => Snapshot::default(),
         };
-        let mut hard_state = hard_state;
+        let snapshot_index = snapshot.get_metadata().index;
+        if snapshot_index > 0 {
+            let snapshots = databases.snapshots.begin_read().map_err(storage_error)?;
+            let table = snapshots.open_table(SNAPSHOTS).map_err(storage_error)?;
+            let data = table.get(snapshot_index).map_err(storage_error)?.ok_or_else(|| {
+                CoordinatorError::Storage(format!(
+                    "the log points at snapshot {snapshot_index}, which is missing from snapshots.redb"
+                ))
+            })?;
+            snapshot.set_data(data.value().to_vec().into());
+        }
         // A snapshot holds only committed state, so the commit index is at least its index.
-        hard_state.commit = hard_state.commit.max(snapshot.get_metadata().index);
+        hard_state.commit = hard_state.commit.max(snapshot_index);
         let table = transaction.open_table(ENTRIES).map_err(storage_error)?;
         let mut entries = VecDeque::new();
-        let first = snapshot.get_metadata().index + 1;
+        let first = snapshot_index + 1;
         for (expected, row) in (first..).zip(table.range(first..).map_err(storage_error)?) {
             let (index, bytes) = row.map_err(storage_error)?;
             if index.value() != expected {
@@ -123,19 +195,25 @@ impl LogStore {
             }
             entries.push_back(decode::<Entry>(bytes.value(), "log entry")?);
         }
+        let stale_from = table
+            .first()
+            .map_err(storage_error)?
+            .map_or(first, |(index, _)| index.value())
+            .min(first);
         Ok(LogStore {
-            database,
+            databases,
             hard_state,
             conf_state,
             snapshot,
             entries,
             snapshot_wanted: Cell::new(false),
+            stale_from,
         })
     }
 
-    /// The database, so a test can "restart" a node by loading it again.
-    pub fn database(&self) -> Arc<Database> {
-        Arc::clone(&self.database)
+    /// The databases, for the thread that saves snapshots and for tests that restart a node.
+    pub fn databases(&self) -> &Databases {
+        &self.databases
     }
 
     /// True when nothing was ever stored: a brand-new member.
@@ -239,13 +317,20 @@ impl LogStore {
         let old_first = self.first();
         let old_last = self.last();
         let hard_state_bytes = encode(&next_hard_state)?;
+        if let Some(snapshot) = snapshot {
+            save_snapshot_data(
+                &self.databases.snapshots,
+                snapshot.get_metadata().index,
+                snapshot.get_data(),
+            )?;
+        }
         self.write(|table, meta| {
             if let Some(snapshot) = snapshot {
                 let index = snapshot.get_metadata().index;
                 table
                     .retain_in(old_first..=old_last.max(index), |_, _| false)
                     .map_err(storage_error)?;
-                meta.insert(SNAPSHOT_KEY, encode(snapshot)?.as_slice())
+                meta.insert(SNAPSHOT_KEY, encode(&metadata_only(snapshot))?.as_slice())
                     .map_err(storage_error)?;
                 meta.insert(
                     CONF_STATE_KEY,
@@ -301,9 +386,10 @@ impl LogStore {
         Ok(())
     }
 
-    /// Stores a snapshot of the state machine taken at `index` (already applied) and drops the log
-    /// entries it covers.
-    pub fn compact_to_snapshot(
+    /// Records a snapshot of the state machine taken at `index` (already applied), whose data
+    /// [`save_snapshot_data`] already made durable, and drops the log entries it covers. A snapshot no
+    /// newer than the current one (a leader's arrived meanwhile) is ignored.
+    pub fn record_snapshot(
         &mut self,
         index: u64,
         conf_state: ConfState,
@@ -320,7 +406,6 @@ impl LogStore {
         }
         let term = self.term_of(index)?;
         let mut snapshot = Snapshot::default();
-        snapshot.set_data(data.into());
         let metadata = snapshot.mut_metadata();
         metadata.index = index;
         metadata.term = term;
@@ -329,15 +414,17 @@ impl LogStore {
         // The stored commit index must never be below the snapshot: a restart applies from the snapshot.
         let hard_state_bytes = encode(&self.hard_state)?;
         let first = self.first();
-        self.write(|table, meta| {
+        // The covered entries are left for later writes to delete a batch at a time (see `write`):
+        // deleting thousands here would stall the event loop.
+        self.write(|_, meta| {
             meta.insert(SNAPSHOT_KEY, bytes.as_slice()).map_err(storage_error)?;
             meta.insert(HARD_STATE_KEY, hard_state_bytes.as_slice())
                 .map_err(storage_error)?;
-            table.retain_in(first..=index, |_, _| false).map_err(storage_error)?;
             Ok(())
         })?;
         let drop = (index + 1 - first) as usize;
         self.entries.drain(..drop);
+        snapshot.set_data(data.into());
         self.snapshot = snapshot;
         Ok(())
     }
@@ -348,11 +435,14 @@ impl LogStore {
     }
 
     /// One redb write transaction, committed with `Durability::Immediate`: fsynced when this returns.
+    /// It also deletes up to [`COMPACTION_BATCH_ENTRIES`] entries a snapshot already covers.
     fn write(
-        &self,
+        &mut self,
         body: impl FnOnce(&mut redb::Table<u64, &[u8]>, &mut redb::Table<&str, &[u8]>) -> Result<(), CoordinatorError>,
     ) -> Result<(), CoordinatorError> {
-        let mut transaction = self.database.begin_write().map_err(storage_error)?;
+        // Entries below the snapshot are covered by it and may go.
+        let stale_end = self.first().min(self.stale_from + COMPACTION_BATCH_ENTRIES);
+        let mut transaction = self.databases.log.begin_write().map_err(storage_error)?;
         transaction
             .set_durability(Durability::Immediate)
             .map_err(|error| CoordinatorError::Storage(error.to_string()))?;
@@ -360,8 +450,15 @@ impl LogStore {
             let mut table = transaction.open_table(ENTRIES).map_err(storage_error)?;
             let mut meta = transaction.open_table(META).map_err(storage_error)?;
             body(&mut table, &mut meta)?;
+            if stale_end > self.stale_from {
+                table
+                    .retain_in(self.stale_from..stale_end, |_, _| false)
+                    .map_err(storage_error)?;
+            }
         }
-        transaction.commit().map_err(storage_error)
+        transaction.commit().map_err(storage_error)?;
+        self.stale_from = self.stale_from.max(stale_end);
+        Ok(())
     }
 }
 
@@ -456,9 +553,9 @@ mod tests {
     #[test]
     fn survives_reopen_and_truncates_conflicts() {
         let directory = tempfile::tempdir().unwrap();
-        let path = directory.path().join("raft.redb");
+        let path = directory.path();
         {
-            let mut store = LogStore::open(&path).unwrap();
+            let mut store = LogStore::open(Databases::open(path).unwrap()).unwrap();
             store.bootstrap(&[1, 2, 3], Vec::new()).unwrap();
             let entries: Vec<Entry> = (2..=5).map(|index| entry(index, 1)).collect();
             let hard_state = HardState {
@@ -471,7 +568,7 @@ mod tests {
             store.persist(None, &[entry(4, 2)], None).unwrap();
             assert_eq!(store.last_index().unwrap(), 4);
         }
-        let store = LogStore::open(&path).unwrap();
+        let store = LogStore::open(Databases::open(path).unwrap()).unwrap();
         assert_eq!(store.last_index().unwrap(), 4);
         assert_eq!(store.term(4).unwrap(), 2);
         assert_eq!(store.hard_state().commit, 3);
@@ -480,8 +577,8 @@ mod tests {
 
     #[test]
     fn compaction_keeps_the_snapshot_and_the_tail() {
-        let database = LogStore::in_memory_database().unwrap();
-        let mut store = LogStore::from_database(Arc::clone(&database)).unwrap();
+        let databases = Databases::in_memory().unwrap();
+        let mut store = LogStore::open(databases.clone()).unwrap();
         store.bootstrap(&[1], Vec::new()).unwrap();
         assert_eq!(store.first_index().unwrap(), 2);
         let entries: Vec<Entry> = (2..=10).map(|index| entry(index, 1)).collect();
@@ -490,8 +587,9 @@ mod tests {
             voters: vec![1, 2],
             ..ConfState::default()
         };
-        store.compact_to_snapshot(6, conf_state, b"state".to_vec()).unwrap();
-        let store = LogStore::from_database(database).unwrap();
+        save_snapshot_data(&databases.snapshots, 6, b"state").unwrap();
+        store.record_snapshot(6, conf_state, b"state".to_vec()).unwrap();
+        let store = LogStore::open(databases).unwrap();
         assert_eq!(store.first_index().unwrap(), 7);
         assert_eq!(store.last_index().unwrap(), 10);
         assert_eq!(store.term(6).unwrap(), 1);
@@ -507,6 +605,20 @@ mod tests {
             4
         );
         assert_eq!(store.snapshot(0, 2).unwrap().get_data(), b"state");
+        // The covered entries leave the disk with the next write, not in the snapshot's own.
+        let on_disk = |databases: &Databases| {
+            let transaction = databases.log.begin_read().unwrap();
+            let table = transaction.open_table(ENTRIES).unwrap();
+            table
+                .range(0..)
+                .unwrap()
+                .map(|row| row.unwrap().0.value())
+                .collect::<Vec<u64>>()
+        };
+        assert_eq!(on_disk(store.databases()).first(), Some(&2));
+        let mut store = store;
+        store.persist(None, &[entry(11, 1)], None).unwrap();
+        assert_eq!(on_disk(store.databases()), (7..=11).collect::<Vec<u64>>());
         // A member the snapshot's configuration does not know needs a newer one.
         assert!(store.snapshot(0, 3).is_err());
         assert!(store.take_snapshot_wanted());
@@ -516,23 +628,29 @@ mod tests {
     #[test]
     fn a_commit_only_change_is_not_written_but_rides_along() {
         let directory = tempfile::tempdir().unwrap();
-        let path = directory.path().join("raft.redb");
-        let mut store = LogStore::open(&path).unwrap();
+        let path = directory.path();
+        let mut store = LogStore::open(Databases::open(path).unwrap()).unwrap();
         store.bootstrap(&[1], Vec::new()).unwrap();
         store.persist(None, &[entry(2, 1), entry(3, 1)], None).unwrap();
         store.set_commit(3);
         drop(store);
         assert_eq!(
-            LogStore::open(&path).unwrap().hard_state().commit,
+            LogStore::open(Databases::open(path).unwrap())
+                .unwrap()
+                .hard_state()
+                .commit,
             1,
             "commit alone is not fsynced"
         );
-        let mut store = LogStore::open(&path).unwrap();
+        let mut store = LogStore::open(Databases::open(path).unwrap()).unwrap();
         store.set_commit(3);
         store.persist(None, &[entry(4, 1)], None).unwrap();
         drop(store);
         assert_eq!(
-            LogStore::open(&path).unwrap().hard_state().commit,
+            LogStore::open(Databases::open(path).unwrap())
+                .unwrap()
+                .hard_state()
+                .commit,
             3,
             "it rides with the next write"
         );

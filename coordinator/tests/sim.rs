@@ -4,12 +4,11 @@
 //! Set `KILN_SIM_SEED=N` to replay one seed; a failure prints the seed it ran with.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
-use kiln_coordinator::node::{Node, NodeConfig, Reply, Token, raft_logger};
+use kiln_coordinator::node::{Node, NodeConfig, Reply, SnapshotTask, Token, raft_logger};
 use kiln_coordinator::spec::parse_job_spec;
 use kiln_coordinator::state::{Command, CommandResult, Query, QueryResult};
-use kiln_coordinator::storage::LogStore;
+use kiln_coordinator::storage::{Databases, LogStore};
 use raft::eraftpb::{ConfChangeType, Message, MessageType};
 
 /// A small deterministic generator (xorshift64*), so the test needs no RNG crate and replays exactly.
@@ -41,7 +40,10 @@ struct Faults {
 struct Sim {
     rng: Rng,
     nodes: BTreeMap<u64, Option<Node>>,
-    databases: BTreeMap<u64, Arc<redb::Database>>,
+    databases: BTreeMap<u64, Databases>,
+    /// Snapshot tasks the nodes handed out, finished a few rounds later as a background thread would.
+    snapshot_tasks: Vec<(u64, usize, SnapshotTask)>,
+    round_number: usize,
     config: NodeConfig,
     network: Vec<Message>,
     /// Pairs (from, to) whose messages are lost.
@@ -73,6 +75,8 @@ impl Sim {
             rng: Rng(seed.max(1)),
             nodes: BTreeMap::new(),
             databases: BTreeMap::new(),
+            snapshot_tasks: Vec::new(),
+            round_number: 0,
             config,
             network: Vec::new(),
             cut: BTreeSet::new(),
@@ -83,10 +87,10 @@ impl Sim {
             replies: BTreeMap::new(),
         };
         for &id in voters {
-            let database = LogStore::in_memory_database().unwrap();
-            let mut store = LogStore::from_database(Arc::clone(&database)).unwrap();
+            let databases = Databases::in_memory().unwrap();
+            let mut store = LogStore::open(databases.clone()).unwrap();
             store.bootstrap(voters, Vec::new()).unwrap();
-            sim.databases.insert(id, database);
+            sim.databases.insert(id, databases);
             sim.nodes.insert(id, Some(sim.start(id, store)));
         }
         sim
@@ -100,9 +104,9 @@ impl Sim {
 
     /// A node that joins later: empty log, waits to be added.
     fn add_blank(&mut self, id: u64) {
-        let database = LogStore::in_memory_database().unwrap();
-        let store = LogStore::from_database(Arc::clone(&database)).unwrap();
-        self.databases.insert(id, database);
+        let databases = Databases::in_memory().unwrap();
+        let store = LogStore::open(databases.clone()).unwrap();
+        self.databases.insert(id, databases);
         let node = self.start(id, store);
         self.nodes.insert(id, Some(node));
     }
@@ -110,12 +114,14 @@ impl Sim {
     fn crash(&mut self, id: u64) {
         self.nodes.insert(id, None);
         self.network.retain(|message| message.to != id);
+        // A crash takes the snapshot thread with it; the restarted node starts a new one when due.
+        self.snapshot_tasks.retain(|(node, _, _)| *node != id);
         // Its callers lose their connection: no answer will come.
         self.waiting.retain(|_, (_, asked)| *asked != id);
     }
 
     fn restart(&mut self, id: u64) {
-        let store = LogStore::from_database(Arc::clone(&self.databases[&id])).unwrap();
+        let store = LogStore::open(self.databases[&id].clone()).unwrap();
         let node = self.start(id, store);
         self.nodes.insert(id, Some(node));
     }
@@ -166,7 +172,18 @@ impl Sim {
 
     /// One round: every running node ticks, the network delivers (with faults), every node runs Ready.
     fn round(&mut self) {
+        self.round_number += 1;
         let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        let now = self.round_number;
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.snapshot_tasks)
+            .into_iter()
+            .partition(|(_, due, _)| *due <= now);
+        self.snapshot_tasks = waiting;
+        for (id, _, task) in done {
+            if let Some(node) = self.nodes.get_mut(&id).and_then(Option::as_mut) {
+                node.snapshot_saved(task.run()).unwrap();
+            }
+        }
         for id in &ids {
             if let Some(node) = self.nodes.get_mut(id).and_then(Option::as_mut) {
                 node.tick();
@@ -207,6 +224,10 @@ impl Sim {
             };
             let output = node.ready().unwrap();
             self.network.extend(output.messages);
+            if let Some(task) = output.snapshot {
+                let due = self.round_number + self.rng.below(4) as usize;
+                self.snapshot_tasks.push((*id, due, task));
+            }
             for (token, reply) in output.replies {
                 match (self.waiting.remove(&token), reply) {
                     (Some((key, _)), Reply::Command(CommandResult::Submitted { job, .. })) => {
