@@ -191,8 +191,8 @@ fn bench_log_append(c: &mut Criterion) {
                                 batches: 0,
                             };
                             if let Some(directory) = directory {
-                                let old = directory.join(format!("raft-{}.redb", generation - 1));
-                                std::fs::remove_file(old).expect("old log file removed");
+                                let old = directory.join(format!("raft-{}", generation - 1));
+                                std::fs::remove_dir_all(old).expect("old log directory removed");
                             }
                         }
                         let (entries, hard_state) = batch(&payload, target.next_index, batch_size);

@@ -101,8 +101,8 @@ struct CoordinatorArgs {
     /// Start empty and wait for `kiln cluster add ID=HOST:PORT` on a running cluster.
     #[arg(long)]
     join: bool,
-    /// Snapshot the state and compact the Raft log every this many entries.
-    #[arg(long, default_value_t = 10_000)]
+    /// Snapshot the state and compact the Raft log every this many entries (etcd's default count).
+    #[arg(long, default_value_t = 100_000)]
     snapshot_interval: u64,
     /// Raft tick in milliseconds; elections start after 10 to 20 silent ticks.
     #[arg(long, default_value_t = 50)]

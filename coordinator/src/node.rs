@@ -62,7 +62,7 @@ impl NodeConfig {
             id,
             election_ticks: 10,
             heartbeat_ticks: 2,
-            snapshot_interval_entries: 10_000,
+            snapshot_interval_entries: 100_000,
             request_timeout_ticks: 200,
         }
     }
