@@ -331,3 +331,26 @@ async fn up_runs_a_single_node_cluster_that_survives_a_restart() {
     up.wait().unwrap();
     assert_eq!(jobs[0]["id"].to_string(), id.trim(), "{jobs:#}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_ports_answer_grpc_health_checks() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let mut cluster = Cluster::new(Path::new(KILN), 1, &[]).unwrap();
+    cluster.start_all().unwrap();
+    cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
+    let member = &cluster.members[&1];
+    let checks = [
+        (&member.api_addr, "kiln.v1.JobService"),
+        (&member.api_addr, "kiln.v1.ClusterService"),
+        (&member.api_addr, ""),
+        (&member.raft_addr, "kiln.v1.RaftPeer"),
+    ];
+    for (addr, service) in checks {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let request = HealthCheckRequest { service: service.to_string() };
+        let status = HealthClient::new(channel).check(request).await.unwrap().into_inner().status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?} on {addr}");
+    }
+}

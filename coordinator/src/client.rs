@@ -26,6 +26,15 @@ pub struct Client {
     pub retry_deadline: Duration,
 }
 
+/// How long the client keeps trying when no coordinator accepts a connection at all.
+const NOBODY_THERE_AFTER: Duration = Duration::from_secs(3);
+
+/// A failure to reach the server at all (refused, unroutable), as opposed to an answer from it: tonic
+/// attaches the transport error as the status's source only in that case.
+fn is_connection_failure(status: &Status) -> bool {
+    status.code() == Code::Unavailable && std::error::Error::source(status).is_some()
+}
+
 fn retryable(status: &Status) -> bool {
     matches!(
         status.code(),
@@ -88,9 +97,13 @@ impl Client {
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        let deadline = Instant::now() + self.retry_deadline;
+        let started = Instant::now();
+        let deadline = started + self.retry_deadline;
         let mut backoff = Duration::from_millis(50);
         let mut attempts = 0usize;
+        // Whether any coordinator answered at all (even with an error): if none can even be connected
+        // to for a while, nothing is running there and waiting out the whole deadline helps no one.
+        let mut any_answered = false;
         loop {
             let index = (self.preferred + attempts) % self.endpoints.len();
             let (address, channel) = &self.endpoints[index];
@@ -101,10 +114,18 @@ impl Client {
             let outcome = tokio::time::timeout(remaining, call(channel.clone()))
                 .await
                 .unwrap_or_else(|_| Err(Status::deadline_exceeded(format!("no answer from {address} in time"))));
+            any_answered |= !matches!(&outcome, Err(status) if is_connection_failure(status));
             match outcome {
                 Ok(value) => {
                     self.preferred = index;
                     return Ok(value);
+                }
+                Err(status) if !any_answered && started.elapsed() >= NOBODY_THERE_AFTER => {
+                    return Err(Status::unavailable(format!(
+                        "cannot connect to any coordinator at {} ({}); is one running there? (`kiln up` starts one)",
+                        self.addresses().join(", "),
+                        status.message()
+                    )));
                 }
                 Err(status) if retryable(&status) && Instant::now() < deadline => {
                     tracing::debug!(%address, %status, "coordinator call failed; trying the next one");
