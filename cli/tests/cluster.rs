@@ -348,9 +348,20 @@ async fn both_ports_answer_grpc_health_checks() {
         (&member.raft_addr, "kiln.v1.RaftPeer"),
     ];
     for (addr, service) in checks {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-        let request = HealthCheckRequest { service: service.to_string() };
-        let status = HealthClient::new(channel).check(request).await.unwrap().into_inner().status;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let request = HealthCheckRequest {
+            service: service.to_string(),
+        };
+        let status = HealthClient::new(channel)
+            .check(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
         assert_eq!(status, ServingStatus::Serving as i32, "{service:?} on {addr}");
     }
 }

@@ -52,8 +52,11 @@ pub struct NodeConfig {
     pub heartbeat_ticks: usize,
     /// Snapshot the state machine and compact the log after this many applied entries.
     pub snapshot_interval_entries: u64,
-    /// A proposal or read still pending after this many ticks is answered with a timeout.
+    /// A proposal still pending after this many ticks is answered with a timeout.
     pub request_timeout_ticks: u64,
+    /// A read not confirmed by a leader after this many ticks fails, so the client tries another
+    /// member soon (a partitioned member can never confirm one). Longer than an election.
+    pub read_timeout_ticks: u64,
 }
 
 impl NodeConfig {
@@ -64,6 +67,7 @@ impl NodeConfig {
             heartbeat_ticks: 2,
             snapshot_interval_entries: 100_000,
             request_timeout_ticks: 200,
+            read_timeout_ticks: 60,
         }
     }
 }
@@ -325,7 +329,7 @@ impl Node {
             token,
             query,
             index: None,
-            deadline_tick: self.ticks + self.config.request_timeout_ticks,
+            deadline_tick: self.ticks + self.config.read_timeout_ticks,
         };
         self.reads.insert(id, pending);
     }

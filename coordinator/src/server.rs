@@ -1296,7 +1296,11 @@ impl Coordinator {
             store.bootstrap(&voters, founders.to_snapshot()?)?;
             tracing::info!(node = id, ?voters, "bootstrapped a new cluster configuration");
         }
-        let node = Node::new(config.node.clone(), store, &raft_logger())?;
+        let mut node_config = config.node.clone();
+        // The node counts in ticks; its write deadline matches the one clients are given.
+        let tick_ms = config.tick_interval.as_millis().max(1);
+        node_config.request_timeout_ticks = (config.request_timeout.as_millis() / tick_ms).max(1) as u64;
+        let node = Node::new(node_config, store, &raft_logger())?;
 
         let shutdown = CancellationToken::new();
         let (events, receiver) = std::sync::mpsc::sync_channel(EVENT_QUEUE_CAPACITY);
