@@ -1,0 +1,337 @@
+//! One coordinator process: the node's event loop, the peer transport, and the gRPC services.
+//!
+//! ```text
+//!   gRPC handlers (tokio)                 event loop (one OS thread)             peer links (tokio)
+//!   JobService, ClusterService ──Event──► Node::tick/step/propose/read ──msgs──► one task per peer
+//!   RaftPeer.Send ───────────────Event──►      Node::ready() (fsync)              RaftPeer.Send RPCs
+//!          ▲                                    │ replies, job events                  │
+//!          └──────── oneshot / broadcast ───────┘◄──── unreachable, snapshot status ───┘
+//! ```
+//!
+//! The loop is the only owner of the node and the disk; everything else talks to it over a bounded
+//! channel (full: the caller gets "overloaded, retry"; Raft traffic is dropped and raft-rs resends).
+//! Writes that reach a follower are forwarded to the leader over `RaftPeer.Forward`; the leader stamps
+//! the time into the command. Reads run ReadIndex on the node that received them.
+//!
+//! Files: `event_loop.rs` (the loop and the snapshot worker), `transport.rs` (outbound peer streams,
+//! inbound batch decoding), `services.rs` (the gRPC services and the write path); this file holds the
+//! configuration and the start-up and shutdown of a [`Coordinator`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use kiln_proto as pb;
+use pb::cluster_service_server::{ClusterService, ClusterServiceServer};
+use pb::job_service_server::{JobService, JobServiceServer};
+use pb::raft_peer_client::RaftPeerClient;
+use pb::raft_peer_server::{RaftPeer, RaftPeerServer};
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChangeType, Message, MessageType};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request as GrpcRequest, Response, Status};
+
+use crate::error::CoordinatorError;
+use crate::node::{Node, NodeConfig, NodeStatus, Reply, SavedSnapshot, SnapshotTask, Token, raft_logger};
+use crate::spec::parse_job_spec;
+use crate::state::{
+    Command, CommandResult, IDEMPOTENCY_KEY_LENGTH_MAX, Job, JobId, JobState, NodeId, Query, QueryResult, Request,
+    StateMachine, decode, encode,
+};
+use crate::storage::{Databases, LogStore};
+
+mod event_loop;
+mod services;
+mod transport;
+
+use event_loop::{Event, run_event_loop};
+use services::Shared;
+pub use services::WriteOutcome;
+use transport::{Transport, peer_client, raft_event};
+
+/// Events waiting for the loop; beyond this callers are told to retry.
+const EVENT_QUEUE_CAPACITY: usize = 8192;
+/// Raft messages waiting to be sent to one peer; beyond this they are dropped (raft-rs resends).
+const PEER_QUEUE_CAPACITY: usize = 4096;
+/// Raft messages sent in one RPC at most.
+const PEER_BATCH_MESSAGES_MAX: usize = 512;
+/// Job events a slow watcher may fall behind before its stream ends with an error.
+const WATCH_BUFFER_EVENTS: usize = 4096;
+/// Largest gRPC message between peers: snapshots travel in one message.
+const PEER_MESSAGE_BYTES_MAX: usize = 512 << 20;
+/// How long a learner may take to catch up before `cluster add` gives up on promoting it.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Batches queued on one peer stream; beyond this they are dropped (raft-rs resends).
+const STREAM_BUFFER_BATCHES: usize = 256;
+/// How long a batch that carries a snapshot may take to be acknowledged.
+const SNAPSHOT_SEND_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub node: NodeConfig,
+    /// Where clients and workers connect (JobService, ClusterService). Port 0 picks a free port.
+    pub api_listen: SocketAddr,
+    /// Where peers connect (RaftPeer). Port 0 picks a free port.
+    pub raft_listen: SocketAddr,
+    /// The founding voters' Raft addresses. A node started with `join` may list them only to find its
+    /// peers; it is added with `kiln cluster add`.
+    pub peers: BTreeMap<NodeId, String>,
+    /// Start with an empty configuration and wait to be added by a running cluster.
+    pub join: bool,
+    pub data_dir: PathBuf,
+    pub tick_interval: Duration,
+    /// How long a client request may take end to end, retries and forwarding included.
+    pub request_timeout: Duration,
+}
+
+impl CoordinatorConfig {
+    pub fn new(id: NodeId, data_dir: PathBuf) -> CoordinatorConfig {
+        CoordinatorConfig {
+            node: NodeConfig::new(id),
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            raft_listen: SocketAddr::from(([127, 0, 0, 1], 7071)),
+            peers: BTreeMap::new(),
+            join: false,
+            data_dir,
+            tick_interval: Duration::from_millis(50),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), CoordinatorError> {
+        let id = self.node.id;
+        if id == 0 {
+            return Err(CoordinatorError::InvalidArgument(
+                "--id is 0; node ids start at 1".into(),
+            ));
+        }
+        if !self.join && !self.peers.is_empty() && !self.peers.contains_key(&id) {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "--peers does not list this node's id {id} (has: {}); list every founding member including this one, or start with --join",
+                self.peers
+                    .keys()
+                    .map(|id| id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        if self.tick_interval.is_zero() {
+            return Err(CoordinatorError::InvalidArgument(
+                "the tick interval must be above zero".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as i64)
+}
+
+/// Checks `HOST:PORT`, the form every address flag takes.
+pub fn validate_host_port(addr: &str) -> Result<(), CoordinatorError> {
+    let valid = addr
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port != 0));
+    if valid {
+        Ok(())
+    } else {
+        Err(CoordinatorError::InvalidArgument(format!(
+            "address '{addr}' is not HOST:PORT (for example 127.0.0.1:7071)"
+        )))
+    }
+}
+
+/// Accepted connections with Nagle's algorithm off: small RPCs otherwise wait out the peer's delayed ACK
+/// (about 40 ms per round trip on Linux).
+fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// A running coordinator; dropping it does not stop it, [`Coordinator::shutdown`] does.
+pub struct Coordinator {
+    pub node_id: NodeId,
+    pub api_addr: SocketAddr,
+    pub raft_addr: SocketAddr,
+    shutdown: CancellationToken,
+    servers: tokio::task::JoinSet<Result<(), tonic::transport::Error>>,
+    event_loop: Option<std::thread::JoinHandle<Result<(), CoordinatorError>>>,
+}
+
+impl Coordinator {
+    pub async fn start(mut config: CoordinatorConfig) -> Result<Coordinator, CoordinatorError> {
+        config.validate()?;
+        let id = config.node.id;
+        std::fs::create_dir_all(&config.data_dir).map_err(|error| {
+            CoordinatorError::Storage(format!(
+                "creating data directory {}: {error}",
+                config.data_dir.display()
+            ))
+        })?;
+        let api_listener = tokio::net::TcpListener::bind(config.api_listen)
+            .await
+            .map_err(|error| {
+                CoordinatorError::InvalidArgument(format!(
+                    "cannot listen for clients on {}: {error}",
+                    config.api_listen
+                ))
+            })?;
+        let raft_listener = tokio::net::TcpListener::bind(config.raft_listen)
+            .await
+            .map_err(|error| {
+                CoordinatorError::InvalidArgument(format!("cannot listen for peers on {}: {error}", config.raft_listen))
+            })?;
+        let api_addr = api_listener
+            .local_addr()
+            .map_err(|error| CoordinatorError::Internal(error.to_string()))?;
+        let raft_addr = raft_listener
+            .local_addr()
+            .map_err(|error| CoordinatorError::Internal(error.to_string()))?;
+        let local_ip = Some(raft_addr.ip()).filter(|ip| !ip.is_unspecified());
+        let raft_advertised = match config.peers.get(&id) {
+            Some(addr) if !addr.ends_with(":0") => addr.clone(),
+            _ => raft_addr.to_string(),
+        };
+        config.peers.insert(id, raft_advertised.clone());
+
+        let mut store = LogStore::open(Databases::open(&config.data_dir)?)?;
+        if store.is_blank() && !config.join {
+            let voters: Vec<NodeId> = config.peers.keys().copied().collect();
+            let mut founders = StateMachine::default();
+            for (peer, addr) in &config.peers {
+                founders.record_member(*peer, Some(addr.clone()));
+            }
+            store.bootstrap(&voters, founders.to_snapshot()?)?;
+            tracing::info!(node = id, ?voters, "bootstrapped a new cluster configuration");
+        }
+        let mut node_config = config.node.clone();
+        // The node counts in ticks; its write deadline matches the one clients are given.
+        let tick_ms = config.tick_interval.as_millis().max(1);
+        node_config.request_timeout_ticks = (config.request_timeout.as_millis() / tick_ms).max(1) as u64;
+        let node = Node::new(node_config, store, &raft_logger())?;
+
+        let shutdown = CancellationToken::new();
+        let (events, receiver) = std::sync::mpsc::sync_channel(EVENT_QUEUE_CAPACITY);
+        let (job_events, _) = broadcast::channel(WATCH_BUFFER_EVENTS);
+        let transport = Transport {
+            self_id: id,
+            self_addr: raft_advertised.clone(),
+            local_ip,
+            book: config
+                .peers
+                .iter()
+                .filter(|(peer, _)| **peer != id)
+                .map(|(peer, addr)| (*peer, addr.clone()))
+                .collect(),
+            links: HashMap::new(),
+            runtime: tokio::runtime::Handle::current(),
+            events: events.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let loop_shutdown = shutdown.clone();
+        let loop_events = job_events.clone();
+        let tick_interval = config.tick_interval;
+        let event_loop = std::thread::Builder::new()
+            .name(format!("kiln-raft-{id}"))
+            .spawn(move || {
+                let result = run_event_loop(
+                    node,
+                    receiver,
+                    transport,
+                    loop_events,
+                    tick_interval,
+                    loop_shutdown.clone(),
+                );
+                if let Err(error) = &result {
+                    tracing::error!(%error, "the raft event loop stopped");
+                }
+                loop_shutdown.cancel();
+                result
+            })
+            .map_err(|error| CoordinatorError::Internal(format!("starting the event loop: {error}")))?;
+
+        let shared = Shared {
+            node_id: id,
+            shutdown: shutdown.clone(),
+            local_ip,
+            api_addr: api_addr.to_string(),
+            raft_addr: raft_advertised,
+            events,
+            job_events,
+            request_timeout: config.request_timeout,
+            peers: Arc::new(Mutex::new(HashMap::new())),
+            generated_keys: Arc::new(AtomicU64::new(0)),
+        };
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<JobServiceServer<Shared>>().await;
+        health.set_serving::<ClusterServiceServer<Shared>>().await;
+        health.set_serving::<RaftPeerServer<Shared>>().await;
+
+        let mut servers = tokio::task::JoinSet::new();
+        let api = tonic::transport::Server::builder()
+            .add_service(health_service.clone())
+            .add_service(JobServiceServer::new(shared.clone()))
+            .add_service(ClusterServiceServer::new(shared.clone()))
+            .serve_with_incoming_shutdown(incoming(api_listener), shutdown.clone().cancelled_owned());
+        servers.spawn(api);
+        let peer = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(
+                RaftPeerServer::new(shared)
+                    .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+                    .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
+            )
+            .serve_with_incoming_shutdown(incoming(raft_listener), shutdown.clone().cancelled_owned());
+        servers.spawn(peer);
+        tracing::info!(node = id, %api_addr, %raft_addr, "coordinator started");
+        Ok(Coordinator {
+            node_id: id,
+            api_addr,
+            raft_addr,
+            shutdown,
+            servers,
+            event_loop: Some(event_loop),
+        })
+    }
+
+    /// A token that stops this coordinator when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Runs until the shutdown token is cancelled (by a signal handler, or by a fatal storage error).
+    pub async fn wait(mut self) -> Result<(), CoordinatorError> {
+        self.shutdown.cancelled().await;
+        self.stop().await
+    }
+
+    pub async fn shutdown(mut self) -> Result<(), CoordinatorError> {
+        self.shutdown.cancel();
+        self.stop().await
+    }
+
+    async fn stop(&mut self) -> Result<(), CoordinatorError> {
+        while let Some(result) = self.servers.join_next().await {
+            if let Ok(Err(error)) = result {
+                tracing::warn!(%error, "a gRPC server ended with an error");
+            }
+        }
+        match self.event_loop.take() {
+            Some(handle) => tokio::task::spawn_blocking(move || handle.join())
+                .await
+                .map_err(|error| CoordinatorError::Internal(error.to_string()))?
+                .map_err(|_| CoordinatorError::Internal("the event loop panicked".into()))?,
+            None => Ok(()),
+        }
+    }
+}
