@@ -628,31 +628,17 @@ mod tests {
     #[test]
     fn a_commit_only_change_is_not_written_but_rides_along() {
         let directory = tempfile::tempdir().unwrap();
-        let path = directory.path();
-        let mut store = LogStore::open(Databases::open(path).unwrap()).unwrap();
+        let open = || LogStore::open(Databases::open(directory.path()).unwrap()).unwrap();
+        let mut store = open();
         store.bootstrap(&[1], Vec::new()).unwrap();
         store.persist(None, &[entry(2, 1), entry(3, 1)], None).unwrap();
         store.set_commit(3);
         drop(store);
-        assert_eq!(
-            LogStore::open(Databases::open(path).unwrap())
-                .unwrap()
-                .hard_state()
-                .commit,
-            1,
-            "commit alone is not fsynced"
-        );
-        let mut store = LogStore::open(Databases::open(path).unwrap()).unwrap();
+        assert_eq!(open().hard_state().commit, 1, "commit alone is not fsynced");
+        let mut store = open();
         store.set_commit(3);
         store.persist(None, &[entry(4, 1)], None).unwrap();
         drop(store);
-        assert_eq!(
-            LogStore::open(Databases::open(path).unwrap())
-                .unwrap()
-                .hard_state()
-                .commit,
-            3,
-            "it rides with the next write"
-        );
+        assert_eq!(open().hard_state().commit, 3, "it rides with the next write");
     }
 }
