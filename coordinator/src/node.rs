@@ -47,8 +47,13 @@ pub type Token = u64;
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub id: NodeId,
-    /// A follower that hears nothing for this many ticks (randomised up to twice as many) campaigns.
+    /// A follower that hears nothing for this many ticks (randomised up to `election_ticks_max`)
+    /// campaigns.
     pub election_ticks: usize,
+    /// Exclusive upper bound of the randomised election timeout. raft-rs draws it from its own thread
+    /// RNG; a range of one tick makes a node's timeout fixed, which is what the simulation needs to
+    /// replay a seed exactly.
+    pub election_ticks_max: usize,
     pub heartbeat_ticks: usize,
     /// Snapshot the state machine and compact the log after this many applied entries.
     pub snapshot_interval_entries: u64,
@@ -64,6 +69,7 @@ impl NodeConfig {
         NodeConfig {
             id,
             election_ticks: 10,
+            election_ticks_max: 20,
             heartbeat_ticks: 2,
             snapshot_interval_entries: 100_000,
             request_timeout_ticks: 200,
@@ -164,6 +170,8 @@ impl Node {
         let raft_config = raft::Config {
             id: config.id,
             election_tick: config.election_ticks,
+            min_election_tick: config.election_ticks,
+            max_election_tick: config.election_ticks_max,
             heartbeat_tick: config.heartbeat_ticks,
             applied,
             max_size_per_msg: 1 << 20,
