@@ -96,6 +96,7 @@ struct CoordinatorArgs {
     /// Address for Raft peers; defaults to this node's entry in --peers, else 127.0.0.1:7071.
     #[arg(long)]
     raft_listen: Option<SocketAddr>,
+    /// Where this member keeps its Raft log and snapshots (raft.redb, snapshots.redb).
     #[arg(long, env = "KILN_DATA_DIR")]
     data_dir: PathBuf,
     /// Start empty and wait for `kiln cluster add ID=HOST:PORT` on a running cluster.
@@ -114,6 +115,7 @@ struct CoordinatorArgs {
 
 #[derive(Args)]
 struct UpArgs {
+    /// Where the embedded coordinator keeps its data; a restart with the same directory resumes.
     #[arg(long, env = "KILN_DATA_DIR", default_value = "kiln-data")]
     data_dir: PathBuf,
     #[arg(long, default_value = "127.0.0.1:7070")]
@@ -134,11 +136,13 @@ enum JobsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// One job: state, resources, timestamps, attempts and the spec as submitted.
     Show {
         id: u64,
         #[arg(long)]
         json: bool,
     },
+    /// Cancel a queued or running job (cancelling a cancelled job is a no-op).
     Cancel {
         id: u64,
         #[arg(long, default_value = "")]
@@ -172,12 +176,10 @@ enum ClusterCommand {
         #[arg(long)]
         learner: bool,
     },
-    Remove {
-        id: u64,
-    },
-    TransferLeader {
-        id: u64,
-    },
+    /// Remove a member (a voter or a learner); move leadership away from it first.
+    Remove { id: u64 },
+    /// Hand leadership to another voter.
+    TransferLeader { id: u64 },
 }
 
 fn parse_peer(text: &str) -> Result<(u64, String), String> {
