@@ -1,11 +1,13 @@
 //! One coordinator process: the node's event loop, the peer transport, and the gRPC services.
 //!
 //! ```text
-//!   gRPC handlers (tokio)                 event loop (one OS thread)             peer links (tokio)
-//!   JobService, ClusterService ──Event──► Node::tick/step/propose/read ──msgs──► one task per peer
-//!   RaftPeer.Send ───────────────Event──►      Node::ready() (fsync)              RaftPeer.Send RPCs
-//!          ▲                                    │ replies, job events                  │
+//!   gRPC handlers (tokio)                  event loop (one OS thread)            peer links (tokio)
+//!   JobService, ClusterService ──Event──►  Node::tick/step/propose/read ──msgs──► a task per peer
+//!   RaftPeer.Stream / Send ─────Event──►      Node::ready() (fsync)               one RaftPeer.Stream
+//!          ▲                                    │ replies, job events            (snapshots: Send)
 //!          └──────── oneshot / broadcast ───────┘◄──── unreachable, snapshot status ───┘
+//!                                               └──► snapshot worker thread (encode, save) ──┐
+//!                                               ◄──────────── SnapshotSaved ─────────────────┘
 //! ```
 //!
 //! The loop is the only owner of the node and the disk; everything else talks to it over a bounded

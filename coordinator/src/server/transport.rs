@@ -2,7 +2,7 @@
 
 use super::*;
 
-/// Outbound Raft traffic: one task per peer, each with a bounded queue.
+/// Outbound Raft traffic: one task per peer, each with a bounded queue and one long-lived stream.
 pub(super) struct Transport {
     pub(super) self_id: NodeId,
     /// The address peer connections leave from (see [`peer_client`]).
