@@ -12,7 +12,8 @@
 //!            └──────────────────────────────────────────────┘
 //! ```
 //!
-//! Module map: [`spec`] parses job TOML; [`state`] is the deterministic state machine; [`storage`] the
+//! Module map: [`spec`] parses job TOML; [`state`] is the deterministic state machine; [`scheduler`] the
+//! pure placement function the leader runs; [`storage`] the
 //! durable raft log; [`node`] the sans-IO consensus node; [`server`] the event loop, peer transport and
 //! gRPC services; [`client`] the failover client the CLI and tests use.
 //!
@@ -25,6 +26,7 @@
 pub mod client;
 pub mod error;
 pub mod node;
+pub mod scheduler;
 pub mod server;
 pub mod spec;
 pub mod state;

@@ -215,6 +215,18 @@ impl Node {
         }
     }
 
+    /// Leader, and this node has applied an entry of its own term: everything committed by earlier
+    /// leaders is applied, so decisions made from its state never contradict theirs.
+    pub fn is_leader_ready(&self) -> bool {
+        self.is_leader()
+            && self
+                .raw
+                .raft
+                .raft_log
+                .term(self.applied)
+                .is_ok_and(|term| term == self.raw.raft.term)
+    }
+
     pub fn state(&self) -> &StateMachine {
         &self.state
     }
@@ -459,10 +471,11 @@ impl Node {
                 EntryType::EntryNormal if entry.data.is_empty() => None,
                 EntryType::EntryNormal => {
                     let command: Command = decode(&entry.data, "a committed command")?;
-                    let (result, event) = self.state.apply(command);
-                    if let Some(job) = event {
-                        self.output.events.push((entry.index, job));
-                    }
+                    let mut changed = Vec::new();
+                    let result = self.state.apply(command, &mut changed);
+                    self.output
+                        .events
+                        .extend(changed.into_iter().map(|job| (entry.index, job)));
                     Some(Reply::Command(result))
                 }
                 EntryType::EntryConfChange => {

@@ -20,13 +20,13 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::CoordinatorError;
-use crate::spec::JobSpec;
+use crate::spec::{JobSpec, ResourceSpec};
 
 pub type JobId = u64;
 pub type NodeId = u64;
 
 /// Bumped whenever the snapshot layout changes.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
 /// Longest accepted idempotency key, so keys cannot bloat the replicated state.
 pub const IDEMPOTENCY_KEY_LENGTH_MAX: usize = 128;
 
@@ -71,14 +71,221 @@ impl JobState {
     }
 }
 
-/// One try at running every rank of a job; the workers issue fills these in.
+/// One try at running every rank of a job: the gang placed together, stopped together.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attempt {
     pub number: u32,
-    pub state: String,
+    pub state: AttemptState,
     pub started_at_ms: i64,
     pub ended_at_ms: Option<i64>,
     pub message: String,
+    /// Rank 0's host and the port reserved for it there (`MASTER_ADDR`, `MASTER_PORT`).
+    pub master_addr: String,
+    pub master_port: u16,
+    /// Indexed by rank.
+    pub tasks: Vec<Task>,
+}
+
+/// An attempt's lifecycle: Running → Succeeded | Failed | Cancelled, final once left. A finished attempt
+/// may still have ranks whose processes are being stopped (`Task::stop_requested`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AttemptState {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl AttemptState {
+    pub fn label(self) -> &'static str {
+        match self {
+            AttemptState::Running => "running",
+            AttemptState::Succeeded => "succeeded",
+            AttemptState::Failed => "failed",
+            AttemptState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One rank of an attempt, placed on one worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub rank: u32,
+    pub worker: WorkerId,
+    /// The worker's gRPC address when the task was placed, where its logs are read.
+    pub worker_address: String,
+    pub local_rank: u32,
+    pub local_world_size: u32,
+    pub state: TaskState,
+    /// The leader wants this process gone (its attempt ended or the job was cancelled); its resources stay
+    /// allocated until the worker reports that it exited, so nothing is ever over-committed.
+    pub stop_requested: bool,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub ended_at_ms: Option<i64>,
+    pub message: String,
+}
+
+/// A task's lifecycle: Running → Succeeded | Failed | Killed | Lost. Only a Running task holds resources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskState {
+    Running,
+    Succeeded,
+    Failed,
+    /// Stopped on the leader's request (cancel, or another rank of its gang failed).
+    Killed,
+    /// Its worker was lost or restarted; whether the process ran on is unknown to the cluster.
+    Lost,
+}
+
+impl TaskState {
+    pub fn label(self) -> &'static str {
+        match self {
+            TaskState::Running => "running",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Killed => "killed",
+            TaskState::Lost => "lost",
+        }
+    }
+}
+
+/// Which process: a rank of one attempt of one job. Unique for the life of the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TaskKey {
+    pub job: JobId,
+    pub attempt: u32,
+    pub rank: u32,
+}
+
+impl std::fmt::Display for TaskKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "job {} attempt {} rank {}", self.job, self.attempt, self.rank)
+    }
+}
+
+/// How a task's process ended, as its worker reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskOutcome {
+    Exited { code: i32 },
+    Signalled { signal: i32 },
+    /// The process never ran (the program does not exist, the working directory could not be made).
+    FailedToStart { message: String },
+}
+
+/// Resources of a worker, or of one rank.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub cpus: u32,
+    pub gpus: u32,
+    pub memory_bytes: u64,
+}
+
+impl Capacity {
+    pub fn of_rank(resources: &ResourceSpec) -> Capacity {
+        Capacity {
+            cpus: resources.cpus,
+            gpus: resources.gpus,
+            memory_bytes: resources.memory_bytes,
+        }
+    }
+
+    pub fn contains(&self, need: &Capacity) -> bool {
+        self.cpus >= need.cpus && self.gpus >= need.gpus && self.memory_bytes >= need.memory_bytes
+    }
+
+    /// How many ranks needing `need` fit in `self`.
+    pub fn ranks_that_fit(&self, need: &Capacity) -> u32 {
+        let by = |have: u64, want: u64| if want == 0 { u64::MAX } else { have / want };
+        let count = by(self.cpus.into(), need.cpus.into())
+            .min(by(self.gpus.into(), need.gpus.into()))
+            .min(by(self.memory_bytes, need.memory_bytes));
+        count.min(u32::MAX.into()) as u32
+    }
+
+    pub fn plus(&self, other: &Capacity) -> Capacity {
+        Capacity {
+            cpus: self.cpus + other.cpus,
+            gpus: self.gpus + other.gpus,
+            memory_bytes: self.memory_bytes + other.memory_bytes,
+        }
+    }
+
+    /// `self - other`; the caller has checked `self.contains(other)`.
+    pub fn minus(&self, other: &Capacity) -> Capacity {
+        assert!(self.contains(other), "capacity {self:?} cannot give {other:?}");
+        Capacity {
+            cpus: self.cpus - other.cpus,
+            gpus: self.gpus - other.gpus,
+            memory_bytes: self.memory_bytes - other.memory_bytes,
+        }
+    }
+}
+
+impl std::fmt::Display for Capacity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} cpus, {} gpus, {} MiB",
+            self.cpus,
+            self.gpus,
+            self.memory_bytes >> 20
+        )
+    }
+}
+
+pub type WorkerId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerState {
+    Alive,
+    /// Missed its lease, or asked to be forgotten; it must register again to get tasks.
+    Lost,
+}
+
+impl WorkerState {
+    pub fn label(self) -> &'static str {
+        match self {
+            WorkerState::Alive => "alive",
+            WorkerState::Lost => "lost",
+        }
+    }
+}
+
+/// A worker as the cluster knows it. Invariant: `allocated` is the sum of the needs of `tasks`, and
+/// `capacity.contains(allocated)` whenever no registration shrank the capacity under running tasks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Worker {
+    pub id: WorkerId,
+    /// Kept in the worker's data directory, so a restarted worker registers as the same one.
+    pub uid: String,
+    /// The worker's own gRPC address (logs), `HOST:PORT`.
+    pub address: String,
+    /// The host other ranks reach this worker's tasks at (`MASTER_ADDR`).
+    pub host: String,
+    pub hostname: String,
+    pub capacity: Capacity,
+    pub allocated: Capacity,
+    /// Ports this worker reserves for rank 0 of the jobs it runs (inclusive).
+    pub task_ports: (u16, u16),
+    /// Tasks whose processes may be running here.
+    pub tasks: std::collections::BTreeSet<TaskKey>,
+    pub state: WorkerState,
+    pub registered_at_ms: i64,
+    pub updated_at_ms: i64,
+    /// How many times this worker has registered (process starts and returns after being lost).
+    pub registrations: u32,
+    pub message: String,
+}
+
+impl Worker {
+    pub fn free(&self) -> Capacity {
+        if self.capacity.contains(&self.allocated) {
+            self.capacity.minus(&self.allocated)
+        } else {
+            Capacity::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,12 +302,36 @@ pub struct Job {
     /// Why the job is in its state (a cancel reason, a failure), or empty.
     pub message: String,
     pub idempotency_key: String,
+    /// When the job last entered the queue (submission or restart); the backfill bound counts from here.
+    pub queued_since_ms: i64,
+}
+
+impl Job {
+    pub fn current_attempt(&self) -> Option<&Attempt> {
+        self.attempts.last()
+    }
+
+    /// Restarts used so far: attempts after the first.
+    pub fn restarts(&self) -> u32 {
+        (self.attempts.len() as u32).saturating_sub(1)
+    }
 }
 
 /// A member's address as recorded in the replicated state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberRecord {
     pub raft_addr: String,
+}
+
+/// What a worker tells the cluster about itself when it registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerRegistration {
+    pub uid: String,
+    pub address: String,
+    pub host: String,
+    pub hostname: String,
+    pub capacity: Capacity,
+    pub task_ports: (u16, u16),
 }
 
 /// A client's intent, as sent between nodes before the leader stamps it.
@@ -126,6 +357,9 @@ pub enum Request {
     TransferLeader {
         id: NodeId,
     },
+    RegisterWorker(WorkerRegistration),
+    /// The leader's in-memory lease table (last heartbeat per worker); answered by the leader only.
+    WorkerLeases,
 }
 
 /// An entry of the Raft log. Carries everything apply needs.
@@ -142,6 +376,35 @@ pub enum Command {
         reason: String,
         now_ms: i64,
     },
+    RegisterWorker {
+        registration: WorkerRegistration,
+        now_ms: i64,
+    },
+    /// The scheduler's decision: attempt `attempt` of `job` runs rank r on `placement[r]`. Applied only if
+    /// it still holds (job queued, attempt number next, workers alive with room); otherwise refused whole.
+    StartAttempt {
+        job: JobId,
+        attempt: u32,
+        placement: Vec<WorkerId>,
+        master_port: u16,
+        now_ms: i64,
+    },
+    /// A worker reports how a task's process ended. Reports of tasks that are no longer running are
+    /// acknowledged and change nothing, so a worker may repeat a report until it is acknowledged.
+    TaskFinished {
+        task: TaskKey,
+        worker: WorkerId,
+        outcome: TaskOutcome,
+        now_ms: i64,
+    },
+    /// The leader declares a worker lost (its lease ran out); its running tasks are lost with it.
+    WorkerLost {
+        worker: WorkerId,
+        reason: String,
+        now_ms: i64,
+    },
+    /// Several commands in one log entry, applied in order (the scheduler's and the reports' batches).
+    Batch(Vec<Command>),
 }
 
 /// What applying a command produced, sent back to the client that proposed it.
@@ -149,6 +412,10 @@ pub enum Command {
 pub enum CommandResult {
     Submitted { job: Job, created: bool },
     Cancelled { job: Job },
+    WorkerRegistered { worker: Worker },
+    /// The command took effect (or was a harmless repeat).
+    Done,
+    Batch(Vec<CommandResult>),
     Rejected(CoordinatorError),
 }
 
@@ -163,23 +430,39 @@ pub enum Query {
         states: Vec<JobState>,
         limit: usize,
     },
+    ListWorkers,
+    GetWorker {
+        id: WorkerId,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum QueryResult {
     Job(Job),
     Jobs(Vec<Job>),
+    Workers(Vec<Worker>),
     Rejected(CoordinatorError),
 }
 
 /// The replicated state. Its maps are persistent (`imbl`): a clone shares structure and costs next to
-/// nothing, so a snapshot copy never stalls the event loop however many jobs there are.
+/// nothing, so a snapshot copy never stalls the event loop however many jobs there are, and the leader's
+/// scheduler reads a copy of every applied state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateMachine {
     jobs: imbl::OrdMap<JobId, Job>,
     idempotency_keys: imbl::OrdMap<String, JobId>,
     next_job_id: JobId,
     members: BTreeMap<NodeId, MemberRecord>,
+    workers: imbl::OrdMap<WorkerId, Worker>,
+    worker_uids: imbl::OrdMap<String, WorkerId>,
+    next_worker_id: WorkerId,
+    /// Queued jobs in scheduling order: priority (higher first), then job id (submission order). A
+    /// restarted job keeps its place.
+    queue: imbl::OrdSet<(i64, JobId)>,
+}
+
+fn queue_key(job: &Job) -> (i64, JobId) {
+    (-i64::from(job.spec.priority), job.id)
 }
 
 pub fn bincode_config() -> bincode::config::Configuration {
@@ -204,7 +487,8 @@ pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Resul
 }
 
 impl StateMachine {
-    pub fn apply(&mut self, command: Command) -> (CommandResult, Option<Job>) {
+    /// Applies one committed command. Jobs it changed are appended to `changed` (for watchers).
+    pub fn apply(&mut self, command: Command, changed: &mut Vec<Job>) -> CommandResult {
         match command {
             Command::SubmitJob {
                 spec,
@@ -216,7 +500,10 @@ impl StateMachine {
                     && let Some(existing) = self.idempotency_keys.get(&idempotency_key)
                 {
                     let job = self.jobs[existing].clone();
-                    return (CommandResult::Submitted { job, created: false }, None);
+                    return CommandResult::Submitted { job, created: false };
+                }
+                if let Err(reason) = self.check_fits_cluster(&spec) {
+                    return CommandResult::Rejected(CoordinatorError::FailedPrecondition(reason));
                 }
                 self.next_job_id += 1;
                 let job = Job {
@@ -230,49 +517,421 @@ impl StateMachine {
                     finished_at_ms: None,
                     message: String::new(),
                     idempotency_key: idempotency_key.clone(),
+                    queued_since_ms: now_ms,
                 };
                 if !idempotency_key.is_empty() {
                     self.idempotency_keys.insert(idempotency_key, job.id);
                 }
+                self.queue.insert(queue_key(&job));
                 self.jobs.insert(job.id, job.clone());
-                (
-                    CommandResult::Submitted {
-                        job: job.clone(),
-                        created: true,
-                    },
-                    Some(job),
-                )
+                changed.push(job.clone());
+                CommandResult::Submitted { job, created: true }
             }
-            Command::CancelJob { id, reason, now_ms } => {
-                let Some(job) = self.jobs.get_mut(&id) else {
-                    return (
-                        CommandResult::Rejected(CoordinatorError::NotFound(format!("job {id} does not exist"))),
-                        None,
-                    );
-                };
-                if job.state == JobState::Cancelled {
-                    return (CommandResult::Cancelled { job: job.clone() }, None);
+            Command::CancelJob { id, reason, now_ms } => self.cancel(id, reason, now_ms, changed),
+            Command::RegisterWorker { registration, now_ms } => self.register_worker(registration, now_ms, changed),
+            Command::StartAttempt {
+                job,
+                attempt,
+                placement,
+                master_port,
+                now_ms,
+            } => match self.start_attempt(job, attempt, &placement, master_port, now_ms) {
+                Ok(job) => {
+                    changed.push(job);
+                    CommandResult::Done
                 }
-                if !job.state.can_become(JobState::Cancelled) {
-                    return (
-                        CommandResult::Rejected(CoordinatorError::FailedPrecondition(format!(
-                            "job {id} already {}; only queued or running jobs can be cancelled",
-                            job.state.label()
-                        ))),
-                        None,
-                    );
-                }
-                job.state = JobState::Cancelled;
-                job.updated_at_ms = now_ms;
-                job.finished_at_ms = Some(now_ms);
-                job.message = if reason.is_empty() {
-                    "cancelled by user".into()
-                } else {
-                    reason
+                Err(reason) => CommandResult::Rejected(CoordinatorError::FailedPrecondition(reason)),
+            },
+            Command::TaskFinished {
+                task,
+                worker,
+                outcome,
+                now_ms,
+            } => {
+                self.task_finished(task, worker, outcome, now_ms, changed);
+                CommandResult::Done
+            }
+            Command::WorkerLost { worker, reason, now_ms } => {
+                let Some(record) = self.workers.get_mut(&worker) else {
+                    return CommandResult::Rejected(CoordinatorError::NotFound(format!(
+                        "worker {worker} does not exist"
+                    )));
                 };
-                (CommandResult::Cancelled { job: job.clone() }, Some(job.clone()))
+                if record.state == WorkerState::Alive {
+                    record.state = WorkerState::Lost;
+                    record.updated_at_ms = now_ms;
+                    record.message = reason.clone();
+                    self.lose_tasks_of(worker, &reason, now_ms, changed);
+                }
+                CommandResult::Done
+            }
+            Command::Batch(commands) => CommandResult::Batch(
+                commands
+                    .into_iter()
+                    .map(|command| self.apply(command, changed))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// A job whose gang could never be placed, even on an idle cluster, is refused at submission. With
+    /// no worker registered yet every job waits, since workers may still be starting.
+    fn check_fits_cluster(&self, spec: &JobSpec) -> Result<(), String> {
+        let alive: Vec<&Worker> = self
+            .workers
+            .values()
+            .filter(|worker| worker.state == WorkerState::Alive)
+            .collect();
+        if alive.is_empty() {
+            return Ok(());
+        }
+        let need = Capacity::of_rank(&spec.resources);
+        let fit: u64 = alive
+            .iter()
+            .map(|worker| u64::from(worker.capacity.ranks_that_fit(&need)))
+            .sum();
+        if fit >= u64::from(spec.resources.workers) {
+            return Ok(());
+        }
+        let largest = alive
+            .iter()
+            .map(|worker| format!("worker {}: {}", worker.id, worker.capacity))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(format!(
+            "job '{}' needs {} rank(s) of {need} each, but the cluster's {} alive worker(s) can hold only {fit} such rank(s) even when idle ({largest}); ask for less, or add workers",
+            spec.name,
+            spec.resources.workers,
+            alive.len()
+        ))
+    }
+
+    fn cancel(&mut self, id: JobId, reason: String, now_ms: i64, changed: &mut Vec<Job>) -> CommandResult {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return CommandResult::Rejected(CoordinatorError::NotFound(format!("job {id} does not exist")));
+        };
+        if job.state == JobState::Cancelled {
+            return CommandResult::Cancelled { job: job.clone() };
+        }
+        if !job.state.can_become(JobState::Cancelled) {
+            return CommandResult::Rejected(CoordinatorError::FailedPrecondition(format!(
+                "job {id} already {}; only queued or running jobs can be cancelled",
+                job.state.label()
+            )));
+        }
+        let message = if reason.is_empty() {
+            "cancelled by user".to_string()
+        } else {
+            reason
+        };
+        self.queue.remove(&queue_key(job));
+        job.state = JobState::Cancelled;
+        job.updated_at_ms = now_ms;
+        job.finished_at_ms = Some(now_ms);
+        job.message = message.clone();
+        if let Some(attempt) = job.attempts.last_mut()
+            && attempt.state == AttemptState::Running
+        {
+            attempt.state = AttemptState::Cancelled;
+            attempt.ended_at_ms = Some(now_ms);
+            attempt.message = message;
+            for task in attempt.tasks.iter_mut().filter(|task| task.state == TaskState::Running) {
+                task.stop_requested = true;
             }
         }
+        changed.push(job.clone());
+        CommandResult::Cancelled { job: job.clone() }
+    }
+
+    fn register_worker(
+        &mut self,
+        registration: WorkerRegistration,
+        now_ms: i64,
+        changed: &mut Vec<Job>,
+    ) -> CommandResult {
+        let id = match self.worker_uids.get(&registration.uid).copied() {
+            Some(id) => {
+                // A registration is a process start: whatever the previous process ran is gone.
+                self.lose_tasks_of(id, &format!("worker {id} restarted"), now_ms, changed);
+                id
+            }
+            None => {
+                self.next_worker_id += 1;
+                self.worker_uids.insert(registration.uid.clone(), self.next_worker_id);
+                self.next_worker_id
+            }
+        };
+        let previous = self.workers.get(&id);
+        let worker = Worker {
+            id,
+            uid: registration.uid,
+            address: registration.address,
+            host: registration.host,
+            hostname: registration.hostname,
+            capacity: registration.capacity,
+            allocated: Capacity::default(),
+            task_ports: registration.task_ports,
+            tasks: Default::default(),
+            state: WorkerState::Alive,
+            registered_at_ms: previous.map_or(now_ms, |worker| worker.registered_at_ms),
+            updated_at_ms: now_ms,
+            registrations: previous.map_or(0, |worker| worker.registrations) + 1,
+            message: String::new(),
+        };
+        self.workers.insert(id, worker.clone());
+        CommandResult::WorkerRegistered { worker }
+    }
+
+    fn lose_tasks_of(&mut self, worker: WorkerId, reason: &str, now_ms: i64, changed: &mut Vec<Job>) {
+        let tasks = self
+            .workers
+            .get(&worker)
+            .map(|record| record.tasks.clone())
+            .unwrap_or_default();
+        for key in tasks {
+            let message = format!("rank {} was lost: {reason}", key.rank);
+            self.end_task(key, TaskState::Lost, None, None, message, now_ms, changed);
+        }
+    }
+
+    fn start_attempt(
+        &mut self,
+        id: JobId,
+        number: u32,
+        placement: &[WorkerId],
+        master_port: u16,
+        now_ms: i64,
+    ) -> Result<Job, String> {
+        let job = self.jobs.get(&id).ok_or_else(|| format!("job {id} does not exist"))?;
+        if job.state != JobState::Queued {
+            return Err(format!("job {id} is {}, not queued", job.state.label()));
+        }
+        let expected = job.attempts.len() as u32 + 1;
+        if number != expected {
+            return Err(format!("job {id} is waiting for attempt {expected}, not {number}"));
+        }
+        if placement.len() != job.spec.resources.workers as usize {
+            return Err(format!(
+                "job {id} has {} ranks; the placement names {} workers",
+                job.spec.resources.workers,
+                placement.len()
+            ));
+        }
+        let need = Capacity::of_rank(&job.spec.resources);
+        let mut per_worker: BTreeMap<WorkerId, u32> = BTreeMap::new();
+        for worker in placement {
+            *per_worker.entry(*worker).or_default() += 1;
+        }
+        for (worker, ranks) in &per_worker {
+            let record = self
+                .workers
+                .get(worker)
+                .ok_or_else(|| format!("worker {worker} does not exist"))?;
+            if record.state != WorkerState::Alive {
+                return Err(format!("worker {worker} is {}", record.state.label()));
+            }
+            if record.free().ranks_that_fit(&need) < *ranks {
+                return Err(format!(
+                    "worker {worker} has {} free; {ranks} rank(s) of {need} do not fit",
+                    record.free()
+                ));
+            }
+        }
+        let master = &self.workers[&placement[0]];
+        if master_port < master.task_ports.0 || master_port > master.task_ports.1 {
+            return Err(format!(
+                "port {master_port} is outside worker {}'s task ports {}-{}",
+                master.id, master.task_ports.0, master.task_ports.1
+            ));
+        }
+        let master_addr = master.host.clone();
+        let mut local_ranks: BTreeMap<WorkerId, u32> = BTreeMap::new();
+        let tasks: Vec<Task> = placement
+            .iter()
+            .enumerate()
+            .map(|(rank, worker)| {
+                let local = local_ranks.entry(*worker).or_default();
+                let local_rank = *local;
+                *local += 1;
+                Task {
+                    rank: rank as u32,
+                    worker: *worker,
+                    worker_address: self.workers[worker].address.clone(),
+                    local_rank,
+                    local_world_size: per_worker[worker],
+                    state: TaskState::Running,
+                    stop_requested: false,
+                    exit_code: None,
+                    signal: None,
+                    ended_at_ms: None,
+                    message: String::new(),
+                }
+            })
+            .collect();
+        for task in &tasks {
+            let record = self.workers.get_mut(&task.worker).expect("checked above");
+            record.allocated = record.allocated.plus(&need);
+            record.tasks.insert(TaskKey {
+                job: id,
+                attempt: number,
+                rank: task.rank,
+            });
+        }
+        let job = self.jobs.get_mut(&id).expect("checked above");
+        self.queue.remove(&queue_key(job));
+        assert!(job.state.can_become(JobState::Running));
+        job.state = JobState::Running;
+        job.updated_at_ms = now_ms;
+        job.message = String::new();
+        job.attempts.push(Attempt {
+            number,
+            state: AttemptState::Running,
+            started_at_ms: now_ms,
+            ended_at_ms: None,
+            message: String::new(),
+            master_addr,
+            master_port,
+            tasks,
+        });
+        Ok(job.clone())
+    }
+
+    fn task_finished(
+        &mut self,
+        key: TaskKey,
+        worker: WorkerId,
+        outcome: TaskOutcome,
+        now_ms: i64,
+        changed: &mut Vec<Job>,
+    ) {
+        let Some(task) = self.task(&key) else { return };
+        if task.worker != worker || task.state != TaskState::Running {
+            return;
+        }
+        let stop_requested = task.stop_requested;
+        let rank = key.rank;
+        let (state, exit_code, signal, message) = match outcome {
+            TaskOutcome::Exited { code: 0 } => (TaskState::Succeeded, Some(0), None, String::new()),
+            TaskOutcome::Exited { code } if stop_requested => (
+                TaskState::Killed,
+                Some(code),
+                None,
+                format!("rank {rank} stopped (exit code {code})"),
+            ),
+            TaskOutcome::Exited { code } => (
+                TaskState::Failed,
+                Some(code),
+                None,
+                format!("rank {rank} exited with code {code} on worker {worker}"),
+            ),
+            TaskOutcome::Signalled { signal } if stop_requested => (
+                TaskState::Killed,
+                None,
+                Some(signal),
+                format!("rank {rank} stopped by signal {signal}"),
+            ),
+            TaskOutcome::Signalled { signal } => (
+                TaskState::Failed,
+                None,
+                Some(signal),
+                format!("rank {rank} was killed by signal {signal} on worker {worker}"),
+            ),
+            TaskOutcome::FailedToStart { message } => (
+                TaskState::Failed,
+                None,
+                None,
+                format!("rank {rank} could not start on worker {worker}: {message}"),
+            ),
+        };
+        self.end_task(key, state, exit_code, signal, message, now_ms, changed);
+    }
+
+    pub fn task(&self, key: &TaskKey) -> Option<&Task> {
+        self.jobs
+            .get(&key.job)?
+            .attempts
+            .get(key.attempt.checked_sub(1)? as usize)?
+            .tasks
+            .get(key.rank as usize)
+    }
+
+    /// Ends a running task, frees what it held, and moves its attempt and job on: the last rank to succeed
+    /// ends the job; the first rank to fail stops the others and restarts or fails the job.
+    #[allow(clippy::too_many_arguments)] // one call site per way a task ends; a struct would only rename them
+    fn end_task(
+        &mut self,
+        key: TaskKey,
+        state: TaskState,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        message: String,
+        now_ms: i64,
+        changed: &mut Vec<Job>,
+    ) {
+        let Some(job) = self.jobs.get_mut(&key.job) else { return };
+        let need = Capacity::of_rank(&job.spec.resources);
+        let max_restarts = job.spec.max_restarts;
+        let restarts = job.restarts();
+        let Some(attempt) = job.attempts.get_mut(key.attempt as usize - 1) else {
+            return;
+        };
+        let Some(task) = attempt.tasks.get_mut(key.rank as usize) else {
+            return;
+        };
+        if task.state != TaskState::Running {
+            return;
+        }
+        task.state = state;
+        task.exit_code = exit_code;
+        task.signal = signal;
+        task.ended_at_ms = Some(now_ms);
+        task.message = message.clone();
+        let worker = task.worker;
+        if let Some(record) = self.workers.get_mut(&worker) {
+            assert!(record.tasks.remove(&key), "{key} was not on worker {worker}");
+            record.allocated = record.allocated.minus(&need);
+        }
+        job.updated_at_ms = now_ms;
+        if attempt.state == AttemptState::Running {
+            if state == TaskState::Succeeded {
+                if attempt.tasks.iter().all(|task| task.state == TaskState::Succeeded) {
+                    attempt.state = AttemptState::Succeeded;
+                    attempt.ended_at_ms = Some(now_ms);
+                    assert!(job.state.can_become(JobState::Succeeded));
+                    job.state = JobState::Succeeded;
+                    job.finished_at_ms = Some(now_ms);
+                    job.message = format!("all {} rank(s) exited with code 0", attempt.tasks.len());
+                }
+            } else {
+                attempt.state = AttemptState::Failed;
+                attempt.ended_at_ms = Some(now_ms);
+                attempt.message = message.clone();
+                for other in attempt.tasks.iter_mut().filter(|task| task.state == TaskState::Running) {
+                    other.stop_requested = true;
+                }
+                let number = attempt.number;
+                if restarts < max_restarts {
+                    assert!(job.state.can_become(JobState::Queued));
+                    job.state = JobState::Queued;
+                    job.queued_since_ms = now_ms;
+                    job.message = format!(
+                        "attempt {number} failed: {message}; restarting ({} of {max_restarts} restarts)",
+                        restarts + 1
+                    );
+                    self.queue.insert(queue_key(job));
+                } else {
+                    assert!(job.state.can_become(JobState::Failed));
+                    job.state = JobState::Failed;
+                    job.finished_at_ms = Some(now_ms);
+                    job.message = if max_restarts == 0 {
+                        message
+                    } else {
+                        format!("failed after {number} attempts ({max_restarts} restarts): {message}")
+                    };
+                }
+            }
+        }
+        changed.push(job.clone());
     }
 
     pub fn query(&self, query: &Query) -> QueryResult {
@@ -293,6 +952,18 @@ impl StateMachine {
                 };
                 QueryResult::Jobs(jobs)
             }
+            Query::ListWorkers => QueryResult::Workers(self.workers.values().cloned().collect()),
+            Query::GetWorker { id } => match self.workers.get(id) {
+                Some(worker) => QueryResult::Workers(vec![worker.clone()]),
+                None => QueryResult::Rejected(CoordinatorError::NotFound(format!(
+                    "worker {id} does not exist (workers: {})",
+                    if self.workers.is_empty() {
+                        "none registered".to_string()
+                    } else {
+                        self.workers.keys().map(|id| id.to_string()).collect::<Vec<_>>().join(", ")
+                    }
+                ))),
+            },
         }
     }
 
@@ -302,6 +973,23 @@ impl StateMachine {
 
     pub fn jobs(&self) -> impl Iterator<Item = &Job> {
         self.jobs.values()
+    }
+
+    pub fn job(&self, id: JobId) -> Option<&Job> {
+        self.jobs.get(&id)
+    }
+
+    pub fn workers(&self) -> impl Iterator<Item = &Worker> {
+        self.workers.values()
+    }
+
+    pub fn worker(&self, id: WorkerId) -> Option<&Worker> {
+        self.workers.get(&id)
+    }
+
+    /// Queued jobs in scheduling order.
+    pub fn queued_jobs(&self) -> impl Iterator<Item = &Job> {
+        self.queue.iter().map(|(_, id)| &self.jobs[id])
     }
 
     pub fn members(&self) -> &BTreeMap<NodeId, MemberRecord> {
@@ -347,58 +1035,232 @@ mod tests {
     use super::*;
     use crate::spec::parse_job_spec;
 
-    fn submit(key: &str, now_ms: i64) -> Command {
-        let spec_toml = "name = \"hello\"\nkind = \"command\"\ncommand = \"true\"\n".to_string();
-        let spec = parse_job_spec("t", &spec_toml).unwrap();
+    fn submit_spec(key: &str, now_ms: i64, spec_toml: &str) -> Command {
+        let spec = parse_job_spec("t", spec_toml).unwrap();
         Command::SubmitJob {
             spec,
-            spec_toml,
+            spec_toml: spec_toml.to_string(),
             idempotency_key: key.into(),
             now_ms,
         }
     }
 
+    fn submit(key: &str, now_ms: i64) -> Command {
+        submit_spec(key, now_ms, "name = \"hello\"\nkind = \"command\"\ncommand = \"true\"\n")
+    }
+
+    fn gang(workers: u32, max_restarts: u32) -> String {
+        format!(
+            "name = \"gang\"\nkind = \"command\"\ncommand = \"true\"\nmax_restarts = {max_restarts}\n[resources]\nworkers = {workers}\ncpus = 1\n"
+        )
+    }
+
+    fn apply(state: &mut StateMachine, command: Command) -> CommandResult {
+        state.apply(command, &mut Vec::new())
+    }
+
+    fn register(state: &mut StateMachine, uid: &str, cpus: u32) -> WorkerId {
+        let result = apply(
+            state,
+            Command::RegisterWorker {
+                registration: WorkerRegistration {
+                    uid: uid.into(),
+                    address: format!("127.0.0.1:{}", 9000 + cpus),
+                    host: "127.0.0.1".into(),
+                    hostname: "test".into(),
+                    capacity: Capacity {
+                        cpus,
+                        gpus: 0,
+                        memory_bytes: 1 << 30,
+                    },
+                    task_ports: (29500, 29599),
+                },
+                now_ms: 1,
+            },
+        );
+        let CommandResult::WorkerRegistered { worker } = result else {
+            panic!("{result:?}")
+        };
+        worker.id
+    }
+
+    fn start(state: &mut StateMachine, job: JobId, attempt: u32, placement: Vec<WorkerId>) -> CommandResult {
+        apply(
+            state,
+            Command::StartAttempt {
+                job,
+                attempt,
+                placement,
+                master_port: 29500,
+                now_ms: 5,
+            },
+        )
+    }
+
+    fn finish(state: &mut StateMachine, job: JobId, attempt: u32, rank: u32, worker: WorkerId, code: i32) {
+        apply(
+            state,
+            Command::TaskFinished {
+                task: TaskKey { job, attempt, rank },
+                worker,
+                outcome: TaskOutcome::Exited { code },
+                now_ms: 9,
+            },
+        );
+    }
+
     #[test]
     fn idempotency_key_returns_the_same_job() {
         let mut state = StateMachine::default();
-        let (first, _) = state.apply(submit("k1", 10));
-        let (again, event) = state.apply(submit("k1", 20));
+        let first = apply(&mut state, submit("k1", 10));
+        let mut changed = Vec::new();
+        let again = state.apply(submit("k1", 20), &mut changed);
         let (CommandResult::Submitted { job: a, created: true }, CommandResult::Submitted { job: b, created: false }) =
             (first, again)
         else {
             panic!("unexpected results");
         };
         assert_eq!(a, b);
-        assert!(event.is_none());
+        assert!(changed.is_empty());
         assert_eq!(state.job_count(), 1);
     }
 
     #[test]
     fn cancel_follows_the_lifecycle() {
         let mut state = StateMachine::default();
-        state.apply(submit("", 1));
-        let (result, _) = state.apply(Command::CancelJob {
-            id: 1,
-            reason: String::new(),
-            now_ms: 5,
-        });
+        apply(&mut state, submit("", 1));
+        let result = apply(
+            &mut state,
+            Command::CancelJob {
+                id: 1,
+                reason: String::new(),
+                now_ms: 5,
+            },
+        );
         let CommandResult::Cancelled { job } = result else {
             panic!("{result:?}")
         };
         assert_eq!((job.state, job.finished_at_ms), (JobState::Cancelled, Some(5)));
-        let (result, _) = state.apply(Command::CancelJob {
-            id: 9,
-            reason: String::new(),
-            now_ms: 5,
-        });
+        assert_eq!(state.queued_jobs().count(), 0);
+        let result = apply(
+            &mut state,
+            Command::CancelJob {
+                id: 9,
+                reason: String::new(),
+                now_ms: 5,
+            },
+        );
         assert!(matches!(result, CommandResult::Rejected(CoordinatorError::NotFound(_))));
         assert!(!JobState::Succeeded.can_become(JobState::Cancelled));
     }
 
     #[test]
+    fn a_gang_succeeds_when_every_rank_exits_zero() {
+        let mut state = StateMachine::default();
+        let (a, b) = (register(&mut state, "a", 2), register(&mut state, "b", 2));
+        apply(&mut state, submit_spec("", 1, &gang(2, 0)));
+        assert!(matches!(start(&mut state, 1, 1, vec![a, b]), CommandResult::Done));
+        // The same decision again (a duplicate proposal) is refused and changes nothing.
+        assert!(matches!(start(&mut state, 1, 1, vec![a, b]), CommandResult::Rejected(_)));
+        assert_eq!(state.worker(a).unwrap().allocated.cpus, 1);
+        finish(&mut state, 1, 1, 0, a, 0);
+        assert_eq!(state.job(1).unwrap().state, JobState::Running);
+        // A report from the wrong worker, or repeated, changes nothing.
+        finish(&mut state, 1, 1, 1, a, 0);
+        finish(&mut state, 1, 1, 0, a, 3);
+        finish(&mut state, 1, 1, 1, b, 0);
+        let job = state.job(1).unwrap();
+        assert_eq!(job.state, JobState::Succeeded);
+        assert_eq!(job.attempts[0].state, AttemptState::Succeeded);
+        assert_eq!(state.worker(a).unwrap().allocated, Capacity::default());
+        assert!(state.worker(b).unwrap().tasks.is_empty());
+    }
+
+    #[test]
+    fn a_failed_rank_stops_its_gang_and_restarts_the_job() {
+        let mut state = StateMachine::default();
+        let (a, b) = (register(&mut state, "a", 2), register(&mut state, "b", 2));
+        apply(&mut state, submit_spec("", 1, &gang(2, 1)));
+        start(&mut state, 1, 1, vec![a, b]);
+        finish(&mut state, 1, 1, 1, b, 7);
+        let job = state.job(1).unwrap();
+        assert_eq!(job.state, JobState::Queued);
+        assert!(job.message.contains("rank 1 exited with code 7 on worker 2"), "{}", job.message);
+        assert!(job.attempts[0].tasks[0].stop_requested);
+        // Rank 0 still holds its slot until its worker reports it stopped.
+        assert_eq!(state.worker(a).unwrap().allocated.cpus, 1);
+        assert_eq!(state.queued_jobs().count(), 1);
+        apply(
+            &mut state,
+            Command::TaskFinished {
+                task: TaskKey {
+                    job: 1,
+                    attempt: 1,
+                    rank: 0,
+                },
+                worker: a,
+                outcome: TaskOutcome::Signalled { signal: 15 },
+                now_ms: 10,
+            },
+        );
+        assert_eq!(state.job(1).unwrap().attempts[0].tasks[0].state, TaskState::Killed);
+        start(&mut state, 1, 2, vec![a, a]);
+        // The second attempt loses its worker: no restarts left, so the job fails with the reason.
+        apply(
+            &mut state,
+            Command::WorkerLost {
+                worker: a,
+                reason: "missed its lease".into(),
+                now_ms: 20,
+            },
+        );
+        let job = state.job(1).unwrap();
+        assert_eq!(job.state, JobState::Failed);
+        assert!(job.message.contains("missed its lease"), "{}", job.message);
+        assert_eq!(state.worker(a).unwrap().allocated, Capacity::default());
+        assert!(matches!(start(&mut state, 1, 3, vec![b, b]), CommandResult::Rejected(_)));
+    }
+
+    #[test]
+    fn too_large_jobs_are_refused_and_restarted_workers_keep_their_id() {
+        let mut state = StateMachine::default();
+        // With no workers at all, jobs wait.
+        assert!(matches!(
+            apply(&mut state, submit_spec("", 1, &gang(8, 0))),
+            CommandResult::Submitted { .. }
+        ));
+        let a = register(&mut state, "a", 2);
+        let result = apply(
+            &mut state,
+            submit_spec(
+                "",
+                1,
+                "name = \"big\"\nkind = \"command\"\ncommand = \"x\"\n[resources]\ngpus = 5\n",
+            ),
+        );
+        let CommandResult::Rejected(error) = result else {
+            panic!("{result:?}")
+        };
+        assert!(error.to_string().contains("5 gpus"), "{error}");
+        assert_eq!(state.job_count(), 1);
+        apply(&mut state, submit_spec("", 1, &gang(1, 0)));
+        start(&mut state, 2, 1, vec![a]);
+        assert_eq!(register(&mut state, "a", 4), a);
+        let worker = state.worker(a).unwrap();
+        assert_eq!((worker.registrations, worker.capacity.cpus), (2, 4));
+        assert_eq!(worker.allocated, Capacity::default());
+        assert_eq!(state.job(2).unwrap().state, JobState::Failed);
+        assert!(matches!(
+            state.query(&Query::GetWorker { id: 42 }),
+            QueryResult::Rejected(CoordinatorError::NotFound(_))
+        ));
+    }
+
+    #[test]
     fn snapshot_round_trip_and_version_check() {
         let mut state = StateMachine::default();
-        state.apply(submit("a", 1));
+        apply(&mut state, submit("a", 1));
+        register(&mut state, "w", 2);
         state.record_member(1, Some("127.0.0.1:7071".into()));
         let bytes = state.to_snapshot().unwrap();
         assert_eq!(StateMachine::from_snapshot(&bytes).unwrap(), state);

@@ -61,9 +61,11 @@ pub(super) fn run_event_loop(
     receiver: Receiver<Event>,
     mut transport: Transport,
     job_events: broadcast::Sender<(u64, Job)>,
+    views: tokio::sync::watch::Sender<AppliedView>,
     tick_interval: Duration,
     shutdown: CancellationToken,
 ) -> Result<(), CoordinatorError> {
+    let mut published = (0u64, false);
     let mut waiting: HashMap<Token, oneshot::Sender<Reply>> = HashMap::new();
     let mut next_token: Token = 0;
     let snapshots = spawn_snapshot_worker(transport.events.clone())?;
@@ -142,6 +144,16 @@ pub(super) fn run_event_loop(
             }
         }
         let output = node.ready()?;
+        // Published before replies go out: whoever learns a write committed also sees its effect here.
+        let now = (node.applied_index(), node.is_leader_ready());
+        if now != published {
+            published = now;
+            views.send_replace(AppliedView {
+                applied_index: now.0,
+                leader_ready: now.1,
+                state: node.state().clone(),
+            });
+        }
         if let Some(task) = output.snapshot {
             // The node sends at most one at a time, so this never waits.
             let _ = snapshots.send(task);

@@ -32,6 +32,7 @@ use pb::cluster_service_server::{ClusterService, ClusterServiceServer};
 use pb::job_service_server::{JobService, JobServiceServer};
 use pb::raft_peer_client::RaftPeerClient;
 use pb::raft_peer_server::{RaftPeer, RaftPeerServer};
+use pb::worker_service_server::{WorkerService, WorkerServiceServer};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChangeType, Message, MessageType};
 use serde::{Deserialize, Serialize};
@@ -42,9 +43,10 @@ use tonic::{Request as GrpcRequest, Response, Status};
 
 use crate::error::CoordinatorError;
 use crate::node::{Node, NodeConfig, NodeStatus, Reply, SavedSnapshot, SnapshotTask, Token, raft_logger};
+use crate::scheduler::SchedulerConfig;
 use crate::spec::parse_job_spec;
 use crate::state::{
-    Command, CommandResult, IDEMPOTENCY_KEY_LENGTH_MAX, Job, JobId, JobState, NodeId, Query, QueryResult, Request,
+    Command, CommandResult, IDEMPOTENCY_KEY_LENGTH_MAX, Job, JobId, Worker, WorkerId, JobState, NodeId, Query, QueryResult, Request,
     StateMachine, decode, encode,
 };
 use crate::storage::{Databases, LogStore};
@@ -52,11 +54,13 @@ use crate::storage::{Databases, LogStore};
 mod event_loop;
 mod services;
 mod transport;
+mod workers;
 
 use event_loop::{Event, run_event_loop};
 use services::Shared;
 pub use services::WriteOutcome;
 use transport::{Transport, peer_client, raft_event};
+use workers::{Hub, HubEvent};
 
 /// Events waiting for the loop; beyond this callers are told to retry.
 const EVENT_QUEUE_CAPACITY: usize = 8192;
@@ -73,8 +77,20 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Batches queued on one peer stream; beyond this they are dropped (raft-rs resends).
 const STREAM_BUFFER_BATCHES: usize = 256;
+/// Worker stream messages and reports waiting for the leader's worker hub; beyond this workers wait.
+const HUB_QUEUE_CAPACITY: usize = 4096;
 /// How long a batch that carries a snapshot may take to be acknowledged.
 const SNAPSHOT_SEND_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The state as of the last applied entry, published by the event loop after every change. Cloning the
+/// state is cheap (persistent maps), so readers never wait for the loop.
+#[derive(Debug, Clone, Default)]
+pub struct AppliedView {
+    pub applied_index: u64,
+    /// See [`Node::is_leader_ready`]: the scheduler and the worker streams run only while this holds.
+    pub leader_ready: bool,
+    pub state: StateMachine,
+}
 
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
@@ -92,6 +108,9 @@ pub struct CoordinatorConfig {
     pub tick_interval: Duration,
     /// How long a client request may take end to end, retries and forwarding included.
     pub request_timeout: Duration,
+    /// A worker not heard from for this long is declared lost.
+    pub worker_lease: Duration,
+    pub scheduler: SchedulerConfig,
 }
 
 impl CoordinatorConfig {
@@ -105,6 +124,8 @@ impl CoordinatorConfig {
             data_dir,
             tick_interval: Duration::from_millis(50),
             request_timeout: Duration::from_secs(10),
+            worker_lease: Duration::from_secs(5),
+            scheduler: SchedulerConfig::default(),
         }
     }
 
@@ -123,6 +144,12 @@ impl CoordinatorConfig {
                     .map(|id| id.to_string())
                     .collect::<Vec<_>>()
                     .join(", ")
+            )));
+        }
+        if self.worker_lease < Duration::from_millis(200) {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "the worker lease is {} ms; expected at least 200 ms (workers heartbeat at a fifth of it)",
+                self.worker_lease.as_millis()
             )));
         }
         if self.tick_interval.is_zero() {
@@ -225,6 +252,7 @@ impl Coordinator {
         let shutdown = CancellationToken::new();
         let (events, receiver) = std::sync::mpsc::sync_channel(EVENT_QUEUE_CAPACITY);
         let (job_events, _) = broadcast::channel(WATCH_BUFFER_EVENTS);
+        let (views, view) = tokio::sync::watch::channel(AppliedView::default());
         let transport = Transport {
             self_id: id,
             self_addr: raft_advertised.clone(),
@@ -251,6 +279,7 @@ impl Coordinator {
                     receiver,
                     transport,
                     loop_events,
+                    views,
                     tick_interval,
                     loop_shutdown.clone(),
                 );
@@ -262,6 +291,7 @@ impl Coordinator {
             })
             .map_err(|error| CoordinatorError::Internal(format!("starting the event loop: {error}")))?;
 
+        let (hub_events, hub_receiver) = tokio::sync::mpsc::channel(HUB_QUEUE_CAPACITY);
         let shared = Shared {
             node_id: id,
             shutdown: shutdown.clone(),
@@ -273,10 +303,23 @@ impl Coordinator {
             request_timeout: config.request_timeout,
             peers: Arc::new(Mutex::new(HashMap::new())),
             generated_keys: Arc::new(AtomicU64::new(0)),
+            view,
+            hub: hub_events,
+            worker_lease: config.worker_lease,
         };
+        tokio::spawn(
+            Hub::new(
+                shared.clone(),
+                hub_receiver,
+                config.worker_lease,
+                config.scheduler.clone(),
+            )
+            .run(),
+        );
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<JobServiceServer<Shared>>().await;
         health.set_serving::<ClusterServiceServer<Shared>>().await;
+        health.set_serving::<WorkerServiceServer<Shared>>().await;
         health.set_serving::<RaftPeerServer<Shared>>().await;
 
         let mut servers = tokio::task::JoinSet::new();
@@ -284,6 +327,7 @@ impl Coordinator {
             .add_service(health_service.clone())
             .add_service(JobServiceServer::new(shared.clone()))
             .add_service(ClusterServiceServer::new(shared.clone()))
+            .add_service(WorkerServiceServer::new(shared.clone()))
             .serve_with_incoming_shutdown(incoming(api_listener), shutdown.clone().cancelled_owned());
         servers.spawn(api);
         let peer = tonic::transport::Server::builder()

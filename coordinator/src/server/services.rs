@@ -10,6 +10,9 @@ pub enum WriteOutcome {
     Cancelled { job: Job },
     Membership { voters: Vec<NodeId>, learners: Vec<NodeId> },
     LeaderIs { id: NodeId },
+    WorkerRegistered { worker: Worker },
+    /// Milliseconds since the leader last heard from each worker.
+    Leases { ages_ms: BTreeMap<WorkerId, i64> },
 }
 
 /// What the gRPC handlers share: a way to reach the loop, and to reach peers.
@@ -26,6 +29,10 @@ pub(super) struct Shared {
     pub(super) request_timeout: Duration,
     pub(super) peers: Arc<Mutex<HashMap<String, RaftPeerClient<Channel>>>>,
     pub(super) generated_keys: Arc<AtomicU64>,
+    /// The latest applied state.
+    pub(super) view: tokio::sync::watch::Receiver<AppliedView>,
+    pub(super) hub: tokio::sync::mpsc::Sender<HubEvent>,
+    pub(super) worker_lease: Duration,
 }
 
 impl Shared {
@@ -51,11 +58,11 @@ impl Shared {
         }
     }
 
-    async fn status(&self) -> Result<NodeStatus, CoordinatorError> {
+    pub(super) async fn status(&self) -> Result<NodeStatus, CoordinatorError> {
         self.ask(|reply| Event::Status { reply }).await
     }
 
-    async fn query(&self, query: Query) -> Result<QueryResult, CoordinatorError> {
+    pub(super) async fn query(&self, query: Query) -> Result<QueryResult, CoordinatorError> {
         match self.ask(|reply| Event::Read { query, reply }).await? {
             Reply::Query(QueryResult::Rejected(error)) | Reply::Failed(error) => Err(error),
             Reply::Query(result) => Ok(result),
@@ -65,7 +72,7 @@ impl Shared {
         }
     }
 
-    async fn propose(&self, command: Command) -> Result<CommandResult, CoordinatorError> {
+    pub(super) async fn propose(&self, command: Command) -> Result<CommandResult, CoordinatorError> {
         match self.ask(|reply| Event::Propose { command, reply }).await? {
             Reply::Command(CommandResult::Rejected(error)) | Reply::Failed(error) => Err(error),
             Reply::Command(result) => Ok(result),
@@ -110,7 +117,7 @@ impl Shared {
 
     /// Runs a write here when this node leads, otherwise on the leader; retries through elections
     /// until the request deadline.
-    async fn execute(&self, request: Request) -> Result<WriteOutcome, CoordinatorError> {
+    pub(super) async fn execute(&self, request: Request) -> Result<WriteOutcome, CoordinatorError> {
         let deadline = Instant::now() + self.request_timeout;
         let mut backoff = Duration::from_millis(20);
         loop {
@@ -199,10 +206,25 @@ impl Shared {
             Request::AddMember { id, raft_addr, learner } => self.add_member(id, raft_addr, learner).await,
             Request::RemoveMember { id } => self.remove_member(id).await,
             Request::TransferLeader { id } => self.transfer_leader(id).await,
+            Request::RegisterWorker(registration) => {
+                match self
+                    .propose(Command::RegisterWorker {
+                        registration,
+                        now_ms: now_ms(),
+                    })
+                    .await?
+                {
+                    CommandResult::WorkerRegistered { worker } => Ok(WriteOutcome::WorkerRegistered { worker }),
+                    other => Err(CoordinatorError::Internal(format!(
+                        "unexpected registration result {other:?}"
+                    ))),
+                }
+            }
+            Request::WorkerLeases => self.worker_leases().await,
         }
     }
 
-    async fn leader_status(&self) -> Result<NodeStatus, CoordinatorError> {
+    pub(super) async fn leader_status(&self) -> Result<NodeStatus, CoordinatorError> {
         let status = self.status().await?;
         if status.role != "leader" {
             let leader_id = (status.leader_id != 0).then_some(status.leader_id);
@@ -354,10 +376,29 @@ impl From<&Job> for pb::Job {
                 .iter()
                 .map(|attempt| pb::Attempt {
                     number: attempt.number,
-                    state: attempt.state.clone(),
+                    state: attempt.state.label().to_string(),
                     started_at_ms: attempt.started_at_ms,
                     ended_at_ms: attempt.ended_at_ms.unwrap_or(0),
                     message: attempt.message.clone(),
+                    master_addr: attempt.master_addr.clone(),
+                    master_port: attempt.master_port.into(),
+                    tasks: attempt
+                        .tasks
+                        .iter()
+                        .map(|task| pb::TaskInfo {
+                            rank: task.rank,
+                            worker_id: task.worker,
+                            worker_address: task.worker_address.clone(),
+                            local_rank: task.local_rank,
+                            local_world_size: task.local_world_size,
+                            state: task.state.label().to_string(),
+                            stop_requested: task.stop_requested,
+                            exit_code: task.exit_code,
+                            signal: task.signal,
+                            ended_at_ms: task.ended_at_ms.unwrap_or(0),
+                            message: task.message.clone(),
+                        })
+                        .collect(),
                 })
                 .collect(),
             submitted_at_ms: job.submitted_at_ms,
