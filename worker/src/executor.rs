@@ -1,0 +1,325 @@
+//! Runs tasks as child processes: one process group, one directory, two log files each.
+//!
+//! Layout under the data directory:
+//! ```text
+//!   tasks/job-J/attempt-A/rank-R/stdout.log, stderr.log, work/   (work/ is the task's working directory)
+//!   running/job-J-A-R.pid                                         (removed when the task exits)
+//! ```
+//! A pid file outliving its worker process marks a task that process left behind; the next worker process
+//! kills its group before registering (after checking that the process still runs in that task's
+//! directory, so a recycled pid is never hit).
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_proto as pb;
+use tokio::sync::mpsc;
+
+/// A task: a rank of one attempt of one job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct Key {
+    pub job: u64,
+    pub attempt: u32,
+    pub rank: u32,
+}
+
+impl Key {
+    pub(crate) fn from_proto(key: &pb::TaskKey) -> Key {
+        Key {
+            job: key.job_id,
+            attempt: key.attempt,
+            rank: key.rank,
+        }
+    }
+
+    pub(crate) fn to_proto(self) -> pb::TaskKey {
+        pb::TaskKey {
+            job_id: self.job,
+            attempt: self.attempt,
+            rank: self.rank,
+        }
+    }
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "job {} attempt {} rank {}", self.job, self.attempt, self.rank)
+    }
+}
+
+pub(crate) fn task_dir(data_dir: &Path, key: Key) -> PathBuf {
+    data_dir
+        .join("tasks")
+        .join(format!("job-{}", key.job))
+        .join(format!("attempt-{}", key.attempt))
+        .join(format!("rank-{}", key.rank))
+}
+
+fn pid_file(data_dir: &Path, key: Key) -> PathBuf {
+    data_dir
+        .join("running")
+        .join(format!("job-{}-{}-{}.pid", key.job, key.attempt, key.rank))
+}
+
+struct Running {
+    process_group: i32,
+    alive: Arc<AtomicBool>,
+    gpus: Vec<u32>,
+}
+
+/// The tasks running now, shared with the log server (which follows output until its task ends).
+pub(crate) type RunningSet = Arc<Mutex<HashSet<Key>>>;
+
+pub(crate) struct Executor {
+    data_dir: PathBuf,
+    worker_id: u64,
+    kill_grace: Duration,
+    running: HashMap<Key, Running>,
+    visible: RunningSet,
+    /// Every task this worker process was asked to start, so a repeated assignment is ignored.
+    started: HashSet<Key>,
+    exits: mpsc::Sender<(Key, pb::task_report::Outcome)>,
+    free_gpus: Vec<u32>,
+}
+
+fn signal_group(process_group: i32, signal: rustix::process::Signal) {
+    if let Some(pid) = rustix::process::Pid::from_raw(process_group) {
+        // ESRCH (already gone) is the common, harmless case.
+        let _ = rustix::process::kill_process_group(pid, signal);
+    }
+}
+
+impl Executor {
+    pub(crate) fn new(
+        data_dir: PathBuf,
+        gpus: u32,
+        kill_grace: Duration,
+        exits: mpsc::Sender<(Key, pb::task_report::Outcome)>,
+    ) -> Executor {
+        Executor {
+            data_dir,
+            worker_id: 0,
+            kill_grace,
+            running: HashMap::new(),
+            visible: Arc::new(Mutex::new(HashSet::new())),
+            started: HashSet::new(),
+            exits,
+            free_gpus: (0..gpus).collect(),
+        }
+    }
+
+    pub(crate) fn set_worker_id(&mut self, id: u64) {
+        self.worker_id = id;
+    }
+
+    pub(crate) fn running_set(&self) -> RunningSet {
+        self.visible.clone()
+    }
+
+    pub(crate) fn running_keys(&self) -> Vec<Key> {
+        let mut keys: Vec<Key> = self.running.keys().copied().collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    /// Kills what an earlier worker process with this data directory left running.
+    pub(crate) fn kill_leftovers(&self) {
+        let Ok(entries) = std::fs::read_dir(self.data_dir.join("running")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let pid = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|text| text.trim().parse::<i32>().ok());
+            let name = path.file_stem().and_then(|stem| stem.to_str()).unwrap_or_default();
+            let key = name.strip_prefix("job-").and_then(|rest| {
+                let mut parts = rest.split('-').map(|part| part.parse::<u64>().ok());
+                Some(Key {
+                    job: parts.next()??,
+                    attempt: parts.next()?? as u32,
+                    rank: parts.next()?? as u32,
+                })
+            });
+            if let (Some(pid), Some(key)) = (pid, key) {
+                let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
+                let work = task_dir(&self.data_dir, key).join("work");
+                if cwd.is_some_and(|cwd| cwd.starts_with(&work)) {
+                    tracing::warn!(%key, pid, "killing a task an earlier worker process left running");
+                    signal_group(pid, rustix::process::Signal::KILL);
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+
+    /// Starts an assigned task, unless this process already did. A task that cannot start is reported
+    /// through the exit channel like any other ending.
+    pub(crate) fn start(&mut self, assign: pb::AssignTask) {
+        let Some(key) = assign.task.as_ref().map(Key::from_proto) else {
+            return;
+        };
+        if !self.started.insert(key) {
+            return;
+        }
+        if let Err(message) = self.spawn(key, &assign) {
+            tracing::warn!(%key, %message, "task could not start");
+            let exits = self.exits.clone();
+            tokio::spawn(async move {
+                let _ = exits
+                    .send((key, pb::task_report::Outcome::FailedToStart(message)))
+                    .await;
+            });
+        }
+    }
+
+    fn spawn(&mut self, key: Key, assign: &pb::AssignTask) -> Result<(), String> {
+        if assign.kind != "command" {
+            return Err(format!(
+                "task kind '{}' is not supported by this worker; it runs \"command\" tasks",
+                assign.kind
+            ));
+        }
+        let dir = task_dir(&self.data_dir, key);
+        let work = dir.join("work");
+        std::fs::create_dir_all(&work).map_err(|error| format!("creating {}: {error}", work.display()))?;
+        std::fs::create_dir_all(self.data_dir.join("running"))
+            .map_err(|error| format!("creating {}: {error}", self.data_dir.join("running").display()))?;
+        if key.rank == 0 {
+            // The port was reserved by the scheduler, but something outside Kiln may hold it.
+            let port = u16::try_from(assign.master_port).unwrap_or(0);
+            if let Err(error) = std::net::TcpListener::bind((assign.master_addr.as_str(), port)) {
+                return Err(format!(
+                    "MASTER_PORT {port} on {} cannot be used ({error}); the next attempt picks another port",
+                    assign.master_addr
+                ));
+            }
+        }
+        let wanted_gpus = assign.resources.as_ref().map_or(0, |resources| resources.gpus) as usize;
+        if wanted_gpus > self.free_gpus.len() {
+            return Err(format!(
+                "the task needs {wanted_gpus} GPUs but this worker has {} free",
+                self.free_gpus.len()
+            ));
+        }
+        let open = |name: &str| {
+            std::fs::File::create(dir.join(name)).map_err(|error| format!("creating {}: {error}", dir.join(name).display()))
+        };
+        let (stdout, stderr) = (open("stdout.log")?, open("stderr.log")?);
+        let mut command = tokio::process::Command::new(&assign.command);
+        command
+            .args(&assign.args)
+            .current_dir(&work)
+            .envs(&assign.env)
+            .env("RANK", key.rank.to_string())
+            .env("WORLD_SIZE", assign.world_size.to_string())
+            .env("LOCAL_RANK", assign.local_rank.to_string())
+            .env("LOCAL_WORLD_SIZE", assign.local_world_size.to_string())
+            .env("GROUP_RANK", "0")
+            .env("MASTER_ADDR", &assign.master_addr)
+            .env("MASTER_PORT", assign.master_port.to_string())
+            .env("KILN_JOB_ID", key.job.to_string())
+            .env("KILN_JOB_NAME", &assign.job_name)
+            .env("KILN_ATTEMPT", key.attempt.to_string())
+            .env("KILN_WORKER_ID", self.worker_id.to_string())
+            .env("KILN_RUN_DIR", &work)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0)
+            .kill_on_drop(false);
+        let gpus: Vec<u32> = self.free_gpus.drain(..wanted_gpus).collect();
+        if !gpus.is_empty() {
+            let list: Vec<String> = gpus.iter().map(|gpu| gpu.to_string()).collect();
+            command.env("CUDA_VISIBLE_DEVICES", list.join(","));
+        }
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(error) => {
+                self.free_gpus.extend(gpus);
+                return Err(if error.kind() == std::io::ErrorKind::NotFound {
+                    format!(
+                        "command '{}' was not found (looked in PATH and {})",
+                        assign.command,
+                        work.display()
+                    )
+                } else {
+                    format!("starting '{}': {error}", assign.command)
+                });
+            }
+        };
+        let pid = child.id().unwrap_or(0) as i32;
+        let _ = std::fs::write(pid_file(&self.data_dir, key), pid.to_string());
+        let alive = Arc::new(AtomicBool::new(true));
+        self.running.insert(
+            key,
+            Running {
+                process_group: pid,
+                alive: alive.clone(),
+                gpus,
+            },
+        );
+        self.visible.lock().expect("running set poisoned").insert(key);
+        tracing::info!(%key, pid, command = %assign.command, "task started");
+        let exits = self.exits.clone();
+        tokio::spawn(async move {
+            let outcome = match child.wait().await {
+                Ok(status) => match (status.code(), status.signal()) {
+                    (Some(code), _) => pb::task_report::Outcome::ExitCode(code),
+                    (None, Some(signal)) => pb::task_report::Outcome::Signal(signal),
+                    (None, None) => pb::task_report::Outcome::ExitCode(-1),
+                },
+                Err(error) => pb::task_report::Outcome::FailedToStart(format!("waiting for the process: {error}")),
+            };
+            alive.store(false, Ordering::SeqCst);
+            let _ = exits.send((key, outcome)).await;
+        });
+        Ok(())
+    }
+
+    /// Bookkeeping once a task's exit has been seen.
+    pub(crate) fn finished(&mut self, key: Key) {
+        if let Some(running) = self.running.remove(&key) {
+            self.free_gpus.extend(running.gpus);
+            self.free_gpus.sort_unstable();
+            let _ = std::fs::remove_file(pid_file(&self.data_dir, key));
+        }
+        self.visible.lock().expect("running set poisoned").remove(&key);
+    }
+
+    /// SIGTERM to the task's process group, SIGKILL after the grace period if it is still there.
+    pub(crate) fn kill(&self, key: Key, reason: &str) {
+        let Some(running) = self.running.get(&key) else { return };
+        tracing::info!(%key, reason, "stopping task");
+        signal_group(running.process_group, rustix::process::Signal::TERM);
+        let (group, alive, grace) = (running.process_group, running.alive.clone(), self.kill_grace);
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            if alive.load(Ordering::SeqCst) {
+                signal_group(group, rustix::process::Signal::KILL);
+            }
+        });
+    }
+
+    pub(crate) fn kill_all(&self, reason: &str) {
+        for key in self.running.keys() {
+            self.kill(*key, reason);
+        }
+    }
+
+    pub(crate) fn is_idle(&self) -> bool {
+        self.running.is_empty()
+    }
+
+    /// Forgets which tasks were started: after registering again, the cluster numbers attempts anew
+    /// only for new attempts, so nothing it sends can be a repeat of an old start.
+    pub(crate) fn forget_started(&mut self) {
+        let running: HashSet<Key> = self.running.keys().copied().collect();
+        self.started.retain(|key| running.contains(key));
+    }
+}

@@ -1,0 +1,27 @@
+//! GPU detection. With the `cuda` feature the CUDA driver is loaded at run time and asked for its device
+//! count; a machine without the driver (or a build without the feature) has no GPUs.
+
+/// The number of CUDA devices this machine has, 0 when there is no driver.
+pub fn detect_gpus() -> u32 {
+    detect()
+}
+
+#[cfg(feature = "cuda")]
+fn detect() -> u32 {
+    // Loading the driver panics when it is missing, so check that it is there first.
+    if !cudarc::driver::sys::is_culib_present() {
+        return 0;
+    }
+    match cudarc::driver::CudaContext::device_count() {
+        Ok(count) => count.max(0) as u32,
+        Err(error) => {
+            tracing::warn!(%error, "the CUDA driver is present but counting devices failed; offering no GPUs");
+            0
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn detect() -> u32 {
+    0
+}
