@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use kiln_coordinator::client::{Client, new_idempotency_key};
 use kiln_coordinator::spec::parse_job_spec;
 use kiln_coordinator::{Coordinator, CoordinatorConfig};
+use kiln_worker::{Worker, WorkerConfig};
 use kiln_proto as pb;
 
 #[derive(Parser)]
@@ -71,6 +72,15 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Run a worker: register with the cluster and run the tasks it is given.
+    Worker(WorkerArgs),
+    /// List and show workers.
+    Workers {
+        #[command(subcommand)]
+        command: WorkersCommand,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Inspect and change the coordinator group.
     Cluster {
         #[command(subcommand)]
@@ -111,6 +121,71 @@ struct CoordinatorArgs {
     /// Seconds a client request may take inside the cluster (forwarding and retries included).
     #[arg(long, default_value_t = 10)]
     request_timeout: u64,
+    #[command(flatten)]
+    scheduling: SchedulingArgs,
+}
+
+#[derive(Args, Clone)]
+struct SchedulingArgs {
+    /// A worker not heard from for this long is declared lost (e.g. 5s, 1500ms).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    worker_lease: Duration,
+    /// How long a job that does not fit may be passed by smaller jobs behind it before they wait for it.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    backfill_window: Duration,
+}
+
+impl SchedulingArgs {
+    fn apply(&self, config: &mut CoordinatorConfig) {
+        config.worker_lease = self.worker_lease;
+        config.scheduler.backfill_window_ms = self.backfill_window.as_millis() as i64;
+    }
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// Coordinator addresses, comma-separated; the worker follows the leader among them.
+    #[arg(long, env = "KILN_COORDINATOR", default_value = "127.0.0.1:7070")]
+    coordinator: String,
+    /// CPU slots offered (default: the machine's cores).
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// GPUs offered (default: detected with the `cuda` build, else none).
+    #[arg(long)]
+    gpus: Option<u32>,
+    /// Memory offered, e.g. 8GiB (default: the machine's).
+    #[arg(long)]
+    memory: Option<String>,
+    /// Where task directories and logs live; a restart with the same directory is the same worker.
+    #[arg(long, env = "KILN_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Where this worker serves task logs (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// The host other ranks and clients reach this worker at (default: the --listen address).
+    #[arg(long)]
+    advertise_host: Option<String>,
+    /// Ports this worker reserves for rank 0 of its jobs (MASTER_PORT).
+    #[arg(long, default_value = "29500-29999")]
+    task_ports: String,
+    /// Seconds a task has to exit after SIGTERM before SIGKILL.
+    #[arg(long, default_value_t = 5)]
+    kill_grace: u64,
+}
+
+#[derive(Subcommand)]
+enum WorkersCommand {
+    /// Every worker: address, state, free and total resources, running tasks, last heartbeat.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One worker.
+    Show {
+        id: u64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -122,6 +197,14 @@ struct UpArgs {
     listen: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:7071")]
     raft_listen: SocketAddr,
+    /// Workers to run in this process.
+    #[arg(long, default_value_t = 0)]
+    workers: u32,
+    /// CPU slots each embedded worker offers (default: the machine's cores).
+    #[arg(long)]
+    worker_cpus: Option<u32>,
+    #[command(flatten)]
+    scheduling: SchedulingArgs,
 }
 
 #[derive(Subcommand)]
@@ -147,6 +230,27 @@ enum JobsCommand {
         id: u64,
         #[arg(long, default_value = "")]
         reason: String,
+    },
+    /// Wait for a job to finish: exit 0 when it succeeded, 1 with the reason otherwise.
+    Wait {
+        id: u64,
+        /// Give up after this long (e.g. 10m); by default wait as long as it takes.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_wait: Option<Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a rank's stdout and stderr (from the worker that ran it).
+    Logs {
+        id: u64,
+        #[arg(long, default_value_t = 0)]
+        rank: u32,
+        /// Which attempt (default: the latest).
+        #[arg(long)]
+        attempt: Option<u32>,
+        /// Keep printing until the rank exits (waits for the job to start if it is queued).
+        #[arg(long, short = 'f')]
+        follow: bool,
     },
     /// Print every change to the given jobs (all jobs when none given) until interrupted.
     Watch {
@@ -253,6 +357,7 @@ async fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
     config.node.snapshot_interval_entries = args.snapshot_interval.max(1);
     config.tick_interval = Duration::from_millis(args.tick_ms.max(1));
     config.request_timeout = Duration::from_secs(args.request_timeout.max(1));
+    args.scheduling.apply(&mut config);
     let coordinator = Coordinator::start(config).await?;
     println!(
         "coordinator {} serving clients on {} and peers on {}",
@@ -268,8 +373,23 @@ async fn run_up(args: UpArgs) -> Result<()> {
     config.api_listen = args.listen;
     config.raft_listen = args.raft_listen;
     config.peers.insert(1, args.raft_listen.to_string());
+    args.scheduling.apply(&mut config);
     let coordinator = Coordinator::start(config).await?;
-    println!("kiln is up: an embedded single-node cluster");
+    let mut workers = Vec::new();
+    for index in 1..=args.workers {
+        let mut worker_config = WorkerConfig::new(
+            vec![coordinator.api_addr.to_string()],
+            args.data_dir.join(format!("worker-{index}")),
+        );
+        if let Some(cpus) = args.worker_cpus {
+            worker_config.cpus = cpus;
+        }
+        let mut worker = Worker::start(worker_config).await?;
+        let id = worker.registered().await.context("the embedded worker stopped before registering")?;
+        println!("  worker {id}         {} (data {}/worker-{index})", worker.address, args.data_dir.display());
+        workers.push(worker);
+    }
+    println!("kiln is up: an embedded single-node cluster with {} worker(s)", workers.len());
     println!(
         "  coordinator API  {}   (kiln --coordinator {} …)",
         coordinator.api_addr, coordinator.api_addr
@@ -277,8 +397,146 @@ async fn run_up(args: UpArgs) -> Result<()> {
     println!("  raft peers       {}", coordinator.raft_addr);
     println!("  data             {}", args.data_dir.display());
     println!("Try: kiln submit examples/jobs/hello.toml && kiln jobs list. Ctrl-C stops it.");
-    tokio::spawn(shutdown_on_signal(coordinator.shutdown_token()));
-    coordinator.wait().await?;
+    let token = coordinator.shutdown_token();
+    tokio::spawn(shutdown_on_signal(token.clone()));
+    token.cancelled().await;
+    for worker in workers {
+        worker.shutdown().await;
+    }
+    coordinator.shutdown().await?;
+    Ok(())
+}
+
+async fn run_worker(args: WorkerArgs) -> Result<()> {
+    let coordinators: Vec<String> = args
+        .coordinator
+        .split(',')
+        .map(|address| address.trim().to_string())
+        .filter(|address| !address.is_empty())
+        .collect();
+    let mut config = WorkerConfig::new(coordinators, args.data_dir);
+    if let Some(cpus) = args.cpus {
+        config.cpus = cpus;
+    }
+    config.gpus = args.gpus;
+    config.memory_bytes = args
+        .memory
+        .as_deref()
+        .map(kiln_coordinator::spec::parse_memory)
+        .transpose()
+        .map_err(|message| anyhow::anyhow!("--memory: {message}"))?;
+    config.listen = args.listen;
+    config.advertise_host = args.advertise_host;
+    config.task_ports = kiln_worker::parse_port_range(&args.task_ports).map_err(|message| anyhow::anyhow!("--task-ports: {message}"))?;
+    config.kill_grace = Duration::from_secs(args.kill_grace);
+    let mut worker = Worker::start(config).await?;
+    println!("worker serving logs on {}; registering with {}", worker.address, args.coordinator);
+    let token = worker.shutdown_token();
+    tokio::spawn(shutdown_on_signal(token.clone()));
+    tokio::select! {
+        id = worker.registered() => {
+            if let Some(id) = id {
+                println!("registered as worker {id}");
+            }
+        }
+        () = token.cancelled() => {}
+    }
+    worker.wait().await;
+    Ok(())
+}
+
+async fn workers(command: WorkersCommand, target: Target) -> Result<()> {
+    let mut client = target.client()?;
+    match command {
+        WorkersCommand::List { json } => {
+            let workers = client.list_workers().await.map_err(output::status_error)?;
+            output::print_workers(&workers, json)
+        }
+        WorkersCommand::Show { id, json } => {
+            let worker = client.get_worker(id).await.map_err(output::status_error)?;
+            output::print_worker(&worker, json)
+        }
+    }
+}
+
+async fn wait_job(client: &mut Client, id: u64, max_wait: Option<Duration>, json: bool) -> Result<()> {
+    let waited = client.wait_job(id);
+    let job = match max_wait {
+        Some(limit) => tokio::time::timeout(limit, waited)
+            .await
+            .map_err(|_| anyhow::anyhow!("job {id} did not finish within {}", humantime::format_duration(limit)))?,
+        None => waited.await,
+    }
+    .map_err(output::status_error)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&output::job_json(&job))?);
+    }
+    let state = output::state_label(job.state);
+    if job.state == pb::JobState::Succeeded as i32 {
+        if !json {
+            println!("job {id} succeeded: {}", job.message);
+        }
+        Ok(())
+    } else {
+        bail!("job {id} {state}: {}", job.message)
+    }
+}
+
+async fn job_logs(client: &mut Client, id: u64, rank: u32, attempt: Option<u32>, follow: bool) -> Result<()> {
+    use std::io::Write;
+    let job = loop {
+        let job = client.get_job(id).await.map_err(output::status_error)?;
+        let resources = job.resources.unwrap_or_default();
+        if rank >= resources.workers {
+            bail!("job {id} has ranks 0 to {}; there is no rank {rank}", resources.workers.saturating_sub(1));
+        }
+        if !job.attempts.is_empty() || !follow || kiln_coordinator::client::is_finished(job.state) {
+            break job;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let chosen = match attempt {
+        Some(number) => job.attempts.iter().find(|candidate| candidate.number == number).with_context(|| {
+            format!("job {id} has no attempt {number} (it has {})", job.attempts.len())
+        })?,
+        None => job
+            .attempts
+            .last()
+            .with_context(|| format!("job {id} has not started yet ({}); no output to show", output::state_label(job.state)))?,
+    };
+    let task = chosen
+        .tasks
+        .iter()
+        .find(|task| task.rank == rank)
+        .with_context(|| format!("attempt {} of job {id} has no rank {rank}", chosen.number))?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", task.worker_address))?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to worker {} at {} for the logs", task.worker_id, task.worker_address))?;
+    let mut stream = pb::worker_agent_client::WorkerAgentClient::new(channel)
+        .logs(pb::LogsRequest {
+            task: Some(pb::TaskKey {
+                job_id: id,
+                attempt: chosen.number,
+                rank,
+            }),
+            follow,
+        })
+        .await
+        .map_err(output::status_error)?
+        .into_inner();
+    while let Some(chunk) = stream.message().await.map_err(output::status_error)? {
+        if chunk.stream == "stderr" {
+            let mut stderr = std::io::stderr().lock();
+            stderr.write_all(&chunk.data)?;
+            stderr.flush()?;
+        } else {
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(&chunk.data)?;
+            stdout.flush()?;
+        }
+    }
     Ok(())
 }
 
@@ -328,6 +586,13 @@ async fn jobs(command: JobsCommand, target: Target) -> Result<()> {
             let job = client.cancel_job(id, &reason).await.map_err(output::status_error)?;
             println!("job {} {}", job.id, output::state_label(job.state));
         }
+        JobsCommand::Wait { id, max_wait, json } => wait_job(&mut client, id, max_wait, json).await?,
+        JobsCommand::Logs {
+            id,
+            rank,
+            attempt,
+            follow,
+        } => job_logs(&mut client, id, rank, attempt, follow).await?,
         JobsCommand::Watch { ids, json } => {
             let mut stream = client.watch_jobs(ids).await.map_err(output::status_error)?;
             while let Some(event) = stream.message().await.map_err(output::status_error)? {
@@ -385,6 +650,8 @@ async fn run(cli: Cli) -> Result<()> {
         } => submit(file, idempotency_key, json, target).await,
         Command::Jobs { command, target } => jobs(command, target).await,
         Command::Cluster { command, target } => cluster(command, target).await,
+        Command::Worker(args) => run_worker(args).await,
+        Command::Workers { command, target } => workers(command, target).await,
         Command::Bench(args) => bench::run(args).await,
     }
 }
@@ -392,7 +659,10 @@ async fn run(cli: Cli) -> Result<()> {
 fn main() {
     let cli = Cli::parse();
     // Servers narrate what they do; client commands and the demo speak only when something is wrong.
-    let server = matches!(cli.command, Command::Coordinator(_) | Command::Up(_));
+    let server = matches!(
+        cli.command,
+        Command::Coordinator(_) | Command::Up(_) | Command::Worker(_)
+    );
     init_tracing(if server { "info" } else { "warn" });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,

@@ -40,8 +40,21 @@ pub fn job_json(job: &pb::Job) -> Value {
             "number": attempt.number,
             "state": attempt.state,
             "started_at_ms": attempt.started_at_ms,
-            "ended_at_ms": attempt.ended_at_ms,
+            "ended_at_ms": (attempt.ended_at_ms > 0).then_some(attempt.ended_at_ms),
             "message": attempt.message,
+            "master_addr": attempt.master_addr,
+            "master_port": attempt.master_port,
+            "tasks": attempt.tasks.iter().map(|task| json!({
+                "rank": task.rank,
+                "worker_id": task.worker_id,
+                "worker_address": task.worker_address,
+                "local_rank": task.local_rank,
+                "state": task.state,
+                "stop_requested": task.stop_requested,
+                "exit_code": task.exit_code,
+                "signal": task.signal,
+                "message": task.message,
+            })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "submitted_at_ms": job.submitted_at_ms,
         "updated_at_ms": job.updated_at_ms,
@@ -118,6 +131,41 @@ pub fn print_job(job: &pb::Job, json: bool) -> Result<()> {
     );
     println!("max restarts:  {}", job.max_restarts);
     println!("attempts:      {}", job.attempts.len());
+    for attempt in &job.attempts {
+        println!(
+            "  attempt {} {} (started {}, master {}:{}){}",
+            attempt.number,
+            attempt.state,
+            time_label(attempt.started_at_ms),
+            attempt.master_addr,
+            attempt.master_port,
+            if attempt.message.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", attempt.message)
+            }
+        );
+        for task in &attempt.tasks {
+            let ending = match (task.exit_code, task.signal) {
+                (Some(code), _) => format!(" exit {code}"),
+                (None, Some(signal)) => format!(" signal {signal}"),
+                _ => String::new(),
+            };
+            println!(
+                "    rank {} on worker {} ({}) {}{}{}",
+                task.rank,
+                task.worker_id,
+                task.worker_address,
+                task.state,
+                ending,
+                if task.stop_requested && task.state == "running" {
+                    " (stopping)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
     println!("submitted:     {}", time_label(job.submitted_at_ms));
     println!("updated:       {}", time_label(job.updated_at_ms));
     println!("finished:      {}", time_label(job.finished_at_ms));
@@ -222,5 +270,99 @@ pub fn print_cluster_status(status: &pb::ClusterStatus, json: bool, summary: boo
         ],
         &rows,
     );
+    Ok(())
+}
+
+fn resources_label(resources: Option<pb::WorkerResources>) -> String {
+    let resources = resources.unwrap_or_default();
+    format!(
+        "{} cpu, {} gpu, {} MiB",
+        resources.cpus,
+        resources.gpus,
+        resources.memory_bytes >> 20
+    )
+}
+
+fn heartbeat_label(age_ms: i64) -> String {
+    if age_ms < 0 {
+        "-".into()
+    } else {
+        format!("{:.1} s ago", age_ms as f64 / 1000.0)
+    }
+}
+
+pub fn worker_json(worker: &pb::WorkerInfo) -> Value {
+    let resources = |resources: Option<pb::WorkerResources>| {
+        let resources = resources.unwrap_or_default();
+        json!({"cpus": resources.cpus, "gpus": resources.gpus, "memory_bytes": resources.memory_bytes})
+    };
+    json!({
+        "id": worker.id,
+        "uid": worker.uid,
+        "address": worker.address,
+        "host": worker.host,
+        "hostname": worker.hostname,
+        "state": worker.state,
+        "total": resources(worker.total),
+        "free": resources(worker.free),
+        "running": worker.running.iter().map(|task| json!({
+            "job_id": task.job_id, "attempt": task.attempt, "rank": task.rank,
+        })).collect::<Vec<_>>(),
+        "last_heartbeat_age_ms": (worker.last_heartbeat_age_ms >= 0).then_some(worker.last_heartbeat_age_ms),
+        "registered_at_ms": worker.registered_at_ms,
+        "updated_at_ms": worker.updated_at_ms,
+        "registrations": worker.registrations,
+        "task_ports": [worker.task_port_low, worker.task_port_high],
+        "message": worker.message,
+    })
+}
+
+pub fn print_workers(workers: &[pb::WorkerInfo], json: bool) -> Result<()> {
+    if json {
+        let values: Vec<Value> = workers.iter().map(worker_json).collect();
+        println!("{}", serde_json::to_string_pretty(&values)?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = workers
+        .iter()
+        .map(|worker| {
+            vec![
+                worker.id.to_string(),
+                worker.address.clone(),
+                worker.state.clone(),
+                resources_label(worker.free),
+                resources_label(worker.total),
+                worker.running.len().to_string(),
+                heartbeat_label(worker.last_heartbeat_age_ms),
+            ]
+        })
+        .collect();
+    print_table(
+        &["ID", "ADDRESS", "STATE", "FREE", "TOTAL", "TASKS", "HEARTBEAT"],
+        &rows,
+    );
+    Ok(())
+}
+
+pub fn print_worker(worker: &pb::WorkerInfo, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&worker_json(worker))?);
+        return Ok(());
+    }
+    println!("id:            {}", worker.id);
+    println!("address:       {}", worker.address);
+    println!("host:          {} ({})", worker.host, worker.hostname);
+    println!("state:         {}", worker.state);
+    if !worker.message.is_empty() {
+        println!("message:       {}", worker.message);
+    }
+    println!("total:         {}", resources_label(worker.total));
+    println!("free:          {}", resources_label(worker.free));
+    println!("task ports:    {}-{}", worker.task_port_low, worker.task_port_high);
+    println!("heartbeat:     {}", heartbeat_label(worker.last_heartbeat_age_ms));
+    println!("registered:    {} ({} times)", time_label(worker.registered_at_ms), worker.registrations);
+    for task in &worker.running {
+        println!("  running job {} attempt {} rank {}", task.job_id, task.attempt, task.rank);
+    }
     Ok(())
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use kiln_proto as pb;
 use pb::cluster_service_client::ClusterServiceClient;
 use pb::job_service_client::JobServiceClient;
+use pb::worker_service_client::WorkerServiceClient;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -269,4 +270,59 @@ impl Client {
         })
         .await
     }
+
+    pub async fn list_workers(&mut self) -> Result<Vec<pb::WorkerInfo>, Status> {
+        self.call(|channel| async move {
+            Ok(WorkerServiceClient::new(channel)
+                .list(pb::ListWorkersRequest {})
+                .await?
+                .into_inner()
+                .workers)
+        })
+        .await
+    }
+
+    pub async fn get_worker(&mut self, id: u64) -> Result<pb::WorkerInfo, Status> {
+        self.call(|channel| async move {
+            Ok(WorkerServiceClient::new(channel)
+                .get(pb::GetWorkerRequest { id })
+                .await?
+                .into_inner())
+        })
+        .await
+    }
+
+    /// Waits until the job has finished and returns it; survives the loss of the node it watches.
+    pub async fn wait_job(&mut self, id: u64) -> Result<pb::Job, Status> {
+        loop {
+            let job = self.get_job(id).await?;
+            if is_finished(job.state) {
+                return Ok(job);
+            }
+            let mut stream = match self.watch_jobs(vec![id]).await {
+                Ok(stream) => stream,
+                Err(status) => return Err(status),
+            };
+            loop {
+                match stream.message().await {
+                    Ok(Some(event)) => {
+                        if let Some(job) = event.job.filter(|job| is_finished(job.state)) {
+                            return Ok(job);
+                        }
+                    }
+                    // The watched node went away or the watch fell behind: read again, then watch again.
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Succeeded, failed or cancelled.
+pub fn is_finished(state: i32) -> bool {
+    matches!(
+        pb::JobState::try_from(state),
+        Ok(pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled)
+    )
 }
