@@ -38,7 +38,7 @@ impl BenchTarget {
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// The suite to run: raft.
+    /// The suite to run: raft (coordinator commits against etcd) or jobs (jobs through workers).
     suite: String,
     /// Kiln coordinator addresses (the leader is found and loaded directly).
     #[arg(long, env = "KILN_COORDINATOR", default_value = "127.0.0.1:7070")]
@@ -60,6 +60,18 @@ pub struct BenchArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Suite jobs: single-rank `true` jobs in the throughput phase.
+    #[arg(long, default_value_t = 10_000)]
+    jobs: usize,
+    /// Suite jobs: concurrent submitting clients in the throughput phase.
+    #[arg(long, default_value_t = 32)]
+    submitters: usize,
+    /// Suite jobs: jobs submitted at a steady --rate in the latency phase (0 skips it).
+    #[arg(long, default_value_t = 2000)]
+    paced_jobs: usize,
+    /// Suite jobs: submissions per second in the latency phase.
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
 }
 
 #[derive(Serialize)]
@@ -219,9 +231,47 @@ async fn kiln_leader(addresses: &str) -> Result<String> {
     }
 }
 
+async fn run_jobs_suite(args: &BenchArgs) -> Result<()> {
+    let results = crate::bench_jobs::run(
+        &args.coordinator,
+        args.jobs,
+        args.submitters,
+        args.paced_jobs,
+        args.rate,
+        args.max_seconds.max(600),
+    )
+    .await?;
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|result| {
+            vec![
+                result.phase.clone(),
+                result.jobs.to_string(),
+                result.failed.to_string(),
+                format!("{}x{}", result.workers, result.slots),
+                format!("{:.0}", result.jobs_per_second),
+                format!("{:.0}", result.submit_to_start_p50_ms),
+                format!("{:.0}", result.submit_to_start_p99_ms),
+            ]
+        })
+        .collect();
+    crate::output::print_table(
+        &["PHASE", "JOBS", "FAILED", "WORKERS×SLOTS", "JOBS/S", "START P50 MS", "START P99 MS"],
+        &rows,
+    );
+    if let Some(path) = &args.out {
+        std::fs::write(path, serde_json::to_string_pretty(&results)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 pub async fn run(args: BenchArgs) -> Result<()> {
+    if args.suite == "jobs" {
+        return run_jobs_suite(&args).await;
+    }
     if args.suite != "raft" {
-        bail!("benchmark suite '{}' is not known; available: raft", args.suite);
+        bail!("benchmark suite '{}' is not known; available: raft, jobs", args.suite);
     }
     if args.clients.is_empty() || args.clients.contains(&0) {
         bail!("--clients needs positive concurrencies, for example 1,64");

@@ -1,6 +1,7 @@
 //! `kiln`: the one binary. `main` parses the command line, runs the command, and reports its error.
 
 mod bench;
+mod bench_jobs;
 mod demo;
 mod output;
 
@@ -88,7 +89,7 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
-    /// Benchmark a running cluster (suite: raft).
+    /// Benchmark a running cluster (suites: raft, jobs).
     Bench(bench::BenchArgs),
 }
 

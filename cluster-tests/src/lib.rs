@@ -30,10 +30,18 @@ pub struct Member {
     founding: bool,
 }
 
+/// A `kiln worker` process, named by its index in the test (the cluster assigns its worker id).
+pub struct WorkerProcess {
+    pub cpus: u32,
+    child: Option<Child>,
+    pub extra_args: Vec<String>,
+}
+
 pub struct Cluster {
     binary: PathBuf,
     directory: tempfile::TempDir,
     pub members: BTreeMap<u64, Member>,
+    pub workers: BTreeMap<u32, WorkerProcess>,
     /// Extra flags for every coordinator (for example `--snapshot-interval 50`).
     pub extra_args: Vec<String>,
 }
@@ -45,6 +53,7 @@ impl Cluster {
             binary: binary.to_path_buf(),
             directory: tempfile::tempdir()?,
             members: BTreeMap::new(),
+            workers: BTreeMap::new(),
             extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
         };
         for id in 1..=founders {
@@ -150,6 +159,80 @@ impl Cluster {
         self.members.get(&id).is_some_and(|member| member.child.is_some())
     }
 
+    pub fn worker_data_dir(&self, index: u32) -> PathBuf {
+        self.directory.path().join(format!("worker-{index}"))
+    }
+
+    /// Where a worker's or member's log goes (`node-ID.log`, `worker-INDEX.log`).
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.directory.path().join(format!("{name}.log"))
+    }
+
+    /// Starts (or restarts, with the same data directory) worker `index` offering `cpus` slots, pointed at
+    /// every planned coordinator.
+    pub fn start_worker(&mut self, index: u32, cpus: u32, extra_args: &[&str]) -> Result<()> {
+        let coordinators: Vec<&str> = self.members.values().map(|member| member.api_addr.as_str()).collect();
+        let coordinators = coordinators.join(",");
+        let data_dir = self.worker_data_dir(index);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(&format!("worker-{index}")))?;
+        if self.workers.get(&index).is_some_and(|worker| worker.child.is_some()) {
+            bail!("worker {index} is already running");
+        }
+        let child = Command::new(&self.binary)
+            .arg("worker")
+            .args(["--coordinator", &coordinators, "--cpus", &cpus.to_string()])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--kill-grace", "2"])
+            .args(extra_args)
+            .env("KILN_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.binary.display()))?;
+        self.workers.insert(
+            index,
+            WorkerProcess {
+                cpus,
+                child: Some(child),
+                extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
+            },
+        );
+        Ok(())
+    }
+
+    /// SIGKILL a worker. The tasks it started keep running as orphans until their own end or the next
+    /// start of this worker, as after a real crash.
+    pub fn kill_worker(&mut self, index: u32) -> Result<()> {
+        if let Some(mut child) = self.workers.get_mut(&index).and_then(|worker| worker.child.take()) {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Waits until `count` workers are registered and alive.
+    pub async fn wait_for_workers(&self, count: usize, timeout: Duration) -> Result<Vec<pb::WorkerInfo>> {
+        let deadline = Instant::now() + timeout;
+        let mut client = self.client()?;
+        client.retry_deadline = Duration::from_secs(2);
+        loop {
+            if let Ok(workers) = client.list_workers().await {
+                let alive: Vec<pb::WorkerInfo> = workers.into_iter().filter(|worker| worker.state == "alive").collect();
+                if alive.len() >= count {
+                    return Ok(alive);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("{count} workers did not register within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Client addresses of the running members, comma-separated.
     pub fn addresses(&self) -> String {
         let running: Vec<&str> = self
@@ -230,8 +313,30 @@ impl Cluster {
     }
 }
 
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM first so the worker stops its tasks; SIGKILL if it lingers.
+            if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // Workers first, while the coordinators still answer, so they stop their tasks.
+        self.workers.clear();
         let _ = self.kill_all();
         // A failing test keeps the members' data and logs for reading.
         if std::thread::panicking()

@@ -181,9 +181,20 @@ impl Client {
     }
 
     pub async fn list_jobs(&mut self, states: Vec<pb::JobState>, limit: u32) -> Result<Vec<pb::Job>, Status> {
+        self.list_jobs_after(states, limit, 0).await
+    }
+
+    /// One page: jobs with an id above `after_id`.
+    pub async fn list_jobs_after(
+        &mut self,
+        states: Vec<pb::JobState>,
+        limit: u32,
+        after_id: u64,
+    ) -> Result<Vec<pb::Job>, Status> {
         let request = pb::ListJobsRequest {
             states: states.into_iter().map(|state| state as i32).collect(),
             limit,
+            after_id,
         };
         self.call(|channel| {
             let request = request.clone();

@@ -425,10 +425,11 @@ pub enum Query {
     GetJob {
         id: JobId,
     },
-    /// Jobs in id order, optionally only those in `states`, at most `limit` (0: all).
+    /// Jobs in id order after `after_id`, optionally only those in `states`, at most `limit` (0: all).
     ListJobs {
         states: Vec<JobState>,
         limit: usize,
+        after_id: JobId,
     },
     ListWorkers,
     GetWorker {
@@ -940,10 +941,15 @@ impl StateMachine {
                 Some(job) => QueryResult::Job(job.clone()),
                 None => QueryResult::Rejected(CoordinatorError::NotFound(format!("job {id} does not exist"))),
             },
-            Query::ListJobs { states, limit } => {
+            Query::ListJobs {
+                states,
+                limit,
+                after_id,
+            } => {
                 let selected = self
                     .jobs
-                    .values()
+                    .range((std::ops::Bound::Excluded(*after_id), std::ops::Bound::Unbounded))
+                    .map(|(_, job)| job)
                     .filter(|job| states.is_empty() || states.contains(&job.state));
                 let jobs = if *limit == 0 {
                     selected.cloned().collect()

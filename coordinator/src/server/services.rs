@@ -477,6 +477,7 @@ impl JobService for Shared {
             .query(Query::ListJobs {
                 states,
                 limit: request.limit as usize,
+                after_id: request.after_id,
             })
             .await?
         {
@@ -512,6 +513,7 @@ impl JobService for Shared {
             .query(Query::ListJobs {
                 states: Vec::new(),
                 limit: 0,
+                after_id: 0,
             })
             .await?
         else {
