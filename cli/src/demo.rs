@@ -1,8 +1,10 @@
-//! `kiln demo`: the whole flow this build supports, end to end, on an embedded three-node cluster.
+//! `kiln demo`: the whole flow this build supports, end to end, on an embedded cluster of three
+//! coordinators and two workers.
 //!
-//! Later issues extend it (workers run the jobs, features, training, serving). Today it shows the spine:
-//! a replicated coordinator that accepts jobs on any node, refuses bad specs, de-duplicates retries, and
-//! keeps every acknowledged job through the loss of its leader.
+//! Later issues extend it (training, features, serving). Today it shows the spine: a replicated
+//! coordinator that accepts jobs on any node, refuses bad specs, de-duplicates retries, gang-schedules a
+//! 2-rank job onto workers that run it with the torchrun environment, cancels a running job on every
+//! worker, and keeps every acknowledged job — and the workers — through the loss of its leader.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -11,10 +13,12 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use kiln_coordinator::client::{Client, new_idempotency_key};
 use kiln_coordinator::{Coordinator, CoordinatorConfig};
+use kiln_proto as pb;
+use kiln_worker::{Worker, WorkerConfig};
 
 use crate::output;
 
-const EXAMPLES: [(&str, &str); 3] = [
+const EXAMPLES: [(&str, &str); 2] = [
     (
         "examples/jobs/hello.toml",
         include_str!("../../examples/jobs/hello.toml"),
@@ -23,11 +27,9 @@ const EXAMPLES: [(&str, &str); 3] = [
         "examples/jobs/ddp-hello.toml",
         include_str!("../../examples/jobs/ddp-hello.toml"),
     ),
-    (
-        "examples/jobs/digits-mlp.toml",
-        include_str!("../../examples/jobs/digits-mlp.toml"),
-    ),
 ];
+/// A job that runs until cancelled, to show a cancel reaching every rank.
+const LONG_JOB: &str = "name = \"long\"\nkind = \"command\"\ncommand = \"sleep\"\nargs = [\"600\"]\n[resources]\nworkers = 2\ncpus = 1\n";
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -96,8 +98,25 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     );
     output::print_cluster_status(&client.cluster_status().await?, false, true)?;
 
+    step(2, "start two workers (2 CPU slots each); they register with the cluster");
+    let mut workers = Vec::new();
+    for index in 1..=2 {
+        let mut config = WorkerConfig::new(all.clone(), root.join(format!("worker-{index}")));
+        config.cpus = 2;
+        config.kill_grace = Duration::from_secs(2);
+        let mut worker = Worker::start(config).await?;
+        let id = tokio::time::timeout(Duration::from_secs(15), worker.registered())
+            .await
+            .ok()
+            .flatten()
+            .context("a worker did not register within 15 s")?;
+        println!("worker {id} serving logs on {}", worker.address);
+        workers.push(worker);
+    }
+    output::print_workers(&client.list_workers().await?, false)?;
+
     step(
-        2,
+        3,
         "submit the example jobs, each to a different node (followers forward to the leader)",
     );
     let mut first_key = String::new();
@@ -115,7 +134,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
 
     step(
-        3,
+        4,
         "retry the first submission with its idempotency key: the same job comes back",
     );
     let again = client
@@ -129,7 +148,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
 
     step(
-        4,
+        5,
         "submit a malformed spec: refused with the field, line and column, nothing stored",
     );
     let broken = EXAMPLES[0].1.replace("workers = 1", "workers = 0");
@@ -138,17 +157,62 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         Err(status) => println!("refused: {}", status.message()),
     }
 
-    step(5, "cancel the training job (no workers exist yet to run it)");
-    let cancelled = client
-        .cancel_job(first_id + 2, "demo: cancelled by hand")
+    step(
+        6,
+        "wait for the jobs; the 2-rank job ran with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set",
+    );
+    for id in [first_id, first_id + 1] {
+        let job = tokio::time::timeout(Duration::from_secs(60), client.wait_job(id))
+            .await
+            .context("a job did not finish within 60 s")?
+            .map_err(output::status_error)?;
+        println!("job {id} {}: {}", output::state_label(job.state), job.message);
+        if job.state != pb::JobState::Succeeded as i32 {
+            bail!("job {id} did not succeed");
+        }
+    }
+    for rank in 0..2 {
+        print!("rank {rank} said: ");
+        crate::job_logs(&mut client, first_id + 1, rank, None, false).await?;
+    }
+
+    step(7, "cancel a running 2-rank job: both process groups are stopped");
+    let long = client
+        .submit(LONG_JOB, "long.toml", &new_idempotency_key())
+        .await
+        .map_err(output::status_error)?
+        .job
+        .context("no job returned")?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while client.get_job(long.id).await?.state != pb::JobState::Running as i32 {
+        if Instant::now() > deadline {
+            bail!("job {} did not start within 15 s", long.id);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client
+        .cancel_job(long.id, "demo: cancelled by hand")
         .await
         .map_err(output::status_error)?;
-    println!("job {} is {}", cancelled.id, output::state_label(cancelled.state));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let job = client.get_job(long.id).await?;
+        let tasks = job.attempts.last().map(|attempt| attempt.tasks.clone()).unwrap_or_default();
+        if tasks.iter().all(|task| task.state != "running") {
+            let states: Vec<String> = tasks.iter().map(|task| format!("rank {} {}", task.rank, task.state)).collect();
+            println!("job {} is {}; {}", job.id, output::state_label(job.state), states.join(", "));
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the ranks of job {} were not stopped within 15 s", long.id);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     output::print_jobs(&client.list_jobs(Vec::new(), 0).await?, false)?;
 
     step(
-        6,
-        "stop the leader; the survivors elect a new one and keep every acknowledged job",
+        8,
+        "stop the leader; the survivors elect a new one, keep every job, and the workers follow it",
     );
     let index = peers
         .iter()
@@ -165,11 +229,30 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     );
     let jobs = client.list_jobs(Vec::new(), 0).await?;
     println!("{} jobs still present on the new leader's side", jobs.len());
-    if jobs.len() != EXAMPLES.len() {
-        bail!("expected {} jobs after failover, found {}", EXAMPLES.len(), jobs.len());
+    if jobs.len() != EXAMPLES.len() + 1 {
+        bail!("expected {} jobs after failover, found {}", EXAMPLES.len() + 1, jobs.len());
     }
+    let after = client
+        .submit(EXAMPLES[0].1, EXAMPLES[0].0, &new_idempotency_key())
+        .await
+        .map_err(output::status_error)?
+        .job
+        .context("no job returned")?;
+    let job = tokio::time::timeout(Duration::from_secs(30), client.wait_job(after.id))
+        .await
+        .context("a job submitted after the failover did not finish within 30 s")?
+        .map_err(output::status_error)?;
+    println!(
+        "job {} submitted after the failover: {} on worker {}",
+        job.id,
+        output::state_label(job.state),
+        job.attempts
+            .last()
+            .and_then(|attempt| attempt.tasks.first())
+            .map_or(0, |task| task.worker_id)
+    );
 
-    step(7, "restart the stopped node from its data directory; it catches up");
+    step(9, "restart the stopped node from its data directory; it catches up");
     nodes[index] = Some(start_node(leader, &peers, &root).await?);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -191,10 +274,15 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
 
     println!(
-        "\nsummary: 3 coordinators, {} jobs submitted, 1 retry de-duplicated, 1 bad spec refused, leader lost and replaced, nothing lost.",
-        EXAMPLES.len()
+        "\nsummary: 3 coordinators and 2 workers; {} jobs ran (one with 2 ranks), 1 retry de-duplicated, 1 bad spec refused, 1 running job cancelled on every rank, leader lost and replaced, nothing lost.",
+        EXAMPLES.len() + 1
     );
-    println!("Next: `kiln up` for a cluster that stays up, then `kiln submit examples/jobs/hello.toml`.");
+    println!(
+        "Next: `kiln up --workers 2` for a cluster that stays up, then `kiln submit examples/jobs/ddp-hello.toml`."
+    );
+    for worker in workers {
+        worker.shutdown().await;
+    }
     for node in nodes.into_iter().flatten() {
         node.shutdown().await?;
     }

@@ -483,7 +483,7 @@ async fn wait_job(client: &mut Client, id: u64, max_wait: Option<Duration>, json
     }
 }
 
-async fn job_logs(client: &mut Client, id: u64, rank: u32, attempt: Option<u32>, follow: bool) -> Result<()> {
+pub(crate) async fn job_logs(client: &mut Client, id: u64, rank: u32, attempt: Option<u32>, follow: bool) -> Result<()> {
     use std::io::Write;
     let job = loop {
         let job = client.get_job(id).await.map_err(output::status_error)?;
