@@ -248,15 +248,27 @@ async fn run_jobs_suite(args: &BenchArgs) -> Result<()> {
                 result.phase.clone(),
                 result.jobs.to_string(),
                 result.failed.to_string(),
-                format!("{}x{}", result.workers, result.slots),
+                format!("{} × {}", result.workers, result.slots / result.workers.max(1) as u32),
                 format!("{:.0}", result.jobs_per_second),
                 format!("{:.0}", result.submit_to_start_p50_ms),
                 format!("{:.0}", result.submit_to_start_p99_ms),
+                format!("{:.0}", result.submit_to_finish_p50_ms),
+                format!("{:.0}", result.submit_to_finish_p99_ms),
             ]
         })
         .collect();
     crate::output::print_table(
-        &["PHASE", "JOBS", "FAILED", "WORKERS×SLOTS", "JOBS/S", "START P50 MS", "START P99 MS"],
+        &[
+            "PHASE",
+            "JOBS",
+            "FAILED",
+            "WORKERS × SLOTS",
+            "JOBS/S",
+            "START P50 MS",
+            "START P99 MS",
+            "FINISH P50 MS",
+            "FINISH P99 MS",
+        ],
         &rows,
     );
     if let Some(path) = &args.out {

@@ -6,8 +6,10 @@
 //! - latency: `--paced-jobs` more, submitted at `--rate` per second (open loop, below capacity), so the
 //!   submit-to-start time measures the scheduling path rather than the queue.
 //!
-//! Submit-to-start is read from the job records: the leader stamps `submitted_at_ms` when it proposes the
-//! submission and `started_at_ms` when it proposes the placement, so both come from one clock.
+//! Latencies are read from the job records, all stamped by the leader's clock: `submitted_at_ms` when it
+//! proposes the submission, the attempt's `started_at_ms` when it proposes the placement (submit to
+//! start), and `finished_at_ms` when it proposes the exit report (submit to finish, which bounds the time
+//! to the process start from above: it adds the worker's spawn, `true` itself, and the report back).
 
 use std::time::{Duration, Instant};
 
@@ -34,6 +36,10 @@ pub struct JobsPhase {
     pub submit_to_start_p50_ms: f64,
     pub submit_to_start_p99_ms: f64,
     pub submit_to_start_max_ms: f64,
+    /// Until the leader learned the process exited: an upper bound on the time to the process start that
+    /// includes the worker's spawn and the report back.
+    pub submit_to_finish_p50_ms: f64,
+    pub submit_to_finish_p99_ms: f64,
     pub workers: usize,
     pub slots: u32,
 }
@@ -78,6 +84,7 @@ async fn collect(client: &mut Client, after_id: u64, deadline: Instant) -> Resul
 
 fn summarize(phase: &str, clients: usize, submit_seconds: f64, jobs: &[pb::Job], cluster: (usize, u32)) -> JobsPhase {
     let mut histogram = Histogram::<u64>::new(3).expect("valid histogram");
+    let mut finish = Histogram::<u64>::new(3).expect("valid histogram");
     let mut first_submit = i64::MAX;
     let mut last_finish = i64::MIN;
     let mut succeeded = 0;
@@ -86,6 +93,9 @@ fn summarize(phase: &str, clients: usize, submit_seconds: f64, jobs: &[pb::Job],
         last_finish = last_finish.max(job.finished_at_ms);
         if job.state == pb::JobState::Succeeded as i32 {
             succeeded += 1;
+        }
+        if job.finished_at_ms > 0 {
+            let _ = finish.record((job.finished_at_ms - job.submitted_at_ms).max(0) as u64);
         }
         if let Some(attempt) = job.attempts.first() {
             let _ = histogram.record((attempt.started_at_ms - job.submitted_at_ms).max(0) as u64);
@@ -104,6 +114,8 @@ fn summarize(phase: &str, clients: usize, submit_seconds: f64, jobs: &[pb::Job],
         submit_to_start_p50_ms: histogram.value_at_quantile(0.5) as f64,
         submit_to_start_p99_ms: histogram.value_at_quantile(0.99) as f64,
         submit_to_start_max_ms: histogram.max() as f64,
+        submit_to_finish_p50_ms: finish.value_at_quantile(0.5) as f64,
+        submit_to_finish_p99_ms: finish.value_at_quantile(0.99) as f64,
         workers: cluster.0,
         slots: cluster.1,
     }

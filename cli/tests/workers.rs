@@ -1,1 +1,555 @@
-//! placeholder
+//! Real processes: three `kiln coordinator` members and two `kiln worker`s on loopback, running jobs as
+//! child processes. Ranks talk over MASTER_ADDR:MASTER_PORT, a worker and a leader are SIGKILLed under
+//! load, and bad input is refused with a reason, all through the same client and CLI users have.
+//!
+//! Every wait has a deadline; a failed check prints `kiln jobs show` for the job and where the logs are
+//! (the cluster keeps its directory when a test panics).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use kiln_cluster_tests::Cluster;
+use kiln_coordinator::client::Client;
+use kiln_proto as pb;
+
+const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+const HELLO: &str = include_str!("../../examples/jobs/hello.toml");
+/// What every cluster here runs with: a short lease, so a lost worker is noticed within seconds.
+const LEASE: Duration = Duration::from_secs(2);
+const COORDINATOR_ARGS: &[&str] = &["--worker-lease", "2s"];
+/// Longest a single CLI invocation may take before the test gives up on it.
+const CLI_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The tests assert timings (the 2 s lease, the workers' 2 s kill grace) on a machine that may have only
+/// two cores; four clusters at once would measure the machine rather than Kiln, so they take turns.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Rank 0 listens on MASTER_ADDR:MASTER_PORT; rank 1 connects (retrying, since rank 0 may start later),
+/// names itself, and prints the reply. Python's standard library only.
+const EXCHANGE: &str = r#"
+import os, socket, time
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+address = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+if rank == 0:
+    server = socket.create_server(address)
+    server.settimeout(30)
+    print("rank 0 listening on %s:%d" % address, flush=True)
+    connection, _ = server.accept()
+    message = connection.makefile().readline().strip()
+    print("rank 0 received: " + message, flush=True)
+    connection.sendall(b"hello rank 1, this is rank 0\n")
+    connection.close()
+else:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            connection = socket.create_connection(address, timeout=10)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    connection.sendall(("hello from rank %d of %d\n" % (rank, world)).encode())
+    reply = connection.makefile().readline().strip()
+    print("rank 1 received: " + reply, flush=True)
+"#;
+
+/// A `command` job spec. Strings go in as JSON, whose strings and arrays of strings are also valid TOML,
+/// so any script survives the quoting.
+fn job_spec(name: &str, command: &str, args: &[&str], ranks: u32, cpus: u32, max_restarts: u32) -> String {
+    let quote = |text: &str| serde_json::to_string(text).unwrap();
+    format!(
+        "name = {}\nkind = \"command\"\ncommand = {}\nargs = {}\nmax_restarts = {max_restarts}\n\n[resources]\nworkers = {ranks}\ncpus = {cpus}\n",
+        quote(name),
+        quote(command),
+        serde_json::to_string(args).unwrap(),
+    )
+}
+
+/// Starts three coordinators, then worker 1 and worker 2 with the given CPU slots, one after the other
+/// so each one's id is known. Returns the cluster and the ids of worker 1 and worker 2.
+async fn cluster_with_workers(cpus: [u32; 2]) -> (Cluster, [u64; 2]) {
+    let mut cluster = Cluster::new(Path::new(KILN), 3, COORDINATOR_ARGS).unwrap();
+    cluster.start_all().unwrap();
+    cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
+    let mut ids = [0; 2];
+    for (slot, index) in [1u32, 2].into_iter().enumerate() {
+        cluster.start_worker(index, cpus[slot], &[]).unwrap();
+        let alive = match cluster.wait_for_workers(slot + 1, Duration::from_secs(20)).await {
+            Ok(alive) => alive,
+            Err(error) => panic!("{error}\n{}", context(&cluster, None)),
+        };
+        ids[slot] = alive
+            .iter()
+            .map(|worker| worker.id)
+            .find(|id| !ids[..slot].contains(id))
+            .expect("the worker just started registered");
+    }
+    (cluster, ids)
+}
+
+/// What to read when a check fails: the job as `kiln jobs show` prints it, the workers, and the logs.
+/// Blocking, but only ever called on the way to a panic.
+fn context(cluster: &Cluster, job: Option<u64>) -> String {
+    let mut text = String::new();
+    let mut show = |args: &[&str]| match cluster.cli(args) {
+        Ok(output) => {
+            text += &format!("$ kiln {}\n", args.join(" "));
+            text += &String::from_utf8_lossy(&output.stdout);
+            text += &String::from_utf8_lossy(&output.stderr);
+        }
+        Err(error) => text += &format!("kiln {}: {error}\n", args.join(" ")),
+    };
+    if let Some(id) = job {
+        show(&["jobs", "show", &id.to_string(), "--timeout", "5"]);
+    }
+    show(&["workers", "list", "--timeout", "5"]);
+    text += "logs:\n";
+    for id in cluster.members.keys() {
+        text += &format!("  {}\n", cluster.log_path(&format!("node-{id}")).display());
+    }
+    for index in cluster.workers.keys() {
+        text += &format!(
+            "  {} (tasks under {})\n",
+            cluster.log_path(&format!("worker-{index}")).display(),
+            cluster.worker_data_dir(*index).join("tasks").display()
+        );
+    }
+    text
+}
+
+/// Runs the kiln CLI against the running coordinators; it is killed if it outlives `CLI_TIMEOUT`.
+async fn kiln(cluster: &Cluster, args: &[&str]) -> Output {
+    let run = tokio::process::Command::new(KILN)
+        .args(args)
+        .env("KILN_COORDINATOR", cluster.addresses())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(CLI_TIMEOUT, run).await {
+        Ok(output) => output.expect("the kiln binary runs"),
+        Err(_) => panic!(
+            "`kiln {}` did not finish within {CLI_TIMEOUT:?}\n{}",
+            args.join(" "),
+            context(cluster, None)
+        ),
+    }
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).to_string()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).to_string()
+}
+
+/// Writes `spec` to `directory/file_name` and submits it with `kiln submit`; returns the job id.
+async fn submit_file(cluster: &Cluster, directory: &Path, file_name: &str, spec: &str) -> u64 {
+    let file = directory.join(file_name);
+    std::fs::write(&file, spec).unwrap();
+    let output = kiln(cluster, &["submit", file.to_str().unwrap()]).await;
+    assert!(output.status.success(), "kiln submit {file_name}: {}", stderr(&output));
+    stdout(&output).trim().parse().expect("kiln submit prints the job id")
+}
+
+/// Polls job `id` until `done` holds; panics with the job's story once `timeout` has passed.
+async fn wait_for_job(
+    cluster: &Cluster,
+    client: &mut Client,
+    id: u64,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&pb::Job) -> bool,
+) -> pb::Job {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(job) = client.get_job(id).await
+            && done(&job)
+        {
+            return job;
+        }
+        if Instant::now() > deadline {
+            panic!("job {id}: {what} did not happen within {timeout:?}\n{}", context(cluster, Some(id)));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn is_running(job: &pb::Job) -> bool {
+    job.state == pb::JobState::Running as i32
+}
+
+fn is_state(job: &pb::Job, state: pb::JobState) -> bool {
+    job.state == state as i32
+}
+
+/// The workers an attempt's ranks were placed on, by rank.
+fn placement(attempt: &pb::Attempt) -> Vec<u64> {
+    attempt.tasks.iter().map(|task| task.worker_id).collect()
+}
+
+/// Processes whose working directory lies under `directory` (a task's directory): what a kill left behind.
+fn processes_under(directory: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(directory))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_ranks_exchange_a_message_over_master_addr() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let started = Instant::now();
+    // One slot each, so the two ranks run on different workers and really talk between them.
+    let (cluster, ids) = cluster_with_workers([1, 1]).await;
+    let directory = tempfile::tempdir().unwrap();
+
+    let spec = job_spec("exchange", "python3", &["-c", EXCHANGE], 2, 1, 0);
+    let id = submit_file(&cluster, directory.path(), "exchange.toml", &spec).await;
+    let id_text = id.to_string();
+    let output = kiln(&cluster, &["jobs", "wait", &id_text, "--max-wait", "60s"]).await;
+    assert!(
+        output.status.success(),
+        "kiln jobs wait: {}{}\n{}",
+        stdout(&output),
+        stderr(&output),
+        context(&cluster, Some(id))
+    );
+    assert!(stdout(&output).contains("succeeded"), "{}", stdout(&output));
+
+    let job = cluster.client().unwrap().get_job(id).await.unwrap();
+    assert_eq!(job.attempts.len(), 1, "{}", context(&cluster, Some(id)));
+    let attempt = &job.attempts[0];
+    let workers: BTreeSet<u64> = placement(attempt).into_iter().collect();
+    assert_eq!(workers, BTreeSet::from(ids), "one rank per worker\n{}", context(&cluster, Some(id)));
+
+    let logs = |rank: &'static str| {
+        let cluster = &cluster;
+        let id_text = &id_text;
+        async move {
+            let output = kiln(cluster, &["jobs", "logs", id_text, "--rank", rank]).await;
+            assert!(output.status.success(), "kiln jobs logs --rank {rank}: {}", stderr(&output));
+            stdout(&output) + &stderr(&output)
+        }
+    };
+    let rank_zero = logs("0").await;
+    let rank_one = logs("1").await;
+    let master = format!("{}:{}", attempt.master_addr, attempt.master_port);
+    assert!(
+        rank_zero.contains(&format!("rank 0 listening on {master}"))
+            && rank_zero.contains("rank 0 received: hello from rank 1 of 2"),
+        "rank 0 printed:\n{rank_zero}\n{}",
+        context(&cluster, Some(id))
+    );
+    assert!(
+        rank_one.contains("rank 1 received: hello rank 1, this is rank 0"),
+        "rank 1 printed:\n{rank_one}\n{}",
+        context(&cluster, Some(id))
+    );
+
+    let output = kiln(&cluster, &["workers", "list", "--json"]).await;
+    assert!(output.status.success(), "kiln workers list: {}", stderr(&output));
+    let listed: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("--json prints JSON");
+    let listed = listed.as_array().expect("a JSON array of workers");
+    let listed_ids: BTreeSet<u64> = listed.iter().filter_map(|worker| worker["id"].as_u64()).collect();
+    assert_eq!(listed_ids, BTreeSet::from(ids), "{listed:#?}");
+    for worker in listed {
+        assert_eq!(worker["state"], "alive", "{worker:#}");
+        assert_eq!(worker["total"]["cpus"], 1, "{worker:#}");
+        // The job has finished, so everything it held is free again.
+        assert_eq!(worker["free"], worker["total"], "{worker:#}");
+        let age = worker["last_heartbeat_age_ms"].as_i64();
+        assert!(
+            age.is_some_and(|age| (0..LEASE.as_millis() as i64).contains(&age)),
+            "a live worker was heard from within the lease: {worker:#}"
+        );
+    }
+    eprintln!("two_ranks_exchange_a_message_over_master_addr took {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_worker_fails_the_attempt_and_the_job_completes_on_the_survivor() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let started = Instant::now();
+    let (mut cluster, [doomed, survivor]) = cluster_with_workers([1, 4]).await;
+    let mut client = cluster.client().unwrap();
+    client.retry_deadline = Duration::from_secs(10);
+
+    // Three of the survivor's four slots are taken for a while, so the next job's two ranks cannot both
+    // go there and must split across the two workers.
+    let blocker_spec = job_spec("blocker", "sleep", &["4"], 1, 3, 0);
+    let blocker = client.submit(&blocker_spec, "blocker.toml", "blocker").await.unwrap();
+    let blocker = blocker.job.unwrap().id;
+    let job = wait_for_job(&cluster, &mut client, blocker, "the blocker runs", Duration::from_secs(15), |job| {
+        is_running(job)
+    })
+    .await;
+    assert_eq!(placement(&job.attempts[0]), [survivor], "only worker 2 has 3 cpus");
+
+    let long_spec = job_spec("long", "sh", &["-c", "sleep 8; echo done rank $RANK"], 2, 1, 2);
+    let id = client.submit(&long_spec, "long.toml", "long").await.unwrap().job.unwrap().id;
+    let job = wait_for_job(&cluster, &mut client, id, "both ranks run", Duration::from_secs(15), is_running).await;
+    let first: BTreeSet<u64> = placement(&job.attempts[0]).into_iter().collect();
+    assert_eq!(
+        first,
+        BTreeSet::from([doomed, survivor]),
+        "attempt 1 has ranks on both workers\n{}",
+        context(&cluster, Some(id))
+    );
+    wait_for_job(&cluster, &mut client, blocker, "the blocker succeeds", Duration::from_secs(15), |job| {
+        is_state(job, pb::JobState::Succeeded)
+    })
+    .await;
+    let job = client.get_job(id).await.unwrap();
+    assert!(
+        is_running(&job) && job.attempts.len() == 1,
+        "attempt 1 still runs when its worker is killed\n{}",
+        context(&cluster, Some(id))
+    );
+
+    cluster.kill_worker(1).unwrap();
+    let killed_at = Instant::now();
+    let lost_within = LEASE + Duration::from_secs(3);
+    loop {
+        let worker = client.get_worker(doomed).await.unwrap();
+        if worker.state == "lost" {
+            eprintln!("worker {doomed} lost {:?} after the kill: {}", killed_at.elapsed(), worker.message);
+            break;
+        }
+        assert!(
+            killed_at.elapsed() < lost_within,
+            "worker {doomed} is still {} {:?} after SIGKILL (lease {LEASE:?})\n{}",
+            worker.state,
+            killed_at.elapsed(),
+            context(&cluster, Some(id))
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let job = wait_for_job(&cluster, &mut client, id, "attempt 1 fails", Duration::from_secs(5), |job| {
+        job.attempts[0].state == "failed"
+    })
+    .await;
+    let message = &job.attempts[0].message;
+    assert!(
+        message.contains(&format!("worker {doomed}")) && message.contains("lost"),
+        "attempt 1's message names the lost worker: {message:?}\n{}",
+        context(&cluster, Some(id))
+    );
+
+    let job = wait_for_job(&cluster, &mut client, id, "the job finishes", Duration::from_secs(40), |job| {
+        kiln_coordinator::client::is_finished(job.state)
+    })
+    .await;
+    let story = context(&cluster, Some(id));
+    assert!(is_state(&job, pb::JobState::Succeeded), "{story}");
+    let succeeded: Vec<&pb::Attempt> = job.attempts.iter().filter(|attempt| attempt.state == "succeeded").collect();
+    assert_eq!(succeeded.len(), 1, "the job succeeded exactly once\n{story}");
+    let last = job.attempts.last().unwrap();
+    assert_eq!(last.state, "succeeded", "{story}");
+    assert!(last.number > 1, "{story}");
+    assert_eq!(placement(last), [survivor, survivor], "the later attempt ran on the survivor\n{story}");
+    // Attempt 1's rank on the dead worker is lost; its rank on the survivor was stopped by the worker.
+    let first_states: BTreeMap<u64, &str> = job.attempts[0]
+        .tasks
+        .iter()
+        .map(|task| (task.worker_id, task.state.as_str()))
+        .collect();
+    assert_eq!(
+        first_states,
+        BTreeMap::from([(doomed, "lost"), (survivor, "killed")]),
+        "{story}"
+    );
+    let output = kiln(&cluster, &["jobs", "logs", &id.to_string(), "--rank", "1"]).await;
+    assert!(stdout(&output).contains("done rank 1"), "{}{}", stdout(&output), stderr(&output));
+    eprintln!(
+        "a_lost_worker_fails_the_attempt_and_the_job_completes_on_the_survivor took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_while_twenty_jobs_run_each_completes_exactly_once() {
+    const JOBS: usize = 20;
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let started = Instant::now();
+    let (mut cluster, ids) = cluster_with_workers([2, 2]).await;
+    let directory = tempfile::tempdir().unwrap();
+    let marker = directory.path().join("ran");
+    // Both workers run on this machine, so every run appends its job id to the same file; a short line
+    // appended with `>>` is one write(2) to an O_APPEND file, which never interleaves with another.
+    let script = format!("sleep 1; echo $KILN_JOB_ID >> '{}'", marker.display());
+
+    let mut client = cluster.client().unwrap();
+    let mut jobs = Vec::new();
+    for index in 0..JOBS {
+        let spec = job_spec(&format!("marker-{index}"), "sh", &["-c", &script], 1, 1, 2);
+        let response = client.submit(&spec, "marker.toml", &format!("marker-{index}")).await.unwrap();
+        jobs.push(response.job.unwrap().id);
+    }
+
+    // Kill the leader once a few jobs have started and some still run.
+    let leader = cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let started_before_kill = loop {
+        let listed = client.list_jobs(Vec::new(), 0).await.unwrap();
+        let begun = listed.iter().filter(|job| !job.attempts.is_empty()).count();
+        if begun >= 3 && listed.iter().any(is_running) {
+            break begun;
+        }
+        assert!(Instant::now() < deadline, "no jobs started\n{}", context(&cluster, Some(jobs[0])));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    cluster.kill(leader).unwrap();
+    let new_leader = cluster
+        .wait_for_leader(Some(leader), Duration::from_secs(10))
+        .await
+        .unwrap();
+    eprintln!("killed leader {leader} after {started_before_kill} of {JOBS} jobs started; node {new_leader} leads");
+    assert!(started_before_kill < JOBS, "the failover happened while jobs were still queued");
+
+    let mut client = cluster.client().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for id in &jobs {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let job = match tokio::time::timeout(remaining, client.wait_job(*id)).await {
+            Ok(Ok(job)) => job,
+            Ok(Err(status)) => panic!("waiting for job {id}: {status}\n{}", context(&cluster, Some(*id))),
+            Err(_) => panic!("job {id} did not finish in time\n{}", context(&cluster, Some(*id))),
+        };
+        assert!(
+            is_state(&job, pb::JobState::Succeeded),
+            "job {id} succeeded\n{}",
+            context(&cluster, Some(*id))
+        );
+        assert!(
+            job.attempts.len() == 1 && job.attempts[0].state == "succeeded",
+            "job {id} ran exactly one attempt, not restarted by the failover\n{}",
+            context(&cluster, Some(*id))
+        );
+    }
+
+    let ran = std::fs::read_to_string(&marker).unwrap_or_default();
+    let mut runs: BTreeMap<u64, usize> = BTreeMap::new();
+    for line in ran.lines() {
+        *runs.entry(line.trim().parse().expect("a job id per line")).or_default() += 1;
+    }
+    let expected: BTreeMap<u64, usize> = jobs.iter().map(|id| (*id, 1)).collect();
+    assert_eq!(runs, expected, "every job's task ran exactly once:\n{ran}\n{}", context(&cluster, None));
+
+    // The workers followed the new leader: still alive, never declared lost and registered again.
+    let workers = client.list_workers().await.unwrap();
+    for id in ids {
+        let worker = workers.iter().find(|worker| worker.id == id).expect("both workers are listed");
+        assert!(
+            worker.state == "alive" && worker.registrations == 1,
+            "worker {id} is {} after {} registration(s): {}\n{}",
+            worker.state,
+            worker.registrations,
+            worker.message,
+            context(&cluster, None)
+        );
+    }
+    eprintln!(
+        "leader_killed_while_twenty_jobs_run_each_completes_exactly_once took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_error_and_the_cluster_goes_on() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let started = Instant::now();
+    let (cluster, _) = cluster_with_workers([2, 2]).await;
+    let directory = tempfile::tempdir().unwrap();
+    let mut client = cluster.client().unwrap();
+
+    let output = kiln(&cluster, &["workers", "show", "99"]).await;
+    assert!(!output.status.success(), "{}", stdout(&output));
+    assert!(stderr(&output).contains("worker 99"), "{}", stderr(&output));
+
+    let greedy = job_spec("greedy", "true", &[], 1, 1, 0) + "gpus = 5\n";
+    let file = directory.path().join("greedy.toml");
+    std::fs::write(&file, greedy).unwrap();
+    let output = kiln(&cluster, &["submit", file.to_str().unwrap()]).await;
+    assert!(!output.status.success(), "a job no worker can hold is refused: {}", stdout(&output));
+    assert!(stderr(&output).contains("5 gpus"), "{}", stderr(&output));
+
+    let missing = "kiln-test-no-such-command";
+    let spec = job_spec("missing", missing, &[], 1, 1, 0);
+    let id = submit_file(&cluster, directory.path(), "missing.toml", &spec).await;
+    let output = kiln(&cluster, &["jobs", "wait", &id.to_string(), "--max-wait", "30s"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}{}", stdout(&output), stderr(&output));
+    let reason = stderr(&output);
+    assert!(
+        reason.contains(missing) && reason.contains("not found"),
+        "the reason names the command: {reason}\n{}",
+        context(&cluster, Some(id))
+    );
+
+    let id = submit_file(&cluster, directory.path(), "hello.toml", HELLO).await;
+    let output = kiln(&cluster, &["jobs", "wait", &id.to_string(), "--max-wait", "30s"]).await;
+    assert!(
+        output.status.success(),
+        "hello still runs: {}{}\n{}",
+        stdout(&output),
+        stderr(&output),
+        context(&cluster, Some(id))
+    );
+
+    // Each rank prints once its process runs, so the cancel hits running processes, not an assignment in
+    // flight. The background sleep is a second process in the rank's group: the kill must reach it too.
+    let spec = job_spec("sleeper", "sh", &["-c", "echo started; sleep 60 & wait"], 2, 1, 0);
+    let id = submit_file(&cluster, directory.path(), "sleeper.toml", &spec).await;
+    wait_for_job(&cluster, &mut client, id, "both ranks run", Duration::from_secs(15), is_running).await;
+    for rank in ["0", "1"] {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let output = kiln(&cluster, &["jobs", "logs", &id.to_string(), "--rank", rank]).await;
+            if stdout(&output).contains("started") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rank {rank} never printed: {}\n{}",
+                stderr(&output),
+                context(&cluster, Some(id))
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let output = kiln(&cluster, &["jobs", "cancel", &id.to_string()]).await;
+    assert!(stdout(&output).contains("cancelled"), "{}{}", stdout(&output), stderr(&output));
+    let cancelled_at = Instant::now();
+    let job = wait_for_job(&cluster, &mut client, id, "every rank is killed", Duration::from_secs(5), |job| {
+        job.attempts[0].tasks.iter().all(|task| task.state == "killed")
+    })
+    .await;
+    eprintln!("sleeper's ranks were killed {:?} after the cancel", cancelled_at.elapsed());
+    assert!(is_state(&job, pb::JobState::Cancelled), "{}", context(&cluster, Some(id)));
+    assert_eq!(job.attempts[0].state, "cancelled", "{}", context(&cluster, Some(id)));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    for index in [1, 2] {
+        let tasks = cluster.worker_data_dir(index).join("tasks").join(format!("job-{id}"));
+        loop {
+            let left = processes_under(&tasks);
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "processes {left:?} of the cancelled job still run in {}",
+                tasks.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    eprintln!("bad_input_gets_a_clear_error_and_the_cluster_goes_on took {:?}", started.elapsed());
+}

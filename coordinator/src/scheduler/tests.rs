@@ -159,21 +159,32 @@ fn reference_fits_idle(job: &QueuedJob, workers: &[WorkerView]) -> bool {
     reference_gang_fits(job, &idle)
 }
 
-/// The fewest workers a gang can be spread over: fill the roomiest workers first.
-fn fewest_workers_for(job: &QueuedJob, free: &[Capacity]) -> usize {
-    let mut fits: Vec<u32> = free
+/// The fewest workers a gang can be spread over with rank 0 on a worker that `can_lead`: for each possible
+/// leader, fill the roomiest other workers first.
+fn fewest_workers_for(job: &QueuedJob, free: &[Capacity], can_lead: impl Fn(usize) -> bool) -> Option<usize> {
+    let fits: Vec<u32> = free
         .iter()
         .map(|free| reference_ranks_that_fit(free, &job.need, job.ranks))
         .collect();
-    fits.sort_unstable_by(|a, b| b.cmp(a));
-    let mut placed = 0;
-    for (count, fit) in fits.iter().enumerate() {
-        placed += fit;
-        if placed >= job.ranks {
-            return count + 1;
-        }
-    }
-    panic!("job {} does not fit {free:?}", job.id)
+    (0..fits.len())
+        .filter(|leader| fits[*leader] > 0 && can_lead(*leader))
+        .filter_map(|leader| {
+            let mut others: Vec<u32> = (0..fits.len())
+                .filter(|index| *index != leader)
+                .map(|index| fits[index])
+                .collect();
+            others.sort_unstable_by(|a, b| b.cmp(a));
+            let (mut placed, mut count) = (fits[leader], 1);
+            for fit in others {
+                if placed >= job.ranks {
+                    break;
+                }
+                placed += fit;
+                count += 1;
+            }
+            (placed >= job.ranks).then_some(count)
+        })
+        .min()
 }
 
 fn worker_index(view: &ClusterView, id: WorkerId) -> usize {
@@ -344,13 +355,21 @@ fn check_reference_model(
     Ok(())
 }
 
+/// Packing: each gang uses the fewest workers it can at its turn, among placements whose rank 0's host has a
+/// port free (with plentiful ports that is every placement).
 fn check_fewest_workers(scenario: &Scenario, decisions: &[Decision]) -> Result<(), TestCaseError> {
-    for turn in replay(&scenario.view, decisions) {
+    let view = &scenario.view;
+    for turn in replay(view, decisions) {
         let Some(decision) = turn.decision else { continue };
         let used = decision.placement.iter().collect::<BTreeSet<_>>().len();
-        let fewest = fewest_workers_for(turn.job, &turn.free);
+        let can_lead = |index: usize| {
+            let worker = &view.workers[index];
+            let (low, high) = worker.task_ports;
+            (low..=high).any(|port| !turn.ports.contains(&(worker.host.clone(), port)))
+        };
+        let fewest = fewest_workers_for(turn.job, &turn.free, can_lead);
         prop_assert_eq!(
-            used,
+            Some(used),
             fewest,
             "job {} is spread over {:?}; free at its turn {:?}",
             turn.job.id,
@@ -375,6 +394,7 @@ proptest! {
         let decisions = schedule(&scenario.view, scenario.now_ms, &scenario.config);
         check_never_over_commits(&scenario, &decisions)?;
         check_reference_model(&scenario, &decisions, true)?;
+        check_fewest_workers(&scenario, &decisions)?;
     }
 
     #[test]
