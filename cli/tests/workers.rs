@@ -171,7 +171,10 @@ async fn wait_for_job(
             return job;
         }
         if Instant::now() > deadline {
-            panic!("job {id}: {what} did not happen within {timeout:?}\n{}", context(cluster, Some(id)));
+            panic!(
+                "job {id}: {what} did not happen within {timeout:?}\n{}",
+                context(cluster, Some(id))
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -198,9 +201,7 @@ fn processes_under(directory: &Path) -> Vec<u32> {
     entries
         .flatten()
         .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(directory))
-        })
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(directory)))
         .collect()
 }
 
@@ -229,14 +230,23 @@ async fn two_ranks_exchange_a_message_over_master_addr() {
     assert_eq!(job.attempts.len(), 1, "{}", context(&cluster, Some(id)));
     let attempt = &job.attempts[0];
     let workers: BTreeSet<u64> = placement(attempt).into_iter().collect();
-    assert_eq!(workers, BTreeSet::from(ids), "one rank per worker\n{}", context(&cluster, Some(id)));
+    assert_eq!(
+        workers,
+        BTreeSet::from(ids),
+        "one rank per worker\n{}",
+        context(&cluster, Some(id))
+    );
 
     let logs = |rank: &'static str| {
         let cluster = &cluster;
         let id_text = &id_text;
         async move {
             let output = kiln(cluster, &["jobs", "logs", id_text, "--rank", rank]).await;
-            assert!(output.status.success(), "kiln jobs logs --rank {rank}: {}", stderr(&output));
+            assert!(
+                output.status.success(),
+                "kiln jobs logs --rank {rank}: {}",
+                stderr(&output)
+            );
             stdout(&output) + &stderr(&output)
         }
     };
@@ -272,7 +282,10 @@ async fn two_ranks_exchange_a_message_over_master_addr() {
             "a live worker was heard from within the lease: {worker:#}"
         );
     }
-    eprintln!("two_ranks_exchange_a_message_over_master_addr took {:?}", started.elapsed());
+    eprintln!(
+        "two_ranks_exchange_a_message_over_master_addr took {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,15 +301,39 @@ async fn a_lost_worker_fails_the_attempt_and_the_job_completes_on_the_survivor()
     let blocker_spec = job_spec("blocker", "sleep", &["4"], 1, 3, 0);
     let blocker = client.submit(&blocker_spec, "blocker.toml", "blocker").await.unwrap();
     let blocker = blocker.job.unwrap().id;
-    let job = wait_for_job(&cluster, &mut client, blocker, "the blocker runs", Duration::from_secs(15), |job| {
-        is_running(job)
-    })
+    let job = wait_for_job(
+        &cluster,
+        &mut client,
+        blocker,
+        "the blocker runs",
+        Duration::from_secs(15),
+        is_running,
+    )
     .await;
-    assert_eq!(placement(&job.attempts[0]), [survivor], "only worker 2 has 3 cpus");
+    assert_eq!(
+        placement(&job.attempts[0]),
+        [survivor],
+        "only worker 2 has 3 cpus\n{}",
+        context(&cluster, Some(blocker))
+    );
 
     let long_spec = job_spec("long", "sh", &["-c", "sleep 8; echo done rank $RANK"], 2, 1, 2);
-    let id = client.submit(&long_spec, "long.toml", "long").await.unwrap().job.unwrap().id;
-    let job = wait_for_job(&cluster, &mut client, id, "both ranks run", Duration::from_secs(15), is_running).await;
+    let id = client
+        .submit(&long_spec, "long.toml", "long")
+        .await
+        .unwrap()
+        .job
+        .unwrap()
+        .id;
+    let job = wait_for_job(
+        &cluster,
+        &mut client,
+        id,
+        "both ranks run",
+        Duration::from_secs(15),
+        is_running,
+    )
+    .await;
     let first: BTreeSet<u64> = placement(&job.attempts[0]).into_iter().collect();
     assert_eq!(
         first,
@@ -304,9 +341,14 @@ async fn a_lost_worker_fails_the_attempt_and_the_job_completes_on_the_survivor()
         "attempt 1 has ranks on both workers\n{}",
         context(&cluster, Some(id))
     );
-    wait_for_job(&cluster, &mut client, blocker, "the blocker succeeds", Duration::from_secs(15), |job| {
-        is_state(job, pb::JobState::Succeeded)
-    })
+    wait_for_job(
+        &cluster,
+        &mut client,
+        blocker,
+        "the blocker succeeds",
+        Duration::from_secs(15),
+        |job| is_state(job, pb::JobState::Succeeded),
+    )
     .await;
     let job = client.get_job(id).await.unwrap();
     assert!(
@@ -321,7 +363,11 @@ async fn a_lost_worker_fails_the_attempt_and_the_job_completes_on_the_survivor()
     loop {
         let worker = client.get_worker(doomed).await.unwrap();
         if worker.state == "lost" {
-            eprintln!("worker {doomed} lost {:?} after the kill: {}", killed_at.elapsed(), worker.message);
+            eprintln!(
+                "worker {doomed} lost {:?} after the kill: {}",
+                killed_at.elapsed(),
+                worker.message
+            );
             break;
         }
         assert!(
@@ -333,9 +379,14 @@ async fn a_lost_worker_fails_the_attempt_and_the_job_completes_on_the_survivor()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let job = wait_for_job(&cluster, &mut client, id, "attempt 1 fails", Duration::from_secs(5), |job| {
-        job.attempts[0].state == "failed"
-    })
+    let job = wait_for_job(
+        &cluster,
+        &mut client,
+        id,
+        "attempt 1 fails",
+        Duration::from_secs(5),
+        |job| job.attempts[0].state == "failed",
+    )
     .await;
     let message = &job.attempts[0].message;
     assert!(
@@ -344,18 +395,31 @@ async fn a_lost_worker_fails_the_attempt_and_the_job_completes_on_the_survivor()
         context(&cluster, Some(id))
     );
 
-    let job = wait_for_job(&cluster, &mut client, id, "the job finishes", Duration::from_secs(40), |job| {
-        kiln_coordinator::client::is_finished(job.state)
-    })
+    let job = wait_for_job(
+        &cluster,
+        &mut client,
+        id,
+        "the job finishes",
+        Duration::from_secs(40),
+        |job| kiln_coordinator::client::is_finished(job.state),
+    )
     .await;
     let story = context(&cluster, Some(id));
     assert!(is_state(&job, pb::JobState::Succeeded), "{story}");
-    let succeeded: Vec<&pb::Attempt> = job.attempts.iter().filter(|attempt| attempt.state == "succeeded").collect();
+    let succeeded: Vec<&pb::Attempt> = job
+        .attempts
+        .iter()
+        .filter(|attempt| attempt.state == "succeeded")
+        .collect();
     assert_eq!(succeeded.len(), 1, "the job succeeded exactly once\n{story}");
     let last = job.attempts.last().unwrap();
     assert_eq!(last.state, "succeeded", "{story}");
     assert!(last.number > 1, "{story}");
-    assert_eq!(placement(last), [survivor, survivor], "the later attempt ran on the survivor\n{story}");
+    assert_eq!(
+        placement(last),
+        [survivor, survivor],
+        "the later attempt ran on the survivor\n{story}"
+    );
     // Attempt 1's rank on the dead worker is lost; its rank on the survivor was stopped by the worker.
     let first_states: BTreeMap<u64, &str> = job.attempts[0]
         .tasks
@@ -368,7 +432,12 @@ async fn a_lost_worker_fails_the_attempt_and_the_job_completes_on_the_survivor()
         "{story}"
     );
     let output = kiln(&cluster, &["jobs", "logs", &id.to_string(), "--rank", "1"]).await;
-    assert!(stdout(&output).contains("done rank 1"), "{}{}", stdout(&output), stderr(&output));
+    assert!(
+        stdout(&output).contains("done rank 1"),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
     eprintln!(
         "a_lost_worker_fails_the_attempt_and_the_job_completes_on_the_survivor took {:?}",
         started.elapsed()
@@ -391,7 +460,10 @@ async fn leader_killed_while_twenty_jobs_run_each_completes_exactly_once() {
     let mut jobs = Vec::new();
     for index in 0..JOBS {
         let spec = job_spec(&format!("marker-{index}"), "sh", &["-c", &script], 1, 1, 2);
-        let response = client.submit(&spec, "marker.toml", &format!("marker-{index}")).await.unwrap();
+        let response = client
+            .submit(&spec, "marker.toml", &format!("marker-{index}"))
+            .await
+            .unwrap();
         jobs.push(response.job.unwrap().id);
     }
 
@@ -404,7 +476,11 @@ async fn leader_killed_while_twenty_jobs_run_each_completes_exactly_once() {
         if begun >= 3 && listed.iter().any(is_running) {
             break begun;
         }
-        assert!(Instant::now() < deadline, "no jobs started\n{}", context(&cluster, Some(jobs[0])));
+        assert!(
+            Instant::now() < deadline,
+            "no jobs started\n{}",
+            context(&cluster, Some(jobs[0]))
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     cluster.kill(leader).unwrap();
@@ -413,7 +489,10 @@ async fn leader_killed_while_twenty_jobs_run_each_completes_exactly_once() {
         .await
         .unwrap();
     eprintln!("killed leader {leader} after {started_before_kill} of {JOBS} jobs started; node {new_leader} leads");
-    assert!(started_before_kill < JOBS, "the failover happened while jobs were still queued");
+    assert!(
+        started_before_kill < JOBS,
+        "the failover happened while jobs were still queued"
+    );
 
     let mut client = cluster.client().unwrap();
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -442,12 +521,20 @@ async fn leader_killed_while_twenty_jobs_run_each_completes_exactly_once() {
         *runs.entry(line.trim().parse().expect("a job id per line")).or_default() += 1;
     }
     let expected: BTreeMap<u64, usize> = jobs.iter().map(|id| (*id, 1)).collect();
-    assert_eq!(runs, expected, "every job's task ran exactly once:\n{ran}\n{}", context(&cluster, None));
+    assert_eq!(
+        runs,
+        expected,
+        "every job's task ran exactly once:\n{ran}\n{}",
+        context(&cluster, None)
+    );
 
     // The workers followed the new leader: still alive, never declared lost and registered again.
     let workers = client.list_workers().await.unwrap();
     for id in ids {
-        let worker = workers.iter().find(|worker| worker.id == id).expect("both workers are listed");
+        let worker = workers
+            .iter()
+            .find(|worker| worker.id == id)
+            .expect("both workers are listed");
         assert!(
             worker.state == "alive" && worker.registrations == 1,
             "worker {id} is {} after {} registration(s): {}\n{}",
@@ -479,7 +566,11 @@ async fn bad_input_gets_a_clear_error_and_the_cluster_goes_on() {
     let file = directory.path().join("greedy.toml");
     std::fs::write(&file, greedy).unwrap();
     let output = kiln(&cluster, &["submit", file.to_str().unwrap()]).await;
-    assert!(!output.status.success(), "a job no worker can hold is refused: {}", stdout(&output));
+    assert!(
+        !output.status.success(),
+        "a job no worker can hold is refused: {}",
+        stdout(&output)
+    );
     assert!(stderr(&output).contains("5 gpus"), "{}", stderr(&output));
 
     let missing = "kiln-test-no-such-command";
@@ -508,7 +599,15 @@ async fn bad_input_gets_a_clear_error_and_the_cluster_goes_on() {
     // flight. The background sleep is a second process in the rank's group: the kill must reach it too.
     let spec = job_spec("sleeper", "sh", &["-c", "echo started; sleep 60 & wait"], 2, 1, 0);
     let id = submit_file(&cluster, directory.path(), "sleeper.toml", &spec).await;
-    wait_for_job(&cluster, &mut client, id, "both ranks run", Duration::from_secs(15), is_running).await;
+    wait_for_job(
+        &cluster,
+        &mut client,
+        id,
+        "both ranks run",
+        Duration::from_secs(15),
+        is_running,
+    )
+    .await;
     for rank in ["0", "1"] {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -526,14 +625,31 @@ async fn bad_input_gets_a_clear_error_and_the_cluster_goes_on() {
         }
     }
     let output = kiln(&cluster, &["jobs", "cancel", &id.to_string()]).await;
-    assert!(stdout(&output).contains("cancelled"), "{}{}", stdout(&output), stderr(&output));
+    assert!(
+        stdout(&output).contains("cancelled"),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
     let cancelled_at = Instant::now();
-    let job = wait_for_job(&cluster, &mut client, id, "every rank is killed", Duration::from_secs(5), |job| {
-        job.attempts[0].tasks.iter().all(|task| task.state == "killed")
-    })
+    let job = wait_for_job(
+        &cluster,
+        &mut client,
+        id,
+        "every rank is killed",
+        Duration::from_secs(5),
+        |job| job.attempts[0].tasks.iter().all(|task| task.state == "killed"),
+    )
     .await;
-    eprintln!("sleeper's ranks were killed {:?} after the cancel", cancelled_at.elapsed());
-    assert!(is_state(&job, pb::JobState::Cancelled), "{}", context(&cluster, Some(id)));
+    eprintln!(
+        "sleeper's ranks were killed {:?} after the cancel",
+        cancelled_at.elapsed()
+    );
+    assert!(
+        is_state(&job, pb::JobState::Cancelled),
+        "{}",
+        context(&cluster, Some(id))
+    );
     assert_eq!(job.attempts[0].state, "cancelled", "{}", context(&cluster, Some(id)));
     let deadline = Instant::now() + Duration::from_secs(3);
     for index in [1, 2] {
@@ -551,5 +667,8 @@ async fn bad_input_gets_a_clear_error_and_the_cluster_goes_on() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    eprintln!("bad_input_gets_a_clear_error_and_the_cluster_goes_on took {:?}", started.elapsed());
+    eprintln!(
+        "bad_input_gets_a_clear_error_and_the_cluster_goes_on took {:?}",
+        started.elapsed()
+    );
 }

@@ -141,10 +141,14 @@ pub fn schedule(view: &ClusterView, now_ms: i64, config: &SchedulerConfig) -> Ve
     let mut ports = view.ports_in_use.clone();
     let mut decisions = Vec::new();
     for job in &view.queue {
-        let placed = place(job, &view.workers, &free).and_then(|placement| {
-            let master = &view.workers[placement[0]];
-            let port = pick_port(job, master, &ports)?;
-            Some((placement, port))
+        // Every rank needs a CPU slot: with none free anywhere, nothing further can be placed.
+        if free.iter().all(|capacity| capacity.cpus == 0) {
+            break;
+        }
+        let can_lead = |index: usize| pick_port(job, &view.workers[index], &ports).is_some();
+        let placed = place(job, &view.workers, &free, can_lead).map(|placement| {
+            let port = pick_port(job, &view.workers[placement[0]], &ports).expect("rank 0's host has a free port");
+            (placement, port)
         });
         match placed {
             Some((placement, port)) => {
@@ -179,8 +183,14 @@ pub fn fits_idle(job: &QueuedJob, workers: &[WorkerView]) -> bool {
     total >= u64::from(job.ranks)
 }
 
-/// Indices into `workers`, one per rank, or `None` when the gang does not fit now.
-fn place(job: &QueuedJob, workers: &[WorkerView], free: &[Capacity]) -> Option<Vec<usize>> {
+/// Indices into `workers`, one per rank, with rank 0 on a worker that `can_lead` (its host has a port free for
+/// `MASTER_PORT`), or `None` when the gang does not fit now.
+fn place(
+    job: &QueuedJob,
+    workers: &[WorkerView],
+    free: &[Capacity],
+    can_lead: impl Fn(usize) -> bool,
+) -> Option<Vec<usize>> {
     let mut candidates: Vec<(u32, u64, WorkerId, usize)> = workers
         .iter()
         .enumerate()
@@ -195,8 +205,12 @@ fn place(job: &QueuedJob, workers: &[WorkerView], free: &[Capacity]) -> Option<V
         })
         .collect();
     candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    // Rank 0 goes to the roomiest worker that can lead, the other ranks to the roomiest workers first. No
+    // placement uses fewer workers: any could swap its leader for this one, which has at least as much room.
+    let leader = candidates.iter().position(|candidate| can_lead(candidate.3))?;
+    let leader = candidates.remove(leader);
     let mut placement = Vec::with_capacity(job.ranks as usize);
-    for (fit, _, _, index) in candidates {
+    for (fit, _, _, index) in std::iter::once(leader).chain(candidates) {
         let take = fit.min(job.ranks - placement.len() as u32);
         placement.extend(std::iter::repeat_n(index, take as usize));
         if placement.len() == job.ranks as usize {

@@ -196,7 +196,7 @@ impl Capacity {
 
     /// How many ranks needing `need` fit in `self`.
     pub fn ranks_that_fit(&self, need: &Capacity) -> u32 {
-        let by = |have: u64, want: u64| if want == 0 { u64::MAX } else { have / want };
+        let by = |have: u64, want: u64| have.checked_div(want).unwrap_or(u64::MAX);
         let count = by(self.cpus.into(), need.cpus.into())
             .min(by(self.gpus.into(), need.gpus.into()))
             .min(by(self.memory_bytes, need.memory_bytes));

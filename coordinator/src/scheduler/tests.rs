@@ -330,16 +330,16 @@ fn check_reference_model(
                 )));
             }
             None if fits => {
-                let placement = place(job, &view.workers, &turn.free);
-                prop_assert!(placement.is_some(), "job {} fits but place found no placement", job.id);
-                let master = &view.workers[placement.unwrap_or_default()[0]];
-                let (low, high) = master.task_ports;
-                let free_port = (low..=high).find(|port| !turn.ports.contains(&(master.host.clone(), *port)));
+                let leader = view.workers.iter().zip(&turn.free).find(|(worker, free)| {
+                    let (low, high) = worker.task_ports;
+                    reference_ranks_that_fit(free, &job.need, 1) == 1
+                        && (low..=high).any(|port| !turn.ports.contains(&(worker.host.clone(), port)))
+                });
                 prop_assert!(
-                    free_port.is_none(),
-                    "job {} fits and port {free_port:?} is free on {}, but it was not placed",
+                    leader.is_none(),
+                    "job {} fits and worker {:?} could hold rank 0, but it was not placed",
                     job.id,
-                    master.host
+                    leader.map(|(worker, _)| worker.id)
                 );
             }
             None => {}
@@ -847,4 +847,27 @@ fn decisions_are_accepted_by_the_state_machine() {
         .collect();
     assert_eq!(masters.len(), decisions.len(), "master ports collide: {masters:?}");
     assert_eq!(view.ports_in_use, masters);
+}
+
+#[test]
+fn rank_zero_moves_to_a_worker_whose_host_has_a_port() {
+    // Worker 1 is the roomiest, so `place` puts rank 0 there, but its host's only port is held; worker 2, on
+    // another host, has room and ports.
+    let view = ClusterView {
+        workers: vec![
+            WorkerView {
+                task_ports: (29_500, 29_500),
+                ..idle_worker(1, "a", 4)
+            },
+            WorkerView {
+                free: capacity(1, 0, 4),
+                ..idle_worker(2, "b", 2)
+            },
+        ],
+        queue: vec![one_cpu_job(1, 1)],
+        ports_in_use: BTreeSet::from([("a".to_string(), 29_500)]),
+    };
+    let decisions = schedule(&view, 0, &SchedulerConfig::default());
+    assert_eq!(decisions.len(), 1, "the job fits on worker 2: {decisions:?}");
+    assert_eq!(decisions[0].placement, [2]);
 }
