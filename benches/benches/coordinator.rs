@@ -24,8 +24,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use kiln_coordinator::scheduler::{ClusterView, SchedulerConfig, schedule};
 use kiln_coordinator::spec::{JobSpec, parse_job_spec};
-use kiln_coordinator::state::{Command, StateMachine, encode};
+use kiln_coordinator::state::{Capacity, Command, StateMachine, WorkerRegistration, encode};
 use kiln_coordinator::storage::{Databases, LogStore};
 use raft::Storage as _;
 use raft::eraftpb::{Entry, HardState};
@@ -81,7 +82,7 @@ fn bench_apply(c: &mut Criterion) {
             },
             |(mut state, commands)| {
                 for command in commands {
-                    black_box(state.apply(command));
+                    black_box(state.apply(command, &mut Vec::new()));
                 }
                 state
             },
@@ -91,11 +92,58 @@ fn bench_apply(c: &mut Criterion) {
     group.finish();
 }
 
+/// One scheduling round as the leader runs it after every change: build the view from the state, place.
+/// Two workers of two slots each; the queue holds 10,000 single-rank jobs, as in the `jobs` suite.
+fn bench_schedule(c: &mut Criterion) {
+    let spec = hello_spec();
+    let mut state = StateMachine::default();
+    for index in 0..2 {
+        state.apply(
+            Command::RegisterWorker {
+                registration: WorkerRegistration {
+                    uid: format!("bench-{index}"),
+                    address: format!("127.0.0.1:{}", 9000 + index),
+                    host: "127.0.0.1".into(),
+                    hostname: "bench".into(),
+                    capacity: Capacity {
+                        cpus: 2,
+                        gpus: 0,
+                        memory_bytes: 1 << 30,
+                    },
+                    task_ports: (29500, 29999),
+                },
+                now_ms: 0,
+            },
+            &mut Vec::new(),
+        );
+    }
+    for sequence in 0..SNAPSHOT_JOBS as u64 {
+        state.apply(submit(&spec, sequence), &mut Vec::new());
+    }
+    let config = SchedulerConfig::default();
+    let mut group = c.benchmark_group("scheduler");
+    group.sample_size(20);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(3));
+    group.bench_function("round_10k_queued_4_slots_free", |b| {
+        b.iter(|| schedule(&ClusterView::of(black_box(&state), &config), 1, &config))
+    });
+    // The common case under load: every slot busy, so the round should stop at once.
+    let decisions = schedule(&ClusterView::of(&state, &config), 1, &config);
+    for decision in decisions {
+        state.apply(decision.into_command(1), &mut Vec::new());
+    }
+    group.bench_function("round_10k_queued_no_slot_free", |b| {
+        b.iter(|| schedule(&ClusterView::of(black_box(&state), &config), 1, &config))
+    });
+    group.finish();
+}
+
 fn bench_snapshot(c: &mut Criterion) {
     let spec = hello_spec();
     let mut state = StateMachine::default();
     for sequence in 0..SNAPSHOT_JOBS as u64 {
-        state.apply(submit(&spec, sequence));
+        state.apply(submit(&spec, sequence), &mut Vec::new());
     }
     assert_eq!(state.job_count(), SNAPSHOT_JOBS);
     let bytes = state.to_snapshot().expect("snapshot encodes");
@@ -217,5 +265,12 @@ fn bench_log_append(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_spec, bench_apply, bench_snapshot, bench_log_append);
+criterion_group!(
+    benches,
+    bench_spec,
+    bench_apply,
+    bench_schedule,
+    bench_snapshot,
+    bench_log_append
+);
 criterion_main!(benches);

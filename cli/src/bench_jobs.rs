@@ -19,7 +19,8 @@ use kiln_coordinator::client::{Client, new_idempotency_key};
 use kiln_proto as pb;
 use serde::Serialize;
 
-const TRUE_JOB: &str = "name = \"bench-true\"\nkind = \"command\"\ncommand = \"true\"\n[resources]\nworkers = 1\ncpus = 1\n";
+const TRUE_JOB: &str =
+    "name = \"bench-true\"\nkind = \"command\"\ncommand = \"true\"\n[resources]\nworkers = 1\ncpus = 1\n";
 /// Jobs fetched per page when reading the results back.
 const PAGE_JOBS: u32 = 1000;
 
@@ -64,7 +65,10 @@ async fn collect(client: &mut Client, after_id: u64, deadline: Instant) -> Resul
             break;
         }
         if Instant::now() > deadline {
-            bail!("jobs were still unfinished at the deadline (first: job {})", unfinished[0].id);
+            bail!(
+                "jobs were still unfinished at the deadline (first: job {})",
+                unfinished[0].id
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

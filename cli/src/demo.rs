@@ -29,7 +29,8 @@ const EXAMPLES: [(&str, &str); 2] = [
     ),
 ];
 /// A job that runs until cancelled, to show a cancel reaching every rank.
-const LONG_JOB: &str = "name = \"long\"\nkind = \"command\"\ncommand = \"sleep\"\nargs = [\"600\"]\n[resources]\nworkers = 2\ncpus = 1\n";
+const LONG_JOB: &str =
+    "name = \"long\"\nkind = \"command\"\ncommand = \"sleep\"\nargs = [\"600\"]\n[resources]\nworkers = 2\ncpus = 1\n";
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -98,7 +99,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     );
     output::print_cluster_status(&client.cluster_status().await?, false, true)?;
 
-    step(2, "start two workers (2 CPU slots each); they register with the cluster");
+    step(
+        2,
+        "start two workers (2 CPU slots each); they register with the cluster",
+    );
     let mut workers = Vec::new();
     for index in 1..=2 {
         let mut config = WorkerConfig::new(all.clone(), root.join(format!("worker-{index}")));
@@ -197,10 +201,22 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let job = client.get_job(long.id).await?;
-        let tasks = job.attempts.last().map(|attempt| attempt.tasks.clone()).unwrap_or_default();
+        let tasks = job
+            .attempts
+            .last()
+            .map(|attempt| attempt.tasks.clone())
+            .unwrap_or_default();
         if tasks.iter().all(|task| task.state != "running") {
-            let states: Vec<String> = tasks.iter().map(|task| format!("rank {} {}", task.rank, task.state)).collect();
-            println!("job {} is {}; {}", job.id, output::state_label(job.state), states.join(", "));
+            let states: Vec<String> = tasks
+                .iter()
+                .map(|task| format!("rank {} {}", task.rank, task.state))
+                .collect();
+            println!(
+                "job {} is {}; {}",
+                job.id,
+                output::state_label(job.state),
+                states.join(", ")
+            );
             break;
         }
         if Instant::now() > deadline {
@@ -230,7 +246,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let jobs = client.list_jobs(Vec::new(), 0).await?;
     println!("{} jobs still present on the new leader's side", jobs.len());
     if jobs.len() != EXAMPLES.len() + 1 {
-        bail!("expected {} jobs after failover, found {}", EXAMPLES.len() + 1, jobs.len());
+        bail!(
+            "expected {} jobs after failover, found {}",
+            EXAMPLES.len() + 1,
+            jobs.len()
+        );
     }
     let after = client
         .submit(EXAMPLES[0].1, EXAMPLES[0].0, &new_idempotency_key())

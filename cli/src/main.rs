@@ -15,8 +15,8 @@ use clap::{Args, Parser, Subcommand};
 use kiln_coordinator::client::{Client, new_idempotency_key};
 use kiln_coordinator::spec::parse_job_spec;
 use kiln_coordinator::{Coordinator, CoordinatorConfig};
-use kiln_worker::{Worker, WorkerConfig};
 use kiln_proto as pb;
+use kiln_worker::{Worker, WorkerConfig};
 
 #[derive(Parser)]
 #[command(
@@ -386,11 +386,21 @@ async fn run_up(args: UpArgs) -> Result<()> {
             worker_config.cpus = cpus;
         }
         let mut worker = Worker::start(worker_config).await?;
-        let id = worker.registered().await.context("the embedded worker stopped before registering")?;
-        println!("  worker {id}         {} (data {}/worker-{index})", worker.address, args.data_dir.display());
+        let id = worker
+            .registered()
+            .await
+            .context("the embedded worker stopped before registering")?;
+        println!(
+            "  worker {id}         {} (data {}/worker-{index})",
+            worker.address,
+            args.data_dir.display()
+        );
         workers.push(worker);
     }
-    println!("kiln is up: an embedded single-node cluster with {} worker(s)", workers.len());
+    println!(
+        "kiln is up: an embedded single-node cluster with {} worker(s)",
+        workers.len()
+    );
     println!(
         "  coordinator API  {}   (kiln --coordinator {} …)",
         coordinator.api_addr, coordinator.api_addr
@@ -428,10 +438,14 @@ async fn run_worker(args: WorkerArgs) -> Result<()> {
         .map_err(|message| anyhow::anyhow!("--memory: {message}"))?;
     config.listen = args.listen;
     config.advertise_host = args.advertise_host;
-    config.task_ports = kiln_worker::parse_port_range(&args.task_ports).map_err(|message| anyhow::anyhow!("--task-ports: {message}"))?;
+    config.task_ports = kiln_worker::parse_port_range(&args.task_ports)
+        .map_err(|message| anyhow::anyhow!("--task-ports: {message}"))?;
     config.kill_grace = Duration::from_secs(args.kill_grace);
     let mut worker = Worker::start(config).await?;
-    println!("worker serving logs on {}; registering with {}", worker.address, args.coordinator);
+    println!(
+        "worker serving logs on {}; registering with {}",
+        worker.address, args.coordinator
+    );
     let token = worker.shutdown_token();
     tokio::spawn(shutdown_on_signal(token.clone()));
     tokio::select! {
@@ -483,13 +497,22 @@ async fn wait_job(client: &mut Client, id: u64, max_wait: Option<Duration>, json
     }
 }
 
-pub(crate) async fn job_logs(client: &mut Client, id: u64, rank: u32, attempt: Option<u32>, follow: bool) -> Result<()> {
+pub(crate) async fn job_logs(
+    client: &mut Client,
+    id: u64,
+    rank: u32,
+    attempt: Option<u32>,
+    follow: bool,
+) -> Result<()> {
     use std::io::Write;
     let job = loop {
         let job = client.get_job(id).await.map_err(output::status_error)?;
         let resources = job.resources.unwrap_or_default();
         if rank >= resources.workers {
-            bail!("job {id} has ranks 0 to {}; there is no rank {rank}", resources.workers.saturating_sub(1));
+            bail!(
+                "job {id} has ranks 0 to {}; there is no rank {rank}",
+                resources.workers.saturating_sub(1)
+            );
         }
         if !job.attempts.is_empty() || !follow || kiln_coordinator::client::is_finished(job.state) {
             break job;
@@ -497,13 +520,17 @@ pub(crate) async fn job_logs(client: &mut Client, id: u64, rank: u32, attempt: O
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let chosen = match attempt {
-        Some(number) => job.attempts.iter().find(|candidate| candidate.number == number).with_context(|| {
-            format!("job {id} has no attempt {number} (it has {})", job.attempts.len())
-        })?,
-        None => job
+        Some(number) => job
             .attempts
-            .last()
-            .with_context(|| format!("job {id} has not started yet ({}); no output to show", output::state_label(job.state)))?,
+            .iter()
+            .find(|candidate| candidate.number == number)
+            .with_context(|| format!("job {id} has no attempt {number} (it has {})", job.attempts.len()))?,
+        None => job.attempts.last().with_context(|| {
+            format!(
+                "job {id} has not started yet ({}); no output to show",
+                output::state_label(job.state)
+            )
+        })?,
     };
     let task = chosen
         .tasks
@@ -514,7 +541,12 @@ pub(crate) async fn job_logs(client: &mut Client, id: u64, rank: u32, attempt: O
         .connect_timeout(Duration::from_secs(3))
         .connect()
         .await
-        .with_context(|| format!("connecting to worker {} at {} for the logs", task.worker_id, task.worker_address))?;
+        .with_context(|| {
+            format!(
+                "connecting to worker {} at {} for the logs",
+                task.worker_id, task.worker_address
+            )
+        })?;
     let mut stream = pb::worker_agent_client::WorkerAgentClient::new(channel)
         .logs(pb::LogsRequest {
             task: Some(pb::TaskKey {

@@ -360,9 +360,16 @@ pub fn print_worker(worker: &pb::WorkerInfo, json: bool) -> Result<()> {
     println!("free:          {}", resources_label(worker.free));
     println!("task ports:    {}-{}", worker.task_port_low, worker.task_port_high);
     println!("heartbeat:     {}", heartbeat_label(worker.last_heartbeat_age_ms));
-    println!("registered:    {} ({} times)", time_label(worker.registered_at_ms), worker.registrations);
+    println!(
+        "registered:    {} ({} times)",
+        time_label(worker.registered_at_ms),
+        worker.registrations
+    );
     for task in &worker.running {
-        println!("  running job {} attempt {} rank {}", task.job_id, task.attempt, task.rank);
+        println!(
+            "  running job {} attempt {} rank {}",
+            task.job_id, task.attempt, task.rank
+        );
     }
     Ok(())
 }

@@ -310,19 +310,11 @@ impl Client {
             if is_finished(job.state) {
                 return Ok(job);
             }
-            let mut stream = match self.watch_jobs(vec![id]).await {
-                Ok(stream) => stream,
-                Err(status) => return Err(status),
-            };
-            loop {
-                match stream.message().await {
-                    Ok(Some(event)) => {
-                        if let Some(job) = event.job.filter(|job| is_finished(job.state)) {
-                            return Ok(job);
-                        }
-                    }
-                    // The watched node went away or the watch fell behind: read again, then watch again.
-                    Ok(None) | Err(_) => break,
+            let mut stream = self.watch_jobs(vec![id]).await?;
+            // Ends when the watched node goes away or the watch falls behind: read again, then watch again.
+            while let Ok(Some(event)) = stream.message().await {
+                if let Some(job) = event.job.filter(|job| is_finished(job.state)) {
+                    return Ok(job);
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -167,10 +167,16 @@ impl std::fmt::Display for TaskKey {
 /// How a task's process ended, as its worker reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TaskOutcome {
-    Exited { code: i32 },
-    Signalled { signal: i32 },
+    Exited {
+        code: i32,
+    },
+    Signalled {
+        signal: i32,
+    },
     /// The process never ran (the program does not exist, the working directory could not be made).
-    FailedToStart { message: String },
+    FailedToStart {
+        message: String,
+    },
 }
 
 /// Resources of a worker, or of one rank.
@@ -410,9 +416,16 @@ pub enum Command {
 /// What applying a command produced, sent back to the client that proposed it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum CommandResult {
-    Submitted { job: Job, created: bool },
-    Cancelled { job: Job },
-    WorkerRegistered { worker: Worker },
+    Submitted {
+        job: Job,
+        created: bool,
+    },
+    Cancelled {
+        job: Job,
+    },
+    WorkerRegistered {
+        worker: Worker,
+    },
     /// The command took effect (or was a harmless repeat).
     Done,
     Batch(Vec<CommandResult>),
@@ -966,7 +979,11 @@ impl StateMachine {
                     if self.workers.is_empty() {
                         "none registered".to_string()
                     } else {
-                        self.workers.keys().map(|id| id.to_string()).collect::<Vec<_>>().join(", ")
+                        self.workers
+                            .keys()
+                            .map(|id| id.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     }
                 ))),
             },
@@ -1052,7 +1069,11 @@ mod tests {
     }
 
     fn submit(key: &str, now_ms: i64) -> Command {
-        submit_spec(key, now_ms, "name = \"hello\"\nkind = \"command\"\ncommand = \"true\"\n")
+        submit_spec(
+            key,
+            now_ms,
+            "name = \"hello\"\nkind = \"command\"\ncommand = \"true\"\n",
+        )
     }
 
     fn gang(workers: u32, max_restarts: u32) -> String {
@@ -1167,7 +1188,10 @@ mod tests {
         apply(&mut state, submit_spec("", 1, &gang(2, 0)));
         assert!(matches!(start(&mut state, 1, 1, vec![a, b]), CommandResult::Done));
         // The same decision again (a duplicate proposal) is refused and changes nothing.
-        assert!(matches!(start(&mut state, 1, 1, vec![a, b]), CommandResult::Rejected(_)));
+        assert!(matches!(
+            start(&mut state, 1, 1, vec![a, b]),
+            CommandResult::Rejected(_)
+        ));
         assert_eq!(state.worker(a).unwrap().allocated.cpus, 1);
         finish(&mut state, 1, 1, 0, a, 0);
         assert_eq!(state.job(1).unwrap().state, JobState::Running);
@@ -1191,7 +1215,11 @@ mod tests {
         finish(&mut state, 1, 1, 1, b, 7);
         let job = state.job(1).unwrap();
         assert_eq!(job.state, JobState::Queued);
-        assert!(job.message.contains("rank 1 exited with code 7 on worker 2"), "{}", job.message);
+        assert!(
+            job.message.contains("rank 1 exited with code 7 on worker 2"),
+            "{}",
+            job.message
+        );
         assert!(job.attempts[0].tasks[0].stop_requested);
         // Rank 0 still holds its slot until its worker reports it stopped.
         assert_eq!(state.worker(a).unwrap().allocated.cpus, 1);
@@ -1224,7 +1252,10 @@ mod tests {
         assert_eq!(job.state, JobState::Failed);
         assert!(job.message.contains("missed its lease"), "{}", job.message);
         assert_eq!(state.worker(a).unwrap().allocated, Capacity::default());
-        assert!(matches!(start(&mut state, 1, 3, vec![b, b]), CommandResult::Rejected(_)));
+        assert!(matches!(
+            start(&mut state, 1, 3, vec![b, b]),
+            CommandResult::Rejected(_)
+        ));
     }
 
     #[test]

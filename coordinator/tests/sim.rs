@@ -486,6 +486,7 @@ fn lagging_member_catches_up_by_snapshot_and_reads_are_current() {
         Query::ListJobs {
             states: Vec::new(),
             limit: 0,
+            after_id: 0,
         },
     );
     sim.run(10);

@@ -105,7 +105,10 @@ impl Worker {
     pub async fn start(config: WorkerConfig) -> Result<Worker, WorkerError> {
         config.validate()?;
         std::fs::create_dir_all(&config.data_dir).map_err(|error| {
-            WorkerError::Storage(format!("creating data directory {}: {error}", config.data_dir.display()))
+            WorkerError::Storage(format!(
+                "creating data directory {}: {error}",
+                config.data_dir.display()
+            ))
         })?;
         let uid = load_or_create_uid(&config.data_dir)?;
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -114,10 +117,7 @@ impl Worker {
         let bound = listener
             .local_addr()
             .map_err(|error| WorkerError::InvalidArgument(error.to_string()))?;
-        let host = config
-            .advertise_host
-            .clone()
-            .unwrap_or_else(|| bound.ip().to_string());
+        let host = config.advertise_host.clone().unwrap_or_else(|| bound.ip().to_string());
         let address = format!("{host}:{}", bound.port());
         let shutdown = CancellationToken::new();
         let (exit_sender, exits) = mpsc::channel(EXIT_QUEUE);
@@ -418,7 +418,10 @@ impl Agent {
                 Ok(Some(pb::LeaderMessage { kind: Some(kind) })) => kind,
                 Ok(Some(_)) => continue,
                 Ok(None) => {
-                    tracing::info!(worker = self.worker_id, "the leader ended the session; looking for the leader");
+                    tracing::info!(
+                        worker = self.worker_id,
+                        "the leader ended the session; looking for the leader"
+                    );
                     return SessionEnd::Lost;
                 }
                 Err(status) => {

@@ -208,7 +208,8 @@ impl Executor {
             ));
         }
         let open = |name: &str| {
-            std::fs::File::create(dir.join(name)).map_err(|error| format!("creating {}: {error}", dir.join(name).display()))
+            std::fs::File::create(dir.join(name))
+                .map_err(|error| format!("creating {}: {error}", dir.join(name).display()))
         };
         let (stdout, stderr) = (open("stdout.log")?, open("stderr.log")?);
         let mut command = tokio::process::Command::new(&assign.command);

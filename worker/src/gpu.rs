@@ -9,7 +9,10 @@ pub fn detect_gpus() -> u32 {
 #[cfg(feature = "cuda")]
 fn detect() -> u32 {
     // Loading the driver panics when it is missing, so check that it is there first.
-    if !cudarc::driver::sys::is_culib_present() {
+    #[allow(unsafe_code)] // the probe only tries to dlopen the driver library; it has no preconditions to uphold
+    // SAFETY: `is_culib_present` attempts to load libcuda and reports whether it could; nothing else.
+    let present = unsafe { cudarc::driver::sys::is_culib_present() };
+    if !present {
         return 0;
     }
     match cudarc::driver::CudaContext::device_count() {

@@ -46,8 +46,8 @@ use crate::node::{Node, NodeConfig, NodeStatus, Reply, SavedSnapshot, SnapshotTa
 use crate::scheduler::SchedulerConfig;
 use crate::spec::parse_job_spec;
 use crate::state::{
-    Command, CommandResult, IDEMPOTENCY_KEY_LENGTH_MAX, Job, JobId, Worker, WorkerId, JobState, NodeId, Query, QueryResult, Request,
-    StateMachine, decode, encode,
+    Command, CommandResult, IDEMPOTENCY_KEY_LENGTH_MAX, Job, JobId, JobState, NodeId, Query, QueryResult, Request,
+    StateMachine, Worker, WorkerId, decode, encode,
 };
 use crate::storage::{Databases, LogStore};
 

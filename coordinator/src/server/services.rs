@@ -6,13 +6,27 @@ use super::*;
 /// What a write produced, as it travels back from the leader to the node the client called.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum WriteOutcome {
-    Submitted { job: Job, created: bool },
-    Cancelled { job: Job },
-    Membership { voters: Vec<NodeId>, learners: Vec<NodeId> },
-    LeaderIs { id: NodeId },
-    WorkerRegistered { worker: Worker },
+    Submitted {
+        job: Job,
+        created: bool,
+    },
+    Cancelled {
+        job: Job,
+    },
+    Membership {
+        voters: Vec<NodeId>,
+        learners: Vec<NodeId>,
+    },
+    LeaderIs {
+        id: NodeId,
+    },
+    WorkerRegistered {
+        worker: Worker,
+    },
     /// Milliseconds since the leader last heard from each worker.
-    Leases { ages_ms: BTreeMap<WorkerId, i64> },
+    Leases {
+        ages_ms: BTreeMap<WorkerId, i64>,
+    },
 }
 
 /// What the gRPC handlers share: a way to reach the loop, and to reach peers.

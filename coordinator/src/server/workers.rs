@@ -168,8 +168,11 @@ impl Hub {
                 };
                 current.running = running.into_iter().collect();
                 self.leases.insert(worker, Instant::now());
-                self.reports
-                    .extend(unacknowledged.into_iter().map(|(task, outcome)| (worker, task, outcome)));
+                self.reports.extend(
+                    unacknowledged
+                        .into_iter()
+                        .map(|(task, outcome)| (worker, task, outcome)),
+                );
             }
             HubEvent::Report {
                 worker,
@@ -216,7 +219,9 @@ impl Hub {
     }
 
     fn send(&mut self, worker: WorkerId, kind: pb::leader_message::Kind) {
-        let Some(session) = self.sessions.get(&worker) else { return };
+        let Some(session) = self.sessions.get(&worker) else {
+            return;
+        };
         let message = pb::LeaderMessage { kind: Some(kind) };
         if session.outbound.try_send(Ok(message)).is_err() {
             // Full or gone: drop the session; the worker reconnects and is reconciled from scratch.
@@ -228,7 +233,10 @@ impl Hub {
     fn round(&mut self, view: &AppliedView) {
         if !view.leader_ready {
             if self.leading {
-                tracing::info!(node = self.shared.node_id, "no longer the leader; dropping worker sessions");
+                tracing::info!(
+                    node = self.shared.node_id,
+                    "no longer the leader; dropping worker sessions"
+                );
                 self.leading = false;
                 self.sessions.clear();
                 self.leases.clear();
@@ -321,7 +329,10 @@ impl Hub {
     fn sync_sessions(&mut self, state: &StateMachine) {
         let workers: Vec<WorkerId> = self.sessions.keys().copied().collect();
         for worker_id in workers {
-            let Some(worker) = state.worker(worker_id).filter(|worker| worker.state == WorkerState::Alive) else {
+            let Some(worker) = state
+                .worker(worker_id)
+                .filter(|worker| worker.state == WorkerState::Alive)
+            else {
                 let reason = state.worker(worker_id).map_or_else(
                     || format!("worker {worker_id} is not registered"),
                     |worker| worker.message.clone(),
@@ -400,7 +411,9 @@ pub(super) fn task_key_to_proto(key: &TaskKey) -> pb::TaskKey {
 fn task_key_from_proto(key: Option<pb::TaskKey>) -> Result<TaskKey, Status> {
     let key = key.ok_or_else(|| Status::invalid_argument("a task key is missing"))?;
     if key.attempt == 0 {
-        return Err(Status::invalid_argument("task attempt 0 does not exist; attempts start at 1"));
+        return Err(Status::invalid_argument(
+            "task attempt 0 does not exist; attempts start at 1",
+        ));
     }
     Ok(TaskKey {
         job: key.job_id,
