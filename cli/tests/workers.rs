@@ -75,16 +75,16 @@ async fn cluster_with_workers(cpus: [u32; 2]) -> (Cluster, [u64; 2]) {
     cluster.start_all().unwrap();
     cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
     let mut ids = [0; 2];
-    for (slot, index) in [1u32, 2].into_iter().enumerate() {
-        cluster.start_worker(index, cpus[slot], &[]).unwrap();
-        let alive = match cluster.wait_for_workers(slot + 1, Duration::from_secs(20)).await {
+    for (position, index) in [1u32, 2].into_iter().enumerate() {
+        cluster.start_worker(index, cpus[position], &[]).unwrap();
+        let alive = match cluster.wait_for_workers(position + 1, Duration::from_secs(20)).await {
             Ok(alive) => alive,
             Err(error) => panic!("{error}\n{}", context(&cluster, None)),
         };
-        ids[slot] = alive
+        ids[position] = alive
             .iter()
             .map(|worker| worker.id)
-            .find(|id| !ids[..slot].contains(id))
+            .find(|id| !ids[..position].contains(id))
             .expect("the worker just started registered");
     }
     (cluster, ids)
@@ -671,4 +671,149 @@ async fn bad_input_gets_a_clear_error_and_the_cluster_goes_on() {
         "bad_input_gets_a_clear_error_and_the_cluster_goes_on took {:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_worker_keeps_its_id_and_releases_what_it_ran() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (mut cluster, ids) = cluster_with_workers([2, 2]).await;
+    let directory = tempfile::tempdir().unwrap();
+    let mut client = cluster.client().unwrap();
+    let spec = job_spec("sleeper", "sh", &["-c", "echo started; sleep 60"], 1, 1, 1);
+    let id = submit_file(&cluster, directory.path(), "sleeper.toml", &spec).await;
+    let job = wait_for_job(
+        &cluster,
+        &mut client,
+        id,
+        "it runs",
+        Duration::from_secs(15),
+        is_running,
+    )
+    .await;
+    let worker_id = placement(&job.attempts[0])[0];
+    let index = if worker_id == ids[0] { 1 } else { 2 };
+    let task_directory = cluster.worker_data_dir(index).join("tasks").join(format!("job-{id}"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while processes_under(&task_directory).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the task never ran\n{}",
+            context(&cluster, Some(id))
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A crash: the task's process outlives its worker.
+    cluster.kill_worker(index).unwrap();
+    assert!(
+        !processes_under(&task_directory).is_empty(),
+        "the orphan is still there before the restart"
+    );
+    cluster.start_worker(index, 2, &[]).unwrap();
+    let job = wait_for_job(
+        &cluster,
+        &mut client,
+        id,
+        "a second attempt after the restart",
+        Duration::from_secs(20),
+        |job| job.attempts.len() == 2 && is_running(job),
+    )
+    .await;
+    assert!(
+        job.attempts[0].message.contains("restarted"),
+        "attempt 1 failed because its worker restarted: {:?}",
+        job.attempts[0]
+    );
+    let worker = client.get_worker(worker_id).await.unwrap();
+    assert_eq!(
+        worker.registrations, 2,
+        "the same data directory registered as the same worker: {worker:?}"
+    );
+    assert_eq!(worker.state, "alive");
+    let workers = client.list_workers().await.unwrap();
+    assert_eq!(workers.len(), 2, "no new worker appeared: {workers:?}");
+    // The restarted worker killed what its previous process left running before registering again.
+    let orphans = processes_under(&task_directory.join("attempt-1"));
+    assert!(
+        orphans.is_empty(),
+        "attempt 1's process survived the restart: {orphans:?}"
+    );
+    client.cancel_job(id, "test over").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_stopped_before_its_worker_heard_of_it_releases_its_slot() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    // A longer lease: the workers are frozen through an election, and must not be declared lost for it.
+    let mut cluster = Cluster::new(Path::new(KILN), 3, &["--worker-lease", "8s"]).unwrap();
+    cluster.start_all().unwrap();
+    let leader = cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
+    for index in [1, 2] {
+        cluster.start_worker(index, 1, &[]).unwrap();
+    }
+    cluster.wait_for_workers(2, Duration::from_secs(20)).await.unwrap();
+    let directory = tempfile::tempdir().unwrap();
+
+    // Freeze both workers, then take their leader away: the new leader places a job while no worker has
+    // a session with it, and the job is cancelled before any worker hears of it.
+    for index in [1, 2] {
+        cluster.signal_worker(index, rustix::process::Signal::STOP).unwrap();
+    }
+    cluster.kill(leader).unwrap();
+    cluster
+        .wait_for_leader(Some(leader), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut client = cluster.client().unwrap();
+    let spec = job_spec("never-heard", "sleep", &["60"], 1, 1, 0);
+    let id = submit_file(&cluster, directory.path(), "never-heard.toml", &spec).await;
+    wait_for_job(
+        &cluster,
+        &mut client,
+        id,
+        "it is placed",
+        Duration::from_secs(10),
+        is_running,
+    )
+    .await;
+    client
+        .cancel_job(id, "cancelled while its worker was away")
+        .await
+        .unwrap();
+    let cancelled = id;
+    for index in [1, 2] {
+        cluster.signal_worker(index, rustix::process::Signal::CONT).unwrap();
+    }
+    let job = wait_for_job(
+        &cluster,
+        &mut client,
+        id,
+        "its rank is released",
+        Duration::from_secs(15),
+        |job| job.attempts[0].tasks.iter().all(|task| task.state != "running"),
+    )
+    .await;
+    assert_eq!(job.attempts[0].tasks[0].state, "killed", "{job:?}");
+    // Both slots are free again: a job needing both runs.
+    let spec = job_spec("both", "true", &[], 2, 1, 0);
+    let id = submit_file(&cluster, directory.path(), "both.toml", &spec).await;
+    let output = kiln(&cluster, &["jobs", "wait", &id.to_string(), "--max-wait", "20s"]).await;
+    assert!(
+        output.status.success(),
+        "{}{}\n{}",
+        stdout(&output),
+        stderr(&output),
+        context(&cluster, Some(id))
+    );
+    // The cancelled rank never ran anywhere.
+    for index in [1, 2] {
+        let task_directory = cluster
+            .worker_data_dir(index)
+            .join("tasks")
+            .join(format!("job-{cancelled}"));
+        assert!(
+            !task_directory.exists(),
+            "job {cancelled} ran on worker {index} after its cancel"
+        );
+    }
 }

@@ -214,6 +214,18 @@ impl Cluster {
         Ok(())
     }
 
+    /// Sends a signal to worker `index` (SIGSTOP to freeze it, SIGCONT to let it go on).
+    pub fn signal_worker(&self, index: u32, signal: rustix::process::Signal) -> Result<()> {
+        let child = self
+            .workers
+            .get(&index)
+            .and_then(|worker| worker.child.as_ref())
+            .context("worker is not running")?;
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).context("a worker has a pid")?;
+        rustix::process::kill_process(pid, signal)?;
+        Ok(())
+    }
+
     /// Waits until `count` workers are registered and alive.
     pub async fn wait_for_workers(&self, count: usize, timeout: Duration) -> Result<Vec<pb::WorkerInfo>> {
         let deadline = Instant::now() + timeout;

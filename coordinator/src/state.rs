@@ -850,6 +850,12 @@ impl StateMachine {
                 Some(signal),
                 format!("rank {rank} was killed by signal {signal} on worker {worker}"),
             ),
+            TaskOutcome::FailedToStart { message } if stop_requested => (
+                TaskState::Killed,
+                None,
+                None,
+                format!("rank {rank} stopped before it started ({message})"),
+            ),
             TaskOutcome::FailedToStart { message } => (
                 TaskState::Failed,
                 None,

@@ -294,7 +294,20 @@ impl Executor {
     }
 
     /// SIGTERM to the task's process group, SIGKILL after the grace period if it is still there.
-    pub(crate) fn kill(&self, key: Key, reason: &str) {
+    ///
+    /// A task this process never started (its assignment never arrived, say, because the leader placed it
+    /// while this worker was cut off) is marked started, so a late assignment is ignored, and reported as
+    /// stopped, so the cluster frees what it holds.
+    pub(crate) fn kill(&mut self, key: Key, reason: &str) {
+        if self.started.insert(key) {
+            tracing::info!(%key, reason, "stopping a task before it started");
+            let exits = self.exits.clone();
+            tokio::spawn(async move {
+                let outcome = pb::task_report::Outcome::FailedToStart("stopped before it started".into());
+                let _ = exits.send((key, outcome)).await;
+            });
+            return;
+        }
         let Some(running) = self.running.get(&key) else { return };
         tracing::info!(%key, reason, "stopping task");
         signal_group(running.process_group, rustix::process::Signal::TERM);
@@ -307,9 +320,10 @@ impl Executor {
         });
     }
 
-    pub(crate) fn kill_all(&self, reason: &str) {
-        for key in self.running.keys() {
-            self.kill(*key, reason);
+    pub(crate) fn kill_all(&mut self, reason: &str) {
+        let keys: Vec<Key> = self.running.keys().copied().collect();
+        for key in keys {
+            self.kill(key, reason);
         }
     }
 
