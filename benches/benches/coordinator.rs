@@ -24,7 +24,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use kiln_coordinator::scheduler::{ClusterView, SchedulerConfig, schedule};
+use kiln_coordinator::scheduler::{SchedulerConfig, schedule_state};
 use kiln_coordinator::spec::{JobSpec, parse_job_spec};
 use kiln_coordinator::state::{Capacity, Command, StateMachine, WorkerRegistration, encode};
 use kiln_coordinator::storage::{Databases, LogStore};
@@ -126,15 +126,15 @@ fn bench_schedule(c: &mut Criterion) {
     group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(3));
     group.bench_function("round_10k_queued_4_slots_free", |b| {
-        b.iter(|| schedule(&ClusterView::of(black_box(&state), &config), 1, &config))
+        b.iter(|| schedule_state(black_box(&state), 1, &config))
     });
     // The common case under load: every slot busy, so the round should stop at once.
-    let decisions = schedule(&ClusterView::of(&state, &config), 1, &config);
+    let decisions = schedule_state(&state, 1, &config);
     for decision in decisions {
         state.apply(decision.into_command(1), &mut Vec::new());
     }
     group.bench_function("round_10k_queued_no_slot_free", |b| {
-        b.iter(|| schedule(&ClusterView::of(black_box(&state), &config), 1, &config))
+        b.iter(|| schedule_state(black_box(&state), 1, &config))
     });
     group.finish();
 }

@@ -71,8 +71,30 @@ pub struct ClusterView {
     pub ports_in_use: BTreeSet<(String, u16)>,
 }
 
+fn queued_job(job: &crate::state::Job) -> QueuedJob {
+    QueuedJob {
+        id: job.id,
+        attempt: job.attempts.len() as u32 + 1,
+        ranks: job.spec.resources.workers,
+        need: Capacity::of_rank(&job.spec.resources),
+        queued_since_ms: job.queued_since_ms,
+    }
+}
+
 impl ClusterView {
+    /// The view with its whole queue (up to `queue_scan_max`), for tests and inspection. The leader uses
+    /// [`schedule_state`], which reads the queue only as far as a round gets.
     pub fn of(state: &StateMachine, config: &SchedulerConfig) -> ClusterView {
+        let mut view = ClusterView::without_queue(state);
+        view.queue = state
+            .queued_jobs()
+            .take(config.queue_scan_max)
+            .map(queued_job)
+            .collect();
+        view
+    }
+
+    fn without_queue(state: &StateMachine) -> ClusterView {
         let workers = state
             .workers()
             .filter(|worker| worker.state == WorkerState::Alive)
@@ -82,17 +104,6 @@ impl ClusterView {
                 capacity: worker.capacity,
                 free: worker.free(),
                 task_ports: worker.task_ports,
-            })
-            .collect();
-        let queue = state
-            .queued_jobs()
-            .take(config.queue_scan_max)
-            .map(|job| QueuedJob {
-                id: job.id,
-                attempt: job.attempts.len() as u32 + 1,
-                ranks: job.spec.resources.workers,
-                need: Capacity::of_rank(&job.spec.resources),
-                queued_since_ms: job.queued_since_ms,
             })
             .collect();
         let mut ports_in_use = BTreeSet::new();
@@ -108,10 +119,22 @@ impl ClusterView {
         }
         ClusterView {
             workers,
-            queue,
+            queue: Vec::new(),
             ports_in_use,
         }
     }
+}
+
+/// One scheduling round straight from the state: the same decisions as `schedule(&ClusterView::of(..))`,
+/// but the queue is read lazily, so a round with no free slot costs nothing however long the queue is.
+pub fn schedule_state(state: &StateMachine, now_ms: i64, config: &SchedulerConfig) -> Vec<Decision> {
+    let view = ClusterView::without_queue(state);
+    schedule_jobs(
+        &view,
+        state.queued_jobs().take(config.queue_scan_max).map(queued_job),
+        now_ms,
+        config,
+    )
 }
 
 /// Start attempt `attempt` of `job` with rank r on `placement[r]`.
@@ -137,10 +160,21 @@ impl Decision {
 
 /// One scheduling round.
 pub fn schedule(view: &ClusterView, now_ms: i64, config: &SchedulerConfig) -> Vec<Decision> {
+    schedule_jobs(view, view.queue.iter().cloned(), now_ms, config)
+}
+
+/// The round itself, over `view`'s workers and ports and the given queue (in scheduling order).
+fn schedule_jobs(
+    view: &ClusterView,
+    queue: impl Iterator<Item = QueuedJob>,
+    now_ms: i64,
+    config: &SchedulerConfig,
+) -> Vec<Decision> {
     let mut free: Vec<Capacity> = view.workers.iter().map(|worker| worker.free).collect();
     let mut ports = view.ports_in_use.clone();
     let mut decisions = Vec::new();
-    for job in &view.queue {
+    for job in queue {
+        let job = &job;
         // Every rank needs a CPU slot: with none free anywhere, nothing further can be placed.
         if free.iter().all(|capacity| capacity.cpus == 0) {
             break;

@@ -768,6 +768,8 @@ fn submit(state: &mut StateMachine, ranks: u32, cpus: u32, gpus: u32, now_ms: i6
 fn schedule_and_apply(state: &mut StateMachine, now_ms: i64) -> Vec<Decision> {
     let config = SchedulerConfig::default();
     let decisions = schedule(&ClusterView::of(state, &config), now_ms, &config);
+    // The leader's lazy path decides exactly the same.
+    assert_eq!(schedule_state(state, now_ms, &config), decisions);
     for decision in &decisions {
         let result = apply(state, decision.clone().into_command(now_ms));
         assert!(matches!(result, CommandResult::Done), "{decision:?}: {result:?}");

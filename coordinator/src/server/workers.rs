@@ -30,7 +30,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use tokio::sync::mpsc;
 
 use super::*;
-use crate::scheduler::{ClusterView, schedule};
+use crate::scheduler::schedule_state;
 use crate::state::{TaskKey, TaskOutcome, TaskState, Worker, WorkerId, WorkerRegistration, WorkerState};
 
 /// Outbound messages queued for one worker; beyond this the session is dropped and the worker reconnects.
@@ -298,7 +298,7 @@ impl Hub {
                 });
             }
         }
-        let decisions = schedule(&ClusterView::of(&view.state, &self.scheduler), now_ms, &self.scheduler);
+        let decisions = schedule_state(&view.state, now_ms, &self.scheduler);
         commands.extend(decisions.into_iter().map(|decision| decision.into_command(now_ms)));
         commands.truncate(BATCH_COMMANDS_MAX);
         if commands.is_empty() {
