@@ -547,18 +547,26 @@ pub(crate) async fn job_logs(
                 task.worker_id, task.worker_address
             )
         })?;
-    let mut stream = pb::worker_agent_client::WorkerAgentClient::new(channel)
-        .logs(pb::LogsRequest {
-            task: Some(pb::TaskKey {
-                job_id: id,
-                attempt: chosen.number,
-                rank,
-            }),
-            follow,
-        })
-        .await
-        .map_err(output::status_error)?
-        .into_inner();
+    let request = pb::LogsRequest {
+        task: Some(pb::TaskKey {
+            job_id: id,
+            attempt: chosen.number,
+            rank,
+        }),
+        follow,
+    };
+    let mut agent = pb::worker_agent_client::WorkerAgentClient::new(channel);
+    // Right after placement the worker may not have the task yet; when following, give it a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        match agent.logs(request.clone()).await {
+            Ok(response) => break response.into_inner(),
+            Err(status) if follow && status.code() == tonic::Code::NotFound && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => return Err(output::status_error(status)),
+        }
+    };
     while let Some(chunk) = stream.message().await.map_err(output::status_error)? {
         if chunk.stream == "stderr" {
             let mut stderr = std::io::stderr().lock();

@@ -817,3 +817,24 @@ async fn a_task_stopped_before_its_worker_heard_of_it_releases_its_slot() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_a_rank_from_submission_to_exit() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (cluster, _) = cluster_with_workers([1, 1]).await;
+    let directory = tempfile::tempdir().unwrap();
+    let script = "for i in 1 2 3 4; do echo tick $i; echo warn $i >&2; sleep 0.3; done";
+    let spec = job_spec("ticker", "sh", &["-c", script], 1, 1, 0);
+    let id = submit_file(&cluster, directory.path(), "ticker.toml", &spec).await;
+    // Asked for at once, while the job may still be queued or its worker not yet told: follow waits for
+    // the rank, streams while it writes, and ends when it exits.
+    let output = kiln(&cluster, &["jobs", "logs", &id.to_string(), "--follow"]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output),
+        "tick 1\ntick 2\ntick 3\ntick 4\n",
+        "{}",
+        context(&cluster, Some(id))
+    );
+    assert_eq!(stderr(&output), "warn 1\nwarn 2\nwarn 3\nwarn 4\n");
+}

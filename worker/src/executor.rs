@@ -72,7 +72,7 @@ struct Running {
     gpus: Vec<u32>,
 }
 
-/// The tasks running now, shared with the log server (which follows output until its task ends).
+/// The tasks started and not yet ended, shared with the log server (which follows output until then).
 pub(crate) type RunningSet = Arc<Mutex<HashSet<Key>>>;
 
 pub(crate) struct Executor {
@@ -185,6 +185,9 @@ impl Executor {
                 assign.kind
             ));
         }
+        // Visible to the log server before its directory exists: a follower of its output waits for the exit
+        // from here on. `finished` removes it again, whether the process ran or not.
+        self.visible.lock().expect("running set poisoned").insert(key);
         let dir = task_dir(&self.data_dir, key);
         let work = dir.join("work");
         std::fs::create_dir_all(&work).map_err(|error| format!("creating {}: {error}", work.display()))?;
@@ -265,7 +268,6 @@ impl Executor {
                 gpus,
             },
         );
-        self.visible.lock().expect("running set poisoned").insert(key);
         tracing::info!(%key, pid, command = %assign.command, "task started");
         let exits = self.exits.clone();
         tokio::spawn(async move {
