@@ -1049,13 +1049,88 @@ impl StateMachine {
         }
         let (version, _): (u32, usize) = bincode::serde::decode_from_slice(bytes, bincode_config())
             .map_err(|error| CoordinatorError::Storage(format!("snapshot header is corrupt: {error}")))?;
+        if version == 1 {
+            let (_, state): (u32, version1::StateMachine) = decode(bytes, "version 1 state machine snapshot")?;
+            return Ok(state.upgrade());
+        }
         if version != SNAPSHOT_FORMAT_VERSION {
             return Err(CoordinatorError::Storage(format!(
-                "snapshot format version {version} is not supported; this build reads version {SNAPSHOT_FORMAT_VERSION}"
+                "snapshot format version {version} is not supported; this build reads versions 1 and {SNAPSHOT_FORMAT_VERSION}"
             )));
         }
         let (_, state): (u32, StateMachine) = decode(bytes, "state machine snapshot")?;
         Ok(state)
+    }
+}
+
+/// Snapshot format 1 (jobs and members, before workers existed), read so a data directory written by
+/// that build starts under this one. No job had an attempt then, so none is lost in the upgrade.
+mod version1 {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[allow(dead_code)] // decoded field by field; attempts were always empty before workers existed
+    pub(super) struct Attempt {
+        number: u32,
+        state: String,
+        started_at_ms: i64,
+        ended_at_ms: Option<i64>,
+        message: String,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct Job {
+        id: JobId,
+        spec: JobSpec,
+        spec_toml: String,
+        state: JobState,
+        #[allow(dead_code)] // see Attempt
+        attempts: Vec<Attempt>,
+        submitted_at_ms: i64,
+        updated_at_ms: i64,
+        finished_at_ms: Option<i64>,
+        message: String,
+        idempotency_key: String,
+    }
+
+    /// `imbl` maps serialize as plain maps, so ordinary maps read them back.
+    #[derive(Deserialize)]
+    pub(super) struct StateMachine {
+        jobs: BTreeMap<JobId, Job>,
+        idempotency_keys: BTreeMap<String, JobId>,
+        next_job_id: JobId,
+        members: BTreeMap<NodeId, MemberRecord>,
+    }
+
+    impl StateMachine {
+        pub(super) fn upgrade(self) -> super::StateMachine {
+            let mut state = super::StateMachine {
+                idempotency_keys: self.idempotency_keys.into_iter().collect(),
+                next_job_id: self.next_job_id,
+                members: self.members,
+                ..Default::default()
+            };
+            for (id, job) in self.jobs {
+                let job = super::Job {
+                    id: job.id,
+                    spec: job.spec,
+                    spec_toml: job.spec_toml,
+                    state: job.state,
+                    attempts: Vec::new(),
+                    submitted_at_ms: job.submitted_at_ms,
+                    updated_at_ms: job.updated_at_ms,
+                    finished_at_ms: job.finished_at_ms,
+                    message: job.message,
+                    idempotency_key: job.idempotency_key,
+                    queued_since_ms: job.submitted_at_ms,
+                };
+                if job.state == JobState::Queued {
+                    state.queue.insert(queue_key(&job));
+                }
+                state.jobs.insert(id, job);
+            }
+            state
+        }
     }
 }
 
@@ -1297,6 +1372,67 @@ mod tests {
             state.query(&Query::GetWorker { id: 42 }),
             QueryResult::Rejected(CoordinatorError::NotFound(_))
         ));
+    }
+
+    /// Format 1 as yesterday's build wrote it (same field order, so the same bincode).
+    #[derive(Serialize)]
+    struct Version1Job {
+        id: JobId,
+        spec: JobSpec,
+        spec_toml: String,
+        state: JobState,
+        attempts: Vec<()>,
+        submitted_at_ms: i64,
+        updated_at_ms: i64,
+        finished_at_ms: Option<i64>,
+        message: String,
+        idempotency_key: String,
+    }
+
+    #[test]
+    fn a_version_1_snapshot_is_upgraded_with_its_jobs_queued() {
+        let spec_toml = "name = \"hello\"\nkind = \"command\"\ncommand = \"true\"\n".to_string();
+        let spec = parse_job_spec("t", &spec_toml).unwrap();
+        let job = |id: JobId, state: JobState| Version1Job {
+            id,
+            spec: spec.clone(),
+            spec_toml: spec_toml.clone(),
+            state,
+            attempts: Vec::new(),
+            submitted_at_ms: 10,
+            updated_at_ms: 10,
+            finished_at_ms: None,
+            message: String::new(),
+            idempotency_key: format!("k{id}"),
+        };
+        let jobs: BTreeMap<JobId, Version1Job> = [(1, job(1, JobState::Queued)), (2, job(2, JobState::Cancelled))]
+            .into_iter()
+            .collect();
+        let keys: BTreeMap<String, JobId> = [("k1".to_string(), 1u64), ("k2".to_string(), 2u64)]
+            .into_iter()
+            .collect();
+        let members: BTreeMap<NodeId, MemberRecord> = [(
+            1,
+            MemberRecord {
+                raft_addr: "127.0.0.1:7071".into(),
+            },
+        )]
+        .into_iter()
+        .collect();
+        let bytes = encode(&(1u32, (jobs, keys, 2u64, members))).unwrap();
+        let mut state = StateMachine::from_snapshot(&bytes).unwrap();
+        assert_eq!(state.job_count(), 2);
+        assert_eq!(state.queued_jobs().map(|job| job.id).collect::<Vec<_>>(), [1]);
+        assert_eq!(state.members().len(), 1);
+        // Ids and idempotency keys carry on where they were.
+        let CommandResult::Submitted { job, created } = apply(&mut state, submit("k2", 20)) else {
+            panic!("a retried key is answered")
+        };
+        assert_eq!((job.id, created), (2, false));
+        let CommandResult::Submitted { job, .. } = apply(&mut state, submit("k3", 20)) else {
+            panic!("a new key creates a job")
+        };
+        assert_eq!(job.id, 3);
     }
 
     #[test]
