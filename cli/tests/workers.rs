@@ -838,3 +838,41 @@ async fn logs_follow_a_rank_from_submission_to_exit() {
     );
     assert_eq!(stderr(&output), "warn 1\nwarn 2\nwarn 3\nwarn 4\n");
 }
+
+/// The promise, checked where PyTorch is installed: an unmodified `torch.distributed` script (gloo)
+/// runs as a 2-rank Kiln job. CI has no PyTorch (the exchange test above covers the environment with the
+/// standard library); set `KILN_TEST_TORCH_PYTHON` to a python that has torch to run it, otherwise it
+/// says so and passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmodified_torch_ddp_script_runs_as_a_two_rank_job() {
+    let Ok(python) = std::env::var("KILN_TEST_TORCH_PYTHON") else {
+        eprintln!("skipped: set KILN_TEST_TORCH_PYTHON to a python with torch installed to run this test");
+        return;
+    };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (cluster, ids) = cluster_with_workers([1, 1]).await;
+    let directory = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/scripts/torch_ddp.py");
+    let spec = job_spec("torch-ddp", &python, &[script.to_str().unwrap()], 2, 1, 0);
+    let id = submit_file(&cluster, directory.path(), "torch-ddp.toml", &spec).await;
+    let output = kiln(&cluster, &["jobs", "wait", &id.to_string(), "--max-wait", "120s"]).await;
+    assert!(
+        output.status.success(),
+        "{}{}\n{}",
+        stdout(&output),
+        stderr(&output),
+        context(&cluster, Some(id))
+    );
+    let job = cluster.client().unwrap().get_job(id).await.unwrap();
+    let workers: BTreeSet<u64> = placement(&job.attempts[0]).into_iter().collect();
+    assert_eq!(workers, ids.into_iter().collect(), "one rank on each worker");
+    for rank in ["0", "1"] {
+        let output = kiln(&cluster, &["jobs", "logs", &id.to_string(), "--rank", rank]).await;
+        assert!(
+            stdout(&output).contains(&format!("rank {rank}: parameters identical on all 2 ranks")),
+            "{}{}",
+            stdout(&output),
+            stderr(&output)
+        );
+    }
+}
