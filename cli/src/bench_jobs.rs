@@ -54,16 +54,30 @@ async fn submit_one(client: &mut Client) -> Result<u64> {
     Ok(response.job.context("no job returned")?.id)
 }
 
+fn progress_bar(length: usize, message: &str) -> indicatif::ProgressBar {
+    let progress = indicatif::ProgressBar::new(length as u64);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {per_sec}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    progress.set_message(message.to_string());
+    progress
+}
+
 /// Waits until no job is queued or running, then reads back every job above `after_id`.
-async fn collect(client: &mut Client, after_id: u64, deadline: Instant) -> Result<Vec<pb::Job>> {
+async fn collect(client: &mut Client, after_id: u64, count: usize, deadline: Instant) -> Result<Vec<pb::Job>> {
+    // Jobs run in submission order, so the first unfinished one says how far the cluster has got.
+    let progress = progress_bar(count, "finished");
     loop {
         let unfinished = client
             .list_jobs_after(vec![pb::JobState::Queued, pb::JobState::Running], 1, after_id)
             .await
             .map_err(crate::output::status_error)?;
-        if unfinished.is_empty() {
+        let Some(first) = unfinished.first() else {
+            progress.finish_and_clear();
             break;
-        }
+        };
+        progress.set_position(first.id.saturating_sub(after_id + 1));
         if Instant::now() > deadline {
             bail!(
                 "jobs were still unfinished at the deadline (first: job {})",
@@ -164,12 +178,15 @@ pub async fn run(
     let before = highest_job_id(&mut client).await?;
     let started = Instant::now();
     let mut submitters = tokio::task::JoinSet::new();
+    let submitted = progress_bar(jobs, "submitted");
     for index in 0..clients {
         let mut own = Client::new(addresses)?;
         let count = jobs / clients + usize::from(index < jobs % clients);
+        let submitted = submitted.clone();
         submitters.spawn(async move {
             for _ in 0..count {
                 submit_one(&mut own).await?;
+                submitted.inc(1);
             }
             anyhow::Ok(())
         });
@@ -177,8 +194,9 @@ pub async fn run(
     while let Some(outcome) = submitters.join_next().await {
         outcome??;
     }
+    submitted.finish_and_clear();
     let submit_seconds = started.elapsed().as_secs_f64();
-    let finished = collect(&mut client, before, deadline).await?;
+    let finished = collect(&mut client, before, jobs, deadline).await?;
     results.push(summarize("throughput", clients, submit_seconds, &finished, cluster));
 
     if paced_jobs > 0 {
@@ -198,7 +216,7 @@ pub async fn run(
             outcome??;
         }
         let submit_seconds = started.elapsed().as_secs_f64();
-        let finished = collect(&mut client, before, deadline).await?;
+        let finished = collect(&mut client, before, paced_jobs, deadline).await?;
         results.push(summarize(
             &format!("latency at {rate:.0} jobs/s"),
             1,

@@ -562,7 +562,7 @@ pub(crate) async fn job_logs(
     // Right after placement the worker may not have the task yet; when following, give it a moment.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut stream = loop {
-        match agent.logs(request.clone()).await {
+        match agent.logs(request).await {
             Ok(response) => break response.into_inner(),
             Err(status) if follow && status.code() == tonic::Code::NotFound && std::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
