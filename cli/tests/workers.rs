@@ -876,3 +876,81 @@ async fn an_unmodified_torch_ddp_script_runs_as_a_two_rank_job() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_back_after_being_declared_lost_kills_what_the_cluster_gave_away() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (cluster, ids) = cluster_with_workers([2, 2]).await;
+    let directory = tempfile::tempdir().unwrap();
+    let mut client = cluster.client().unwrap();
+    let spec = job_spec("survivor", "sh", &["-c", "echo started; sleep 30"], 1, 1, 1);
+    let id = submit_file(&cluster, directory.path(), "survivor.toml", &spec).await;
+    let job = wait_for_job(
+        &cluster,
+        &mut client,
+        id,
+        "it runs",
+        Duration::from_secs(15),
+        is_running,
+    )
+    .await;
+    let first_worker = placement(&job.attempts[0])[0];
+    let index = if first_worker == ids[0] { 1 } else { 2 };
+    let first_attempt = cluster
+        .worker_data_dir(index)
+        .join("tasks")
+        .join(format!("job-{id}"))
+        .join("attempt-1");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while processes_under(&first_attempt).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the task never ran\n{}",
+            context(&cluster, Some(id))
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Frozen past its lease (a long GC pause, a partition): declared lost, its rank rescheduled elsewhere.
+    cluster.signal_worker(index, rustix::process::Signal::STOP).unwrap();
+    let job = wait_for_job(
+        &cluster,
+        &mut client,
+        id,
+        "attempt 2 on the other worker",
+        LEASE + Duration::from_secs(10),
+        |job| job.attempts.len() == 2 && is_running(job),
+    )
+    .await;
+    assert_ne!(placement(&job.attempts[1])[0], first_worker, "{job:?}");
+    assert!(
+        job.attempts[0].message.contains("lease"),
+        "attempt 1 failed with the lost worker: {:?}",
+        job.attempts[0]
+    );
+
+    // Back again: it must not keep running a rank the cluster has given to someone else.
+    cluster.signal_worker(index, rustix::process::Signal::CONT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let worker = client.get_worker(first_worker).await.unwrap();
+        if processes_under(&first_attempt).is_empty() && worker.state == "alive" && worker.registrations == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the returning worker did not stop its old rank and register again: {worker:?}, processes {:?}\n{}",
+            processes_under(&first_attempt),
+            context(&cluster, Some(id))
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let job = client.get_job(id).await.unwrap();
+    assert_eq!(
+        job.attempts.len(),
+        2,
+        "the returning worker did not disturb attempt 2: {job:?}"
+    );
+    assert!(is_running(&job), "{job:?}");
+    client.cancel_job(id, "test over").await.unwrap();
+}

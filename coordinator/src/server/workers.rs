@@ -89,6 +89,8 @@ pub(super) struct Hub {
     scheduler: SchedulerConfig,
     sessions: HashMap<WorkerId, Session>,
     leases: HashMap<WorkerId, Instant>,
+    /// Each worker's registration count when its lease was last started.
+    registrations: HashMap<WorkerId, u32>,
     reports: Vec<(WorkerId, TaskKey, TaskOutcome)>,
     proposing: bool,
     leading: bool,
@@ -108,6 +110,7 @@ impl Hub {
             scheduler,
             sessions: HashMap::new(),
             leases: HashMap::new(),
+            registrations: HashMap::new(),
             reports: Vec::new(),
             proposing: false,
             leading: false,
@@ -240,6 +243,7 @@ impl Hub {
                 self.leading = false;
                 self.sessions.clear();
                 self.leases.clear();
+                self.registrations.clear();
                 self.reports.clear();
             }
             return;
@@ -283,6 +287,11 @@ impl Hub {
             }
         }
         for worker in view.state.workers().filter(|worker| worker.state == WorkerState::Alive) {
+            // A registration (a restart, or a return after being declared lost) starts a fresh lease;
+            // otherwise the silence before it would get the worker declared lost again at once.
+            if self.registrations.insert(worker.id, worker.registrations) != Some(worker.registrations) {
+                self.leases.insert(worker.id, now);
+            }
             let heard = *self.leases.entry(worker.id).or_insert(now);
             let silent = now.saturating_duration_since(heard);
             if silent > self.lease {
