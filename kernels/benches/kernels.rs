@@ -19,7 +19,7 @@ fn bench_kernels(c: &mut Criterion) {
         let source: Vec<f32> = (0..elements).map(|index| index as f32 * 1e-3).collect();
         let mut destination = vec![1.0f32; elements];
         let mut wire = vec![bf16::ZERO; elements];
-        let mib = elements * 4 >> 20;
+        let mib = (elements * 4) >> 20;
         // add_assign reads two f32 buffers and writes one.
         group.throughput(Throughput::Bytes((elements * 12) as u64));
         group.bench_function(format!("add_assign_f32_{mib}MiB"), |b| {
