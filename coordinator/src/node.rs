@@ -227,6 +227,10 @@ impl Node {
                 .is_ok_and(|term| term == self.raw.raft.term)
     }
 
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
     pub fn state(&self) -> &StateMachine {
         &self.state
     }

@@ -403,9 +403,11 @@ pub enum Command {
         outcome: TaskOutcome,
         now_ms: i64,
     },
-    /// The leader declares a worker lost (its lease ran out); its running tasks are lost with it.
+    /// The leader declares a worker lost (its lease ran out); its running tasks are lost with it. Applies
+    /// only to the registration it was decided for: a worker that registered again since is left alone.
     WorkerLost {
         worker: WorkerId,
+        registrations: u32,
         reason: String,
         now_ms: i64,
     },
@@ -565,13 +567,18 @@ impl StateMachine {
                 self.task_finished(task, worker, outcome, now_ms, changed);
                 CommandResult::Done
             }
-            Command::WorkerLost { worker, reason, now_ms } => {
+            Command::WorkerLost {
+                worker,
+                registrations,
+                reason,
+                now_ms,
+            } => {
                 let Some(record) = self.workers.get_mut(&worker) else {
                     return CommandResult::Rejected(CoordinatorError::NotFound(format!(
                         "worker {worker} does not exist"
                     )));
                 };
-                if record.state == WorkerState::Alive {
+                if record.state == WorkerState::Alive && record.registrations == registrations {
                     record.state = WorkerState::Lost;
                     record.updated_at_ms = now_ms;
                     record.message = reason.clone();
@@ -759,6 +766,18 @@ impl StateMachine {
             ));
         }
         let master_addr = master.host.clone();
+        let port_taken = self
+            .workers
+            .values()
+            .filter(|worker| worker.host == master_addr)
+            .flat_map(|worker| worker.tasks.iter())
+            .filter_map(|key| self.jobs.get(&key.job)?.attempts.get(key.attempt as usize - 1))
+            .any(|attempt| attempt.master_port == master_port);
+        if port_taken {
+            return Err(format!(
+                "port {master_port} on {master_addr} is held by a running attempt"
+            ));
+        }
         let mut local_ranks: BTreeMap<WorkerId, u32> = BTreeMap::new();
         let tasks: Vec<Task> = placement
             .iter()
@@ -1325,6 +1344,7 @@ mod tests {
             &mut state,
             Command::WorkerLost {
                 worker: a,
+                registrations: 1,
                 reason: "missed its lease".into(),
                 now_ms: 20,
             },

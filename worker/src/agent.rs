@@ -29,6 +29,12 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Heartbeats go out at this fraction of the lease, so two can be lost without the lease running out.
 const HEARTBEATS_PER_LEASE: u32 = 5;
+/// A worker cut off this long (in fifths of the lease) stops its tasks: well after a leader failover
+/// (about a second), well before the leader declares the worker lost (the whole lease).
+const FENCE_FIFTHS_OF_LEASE: u32 = 3;
+/// How long opening a session with one coordinator may take; short against the lease, so a dead
+/// coordinator tried first leaves time to find the leader.
+const SESSION_OPEN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A running worker. It stops when its shutdown token is cancelled; [`Worker::wait`] returns then.
 pub struct Worker {
@@ -93,6 +99,11 @@ struct Agent {
     unacknowledged: BTreeMap<Key, pb::TaskReport>,
     worker_id: u64,
     heartbeat: Duration,
+    /// See [`Agent::check_fence`].
+    fence: Duration,
+    last_contact: std::time::Instant,
+    /// Tasks were stopped for lack of contact; not again until contact returns.
+    fenced: bool,
     /// Wait before looking for the leader again; reset whenever a session opens.
     session_backoff: Duration,
     shutdown: CancellationToken,
@@ -167,6 +178,9 @@ impl Worker {
             unacknowledged: BTreeMap::new(),
             worker_id: 0,
             heartbeat: Duration::from_secs(1),
+            fence: Duration::from_secs(3),
+            last_contact: std::time::Instant::now(),
+            fenced: false,
             session_backoff: BACKOFF_MIN,
             shutdown: shutdown.clone(),
             registered,
@@ -222,6 +236,9 @@ impl Agent {
             loop {
                 match self.session().await {
                     SessionEnd::Lost => {
+                        // The coordinator tried first did not lead: start with the next one next time.
+                        self.preferred = (self.preferred + 1) % self.channels.len();
+                        self.check_fence();
                         if self.sleep(self.session_backoff).await.is_none() {
                             break 'register;
                         }
@@ -229,7 +246,8 @@ impl Agent {
                     }
                     SessionEnd::Reregister(reason) => {
                         tracing::warn!(worker = self.worker_id, %reason, "registering again; stopping every task");
-                        self.executor.kill_all("this worker is registering again");
+                        // Registering frees everything the cluster counted here, so nothing may still run.
+                        self.stop_tasks("this worker is registering again").await;
                         self.unacknowledged.clear();
                         self.executor.forget_started();
                         continue 'register;
@@ -238,7 +256,30 @@ impl Agent {
                 }
             }
         }
-        self.stop_tasks().await;
+        self.stop_tasks("the worker is shutting down").await;
+    }
+
+    /// Fencing: a worker cut off from every leader for longer than `fence` stops its tasks itself. The
+    /// leader declares it lost only after the whole lease, and reschedules its ranks then, so by that time
+    /// nothing of them runs here any more: a partition cannot make a rank run twice.
+    fn check_fence(&mut self) {
+        let silent = self.last_contact.elapsed();
+        if self.fenced || self.executor.is_idle() || silent <= self.fence {
+            return;
+        }
+        self.fenced = true;
+        let reason = format!(
+            "no leader heard for {:.1} s (fence {:.1} s); stopping tasks so they cannot run twice",
+            silent.as_secs_f64(),
+            self.fence.as_secs_f64()
+        );
+        tracing::warn!(worker = self.worker_id, %reason, "fenced");
+        self.executor.kill_all(&reason);
+    }
+
+    fn contact(&mut self) {
+        self.last_contact = std::time::Instant::now();
+        self.fenced = false;
     }
 
     async fn sleep(&self, duration: Duration) -> Option<()> {
@@ -248,13 +289,15 @@ impl Agent {
         }
     }
 
-    /// On shutdown: stop every task and wait (up to the grace period and a little) for them to go.
-    async fn stop_tasks(&mut self) {
-        self.executor.kill_all("the worker is shutting down");
+    /// Stops every task and waits (up to the grace period and a little) for them to go.
+    async fn stop_tasks(&mut self, reason: &str) {
+        self.executor.kill_all(reason);
         let deadline = tokio::time::Instant::now() + self.config.kill_grace + Duration::from_secs(1);
         while !self.executor.is_idle() {
             match tokio::time::timeout_at(deadline, self.exits.recv()).await {
-                Ok(Some((key, _))) => self.executor.finished(key),
+                Ok(Some((key, outcome))) => {
+                    self.record_exit(key, outcome);
+                }
                 _ => break,
             }
         }
@@ -292,6 +335,8 @@ impl Agent {
                     self.executor.set_worker_id(info.id);
                     let lease = Duration::from_millis(info.lease_ms.max(500));
                     self.heartbeat = lease / HEARTBEATS_PER_LEASE;
+                    self.fence = lease * FENCE_FIFTHS_OF_LEASE / 5;
+                    self.contact();
                     tracing::info!(
                         worker = info.id,
                         address = %self.address,
@@ -363,7 +408,7 @@ impl Agent {
             let _ = outbound.try_send(hello);
             let _ = outbound.try_send(self.heartbeat_message());
             let mut client = WorkerServiceClient::new(self.channels[index].1.clone());
-            let call = tokio::time::timeout(Duration::from_secs(5), client.session(ReceiverStream::new(receiver)));
+            let call = tokio::time::timeout(SESSION_OPEN_TIMEOUT, client.session(ReceiverStream::new(receiver)));
             let outcome = tokio::select! {
                 outcome = call => outcome,
                 () = self.shutdown.cancelled() => return SessionEnd::Shutdown,
@@ -372,6 +417,7 @@ impl Agent {
                 Ok(Ok(response)) => {
                     self.preferred = index;
                     self.session_backoff = BACKOFF_MIN;
+                    self.contact();
                     opened = Some((outbound, response.into_inner()));
                     break;
                 }
@@ -408,6 +454,7 @@ impl Agent {
                     continue;
                 }
                 _ = heartbeat.tick() => {
+                    self.check_fence();
                     if outbound.try_send(self.heartbeat_message()).is_err() {
                         return SessionEnd::Lost;
                     }
@@ -415,7 +462,10 @@ impl Agent {
                 }
             };
             let kind = match message {
-                Ok(Some(pb::LeaderMessage { kind: Some(kind) })) => kind,
+                Ok(Some(pb::LeaderMessage { kind: Some(kind) })) => {
+                    self.contact();
+                    kind
+                }
                 Ok(Some(_)) => continue,
                 Ok(None) => {
                     tracing::info!(
@@ -438,7 +488,10 @@ impl Agent {
                 }
                 pb::leader_message::Kind::Acknowledged(acknowledged) => {
                     for key in &acknowledged.tasks {
-                        self.unacknowledged.remove(&Key::from_proto(key));
+                        let key = Key::from_proto(key);
+                        self.unacknowledged.remove(&key);
+                        // Committed as ended: the leader never assigns it again, so forget it.
+                        self.executor.forget(key);
                     }
                 }
                 pb::leader_message::Kind::Reregister(reregister) => return SessionEnd::Reregister(reregister.reason),

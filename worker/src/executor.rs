@@ -127,8 +127,31 @@ impl Executor {
         keys
     }
 
-    /// Kills what an earlier worker process with this data directory left running.
+    /// Kills what an earlier worker process with this data directory left running: every process whose
+    /// working directory lies under this worker's task directories (what a crash between a spawn and its
+    /// pid file leaves), and the groups named by leftover pid files (tasks that changed directory).
     pub(crate) fn kill_leftovers(&self) {
+        let tasks = self.data_dir.join("tasks");
+        let tasks = tasks.canonicalize().unwrap_or(tasks);
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for pid in entries
+                .flatten()
+                .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+            {
+                let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
+                if pid as u32 != std::process::id() && cwd.is_some_and(|cwd| cwd.starts_with(&tasks)) {
+                    tracing::warn!(pid, "killing a task process an earlier worker process left running");
+                    signal_group(pid, rustix::process::Signal::KILL);
+                    if let Some(process) = rustix::process::Pid::from_raw(pid) {
+                        let _ = rustix::process::kill_process(process, rustix::process::Signal::KILL);
+                    }
+                }
+            }
+        }
+        self.kill_leftover_pid_files();
+    }
+
+    fn kill_leftover_pid_files(&self) {
         let Ok(entries) = std::fs::read_dir(self.data_dir.join("running")) else {
             return;
         };
@@ -280,6 +303,9 @@ impl Executor {
                 Err(error) => pb::task_report::Outcome::FailedToStart(format!("waiting for the process: {error}")),
             };
             alive.store(false, Ordering::SeqCst);
+            // What the task left in its group (a daemon, a child that ignored SIGTERM) ends with it. The
+            // group id cannot be reused while any member lives; with none left the call finds no group.
+            signal_group(pid, rustix::process::Signal::KILL);
             let _ = exits.send((key, outcome)).await;
         });
         Ok(())
@@ -311,6 +337,10 @@ impl Executor {
             return;
         }
         let Some(running) = self.running.get(&key) else { return };
+        if !running.alive.load(Ordering::SeqCst) {
+            // Already exited; its report is on the way, and its group id may be free for reuse.
+            return;
+        }
         tracing::info!(%key, reason, "stopping task");
         signal_group(running.process_group, rustix::process::Signal::TERM);
         let (group, alive, grace) = (running.process_group, running.alive.clone(), self.kill_grace);
@@ -331,6 +361,13 @@ impl Executor {
 
     pub(crate) fn is_idle(&self) -> bool {
         self.running.is_empty()
+    }
+
+    /// Forgets a task whose end the cluster has committed.
+    pub(crate) fn forget(&mut self, key: Key) {
+        if !self.running.contains_key(&key) {
+            self.started.remove(&key);
+        }
     }
 
     /// Forgets which tasks were started: after registering again, the cluster numbers attempts anew

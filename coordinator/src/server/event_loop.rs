@@ -65,7 +65,7 @@ pub(super) fn run_event_loop(
     tick_interval: Duration,
     shutdown: CancellationToken,
 ) -> Result<(), CoordinatorError> {
-    let mut published = (0u64, false);
+    let mut published = (0u64, false, 0u64);
     let mut waiting: HashMap<Token, oneshot::Sender<Reply>> = HashMap::new();
     let mut next_token: Token = 0;
     let snapshots = spawn_snapshot_worker(transport.events.clone())?;
@@ -145,12 +145,13 @@ pub(super) fn run_event_loop(
         }
         let output = node.ready()?;
         // Published before replies go out: whoever learns a write committed also sees its effect here.
-        let now = (node.applied_index(), node.is_leader_ready());
+        let now = (node.applied_index(), node.is_leader_ready(), node.term());
         if now != published {
             published = now;
             views.send_replace(AppliedView {
                 applied_index: now.0,
                 leader_ready: now.1,
+                term: now.2,
                 state: node.state().clone(),
             });
         }

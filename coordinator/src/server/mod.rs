@@ -89,6 +89,7 @@ pub struct AppliedView {
     pub applied_index: u64,
     /// See [`Node::is_leader_ready`]: the scheduler and the worker streams run only while this holds.
     pub leader_ready: bool,
+    pub term: u64,
     pub state: StateMachine,
 }
 

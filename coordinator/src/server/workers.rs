@@ -37,6 +37,8 @@ use crate::state::{TaskKey, TaskOutcome, TaskState, Worker, WorkerId, WorkerRegi
 const SESSION_QUEUE_MESSAGES: usize = 4096;
 /// How often the hub looks at leases and the queue when nothing else wakes it.
 const ROUND_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a new worker stream may take to say who it is.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Commands in one proposal at most.
 const BATCH_COMMANDS_MAX: usize = 2048;
 
@@ -94,6 +96,8 @@ pub(super) struct Hub {
     reports: Vec<(WorkerId, TaskKey, TaskOutcome)>,
     proposing: bool,
     leading: bool,
+    /// The term `leading` refers to.
+    term: u64,
 }
 
 impl Hub {
@@ -114,6 +118,7 @@ impl Hub {
             reports: Vec::new(),
             proposing: false,
             leading: false,
+            term: 0,
         }
     }
 
@@ -148,6 +153,11 @@ impl Hub {
                 session,
                 outbound,
             } => {
+                if !self.leading {
+                    // Leadership went between the handler's check and here: dropping `outbound` ends the
+                    // stream, and the worker looks for the leader again.
+                    return;
+                }
                 self.leases.insert(worker, Instant::now());
                 self.sessions.insert(
                     worker,
@@ -175,6 +185,12 @@ impl Hub {
                     unacknowledged
                         .into_iter()
                         .map(|(task, outcome)| (worker, task, outcome)),
+                );
+                // Every heartbeat is answered, so a worker can tell a live leader from a silent one (it
+                // stops its tasks when cut off for too long; see the worker's agent).
+                self.send(
+                    worker,
+                    pb::leader_message::Kind::Acknowledged(pb::ReportsAcknowledged { tasks: Vec::new() }),
                 );
             }
             HubEvent::Report {
@@ -234,25 +250,33 @@ impl Hub {
     }
 
     fn round(&mut self, view: &AppliedView) {
-        if !view.leader_ready {
+        // A new term means a new leadership even when this node led before it (the watch keeps only the
+        // latest view, so a step-down in between may not have been seen): start the soft state afresh.
+        if !view.leader_ready || view.term != self.term {
             if self.leading {
                 tracing::info!(
                     node = self.shared.node_id,
                     "no longer the leader; dropping worker sessions"
                 );
-                self.leading = false;
-                self.sessions.clear();
-                self.leases.clear();
-                self.registrations.clear();
-                self.reports.clear();
             }
-            return;
+            self.leading = false;
+            self.sessions.clear();
+            self.leases.clear();
+            self.registrations.clear();
+            self.reports.clear();
+            self.term = view.term;
+            if !view.leader_ready {
+                return;
+            }
         }
         let now = Instant::now();
         if !self.leading {
             self.leading = true;
+            // Workers need a moment to find the new leader: their leases start half a lease later.
+            let start = now + self.lease / 2;
             for worker in view.state.workers().filter(|worker| worker.state == WorkerState::Alive) {
-                self.leases.insert(worker.id, now);
+                self.leases.insert(worker.id, start);
+                self.registrations.insert(worker.id, worker.registrations);
             }
             tracing::info!(node = self.shared.node_id, "leading: scheduling and accepting workers");
         }
@@ -268,11 +292,11 @@ impl Hub {
         let mut commands = Vec::new();
         let mut acknowledge = Vec::new();
         let mut seen = HashSet::new();
-        for (worker, task, outcome) in std::mem::take(&mut self.reports) {
+        let mut reports = std::mem::take(&mut self.reports).into_iter();
+        for (worker, task, outcome) in reports.by_ref() {
             if !seen.insert((worker, task)) {
                 continue;
             }
-            acknowledge.push((worker, task));
             let still_running = view
                 .state
                 .task(&task)
@@ -285,7 +309,14 @@ impl Hub {
                     now_ms,
                 });
             }
+            // Acknowledged only with the command that carries it (or when there is nothing to carry).
+            acknowledge.push((worker, task));
+            if commands.len() == BATCH_COMMANDS_MAX {
+                break;
+            }
         }
+        // What did not fit waits for the next batch.
+        self.reports.extend(reports);
         for worker in view.state.workers().filter(|worker| worker.state == WorkerState::Alive) {
             // A registration (a restart, or a return after being declared lost) starts a fresh lease;
             // otherwise the silence before it would get the worker declared lost again at once.
@@ -294,9 +325,10 @@ impl Hub {
             }
             let heard = *self.leases.entry(worker.id).or_insert(now);
             let silent = now.saturating_duration_since(heard);
-            if silent > self.lease {
+            if silent > self.lease && commands.len() < BATCH_COMMANDS_MAX {
                 commands.push(Command::WorkerLost {
                     worker: worker.id,
+                    registrations: worker.registrations,
                     reason: format!(
                         "worker {} missed its lease: nothing heard for {:.1} s (lease {:.1} s)",
                         worker.id,
@@ -307,9 +339,16 @@ impl Hub {
                 });
             }
         }
-        let decisions = schedule_state(&view.state, now_ms, &self.scheduler);
-        commands.extend(decisions.into_iter().map(|decision| decision.into_command(now_ms)));
-        commands.truncate(BATCH_COMMANDS_MAX);
+        if commands.len() < BATCH_COMMANDS_MAX {
+            let decisions = schedule_state(&view.state, now_ms, &self.scheduler);
+            let room = BATCH_COMMANDS_MAX - commands.len();
+            commands.extend(
+                decisions
+                    .into_iter()
+                    .take(room)
+                    .map(|decision| decision.into_command(now_ms)),
+            );
+        }
         if commands.is_empty() {
             if !acknowledge.is_empty() {
                 // Nothing to commit: every report was already applied.
@@ -585,7 +624,10 @@ impl WorkerService for Shared {
     ) -> Result<Response<Self::SessionStream>, Status> {
         self.require_ready_leader().await?;
         let mut inbound = request.into_inner();
-        let hello = match inbound.message().await? {
+        let hello = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10 s; a worker stream starts with one"))?;
+        let hello = match hello? {
             Some(pb::WorkerMessage {
                 kind: Some(pb::worker_message::Kind::Hello(hello)),
             }) => hello,
