@@ -22,6 +22,7 @@
 //! registers again, which fails those attempts so their jobs restart.
 
 mod agent;
+pub mod collective;
 mod executor;
 pub mod gpu;
 mod logs;
