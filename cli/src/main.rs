@@ -4,6 +4,7 @@ mod bench;
 mod bench_jobs;
 mod demo;
 mod output;
+mod task;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -89,6 +90,9 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Programs that run as the ranks of a job (for example `kiln task allreduce`).
+    #[command(subcommand, hide = true)]
+    Task(task::TaskCommand),
     /// Benchmark a running cluster (suites: raft, jobs).
     Bench(bench::BenchArgs),
 }
@@ -697,6 +701,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Worker(args) => run_worker(args).await,
         Command::Workers { command, target } => workers(command, target).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Task(command) => task::run(command).await,
     }
 }
 

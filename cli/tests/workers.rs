@@ -954,3 +954,66 @@ async fn a_worker_back_after_being_declared_lost_kills_what_the_cluster_gave_awa
     assert!(is_running(&job), "{job:?}");
     client.cancel_job(id, "test over").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranks_meet_through_the_coordinator_and_all_reduce() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (cluster, ids) = cluster_with_workers([1, 1]).await;
+    let directory = tempfile::tempdir().unwrap();
+    let args = [
+        "task",
+        "allreduce",
+        "--sizes",
+        "4KiB,1MiB",
+        "--check",
+        "--iterations",
+        "2",
+    ];
+    let spec = job_spec("allreduce", KILN, &args, 2, 1, 0);
+    let id = submit_file(&cluster, directory.path(), "allreduce.toml", &spec).await;
+    let output = kiln(&cluster, &["jobs", "wait", &id.to_string(), "--max-wait", "60s"]).await;
+    assert!(
+        output.status.success(),
+        "{}{}\n{}",
+        stdout(&output),
+        stderr(&output),
+        context(&cluster, Some(id))
+    );
+    let job = cluster.client().unwrap().get_job(id).await.unwrap();
+    let workers: BTreeSet<u64> = placement(&job.attempts[0]).into_iter().collect();
+    assert_eq!(
+        workers,
+        ids.into_iter().collect(),
+        "one rank on each worker, so the ring crosses workers"
+    );
+    for rank in ["0", "1"] {
+        let output = kiln(&cluster, &["jobs", "logs", &id.to_string(), "--rank", rank]).await;
+        assert!(
+            stdout(&output).contains("all-reduce check passed: 1048576 bytes, 2 ranks"),
+            "rank {rank}: {}{}",
+            stdout(&output),
+            stderr(&output)
+        );
+    }
+    // The attempt is over: a rank of it can no longer join a group (the epoch check).
+    let leader = cluster.wait_for_leader(None, Duration::from_secs(5)).await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.members[&leader].api_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let refused = pb::worker_service_client::WorkerServiceClient::new(channel)
+        .rendezvous(pb::RendezvousRequest {
+            job_id: id,
+            attempt: 1,
+            rank: 0,
+            world_size: 2,
+            address: "127.0.0.1:1".into(),
+            blob: Vec::new(),
+            timeout_ms: 1000,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("not running"), "{}", refused.message());
+}

@@ -133,7 +133,14 @@ impl Worker {
         let shutdown = CancellationToken::new();
         let (exit_sender, exits) = mpsc::channel(EXIT_QUEUE);
         let gpus = config.gpus.unwrap_or_else(gpu::detect_gpus);
-        let executor = Executor::new(config.data_dir.clone(), gpus, config.kill_grace, exit_sender);
+        let executor = Executor::new(
+            config.data_dir.clone(),
+            gpus,
+            config.kill_grace,
+            exit_sender,
+            config.coordinators.join(","),
+            host.clone(),
+        );
         executor.kill_leftovers();
         let logs = LogServer {
             data_dir: config.data_dir.clone(),

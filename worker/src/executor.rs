@@ -85,6 +85,9 @@ pub(crate) struct Executor {
     started: HashSet<Key>,
     exits: mpsc::Sender<(Key, pb::task_report::Outcome)>,
     free_gpus: Vec<u32>,
+    /// Handed to tasks (`KILN_COORDINATOR`, `KILN_HOST`), so their ranks can meet through the cluster.
+    coordinators: String,
+    host: String,
 }
 
 fn signal_group(process_group: i32, signal: rustix::process::Signal) {
@@ -100,6 +103,8 @@ impl Executor {
         gpus: u32,
         kill_grace: Duration,
         exits: mpsc::Sender<(Key, pb::task_report::Outcome)>,
+        coordinators: String,
+        host: String,
     ) -> Executor {
         Executor {
             data_dir,
@@ -110,6 +115,8 @@ impl Executor {
             started: HashSet::new(),
             exits,
             free_gpus: (0..gpus).collect(),
+            coordinators,
+            host,
         }
     }
 
@@ -255,6 +262,8 @@ impl Executor {
             .env("KILN_ATTEMPT", key.attempt.to_string())
             .env("KILN_WORKER_ID", self.worker_id.to_string())
             .env("KILN_RUN_DIR", &work)
+            .env("KILN_COORDINATOR", &self.coordinators)
+            .env("KILN_HOST", &self.host)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)

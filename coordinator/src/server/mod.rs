@@ -307,6 +307,7 @@ impl Coordinator {
             view,
             hub: hub_events,
             worker_lease: config.worker_lease,
+            rendezvous: Arc::new(Mutex::new(HashMap::new())),
         };
         tokio::spawn(
             Hub::new(

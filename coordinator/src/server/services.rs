@@ -47,6 +47,8 @@ pub(super) struct Shared {
     pub(super) view: tokio::sync::watch::Receiver<AppliedView>,
     pub(super) hub: tokio::sync::mpsc::Sender<HubEvent>,
     pub(super) worker_lease: Duration,
+    /// Rendezvous of running attempts, leader-local: ranks that lose it to a failover simply ask again.
+    pub(super) rendezvous: Arc<Mutex<HashMap<(JobId, u32), workers::RendezvousTable>>>,
 }
 
 impl Shared {

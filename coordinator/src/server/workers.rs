@@ -598,6 +598,120 @@ impl Shared {
 
 static SESSIONS: AtomicU64 = AtomicU64::new(0);
 
+/// How long a rank waits for the others when it does not say.
+const RENDEZVOUS_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
+
+/// The ranks of one attempt that have arrived so far.
+pub(super) struct RendezvousTable {
+    addresses: Vec<Option<String>>,
+    blob: Vec<u8>,
+    done: tokio::sync::watch::Sender<Option<(Vec<String>, Vec<u8>)>>,
+}
+
+impl Shared {
+    /// Checks that `attempt` is the job's current, running attempt with `world_size` ranks.
+    fn check_rendezvous(&self, request: &pb::RendezvousRequest) -> Result<(), Status> {
+        let view = self.view.borrow();
+        let id = request.job_id;
+        let job = view
+            .state
+            .job(id)
+            .ok_or_else(|| Status::not_found(format!("job {id} does not exist")))?;
+        let current = job.attempts.last();
+        let running = current.is_some_and(|attempt| {
+            attempt.number == request.attempt && attempt.state == crate::state::AttemptState::Running
+        });
+        if !running {
+            return Err(Status::failed_precondition(format!(
+                "job {id} attempt {} is not running (the job is {}, its latest attempt is {}); a rank of an earlier attempt cannot join",
+                request.attempt,
+                job.state.label(),
+                current.map_or(0, |attempt| attempt.number)
+            )));
+        }
+        let ranks = current.map_or(0, |attempt| attempt.tasks.len()) as u32;
+        if request.world_size != ranks || request.rank >= ranks {
+            return Err(Status::invalid_argument(format!(
+                "rank {} of world size {} does not fit job {id} attempt {}, which has {ranks} ranks",
+                request.rank, request.world_size, request.attempt
+            )));
+        }
+        Ok(())
+    }
+
+    async fn rendezvous_of(&self, request: pb::RendezvousRequest) -> Result<pb::RendezvousResponse, Status> {
+        self.require_ready_leader().await?;
+        validate_host_port(&request.address)?;
+        self.check_rendezvous(&request)?;
+        let key = (request.job_id, request.attempt);
+        let mut done = {
+            let mut tables = self.rendezvous.lock().expect("rendezvous table poisoned");
+            // Forget the tables of attempts that are over.
+            {
+                let view = self.view.borrow();
+                tables.retain(|(job, attempt), _| {
+                    view.state
+                        .job(*job)
+                        .and_then(|job| job.attempts.last())
+                        .is_some_and(|last| {
+                            last.number == *attempt && last.state == crate::state::AttemptState::Running
+                        })
+                });
+            }
+            let table = tables.entry(key).or_insert_with(|| RendezvousTable {
+                addresses: vec![None; request.world_size as usize],
+                blob: Vec::new(),
+                done: tokio::sync::watch::channel(None).0,
+            });
+            table.addresses[request.rank as usize] = Some(request.address.clone());
+            if request.rank == 0 {
+                table.blob = request.blob.clone();
+            }
+            if table.addresses.iter().all(Option::is_some) {
+                let addresses = table.addresses.iter().flatten().cloned().collect();
+                table.done.send_replace(Some((addresses, table.blob.clone())));
+            }
+            table.done.subscribe()
+        };
+        let timeout = match request.timeout_ms {
+            0 => RENDEZVOUS_TIMEOUT_DEFAULT,
+            milliseconds => Duration::from_millis(milliseconds.into()),
+        };
+        let arrived = tokio::time::timeout(timeout, done.wait_for(Option::is_some)).await;
+        match arrived {
+            Ok(Ok(value)) => {
+                let (addresses, blob) = value.clone().expect("waited for Some");
+                Ok(pb::RendezvousResponse { addresses, blob })
+            }
+            Ok(Err(_)) => Err(Status::unavailable("the rendezvous was reset; ask again")),
+            Err(_) => {
+                let missing: Vec<String> = self
+                    .rendezvous
+                    .lock()
+                    .expect("rendezvous table poisoned")
+                    .get(&key)
+                    .map(|table| {
+                        table
+                            .addresses
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, address)| address.is_none())
+                            .map(|(rank, _)| rank.to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Err(Status::deadline_exceeded(format!(
+                    "rendezvous of job {} attempt {}: rank(s) {} did not arrive within {} s",
+                    request.job_id,
+                    request.attempt,
+                    missing.join(", "),
+                    timeout.as_secs_f64()
+                )))
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl WorkerService for Shared {
     async fn register(
@@ -737,6 +851,13 @@ impl WorkerService for Shared {
                 .map(|worker| worker_to_proto(worker, ages.get(&worker.id).copied()))
                 .collect(),
         }))
+    }
+
+    async fn rendezvous(
+        &self,
+        request: GrpcRequest<pb::RendezvousRequest>,
+    ) -> Result<Response<pb::RendezvousResponse>, Status> {
+        Ok(Response::new(self.rendezvous_of(request.into_inner()).await?))
     }
 
     async fn get(&self, request: GrpcRequest<pb::GetWorkerRequest>) -> Result<Response<pb::WorkerInfo>, Status> {

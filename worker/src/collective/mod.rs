@@ -22,10 +22,12 @@
 //! The wire format is little-endian f32 or bf16, as on every platform Kiln builds for. Left out: NCCL
 //! (the GPU path of the training work), trees and hierarchical rings for large clusters.
 
+mod rendezvous;
 mod ring;
 
 use std::time::Duration;
 
+pub use rendezvous::{RankEnvironment, join, rendezvous};
 pub use ring::RingCommunicator;
 
 /// How values are combined by [`Communicator::all_reduce`].
@@ -81,6 +83,9 @@ pub enum CollectiveError {
     /// The caller passed buffers or ranks that do not fit the group.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The ranks could not meet: the attempt is over, or some rank never arrived.
+    #[error("rendezvous failed: {0}")]
+    Rendezvous(String),
 }
 
 pub type Result<T> = std::result::Result<T, CollectiveError>;

@@ -1,0 +1,133 @@
+//! Forming a group through the coordinator: every rank of an attempt publishes its ring address and
+//! learns everyone else's. The attempt number is the group's epoch: the leader refuses ranks of an attempt
+//! that is over, and the ring handshake refuses connections that carry another epoch.
+
+use std::time::{Duration, Instant};
+
+use kiln_proto as pb;
+use pb::worker_service_client::WorkerServiceClient;
+use tonic::Code;
+
+use super::{CollectiveConfig, CollectiveError, RingCommunicator};
+
+/// Where a rank stands, as its worker describes it in the task's environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankEnvironment {
+    pub coordinators: Vec<String>,
+    pub job: u64,
+    pub attempt: u32,
+    pub rank: u32,
+    pub world_size: u32,
+    /// The host this rank's worker is reached at; the ring listener binds there.
+    pub host: String,
+}
+
+impl RankEnvironment {
+    /// Reads `KILN_COORDINATOR`, `KILN_JOB_ID`, `KILN_ATTEMPT`, `RANK`, `WORLD_SIZE` and `KILN_HOST`.
+    pub fn from_environment() -> Result<RankEnvironment, CollectiveError> {
+        let read = |name: &str| {
+            std::env::var(name).map_err(|_| {
+                CollectiveError::InvalidArgument(format!(
+                    "environment variable {name} is not set; this runs as a rank of a Kiln job"
+                ))
+            })
+        };
+        let number = |name: &str| -> Result<u64, CollectiveError> {
+            let text = read(name)?;
+            text.parse().map_err(|_| {
+                CollectiveError::InvalidArgument(format!("environment variable {name} is '{text}', not a number"))
+            })
+        };
+        Ok(RankEnvironment {
+            coordinators: read("KILN_COORDINATOR")?
+                .split(',')
+                .map(|address| address.trim().to_string())
+                .filter(|address| !address.is_empty())
+                .collect(),
+            job: number("KILN_JOB_ID")?,
+            attempt: number("KILN_ATTEMPT")? as u32,
+            rank: number("RANK")? as u32,
+            world_size: number("WORLD_SIZE")? as u32,
+            host: read("KILN_HOST").unwrap_or_else(|_| "127.0.0.1".into()),
+        })
+    }
+}
+
+/// Publishes `address` (and rank 0's `blob`) and waits for every rank of the attempt; returns every
+/// rank's address by rank and rank 0's blob. Follows the leader across coordinators until `timeout`.
+pub async fn rendezvous(
+    environment: &RankEnvironment,
+    address: &str,
+    blob: Vec<u8>,
+    timeout: Duration,
+) -> Result<(Vec<String>, Vec<u8>), CollectiveError> {
+    if environment.coordinators.is_empty() {
+        return Err(CollectiveError::InvalidArgument(
+            "no coordinator address to rendezvous through".into(),
+        ));
+    }
+    let deadline = Instant::now() + timeout;
+    let mut attempt = 0usize;
+    let mut last_error = String::new();
+    while Instant::now() < deadline {
+        let coordinator = &environment.coordinators[attempt % environment.coordinators.len()];
+        attempt += 1;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let request = pb::RendezvousRequest {
+            job_id: environment.job,
+            attempt: environment.attempt,
+            rank: environment.rank,
+            world_size: environment.world_size,
+            address: address.to_string(),
+            blob: blob.clone(),
+            timeout_ms: remaining.as_millis().min(u128::from(u32::MAX)) as u32,
+        };
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{coordinator}"))
+            .map_err(|error| CollectiveError::InvalidArgument(format!("coordinator '{coordinator}': {error}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true);
+        let answer = match endpoint.connect().await {
+            Ok(channel) => WorkerServiceClient::new(channel).rendezvous(request).await,
+            Err(error) => Err(tonic::Status::unavailable(error.to_string())),
+        };
+        match answer {
+            Ok(response) => {
+                let response = response.into_inner();
+                return Ok((response.addresses, response.blob));
+            }
+            Err(status)
+                if matches!(
+                    status.code(),
+                    Code::FailedPrecondition | Code::InvalidArgument | Code::NotFound | Code::DeadlineExceeded
+                ) =>
+            {
+                return Err(CollectiveError::Rendezvous(status.message().to_string()));
+            }
+            Err(status) => {
+                last_error = format!("{coordinator}: {}", status.message());
+                if attempt.is_multiple_of(environment.coordinators.len()) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    Err(CollectiveError::Rendezvous(format!(
+        "no leader answered within {} s (last: {last_error})",
+        timeout.as_secs_f64()
+    )))
+}
+
+/// Binds this rank's listener, meets the other ranks through the coordinator, and joins the ring.
+pub async fn join(
+    environment: &RankEnvironment,
+    config: CollectiveConfig,
+) -> Result<RingCommunicator, CollectiveError> {
+    let (listener, address) = RingCommunicator::bind(&environment.host).map_err(|error| {
+        CollectiveError::InvalidArgument(format!("binding a ring listener on {}: {error}", environment.host))
+    })?;
+    let (addresses, _) = rendezvous(environment, &address.to_string(), Vec::new(), config.timeout).await?;
+    let (rank, epoch) = (environment.rank, u64::from(environment.attempt));
+    tokio::task::spawn_blocking(move || RingCommunicator::connect(listener, rank, &addresses, epoch, config))
+        .await
+        .map_err(|error| CollectiveError::InvalidArgument(format!("joining the ring: {error}")))?
+}
