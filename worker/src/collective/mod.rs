@@ -58,7 +58,7 @@ impl Default for CollectiveConfig {
     fn default() -> CollectiveConfig {
         CollectiveConfig {
             timeout: Duration::from_secs(60),
-            chunk_bytes: 1 << 20,
+            chunk_bytes: 256 << 10,
             compression: Compression::None,
         }
     }
