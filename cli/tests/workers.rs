@@ -1017,3 +1017,86 @@ async fn ranks_meet_through_the_coordinator_and_all_reduce() {
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains("not running"), "{}", refused.message());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_rank_times_the_collective_out_and_the_attempt_restarts() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (cluster, ids) = cluster_with_workers([1, 1]).await;
+    let directory = tempfile::tempdir().unwrap();
+    let mut client = cluster.client().unwrap();
+    let args = [
+        "task",
+        "allreduce",
+        "--sizes",
+        "256KiB",
+        "--iterations",
+        "3000",
+        "--timeout",
+        "2s",
+    ];
+    let spec = job_spec("hung", KILN, &args, 2, 1, 1);
+    let id = submit_file(&cluster, directory.path(), "hung.toml", &spec).await;
+    let job = wait_for_job(
+        &cluster,
+        &mut client,
+        id,
+        "both ranks run",
+        Duration::from_secs(15),
+        is_running,
+    )
+    .await;
+    // Wait until the ring is formed, then freeze rank 1 mid-collective, as a hung peer would be.
+    let rank_one_worker = placement(&job.attempts[0])[1];
+    let index = if rank_one_worker == ids[0] { 1 } else { 2 };
+    let rank_one_directory = cluster
+        .worker_data_dir(index)
+        .join("tasks")
+        .join(format!("job-{id}"))
+        .join("attempt-1")
+        .join("rank-1");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let joined = std::fs::read_to_string(rank_one_directory.join("stderr.log")).unwrap_or_default();
+        if joined.contains("joined the ring") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rank 1 never joined\n{}",
+            context(&cluster, Some(id))
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let frozen = processes_under(&rank_one_directory);
+    assert!(!frozen.is_empty(), "rank 1 runs");
+    for pid in &frozen {
+        let pid = rustix::process::Pid::from_raw(*pid as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+    }
+    let job = wait_for_job(
+        &cluster,
+        &mut client,
+        id,
+        "the job finishes in a second attempt",
+        Duration::from_secs(60),
+        |job| job.attempts.len() == 2 && is_state(job, pb::JobState::Succeeded),
+    )
+    .await;
+    assert!(
+        job.attempts[0].message.contains("rank 0 exited with code 1"),
+        "attempt 1 failed on rank 0's timeout: {:?}",
+        job.attempts[0]
+    );
+    let rank_zero_output = kiln(
+        &cluster,
+        &["jobs", "logs", &id.to_string(), "--rank", "0", "--attempt", "1"],
+    )
+    .await;
+    assert!(
+        stderr(&rank_zero_output).contains("rank 1 did not answer within 2 s"),
+        "{}",
+        stderr(&rank_zero_output)
+    );
+    // The frozen rank was killed with its attempt (SIGKILL reaches a stopped process).
+    assert!(processes_under(&rank_one_directory).is_empty(), "the hung rank is gone");
+}
