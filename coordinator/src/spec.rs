@@ -148,6 +148,65 @@ struct RawTrain {
     batch_size: Option<u32>,
     learning_rate: Option<f64>,
     seed: Option<u64>,
+    dataset: Option<Spanned<String>>,
+    label: Option<String>,
+    validation_fraction: Option<Spanned<f64>>,
+    hidden: Option<Spanned<Vec<u32>>>,
+    optimizer: Option<Spanned<String>>,
+}
+
+/// Built-in models the trainer knows.
+pub const MODELS: [&str; 1] = ["mlp"];
+/// Optimizers the trainer knows.
+pub const OPTIMIZERS: [&str; 2] = ["adam", "sgd"];
+
+/// Everything the trainer needs from a train job's `[train]` section, with defaults filled in. Read from
+/// the spec text (which the state keeps verbatim), so adding options never changes the stored `JobSpec`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainOptions {
+    pub model: String,
+    pub epochs: u32,
+    /// The global batch: split evenly across the ranks.
+    pub batch_size: u32,
+    pub learning_rate: f64,
+    pub seed: u64,
+    /// A CSV file with a header row; every column but `label` is a numeric feature.
+    pub dataset: String,
+    pub label: String,
+    /// Share of the rows (after a seeded shuffle) held out for validation.
+    pub validation_fraction: f64,
+    /// Hidden layer widths of the MLP.
+    pub hidden: Vec<u32>,
+    pub optimizer: String,
+}
+
+/// Parses a train job's spec into its [`TrainOptions`] (and checks it like [`parse_job_spec`]).
+pub fn parse_train_options(source_name: &str, text: &str) -> Result<TrainOptions, SpecError> {
+    parse_job_spec(source_name, text)?;
+    let raw: RawSpec = toml::from_str(text).map_err(|error| SpecError {
+        source_name: source_name.to_string(),
+        line: 1,
+        column: 1,
+        message: error.message().to_string(),
+    })?;
+    let train = raw.train.map(Spanned::into_inner).ok_or_else(|| SpecError {
+        source_name: source_name.to_string(),
+        line: 1,
+        column: 1,
+        message: "section [train] is missing".into(),
+    })?;
+    Ok(TrainOptions {
+        model: train.model.into_inner(),
+        epochs: train.epochs.unwrap_or(10),
+        batch_size: train.batch_size.unwrap_or(64),
+        learning_rate: train.learning_rate.unwrap_or(1e-3),
+        seed: train.seed.unwrap_or(0),
+        dataset: train.dataset.map(Spanned::into_inner).unwrap_or_default(),
+        label: train.label.unwrap_or_else(|| "label".into()),
+        validation_fraction: train.validation_fraction.map_or(0.2, Spanned::into_inner),
+        hidden: train.hidden.map_or_else(|| vec![256, 256], Spanned::into_inner),
+        optimizer: train.optimizer.map_or_else(|| "adam".into(), Spanned::into_inner),
+    })
 }
 
 /// Memory per worker: an integer number of bytes or a string with a unit (`"512MiB"`, `"4GB"`).
@@ -277,10 +336,66 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
         (JobKind::Command, None) => None,
         (JobKind::Train, Some(train)) => {
             let train = train.into_inner();
-            if train.model.get_ref().trim().is_empty() {
+            if !MODELS.contains(&train.model.get_ref().as_str()) {
                 return Err(error_at(
                     train.model.span().start,
-                    "field 'train.model' is empty; expected a built-in model name such as \"mlp\"".into(),
+                    format!(
+                        "field 'train.model' is {:?}; expected a built-in model: {}",
+                        train.model.get_ref(),
+                        MODELS.join(", ")
+                    ),
+                ));
+            }
+            match &train.dataset {
+                None => {
+                    return Err(error_at(
+                        train.model.span().start,
+                        "field 'train.dataset' is missing; expected the path of a CSV file with a header row".into(),
+                    ));
+                }
+                Some(dataset) if dataset.get_ref().trim().is_empty() => {
+                    return Err(error_at(
+                        dataset.span().start,
+                        "field 'train.dataset' is empty; expected the path of a CSV file".into(),
+                    ));
+                }
+                Some(_) => {}
+            }
+            if let Some(fraction) = &train.validation_fraction
+                && !(*fraction.get_ref() > 0.0 && *fraction.get_ref() < 1.0)
+            {
+                return Err(error_at(
+                    fraction.span().start,
+                    format!(
+                        "field 'train.validation_fraction' is {}; expected a share between 0 and 1, such as 0.2",
+                        fraction.get_ref()
+                    ),
+                ));
+            }
+            if let Some(hidden) = &train.hidden
+                && (hidden.get_ref().is_empty() || hidden.get_ref().contains(&0))
+            {
+                return Err(error_at(
+                    hidden.span().start,
+                    "field 'train.hidden' must list one or more layer widths above 0, such as [256, 256]".into(),
+                ));
+            }
+            if let Some(optimizer) = &train.optimizer
+                && !OPTIMIZERS.contains(&optimizer.get_ref().as_str())
+            {
+                return Err(error_at(
+                    optimizer.span().start,
+                    format!(
+                        "field 'train.optimizer' is {:?}; expected one of {}",
+                        optimizer.get_ref(),
+                        OPTIMIZERS.join(", ")
+                    ),
+                ));
+            }
+            if train.batch_size == Some(0) || train.epochs == Some(0) {
+                return Err(error_at(
+                    train.model.span().start,
+                    "fields 'train.batch_size' and 'train.epochs' must be above 0".into(),
                 ));
             }
             Some(TrainSpec {
@@ -445,7 +560,7 @@ memory = "512MiB"
         let no_command = "name = \"x\"\nkind = \"command\"\n";
         let error = parse_job_spec("t.toml", no_command).unwrap_err();
         assert!(error.message.contains("'command' is missing"), "{error}");
-        let train = "name = \"x\"\nkind = \"train\"\n[train]\nmodel = \"mlp\"\nepochs = 3\n";
+        let train = "name = \"x\"\nkind = \"train\"\n[train]\nmodel = \"mlp\"\nepochs = 3\ndataset = \"d.csv\"\n";
         let spec = parse_job_spec("t.toml", train).unwrap();
         assert_eq!(spec.train.unwrap().epochs, Some(3));
         let error = parse_job_spec("t.toml", "name = \"x\"\nkind = \"train\"\n").unwrap_err();

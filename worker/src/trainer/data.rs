@@ -1,0 +1,178 @@
+//! Tabular data for the trainer: a CSV file with a header row, numeric feature columns and an integer
+//! class label, split and normalized the same way on every rank.
+
+use std::path::Path;
+
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use super::TrainError;
+
+/// Rows in memory, features row-major.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub feature_names: Vec<String>,
+    pub features: Vec<f32>,
+    pub labels: Vec<u32>,
+    pub columns: usize,
+    /// One more than the largest label.
+    pub classes: usize,
+}
+
+/// Row indices of the two parts of a dataset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Split {
+    pub train: Vec<usize>,
+    pub validation: Vec<usize>,
+}
+
+/// Per-feature mean and standard deviation of the training rows; saved with the model, so serving
+/// normalizes inputs exactly as training did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Normalization {
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+/// `rows` in an order shuffled by `seed`: the same on every rank.
+pub fn shuffled(rows: &[usize], seed: u64) -> Vec<usize> {
+    let mut order = rows.to_vec();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    order
+}
+
+impl Dataset {
+    pub fn rows(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn row(&self, index: usize) -> &[f32] {
+        &self.features[index * self.columns..(index + 1) * self.columns]
+    }
+
+    /// A seeded shuffle, then the last `validation_fraction` of it held out.
+    pub fn split(&self, validation_fraction: f64, seed: u64) -> Result<Split, TrainError> {
+        let rows: Vec<usize> = (0..self.rows()).collect();
+        let order = shuffled(&rows, seed);
+        let validation = ((self.rows() as f64) * validation_fraction).round() as usize;
+        if validation == 0 || validation >= self.rows() {
+            return Err(TrainError::InvalidInput(format!(
+                "{} rows with validation_fraction {validation_fraction} leave {validation} for validation and {} for training; expected both above 0",
+                self.rows(),
+                self.rows() - validation.min(self.rows())
+            )));
+        }
+        let (train, held_out) = order.split_at(self.rows() - validation);
+        Ok(Split {
+            train: train.to_vec(),
+            validation: held_out.to_vec(),
+        })
+    }
+}
+
+impl Normalization {
+    pub fn of(dataset: &Dataset, rows: &[usize]) -> Normalization {
+        let columns = dataset.columns;
+        let count = rows.len().max(1) as f64;
+        let mut mean = vec![0.0f64; columns];
+        for row in rows {
+            for (sum, value) in mean.iter_mut().zip(dataset.row(*row)) {
+                *sum += f64::from(*value);
+            }
+        }
+        mean.iter_mut().for_each(|sum| *sum /= count);
+        let mut variance = vec![0.0f64; columns];
+        for row in rows {
+            for ((sum, value), mean) in variance.iter_mut().zip(dataset.row(*row)).zip(&mean) {
+                *sum += (f64::from(*value) - mean).powi(2);
+            }
+        }
+        Normalization {
+            mean: mean.iter().map(|value| *value as f32).collect(),
+            // A constant feature keeps its values centred but unscaled.
+            std: variance
+                .iter()
+                .map(|sum| (sum / count).sqrt() as f32)
+                .map(|std| if std > 1e-6 { std } else { 1.0 })
+                .collect(),
+        }
+    }
+
+    pub fn apply<'a>(&'a self, row: &'a [f32]) -> impl Iterator<Item = f32> + 'a {
+        row.iter()
+            .zip(self.mean.iter().zip(&self.std))
+            .map(|(value, (mean, std))| (value - mean) / std)
+    }
+}
+
+/// Reads a CSV with a header row. Every column but `label` must hold numbers; `label` holds class
+/// numbers 0, 1, 2, …
+pub fn load_csv(path: &Path, label: &str) -> Result<Dataset, TrainError> {
+    let file = std::fs::File::open(path)
+        .map_err(|error| TrainError::InvalidInput(format!("cannot read dataset {}: {error}", path.display())))?;
+    let mut reader = csv::Reader::from_reader(std::io::BufReader::new(file));
+    let headers: Vec<String> = reader
+        .headers()
+        .map_err(|error| TrainError::InvalidInput(format!("dataset {}: {error}", path.display())))?
+        .iter()
+        .map(str::to_string)
+        .collect();
+    let label_index = headers.iter().position(|name| name == label).ok_or_else(|| {
+        TrainError::InvalidInput(format!(
+            "label column '{label}' is not in dataset {} (has: {})",
+            path.display(),
+            headers.join(", ")
+        ))
+    })?;
+    let feature_names: Vec<String> = headers
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| *index != label_index)
+        .map(|(_, name)| name.clone())
+        .collect();
+    let mut features = Vec::new();
+    let mut labels = Vec::new();
+    for (line, record) in reader.records().enumerate() {
+        let record =
+            record.map_err(|error| TrainError::InvalidInput(format!("dataset {}: {error}", path.display())))?;
+        for (index, cell) in record.iter().enumerate() {
+            // The header is line 1.
+            let at = || {
+                format!(
+                    "dataset {} line {} column '{}'",
+                    path.display(),
+                    line + 2,
+                    headers[index]
+                )
+            };
+            if index == label_index {
+                let class: u32 = cell.trim().parse().map_err(|_| {
+                    TrainError::InvalidInput(format!("{}: label {cell:?} is not a class number (0, 1, 2, …)", at()))
+                })?;
+                labels.push(class);
+            } else {
+                let value: f32 = cell
+                    .trim()
+                    .parse()
+                    .map_err(|_| TrainError::InvalidInput(format!("{}: {cell:?} is not a number", at())))?;
+                features.push(value);
+            }
+        }
+    }
+    let classes = labels.iter().max().map_or(0, |max| *max as usize + 1);
+    if labels.is_empty() || classes < 2 {
+        return Err(TrainError::InvalidInput(format!(
+            "dataset {} has {} rows and {classes} classes; a classifier needs rows of at least 2 classes",
+            path.display(),
+            labels.len()
+        )));
+    }
+    Ok(Dataset {
+        columns: feature_names.len(),
+        feature_names,
+        features,
+        labels,
+        classes,
+    })
+}

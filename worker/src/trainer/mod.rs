@@ -1,0 +1,353 @@
+//! The built-in trainer: burn models trained data-parallel over a [`Communicator`].
+//!
+//! ```text
+//!   every rank: load the CSV ─► seeded shuffle ─► train / validation split ─► normalize (train statistics)
+//!   rank 0's initial parameters ──broadcast──► every rank
+//!   each step: global batch B of the epoch's seeded order; rank r takes rows [r·B/n, (r+1)·B/n)
+//!              forward, backward ─► gradients × (local rows / B) ─► all-reduce (sum) ─► optimizer step
+//! ```
+//!
+//! Weighting each rank's mean gradient by its share of the batch and summing makes the update exactly the
+//! gradient of the global batch's mean loss, whatever the shard sizes (the last batch of an epoch may be
+//! short): n ranks with global batch B follow 1 rank with batch B, up to floating-point rounding. Every
+//! rank applies the same update to the same parameters, so they stay identical (checked by hash).
+//!
+//! Left out so far: checkpoints and resuming, elastic restarts with `min_workers`, the CNN, the CUDA
+//! backend and NCCL, metrics sent to the coordinator (they go to the task's stdout, so `kiln jobs logs`
+//! shows them), Parquet input.
+
+mod data;
+mod model;
+
+use std::hash::{Hash, Hasher};
+use std::time::Instant;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{AdamConfig, GradientsParams, SgdConfig};
+use burn::prelude::*;
+use burn::tensor::TensorData;
+
+pub use data::{Dataset, Normalization, load_csv};
+pub use model::Mlp;
+
+use crate::collective::{CollectiveError, Communicator, ReduceOp, all_reduce_bucketed};
+
+/// Gradient bytes per all-reduce at most (PyTorch DDP's default bucket).
+pub const BUCKET_BYTES: usize = 25 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The dataset or the configuration is wrong; retrying does not help.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// A collective failed (a peer died or hung); the attempt should restart.
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+    #[error("writing the model: {0}")]
+    Storage(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptimizerKind {
+    Adam,
+    Sgd,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub hidden: Vec<usize>,
+    pub epochs: u32,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub seed: u64,
+    pub validation_fraction: f64,
+    pub optimizer: OptimizerKind,
+    /// Stop after this many optimizer steps (tests); `None` runs every epoch.
+    pub max_steps: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochMetrics {
+    pub epoch: u32,
+    /// Mean training loss over the epoch's rows, all ranks together.
+    pub loss: f64,
+    pub validation_accuracy: f64,
+    pub samples_per_second: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    pub epochs: Vec<EpochMetrics>,
+    pub steps: usize,
+    /// A hash of every parameter's bits: equal on every rank when data parallelism works.
+    pub parameters_hash: u64,
+    pub parameters: Vec<f32>,
+    pub normalization: Normalization,
+    pub classes: usize,
+}
+
+/// Every parameter, flattened in the order the module visits them (the same on every rank: parameter ids
+/// are random per process, visiting order is not).
+struct Flatten {
+    values: Vec<f32>,
+}
+
+impl ModuleVisitor for Flatten {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let data = param.val().into_data().convert::<f32>();
+        self.values.extend(data.try_to_vec::<f32>().expect("f32 parameters"));
+    }
+}
+
+/// Writes flattened values back into the parameters, in visiting order.
+struct Unflatten<'a> {
+    values: &'a [f32],
+    offset: usize,
+}
+
+impl ModuleMapper for Unflatten<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let values = self.values;
+        let offset = &mut self.offset;
+        param.map(|tensor| {
+            let shape = tensor.dims();
+            let count: usize = shape.iter().product();
+            let slice = values[*offset..*offset + count].to_vec();
+            *offset += count;
+            Tensor::<D>::from_data(TensorData::new(slice, shape), &tensor.device()).require_grad()
+        })
+    }
+}
+
+/// The gradients of a model's parameters, flattened in visiting order; parameters without a gradient
+/// contribute zeros, so every rank's buffer has the same layout.
+struct FlattenGradients<'a> {
+    gradients: &'a GradientsParams,
+    values: Vec<f32>,
+}
+
+impl ModuleVisitor for FlattenGradients<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let count: usize = param.val().dims().iter().product();
+        match self.gradients.get::<D>(param.id) {
+            Some(gradient) => {
+                let data = gradient.into_data().convert::<f32>();
+                self.values.extend(data.try_to_vec::<f32>().expect("f32 gradients"));
+            }
+            None => self.values.extend(std::iter::repeat_n(0.0, count)),
+        }
+    }
+}
+
+/// Replaces each parameter's gradient with the reduced one.
+struct ReplaceGradients<'a> {
+    gradients: &'a mut GradientsParams,
+    values: &'a [f32],
+    offset: usize,
+    entries: Vec<(ParamId, Vec<usize>)>,
+}
+
+impl ModuleVisitor for ReplaceGradients<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let shape = param.val().dims().to_vec();
+        let count: usize = shape.iter().product();
+        if let Some(old) = self.gradients.remove::<D>(param.id) {
+            let slice = self.values[self.offset..self.offset + count].to_vec();
+            let shape_array: [usize; D] = shape.clone().try_into().expect("rank D");
+            let tensor = Tensor::<D>::from_data(TensorData::new(slice, shape_array), &old.device());
+            self.gradients.register(param.id, tensor);
+        }
+        self.entries.push((param.id, shape));
+        self.offset += count;
+    }
+}
+
+/// Initial parameters drawn from the job's seed (uniform in ±1/√fan_in, as PyTorch's `Linear` does),
+/// so they do not depend on the backend's global random state.
+struct SeededInit {
+    random: rand::rngs::StdRng,
+    fan_in: usize,
+}
+
+impl ModuleMapper for SeededInit {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        use rand::Rng;
+        param.map(|tensor| {
+            let shape = tensor.dims();
+            if D >= 2 {
+                // burn's Linear weight is [inputs, outputs]; its bias follows with the same fan-in.
+                self.fan_in = shape[0];
+            }
+            let bound = 1.0 / (self.fan_in.max(1) as f32).sqrt();
+            let count: usize = shape.iter().product();
+            let values: Vec<f32> = (0..count).map(|_| self.random.random_range(-bound..bound)).collect();
+            Tensor::<D>::from_data(TensorData::new(values, shape), &tensor.device()).require_grad()
+        })
+    }
+}
+
+fn flatten(model: &Mlp) -> Vec<f32> {
+    let mut visitor = Flatten { values: Vec::new() };
+    model.visit(&mut visitor);
+    visitor.values
+}
+
+pub fn parameters_hash(parameters: &[f32]) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for value in parameters {
+        value.to_bits().hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+fn rows_tensor(dataset: &Dataset, normalization: &Normalization, rows: &[usize], device: &Device) -> Tensor<2> {
+    let columns = dataset.columns;
+    let mut values = Vec::with_capacity(rows.len() * columns);
+    for row in rows {
+        values.extend(normalization.apply(dataset.row(*row)));
+    }
+    Tensor::<2>::from_data(TensorData::new(values, [rows.len(), columns]), device)
+}
+
+fn labels_tensor(dataset: &Dataset, rows: &[usize], device: &Device) -> Tensor<1, Int> {
+    let labels: Vec<i64> = rows.iter().map(|row| i64::from(dataset.labels[*row])).collect();
+    Tensor::<1, Int>::from_data(TensorData::new(labels, [rows.len()]), device)
+}
+
+/// Trains an MLP classifier on `dataset` as one rank of `communicator`'s group. `log` receives one line
+/// per epoch.
+pub fn train(
+    config: &TrainConfig,
+    dataset: &Dataset,
+    communicator: &mut dyn Communicator,
+    mut log: impl FnMut(&str),
+) -> Result<(Mlp, TrainOutcome), TrainError> {
+    if config.batch_size == 0 {
+        return Err(TrainError::InvalidInput(
+            "the batch size is 0; expected at least 1".into(),
+        ));
+    }
+    let (rank, world) = (communicator.rank() as usize, communicator.world_size() as usize);
+    let split = dataset.split(config.validation_fraction, config.seed)?;
+    let normalization = Normalization::of(dataset, &split.train);
+    let device = Device::flex().autodiff();
+    let mut model = Mlp::new(dataset.columns, &config.hidden, dataset.classes, &device).map(&mut SeededInit {
+        random: rand::SeedableRng::seed_from_u64(config.seed),
+        fan_in: dataset.columns,
+    });
+    // Every rank starts from rank 0's parameters.
+    let mut initial = flatten(&model);
+    communicator.broadcast(&mut initial, 0)?;
+    model = model.map(&mut Unflatten {
+        values: &initial,
+        offset: 0,
+    });
+    let mut optimizer = match config.optimizer {
+        OptimizerKind::Adam => AdamConfig::new().init(),
+        OptimizerKind::Sgd => SgdConfig::new().init(),
+    };
+    let loss_function = CrossEntropyLossConfig::new().init(&device);
+    let mut steps = 0usize;
+    let mut epochs = Vec::new();
+    'epochs: for epoch in 1..=config.epochs {
+        let started = Instant::now();
+        let order = data::shuffled(&split.train, config.seed.wrapping_add(u64::from(epoch)));
+        let mut loss_total = 0.0f64;
+        for batch in order.chunks(config.batch_size) {
+            let global = batch.len();
+            let local = &batch[rank * global / world..(rank + 1) * global / world];
+            let mut gradients_flat;
+            let mut gradients = GradientsParams::new();
+            let local_loss_sum;
+            if local.is_empty() {
+                gradients_flat = vec![0.0; initial.len()];
+                local_loss_sum = 0.0;
+            } else {
+                let inputs = rows_tensor(dataset, &normalization, local, &device);
+                let targets = labels_tensor(dataset, local, &device);
+                let loss = loss_function.forward(model.forward(inputs), targets);
+                local_loss_sum = f64::from(loss.clone().into_scalar::<f32>()) * local.len() as f64;
+                gradients = GradientsParams::from_grads(loss.backward(), &model);
+                let mut visitor = FlattenGradients {
+                    gradients: &gradients,
+                    values: Vec::with_capacity(initial.len()),
+                };
+                model.visit(&mut visitor);
+                gradients_flat = visitor.values;
+                // This rank's mean gradient, weighted by its share of the global batch.
+                kiln_kernels::cpu::scale(&mut gradients_flat, local.len() as f32 / global as f32);
+            }
+            let mut loss_buffer = [local_loss_sum as f32];
+            all_reduce_bucketed(
+                communicator,
+                &mut [gradients_flat.as_mut_slice(), loss_buffer.as_mut_slice()],
+                ReduceOp::Sum,
+                BUCKET_BYTES,
+            )?;
+            loss_total += f64::from(loss_buffer[0]);
+            if local.is_empty() {
+                // No graph on this rank for this batch: rebuild gradients from the reduced values.
+                let zero_inputs = rows_tensor(dataset, &normalization, &batch[..1], &device);
+                let targets = labels_tensor(dataset, &batch[..1], &device);
+                let loss = loss_function.forward(model.forward(zero_inputs), targets);
+                gradients = GradientsParams::from_grads(loss.backward(), &model);
+            }
+            let mut replace = ReplaceGradients {
+                gradients: &mut gradients,
+                values: &gradients_flat,
+                offset: 0,
+                entries: Vec::new(),
+            };
+            model.visit(&mut replace);
+            model = optimizer.step(config.learning_rate, model, gradients);
+            steps += 1;
+            if config.max_steps.is_some_and(|max| steps >= max) {
+                break 'epochs;
+            }
+        }
+        let accuracy = evaluate(&model, dataset, &normalization, &split.validation);
+        let seconds = started.elapsed().as_secs_f64().max(1e-9);
+        let metrics = EpochMetrics {
+            epoch,
+            loss: loss_total / split.train.len() as f64,
+            validation_accuracy: accuracy,
+            samples_per_second: split.train.len() as f64 / seconds,
+        };
+        log(&format!(
+            "epoch {epoch}/{} loss {:.4} validation_accuracy {:.4} samples/s {:.0}",
+            config.epochs, metrics.loss, metrics.validation_accuracy, metrics.samples_per_second
+        ));
+        epochs.push(metrics);
+    }
+    let parameters = flatten(&model);
+    let outcome = TrainOutcome {
+        epochs,
+        steps,
+        parameters_hash: parameters_hash(&parameters),
+        parameters,
+        normalization,
+        classes: dataset.classes,
+    };
+    Ok((model, outcome))
+}
+
+/// Share of `rows` the model classifies correctly.
+pub fn evaluate(model: &Mlp, dataset: &Dataset, normalization: &Normalization, rows: &[usize]) -> f64 {
+    if rows.is_empty() {
+        return 0.0;
+    }
+    let device = Device::flex().autodiff();
+    let inputs = rows_tensor(dataset, normalization, rows, &device);
+    let predicted = model.forward(inputs).argmax(1).into_data().convert::<i64>();
+    let predicted = predicted.try_to_vec::<i64>().expect("i64 predictions");
+    let correct = rows
+        .iter()
+        .zip(&predicted)
+        .filter(|(row, class)| i64::from(dataset.labels[**row]) == **class)
+        .count();
+    correct as f64 / rows.len() as f64
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,147 @@
+//! Data-parallel training against single-process training, and the digits MLP end to end, with the
+//! ranks as threads joined by the real TCP ring.
+
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::Duration;
+
+use super::*;
+use crate::collective::{CollectiveConfig, RingCommunicator};
+
+/// Runs `train` on `world` ranks (threads); returns each rank's outcome in rank order.
+fn train_on(world: u32, config: TrainConfig, dataset: Arc<Dataset>) -> Vec<TrainOutcome> {
+    let addresses = Arc::new(Mutex::new(vec![String::new(); world as usize]));
+    let published = Arc::new(Barrier::new(world as usize));
+    let threads: Vec<_> = (0..world)
+        .map(|rank| {
+            let (addresses, published, config, dataset) =
+                (addresses.clone(), published.clone(), config.clone(), dataset.clone());
+            std::thread::spawn(move || {
+                let (listener, address) = RingCommunicator::bind("127.0.0.1").unwrap();
+                addresses.lock().unwrap()[rank as usize] = address.to_string();
+                published.wait();
+                let all = addresses.lock().unwrap().clone();
+                let collective = CollectiveConfig {
+                    timeout: Duration::from_secs(60),
+                    ..CollectiveConfig::default()
+                };
+                let mut communicator = RingCommunicator::connect(listener, rank, &all, 1, collective).unwrap();
+                let (_, outcome) = train(&config, &dataset, &mut communicator, |line| {
+                    eprintln!("rank {rank}: {line}")
+                })
+                .unwrap();
+                outcome
+            })
+        })
+        .collect();
+    threads.into_iter().map(|thread| thread.join().unwrap()).collect()
+}
+
+/// Three separable blobs in 8 dimensions, 301 rows (an odd count, so batches split unevenly).
+fn blobs() -> Dataset {
+    let rows = 301;
+    let columns = 8;
+    let mut features = Vec::with_capacity(rows * columns);
+    let mut labels = Vec::with_capacity(rows);
+    for row in 0..rows {
+        let class = (row % 3) as u32;
+        for column in 0..columns {
+            let jitter = ((row * 31 + column * 17) % 23) as f32 / 23.0 - 0.5;
+            features.push(class as f32 * if column % 2 == 0 { 1.0 } else { -1.0 } + jitter);
+        }
+        labels.push(class);
+    }
+    Dataset {
+        feature_names: (0..columns).map(|column| format!("f{column}")).collect(),
+        features,
+        labels,
+        columns,
+        classes: 3,
+    }
+}
+
+#[test]
+fn two_ranks_follow_one_rank_with_the_same_global_batch() {
+    let config = TrainConfig {
+        hidden: vec![16],
+        // 241 training rows make 8 batches of 33 per epoch: the 10 steps cross an epoch boundary.
+        epochs: 2,
+        batch_size: 33,
+        learning_rate: 1e-2,
+        seed: 7,
+        validation_fraction: 0.2,
+        optimizer: OptimizerKind::Sgd,
+        max_steps: Some(10),
+    };
+    let dataset = Arc::new(blobs());
+    for optimizer in [OptimizerKind::Sgd, OptimizerKind::Adam] {
+        let config = TrainConfig {
+            optimizer,
+            ..config.clone()
+        };
+        let single = train_on(1, config.clone(), dataset.clone()).remove(0);
+        let parallel = train_on(2, config, dataset.clone());
+        assert_eq!(single.steps, 10);
+        assert_eq!(
+            parallel[0].parameters_hash, parallel[1].parameters_hash,
+            "{optimizer:?}: every rank holds identical parameters"
+        );
+        let largest = single
+            .parameters
+            .iter()
+            .fold(0.0f32, |largest, value| largest.max(value.abs()));
+        for (index, (one, two)) in single.parameters.iter().zip(&parallel[0].parameters).enumerate() {
+            assert!(
+                (one - two).abs() <= 1e-4 * largest.max(1.0),
+                "{optimizer:?}: parameter {index} is {one} with 1 rank and {two} with 2 ranks"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_digits_mlp_reaches_95_percent_with_two_ranks() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data/digits.csv");
+    let dataset = Arc::new(load_csv(&path, "digit").unwrap());
+    assert_eq!((dataset.rows(), dataset.columns, dataset.classes), (1797, 64, 10));
+    let config = TrainConfig {
+        hidden: vec![256, 256],
+        epochs: 20,
+        batch_size: 128,
+        learning_rate: 1e-3,
+        seed: 42,
+        validation_fraction: 0.2,
+        optimizer: OptimizerKind::Adam,
+        max_steps: None,
+    };
+    let outcomes = train_on(2, config, dataset);
+    let last = outcomes[0].epochs.last().unwrap();
+    assert!(
+        last.validation_accuracy >= 0.95,
+        "validation accuracy {}",
+        last.validation_accuracy
+    );
+    assert_eq!(outcomes[0].parameters_hash, outcomes[1].parameters_hash);
+}
+
+#[test]
+fn bad_datasets_are_refused_with_the_reason() {
+    let directory = std::env::temp_dir().join(format!("kiln-trainer-{}", std::process::id()));
+    std::fs::create_dir_all(&directory).unwrap();
+    let file = directory.join("bad.csv");
+    std::fs::write(&file, "a,b,label\n1,2,0\n3,x,1\n").unwrap();
+    let error = load_csv(&file, "label").unwrap_err().to_string();
+    assert!(
+        error.contains("line 3 column 'b'") && error.contains("\"x\" is not a number"),
+        "{error}"
+    );
+    let error = load_csv(&file, "class").unwrap_err().to_string();
+    assert!(
+        error.contains("label column 'class' is not in") && error.contains("a, b, label"),
+        "{error}"
+    );
+    let error = load_csv(&directory.join("missing.csv"), "label")
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("cannot read dataset"), "{error}");
+    std::fs::remove_dir_all(&directory).unwrap();
+}
