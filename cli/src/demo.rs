@@ -1,10 +1,11 @@
 //! `kiln demo`: the whole flow this build supports, end to end, on an embedded cluster of three
 //! coordinators and two workers.
 //!
-//! Later issues extend it (training, features, serving). Today it shows the spine: a replicated
+//! Later issues extend it (features, tracking, serving). Today it shows the spine: a replicated
 //! coordinator that accepts jobs on any node, refuses bad specs, de-duplicates retries, gang-schedules a
 //! 2-rank job onto workers that run it with the torchrun environment, cancels a running job on every
-//! worker, and keeps every acknowledged job — and the workers — through the loss of its leader.
+//! worker, trains the built-in MLP on the UCI digits with 2 data-parallel ranks, and keeps every
+//! acknowledged job — and the workers — through the loss of its leader.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -28,6 +29,8 @@ const EXAMPLES: [(&str, &str); 2] = [
         include_str!("../../examples/jobs/ddp-hello.toml"),
     ),
 ];
+const DIGITS_JOB: &str = include_str!("../../examples/jobs/digits-mlp.toml");
+const DIGITS_DATA: &str = include_str!("../../examples/data/digits.csv");
 /// A job that runs until cancelled, to show a cancel reaching every rank.
 const LONG_JOB: &str =
     "name = \"long\"\nkind = \"command\"\ncommand = \"sleep\"\nargs = [\"600\"]\n[resources]\nworkers = 2\ncpus = 1\n";
@@ -228,6 +231,44 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
     step(
         8,
+        "train the built-in MLP on the UCI digits with 2 ranks: each trains on its shard, gradients are all-reduced",
+    );
+    let dataset = root.join("digits.csv");
+    std::fs::write(&dataset, DIGITS_DATA).context("writing the digits dataset")?;
+    let spec = DIGITS_JOB.replace(
+        "dataset = \"examples/data/digits.csv\"",
+        &format!("dataset = {:?}", dataset.display().to_string()),
+    );
+    let digits = client
+        .submit(&spec, "examples/jobs/digits-mlp.toml", &new_idempotency_key())
+        .await
+        .map_err(output::status_error)?
+        .job
+        .context("no job returned")?;
+    let trained = tokio::time::timeout(Duration::from_secs(300), client.wait_job(digits.id))
+        .await
+        .context("training did not finish within 300 s")?
+        .map_err(output::status_error)?;
+    println!(
+        "job {} {}: {}",
+        trained.id,
+        output::state_label(trained.state),
+        trained.message
+    );
+    if trained.state != pb::JobState::Succeeded as i32 {
+        bail!("the training job did not succeed");
+    }
+    for rank in 0..2 {
+        let logs = crate::task_logs_text(&mut client, digits.id, rank).await?;
+        let summary = logs
+            .lines()
+            .rfind(|line| line.contains("trained"))
+            .unwrap_or("no summary");
+        println!("{summary}");
+    }
+
+    step(
+        9,
         "stop the leader; the survivors elect a new one, keep every job, and the workers follow it",
     );
     let index = peers
@@ -245,10 +286,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     );
     let jobs = client.list_jobs(Vec::new(), 0).await?;
     println!("{} jobs still present on the new leader's side", jobs.len());
-    if jobs.len() != EXAMPLES.len() + 1 {
+    if jobs.len() != EXAMPLES.len() + 2 {
         bail!(
             "expected {} jobs after failover, found {}",
-            EXAMPLES.len() + 1,
+            EXAMPLES.len() + 2,
             jobs.len()
         );
     }
@@ -272,7 +313,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             .map_or(0, |task| task.worker_id)
     );
 
-    step(9, "restart the stopped node from its data directory; it catches up");
+    step(10, "restart the stopped node from its data directory; it catches up");
     nodes[index] = Some(start_node(leader, &peers, &root).await?);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -294,8 +335,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
 
     println!(
-        "\nsummary: 3 coordinators and 2 workers; {} jobs ran (one with 2 ranks), 1 retry de-duplicated, 1 bad spec refused, 1 running job cancelled on every rank, leader lost and replaced, nothing lost.",
-        EXAMPLES.len() + 1
+        "\nsummary: 3 coordinators and 2 workers; {} jobs ran (a 2-rank command job and a 2-rank training run among them), 1 retry de-duplicated, 1 bad spec refused, 1 running job cancelled on every rank, leader lost and replaced, nothing lost.",
+        EXAMPLES.len() + 2
     );
     println!(
         "Next: `kiln up --workers 2` for a cluster that stays up, then `kiln submit examples/jobs/ddp-hello.toml`."

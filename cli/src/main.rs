@@ -504,6 +504,42 @@ async fn wait_job(client: &mut Client, id: u64, max_wait: Option<Duration>, json
     }
 }
 
+/// A rank's stdout of the latest attempt, as text (for the demo).
+pub(crate) async fn task_logs_text(client: &mut Client, id: u64, rank: u32) -> Result<String> {
+    let job = client.get_job(id).await.map_err(output::status_error)?;
+    let attempt = job
+        .attempts
+        .last()
+        .with_context(|| format!("job {id} has not started"))?;
+    let task = attempt
+        .tasks
+        .iter()
+        .find(|task| task.rank == rank)
+        .with_context(|| format!("job {id} has no rank {rank}"))?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", task.worker_address))?
+        .connect()
+        .await?;
+    let mut stream = pb::worker_agent_client::WorkerAgentClient::new(channel)
+        .logs(pb::LogsRequest {
+            task: Some(pb::TaskKey {
+                job_id: id,
+                attempt: attempt.number,
+                rank,
+            }),
+            follow: false,
+        })
+        .await
+        .map_err(output::status_error)?
+        .into_inner();
+    let mut text = Vec::new();
+    while let Some(chunk) = stream.message().await.map_err(output::status_error)? {
+        if chunk.stream == "stdout" {
+            text.extend(chunk.data);
+        }
+    }
+    Ok(String::from_utf8_lossy(&text).into_owned())
+}
+
 pub(crate) async fn job_logs(
     client: &mut Client,
     id: u64,

@@ -16,6 +16,15 @@ use serde::Serialize;
 pub enum TaskCommand {
     /// All-reduce benchmark and check across the ranks of this job.
     Allreduce(AllreduceArgs),
+    /// The built-in trainer, as one rank of a `train` job (the worker starts it).
+    Train(TrainArgs),
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The job spec as submitted.
+    #[arg(long)]
+    spec: std::path::PathBuf,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -61,6 +70,7 @@ fn value(rank: u32, index: usize) -> f32 {
 pub async fn run(command: TaskCommand) -> Result<()> {
     match command {
         TaskCommand::Allreduce(args) => allreduce(args).await,
+        TaskCommand::Train(args) => train(args).await,
     }
 }
 
@@ -136,6 +146,106 @@ async fn allreduce(args: AllreduceArgs) -> Result<()> {
                 };
                 println!("{}", serde_json::to_string(&result)?);
             }
+        }
+        Ok(())
+    })
+    .await??;
+    Ok(())
+}
+
+/// What `kiln task train` saves next to the weights: enough for serving to load the model and prepare
+/// its inputs exactly as training did.
+#[derive(Serialize)]
+struct ModelManifest<'a> {
+    format: &'static str,
+    model: &'a str,
+    inputs: usize,
+    hidden: &'a [usize],
+    classes: usize,
+    feature_names: &'a [String],
+    label: &'a str,
+    normalization: &'a kiln_worker::trainer::Normalization,
+    /// `weights.bin`: little-endian f32, every parameter in the model's visiting order (per layer: the
+    /// weight as [inputs, outputs], then the bias).
+    parameters: usize,
+    parameters_hash: String,
+    validation_accuracy: f64,
+    job_id: u64,
+    attempt: u32,
+}
+
+async fn train(args: TrainArgs) -> Result<()> {
+    use kiln_worker::trainer::{self, OptimizerKind, TrainConfig};
+    let text = std::fs::read_to_string(&args.spec)
+        .map_err(|error| anyhow::anyhow!("reading the job spec {}: {error}", args.spec.display()))?;
+    let options = kiln_coordinator::spec::parse_train_options(&args.spec.display().to_string(), &text)?;
+    let environment = RankEnvironment::from_environment()?;
+    let mut dataset_path = std::path::PathBuf::from(&options.dataset);
+    if dataset_path.is_relative()
+        && let Ok(base) = std::env::var("KILN_WORKER_CWD")
+    {
+        dataset_path = std::path::Path::new(&base).join(dataset_path);
+    }
+    let dataset = trainer::load_csv(&dataset_path, &options.label)?;
+    println!(
+        "rank {} of {}: {} rows, {} features, {} classes from {}",
+        environment.rank,
+        environment.world_size,
+        dataset.rows(),
+        dataset.columns,
+        dataset.classes,
+        dataset_path.display()
+    );
+    let config = TrainConfig {
+        hidden: options.hidden.iter().map(|width| *width as usize).collect(),
+        epochs: options.epochs,
+        batch_size: options.batch_size as usize,
+        learning_rate: options.learning_rate,
+        seed: options.seed,
+        validation_fraction: options.validation_fraction,
+        optimizer: if options.optimizer == "sgd" {
+            OptimizerKind::Sgd
+        } else {
+            OptimizerKind::Adam
+        },
+        max_steps: None,
+    };
+    let mut communicator = collective::join(&environment, CollectiveConfig::default()).await?;
+    let run_directory = std::env::var("KILN_RUN_DIR").unwrap_or_else(|_| ".".into());
+    let (job_id, attempt, rank) = (environment.job, environment.attempt, environment.rank);
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let (_, outcome) = trainer::train(&config, &dataset, &mut communicator, |line| println!("{line}"))?;
+        let accuracy = outcome.epochs.last().map_or(0.0, |epoch| epoch.validation_accuracy);
+        println!(
+            "rank {rank}: trained {} steps; validation accuracy {accuracy:.4}; parameters hash {:016x}",
+            outcome.steps, outcome.parameters_hash
+        );
+        if rank == 0 {
+            let directory = std::path::Path::new(&run_directory).join("model");
+            std::fs::create_dir_all(&directory)?;
+            let weights: Vec<u8> = outcome
+                .parameters
+                .iter()
+                .flat_map(|value| value.to_le_bytes())
+                .collect();
+            std::fs::write(directory.join("weights.bin"), weights)?;
+            let manifest = ModelManifest {
+                format: "kiln-mlp-1",
+                model: &options.model,
+                inputs: dataset.columns,
+                hidden: &config.hidden,
+                classes: outcome.classes,
+                feature_names: &dataset.feature_names,
+                label: &options.label,
+                normalization: &outcome.normalization,
+                parameters: outcome.parameters.len(),
+                parameters_hash: format!("{:016x}", outcome.parameters_hash),
+                validation_accuracy: accuracy,
+                job_id,
+                attempt,
+            };
+            std::fs::write(directory.join("model.json"), serde_json::to_string_pretty(&manifest)?)?;
+            println!("model saved to {}", directory.display());
         }
         Ok(())
     })

@@ -1100,3 +1100,57 @@ async fn a_hung_rank_times_the_collective_out_and_the_attempt_restarts() {
     // The frozen rank was killed with its attempt (SIGKILL reaches a stopped process).
     assert!(processes_under(&rank_one_directory).is_empty(), "the hung rank is gone");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_digits_mlp_trains_data_parallel_across_two_workers() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (cluster, ids) = cluster_with_workers([1, 1]).await;
+    let directory = tempfile::tempdir().unwrap();
+    let dataset = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data/digits.csv");
+    let spec = include_str!("../../examples/jobs/digits-mlp.toml").replace(
+        "dataset = \"examples/data/digits.csv\"",
+        &format!("dataset = {:?}", dataset.canonicalize().unwrap().display().to_string()),
+    );
+    let id = submit_file(&cluster, directory.path(), "digits-mlp.toml", &spec).await;
+    let output = kiln(&cluster, &["jobs", "wait", &id.to_string(), "--max-wait", "300s"]).await;
+    assert!(
+        output.status.success(),
+        "{}{}\n{}",
+        stdout(&output),
+        stderr(&output),
+        context(&cluster, Some(id))
+    );
+    let job = cluster.client().unwrap().get_job(id).await.unwrap();
+    let workers: BTreeSet<u64> = placement(&job.attempts[0]).into_iter().collect();
+    assert_eq!(workers, ids.into_iter().collect(), "one rank on each worker");
+    let mut hashes = BTreeSet::new();
+    for rank in ["0", "1"] {
+        let logs = stdout(&kiln(&cluster, &["jobs", "logs", &id.to_string(), "--rank", rank]).await);
+        assert!(logs.contains("epoch 30/30"), "rank {rank}: {logs}");
+        let summary = logs
+            .lines()
+            .find(|line| line.contains("trained 360 steps"))
+            .unwrap_or_else(|| panic!("rank {rank} has no summary: {logs}"));
+        let accuracy: f64 = summary
+            .split("validation accuracy ")
+            .nth(1)
+            .and_then(|rest| rest.split(';').next())
+            .and_then(|text| text.parse().ok())
+            .unwrap();
+        assert!(accuracy >= 0.95, "rank {rank}: {summary}");
+        hashes.insert(summary.rsplit(' ').next().unwrap().to_string());
+    }
+    assert_eq!(hashes.len(), 1, "both ranks end with identical parameters: {hashes:?}");
+    let model = cluster
+        .worker_data_dir(if placement(&job.attempts[0])[0] == ids[0] { 1 } else { 2 })
+        .join(format!("tasks/job-{id}/attempt-1/rank-0/work/model"));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap();
+    assert_eq!(manifest["inputs"], 64);
+    assert_eq!(manifest["classes"], 10);
+    let parameters = manifest["parameters"].as_u64().unwrap();
+    assert_eq!(
+        std::fs::metadata(model.join("weights.bin")).unwrap().len(),
+        parameters * 4
+    );
+}

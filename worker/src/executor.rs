@@ -88,6 +88,8 @@ pub(crate) struct Executor {
     /// Handed to tasks (`KILN_COORDINATOR`, `KILN_HOST`), so their ranks can meet through the cluster.
     coordinators: String,
     host: String,
+    /// Where the worker was started: relative dataset paths of train jobs are resolved against it.
+    worker_directory: PathBuf,
 }
 
 fn signal_group(process_group: i32, signal: rustix::process::Signal) {
@@ -117,6 +119,7 @@ impl Executor {
             free_gpus: (0..gpus).collect(),
             coordinators,
             host,
+            worker_directory: std::env::current_dir().unwrap_or_default(),
         }
     }
 
@@ -209,9 +212,9 @@ impl Executor {
     }
 
     fn spawn(&mut self, key: Key, assign: &pb::AssignTask) -> Result<(), String> {
-        if assign.kind != "command" {
+        if assign.kind != "command" && assign.kind != "train" {
             return Err(format!(
-                "task kind '{}' is not supported by this worker; it runs \"command\" tasks",
+                "task kind '{}' is not supported by this worker; it runs \"command\" and \"train\" tasks",
                 assign.kind
             ));
         }
@@ -245,9 +248,24 @@ impl Executor {
                 .map_err(|error| format!("creating {}: {error}", dir.join(name).display()))
         };
         let (stdout, stderr) = (open("stdout.log")?, open("stderr.log")?);
-        let mut command = tokio::process::Command::new(&assign.command);
+        // A train task is this binary's built-in trainer, given the spec as submitted.
+        let (program, args) = if assign.kind == "train" {
+            let spec = dir.join("spec.toml");
+            std::fs::write(&spec, &assign.spec_toml).map_err(|error| format!("writing {}: {error}", spec.display()))?;
+            let program = std::env::current_exe().map_err(|error| format!("finding the kiln binary: {error}"))?;
+            let args = vec![
+                "task".to_string(),
+                "train".into(),
+                "--spec".into(),
+                spec.display().to_string(),
+            ];
+            (program.into_os_string(), args)
+        } else {
+            (std::ffi::OsString::from(&assign.command), assign.args.clone())
+        };
+        let mut command = tokio::process::Command::new(&program);
         command
-            .args(&assign.args)
+            .args(&args)
             .current_dir(&work)
             .envs(&assign.env)
             .env("RANK", key.rank.to_string())
@@ -264,6 +282,7 @@ impl Executor {
             .env("KILN_RUN_DIR", &work)
             .env("KILN_COORDINATOR", &self.coordinators)
             .env("KILN_HOST", &self.host)
+            .env("KILN_WORKER_CWD", &self.worker_directory)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
