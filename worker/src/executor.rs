@@ -288,6 +288,18 @@ impl Executor {
             .stderr(stderr)
             .process_group(0)
             .kill_on_drop(false);
+        #[allow(unsafe_code)] // pre_exec: the closure runs in the forked child before exec
+        // SAFETY: the closure makes one prctl system call, which is async-signal-safe, allocates nothing
+        // and touches no lock. The death signal fires when the thread that forked exits: that is a runtime
+        // worker thread (this runs on the agent's task), which lives as long as the worker.
+        unsafe {
+            command.pre_exec(|| {
+                // A worker that dies (SIGKILL, a crash) takes its tasks with it, so no orphan rank keeps
+                // training or writing checkpoints beside the attempt that replaces it.
+                rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+                    .map_err(std::io::Error::from)
+            });
+        }
         let gpus: Vec<u32> = self.free_gpus.drain(..wanted_gpus).collect();
         if !gpus.is_empty() {
             let list: Vec<String> = gpus.iter().map(|gpu| gpu.to_string()).collect();

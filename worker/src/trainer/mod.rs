@@ -65,6 +65,93 @@ pub struct TrainConfig {
     pub optimizer: OptimizerKind,
     /// Stop after this many optimizer steps (tests); `None` runs every epoch.
     pub max_steps: Option<usize>,
+    pub checkpoint: Option<CheckpointConfig>,
+}
+
+/// Where checkpoints go and how often. The directory must be reachable by rank 0 of a later attempt
+/// (a shared filesystem, until artifacts live in the object store).
+#[derive(Debug, Clone)]
+pub struct CheckpointConfig {
+    pub directory: std::path::PathBuf,
+    pub every_epochs: u32,
+}
+
+/// `checkpoint.json` beside `parameters.bin` (f32, visiting order) and `optimizer.bpk` (burn's record).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct CheckpointManifest {
+    epoch: u32,
+    steps: usize,
+    parameters: usize,
+    parameters_hash: String,
+    world_size: u32,
+}
+
+fn save_checkpoint(
+    directory: &std::path::Path,
+    manifest: &CheckpointManifest,
+    parameters: &[f32],
+    optimizer: &[u8],
+) -> Result<(), TrainError> {
+    let storage =
+        |error: std::io::Error| TrainError::Storage(format!("checkpoint in {}: {error}", directory.display()));
+    std::fs::create_dir_all(directory).map_err(storage)?;
+    let write = |name: &str, bytes: &[u8]| -> Result<(), TrainError> {
+        // Written aside, then renamed: a reader never sees half a file.
+        let temporary = directory.join(format!(".{name}.tmp"));
+        std::fs::write(&temporary, bytes).map_err(storage)?;
+        std::fs::rename(&temporary, directory.join(name)).map_err(storage)
+    };
+    write("parameters.bin", bytemuck::cast_slice(parameters))?;
+    write("optimizer.bpk", optimizer)?;
+    // The manifest goes last: it names a checkpoint only once its files are complete.
+    let manifest = serde_json::to_vec_pretty(manifest).map_err(|error| TrainError::Storage(error.to_string()))?;
+    write("checkpoint.json", &manifest)
+}
+
+fn load_checkpoint(directory: &std::path::Path) -> Result<Option<(CheckpointManifest, Vec<f32>, Vec<u8>)>, TrainError> {
+    let manifest_path = directory.join("checkpoint.json");
+    let text = match std::fs::read(&manifest_path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(TrainError::Storage(format!("{}: {error}", manifest_path.display()))),
+    };
+    let corrupt =
+        |what: String| TrainError::InvalidInput(format!("checkpoint in {} is corrupt: {what}", directory.display()));
+    let manifest: CheckpointManifest = serde_json::from_slice(&text).map_err(|error| corrupt(error.to_string()))?;
+    let bytes = std::fs::read(directory.join("parameters.bin")).map_err(|error| corrupt(error.to_string()))?;
+    if bytes.len() != manifest.parameters * 4 {
+        return Err(corrupt(format!(
+            "parameters.bin has {} bytes, expected {}",
+            bytes.len(),
+            manifest.parameters * 4
+        )));
+    }
+    let parameters: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|chunk| f32::from_le_bytes(chunk.try_into().expect("4 bytes")))
+        .collect();
+    if format!("{:016x}", parameters_hash(&parameters)) != manifest.parameters_hash {
+        return Err(corrupt("the parameters do not match their hash".into()));
+    }
+    let optimizer = std::fs::read(directory.join("optimizer.bpk")).map_err(|error| corrupt(error.to_string()))?;
+    Ok(Some((manifest, parameters, optimizer)))
+}
+
+/// Sends rank 0's bytes to every rank (lengths first, then the bytes padded to whole f32 values).
+fn broadcast_bytes(communicator: &mut dyn Communicator, bytes: &mut Vec<u8>) -> Result<(), TrainError> {
+    let mut length = [f32::from_bits(bytes.len() as u32)];
+    communicator.broadcast(&mut length, 0)?;
+    let length = length[0].to_bits() as usize;
+    let mut words = vec![0.0f32; length.div_ceil(4)];
+    if communicator.rank() == 0 {
+        let mut padded = bytes.clone();
+        padded.resize(words.len() * 4, 0);
+        words.copy_from_slice(bytemuck::cast_slice(&padded));
+    }
+    communicator.broadcast(&mut words, 0)?;
+    let received: &[u8] = bytemuck::cast_slice(&words);
+    *bytes = received[..length].to_vec();
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -164,26 +251,29 @@ impl ModuleVisitor for ReplaceGradients<'_> {
 }
 
 /// Initial parameters drawn from the job's seed (uniform in ±1/√fan_in, as PyTorch's `Linear` does),
-/// so they do not depend on the backend's global random state.
+/// so they do not depend on the backend's global random state, with parameter ids numbered in visiting
+/// order, so an optimizer state saved by one process loads into another (burn's ids are random).
 struct SeededInit {
     random: rand::rngs::StdRng,
     fan_in: usize,
+    next_id: u64,
 }
 
 impl ModuleMapper for SeededInit {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         use rand::Rng;
-        param.map(|tensor| {
-            let shape = tensor.dims();
-            if D >= 2 {
-                // burn's Linear weight is [inputs, outputs]; its bias follows with the same fan-in.
-                self.fan_in = shape[0];
-            }
-            let bound = 1.0 / (self.fan_in.max(1) as f32).sqrt();
-            let count: usize = shape.iter().product();
-            let values: Vec<f32> = (0..count).map(|_| self.random.random_range(-bound..bound)).collect();
-            Tensor::<D>::from_data(TensorData::new(values, shape), &tensor.device()).require_grad()
-        })
+        let (_, tensor, mapper) = param.consume();
+        let shape = tensor.dims();
+        if D >= 2 {
+            // burn's Linear weight is [inputs, outputs]; its bias follows with the same fan-in.
+            self.fan_in = shape[0];
+        }
+        let bound = 1.0 / (self.fan_in.max(1) as f32).sqrt();
+        let count: usize = shape.iter().product();
+        let values: Vec<f32> = (0..count).map(|_| self.random.random_range(-bound..bound)).collect();
+        let value = Tensor::<D>::from_data(TensorData::new(values, shape), &tensor.device()).require_grad();
+        self.next_id += 1;
+        Param::from_mapped_value(ParamId::from(self.next_id), value, mapper)
     }
 }
 
@@ -235,22 +325,52 @@ pub fn train(
     let mut model = Mlp::new(dataset.columns, &config.hidden, dataset.classes, &device).map(&mut SeededInit {
         random: rand::SeedableRng::seed_from_u64(config.seed),
         fan_in: dataset.columns,
-    });
-    // Every rank starts from rank 0's parameters.
-    let mut initial = flatten(&model);
-    communicator.broadcast(&mut initial, 0)?;
-    model = model.map(&mut Unflatten {
-        values: &initial,
-        offset: 0,
+        next_id: 0,
     });
     let mut optimizer = match config.optimizer {
         OptimizerKind::Adam => AdamConfig::new().init(),
         OptimizerKind::Sgd => SgdConfig::new().init(),
     };
+    // Rank 0 reads the latest checkpoint, if any, and every rank starts from rank 0's parameters (and
+    // optimizer state, and position).
+    let mut initial = flatten(&model);
+    let mut resumed = [f32::from_bits(0), f32::from_bits(0)];
+    let mut optimizer_bytes = Vec::new();
+    if rank == 0
+        && let Some(checkpoint) = &config.checkpoint
+        && let Some((manifest, parameters, optimizer_state)) = load_checkpoint(&checkpoint.directory)?
+    {
+        if parameters.len() != initial.len() {
+            return Err(TrainError::InvalidInput(format!(
+                "the checkpoint in {} has {} parameters; this model has {} (was the model changed?)",
+                checkpoint.directory.display(),
+                parameters.len(),
+                initial.len()
+            )));
+        }
+        initial = parameters;
+        optimizer_bytes = optimizer_state;
+        resumed = [f32::from_bits(manifest.epoch), f32::from_bits(manifest.steps as u32)];
+    }
+    communicator.broadcast(&mut resumed, 0)?;
+    let (start_epoch, mut steps) = (resumed[0].to_bits(), resumed[1].to_bits() as usize);
+    communicator.broadcast(&mut initial, 0)?;
+    model = model.map(&mut Unflatten {
+        values: &initial,
+        offset: 0,
+    });
+    if start_epoch > 0 {
+        broadcast_bytes(communicator, &mut optimizer_bytes)?;
+        optimizer = optimizer
+            .from_bytes(burn::tensor::Bytes::from_bytes_vec(optimizer_bytes))
+            .map_err(|error| TrainError::InvalidInput(format!("the checkpoint's optimizer state: {error:?}")))?;
+        log(&format!(
+            "resuming from the checkpoint after epoch {start_epoch} (step {steps})"
+        ));
+    }
     let loss_function = CrossEntropyLossConfig::new().init(&device);
-    let mut steps = 0usize;
     let mut epochs = Vec::new();
-    'epochs: for epoch in 1..=config.epochs {
+    'epochs: for epoch in start_epoch + 1..=config.epochs {
         let started = Instant::now();
         let order = data::shuffled(&split.train, config.seed.wrapping_add(u64::from(epoch)));
         let mut loss_total = 0.0f64;
@@ -319,6 +439,23 @@ pub fn train(
             config.epochs, metrics.loss, metrics.validation_accuracy, metrics.samples_per_second
         ));
         epochs.push(metrics);
+        if rank == 0
+            && let Some(checkpoint) = &config.checkpoint
+            && (epoch % checkpoint.every_epochs.max(1) == 0 || epoch == config.epochs)
+        {
+            let parameters = flatten(&model);
+            let optimizer_state = optimizer
+                .into_bytes()
+                .map_err(|error| TrainError::Storage(format!("encoding the optimizer state: {error:?}")))?;
+            let manifest = CheckpointManifest {
+                epoch,
+                steps,
+                parameters: parameters.len(),
+                parameters_hash: format!("{:016x}", parameters_hash(&parameters)),
+                world_size: world as u32,
+            };
+            save_checkpoint(&checkpoint.directory, &manifest, &parameters, &optimizer_state)?;
+        }
     }
     let parameters = flatten(&model);
     let outcome = TrainOutcome {

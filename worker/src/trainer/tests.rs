@@ -71,6 +71,7 @@ fn two_ranks_follow_one_rank_with_the_same_global_batch() {
         validation_fraction: 0.2,
         optimizer: OptimizerKind::Sgd,
         max_steps: Some(10),
+        checkpoint: None,
     };
     let dataset = Arc::new(blobs());
     for optimizer in [OptimizerKind::Sgd, OptimizerKind::Adam] {
@@ -112,6 +113,7 @@ fn the_digits_mlp_reaches_95_percent_with_two_ranks() {
         validation_fraction: 0.2,
         optimizer: OptimizerKind::Adam,
         max_steps: None,
+        checkpoint: None,
     };
     let outcomes = train_on(2, config, dataset);
     let last = outcomes[0].epochs.last().unwrap();
@@ -143,5 +145,53 @@ fn bad_datasets_are_refused_with_the_reason() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("cannot read dataset"), "{error}");
+    std::fs::remove_dir_all(&directory).unwrap();
+}
+
+#[test]
+fn a_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_run_does() {
+    let directory = std::env::temp_dir().join(format!("kiln-checkpoint-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&directory);
+    let dataset = Arc::new(blobs());
+    let config = TrainConfig {
+        hidden: vec![16],
+        epochs: 6,
+        batch_size: 32,
+        learning_rate: 1e-2,
+        seed: 3,
+        validation_fraction: 0.2,
+        optimizer: OptimizerKind::Adam,
+        max_steps: None,
+        checkpoint: None,
+    };
+    let uninterrupted = train_on(2, config.clone(), dataset.clone()).remove(0);
+    // The same run stopped after 3 epochs (with a checkpoint after each), then resumed by a new group.
+    let checkpointed = TrainConfig {
+        checkpoint: Some(CheckpointConfig {
+            directory: directory.clone(),
+            every_epochs: 1,
+        }),
+        ..config.clone()
+    };
+    let stopped = train_on(
+        2,
+        TrainConfig {
+            epochs: 3,
+            ..checkpointed.clone()
+        },
+        dataset.clone(),
+    );
+    assert_eq!(stopped[0].epochs.len(), 3);
+    let resumed = train_on(2, checkpointed, dataset).remove(0);
+    assert_eq!(
+        resumed.epochs.first().map(|epoch| epoch.epoch),
+        Some(4),
+        "it went on from epoch 4"
+    );
+    assert_eq!(resumed.steps, uninterrupted.steps);
+    assert_eq!(
+        resumed.parameters_hash, uninterrupted.parameters_hash,
+        "parameters, optimizer state and data order all resumed exactly"
+    );
     std::fs::remove_dir_all(&directory).unwrap();
 }
