@@ -111,6 +111,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         let mut config = WorkerConfig::new(all.clone(), root.join(format!("worker-{index}")));
         config.cpus = 2;
         config.kill_grace = Duration::from_secs(2);
+        config.artifact_dir = Some(root.join("artifacts"));
         let mut worker = Worker::start(config).await?;
         let id = tokio::time::timeout(Duration::from_secs(15), worker.registered())
             .await

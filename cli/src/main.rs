@@ -176,6 +176,10 @@ struct WorkerArgs {
     /// Seconds a task has to exit after SIGTERM before SIGKILL.
     #[arg(long, default_value_t = 5)]
     kill_grace: u64,
+    /// Where train tasks keep checkpoints; share it between workers so a restarted attempt on another
+    /// worker resumes (default: DATA-DIR/artifacts).
+    #[arg(long)]
+    artifact_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -392,6 +396,8 @@ async fn run_up(args: UpArgs) -> Result<()> {
         if let Some(cpus) = args.worker_cpus {
             worker_config.cpus = cpus;
         }
+        // One artifact directory for every embedded worker: a restarted attempt resumes anywhere.
+        worker_config.artifact_dir = Some(args.data_dir.join("artifacts"));
         let mut worker = Worker::start(worker_config).await?;
         let id = worker
             .registered()
@@ -448,6 +454,7 @@ async fn run_worker(args: WorkerArgs) -> Result<()> {
     config.task_ports = kiln_worker::parse_port_range(&args.task_ports)
         .map_err(|message| anyhow::anyhow!("--task-ports: {message}"))?;
     config.kill_grace = Duration::from_secs(args.kill_grace);
+    config.artifact_dir = args.artifact_dir;
     let mut worker = Worker::start(config).await?;
     println!(
         "worker serving logs on {}; registering with {}",

@@ -209,6 +209,12 @@ async fn train(args: TrainArgs) -> Result<()> {
             OptimizerKind::Adam
         },
         max_steps: None,
+        checkpoint: std::env::var("KILN_CHECKPOINT_DIR")
+            .ok()
+            .map(|directory| trainer::CheckpointConfig {
+                directory: directory.into(),
+                every_epochs: options.checkpoint_every,
+            }),
     };
     let mut communicator = collective::join(&environment, CollectiveConfig::default()).await?;
     let run_directory = std::env::var("KILN_RUN_DIR").unwrap_or_else(|_| ".".into());

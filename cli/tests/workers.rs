@@ -1154,3 +1154,116 @@ async fn the_digits_mlp_trains_data_parallel_across_two_workers() {
         parameters * 4
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn training_resumes_from_its_checkpoint_after_its_worker_is_killed() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut cluster = Cluster::new(Path::new(KILN), 3, COORDINATOR_ARGS).unwrap();
+    cluster.start_all().unwrap();
+    cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
+    let artifacts = tempfile::tempdir().unwrap();
+    let shared = ["--artifact-dir", artifacts.path().to_str().unwrap()];
+    let mut ids = Vec::new();
+    for index in [1u32, 2] {
+        cluster.start_worker(index, 2, &shared).unwrap();
+        let alive = cluster
+            .wait_for_workers(index as usize, Duration::from_secs(20))
+            .await
+            .unwrap();
+        ids.push(
+            alive
+                .iter()
+                .map(|worker| worker.id)
+                .find(|id| !ids.contains(id))
+                .unwrap(),
+        );
+    }
+    let directory = tempfile::tempdir().unwrap();
+    let dataset = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data/digits.csv");
+    let spec = include_str!("../../examples/jobs/digits-mlp.toml")
+        .replace(
+            "dataset = \"examples/data/digits.csv\"",
+            &format!("dataset = {:?}", dataset.canonicalize().unwrap().display().to_string()),
+        )
+        .replace("epochs = 30", "epochs = 200");
+    let mut client = cluster.client().unwrap();
+    let final_accuracy = |logs: &str| -> f64 {
+        let summary = logs.lines().rfind(|line| line.contains("validation accuracy")).unwrap();
+        summary
+            .split("validation accuracy ")
+            .nth(1)
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+
+    // An uninterrupted run, for comparison.
+    let baseline = submit_file(&cluster, directory.path(), "baseline.toml", &spec).await;
+    let output = kiln(&cluster, &["jobs", "wait", &baseline.to_string(), "--max-wait", "300s"]).await;
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        stderr(&output),
+        context(&cluster, Some(baseline))
+    );
+    let baseline_logs = stdout(&kiln(&cluster, &["jobs", "logs", &baseline.to_string()]).await);
+
+    // The same run, with its worker SIGKILLed a third of the way through.
+    let id = submit_file(&cluster, directory.path(), "interrupted.toml", &spec).await;
+    let job = wait_for_job(
+        &cluster,
+        &mut client,
+        id,
+        "it runs",
+        Duration::from_secs(15),
+        is_running,
+    )
+    .await;
+    let worker = placement(&job.attempts[0])[0];
+    let index = if worker == ids[0] { 1 } else { 2 };
+    let log = cluster
+        .worker_data_dir(index)
+        .join(format!("tasks/job-{id}/attempt-1/rank-0/stdout.log"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("epoch 60/200")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "training never reached epoch 60\n{}",
+            context(&cluster, Some(id))
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.kill_worker(index).unwrap();
+    let job = wait_for_job(
+        &cluster,
+        &mut client,
+        id,
+        "a second attempt finishes the training",
+        Duration::from_secs(300),
+        |job| job.attempts.len() == 2 && is_state(job, pb::JobState::Succeeded),
+    )
+    .await;
+    assert!(job.attempts[0].message.contains("lease"), "{:?}", job.attempts[0]);
+    let resumed_logs = stdout(&kiln(&cluster, &["jobs", "logs", &id.to_string()]).await);
+    let resumed_from: u32 = resumed_logs
+        .lines()
+        .find_map(|line| line.split("resuming from the checkpoint after epoch ").nth(1))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|epoch| epoch.parse().ok())
+        .unwrap_or_else(|| panic!("attempt 2 did not resume: {resumed_logs}"));
+    assert!(
+        resumed_from >= 60,
+        "it resumed from epoch {resumed_from}, not from zero"
+    );
+    let (expected, got) = (final_accuracy(&baseline_logs), final_accuracy(&resumed_logs));
+    assert!(
+        (expected - got).abs() <= 0.01,
+        "uninterrupted {expected}, resumed {got}"
+    );
+}

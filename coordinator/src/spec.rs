@@ -153,6 +153,7 @@ struct RawTrain {
     validation_fraction: Option<Spanned<f64>>,
     hidden: Option<Spanned<Vec<u32>>>,
     optimizer: Option<Spanned<String>>,
+    checkpoint_every: Option<u32>,
 }
 
 /// Built-in models the trainer knows.
@@ -178,6 +179,8 @@ pub struct TrainOptions {
     /// Hidden layer widths of the MLP.
     pub hidden: Vec<u32>,
     pub optimizer: String,
+    /// Save a checkpoint after every this many epochs (and after the last).
+    pub checkpoint_every: u32,
 }
 
 /// Parses a train job's spec into its [`TrainOptions`] (and checks it like [`parse_job_spec`]).
@@ -206,6 +209,7 @@ pub fn parse_train_options(source_name: &str, text: &str) -> Result<TrainOptions
         validation_fraction: train.validation_fraction.map_or(0.2, Spanned::into_inner),
         hidden: train.hidden.map_or_else(|| vec![256, 256], Spanned::into_inner),
         optimizer: train.optimizer.map_or_else(|| "adam".into(), Spanned::into_inner),
+        checkpoint_every: train.checkpoint_every.unwrap_or(1).max(1),
     })
 }
 

@@ -140,6 +140,10 @@ impl Worker {
             exit_sender,
             config.coordinators.join(","),
             host.clone(),
+            config
+                .artifact_dir
+                .clone()
+                .unwrap_or_else(|| config.data_dir.join("artifacts")),
         );
         executor.kill_leftovers();
         let logs = LogServer {

@@ -90,6 +90,7 @@ pub(crate) struct Executor {
     host: String,
     /// Where the worker was started: relative dataset paths of train jobs are resolved against it.
     worker_directory: PathBuf,
+    artifact_dir: PathBuf,
 }
 
 fn signal_group(process_group: i32, signal: rustix::process::Signal) {
@@ -107,6 +108,7 @@ impl Executor {
         exits: mpsc::Sender<(Key, pb::task_report::Outcome)>,
         coordinators: String,
         host: String,
+        artifact_dir: PathBuf,
     ) -> Executor {
         Executor {
             data_dir,
@@ -120,6 +122,7 @@ impl Executor {
             coordinators,
             host,
             worker_directory: std::env::current_dir().unwrap_or_default(),
+            artifact_dir,
         }
     }
 
@@ -283,6 +286,10 @@ impl Executor {
             .env("KILN_COORDINATOR", &self.coordinators)
             .env("KILN_HOST", &self.host)
             .env("KILN_WORKER_CWD", &self.worker_directory)
+            .env(
+                "KILN_CHECKPOINT_DIR",
+                self.artifact_dir.join(format!("job-{}", key.job)).join("checkpoints"),
+            )
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)

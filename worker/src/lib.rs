@@ -66,6 +66,9 @@ pub struct WorkerConfig {
     pub task_ports: (u16, u16),
     /// How long a task has after SIGTERM before SIGKILL.
     pub kill_grace: Duration,
+    /// Where train tasks keep checkpoints (`JOB/checkpoints` below it). A later attempt may run on
+    /// another worker, so point every worker at the same shared directory; default `DATA/artifacts`.
+    pub artifact_dir: Option<PathBuf>,
 }
 
 impl WorkerConfig {
@@ -80,6 +83,7 @@ impl WorkerConfig {
             memory_bytes: None,
             task_ports: (29500, 29999),
             kill_grace: Duration::from_secs(5),
+            artifact_dir: None,
         }
     }
 
