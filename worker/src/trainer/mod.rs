@@ -108,7 +108,10 @@ fn save_checkpoint(
     write("checkpoint.json", &manifest)
 }
 
-fn load_checkpoint(directory: &std::path::Path) -> Result<Option<(CheckpointManifest, Vec<f32>, Vec<u8>)>, TrainError> {
+/// A checkpoint as read back: its manifest, the parameters, the optimizer's record bytes.
+type Checkpoint = (CheckpointManifest, Vec<f32>, Vec<u8>);
+
+fn load_checkpoint(directory: &std::path::Path) -> Result<Option<Checkpoint>, TrainError> {
     let manifest_path = directory.join("checkpoint.json");
     let text = match std::fs::read(&manifest_path) {
         Ok(text) => text,
