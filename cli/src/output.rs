@@ -60,6 +60,8 @@ pub fn job_json(job: &pb::Job) -> Value {
         "updated_at_ms": job.updated_at_ms,
         "finished_at_ms": (job.finished_at_ms > 0).then_some(job.finished_at_ms),
         "message": job.message,
+        "metrics": job.metrics.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "artifacts": job.artifacts.iter().collect::<std::collections::BTreeMap<_, _>>(),
         "idempotency_key": job.idempotency_key,
         "spec": serde_json::from_str::<Value>(&job.spec_json).unwrap_or(Value::Null),
         "spec_toml": job.spec_toml,
@@ -169,6 +171,14 @@ pub fn print_job(job: &pb::Job, json: bool) -> Result<()> {
     println!("submitted:     {}", time_label(job.submitted_at_ms));
     println!("updated:       {}", time_label(job.updated_at_ms));
     println!("finished:      {}", time_label(job.finished_at_ms));
+    if !job.metrics.is_empty() {
+        let metrics: std::collections::BTreeMap<_, _> = job.metrics.iter().collect();
+        let text: Vec<String> = metrics.iter().map(|(name, value)| format!("{name}={value}")).collect();
+        println!("metrics:       {}", text.join(" "));
+    }
+    for (name, location) in job.artifacts.iter().collect::<std::collections::BTreeMap<_, _>>() {
+        println!("artifact:      {name} {location}");
+    }
     println!("idempotency:   {}", job.idempotency_key);
     println!("spec:");
     for line in job.spec_toml.lines() {

@@ -219,8 +219,48 @@ async fn train(args: TrainArgs) -> Result<()> {
     let mut communicator = collective::join(&environment, CollectiveConfig::default()).await?;
     let run_directory = std::env::var("KILN_RUN_DIR").unwrap_or_else(|_| ".".into());
     let (job_id, attempt, rank) = (environment.job, environment.attempt, environment.rank);
-    tokio::task::spawn_blocking(move || -> Result<()> {
-        let (_, outcome) = trainer::train(&config, &dataset, &mut communicator, |line| println!("{line}"))?;
+    // Rank 0 reports each epoch's metrics to the cluster (best effort: a report that cannot be queued
+    // is dropped, the next one carries the newer values).
+    let (reports, mut pending) = tokio::sync::mpsc::channel::<Report>(REPORTS_QUEUED_MAX);
+    let reporter = (rank == 0).then(|| {
+        let coordinators = environment.coordinators.join(",");
+        tokio::spawn(async move {
+            let Ok(mut client) = kiln_coordinator::client::Client::new(&coordinators) else {
+                return;
+            };
+            client.retry_deadline = Duration::from_secs(10);
+            while let Some((metrics, artifacts)) = pending.recv().await {
+                if let Err(status) = client.report_metrics(job_id, attempt, metrics, artifacts).await {
+                    eprintln!("metrics not recorded: {}", status.message());
+                }
+            }
+        })
+    });
+    if let Some(checkpoint) = &config.checkpoint {
+        let artifacts = [("checkpoints".to_string(), checkpoint.directory.display().to_string())].into();
+        let _ = reports.try_send((Default::default(), artifacts));
+    }
+    let epoch_reports = reports.clone();
+    let finished = tokio::task::spawn_blocking(move || -> Result<()> {
+        let report_epoch = |metrics: &trainer::EpochMetrics| {
+            if rank == 0 {
+                let values = [
+                    ("epoch".to_string(), f64::from(metrics.epoch)),
+                    ("loss".to_string(), metrics.loss),
+                    ("validation_accuracy".to_string(), metrics.validation_accuracy),
+                    ("samples_per_second".to_string(), metrics.samples_per_second),
+                ]
+                .into();
+                let _ = epoch_reports.try_send((values, Default::default()));
+            }
+        };
+        let (_, outcome) = trainer::train(
+            &config,
+            &dataset,
+            &mut communicator,
+            |line| println!("{line}"),
+            report_epoch,
+        )?;
         let accuracy = outcome.epochs.last().map_or(0.0, |epoch| epoch.validation_accuracy);
         println!(
             "rank {rank}: trained {} steps; validation accuracy {accuracy:.4}; parameters hash {:016x}",
@@ -252,9 +292,23 @@ async fn train(args: TrainArgs) -> Result<()> {
             };
             std::fs::write(directory.join("model.json"), serde_json::to_string_pretty(&manifest)?)?;
             println!("model saved to {}", directory.display());
+            let artifacts = [("model".to_string(), directory.display().to_string())].into();
+            let _ = reports.try_send((Default::default(), artifacts));
         }
         Ok(())
     })
-    .await??;
-    Ok(())
+    .await?;
+    // Let the last reports reach the cluster before this rank exits.
+    if let Some(reporter) = reporter {
+        let _ = tokio::time::timeout(Duration::from_secs(10), reporter).await;
+    }
+    finished
 }
+
+/// Metrics and artifact locations on their way to the coordinator.
+type Report = (
+    std::collections::HashMap<String, f64>,
+    std::collections::HashMap<String, String>,
+);
+/// Reports waiting to be sent at most.
+const REPORTS_QUEUED_MAX: usize = 64;

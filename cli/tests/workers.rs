@@ -1153,6 +1153,25 @@ async fn the_digits_mlp_trains_data_parallel_across_two_workers() {
         std::fs::metadata(model.join("weights.bin")).unwrap().len(),
         parameters * 4
     );
+    // The final metrics and the artifact locations are in the job record, for `kiln jobs show`.
+    let shown = kiln(&cluster, &["jobs", "show", &id.to_string(), "--json"]).await;
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["metrics"]["epoch"], 30.0, "{shown}");
+    assert!(
+        shown["metrics"]["validation_accuracy"].as_f64().unwrap() >= 0.95,
+        "{shown}"
+    );
+    assert!(
+        shown["artifacts"]["model"].as_str().unwrap().ends_with("/model"),
+        "{shown}"
+    );
+    assert!(
+        shown["artifacts"]["checkpoints"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("job-{id}")),
+        "{shown}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

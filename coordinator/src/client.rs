@@ -282,6 +282,29 @@ impl Client {
         .await
     }
 
+    pub async fn report_metrics(
+        &mut self,
+        job_id: u64,
+        attempt: u32,
+        metrics: std::collections::HashMap<String, f64>,
+        artifacts: std::collections::HashMap<String, String>,
+    ) -> Result<(), Status> {
+        let request = pb::ReportMetricsRequest {
+            job_id,
+            attempt,
+            metrics,
+            artifacts,
+        };
+        self.call(|channel| {
+            let request = request.clone();
+            async move {
+                JobServiceClient::new(channel).report_metrics(request).await?;
+                Ok(())
+            }
+        })
+        .await
+    }
+
     pub async fn list_workers(&mut self) -> Result<Vec<pb::WorkerInfo>, Status> {
         self.call(|channel| async move {
             Ok(WorkerServiceClient::new(channel)

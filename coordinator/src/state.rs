@@ -26,7 +26,11 @@ pub type JobId = u64;
 pub type NodeId = u64;
 
 /// Bumped whenever the snapshot layout changes.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
+/// Most metrics or artifacts one job keeps, and the longest name or location, so reports cannot bloat the
+/// replicated state.
+pub const JOB_METRICS_MAX: usize = 64;
+pub const METRIC_TEXT_LENGTH_MAX: usize = 1024;
 /// Longest accepted idempotency key, so keys cannot bloat the replicated state.
 pub const IDEMPOTENCY_KEY_LENGTH_MAX: usize = 128;
 
@@ -294,7 +298,7 @@ impl Worker {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     pub id: JobId,
     pub spec: JobSpec,
@@ -310,6 +314,10 @@ pub struct Job {
     pub idempotency_key: String,
     /// When the job last entered the queue (submission or restart); the backfill bound counts from here.
     pub queued_since_ms: i64,
+    /// The latest value of each metric its ranks reported (`epoch`, `loss`, `validation_accuracy`, …).
+    pub metrics: BTreeMap<String, f64>,
+    /// Where its outputs are (`checkpoints`, `model`), as its ranks reported them.
+    pub artifacts: BTreeMap<String, String>,
 }
 
 impl Job {
@@ -364,6 +372,12 @@ pub enum Request {
         id: NodeId,
     },
     RegisterWorker(WorkerRegistration),
+    ReportMetrics {
+        job: JobId,
+        attempt: u32,
+        metrics: BTreeMap<String, f64>,
+        artifacts: BTreeMap<String, String>,
+    },
     /// The leader's in-memory lease table (last heartbeat per worker); answered by the leader only.
     WorkerLeases,
 }
@@ -413,6 +427,14 @@ pub enum Command {
     },
     /// Several commands in one log entry, applied in order (the scheduler's and the reports' batches).
     Batch(Vec<Command>),
+    /// A running attempt's latest metrics and artifact locations; reports of other attempts are refused.
+    RecordMetrics {
+        job: JobId,
+        attempt: u32,
+        metrics: BTreeMap<String, f64>,
+        artifacts: BTreeMap<String, String>,
+        now_ms: i64,
+    },
 }
 
 /// What applying a command produced, sent back to the client that proposed it.
@@ -463,7 +485,7 @@ pub enum QueryResult {
 /// The replicated state. Its maps are persistent (`imbl`): a clone shares structure and costs next to
 /// nothing, so a snapshot copy never stalls the event loop however many jobs there are, and the leader's
 /// scheduler reads a copy of every applied state.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StateMachine {
     jobs: imbl::OrdMap<JobId, Job>,
     idempotency_keys: imbl::OrdMap<String, JobId>,
@@ -534,6 +556,8 @@ impl StateMachine {
                     message: String::new(),
                     idempotency_key: idempotency_key.clone(),
                     queued_since_ms: now_ms,
+                    metrics: BTreeMap::new(),
+                    artifacts: BTreeMap::new(),
                 };
                 if !idempotency_key.is_empty() {
                     self.idempotency_keys.insert(idempotency_key, job.id);
@@ -584,6 +608,40 @@ impl StateMachine {
                     record.message = reason.clone();
                     self.lose_tasks_of(worker, &reason, now_ms, changed);
                 }
+                CommandResult::Done
+            }
+            Command::RecordMetrics {
+                job,
+                attempt,
+                metrics,
+                artifacts,
+                now_ms,
+            } => {
+                let Some(record) = self.jobs.get_mut(&job) else {
+                    return CommandResult::Rejected(CoordinatorError::NotFound(format!("job {job} does not exist")));
+                };
+                let current = record
+                    .attempts
+                    .last()
+                    .is_some_and(|last| last.number == attempt && last.state == AttemptState::Running);
+                if !current {
+                    return CommandResult::Rejected(CoordinatorError::FailedPrecondition(format!(
+                        "job {job} attempt {attempt} is not running; its metrics are not recorded"
+                    )));
+                }
+                let mut merged_metrics = record.metrics.clone();
+                merged_metrics.extend(metrics);
+                let mut merged_artifacts = record.artifacts.clone();
+                merged_artifacts.extend(artifacts);
+                if merged_metrics.len() > JOB_METRICS_MAX || merged_artifacts.len() > JOB_METRICS_MAX {
+                    return CommandResult::Rejected(CoordinatorError::InvalidArgument(format!(
+                        "job {job} would keep more than {JOB_METRICS_MAX} metrics or artifacts"
+                    )));
+                }
+                record.metrics = merged_metrics;
+                record.artifacts = merged_artifacts;
+                record.updated_at_ms = now_ms;
+                changed.push(record.clone());
                 CommandResult::Done
             }
             Command::Batch(commands) => CommandResult::Batch(
@@ -1072,13 +1130,86 @@ impl StateMachine {
             let (_, state): (u32, version1::StateMachine) = decode(bytes, "version 1 state machine snapshot")?;
             return Ok(state.upgrade());
         }
+        if version == 2 {
+            let (_, state): (u32, version2::StateMachine) = decode(bytes, "version 2 state machine snapshot")?;
+            return Ok(state.upgrade());
+        }
         if version != SNAPSHOT_FORMAT_VERSION {
             return Err(CoordinatorError::Storage(format!(
-                "snapshot format version {version} is not supported; this build reads versions 1 and {SNAPSHOT_FORMAT_VERSION}"
+                "snapshot format version {version} is not supported; this build reads versions 1 to {SNAPSHOT_FORMAT_VERSION}"
             )));
         }
         let (_, state): (u32, StateMachine) = decode(bytes, "state machine snapshot")?;
         Ok(state)
+    }
+}
+
+/// Snapshot format 2 (workers, attempts and tasks; jobs without metrics and artifacts).
+mod version2 {
+    use super::*;
+
+    #[derive(Deserialize)]
+    pub(super) struct Job {
+        id: JobId,
+        spec: JobSpec,
+        spec_toml: String,
+        state: JobState,
+        attempts: Vec<Attempt>,
+        submitted_at_ms: i64,
+        updated_at_ms: i64,
+        finished_at_ms: Option<i64>,
+        message: String,
+        idempotency_key: String,
+        queued_since_ms: i64,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct StateMachine {
+        jobs: BTreeMap<JobId, Job>,
+        idempotency_keys: BTreeMap<String, JobId>,
+        next_job_id: JobId,
+        members: BTreeMap<NodeId, MemberRecord>,
+        workers: BTreeMap<WorkerId, Worker>,
+        worker_uids: BTreeMap<String, WorkerId>,
+        next_worker_id: WorkerId,
+        queue: std::collections::BTreeSet<(i64, JobId)>,
+    }
+
+    impl StateMachine {
+        pub(super) fn upgrade(self) -> super::StateMachine {
+            let jobs = self
+                .jobs
+                .into_iter()
+                .map(|(id, job)| {
+                    let job = super::Job {
+                        id: job.id,
+                        spec: job.spec,
+                        spec_toml: job.spec_toml,
+                        state: job.state,
+                        attempts: job.attempts,
+                        submitted_at_ms: job.submitted_at_ms,
+                        updated_at_ms: job.updated_at_ms,
+                        finished_at_ms: job.finished_at_ms,
+                        message: job.message,
+                        idempotency_key: job.idempotency_key,
+                        queued_since_ms: job.queued_since_ms,
+                        metrics: BTreeMap::new(),
+                        artifacts: BTreeMap::new(),
+                    };
+                    (id, job)
+                })
+                .collect();
+            super::StateMachine {
+                jobs,
+                idempotency_keys: self.idempotency_keys.into_iter().collect(),
+                next_job_id: self.next_job_id,
+                members: self.members,
+                workers: self.workers.into_iter().collect(),
+                worker_uids: self.worker_uids.into_iter().collect(),
+                next_worker_id: self.next_worker_id,
+                queue: self.queue.into_iter().collect(),
+            }
+        }
     }
 }
 
@@ -1142,6 +1273,8 @@ mod version1 {
                     message: job.message,
                     idempotency_key: job.idempotency_key,
                     queued_since_ms: job.submitted_at_ms,
+                    metrics: BTreeMap::new(),
+                    artifacts: BTreeMap::new(),
                 };
                 if job.state == JobState::Queued {
                     state.queue.insert(queue_key(&job));
@@ -1453,6 +1586,27 @@ mod tests {
             panic!("a new key creates a job")
         };
         assert_eq!(job.id, 3);
+    }
+
+    #[test]
+    fn metrics_are_kept_for_the_running_attempt_only() {
+        let mut state = StateMachine::default();
+        let a = register(&mut state, "a", 2);
+        apply(&mut state, submit_spec("", 1, &gang(1, 1)));
+        start(&mut state, 1, 1, vec![a]);
+        let record = |attempt: u32, loss: f64| Command::RecordMetrics {
+            job: 1,
+            attempt,
+            metrics: [("loss".to_string(), loss)].into(),
+            artifacts: [("model".to_string(), "/runs/1/model".to_string())].into(),
+            now_ms: 6,
+        };
+        assert!(matches!(apply(&mut state, record(1, 0.5)), CommandResult::Done));
+        assert!(matches!(apply(&mut state, record(1, 0.25)), CommandResult::Done));
+        assert!(matches!(apply(&mut state, record(2, 9.0)), CommandResult::Rejected(_)));
+        let job = state.job(1).unwrap();
+        assert_eq!(job.metrics["loss"], 0.25);
+        assert_eq!(job.artifacts["model"], "/runs/1/model");
     }
 
     #[test]

@@ -6,6 +6,8 @@ use super::*;
 /// What a write produced, as it travels back from the leader to the node the client called.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum WriteOutcome {
+    /// A metrics report was recorded.
+    Recorded,
     Submitted {
         job: Job,
         created: bool,
@@ -237,6 +239,22 @@ impl Shared {
                 }
             }
             Request::WorkerLeases => self.worker_leases().await,
+            Request::ReportMetrics {
+                job,
+                attempt,
+                metrics,
+                artifacts,
+            } => {
+                self.propose(Command::RecordMetrics {
+                    job,
+                    attempt,
+                    metrics,
+                    artifacts,
+                    now_ms: now_ms(),
+                })
+                .await?;
+                Ok(WriteOutcome::Recorded)
+            }
         }
     }
 
@@ -422,6 +440,8 @@ impl From<&Job> for pb::Job {
             finished_at_ms: job.finished_at_ms.unwrap_or(0),
             message: job.message.clone(),
             idempotency_key: job.idempotency_key.clone(),
+            metrics: job.metrics.clone().into_iter().collect(),
+            artifacts: job.artifacts.clone().into_iter().collect(),
         }
     }
 }
@@ -516,6 +536,44 @@ impl JobService for Shared {
             WriteOutcome::Cancelled { job } => Ok(Response::new(pb::Job::from(&job))),
             other => Err(Status::internal(format!("unexpected outcome {other:?}"))),
         }
+    }
+
+    async fn report_metrics(
+        &self,
+        request: GrpcRequest<pb::ReportMetricsRequest>,
+    ) -> Result<Response<pb::ReportMetricsResponse>, Status> {
+        let request = request.into_inner();
+        if request.metrics.len() + request.artifacts.len() > crate::state::JOB_METRICS_MAX {
+            return Err(Status::invalid_argument(format!(
+                "{} metrics and artifacts in one report; at most {} are kept per job",
+                request.metrics.len() + request.artifacts.len(),
+                crate::state::JOB_METRICS_MAX
+            )));
+        }
+        for (name, value) in &request.metrics {
+            if name.is_empty() || name.len() > crate::state::METRIC_TEXT_LENGTH_MAX || !value.is_finite() {
+                return Err(Status::invalid_argument(format!(
+                    "metric {name:?} = {value} is not valid; expected a name of 1 to {} bytes and a finite value",
+                    crate::state::METRIC_TEXT_LENGTH_MAX
+                )));
+            }
+        }
+        for (name, location) in &request.artifacts {
+            let limit = crate::state::METRIC_TEXT_LENGTH_MAX;
+            if name.is_empty() || name.len() > limit || location.len() > limit {
+                return Err(Status::invalid_argument(format!(
+                    "artifact {name:?} is not valid; expected a name and location of 1 to {limit} bytes"
+                )));
+            }
+        }
+        self.execute(Request::ReportMetrics {
+            job: request.job_id,
+            attempt: request.attempt,
+            metrics: request.metrics.into_iter().collect(),
+            artifacts: request.artifacts.into_iter().collect(),
+        })
+        .await?;
+        Ok(Response::new(pb::ReportMetricsResponse {}))
     }
 
     type WatchStream = tokio_stream::wrappers::ReceiverStream<Result<pb::JobEvent, Status>>;

@@ -309,12 +309,13 @@ fn labels_tensor(dataset: &Dataset, rows: &[usize], device: &Device) -> Tensor<1
 }
 
 /// Trains an MLP classifier on `dataset` as one rank of `communicator`'s group. `log` receives one line
-/// per epoch.
+/// per epoch (and one when resuming), `on_epoch` each epoch's metrics.
 pub fn train(
     config: &TrainConfig,
     dataset: &Dataset,
     communicator: &mut dyn Communicator,
     mut log: impl FnMut(&str),
+    mut on_epoch: impl FnMut(&EpochMetrics),
 ) -> Result<(Mlp, TrainOutcome), TrainError> {
     if config.batch_size == 0 {
         return Err(TrainError::InvalidInput(
@@ -441,6 +442,7 @@ pub fn train(
             "epoch {epoch}/{} loss {:.4} validation_accuracy {:.4} samples/s {:.0}",
             config.epochs, metrics.loss, metrics.validation_accuracy, metrics.samples_per_second
         ));
+        on_epoch(&metrics);
         epochs.push(metrics);
         if rank == 0
             && let Some(checkpoint) = &config.checkpoint

@@ -25,9 +25,13 @@ fn train_on(world: u32, config: TrainConfig, dataset: Arc<Dataset>) -> Vec<Train
                     ..CollectiveConfig::default()
                 };
                 let mut communicator = RingCommunicator::connect(listener, rank, &all, 1, collective).unwrap();
-                let (_, outcome) = train(&config, &dataset, &mut communicator, |line| {
-                    eprintln!("rank {rank}: {line}")
-                })
+                let (_, outcome) = train(
+                    &config,
+                    &dataset,
+                    &mut communicator,
+                    |line| eprintln!("rank {rank}: {line}"),
+                    |_| {},
+                )
                 .unwrap();
                 outcome
             })
