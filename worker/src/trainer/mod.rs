@@ -430,8 +430,9 @@ pub fn train(
                 break 'epochs;
             }
         }
-        let accuracy = evaluate(&model, dataset, &normalization, &split.validation);
+        // Training time only: the validation pass is not part of the throughput.
         let seconds = started.elapsed().as_secs_f64().max(1e-9);
+        let accuracy = evaluate(&model, dataset, &normalization, &split.validation);
         let metrics = EpochMetrics {
             epoch,
             loss: loss_total / split.train.len() as f64,
