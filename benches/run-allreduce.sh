@@ -27,23 +27,10 @@ PLOT_VENV="$HOME/.cache/kiln-bench-venv"
 TORCH_VENV="$HOME/.cache/kiln-bench-torch"
 INSTALL_TIMEOUT_S=1800
 JOB_TIMEOUT=600s
-START_TIMEOUT_S=60
-STOP_TIMEOUT_S=15
 
-log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-WORK="$(mktemp -d)"
-UP_PID=""
-cleanup() {
-  if [ -n "$UP_PID" ] && kill -0 "$UP_PID" 2>/dev/null; then
-    kill -TERM "$UP_PID" 2>/dev/null || true
-    for _ in $(seq $((STOP_TIMEOUT_S * 10))); do kill -0 "$UP_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$UP_PID" 2>/dev/null || true
-  fi
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck source=benches/lib.sh
+source "$REPO_ROOT/benches/lib.sh"
 
 (cd "$REPO_ROOT" && cargo build --release -p kiln --locked)
 mkdir -p "$OUT_DIR"
@@ -82,18 +69,7 @@ sleep 0.5
 timeout 60 iperf3 -c 127.0.0.1 -p "$IPERF_PORT" -t 5 -J >"$OUT_DIR/iperf3.json"
 
 log "starting kiln up --workers 4 --worker-cpus 1"
-API="127.0.0.1:$(free_port)"
-RAFT="127.0.0.1:$(free_port)"
-"$KILN" up --workers 4 --worker-cpus 1 --data-dir "$WORK/data" --listen "$API" --raft-listen "$RAFT" \
-  >"$WORK/up.log" 2>&1 &
-UP_PID=$!
-for _ in $(seq $((START_TIMEOUT_S * 10))); do
-  grep -q "kiln is up" "$WORK/up.log" 2>/dev/null && break
-  kill -0 "$UP_PID" 2>/dev/null || { cat "$WORK/up.log"; exit 1; }
-  sleep 0.1
-done
-grep -q "kiln is up" "$WORK/up.log" || { echo "kiln up did not start"; cat "$WORK/up.log"; exit 1; }
-export KILN_COORDINATOR="$API"
+kiln_up --workers 4 --worker-cpus 1
 
 for WORLD in 2 4; do
   log "kiln ring, $WORLD ranks"

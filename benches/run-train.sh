@@ -19,23 +19,10 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT_DIR="$REPO_ROOT/benches/out"
 KILN="$CARGO_TARGET_DIR/release/kiln"
 TORCH_PYTHON="${TORCH_PYTHON:-$HOME/.cache/kiln-bench-torch/bin/python}"
-START_TIMEOUT_S=60
-STOP_TIMEOUT_S=15
 
-log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-WORK="$(mktemp -d)"
-UP_PID=""
-cleanup() {
-  if [ -n "$UP_PID" ] && kill -0 "$UP_PID" 2>/dev/null; then
-    kill -TERM "$UP_PID" 2>/dev/null || true
-    for _ in $(seq $((STOP_TIMEOUT_S * 10))); do kill -0 "$UP_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$UP_PID" 2>/dev/null || true
-  fi
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck source=benches/lib.sh
+source "$REPO_ROOT/benches/lib.sh"
 
 "$TORCH_PYTHON" -c 'import torch' || { echo "TORCH_PYTHON=$TORCH_PYTHON has no torch (run benches/run-allreduce.sh once, or set it)"; exit 1; }
 (cd "$REPO_ROOT" && cargo build --release -p kiln --locked)
@@ -43,17 +30,7 @@ mkdir -p "$OUT_DIR"
 log "generating $ROWS synthetic rows"
 python3 "$REPO_ROOT/benches/make_synthetic.py" "$WORK/synthetic.csv" "$ROWS" 64 10 1
 
-API="127.0.0.1:$(free_port)"
-RAFT="127.0.0.1:$(free_port)"
-RAYON_NUM_THREADS=1 "$KILN" up --workers 2 --worker-cpus 1 --data-dir "$WORK/data" --listen "$API" \
-  --raft-listen "$RAFT" >"$WORK/up.log" 2>&1 &
-UP_PID=$!
-for _ in $(seq $((START_TIMEOUT_S * 10))); do
-  grep -q "kiln is up" "$WORK/up.log" 2>/dev/null && break
-  kill -0 "$UP_PID" 2>/dev/null || { cat "$WORK/up.log"; exit 1; }
-  sleep 0.1
-done
-export KILN_COORDINATOR="$API"
+UP_ENV="RAYON_NUM_THREADS=1" kiln_up --workers 2 --worker-cpus 1
 
 median_rate() {
   python3 -c '

@@ -193,6 +193,16 @@ fn placement(attempt: &pb::Attempt) -> Vec<u64> {
     attempt.tasks.iter().map(|task| task.worker_id).collect()
 }
 
+/// The directory of `rank` of attempt `attempt` of `job` on the worker that ran it (`ids` are the test's
+/// worker ids, worker index 1 first).
+fn rank_directory(cluster: &Cluster, ids: &[u64], job: &pb::Job, attempt: u32, rank: usize) -> std::path::PathBuf {
+    let worker = job.attempts[attempt as usize - 1].tasks[rank].worker_id;
+    let index = ids.iter().position(|id| *id == worker).expect("a worker of this test") as u32 + 1;
+    cluster
+        .worker_data_dir(index)
+        .join(format!("tasks/job-{}/attempt-{attempt}/rank-{rank}", job.id))
+}
+
 /// Processes whose working directory lies under `directory` (a task's directory): what a kill left behind.
 fn processes_under(directory: &Path) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -692,7 +702,7 @@ async fn a_restarted_worker_keeps_its_id_and_releases_what_it_ran() {
     .await;
     let worker_id = placement(&job.attempts[0])[0];
     let index = if worker_id == ids[0] { 1 } else { 2 };
-    let task_directory = cluster.worker_data_dir(index).join("tasks").join(format!("job-{id}"));
+    let task_directory = rank_directory(&cluster, &ids, &job, 1, 0);
     let deadline = Instant::now() + Duration::from_secs(15);
     while processes_under(&task_directory).is_empty() {
         assert!(
@@ -733,7 +743,7 @@ async fn a_restarted_worker_keeps_its_id_and_releases_what_it_ran() {
     let workers = client.list_workers().await.unwrap();
     assert_eq!(workers.len(), 2, "no new worker appeared: {workers:?}");
     // The restarted worker killed what its previous process left running before registering again.
-    let orphans = processes_under(&task_directory.join("attempt-1"));
+    let orphans = processes_under(&task_directory);
     assert!(
         orphans.is_empty(),
         "attempt 1's process survived the restart: {orphans:?}"
@@ -896,11 +906,7 @@ async fn a_worker_back_after_being_declared_lost_kills_what_the_cluster_gave_awa
     .await;
     let first_worker = placement(&job.attempts[0])[0];
     let index = if first_worker == ids[0] { 1 } else { 2 };
-    let first_attempt = cluster
-        .worker_data_dir(index)
-        .join("tasks")
-        .join(format!("job-{id}"))
-        .join("attempt-1");
+    let first_attempt = rank_directory(&cluster, &ids, &job, 1, 0);
     let deadline = Instant::now() + Duration::from_secs(15);
     while processes_under(&first_attempt).is_empty() {
         assert!(
@@ -1046,14 +1052,7 @@ async fn a_hung_rank_times_the_collective_out_and_the_attempt_restarts() {
     )
     .await;
     // Wait until the ring is formed, then freeze rank 1 mid-collective, as a hung peer would be.
-    let rank_one_worker = placement(&job.attempts[0])[1];
-    let index = if rank_one_worker == ids[0] { 1 } else { 2 };
-    let rank_one_directory = cluster
-        .worker_data_dir(index)
-        .join("tasks")
-        .join(format!("job-{id}"))
-        .join("attempt-1")
-        .join("rank-1");
+    let rank_one_directory = rank_directory(&cluster, &ids, &job, 1, 1);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let joined = std::fs::read_to_string(rank_one_directory.join("stderr.log")).unwrap_or_default();
@@ -1141,9 +1140,7 @@ async fn the_digits_mlp_trains_data_parallel_across_two_workers() {
         hashes.insert(summary.rsplit(' ').next().unwrap().to_string());
     }
     assert_eq!(hashes.len(), 1, "both ranks end with identical parameters: {hashes:?}");
-    let model = cluster
-        .worker_data_dir(if placement(&job.attempts[0])[0] == ids[0] { 1 } else { 2 })
-        .join(format!("tasks/job-{id}/attempt-1/rank-0/work/model"));
+    let model = rank_directory(&cluster, &ids, &job, 1, 0).join("work/model");
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap();
     assert_eq!(manifest["inputs"], 64);
@@ -1243,9 +1240,7 @@ async fn training_resumes_from_its_checkpoint_after_its_worker_is_killed() {
     .await;
     let worker = placement(&job.attempts[0])[0];
     let index = if worker == ids[0] { 1 } else { 2 };
-    let log = cluster
-        .worker_data_dir(index)
-        .join(format!("tasks/job-{id}/attempt-1/rank-0/stdout.log"));
+    let log = rank_directory(&cluster, &ids, &job, 1, 0).join("stdout.log");
     let deadline = Instant::now() + Duration::from_secs(120);
     while !std::fs::read_to_string(&log)
         .unwrap_or_default()

@@ -1,0 +1,35 @@
+# Shared by the benchmark scripts: logging, free ports, and an embedded cluster (`kiln up`) that is
+# stopped, with its temporary directory removed, when the script exits. Source it after setting KILN.
+
+START_TIMEOUT_S="${START_TIMEOUT_S:-60}"
+STOP_TIMEOUT_S="${STOP_TIMEOUT_S:-15}"
+
+log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+WORK="$(mktemp -d)"
+UP_PID=""
+cleanup() {
+  if [ -n "$UP_PID" ] && kill -0 "$UP_PID" 2>/dev/null; then
+    kill -TERM "$UP_PID" 2>/dev/null || true
+    for _ in $(seq $((STOP_TIMEOUT_S * 10))); do kill -0 "$UP_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$UP_PID" 2>/dev/null || true
+  fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# kiln_up ARGS…: `kiln up ARGS…` on free loopback ports in $WORK/data; waits until it is up and exports
+# KILN_COORDINATOR. Extra environment for it (RAYON_NUM_THREADS=1, say) goes in UP_ENV.
+kiln_up() {
+  local api="127.0.0.1:$(free_port)" raft="127.0.0.1:$(free_port)"
+  env ${UP_ENV:-} "$KILN" up "$@" --data-dir "$WORK/data" --listen "$api" --raft-listen "$raft" >"$WORK/up.log" 2>&1 &
+  UP_PID=$!
+  for _ in $(seq $((START_TIMEOUT_S * 10))); do
+    grep -q "kiln is up" "$WORK/up.log" 2>/dev/null && break
+    kill -0 "$UP_PID" 2>/dev/null || { cat "$WORK/up.log"; exit 1; }
+    sleep 0.1
+  done
+  grep -q "kiln is up" "$WORK/up.log" || { echo "kiln up did not start within ${START_TIMEOUT_S} s"; cat "$WORK/up.log"; exit 1; }
+  export KILN_COORDINATOR="$api"
+}
