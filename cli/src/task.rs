@@ -169,7 +169,9 @@ struct ModelManifest<'a> {
     /// weight as [inputs, outputs], then the bias).
     parameters: usize,
     parameters_hash: String,
-    validation_accuracy: f64,
+    task: &'a str,
+    validation_metric: &'static str,
+    validation: f64,
     job_id: u64,
     attempt: u32,
 }
@@ -186,7 +188,12 @@ async fn train(args: TrainArgs) -> Result<()> {
     {
         dataset_path = std::path::Path::new(&base).join(dataset_path);
     }
-    let dataset = trainer::load_csv(&dataset_path, &options.label)?;
+    let task = if options.task == "regression" {
+        trainer::Task::Regression
+    } else {
+        trainer::Task::Classification
+    };
+    let dataset = trainer::load_csv(&dataset_path, &options.label, task)?;
     println!(
         "rank {} of {}: {} rows, {} features, {} classes from {}",
         environment.rank,
@@ -247,7 +254,7 @@ async fn train(args: TrainArgs) -> Result<()> {
                 let values = [
                     ("epoch".to_string(), f64::from(metrics.epoch)),
                     ("loss".to_string(), metrics.loss),
-                    ("validation_accuracy".to_string(), metrics.validation_accuracy),
+                    (format!("validation_{}", metrics.validation_name), metrics.validation),
                     ("samples_per_second".to_string(), metrics.samples_per_second),
                 ]
                 .into();
@@ -261,9 +268,12 @@ async fn train(args: TrainArgs) -> Result<()> {
             |line| println!("{line}"),
             report_epoch,
         )?;
-        let accuracy = outcome.epochs.last().map_or(0.0, |epoch| epoch.validation_accuracy);
+        let (validation_name, validation) = outcome
+            .epochs
+            .last()
+            .map_or(("accuracy", 0.0), |epoch| (epoch.validation_name, epoch.validation));
         println!(
-            "rank {rank}: trained {} steps; validation accuracy {accuracy:.4}; parameters hash {:016x}",
+            "rank {rank}: trained {} steps; validation {validation_name} {validation:.4}; parameters hash {:016x}",
             outcome.steps, outcome.parameters_hash
         );
         if rank == 0 {
@@ -286,7 +296,9 @@ async fn train(args: TrainArgs) -> Result<()> {
                 normalization: &outcome.normalization,
                 parameters: outcome.parameters.len(),
                 parameters_hash: format!("{:016x}", outcome.parameters_hash),
-                validation_accuracy: accuracy,
+                task: &options.task,
+                validation_metric: validation_name,
+                validation,
                 job_id,
                 attempt,
             };

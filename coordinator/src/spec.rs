@@ -154,12 +154,15 @@ struct RawTrain {
     hidden: Option<Spanned<Vec<u32>>>,
     optimizer: Option<Spanned<String>>,
     checkpoint_every: Option<u32>,
+    task: Option<Spanned<String>>,
 }
 
 /// Built-in models the trainer knows.
 pub const MODELS: [&str; 1] = ["mlp"];
 /// Optimizers the trainer knows.
 pub const OPTIMIZERS: [&str; 2] = ["adam", "sgd"];
+/// What a train job's label column holds.
+pub const TASKS: [&str; 2] = ["classification", "regression"];
 
 /// Everything the trainer needs from a train job's `[train]` section, with defaults filled in. Read from
 /// the spec text (which the state keeps verbatim), so adding options never changes the stored `JobSpec`.
@@ -181,6 +184,8 @@ pub struct TrainOptions {
     pub optimizer: String,
     /// Save a checkpoint after every this many epochs (and after the last).
     pub checkpoint_every: u32,
+    /// "classification" (class numbers) or "regression" (real numbers).
+    pub task: String,
 }
 
 /// Parses a train job's spec into its [`TrainOptions`] (and checks it like [`parse_job_spec`]).
@@ -210,6 +215,7 @@ pub fn parse_train_options(source_name: &str, text: &str) -> Result<TrainOptions
         hidden: train.hidden.map_or_else(|| vec![256, 256], Spanned::into_inner),
         optimizer: train.optimizer.map_or_else(|| "adam".into(), Spanned::into_inner),
         checkpoint_every: train.checkpoint_every.unwrap_or(1).max(1),
+        task: train.task.map_or_else(|| "classification".into(), Spanned::into_inner),
     })
 }
 
@@ -393,6 +399,18 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
                         "field 'train.optimizer' is {:?}; expected one of {}",
                         optimizer.get_ref(),
                         OPTIMIZERS.join(", ")
+                    ),
+                ));
+            }
+            if let Some(task) = &train.task
+                && !TASKS.contains(&task.get_ref().as_str())
+            {
+                return Err(error_at(
+                    task.span().start,
+                    format!(
+                        "field 'train.task' is {:?}; expected one of {}",
+                        task.get_ref(),
+                        TASKS.join(", ")
                     ),
                 ));
             }

@@ -9,15 +9,28 @@ use serde::{Deserialize, Serialize};
 
 use super::TrainError;
 
+/// What the label column holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Class numbers 0, 1, 2, …: cross-entropy loss, accuracy.
+    Classification,
+    /// Real numbers: mean squared error, RMSE.
+    Regression,
+}
+
 /// Rows in memory, features row-major.
 #[derive(Debug, Clone)]
 pub struct Dataset {
     pub feature_names: Vec<String>,
     pub features: Vec<f32>,
+    /// Class numbers (classification; empty for regression).
     pub labels: Vec<u32>,
+    /// The label column as numbers (both tasks).
+    pub targets: Vec<f32>,
     pub columns: usize,
-    /// One more than the largest label.
+    /// One more than the largest label (classification); 1 for regression.
     pub classes: usize,
+    pub task: Task,
 }
 
 /// Row indices of the two parts of a dataset.
@@ -44,7 +57,15 @@ pub fn shuffled(rows: &[usize], seed: u64) -> Vec<usize> {
 
 impl Dataset {
     pub fn rows(&self) -> usize {
-        self.labels.len()
+        self.targets.len()
+    }
+
+    /// The model's output width: one logit per class, or one value.
+    pub fn outputs(&self) -> usize {
+        match self.task {
+            Task::Classification => self.classes,
+            Task::Regression => 1,
+        }
     }
 
     pub fn row(&self, index: usize) -> &[f32] {
@@ -107,8 +128,8 @@ impl Normalization {
 }
 
 /// Reads a CSV with a header row. Every column but `label` must hold numbers; `label` holds class
-/// numbers 0, 1, 2, …
-pub fn load_csv(path: &Path, label: &str) -> Result<Dataset, TrainError> {
+/// numbers 0, 1, 2, … for classification, or any number for regression.
+pub fn load_csv(path: &Path, label: &str, task: Task) -> Result<Dataset, TrainError> {
     let file = std::fs::File::open(path)
         .map_err(|error| TrainError::InvalidInput(format!("cannot read dataset {}: {error}", path.display())))?;
     let mut reader = csv::Reader::from_reader(std::io::BufReader::new(file));
@@ -133,6 +154,7 @@ pub fn load_csv(path: &Path, label: &str) -> Result<Dataset, TrainError> {
         .collect();
     let mut features = Vec::new();
     let mut labels = Vec::new();
+    let mut targets = Vec::new();
     for (line, record) in reader.records().enumerate() {
         let record =
             record.map_err(|error| TrainError::InvalidInput(format!("dataset {}: {error}", path.display())))?;
@@ -146,11 +168,22 @@ pub fn load_csv(path: &Path, label: &str) -> Result<Dataset, TrainError> {
                     headers[index]
                 )
             };
-            if index == label_index {
+            if index == label_index && task == Task::Regression {
+                let target: f32 = cell
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|value: &f32| value.is_finite())
+                    .ok_or_else(|| {
+                        TrainError::InvalidInput(format!("{}: target {cell:?} is not a finite number", at()))
+                    })?;
+                targets.push(target);
+            } else if index == label_index {
                 let class: u32 = cell.trim().parse().map_err(|_| {
                     TrainError::InvalidInput(format!("{}: label {cell:?} is not a class number (0, 1, 2, …)", at()))
                 })?;
                 labels.push(class);
+                targets.push(class as f32);
             } else {
                 let value: f32 = cell
                     .trim()
@@ -159,6 +192,24 @@ pub fn load_csv(path: &Path, label: &str) -> Result<Dataset, TrainError> {
                 features.push(value);
             }
         }
+    }
+    if task == Task::Regression {
+        if targets.len() < 2 {
+            return Err(TrainError::InvalidInput(format!(
+                "dataset {} has {} rows; regression needs at least 2",
+                path.display(),
+                targets.len()
+            )));
+        }
+        return Ok(Dataset {
+            columns: feature_names.len(),
+            feature_names,
+            features,
+            labels,
+            targets,
+            classes: 1,
+            task,
+        });
     }
     let classes = labels.iter().max().map_or(0, |max| *max as usize + 1);
     if labels.is_empty() || classes < 2 {
@@ -173,6 +224,8 @@ pub fn load_csv(path: &Path, label: &str) -> Result<Dataset, TrainError> {
         feature_names,
         features,
         labels,
+        targets,
         classes,
+        task,
     })
 }

@@ -28,7 +28,7 @@ use burn::optim::{AdamConfig, GradientsParams, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
-pub use data::{Dataset, Normalization, load_csv};
+pub use data::{Dataset, Normalization, Task, load_csv};
 pub use model::Mlp;
 
 use crate::collective::{CollectiveError, Communicator, ReduceOp, all_reduce_bucketed};
@@ -162,7 +162,9 @@ pub struct EpochMetrics {
     pub epoch: u32,
     /// Mean training loss over the epoch's rows, all ranks together.
     pub loss: f64,
-    pub validation_accuracy: f64,
+    /// Accuracy (classification) or RMSE (regression) on the validation rows; see `validation_name`.
+    pub validation: f64,
+    pub validation_name: &'static str,
     pub samples_per_second: f64,
 }
 
@@ -308,6 +310,27 @@ fn labels_tensor(dataset: &Dataset, rows: &[usize], device: &Device) -> Tensor<1
     Tensor::<1, Int>::from_data(TensorData::new(labels, [rows.len()]), device)
 }
 
+/// The batch's mean loss: cross-entropy over the classes, or the mean squared error.
+fn batch_loss(
+    model: &Mlp,
+    dataset: &Dataset,
+    normalization: &Normalization,
+    rows: &[usize],
+    device: &Device,
+) -> Tensor<1> {
+    let output = model.forward(rows_tensor(dataset, normalization, rows, device));
+    match dataset.task {
+        data::Task::Classification => CrossEntropyLossConfig::new()
+            .init(device)
+            .forward(output, labels_tensor(dataset, rows, device)),
+        data::Task::Regression => {
+            let targets: Vec<f32> = rows.iter().map(|row| dataset.targets[*row]).collect();
+            let targets = Tensor::<2>::from_data(TensorData::new(targets, [rows.len(), 1]), device);
+            burn::nn::loss::MseLoss::new().forward(output, targets, burn::nn::loss::Reduction::Mean)
+        }
+    }
+}
+
 /// Trains an MLP classifier on `dataset` as one rank of `communicator`'s group. `log` receives one line
 /// per epoch (and one when resuming), `on_epoch` each epoch's metrics.
 pub fn train(
@@ -326,7 +349,7 @@ pub fn train(
     let split = dataset.split(config.validation_fraction, config.seed)?;
     let normalization = Normalization::of(dataset, &split.train);
     let device = Device::flex().autodiff();
-    let mut model = Mlp::new(dataset.columns, &config.hidden, dataset.classes, &device).map(&mut SeededInit {
+    let mut model = Mlp::new(dataset.columns, &config.hidden, dataset.outputs(), &device).map(&mut SeededInit {
         random: rand::SeedableRng::seed_from_u64(config.seed),
         fan_in: dataset.columns,
         next_id: 0,
@@ -372,7 +395,6 @@ pub fn train(
             "resuming from the checkpoint after epoch {start_epoch} (step {steps})"
         ));
     }
-    let loss_function = CrossEntropyLossConfig::new().init(&device);
     let mut epochs = Vec::new();
     'epochs: for epoch in start_epoch + 1..=config.epochs {
         let started = Instant::now();
@@ -388,9 +410,7 @@ pub fn train(
                 gradients_flat = vec![0.0; initial.len()];
                 local_loss_sum = 0.0;
             } else {
-                let inputs = rows_tensor(dataset, &normalization, local, &device);
-                let targets = labels_tensor(dataset, local, &device);
-                let loss = loss_function.forward(model.forward(inputs), targets);
+                let loss = batch_loss(&model, dataset, &normalization, local, &device);
                 local_loss_sum = f64::from(loss.clone().into_scalar::<f32>()) * local.len() as f64;
                 gradients = GradientsParams::from_grads(loss.backward(), &model);
                 let mut visitor = FlattenGradients {
@@ -412,9 +432,7 @@ pub fn train(
             loss_total += f64::from(loss_buffer[0]);
             if local.is_empty() {
                 // No graph on this rank for this batch: rebuild gradients from the reduced values.
-                let zero_inputs = rows_tensor(dataset, &normalization, &batch[..1], &device);
-                let targets = labels_tensor(dataset, &batch[..1], &device);
-                let loss = loss_function.forward(model.forward(zero_inputs), targets);
+                let loss = batch_loss(&model, dataset, &normalization, &batch[..1], &device);
                 gradients = GradientsParams::from_grads(loss.backward(), &model);
             }
             let mut replace = ReplaceGradients {
@@ -432,16 +450,17 @@ pub fn train(
         }
         // Training time only: the validation pass is not part of the throughput.
         let seconds = started.elapsed().as_secs_f64().max(1e-9);
-        let accuracy = evaluate(&model, dataset, &normalization, &split.validation);
+        let (validation_name, validation) = evaluate(&model, dataset, &normalization, &split.validation);
         let metrics = EpochMetrics {
             epoch,
             loss: loss_total / split.train.len() as f64,
-            validation_accuracy: accuracy,
+            validation,
+            validation_name,
             samples_per_second: split.train.len() as f64 / seconds,
         };
         log(&format!(
-            "epoch {epoch}/{} loss {:.4} validation_accuracy {:.4} samples/s {:.0}",
-            config.epochs, metrics.loss, metrics.validation_accuracy, metrics.samples_per_second
+            "epoch {epoch}/{} loss {:.4} validation_{} {:.4} samples/s {:.0}",
+            config.epochs, metrics.loss, metrics.validation_name, metrics.validation, metrics.samples_per_second
         ));
         on_epoch(&metrics);
         epochs.push(metrics);
@@ -475,21 +494,39 @@ pub fn train(
     Ok((model, outcome))
 }
 
-/// Share of `rows` the model classifies correctly.
-pub fn evaluate(model: &Mlp, dataset: &Dataset, normalization: &Normalization, rows: &[usize]) -> f64 {
-    if rows.is_empty() {
-        return 0.0;
-    }
+/// The validation metric on `rows`: ("accuracy", share classified correctly) or ("rmse", root mean
+/// squared error).
+pub fn evaluate(model: &Mlp, dataset: &Dataset, normalization: &Normalization, rows: &[usize]) -> (&'static str, f64) {
     let device = Device::flex().autodiff();
     let inputs = rows_tensor(dataset, normalization, rows, &device);
-    let predicted = model.forward(inputs).argmax(1).into_data().convert::<i64>();
-    let predicted = predicted.try_to_vec::<i64>().expect("i64 predictions");
-    let correct = rows
-        .iter()
-        .zip(&predicted)
-        .filter(|(row, class)| i64::from(dataset.labels[**row]) == **class)
-        .count();
-    correct as f64 / rows.len() as f64
+    match dataset.task {
+        data::Task::Classification => {
+            if rows.is_empty() {
+                return ("accuracy", 0.0);
+            }
+            let predicted = model.forward(inputs).argmax(1).into_data().convert::<i64>();
+            let predicted = predicted.try_to_vec::<i64>().expect("i64 predictions");
+            let correct = rows
+                .iter()
+                .zip(&predicted)
+                .filter(|(row, class)| i64::from(dataset.labels[**row]) == **class)
+                .count();
+            ("accuracy", correct as f64 / rows.len() as f64)
+        }
+        data::Task::Regression => {
+            if rows.is_empty() {
+                return ("rmse", 0.0);
+            }
+            let predicted = model.forward(inputs).into_data().convert::<f32>();
+            let predicted = predicted.try_to_vec::<f32>().expect("f32 predictions");
+            let squared: f64 = rows
+                .iter()
+                .zip(&predicted)
+                .map(|(row, value)| (f64::from(*value) - f64::from(dataset.targets[*row])).powi(2))
+                .sum();
+            ("rmse", (squared / rows.len() as f64).sqrt())
+        }
+    }
 }
 
 #[cfg(test)]
