@@ -689,7 +689,9 @@ async fn a_restarted_worker_keeps_its_id_and_releases_what_it_ran() {
     let (mut cluster, ids) = cluster_with_workers([2, 2]).await;
     let directory = tempfile::tempdir().unwrap();
     let mut client = cluster.client().unwrap();
-    let spec = job_spec("sleeper", "sh", &["-c", "echo started; sleep 60"], 1, 1, 1);
+    // The background `sleep` is a grandchild: the task's own process dies with a killed worker (its
+    // parent-death signal), the grandchild does not, until the worker's next start cleans up.
+    let spec = job_spec("sleeper", "sh", &["-c", "echo started; sleep 60 & wait"], 1, 1, 1);
     let id = submit_file(&cluster, directory.path(), "sleeper.toml", &spec).await;
     let job = wait_for_job(
         &cluster,
@@ -704,7 +706,8 @@ async fn a_restarted_worker_keeps_its_id_and_releases_what_it_ran() {
     let index = if worker_id == ids[0] { 1 } else { 2 };
     let task_directory = rank_directory(&cluster, &ids, &job, 1, 0);
     let deadline = Instant::now() + Duration::from_secs(15);
-    while processes_under(&task_directory).is_empty() {
+    // Both the shell and its background sleep.
+    while processes_under(&task_directory).len() < 2 {
         assert!(
             Instant::now() < deadline,
             "the task never ran\n{}",
@@ -713,11 +716,11 @@ async fn a_restarted_worker_keeps_its_id_and_releases_what_it_ran() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // A crash: the task's process outlives its worker.
+    // A crash: the task's grandchild outlives its worker.
     cluster.kill_worker(index).unwrap();
     assert!(
         !processes_under(&task_directory).is_empty(),
-        "the orphan is still there before the restart"
+        "the grandchild is still there before the restart"
     );
     cluster.start_worker(index, 2, &[]).unwrap();
     let job = wait_for_job(
