@@ -1589,6 +1589,67 @@ mod tests {
     }
 
     #[test]
+    fn a_version_2_snapshot_is_upgraded_with_its_workers_and_attempts() {
+        // Format 2 is format 3 without each job's metrics and artifacts: write one field by field.
+        #[derive(Serialize)]
+        struct Version2Job<'a> {
+            id: JobId,
+            spec: &'a JobSpec,
+            spec_toml: &'a str,
+            state: JobState,
+            attempts: &'a [Attempt],
+            submitted_at_ms: i64,
+            updated_at_ms: i64,
+            finished_at_ms: Option<i64>,
+            message: &'a str,
+            idempotency_key: &'a str,
+            queued_since_ms: i64,
+        }
+        let mut state = StateMachine::default();
+        let a = register(&mut state, "a", 2);
+        apply(&mut state, submit_spec("k1", 1, &gang(1, 1)));
+        apply(&mut state, submit_spec("k2", 1, &gang(1, 0)));
+        start(&mut state, 1, 1, vec![a]);
+        let jobs: BTreeMap<JobId, Version2Job> = state
+            .jobs
+            .iter()
+            .map(|(id, job)| {
+                let old = Version2Job {
+                    id: job.id,
+                    spec: &job.spec,
+                    spec_toml: &job.spec_toml,
+                    state: job.state,
+                    attempts: &job.attempts,
+                    submitted_at_ms: job.submitted_at_ms,
+                    updated_at_ms: job.updated_at_ms,
+                    finished_at_ms: job.finished_at_ms,
+                    message: &job.message,
+                    idempotency_key: &job.idempotency_key,
+                    queued_since_ms: job.queued_since_ms,
+                };
+                (*id, old)
+            })
+            .collect();
+        let body = (
+            jobs,
+            &state.idempotency_keys,
+            state.next_job_id,
+            &state.members,
+            &state.workers,
+            &state.worker_uids,
+            state.next_worker_id,
+            &state.queue,
+        );
+        let bytes = encode(&(2u32, body)).unwrap();
+        let upgraded = StateMachine::from_snapshot(&bytes).unwrap();
+        assert_eq!(
+            upgraded, state,
+            "everything carries over; metrics and artifacts start empty"
+        );
+        assert_eq!(upgraded.worker(a).unwrap().tasks.len(), 1);
+    }
+
+    #[test]
     fn metrics_are_kept_for_the_running_attempt_only() {
         let mut state = StateMachine::default();
         let a = register(&mut state, "a", 2);
