@@ -160,13 +160,16 @@ struct ModelManifest<'a> {
     format: &'static str,
     model: &'a str,
     inputs: usize,
+    /// For the CNN: the shape each input row is read as, [channels, height, width].
+    image: Option<[usize; 3]>,
     hidden: &'a [usize],
     classes: usize,
     feature_names: &'a [String],
     label: &'a str,
     normalization: &'a kiln_worker::trainer::Normalization,
     /// `weights.bin`: little-endian f32, every parameter in the model's visiting order (per layer: the
-    /// weight as [inputs, outputs], then the bias).
+    /// weight, as [inputs, outputs] for dense layers and [out, in, height, width] for convolutions, then
+    /// the bias).
     parameters: usize,
     parameters_hash: String,
     task: &'a str,
@@ -204,6 +207,7 @@ async fn train(args: TrainArgs) -> Result<()> {
         dataset_path.display()
     );
     let config = TrainConfig {
+        image: options.image.map(|image| image.map(|size| size as usize)),
         hidden: options.hidden.iter().map(|width| *width as usize).collect(),
         epochs: options.epochs,
         batch_size: options.batch_size as usize,
@@ -289,6 +293,7 @@ async fn train(args: TrainArgs) -> Result<()> {
                 format: "kiln-mlp-1",
                 model: &options.model,
                 inputs: dataset.columns,
+                image: config.image,
                 hidden: &config.hidden,
                 classes: outcome.classes,
                 feature_names: &dataset.feature_names,

@@ -155,10 +155,11 @@ struct RawTrain {
     optimizer: Option<Spanned<String>>,
     checkpoint_every: Option<u32>,
     task: Option<Spanned<String>>,
+    image: Option<Spanned<Vec<u32>>>,
 }
 
 /// Built-in models the trainer knows.
-pub const MODELS: [&str; 1] = ["mlp"];
+pub const MODELS: [&str; 2] = ["mlp", "cnn"];
 /// Optimizers the trainer knows.
 pub const OPTIMIZERS: [&str; 2] = ["adam", "sgd"];
 /// What a train job's label column holds.
@@ -186,6 +187,8 @@ pub struct TrainOptions {
     pub checkpoint_every: u32,
     /// "classification" (class numbers) or "regression" (real numbers).
     pub task: String,
+    /// For the CNN: the feature columns are an image of [channels, height, width].
+    pub image: Option<[u32; 3]>,
 }
 
 /// Parses a train job's spec into its [`TrainOptions`] (and checks it like [`parse_job_spec`]).
@@ -216,6 +219,9 @@ pub fn parse_train_options(source_name: &str, text: &str) -> Result<TrainOptions
         optimizer: train.optimizer.map_or_else(|| "adam".into(), Spanned::into_inner),
         checkpoint_every: train.checkpoint_every.unwrap_or(1).max(1),
         task: train.task.map_or_else(|| "classification".into(), Spanned::into_inner),
+        image: train
+            .image
+            .and_then(|image| <[u32; 3]>::try_from(image.into_inner()).ok()),
     })
 }
 
@@ -401,6 +407,27 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
                         OPTIMIZERS.join(", ")
                     ),
                 ));
+            }
+            match (train.model.get_ref().as_str(), &train.image) {
+                ("cnn", None) => {
+                    return Err(error_at(
+                        train.model.span().start,
+                        "field 'train.image' is missing; the CNN needs the image shape, such as [1, 8, 8] (channels, height, width)".into(),
+                    ));
+                }
+                ("cnn", Some(image)) if image.get_ref().len() != 3 || image.get_ref().contains(&0) => {
+                    return Err(error_at(
+                        image.span().start,
+                        "field 'train.image' must be [channels, height, width], each above 0".into(),
+                    ));
+                }
+                ("mlp", Some(image)) => {
+                    return Err(error_at(
+                        image.span().start,
+                        "field 'train.image' is only for model = \"cnn\"".into(),
+                    ));
+                }
+                _ => {}
             }
             if let Some(task) = &train.task
                 && !TASKS.contains(&task.get_ref().as_str())

@@ -29,7 +29,7 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 
 pub use data::{Dataset, Normalization, Task, load_csv};
-pub use model::Mlp;
+pub use model::{Cnn, Mlp, Network};
 
 use crate::collective::{CollectiveError, Communicator, ReduceOp, all_reduce_bucketed};
 
@@ -56,6 +56,8 @@ pub enum OptimizerKind {
 
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
+    /// `Some([channels, height, width])` trains the CNN on rows of flattened images; `None` the MLP.
+    pub image: Option<[usize; 3]>,
     pub hidden: Vec<usize>,
     pub epochs: u32,
     pub batch_size: usize,
@@ -269,9 +271,12 @@ impl ModuleMapper for SeededInit {
         use rand::Rng;
         let (_, tensor, mapper) = param.consume();
         let shape = tensor.dims();
-        if D >= 2 {
+        if D == 2 {
             // burn's Linear weight is [inputs, outputs]; its bias follows with the same fan-in.
             self.fan_in = shape[0];
+        } else if D == 4 {
+            // A convolution's weight is [out channels, in channels, kernel height, kernel width].
+            self.fan_in = shape[1] * shape[2] * shape[3];
         }
         let bound = 1.0 / (self.fan_in.max(1) as f32).sqrt();
         let count: usize = shape.iter().product();
@@ -282,7 +287,7 @@ impl ModuleMapper for SeededInit {
     }
 }
 
-fn flatten(model: &Mlp) -> Vec<f32> {
+fn flatten(model: &Network) -> Vec<f32> {
     let mut visitor = Flatten { values: Vec::new() };
     model.visit(&mut visitor);
     visitor.values
@@ -312,7 +317,7 @@ fn labels_tensor(dataset: &Dataset, rows: &[usize], device: &Device) -> Tensor<1
 
 /// The batch's mean loss: cross-entropy over the classes, or the mean squared error.
 fn batch_loss(
-    model: &Mlp,
+    model: &Network,
     dataset: &Dataset,
     normalization: &Normalization,
     rows: &[usize],
@@ -339,7 +344,7 @@ pub fn train(
     communicator: &mut dyn Communicator,
     mut log: impl FnMut(&str),
     mut on_epoch: impl FnMut(&EpochMetrics),
-) -> Result<(Mlp, TrainOutcome), TrainError> {
+) -> Result<(Network, TrainOutcome), TrainError> {
     if config.batch_size == 0 {
         return Err(TrainError::InvalidInput(
             "the batch size is 0; expected at least 1".into(),
@@ -349,7 +354,24 @@ pub fn train(
     let split = dataset.split(config.validation_fraction, config.seed)?;
     let normalization = Normalization::of(dataset, &split.train);
     let device = Device::flex().autodiff();
-    let mut model = Mlp::new(dataset.columns, &config.hidden, dataset.outputs(), &device).map(&mut SeededInit {
+    let network = match config.image {
+        None => Network::Mlp(Mlp::new(dataset.columns, &config.hidden, dataset.outputs(), &device)),
+        Some(image) => {
+            if image.iter().product::<usize>() != dataset.columns {
+                return Err(TrainError::InvalidInput(format!(
+                    "image {}×{}×{} has {} values, but the dataset has {} feature columns",
+                    image[0],
+                    image[1],
+                    image[2],
+                    image.iter().product::<usize>(),
+                    dataset.columns
+                )));
+            }
+            let hidden = config.hidden.first().copied().unwrap_or(64);
+            Network::Cnn(Cnn::new(image, hidden, dataset.outputs(), &device))
+        }
+    };
+    let mut model = network.map(&mut SeededInit {
         random: rand::SeedableRng::seed_from_u64(config.seed),
         fan_in: dataset.columns,
         next_id: 0,
@@ -496,7 +518,12 @@ pub fn train(
 
 /// The validation metric on `rows`: ("accuracy", share classified correctly) or ("rmse", root mean
 /// squared error).
-pub fn evaluate(model: &Mlp, dataset: &Dataset, normalization: &Normalization, rows: &[usize]) -> (&'static str, f64) {
+pub fn evaluate(
+    model: &Network,
+    dataset: &Dataset,
+    normalization: &Normalization,
+    rows: &[usize],
+) -> (&'static str, f64) {
     let device = Device::flex().autodiff();
     let inputs = rows_tensor(dataset, normalization, rows, &device);
     match dataset.task {

@@ -68,6 +68,7 @@ fn blobs() -> Dataset {
 #[test]
 fn two_ranks_follow_one_rank_with_the_same_global_batch() {
     let config = TrainConfig {
+        image: None,
         hidden: vec![16],
         // 241 training rows make 8 batches of 33 per epoch: the 10 steps cross an epoch boundary.
         epochs: 2,
@@ -111,6 +112,7 @@ fn the_digits_mlp_reaches_95_percent_with_two_ranks() {
     let dataset = Arc::new(load_csv(&path, "digit", Task::Classification).unwrap());
     assert_eq!((dataset.rows(), dataset.columns, dataset.classes), (1797, 64, 10));
     let config = TrainConfig {
+        image: None,
         hidden: vec![256, 256],
         epochs: 20,
         batch_size: 128,
@@ -156,6 +158,7 @@ fn a_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_run_does() {
     let _ = std::fs::remove_dir_all(&directory);
     let dataset = Arc::new(blobs());
     let config = TrainConfig {
+        image: None,
         hidden: vec![16],
         epochs: 6,
         batch_size: 32,
@@ -226,6 +229,7 @@ fn regression_learns_a_smooth_target_with_two_ranks() {
         task: Task::Regression,
     });
     let config = TrainConfig {
+        image: None,
         hidden: vec![64, 64],
         epochs: 60,
         batch_size: 32,
@@ -244,5 +248,27 @@ fn regression_learns_a_smooth_target_with_two_ranks() {
         "RMSE {} against a spread of {spread}",
         last.validation
     );
+    assert_eq!(outcomes[0].parameters_hash, outcomes[1].parameters_hash);
+}
+
+#[test]
+fn the_digits_cnn_reaches_95_percent_with_two_ranks() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data/digits.csv");
+    let dataset = Arc::new(load_csv(&path, "digit", Task::Classification).unwrap());
+    let config = TrainConfig {
+        image: Some([1, 8, 8]),
+        hidden: vec![64],
+        epochs: 12,
+        batch_size: 64,
+        learning_rate: 2e-3,
+        seed: 42,
+        validation_fraction: 0.2,
+        optimizer: OptimizerKind::Adam,
+        max_steps: None,
+        checkpoint: None,
+    };
+    let outcomes = train_on(2, config, dataset);
+    let last = outcomes[0].epochs.last().unwrap();
+    assert!(last.validation >= 0.95, "validation accuracy {}", last.validation);
     assert_eq!(outcomes[0].parameters_hash, outcomes[1].parameters_hash);
 }
