@@ -154,6 +154,7 @@ struct RawTrain {
     hidden: Option<Spanned<Vec<u32>>>,
     optimizer: Option<Spanned<String>>,
     checkpoint_every: Option<u32>,
+    checkpoint_every_steps: Option<u32>,
     task: Option<Spanned<String>>,
     image: Option<Spanned<Vec<u32>>>,
 }
@@ -185,6 +186,8 @@ pub struct TrainOptions {
     pub optimizer: String,
     /// Save a checkpoint after every this many epochs (and after the last).
     pub checkpoint_every: u32,
+    /// And after every this many optimizer steps, when set.
+    pub checkpoint_every_steps: Option<u32>,
     /// "classification" (class numbers) or "regression" (real numbers).
     pub task: String,
     /// For the CNN: the feature columns are an image of [channels, height, width].
@@ -218,6 +221,7 @@ pub fn parse_train_options(source_name: &str, text: &str) -> Result<TrainOptions
         hidden: train.hidden.map_or_else(|| vec![256, 256], Spanned::into_inner),
         optimizer: train.optimizer.map_or_else(|| "adam".into(), Spanned::into_inner),
         checkpoint_every: train.checkpoint_every.unwrap_or(1).max(1),
+        checkpoint_every_steps: train.checkpoint_every_steps.filter(|steps| *steps > 0),
         task: train.task.map_or_else(|| "classification".into(), Spanned::into_inner),
         image: train
             .image

@@ -76,12 +76,22 @@ pub struct TrainConfig {
 pub struct CheckpointConfig {
     pub directory: std::path::PathBuf,
     pub every_epochs: u32,
+    /// Also after every this many optimizer steps, mid-epoch included.
+    pub every_steps: Option<u32>,
 }
 
 /// `checkpoint.json` beside `parameters.bin` (f32, visiting order) and `optimizer.bpk` (burn's record).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct CheckpointManifest {
+    /// Epochs completed.
     epoch: u32,
+    /// Batches already done of the next epoch (0 at an epoch boundary): its data order is known from the
+    /// seed, so the run goes on from the next batch.
+    #[serde(default)]
+    batch: u32,
+    /// The next epoch's loss so far, so its reported loss covers the whole epoch.
+    #[serde(default)]
+    epoch_loss_so_far: f64,
     steps: usize,
     parameters: usize,
     parameters_hash: String,
@@ -108,6 +118,32 @@ fn save_checkpoint(
     // The manifest goes last: it names a checkpoint only once its files are complete.
     let manifest = serde_json::to_vec_pretty(manifest).map_err(|error| TrainError::Storage(error.to_string()))?;
     write("checkpoint.json", &manifest)
+}
+
+/// Saves the model, the optimizer and the position `(epochs completed, batches of the next, its loss so
+/// far)`.
+fn write_checkpoint(
+    directory: &std::path::Path,
+    model: &Network,
+    optimizer: &burn::optim::ModuleOptimizer,
+    position: (u32, u32, f64),
+    steps: usize,
+    world: usize,
+) -> Result<(), TrainError> {
+    let parameters = flatten(model);
+    let optimizer_state = optimizer
+        .into_bytes()
+        .map_err(|error| TrainError::Storage(format!("encoding the optimizer state: {error:?}")))?;
+    let manifest = CheckpointManifest {
+        epoch: position.0,
+        batch: position.1,
+        epoch_loss_so_far: position.2,
+        steps,
+        parameters: parameters.len(),
+        parameters_hash: format!("{:016x}", parameters_hash(&parameters)),
+        world_size: world as u32,
+    };
+    save_checkpoint(directory, &manifest, &parameters, &optimizer_state)
 }
 
 /// A checkpoint as read back: its manifest, the parameters, the optimizer's record bytes.
@@ -383,7 +419,8 @@ pub fn train(
     // Rank 0 reads the latest checkpoint, if any, and every rank starts from rank 0's parameters (and
     // optimizer state, and position).
     let mut initial = flatten(&model);
-    let mut resumed = [f32::from_bits(0), f32::from_bits(0)];
+    // [epoch, steps, batch, epoch loss so far (f64 as two halves)], as bits.
+    let mut resumed = [f32::from_bits(0); 5];
     let mut optimizer_bytes = Vec::new();
     if rank == 0
         && let Some(checkpoint) = &config.checkpoint
@@ -399,30 +436,43 @@ pub fn train(
         }
         initial = parameters;
         optimizer_bytes = optimizer_state;
-        resumed = [f32::from_bits(manifest.epoch), f32::from_bits(manifest.steps as u32)];
+        let loss_bits = manifest.epoch_loss_so_far.to_bits();
+        resumed = [
+            f32::from_bits(manifest.epoch),
+            f32::from_bits(manifest.steps as u32),
+            f32::from_bits(manifest.batch),
+            f32::from_bits(loss_bits as u32),
+            f32::from_bits((loss_bits >> 32) as u32),
+        ];
     }
     communicator.broadcast(&mut resumed, 0)?;
     let (start_epoch, mut steps) = (resumed[0].to_bits(), resumed[1].to_bits() as usize);
+    let skip_batches = resumed[2].to_bits() as usize;
+    let resumed_loss = f64::from_bits(u64::from(resumed[3].to_bits()) | (u64::from(resumed[4].to_bits()) << 32));
     communicator.broadcast(&mut initial, 0)?;
     model = model.map(&mut Unflatten {
         values: &initial,
         offset: 0,
     });
-    if start_epoch > 0 {
+    if steps > 0 {
         broadcast_bytes(communicator, &mut optimizer_bytes)?;
         optimizer = optimizer
             .from_bytes(burn::tensor::Bytes::from_bytes_vec(optimizer_bytes))
             .map_err(|error| TrainError::InvalidInput(format!("the checkpoint's optimizer state: {error:?}")))?;
         log(&format!(
-            "resuming from the checkpoint after epoch {start_epoch} (step {steps})"
+            "resuming from the checkpoint after epoch {start_epoch} and {skip_batches} batches of the next (step {steps})"
         ));
     }
     let mut epochs = Vec::new();
     'epochs: for epoch in start_epoch + 1..=config.epochs {
         let started = Instant::now();
         let order = data::shuffled(&split.train, config.seed.wrapping_add(u64::from(epoch)));
-        let mut loss_total = 0.0f64;
-        for batch in order.chunks(config.batch_size) {
+        let resuming_here = epoch == start_epoch + 1;
+        let mut loss_total = if resuming_here { resumed_loss } else { 0.0 };
+        for (index, batch) in order.chunks(config.batch_size).enumerate() {
+            if resuming_here && index < skip_batches {
+                continue;
+            }
             let global = batch.len();
             let local = &batch[rank * global / world..(rank + 1) * global / world];
             let mut gradients_flat;
@@ -466,6 +516,15 @@ pub fn train(
             model.visit(&mut replace);
             model = optimizer.step(config.learning_rate, model, gradients);
             steps += 1;
+            if rank == 0
+                && let Some(checkpoint) = &config.checkpoint
+                && checkpoint
+                    .every_steps
+                    .is_some_and(|every| steps % every.max(1) as usize == 0)
+            {
+                let position = (epoch - 1, index as u32 + 1, loss_total);
+                write_checkpoint(&checkpoint.directory, &model, &optimizer, position, steps, world)?;
+            }
             if config.max_steps.is_some_and(|max| steps >= max) {
                 break 'epochs;
             }
@@ -490,18 +549,7 @@ pub fn train(
             && let Some(checkpoint) = &config.checkpoint
             && (epoch % checkpoint.every_epochs.max(1) == 0 || epoch == config.epochs)
         {
-            let parameters = flatten(&model);
-            let optimizer_state = optimizer
-                .into_bytes()
-                .map_err(|error| TrainError::Storage(format!("encoding the optimizer state: {error:?}")))?;
-            let manifest = CheckpointManifest {
-                epoch,
-                steps,
-                parameters: parameters.len(),
-                parameters_hash: format!("{:016x}", parameters_hash(&parameters)),
-                world_size: world as u32,
-            };
-            save_checkpoint(&checkpoint.directory, &manifest, &parameters, &optimizer_state)?;
+            write_checkpoint(&checkpoint.directory, &model, &optimizer, (epoch, 0, 0.0), steps, world)?;
         }
     }
     let parameters = flatten(&model);

@@ -175,6 +175,7 @@ fn a_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_run_does() {
         checkpoint: Some(CheckpointConfig {
             directory: directory.clone(),
             every_epochs: 1,
+            every_steps: None,
         }),
         ..config.clone()
     };
@@ -271,4 +272,54 @@ fn the_digits_cnn_reaches_95_percent_with_two_ranks() {
     let last = outcomes[0].epochs.last().unwrap();
     assert!(last.validation >= 0.95, "validation accuracy {}", last.validation);
     assert_eq!(outcomes[0].parameters_hash, outcomes[1].parameters_hash);
+}
+
+#[test]
+fn a_run_resumed_mid_epoch_from_a_step_checkpoint_ends_where_an_uninterrupted_run_does() {
+    let directory = std::env::temp_dir().join(format!("kiln-step-checkpoint-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&directory);
+    let dataset = Arc::new(blobs());
+    let config = TrainConfig {
+        image: None,
+        hidden: vec![16],
+        epochs: 3,
+        batch_size: 32,
+        learning_rate: 1e-2,
+        seed: 11,
+        validation_fraction: 0.2,
+        optimizer: OptimizerKind::Adam,
+        max_steps: None,
+        checkpoint: None,
+    };
+    let uninterrupted = train_on(2, config.clone(), dataset.clone()).remove(0);
+    // 241 training rows: 8 batches an epoch. Stop after 11 steps (3 into epoch 2), with a checkpoint
+    // every 11 steps, then resume.
+    let checkpointed = TrainConfig {
+        checkpoint: Some(CheckpointConfig {
+            directory: directory.clone(),
+            every_epochs: 1000,
+            every_steps: Some(11),
+        }),
+        ..config.clone()
+    };
+    let stopped = train_on(
+        2,
+        TrainConfig {
+            max_steps: Some(11),
+            ..checkpointed.clone()
+        },
+        dataset.clone(),
+    );
+    assert_eq!(stopped[0].steps, 11);
+    let resumed = train_on(2, checkpointed, dataset).remove(0);
+    assert_eq!(resumed.steps, uninterrupted.steps);
+    assert_eq!(
+        resumed.parameters_hash, uninterrupted.parameters_hash,
+        "resumed exactly mid-epoch"
+    );
+    let (last_resumed, last_whole) = (resumed.epochs.last().unwrap(), uninterrupted.epochs.last().unwrap());
+    assert_eq!(last_resumed.loss, last_whole.loss);
+    // The partial epoch's loss covers the batches before the checkpoint too.
+    assert!((resumed.epochs[0].loss - uninterrupted.epochs[1].loss).abs() < 1e-6);
+    std::fs::remove_dir_all(&directory).unwrap();
 }
