@@ -225,6 +225,7 @@ async fn train(args: TrainArgs) -> Result<()> {
             .map(|directory| trainer::CheckpointConfig {
                 directory: directory.into(),
                 every_epochs: options.checkpoint_every,
+                every_steps: options.checkpoint_every_steps,
             }),
     };
     let mut communicator = collective::join(&environment, CollectiveConfig::default()).await?;
