@@ -60,7 +60,8 @@ cpus = 1
 SPEC
   ID=$("$KILN" submit "$WORK/train-$RANKS.toml")
   "$KILN" jobs wait "$ID" --max-wait 1800s
-  "$KILN" jobs logs "$ID" --rank 0 | median_rate >"$OUT_DIR/train-kiln-$RANKS.txt"
+  "$KILN" jobs logs "$ID" --rank 0 >"$OUT_DIR/train-kiln-$RANKS.log"
+  median_rate <"$OUT_DIR/train-kiln-$RANKS.log" >"$OUT_DIR/train-kiln-$RANKS.txt"
 done
 log "pytorch, 1 thread"
 "$TORCH_PYTHON" "$REPO_ROOT/benches/train_torch.py" "$WORK/synthetic.csv" label "$EPOCHS" 256 >"$OUT_DIR/train-torch.json"

@@ -204,6 +204,12 @@ pub struct EpochMetrics {
     pub validation: f64,
     pub validation_name: &'static str,
     pub samples_per_second: f64,
+    /// Where this rank's training time went, in seconds: forward and backward, copying gradients out of
+    /// burn and back, the all-reduce (waiting for the slowest rank included), the optimizer step.
+    pub seconds_compute: f64,
+    pub seconds_gradient_copies: f64,
+    pub seconds_all_reduce: f64,
+    pub seconds_optimizer: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -468,6 +474,7 @@ pub fn train(
         let started = Instant::now();
         let order = data::shuffled(&split.train, config.seed.wrapping_add(u64::from(epoch)));
         let resuming_here = epoch == start_epoch + 1;
+        let mut timing = [std::time::Duration::ZERO; 4];
         let mut loss_total = if resuming_here { resumed_loss } else { 0.0 };
         for (index, batch) in order.chunks(config.batch_size).enumerate() {
             if resuming_here && index < skip_batches {
@@ -482,9 +489,12 @@ pub fn train(
                 gradients_flat = vec![0.0; initial.len()];
                 local_loss_sum = 0.0;
             } else {
+                let phase = Instant::now();
                 let loss = batch_loss(&model, dataset, &normalization, local, &device);
                 local_loss_sum = f64::from(loss.clone().into_scalar::<f32>()) * local.len() as f64;
                 gradients = GradientsParams::from_grads(loss.backward(), &model);
+                timing[0] += phase.elapsed();
+                let phase = Instant::now();
                 let mut visitor = FlattenGradients {
                     gradients: &gradients,
                     values: Vec::with_capacity(initial.len()),
@@ -493,7 +503,9 @@ pub fn train(
                 gradients_flat = visitor.values;
                 // This rank's mean gradient, weighted by its share of the global batch.
                 kiln_kernels::cpu::scale(&mut gradients_flat, local.len() as f32 / global as f32);
+                timing[1] += phase.elapsed();
             }
+            let phase = Instant::now();
             let mut loss_buffer = [local_loss_sum as f32];
             all_reduce_bucketed(
                 communicator,
@@ -502,6 +514,8 @@ pub fn train(
                 BUCKET_BYTES,
             )?;
             loss_total += f64::from(loss_buffer[0]);
+            timing[2] += phase.elapsed();
+            let phase = Instant::now();
             if local.is_empty() {
                 // No graph on this rank for this batch: rebuild gradients from the reduced values.
                 let loss = batch_loss(&model, dataset, &normalization, &batch[..1], &device);
@@ -514,7 +528,10 @@ pub fn train(
                 entries: Vec::new(),
             };
             model.visit(&mut replace);
+            timing[1] += phase.elapsed();
+            let phase = Instant::now();
             model = optimizer.step(config.learning_rate, model, gradients);
+            timing[3] += phase.elapsed();
             steps += 1;
             if rank == 0
                 && let Some(checkpoint) = &config.checkpoint
@@ -538,10 +555,22 @@ pub fn train(
             validation,
             validation_name,
             samples_per_second: split.train.len() as f64 / seconds,
+            seconds_compute: timing[0].as_secs_f64(),
+            seconds_gradient_copies: timing[1].as_secs_f64(),
+            seconds_all_reduce: timing[2].as_secs_f64(),
+            seconds_optimizer: timing[3].as_secs_f64(),
         };
         log(&format!(
-            "epoch {epoch}/{} loss {:.4} validation_{} {:.4} samples/s {:.0}",
-            config.epochs, metrics.loss, metrics.validation_name, metrics.validation, metrics.samples_per_second
+            "epoch {epoch}/{} loss {:.4} validation_{} {:.4} samples/s {:.0} (seconds: compute {:.3}, gradient copies {:.3}, all-reduce {:.3}, optimizer {:.3})",
+            config.epochs,
+            metrics.loss,
+            metrics.validation_name,
+            metrics.validation,
+            metrics.samples_per_second,
+            metrics.seconds_compute,
+            metrics.seconds_gradient_copies,
+            metrics.seconds_all_reduce,
+            metrics.seconds_optimizer
         ));
         on_epoch(&metrics);
         epochs.push(metrics);
