@@ -7,6 +7,22 @@ use std::time::Duration;
 use super::*;
 use crate::collective::{CollectiveConfig, RingCommunicator};
 
+/// The settings the tests share; each test names only what it changes.
+fn base_config() -> TrainConfig {
+    TrainConfig {
+        image: None,
+        hidden: vec![16],
+        epochs: 1,
+        batch_size: 32,
+        learning_rate: 1e-2,
+        seed: 0,
+        validation_fraction: 0.2,
+        optimizer: OptimizerKind::Adam,
+        max_steps: None,
+        checkpoint: None,
+    }
+}
+
 /// Runs `train` on `world` ranks (threads); returns each rank's outcome in rank order.
 fn train_on(world: u32, config: TrainConfig, dataset: Arc<Dataset>) -> Vec<TrainOutcome> {
     let addresses = Arc::new(Mutex::new(vec![String::new(); world as usize]));
@@ -68,17 +84,15 @@ fn blobs() -> Dataset {
 #[test]
 fn two_ranks_follow_one_rank_with_the_same_global_batch() {
     let config = TrainConfig {
-        image: None,
         hidden: vec![16],
         // 241 training rows make 8 batches of 33 per epoch: the 10 steps cross an epoch boundary.
         epochs: 2,
         batch_size: 33,
         learning_rate: 1e-2,
         seed: 7,
-        validation_fraction: 0.2,
         optimizer: OptimizerKind::Sgd,
         max_steps: Some(10),
-        checkpoint: None,
+        ..base_config()
     };
     let dataset = Arc::new(blobs());
     for optimizer in [OptimizerKind::Sgd, OptimizerKind::Adam] {
@@ -112,16 +126,12 @@ fn the_digits_mlp_reaches_95_percent_with_two_ranks() {
     let dataset = Arc::new(load_csv(&path, "digit", Task::Classification).unwrap());
     assert_eq!((dataset.rows(), dataset.columns, dataset.classes), (1797, 64, 10));
     let config = TrainConfig {
-        image: None,
         hidden: vec![256, 256],
         epochs: 20,
         batch_size: 128,
         learning_rate: 1e-3,
         seed: 42,
-        validation_fraction: 0.2,
-        optimizer: OptimizerKind::Adam,
-        max_steps: None,
-        checkpoint: None,
+        ..base_config()
     };
     let outcomes = train_on(2, config, dataset);
     let last = outcomes[0].epochs.last().unwrap();
@@ -158,16 +168,12 @@ fn a_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_run_does() {
     let _ = std::fs::remove_dir_all(&directory);
     let dataset = Arc::new(blobs());
     let config = TrainConfig {
-        image: None,
         hidden: vec![16],
         epochs: 6,
         batch_size: 32,
         learning_rate: 1e-2,
         seed: 3,
-        validation_fraction: 0.2,
-        optimizer: OptimizerKind::Adam,
-        max_steps: None,
-        checkpoint: None,
+        ..base_config()
     };
     let uninterrupted = train_on(2, config.clone(), dataset.clone()).remove(0);
     // The same run stopped after 3 epochs (with a checkpoint after each), then resumed by a new group.
@@ -230,16 +236,12 @@ fn regression_learns_a_smooth_target_with_two_ranks() {
         task: Task::Regression,
     });
     let config = TrainConfig {
-        image: None,
         hidden: vec![64, 64],
         epochs: 60,
         batch_size: 32,
         learning_rate: 3e-3,
         seed: 5,
-        validation_fraction: 0.2,
-        optimizer: OptimizerKind::Adam,
-        max_steps: None,
-        checkpoint: None,
+        ..base_config()
     };
     let outcomes = train_on(2, config, dataset);
     let last = outcomes[0].epochs.last().unwrap();
@@ -263,10 +265,7 @@ fn the_digits_cnn_reaches_95_percent_with_two_ranks() {
         batch_size: 64,
         learning_rate: 2e-3,
         seed: 42,
-        validation_fraction: 0.2,
-        optimizer: OptimizerKind::Adam,
-        max_steps: None,
-        checkpoint: None,
+        ..base_config()
     };
     let outcomes = train_on(2, config, dataset);
     let last = outcomes[0].epochs.last().unwrap();
@@ -280,16 +279,12 @@ fn a_run_resumed_mid_epoch_from_a_step_checkpoint_ends_where_an_uninterrupted_ru
     let _ = std::fs::remove_dir_all(&directory);
     let dataset = Arc::new(blobs());
     let config = TrainConfig {
-        image: None,
         hidden: vec![16],
         epochs: 3,
         batch_size: 32,
         learning_rate: 1e-2,
         seed: 11,
-        validation_fraction: 0.2,
-        optimizer: OptimizerKind::Adam,
-        max_steps: None,
-        checkpoint: None,
+        ..base_config()
     };
     let uninterrupted = train_on(2, config.clone(), dataset.clone()).remove(0);
     // 241 training rows: 8 batches an epoch. Stop after 11 steps (3 into epoch 2), with a checkpoint
