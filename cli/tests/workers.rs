@@ -203,6 +203,34 @@ fn rank_directory(cluster: &Cluster, ids: &[u64], job: &pb::Job, attempt: u32, r
         .join(format!("tasks/job-{}/attempt-{attempt}/rank-{rank}", job.id))
 }
 
+/// A 1-rank job running `sh -c script` (one restart allowed), waited for until its rank has at least
+/// `processes` processes: returns the job, the index of the worker running it, and its rank directory.
+async fn run_shell_job(
+    cluster: &Cluster,
+    client: &mut Client,
+    ids: &[u64],
+    directory: &Path,
+    script: &str,
+    processes: usize,
+) -> (pb::Job, u32, std::path::PathBuf) {
+    let spec = job_spec("shell", "sh", &["-c", script], 1, 1, 1);
+    let id = submit_file(cluster, directory, "shell.toml", &spec).await;
+    let job = wait_for_job(cluster, client, id, "it runs", Duration::from_secs(15), is_running).await;
+    let worker = placement(&job.attempts[0])[0];
+    let index = ids.iter().position(|id| *id == worker).expect("a worker of this test") as u32 + 1;
+    let rank = rank_directory(cluster, ids, &job, 1, 0);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while processes_under(&rank).len() < processes {
+        assert!(
+            Instant::now() < deadline,
+            "the task never ran\n{}",
+            context(cluster, Some(id))
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (job, index, rank)
+}
+
 /// Processes whose working directory lies under `directory` (a task's directory): what a kill left behind.
 fn processes_under(directory: &Path) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -690,31 +718,11 @@ async fn a_restarted_worker_keeps_its_id_and_releases_what_it_ran() {
     let directory = tempfile::tempdir().unwrap();
     let mut client = cluster.client().unwrap();
     // The background `sleep` is a grandchild: the task's own process dies with a killed worker (its
-    // parent-death signal), the grandchild does not, until the worker's next start cleans up.
-    let spec = job_spec("sleeper", "sh", &["-c", "echo started; sleep 60 & wait"], 1, 1, 1);
-    let id = submit_file(&cluster, directory.path(), "sleeper.toml", &spec).await;
-    let job = wait_for_job(
-        &cluster,
-        &mut client,
-        id,
-        "it runs",
-        Duration::from_secs(15),
-        is_running,
-    )
-    .await;
-    let worker_id = placement(&job.attempts[0])[0];
-    let index = if worker_id == ids[0] { 1 } else { 2 };
-    let task_directory = rank_directory(&cluster, &ids, &job, 1, 0);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    // Both the shell and its background sleep.
-    while processes_under(&task_directory).len() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the task never ran\n{}",
-            context(&cluster, Some(id))
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // parent-death signal), the grandchild does not, until the worker's next start cleans up. Both the
+    // shell and its background sleep must run before the crash.
+    let script = "echo started; sleep 60 & wait";
+    let (job, index, task_directory) = run_shell_job(&cluster, &mut client, &ids, directory.path(), script, 2).await;
+    let (id, worker_id) = (job.id, placement(&job.attempts[0])[0]);
 
     // A crash: the task's grandchild outlives its worker.
     cluster.kill_worker(index).unwrap();
@@ -896,29 +904,9 @@ async fn a_worker_back_after_being_declared_lost_kills_what_the_cluster_gave_awa
     let (cluster, ids) = cluster_with_workers([2, 2]).await;
     let directory = tempfile::tempdir().unwrap();
     let mut client = cluster.client().unwrap();
-    let spec = job_spec("survivor", "sh", &["-c", "echo started; sleep 30"], 1, 1, 1);
-    let id = submit_file(&cluster, directory.path(), "survivor.toml", &spec).await;
-    let job = wait_for_job(
-        &cluster,
-        &mut client,
-        id,
-        "it runs",
-        Duration::from_secs(15),
-        is_running,
-    )
-    .await;
-    let first_worker = placement(&job.attempts[0])[0];
-    let index = if first_worker == ids[0] { 1 } else { 2 };
-    let first_attempt = rank_directory(&cluster, &ids, &job, 1, 0);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while processes_under(&first_attempt).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the task never ran\n{}",
-            context(&cluster, Some(id))
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let script = "echo started; sleep 30";
+    let (job, index, first_attempt) = run_shell_job(&cluster, &mut client, &ids, directory.path(), script, 1).await;
+    let (id, first_worker) = (job.id, placement(&job.attempts[0])[0]);
 
     // Frozen past its lease (a long GC pause, a partition): declared lost, its rank rescheduled elsewhere.
     cluster.signal_worker(index, rustix::process::Signal::STOP).unwrap();
