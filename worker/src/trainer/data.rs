@@ -125,6 +125,17 @@ impl Normalization {
             .zip(self.mean.iter().zip(&self.std))
             .map(|(value, (mean, std))| (value - mean) / std)
     }
+
+    /// The dataset with every row normalized, once, so training steps only gather rows.
+    pub fn normalize(&self, dataset: &Dataset) -> Dataset {
+        let mut normalized = dataset.clone();
+        for (index, row) in normalized.features.chunks_exact_mut(dataset.columns.max(1)).enumerate() {
+            for (value, scaled) in row.iter_mut().zip(self.apply(dataset.row(index))) {
+                *value = scaled;
+            }
+        }
+        normalized
+    }
 }
 
 /// Reads a CSV with a header row. Every column but `label` must hold numbers; `label` holds class

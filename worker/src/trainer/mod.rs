@@ -343,11 +343,12 @@ pub fn parameters_hash(parameters: &[f32]) -> u64 {
     hasher.finish()
 }
 
-fn rows_tensor(dataset: &Dataset, normalization: &Normalization, rows: &[usize], device: &Device) -> Tensor<2> {
+/// The given rows of an already normalized dataset, as a [rows, columns] tensor.
+fn rows_tensor(dataset: &Dataset, rows: &[usize], device: &Device) -> Tensor<2> {
     let columns = dataset.columns;
     let mut values = Vec::with_capacity(rows.len() * columns);
     for row in rows {
-        values.extend(normalization.apply(dataset.row(*row)));
+        values.extend_from_slice(dataset.row(*row));
     }
     Tensor::<2>::from_data(TensorData::new(values, [rows.len(), columns]), device)
 }
@@ -358,14 +359,8 @@ fn labels_tensor(dataset: &Dataset, rows: &[usize], device: &Device) -> Tensor<1
 }
 
 /// The batch's mean loss: cross-entropy over the classes, or the mean squared error.
-fn batch_loss(
-    model: &Network,
-    dataset: &Dataset,
-    normalization: &Normalization,
-    rows: &[usize],
-    device: &Device,
-) -> Tensor<1> {
-    let output = model.forward(rows_tensor(dataset, normalization, rows, device));
+fn batch_loss(model: &Network, dataset: &Dataset, rows: &[usize], device: &Device) -> Tensor<1> {
+    let output = model.forward(rows_tensor(dataset, rows, device));
     match dataset.task {
         data::Task::Classification => CrossEntropyLossConfig::new()
             .init(device)
@@ -395,6 +390,7 @@ pub fn train(
     let (rank, world) = (communicator.rank() as usize, communicator.world_size() as usize);
     let split = dataset.split(config.validation_fraction, config.seed)?;
     let normalization = Normalization::of(dataset, &split.train);
+    let dataset = &normalization.normalize(dataset);
     let device = Device::flex().autodiff();
     let network = match config.image {
         None => Network::Mlp(Mlp::new(dataset.columns, &config.hidden, dataset.outputs(), &device)),
@@ -490,7 +486,7 @@ pub fn train(
                 local_loss_sum = 0.0;
             } else {
                 let phase = Instant::now();
-                let loss = batch_loss(&model, dataset, &normalization, local, &device);
+                let loss = batch_loss(&model, dataset, local, &device);
                 local_loss_sum = f64::from(loss.clone().into_scalar::<f32>()) * local.len() as f64;
                 gradients = GradientsParams::from_grads(loss.backward(), &model);
                 timing[0] += phase.elapsed();
@@ -518,7 +514,7 @@ pub fn train(
             let phase = Instant::now();
             if local.is_empty() {
                 // No graph on this rank for this batch: rebuild gradients from the reduced values.
-                let loss = batch_loss(&model, dataset, &normalization, &batch[..1], &device);
+                let loss = batch_loss(&model, dataset, &batch[..1], &device);
                 gradients = GradientsParams::from_grads(loss.backward(), &model);
             }
             let mut replace = ReplaceGradients {
@@ -548,7 +544,7 @@ pub fn train(
         }
         // Training time only: the validation pass is not part of the throughput.
         let seconds = started.elapsed().as_secs_f64().max(1e-9);
-        let (validation_name, validation) = evaluate(&model, dataset, &normalization, &split.validation);
+        let (validation_name, validation) = evaluate(&model, dataset, &split.validation);
         let metrics = EpochMetrics {
             epoch,
             loss: loss_total / split.train.len() as f64,
@@ -595,14 +591,10 @@ pub fn train(
 
 /// The validation metric on `rows`: ("accuracy", share classified correctly) or ("rmse", root mean
 /// squared error).
-pub fn evaluate(
-    model: &Network,
-    dataset: &Dataset,
-    normalization: &Normalization,
-    rows: &[usize],
-) -> (&'static str, f64) {
+/// `dataset` is the normalized one the model trained on.
+pub fn evaluate(model: &Network, dataset: &Dataset, rows: &[usize]) -> (&'static str, f64) {
     let device = Device::flex().autodiff();
-    let inputs = rows_tensor(dataset, normalization, rows, &device);
+    let inputs = rows_tensor(dataset, rows, &device);
     match dataset.task {
         data::Task::Classification => {
             if rows.is_empty() {
