@@ -513,31 +513,7 @@ async fn wait_job(client: &mut Client, id: u64, max_wait: Option<Duration>, json
 
 /// A rank's stdout of the latest attempt, as text (for the demo).
 pub(crate) async fn task_logs_text(client: &mut Client, id: u64, rank: u32) -> Result<String> {
-    let job = client.get_job(id).await.map_err(output::status_error)?;
-    let attempt = job
-        .attempts
-        .last()
-        .with_context(|| format!("job {id} has not started"))?;
-    let task = attempt
-        .tasks
-        .iter()
-        .find(|task| task.rank == rank)
-        .with_context(|| format!("job {id} has no rank {rank}"))?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", task.worker_address))?
-        .connect()
-        .await?;
-    let mut stream = pb::worker_agent_client::WorkerAgentClient::new(channel)
-        .logs(pb::LogsRequest {
-            task: Some(pb::TaskKey {
-                job_id: id,
-                attempt: attempt.number,
-                rank,
-            }),
-            follow: false,
-        })
-        .await
-        .map_err(output::status_error)?
-        .into_inner();
+    let mut stream = open_logs(client, id, rank, None, false).await?;
     let mut text = Vec::new();
     while let Some(chunk) = stream.message().await.map_err(output::status_error)? {
         if chunk.stream == "stdout" {
@@ -547,6 +523,7 @@ pub(crate) async fn task_logs_text(client: &mut Client, id: u64, rank: u32) -> R
     Ok(String::from_utf8_lossy(&text).into_owned())
 }
 
+/// Prints a rank's output: its stdout to stdout, its stderr to stderr.
 pub(crate) async fn job_logs(
     client: &mut Client,
     id: u64,
@@ -555,6 +532,30 @@ pub(crate) async fn job_logs(
     follow: bool,
 ) -> Result<()> {
     use std::io::Write;
+    let mut stream = open_logs(client, id, rank, attempt, follow).await?;
+    while let Some(chunk) = stream.message().await.map_err(output::status_error)? {
+        if chunk.stream == "stderr" {
+            let mut stderr = std::io::stderr().lock();
+            stderr.write_all(&chunk.data)?;
+            stderr.flush()?;
+        } else {
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(&chunk.data)?;
+            stdout.flush()?;
+        }
+    }
+    Ok(())
+}
+
+/// Finds where `rank` of the given attempt (default: the latest) ran and opens its log stream on that
+/// worker. With `follow`, waits for a queued job to start and for a just-placed rank to appear.
+async fn open_logs(
+    client: &mut Client,
+    id: u64,
+    rank: u32,
+    attempt: Option<u32>,
+    follow: bool,
+) -> Result<tonic::Streaming<pb::LogChunk>> {
     let job = loop {
         let job = client.get_job(id).await.map_err(output::status_error)?;
         let resources = job.resources.unwrap_or_default();
@@ -608,27 +609,15 @@ pub(crate) async fn job_logs(
     let mut agent = pb::worker_agent_client::WorkerAgentClient::new(channel);
     // Right after placement the worker may not have the task yet; when following, give it a moment.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut stream = loop {
+    loop {
         match agent.logs(request).await {
-            Ok(response) => break response.into_inner(),
+            Ok(response) => return Ok(response.into_inner()),
             Err(status) if follow && status.code() == tonic::Code::NotFound && std::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(status) => return Err(output::status_error(status)),
         }
-    };
-    while let Some(chunk) = stream.message().await.map_err(output::status_error)? {
-        if chunk.stream == "stderr" {
-            let mut stderr = std::io::stderr().lock();
-            stderr.write_all(&chunk.data)?;
-            stderr.flush()?;
-        } else {
-            let mut stdout = std::io::stdout().lock();
-            stdout.write_all(&chunk.data)?;
-            stdout.flush()?;
-        }
     }
-    Ok(())
 }
 
 async fn submit(file: PathBuf, key: Option<String>, json: bool, target: Target) -> Result<()> {
