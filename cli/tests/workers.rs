@@ -137,6 +137,27 @@ async fn kiln(cluster: &Cluster, args: &[&str]) -> Output {
     }
 }
 
+/// `kiln jobs wait ID --max-wait MAX_WAIT` must succeed; otherwise the job's story is printed.
+async fn wait_succeeded(cluster: &Cluster, id: u64, max_wait: &str) {
+    let output = kiln(cluster, &["jobs", "wait", &id.to_string(), "--max-wait", max_wait]).await;
+    assert!(
+        output.status.success(),
+        "{}{}\n{}",
+        stdout(&output),
+        stderr(&output),
+        context(cluster, Some(id))
+    );
+}
+
+/// `examples/jobs/digits-mlp.toml` with its dataset as an absolute path (tests run elsewhere).
+fn digits_spec() -> String {
+    let dataset = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data/digits.csv");
+    include_str!("../../examples/jobs/digits-mlp.toml").replace(
+        "dataset = \"examples/data/digits.csv\"",
+        &format!("dataset = {:?}", dataset.canonicalize().unwrap().display().to_string()),
+    )
+}
+
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).to_string()
 }
@@ -624,14 +645,8 @@ async fn bad_input_gets_a_clear_error_and_the_cluster_goes_on() {
     );
 
     let id = submit_file(&cluster, directory.path(), "hello.toml", HELLO).await;
-    let output = kiln(&cluster, &["jobs", "wait", &id.to_string(), "--max-wait", "30s"]).await;
-    assert!(
-        output.status.success(),
-        "hello still runs: {}{}\n{}",
-        stdout(&output),
-        stderr(&output),
-        context(&cluster, Some(id))
-    );
+    // Hello still runs.
+    wait_succeeded(&cluster, id, "30s").await;
 
     // Each rank prints once its process runs, so the cancel hits running processes, not an assignment in
     // flight. The background sleep is a second process in the rank's group: the kill must reach it too.
@@ -818,14 +833,7 @@ async fn a_task_stopped_before_its_worker_heard_of_it_releases_its_slot() {
     // Both slots are free again: a job needing both runs.
     let spec = job_spec("both", "true", &[], 2, 1, 0);
     let id = submit_file(&cluster, directory.path(), "both.toml", &spec).await;
-    let output = kiln(&cluster, &["jobs", "wait", &id.to_string(), "--max-wait", "20s"]).await;
-    assert!(
-        output.status.success(),
-        "{}{}\n{}",
-        stdout(&output),
-        stderr(&output),
-        context(&cluster, Some(id))
-    );
+    wait_succeeded(&cluster, id, "20s").await;
     // The cancelled rank never ran anywhere.
     for index in [1, 2] {
         let task_directory = cluster
@@ -876,14 +884,7 @@ async fn an_unmodified_torch_ddp_script_runs_as_a_two_rank_job() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/scripts/torch_ddp.py");
     let spec = job_spec("torch-ddp", &python, &[script.to_str().unwrap()], 2, 1, 0);
     let id = submit_file(&cluster, directory.path(), "torch-ddp.toml", &spec).await;
-    let output = kiln(&cluster, &["jobs", "wait", &id.to_string(), "--max-wait", "120s"]).await;
-    assert!(
-        output.status.success(),
-        "{}{}\n{}",
-        stdout(&output),
-        stderr(&output),
-        context(&cluster, Some(id))
-    );
+    wait_succeeded(&cluster, id, "120s").await;
     let job = cluster.client().unwrap().get_job(id).await.unwrap();
     let workers: BTreeSet<u64> = placement(&job.attempts[0]).into_iter().collect();
     assert_eq!(workers, ids.into_iter().collect(), "one rank on each worker");
@@ -968,14 +969,7 @@ async fn ranks_meet_through_the_coordinator_and_all_reduce() {
     ];
     let spec = job_spec("allreduce", KILN, &args, 2, 1, 0);
     let id = submit_file(&cluster, directory.path(), "allreduce.toml", &spec).await;
-    let output = kiln(&cluster, &["jobs", "wait", &id.to_string(), "--max-wait", "60s"]).await;
-    assert!(
-        output.status.success(),
-        "{}{}\n{}",
-        stdout(&output),
-        stderr(&output),
-        context(&cluster, Some(id))
-    );
+    wait_succeeded(&cluster, id, "60s").await;
     let job = cluster.client().unwrap().get_job(id).await.unwrap();
     let workers: BTreeSet<u64> = placement(&job.attempts[0]).into_iter().collect();
     assert_eq!(
@@ -1096,20 +1090,9 @@ async fn the_digits_mlp_trains_data_parallel_across_two_workers() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let (cluster, ids) = cluster_with_workers([1, 1]).await;
     let directory = tempfile::tempdir().unwrap();
-    let dataset = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data/digits.csv");
-    let spec = include_str!("../../examples/jobs/digits-mlp.toml").replace(
-        "dataset = \"examples/data/digits.csv\"",
-        &format!("dataset = {:?}", dataset.canonicalize().unwrap().display().to_string()),
-    );
+    let spec = digits_spec();
     let id = submit_file(&cluster, directory.path(), "digits-mlp.toml", &spec).await;
-    let output = kiln(&cluster, &["jobs", "wait", &id.to_string(), "--max-wait", "300s"]).await;
-    assert!(
-        output.status.success(),
-        "{}{}\n{}",
-        stdout(&output),
-        stderr(&output),
-        context(&cluster, Some(id))
-    );
+    wait_succeeded(&cluster, id, "300s").await;
     let job = cluster.client().unwrap().get_job(id).await.unwrap();
     let workers: BTreeSet<u64> = placement(&job.attempts[0]).into_iter().collect();
     assert_eq!(workers, ids.into_iter().collect(), "one rank on each worker");
@@ -1186,13 +1169,7 @@ async fn training_resumes_from_its_checkpoint_after_its_worker_is_killed() {
         );
     }
     let directory = tempfile::tempdir().unwrap();
-    let dataset = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data/digits.csv");
-    let spec = include_str!("../../examples/jobs/digits-mlp.toml")
-        .replace(
-            "dataset = \"examples/data/digits.csv\"",
-            &format!("dataset = {:?}", dataset.canonicalize().unwrap().display().to_string()),
-        )
-        .replace("epochs = 30", "epochs = 200");
+    let spec = digits_spec().replace("epochs = 30", "epochs = 200");
     let mut client = cluster.client().unwrap();
     let final_accuracy = |logs: &str| -> f64 {
         let summary = logs.lines().rfind(|line| line.contains("validation accuracy")).unwrap();
@@ -1209,13 +1186,7 @@ async fn training_resumes_from_its_checkpoint_after_its_worker_is_killed() {
 
     // An uninterrupted run, for comparison.
     let baseline = submit_file(&cluster, directory.path(), "baseline.toml", &spec).await;
-    let output = kiln(&cluster, &["jobs", "wait", &baseline.to_string(), "--max-wait", "300s"]).await;
-    assert!(
-        output.status.success(),
-        "{}\n{}",
-        stderr(&output),
-        context(&cluster, Some(baseline))
-    );
+    wait_succeeded(&cluster, baseline, "300s").await;
     let baseline_logs = stdout(&kiln(&cluster, &["jobs", "logs", &baseline.to_string()]).await);
 
     // The same run, with its worker SIGKILLed a third of the way through.

@@ -56,6 +56,36 @@ fn train_on(world: u32, config: TrainConfig, dataset: Arc<Dataset>) -> Vec<Train
     threads.into_iter().map(|thread| thread.join().unwrap()).collect()
 }
 
+/// Trains `config` on the blobs three times with 2 ranks: uninterrupted; with checkpoints (every
+/// `every_epochs` epochs and `every_steps` steps) and stopped early by `stop`; and resumed from those
+/// checkpoints to the end. Returns rank 0's outcome of each run.
+fn interrupt_and_resume(
+    config: TrainConfig,
+    every_epochs: u32,
+    every_steps: Option<u32>,
+    stop: impl FnOnce(TrainConfig) -> TrainConfig,
+) -> (TrainOutcome, TrainOutcome, TrainOutcome) {
+    let directory = std::env::temp_dir().join(format!(
+        "kiln-checkpoint-{}-{every_epochs}-{every_steps:?}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&directory);
+    let dataset = Arc::new(blobs());
+    let uninterrupted = train_on(2, config.clone(), dataset.clone()).remove(0);
+    let checkpointed = TrainConfig {
+        checkpoint: Some(CheckpointConfig {
+            directory: directory.clone(),
+            every_epochs,
+            every_steps,
+        }),
+        ..config
+    };
+    let stopped = train_on(2, stop(checkpointed.clone()), dataset.clone()).remove(0);
+    let resumed = train_on(2, checkpointed, dataset).remove(0);
+    std::fs::remove_dir_all(&directory).unwrap();
+    (uninterrupted, stopped, resumed)
+}
+
 /// Three separable blobs in 8 dimensions, 301 rows (an odd count, so batches split unevenly).
 fn blobs() -> Dataset {
     let rows = 301;
@@ -164,9 +194,6 @@ fn bad_datasets_are_refused_with_the_reason() {
 
 #[test]
 fn a_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_run_does() {
-    let directory = std::env::temp_dir().join(format!("kiln-checkpoint-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&directory);
-    let dataset = Arc::new(blobs());
     let config = TrainConfig {
         hidden: vec![16],
         epochs: 6,
@@ -175,26 +202,10 @@ fn a_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_run_does() {
         seed: 3,
         ..base_config()
     };
-    let uninterrupted = train_on(2, config.clone(), dataset.clone()).remove(0);
-    // The same run stopped after 3 epochs (with a checkpoint after each), then resumed by a new group.
-    let checkpointed = TrainConfig {
-        checkpoint: Some(CheckpointConfig {
-            directory: directory.clone(),
-            every_epochs: 1,
-            every_steps: None,
-        }),
-        ..config.clone()
-    };
-    let stopped = train_on(
-        2,
-        TrainConfig {
-            epochs: 3,
-            ..checkpointed.clone()
-        },
-        dataset.clone(),
-    );
-    assert_eq!(stopped[0].epochs.len(), 3);
-    let resumed = train_on(2, checkpointed, dataset).remove(0);
+    // Stopped after 3 epochs (with a checkpoint after each), then resumed by a new group.
+    let (uninterrupted, stopped, resumed) =
+        interrupt_and_resume(config, 1, None, |config| TrainConfig { epochs: 3, ..config });
+    assert_eq!(stopped.epochs.len(), 3);
     assert_eq!(
         resumed.epochs.first().map(|epoch| epoch.epoch),
         Some(4),
@@ -205,7 +216,6 @@ fn a_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_run_does() {
         resumed.parameters_hash, uninterrupted.parameters_hash,
         "parameters, optimizer state and data order all resumed exactly"
     );
-    std::fs::remove_dir_all(&directory).unwrap();
 }
 
 #[test]
@@ -275,9 +285,6 @@ fn the_digits_cnn_reaches_95_percent_with_two_ranks() {
 
 #[test]
 fn a_run_resumed_mid_epoch_from_a_step_checkpoint_ends_where_an_uninterrupted_run_does() {
-    let directory = std::env::temp_dir().join(format!("kiln-step-checkpoint-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&directory);
-    let dataset = Arc::new(blobs());
     let config = TrainConfig {
         hidden: vec![16],
         epochs: 3,
@@ -286,27 +293,13 @@ fn a_run_resumed_mid_epoch_from_a_step_checkpoint_ends_where_an_uninterrupted_ru
         seed: 11,
         ..base_config()
     };
-    let uninterrupted = train_on(2, config.clone(), dataset.clone()).remove(0);
     // 241 training rows: 8 batches an epoch. Stop after 11 steps (3 into epoch 2), with a checkpoint
     // every 11 steps, then resume.
-    let checkpointed = TrainConfig {
-        checkpoint: Some(CheckpointConfig {
-            directory: directory.clone(),
-            every_epochs: 1000,
-            every_steps: Some(11),
-        }),
-        ..config.clone()
-    };
-    let stopped = train_on(
-        2,
-        TrainConfig {
-            max_steps: Some(11),
-            ..checkpointed.clone()
-        },
-        dataset.clone(),
-    );
-    assert_eq!(stopped[0].steps, 11);
-    let resumed = train_on(2, checkpointed, dataset).remove(0);
+    let (uninterrupted, stopped, resumed) = interrupt_and_resume(config, 1000, Some(11), |config| TrainConfig {
+        max_steps: Some(11),
+        ..config
+    });
+    assert_eq!(stopped.steps, 11);
     assert_eq!(resumed.steps, uninterrupted.steps);
     assert_eq!(
         resumed.parameters_hash, uninterrupted.parameters_hash,
@@ -316,5 +309,4 @@ fn a_run_resumed_mid_epoch_from_a_step_checkpoint_ends_where_an_uninterrupted_ru
     assert_eq!(last_resumed.loss, last_whole.loss);
     // The partial epoch's loss covers the batches before the checkpoint too.
     assert!((resumed.epochs[0].loss - uninterrupted.epochs[1].loss).abs() < 1e-6);
-    std::fs::remove_dir_all(&directory).unwrap();
 }
