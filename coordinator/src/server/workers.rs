@@ -409,6 +409,13 @@ impl Hub {
                     messages.push(kill(key, "the cluster does not run this task here"));
                 }
             }
+            // Forget what no longer matters, so a long session's memory stays bounded by its live tasks:
+            // an ended task is never assigned again, and a kill is remembered while the worker runs it.
+            let running = &session.running;
+            session.assigned.retain(|key| worker.tasks.contains(key));
+            session
+                .killed
+                .retain(|key| worker.tasks.contains(key) || running.contains(key));
             for kind in messages.into_iter().flatten() {
                 self.send(worker_id, kind);
             }
