@@ -196,7 +196,7 @@ async fn train(args: TrainArgs) -> Result<()> {
     } else {
         trainer::Task::Classification
     };
-    let dataset = trainer::load_csv(&dataset_path, &options.label, task)?;
+    let dataset = trainer::load_dataset(&dataset_path, &options.label, task)?;
     println!(
         "rank {} of {}: {} rows, {} features, {} classes from {}",
         environment.rank,
@@ -219,6 +219,9 @@ async fn train(args: TrainArgs) -> Result<()> {
         } else {
             OptimizerKind::Adam
         },
+        momentum: options.momentum as f32,
+        weight_decay: options.weight_decay as f32,
+        log_every_steps: options.log_every_steps,
         max_steps: None,
         checkpoint: std::env::var("KILN_CHECKPOINT_DIR")
             .ok()
@@ -231,7 +234,7 @@ async fn train(args: TrainArgs) -> Result<()> {
     let mut communicator = collective::join(&environment, CollectiveConfig::default()).await?;
     let run_directory = std::env::var("KILN_RUN_DIR").unwrap_or_else(|_| ".".into());
     let (job_id, attempt, rank) = (environment.job, environment.attempt, environment.rank);
-    // Rank 0 reports each epoch's metrics to the cluster (best effort: a report that cannot be queued
+    // Rank 0 reports each epoch's metrics, and the loss every `log_every_steps` steps, to the cluster (best effort: a report that cannot be queued
     // is dropped, the next one carries the newer values).
     let (reports, mut pending) = tokio::sync::mpsc::channel::<Report>(REPORTS_QUEUED_MAX);
     let reporter = (rank == 0).then(|| {
@@ -254,25 +257,28 @@ async fn train(args: TrainArgs) -> Result<()> {
     }
     let epoch_reports = reports.clone();
     let finished = tokio::task::spawn_blocking(move || -> Result<()> {
-        let report_epoch = |metrics: &trainer::EpochMetrics| {
-            if rank == 0 {
-                let values = [
+        let report = |progress: trainer::Progress<'_>| {
+            if rank != 0 {
+                return;
+            }
+            let values = match progress {
+                trainer::Progress::Step(metrics) => [
+                    ("step".to_string(), metrics.step as f64),
+                    ("train_loss".to_string(), metrics.loss),
+                    ("samples_per_second".to_string(), metrics.samples_per_second),
+                ]
+                .into(),
+                trainer::Progress::Epoch(metrics) => [
                     ("epoch".to_string(), f64::from(metrics.epoch)),
                     ("loss".to_string(), metrics.loss),
                     (format!("validation_{}", metrics.validation_name), metrics.validation),
                     ("samples_per_second".to_string(), metrics.samples_per_second),
                 ]
-                .into();
-                let _ = epoch_reports.try_send((values, Default::default()));
-            }
+                .into(),
+            };
+            let _ = epoch_reports.try_send((values, Default::default()));
         };
-        let (_, outcome) = trainer::train(
-            &config,
-            &dataset,
-            &mut communicator,
-            |line| println!("{line}"),
-            report_epoch,
-        )?;
+        let (_, outcome) = trainer::train(&config, &dataset, &mut communicator, |line| println!("{line}"), report)?;
         let (validation_name, validation) = outcome
             .epochs
             .last()

@@ -157,6 +157,9 @@ struct RawTrain {
     checkpoint_every_steps: Option<u32>,
     task: Option<Spanned<String>>,
     image: Option<Spanned<Vec<u32>>>,
+    momentum: Option<Spanned<f64>>,
+    weight_decay: Option<Spanned<f64>>,
+    log_every_steps: Option<u32>,
 }
 
 /// Built-in models the trainer knows.
@@ -176,7 +179,7 @@ pub struct TrainOptions {
     pub batch_size: u32,
     pub learning_rate: f64,
     pub seed: u64,
-    /// A CSV file with a header row; every column but `label` is a numeric feature.
+    /// A CSV file with a header row or a Parquet file; every column but `label` is a numeric feature.
     pub dataset: String,
     pub label: String,
     /// Share of the rows (after a seeded shuffle) held out for validation.
@@ -192,6 +195,12 @@ pub struct TrainOptions {
     pub task: String,
     /// For the CNN: the feature columns are an image of [channels, height, width].
     pub image: Option<[u32; 3]>,
+    /// SGD's momentum (0 by default: plain SGD); Adam ignores it.
+    pub momentum: f64,
+    /// L2 weight decay added to every gradient (0 by default).
+    pub weight_decay: f64,
+    /// Report the training loss and throughput every this many steps (0: per epoch only).
+    pub log_every_steps: u32,
 }
 
 /// Parses a train job's spec into its [`TrainOptions`] (and checks it like [`parse_job_spec`]).
@@ -226,6 +235,9 @@ pub fn parse_train_options(source_name: &str, text: &str) -> Result<TrainOptions
         image: train
             .image
             .and_then(|image| <[u32; 3]>::try_from(image.into_inner()).ok()),
+        momentum: train.momentum.map_or(0.0, Spanned::into_inner),
+        weight_decay: train.weight_decay.map_or(0.0, Spanned::into_inner),
+        log_every_steps: train.log_every_steps.unwrap_or(50),
     })
 }
 
@@ -370,13 +382,13 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
                 None => {
                     return Err(error_at(
                         train.model.span().start,
-                        "field 'train.dataset' is missing; expected the path of a CSV file with a header row".into(),
+                        "field 'train.dataset' is missing; expected the path of a CSV (with a header row) or Parquet file".into(),
                     ));
                 }
                 Some(dataset) if dataset.get_ref().trim().is_empty() => {
                     return Err(error_at(
                         dataset.span().start,
-                        "field 'train.dataset' is empty; expected the path of a CSV file".into(),
+                        "field 'train.dataset' is empty; expected the path of a CSV or Parquet file".into(),
                     ));
                 }
                 Some(_) => {}
@@ -399,6 +411,19 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
                     hidden.span().start,
                     "field 'train.hidden' must list one or more layer widths above 0, such as [256, 256]".into(),
                 ));
+            }
+            for (name, value) in [("momentum", &train.momentum), ("weight_decay", &train.weight_decay)] {
+                if let Some(value) = value
+                    && !(*value.get_ref() >= 0.0 && *value.get_ref() < 1.0)
+                {
+                    return Err(error_at(
+                        value.span().start,
+                        format!(
+                            "field 'train.{name}' is {}; expected a value in [0, 1), such as 0.9 for momentum or 1e-4 for weight decay",
+                            value.get_ref()
+                        ),
+                    ));
+                }
             }
             if let Some(optimizer) = &train.optimizer
                 && !OPTIMIZERS.contains(&optimizer.get_ref().as_str())
@@ -618,6 +643,25 @@ memory = "512MiB"
         assert_eq!(spec.train.unwrap().epochs, Some(3));
         let error = parse_job_spec("t.toml", "name = \"x\"\nkind = \"train\"\n").unwrap_err();
         assert!(error.message.contains("[train]"), "{error}");
+    }
+
+    #[test]
+    fn train_options_have_defaults_and_ranges() {
+        let train = "name = \"x\"\nkind = \"train\"\n[train]\nmodel = \"mlp\"\ndataset = \"d.parquet\"\n";
+        let options = parse_train_options("t.toml", train).unwrap();
+        assert_eq!(
+            (options.momentum, options.weight_decay, options.log_every_steps),
+            (0.0, 0.0, 50)
+        );
+        let tuned = format!("{train}optimizer = \"sgd\"\nmomentum = 0.9\nweight_decay = 1e-4\nlog_every_steps = 0\n");
+        let options = parse_train_options("t.toml", &tuned).unwrap();
+        assert_eq!(
+            (options.momentum, options.weight_decay, options.log_every_steps),
+            (0.9, 1e-4, 0)
+        );
+        let error = parse_train_options("t.toml", &format!("{train}momentum = 1.5\n")).unwrap_err();
+        assert!(error.message.contains("'train.momentum' is 1.5"), "{error}");
+        assert_eq!(error.line, 6);
     }
 
     #[test]

@@ -1,11 +1,13 @@
-//! Throughput of the CPU kernels in GB/s (bytes read plus written), to compare against the machine's
-//! memory bandwidth: `cargo bench -p kiln-kernels`.
+//! Throughput of the CPU kernels in GB/s (bytes read plus written), beside the machine's memory bandwidth
+//! measured in the same run the way STREAM does (`stream_copy`: `a[i] = b[i]`; `stream_triad`:
+//! `a[i] = b[i] + s * c[i]`, both on all threads): `cargo bench -p kiln-kernels`.
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use kiln_kernels::{bf16, cpu};
+use kiln_kernels::{AdamStep, bf16, cpu};
+use rayon::prelude::*;
 
 /// 4 MiB and 64 MiB of f32: one in cache-sized pieces, one well past the last-level cache.
 const SIZES: [usize; 2] = [1 << 20, 1 << 24];
@@ -20,6 +22,32 @@ fn bench_kernels(c: &mut Criterion) {
         let mut destination = vec![1.0f32; elements];
         let mut wire = vec![bf16::ZERO; elements];
         let mib = (elements * 4) >> 20;
+        let mut third = vec![0.5f32; elements];
+        // The STREAM references, split across threads like the kernels.
+        group.throughput(Throughput::Bytes((elements * 8) as u64));
+        group.bench_function(format!("stream_copy_{mib}MiB"), |b| {
+            b.iter(|| {
+                destination
+                    .par_chunks_mut(cpu::CHUNK_ELEMENTS)
+                    .zip(source.par_chunks(cpu::CHUNK_ELEMENTS))
+                    .for_each(|(destination, source)| destination.copy_from_slice(black_box(source)))
+            })
+        });
+        group.throughput(Throughput::Bytes((elements * 12) as u64));
+        group.bench_function(format!("stream_triad_{mib}MiB"), |b| {
+            let factor = black_box(3.0f32);
+            b.iter(|| {
+                third
+                    .par_chunks_mut(cpu::CHUNK_ELEMENTS)
+                    .zip(source.par_chunks(cpu::CHUNK_ELEMENTS))
+                    .zip(destination.par_chunks(cpu::CHUNK_ELEMENTS))
+                    .for_each(|((out, b), c)| {
+                        for ((out, b), c) in out.iter_mut().zip(b).zip(c) {
+                            *out = b + factor * c;
+                        }
+                    })
+            })
+        });
         // add_assign reads two f32 buffers and writes one.
         group.throughput(Throughput::Bytes((elements * 12) as u64));
         group.bench_function(format!("add_assign_f32_{mib}MiB"), |b| {
@@ -34,6 +62,20 @@ fn bench_kernels(c: &mut Criterion) {
         group.throughput(Throughput::Bytes((elements * 10) as u64));
         group.bench_function(format!("add_assign_bf16_{mib}MiB"), |b| {
             b.iter(|| cpu::add_assign_bf16(black_box(&mut destination), black_box(&wire)))
+        });
+        // sum_bf16_into over two buffers reads 2 + 2 bytes and writes 2 per element.
+        let other_wire = wire.clone();
+        let mut reduced = vec![bf16::ZERO; elements];
+        group.throughput(Throughput::Bytes((elements * 6) as u64));
+        group.bench_function(format!("sum_bf16_2x_{mib}MiB"), |b| {
+            b.iter(|| cpu::sum_bf16_into(black_box(&mut reduced), &[&wire, &other_wire]))
+        });
+        // adam_step reads parameters, gradients and two moments and writes three of them: 28 bytes.
+        let (mut first, mut second) = (vec![0.0f32; elements], vec![0.0f32; elements]);
+        let step = AdamStep::new(1e-3, 10);
+        group.throughput(Throughput::Bytes((elements * 28) as u64));
+        group.bench_function(format!("adam_step_{mib}MiB"), |b| {
+            b.iter(|| cpu::adam_step(black_box(&mut destination), &source, &mut first, &mut second, &step))
         });
     }
     group.finish();

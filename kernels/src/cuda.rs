@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
-use crate::{KernelError, check_lengths};
+use crate::{AdamStep, KernelError, SgdStep, check_lengths};
 
 const SOURCE: &str = r#"
 extern "C" __global__ void add_assign_f32(float* destination, const float* source, unsigned int n) {
@@ -42,6 +42,28 @@ extern "C" __global__ void add_assign_bf16(float* destination, const unsigned sh
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) destination[i] += __uint_as_float(((unsigned int)source[i]) << 16);
 }
+
+extern "C" __global__ void adam_f32(float* parameters, const float* gradients, float* first, float* second,
+                                    float beta1, float beta2, float epsilon, float weight_decay,
+                                    float step_size, float second_correction, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float gradient = gradients[i] + weight_decay * parameters[i];
+    float m = beta1 * first[i] + (1.0f - beta1) * gradient;
+    float v = beta2 * second[i] + (1.0f - beta2) * gradient * gradient;
+    first[i] = m;
+    second[i] = v;
+    parameters[i] -= step_size * m / (sqrtf(v) * second_correction + epsilon);
+}
+
+extern "C" __global__ void sgd_f32(float* parameters, const float* gradients, float* velocity,
+                                   float learning_rate, float momentum, float weight_decay, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float v = momentum * velocity[i] + gradients[i] + weight_decay * parameters[i];
+    velocity[i] = v;
+    parameters[i] -= learning_rate * v;
+}
 "#;
 
 /// The kernels, compiled for one device, launched on its default stream.
@@ -53,6 +75,8 @@ pub struct CudaKernels {
     f32_to_bf16: CudaFunction,
     bf16_to_f32: CudaFunction,
     add_assign_bf16: CudaFunction,
+    adam_f32: CudaFunction,
+    sgd_f32: CudaFunction,
 }
 
 fn cuda_error(error: impl std::fmt::Debug) -> KernelError {
@@ -99,6 +123,8 @@ impl CudaKernels {
             f32_to_bf16: function("f32_to_bf16")?,
             bf16_to_f32: function("bf16_to_f32")?,
             add_assign_bf16: function("add_assign_bf16")?,
+            adam_f32: function("adam_f32")?,
+            sgd_f32: function("sgd_f32")?,
         })
     }
 
@@ -175,6 +201,66 @@ impl CudaKernels {
         unsafe { launch.launch(launch_config(length)?) }.map_err(cuda_error)?;
         Ok(())
     }
+
+    /// One fused Adam step, as [`crate::cpu::adam_step`].
+    pub fn adam_step(
+        &self,
+        parameters: &mut CudaSlice<f32>,
+        gradients: &CudaSlice<f32>,
+        first_moment: &mut CudaSlice<f32>,
+        second_moment: &mut CudaSlice<f32>,
+        step: &AdamStep,
+    ) -> Result<(), KernelError> {
+        let length = parameters.len();
+        check_lengths(length, gradients.len())?;
+        check_lengths(length, first_moment.len())?;
+        check_lengths(length, second_moment.len())?;
+        let count = length as u32;
+        let (step_size, second_correction) = step.corrections();
+        let mut launch = self.stream.launch_builder(&self.adam_f32);
+        launch
+            .arg(parameters)
+            .arg(gradients)
+            .arg(first_moment)
+            .arg(second_moment);
+        launch
+            .arg(&step.beta1)
+            .arg(&step.beta2)
+            .arg(&step.epsilon)
+            .arg(&step.weight_decay);
+        launch.arg(&step_size).arg(&second_correction).arg(&count);
+        #[allow(unsafe_code)] // a kernel launch: its arguments must match the kernel's signature
+        // SAFETY: adam_f32(float*, const float*, float*, float*, 6 floats, unsigned int): four device buffers
+        // of `count` elements (checked equal above), the scalars in order, the count; indices are guarded.
+        unsafe { launch.launch(launch_config(length)?) }.map_err(cuda_error)?;
+        Ok(())
+    }
+
+    /// One fused SGD step with momentum, as [`crate::cpu::sgd_step`].
+    pub fn sgd_step(
+        &self,
+        parameters: &mut CudaSlice<f32>,
+        gradients: &CudaSlice<f32>,
+        velocity: &mut CudaSlice<f32>,
+        step: &SgdStep,
+    ) -> Result<(), KernelError> {
+        let length = parameters.len();
+        check_lengths(length, gradients.len())?;
+        check_lengths(length, velocity.len())?;
+        let count = length as u32;
+        let mut launch = self.stream.launch_builder(&self.sgd_f32);
+        launch.arg(parameters).arg(gradients).arg(velocity);
+        launch
+            .arg(&step.learning_rate)
+            .arg(&step.momentum)
+            .arg(&step.weight_decay)
+            .arg(&count);
+        #[allow(unsafe_code)] // a kernel launch: its arguments must match the kernel's signature
+        // SAFETY: sgd_f32(float*, const float*, float*, float, float, float, unsigned int): three device
+        // buffers of `count` elements (checked equal above), the scalars, the count; indices are guarded.
+        unsafe { launch.launch(launch_config(length)?) }.map_err(cuda_error)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -245,6 +331,64 @@ mod tests {
                 stream.clone_dtoh(&back).unwrap(),
                 expected_back,
                 "add_assign_bf16, {length} elements"
+            );
+
+            // The optimizers: the GPU may fuse multiply-adds the CPU rounds separately, so compare closely
+            // rather than bit for bit.
+            let close = |got: &[f32], want: &[f32], what: &str| {
+                for (index, (got, want)) in got.iter().zip(want).enumerate() {
+                    assert!(
+                        (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                        "{what} {index}: {got} against {want}"
+                    );
+                }
+            };
+            let (mut parameters, mut m, mut v) = (a.clone(), vec![0.0f32; length], vec![0.0f32; length]);
+            let (mut device_parameters, mut device_m, mut device_v) = (
+                stream.clone_htod(&a).unwrap(),
+                stream.alloc_zeros::<f32>(length).unwrap(),
+                stream.alloc_zeros::<f32>(length).unwrap(),
+            );
+            let device_gradients = stream.clone_htod(&b).unwrap();
+            for step in 1..=3 {
+                let config = AdamStep {
+                    weight_decay: 0.01,
+                    ..AdamStep::new(1e-3, step)
+                };
+                crate::cpu::adam_step(&mut parameters, &b, &mut m, &mut v, &config).unwrap();
+                kernels
+                    .adam_step(
+                        &mut device_parameters,
+                        &device_gradients,
+                        &mut device_m,
+                        &mut device_v,
+                        &config,
+                    )
+                    .unwrap();
+            }
+            close(
+                &stream.clone_dtoh(&device_parameters).unwrap(),
+                &parameters,
+                "adam parameter",
+            );
+            close(&stream.clone_dtoh(&device_v).unwrap(), &v, "adam second moment");
+            let sgd = SgdStep {
+                learning_rate: 0.01,
+                momentum: 0.9,
+                weight_decay: 0.001,
+            };
+            let mut velocity = vec![0.0f32; length];
+            let mut device_velocity = stream.alloc_zeros::<f32>(length).unwrap();
+            for _ in 0..3 {
+                crate::cpu::sgd_step(&mut parameters, &b, &mut velocity, &sgd).unwrap();
+                kernels
+                    .sgd_step(&mut device_parameters, &device_gradients, &mut device_velocity, &sgd)
+                    .unwrap();
+            }
+            close(
+                &stream.clone_dtoh(&device_parameters).unwrap(),
+                &parameters,
+                "sgd parameter",
             );
         }
     }

@@ -1,5 +1,5 @@
-//! Tabular data for the trainer: a CSV file with a header row, numeric feature columns and an integer
-//! class label, split and normalized the same way on every rank.
+//! Tabular data for the trainer: a CSV file with a header row or a Parquet file, numeric feature columns
+//! and a label column (class numbers or real numbers), split and normalized the same way on every rank.
 
 use std::path::Path;
 
@@ -204,6 +204,18 @@ pub fn load_csv(path: &Path, label: &str, task: Task) -> Result<Dataset, TrainEr
             }
         }
     }
+    finish(path, feature_names, features, labels, targets, task)
+}
+
+/// Checks that the rows can train a model of `task` and assembles the dataset.
+fn finish(
+    path: &Path,
+    feature_names: Vec<String>,
+    features: Vec<f32>,
+    labels: Vec<u32>,
+    targets: Vec<f32>,
+    task: Task,
+) -> Result<Dataset, TrainError> {
     if task == Task::Regression {
         if targets.len() < 2 {
             return Err(TrainError::InvalidInput(format!(
@@ -239,4 +251,122 @@ pub fn load_csv(path: &Path, label: &str, task: Task) -> Result<Dataset, TrainEr
         classes,
         task,
     })
+}
+
+/// Reads a dataset, choosing the format by the file's extension: `.parquet` (or `.pq`) or CSV.
+pub fn load_dataset(path: &Path, label: &str, task: Task) -> Result<Dataset, TrainError> {
+    match path.extension().and_then(|extension| extension.to_str()) {
+        Some("parquet" | "pq") => load_parquet(path, label, task),
+        _ => load_csv(path, label, task),
+    }
+}
+
+/// Reads a Parquet file (any compression, any number of row groups). Feature columns may be any integer,
+/// float or decimal type, cast to f32; the label is an integer class number for classification or any
+/// number for regression. Nulls are refused with the column and row that hold one.
+pub fn load_parquet(path: &Path, label: &str, task: Task) -> Result<Dataset, TrainError> {
+    use arrow_array::Array;
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Float64Type, Int64Type};
+    use arrow_schema::DataType;
+
+    let invalid = |message: String| TrainError::InvalidInput(format!("dataset {}: {message}", path.display()));
+    let file = std::fs::File::open(path)
+        .map_err(|error| TrainError::InvalidInput(format!("cannot read dataset {}: {error}", path.display())))?;
+    let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|error| invalid(format!("not a readable Parquet file: {error}")))?;
+    let schema = builder.schema().clone();
+    let headers: Vec<&str> = schema.fields().iter().map(|field| field.name().as_str()).collect();
+    let label_index = headers.iter().position(|name| *name == label).ok_or_else(|| {
+        TrainError::InvalidInput(format!(
+            "label column '{label}' is not in dataset {} (has: {})",
+            path.display(),
+            headers.join(", ")
+        ))
+    })?;
+    for field in schema.fields() {
+        let numeric = field.data_type().is_numeric();
+        if !numeric {
+            return Err(invalid(format!(
+                "column '{}' has type {}; expected numbers (integers, floats or decimals)",
+                field.name(),
+                field.data_type()
+            )));
+        }
+        if field.name() == label && task == Task::Classification && !field.data_type().is_integer() {
+            return Err(invalid(format!(
+                "label column '{label}' has type {}; classification expects integer class numbers (0, 1, 2, …)",
+                field.data_type()
+            )));
+        }
+    }
+    let feature_names: Vec<String> = headers
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| *index != label_index)
+        .map(|(_, name)| name.to_string())
+        .collect();
+    let reader = builder
+        .with_batch_size(8192)
+        .build()
+        .map_err(|error| invalid(error.to_string()))?;
+    let (mut features, mut labels, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+    let mut rows_before = 0usize;
+    for batch in reader {
+        let batch = batch.map_err(|error| invalid(error.to_string()))?;
+        let rows = batch.num_rows();
+        let mut columns = Vec::with_capacity(batch.num_columns());
+        for (index, column) in batch.columns().iter().enumerate() {
+            if let Some(row) = (0..rows).find(|row| column.is_null(*row)) {
+                return Err(invalid(format!(
+                    "column '{}' is null in row {}; expected a value in every row",
+                    headers[index],
+                    rows_before + row + 1
+                )));
+            }
+            let target = if index == label_index && task == Task::Classification {
+                DataType::Int64
+            } else {
+                DataType::Float64
+            };
+            let cast = arrow_cast::cast(column, &target)
+                .map_err(|error| invalid(format!("column '{}': {error}", headers[index])))?;
+            columns.push(cast);
+        }
+        let label_column = &columns[label_index];
+        if task == Task::Classification {
+            for (row, class) in label_column.as_primitive::<Int64Type>().values().iter().enumerate() {
+                let class = u32::try_from(*class).map_err(|_| {
+                    invalid(format!(
+                        "row {} column '{label}': label {class} is not a class number (0, 1, 2, …)",
+                        rows_before + row + 1
+                    ))
+                })?;
+                labels.push(class);
+                targets.push(class as f32);
+            }
+        } else {
+            for (row, target) in label_column.as_primitive::<Float64Type>().values().iter().enumerate() {
+                if !target.is_finite() {
+                    return Err(invalid(format!(
+                        "row {} column '{label}': target {target} is not a finite number",
+                        rows_before + row + 1
+                    )));
+                }
+                targets.push(*target as f32);
+            }
+        }
+        let feature_columns: Vec<&[f64]> = columns
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| *index != label_index)
+            .map(|(_, column)| column.as_primitive::<Float64Type>().values().as_ref())
+            .collect();
+        features.reserve(rows * feature_columns.len());
+        for row in 0..rows {
+            features.extend(feature_columns.iter().map(|column| column[row] as f32));
+        }
+        rows_before += rows;
+    }
+    finish(path, feature_names, features, labels, targets, task)
 }

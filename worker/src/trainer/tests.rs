@@ -18,6 +18,9 @@ fn base_config() -> TrainConfig {
         seed: 0,
         validation_fraction: 0.2,
         optimizer: OptimizerKind::Adam,
+        momentum: 0.0,
+        weight_decay: 0.0,
+        log_every_steps: 0,
         max_steps: None,
         checkpoint: None,
     }
@@ -190,6 +193,100 @@ fn bad_datasets_are_refused_with_the_reason() {
         .to_string();
     assert!(error.contains("cannot read dataset"), "{error}");
     std::fs::remove_dir_all(&directory).unwrap();
+}
+
+/// Writes `columns` as a Parquet file compressed with zstd, in row groups of 500 rows.
+fn write_parquet(path: &std::path::Path, columns: Vec<(&str, arrow_array::ArrayRef)>) {
+    let batch = arrow_array::RecordBatch::try_from_iter(columns).unwrap();
+    let properties = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+        .set_max_row_group_row_count(Some(500))
+        .build();
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), Some(properties)).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+}
+
+#[test]
+fn parquet_datasets_load_like_their_csv() {
+    use arrow_array::{ArrayRef, Float32Array, Float64Array, Int32Array, Int64Array, StringArray};
+    let csv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data/digits.csv");
+    let expected = load_csv(&csv, "digit", Task::Classification).unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    // The pixels as a mix of integer and float columns, the label in the middle.
+    let mut columns: Vec<(&str, ArrayRef)> = Vec::new();
+    for (index, name) in expected.feature_names.iter().enumerate() {
+        let values = (0..expected.rows()).map(|row| expected.row(row)[index]);
+        let column: ArrayRef = if index % 2 == 0 {
+            Arc::new(Int32Array::from_iter_values(values.map(|value| value as i32)))
+        } else {
+            Arc::new(Float32Array::from_iter_values(values))
+        };
+        columns.push((name.as_str(), column));
+        if index == 31 {
+            let labels = expected.labels.iter().map(|label| i64::from(*label));
+            columns.push(("digit", Arc::new(Int64Array::from_iter_values(labels))));
+        }
+    }
+    let path = directory.path().join("digits.parquet");
+    write_parquet(&path, columns);
+    let loaded = load_dataset(&path, "digit", Task::Classification).unwrap();
+    assert_eq!(loaded.feature_names, expected.feature_names);
+    assert_eq!(loaded.features, expected.features);
+    assert_eq!(loaded.labels, expected.labels);
+    assert_eq!((loaded.rows(), loaded.columns, loaded.classes), (1797, 64, 10));
+
+    let bad = directory.path().join("bad.parquet");
+    let text: ArrayRef = Arc::new(StringArray::from(vec!["a", "b"]));
+    write_parquet(
+        &bad,
+        vec![("name", text), ("label", Arc::new(Int64Array::from(vec![0, 1])))],
+    );
+    let error = load_dataset(&bad, "label", Task::Classification)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("column 'name' has type Utf8; expected numbers"),
+        "{error}"
+    );
+    let gap: ArrayRef = Arc::new(Float64Array::from(vec![Some(1.0), None, Some(3.0)]));
+    write_parquet(
+        &bad,
+        vec![("x", gap), ("label", Arc::new(Int64Array::from(vec![0, 1, 0])))],
+    );
+    let error = load_dataset(&bad, "label", Task::Classification)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("column 'x' is null in row 2"), "{error}");
+    let x: ArrayRef = Arc::new(Float64Array::from(vec![1.0, 2.0]));
+    write_parquet(
+        &bad,
+        vec![
+            ("x", x.clone()),
+            ("label", Arc::new(Float64Array::from(vec![0.5, 1.5]))),
+        ],
+    );
+    let error = load_dataset(&bad, "label", Task::Classification)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("classification expects integer class numbers"),
+        "{error}"
+    );
+    let regression = load_dataset(&bad, "label", Task::Regression).unwrap();
+    assert_eq!(
+        (regression.targets.clone(), regression.features.clone()),
+        (vec![0.5, 1.5], vec![1.0, 2.0])
+    );
+    let error = load_dataset(&bad, "y", Task::Regression).unwrap_err().to_string();
+    assert!(
+        error.contains("label column 'y' is not in") && error.contains("x, label"),
+        "{error}"
+    );
+    std::fs::write(&bad, "not parquet").unwrap();
+    let error = load_dataset(&bad, "label", Task::Regression).unwrap_err().to_string();
+    assert!(error.contains("not a readable Parquet file"), "{error}");
 }
 
 #[test]
