@@ -58,6 +58,9 @@ pub struct QueuedJob {
     /// The number the next attempt gets.
     pub attempt: u32,
     pub ranks: u32,
+    /// The fewest ranks this attempt may start with: `ranks`, except for a restart of a job with
+    /// `min_workers` (elastic), which takes as many ranks as fit, down to this.
+    pub min_ranks: u32,
     pub need: Capacity,
     pub queued_since_ms: i64,
 }
@@ -76,6 +79,7 @@ fn queued_job(job: &crate::state::Job) -> QueuedJob {
         id: job.id,
         attempt: job.attempts.len() as u32 + 1,
         ranks: job.spec.resources.workers,
+        min_ranks: job.min_ranks(),
         need: Capacity::of_rank(&job.spec.resources),
         queued_since_ms: job.queued_since_ms,
     }
@@ -214,11 +218,12 @@ pub fn fits_idle(job: &QueuedJob, workers: &[WorkerView]) -> bool {
         .iter()
         .map(|worker| u64::from(worker.capacity.ranks_that_fit(&job.need)))
         .sum();
-    total >= u64::from(job.ranks)
+    total >= u64::from(job.min_ranks)
 }
 
 /// Indices into `workers`, one per rank, with rank 0 on a worker that `can_lead` (its host has a port free for
-/// `MASTER_PORT`), or `None` when the gang does not fit now.
+/// `MASTER_PORT`), or `None` when the gang does not fit now. An elastic restart gets as many ranks as fit,
+/// if that is at least its `min_ranks`.
 fn place(
     job: &QueuedJob,
     workers: &[WorkerView],
@@ -251,7 +256,7 @@ fn place(
             return Some(placement);
         }
     }
-    None
+    (placement.len() >= job.min_ranks as usize).then_some(placement)
 }
 
 fn pick_port(job: &QueuedJob, master: &WorkerView, ports: &BTreeSet<(String, u16)>) -> Option<u16> {

@@ -15,6 +15,7 @@
 //! GREETING = "hi"
 //! [resources]                 # per worker
 //! workers = 2
+//! min_workers = 1             # optional: a restarted attempt may run with as few as this many ranks
 //! cpus = 1
 //! gpus = 0
 //! memory = "512MiB"
@@ -134,6 +135,7 @@ struct RawSpec {
 #[serde(deny_unknown_fields)]
 struct RawResources {
     workers: Option<Spanned<u32>>,
+    min_workers: Option<Spanned<u32>>,
     cpus: Option<Spanned<u32>>,
     #[serde(default)]
     gpus: u32,
@@ -239,6 +241,26 @@ pub fn parse_train_options(source_name: &str, text: &str) -> Result<TrainOptions
         weight_decay: train.weight_decay.map_or(0.0, Spanned::into_inner),
         log_every_steps: train.log_every_steps.unwrap_or(50),
     })
+}
+
+/// `[resources] min_workers` of an already validated spec's text: how few ranks a restarted attempt may
+/// run with (elastic training keeps its global batch, so it resumes on fewer). `None` when not set.
+///
+/// Read from the text the state keeps verbatim, like [`parse_train_options`], so the stored `JobSpec` and
+/// the Raft log's commands keep their encoding; only the scheduler of a restart asks, which is rare.
+pub fn min_workers(spec_toml: &str) -> Option<u32> {
+    #[derive(Deserialize)]
+    struct Outer {
+        resources: Option<Inner>,
+    }
+    #[derive(Deserialize)]
+    struct Inner {
+        min_workers: Option<u32>,
+    }
+    if !spec_toml.contains("min_workers") {
+        return None;
+    }
+    toml::from_str::<Outer>(spec_toml).ok()?.resources?.min_workers
 }
 
 /// Memory per worker: an integer number of bytes or a string with a unit (`"512MiB"`, `"4GB"`).
@@ -525,6 +547,17 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
                 }
                 Some(workers) => workers.into_inner(),
             };
+            if let Some(minimum) = &resources.min_workers
+                && (*minimum.get_ref() == 0 || *minimum.get_ref() > workers)
+            {
+                return Err(error_at(
+                    minimum.span().start,
+                    format!(
+                        "field 'resources.min_workers' is {}; expected 1 to resources.workers ({workers})",
+                        minimum.get_ref()
+                    ),
+                ));
+            }
             let cpus = match resources.cpus {
                 None => 1,
                 Some(cpus) if *cpus.get_ref() == 0 => {
@@ -662,6 +695,25 @@ memory = "512MiB"
         let error = parse_train_options("t.toml", &format!("{train}momentum = 1.5\n")).unwrap_err();
         assert!(error.message.contains("'train.momentum' is 1.5"), "{error}");
         assert_eq!(error.line, 6);
+    }
+
+    #[test]
+    fn min_workers_is_checked_and_read_back() {
+        let elastic = HELLO.replace("workers = 2", "workers = 2\nmin_workers = 1");
+        parse_job_spec("t.toml", &elastic).unwrap();
+        assert_eq!(min_workers(&elastic), Some(1));
+        assert_eq!(min_workers(HELLO), None);
+        for bad in ["0", "3"] {
+            let text = HELLO.replace("workers = 2", &format!("workers = 2\nmin_workers = {bad}"));
+            let error = parse_job_spec("t.toml", &text).unwrap_err();
+            assert!(
+                error.message.contains(&format!(
+                    "'resources.min_workers' is {bad}; expected 1 to resources.workers (2)"
+                )),
+                "{error}"
+            );
+            assert_eq!(error.line, 8);
+        }
     }
 
     #[test]

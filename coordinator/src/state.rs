@@ -325,6 +325,16 @@ impl Job {
         self.attempts.last()
     }
 
+    /// The fewest ranks the next attempt may have: every rank for a first attempt, down to the spec's
+    /// `min_workers` for a restart of an elastic job.
+    pub fn min_ranks(&self) -> u32 {
+        let ranks = self.spec.resources.workers;
+        if self.attempts.is_empty() {
+            return ranks;
+        }
+        crate::spec::min_workers(&self.spec_toml).map_or(ranks, |minimum| minimum.clamp(1, ranks))
+    }
+
     /// Restarts used so far: attempts after the first.
     pub fn restarts(&self) -> u32 {
         (self.attempts.len() as u32).saturating_sub(1)
@@ -789,10 +799,15 @@ impl StateMachine {
         if number != expected {
             return Err(format!("job {id} is waiting for attempt {expected}, not {number}"));
         }
-        if placement.len() != job.spec.resources.workers as usize {
+        let (minimum, ranks) = (job.min_ranks() as usize, job.spec.resources.workers as usize);
+        if placement.len() < minimum || placement.len() > ranks {
+            let wanted = if minimum == ranks {
+                format!("{ranks}")
+            } else {
+                format!("{minimum} to {ranks}")
+            };
             return Err(format!(
-                "job {id} has {} ranks; the placement names {} workers",
-                job.spec.resources.workers,
+                "job {id} attempt {number} takes {wanted} ranks; the placement names {} workers",
                 placement.len()
             ));
         }

@@ -8,7 +8,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::spec::parse_job_spec;
-use crate::state::{CommandResult, TaskKey, TaskOutcome, WorkerRegistration};
+use crate::state::{CommandResult, JobState, TaskKey, TaskOutcome, WorkerRegistration};
 
 /// Few hosts, so workers often share one and their rank-0 ports collide.
 const HOSTS: [&str; 3] = ["10.0.0.1", "10.0.0.2", "10.0.0.3"];
@@ -89,6 +89,7 @@ fn queue() -> impl Strategy<Value = Vec<QueuedJob>> {
                     id,
                     attempt,
                     ranks,
+                    min_ranks: ranks,
                     need: capacity(cpus, gpus, memory_units),
                     queued_since_ms,
                 }
@@ -474,6 +475,7 @@ fn simulate(workers: &[WorkerView], arrivals: &[Arrival], config: &SchedulerConf
                     id: *job as JobId + 1,
                     attempt: 1,
                     ranks: arrivals[*job].ranks,
+                    min_ranks: arrivals[*job].ranks,
                     need: arrivals[*job].need,
                     queued_since_ms: arrivals[*job].at_ms,
                 })
@@ -647,6 +649,7 @@ fn one_cpu_job(id: JobId, ranks: u32) -> QueuedJob {
         id,
         attempt: 1,
         ranks,
+        min_ranks: ranks,
         need: capacity(1, 0, 0),
         queued_since_ms: 0,
     }
@@ -849,6 +852,101 @@ fn decisions_are_accepted_by_the_state_machine() {
         .collect();
     assert_eq!(masters.len(), decisions.len(), "master ports collide: {masters:?}");
     assert_eq!(view.ports_in_use, masters);
+}
+
+/// Submits a two-rank job of one CPU per rank that may restart once, elastic down to `min_workers`.
+fn submit_restartable(state: &mut StateMachine, min_workers: Option<u32>) -> JobId {
+    let minimum = min_workers.map_or(String::new(), |minimum| format!("min_workers = {minimum}\n"));
+    let spec_toml = format!(
+        "name = \"elastic\"\nkind = \"command\"\ncommand = \"true\"\nmax_restarts = 1\n[resources]\nworkers = 2\n{minimum}"
+    );
+    let spec = parse_job_spec("test", &spec_toml).unwrap();
+    let result = apply(
+        state,
+        Command::SubmitJob {
+            spec,
+            spec_toml,
+            idempotency_key: String::new(),
+            now_ms: 1,
+        },
+    );
+    let CommandResult::Submitted { job, created: true } = result else {
+        panic!("{result:?}")
+    };
+    job.id
+}
+
+#[test]
+fn an_elastic_job_restarts_on_fewer_ranks_and_a_rigid_one_waits() {
+    for (min_workers, ranks_after) in [(Some(1), Some(1)), (None, None)] {
+        let mut state = StateMachine::default();
+        let workers = [
+            register(&mut state, "a", "10.0.0.1", capacity(1, 0, 16)),
+            register(&mut state, "b", "10.0.0.2", capacity(1, 0, 16)),
+        ];
+        let id = submit_restartable(&mut state, min_workers);
+        // The first attempt always takes every rank.
+        let first = schedule_and_apply(&mut state, 10);
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].placement.len(), 2);
+        let lost = first[0].placement[1];
+        apply(
+            &mut state,
+            Command::WorkerLost {
+                worker: lost,
+                registrations: 1,
+                reason: "lease expired".into(),
+                now_ms: 20,
+            },
+        );
+        let job = state.job(id).unwrap();
+        assert_eq!(job.state, JobState::Queued, "{job:?}");
+        let survivor = *workers.iter().find(|worker| **worker != lost).unwrap();
+        // The surviving rank is stopped; its slot is free once its worker reports the exit.
+        apply(
+            &mut state,
+            Command::TaskFinished {
+                task: TaskKey {
+                    job: id,
+                    attempt: 1,
+                    rank: 0,
+                },
+                worker: survivor,
+                outcome: TaskOutcome::Signalled { signal: 15 },
+                now_ms: 30,
+            },
+        );
+        let second = schedule_and_apply(&mut state, 100_000);
+        match ranks_after {
+            Some(ranks) => {
+                assert_eq!(second.len(), 1, "min_workers {min_workers:?}: {second:?}");
+                assert_eq!(second[0].placement, vec![survivor; ranks]);
+                let attempt = state.job(id).unwrap().current_attempt().unwrap().clone();
+                assert_eq!((attempt.number, attempt.tasks.len()), (2, ranks));
+            }
+            None => assert!(second.is_empty(), "a rigid job waits for both ranks: {second:?}"),
+        }
+    }
+    // The state machine holds every placement to the bounds, whoever proposes it.
+    let mut state = StateMachine::default();
+    let worker = register(&mut state, "a", "10.0.0.1", capacity(4, 0, 16));
+    let id = submit_restartable(&mut state, Some(1));
+    let short = Command::StartAttempt {
+        job: id,
+        attempt: 1,
+        placement: vec![worker],
+        master_port: 29_500,
+        now_ms: 5,
+    };
+    let CommandResult::Rejected(error) = apply(&mut state, short) else {
+        panic!("a first attempt with too few ranks was accepted")
+    };
+    assert!(
+        error
+            .to_string()
+            .contains("attempt 1 takes 2 ranks; the placement names 1 workers"),
+        "{error}"
+    );
 }
 
 #[test]
