@@ -206,7 +206,21 @@ async fn train(args: TrainArgs) -> Result<()> {
         dataset.classes,
         dataset_path.display()
     );
+    // A rank given GPUs (the worker sets CUDA_VISIBLE_DEVICES) all-reduces over NCCL and, when this kiln has
+    // burn's CUDA backend, computes on the first of them.
+    let gpu_rank = std::env::var("CUDA_VISIBLE_DEVICES").is_ok_and(|devices| !devices.trim().is_empty());
+    if gpu_rank && !cfg!(feature = "burn-cuda") {
+        println!(
+            "rank {}: this kiln has no CUDA backend for burn; computing on the CPU",
+            environment.rank
+        );
+    }
     let config = TrainConfig {
+        device: if gpu_rank && cfg!(feature = "burn-cuda") {
+            trainer::ComputeDevice::Cuda(0)
+        } else {
+            trainer::ComputeDevice::Cpu
+        },
         image: options.image.map(|image| image.map(|size| size as usize)),
         hidden: options.hidden.iter().map(|width| *width as usize).collect(),
         epochs: options.epochs,
@@ -231,7 +245,7 @@ async fn train(args: TrainArgs) -> Result<()> {
                 every_steps: options.checkpoint_every_steps,
             }),
     };
-    let mut communicator = collective::join(&environment, CollectiveConfig::default()).await?;
+    let group = Group::join(&environment, gpu_rank).await?;
     let run_directory = std::env::var("KILN_RUN_DIR").unwrap_or_else(|_| ".".into());
     let (job_id, attempt, rank) = (environment.job, environment.attempt, environment.rank);
     // Rank 0 reports each epoch's metrics, and the loss every `log_every_steps` steps, to the cluster (best effort: a report that cannot be queued
@@ -278,7 +292,14 @@ async fn train(args: TrainArgs) -> Result<()> {
             };
             let _ = epoch_reports.try_send((values, Default::default()));
         };
-        let (_, outcome) = trainer::train(&config, &dataset, &mut communicator, |line| println!("{line}"), report)?;
+        let mut communicator = group.into_communicator()?;
+        let (_, outcome) = trainer::train(
+            &config,
+            &dataset,
+            communicator.as_mut(),
+            |line| println!("{line}"),
+            report,
+        )?;
         let (validation_name, validation) = outcome
             .epochs
             .last()
@@ -327,6 +348,42 @@ async fn train(args: TrainArgs) -> Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(10), reporter).await;
     }
     finished
+}
+
+/// A rank's group as it leaves the async side: the TCP ring, or for GPU ranks an invitation to NCCL (whose
+/// communicator must be made on the thread that uses it).
+enum Group {
+    Ring(collective::RingCommunicator),
+    #[cfg(feature = "cuda")]
+    Nccl(collective::NcclInvite),
+}
+
+impl Group {
+    async fn join(environment: &RankEnvironment, gpu_rank: bool) -> Result<Group> {
+        #[cfg(feature = "cuda")]
+        if gpu_rank && collective::nccl::is_available() {
+            println!("rank {}: all-reduce over NCCL", environment.rank);
+            let invite = collective::nccl_rendezvous(environment, CollectiveConfig::default()).await?;
+            return Ok(Group::Nccl(invite));
+        }
+        if gpu_rank {
+            println!(
+                "rank {}: NCCL is not available here; all-reduce over the TCP ring",
+                environment.rank
+            );
+        }
+        Ok(Group::Ring(
+            collective::join(environment, CollectiveConfig::default()).await?,
+        ))
+    }
+
+    fn into_communicator(self) -> Result<Box<dyn Communicator>> {
+        match self {
+            Group::Ring(ring) => Ok(Box::new(ring)),
+            #[cfg(feature = "cuda")]
+            Group::Nccl(invite) => Ok(Box::new(invite.join(0)?)),
+        }
+    }
 }
 
 /// Metrics and artifact locations on their way to the coordinator.

@@ -6,13 +6,18 @@ pub fn detect_gpus() -> u32 {
     detect()
 }
 
+/// Whether the CUDA driver library can be loaded (touching CUDA without it panics).
 #[cfg(feature = "cuda")]
-fn detect() -> u32 {
-    // Loading the driver panics when it is missing, so check that it is there first.
+pub fn cuda_driver_present() -> bool {
     #[allow(unsafe_code)] // the probe only tries to dlopen the driver library; it has no preconditions to uphold
     // SAFETY: `is_culib_present` attempts to load libcuda and reports whether it could; nothing else.
     let present = unsafe { cudarc::driver::sys::is_culib_present() };
-    if !present {
+    present
+}
+
+#[cfg(feature = "cuda")]
+fn detect() -> u32 {
+    if !cuda_driver_present() {
         return 0;
     }
     match cudarc::driver::CudaContext::device_count() {

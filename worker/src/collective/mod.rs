@@ -19,14 +19,21 @@
 //! Every read and write has the configured timeout: a dead or hung peer fails the collective with
 //! [`CollectiveError::Timeout`] naming the peer, and the attempt restarts instead of hanging.
 //!
-//! The wire format is little-endian f32 or bf16, as on every platform Kiln builds for. Left out: NCCL
-//! (the GPU path of the training work), trees and hierarchical rings for large clusters.
+//! The wire format is little-endian f32 or bf16, as on every platform Kiln builds for. Ranks with GPUs
+//! use NCCL instead (`nccl`, the `cuda` feature), behind the same [`Communicator`]. Left out: trees and
+//! hierarchical rings for large clusters.
 
+#[cfg(feature = "cuda")]
+pub mod nccl;
 mod rendezvous;
 mod ring;
 
 use std::time::Duration;
 
+#[cfg(feature = "cuda")]
+pub use nccl::NcclCommunicator;
+#[cfg(feature = "cuda")]
+pub use rendezvous::{NcclInvite, nccl_rendezvous};
 pub use rendezvous::{RankEnvironment, join, rendezvous};
 pub use ring::RingCommunicator;
 

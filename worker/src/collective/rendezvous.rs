@@ -122,12 +122,70 @@ pub async fn join(
     environment: &RankEnvironment,
     config: CollectiveConfig,
 ) -> Result<RingCommunicator, CollectiveError> {
+    join_with_blob(environment, config, Vec::new())
+        .await
+        .map(|(ring, _)| ring)
+}
+
+/// [`join`], also handing rank 0's `blob` to every rank.
+async fn join_with_blob(
+    environment: &RankEnvironment,
+    config: CollectiveConfig,
+    blob: Vec<u8>,
+) -> Result<(RingCommunicator, Vec<u8>), CollectiveError> {
     let (listener, address) = RingCommunicator::bind(&environment.host).map_err(|error| {
         CollectiveError::InvalidArgument(format!("binding a ring listener on {}: {error}", environment.host))
     })?;
-    let (addresses, _) = rendezvous(environment, &address.to_string(), Vec::new(), config.timeout).await?;
+    let (addresses, blob) = rendezvous(environment, &address.to_string(), blob, config.timeout).await?;
     let (rank, epoch) = (environment.rank, u64::from(environment.attempt));
-    tokio::task::spawn_blocking(move || RingCommunicator::connect(listener, rank, &addresses, epoch, config))
-        .await
-        .map_err(|error| CollectiveError::InvalidArgument(format!("joining the ring: {error}")))?
+    let ring =
+        tokio::task::spawn_blocking(move || RingCommunicator::connect(listener, rank, &addresses, epoch, config))
+            .await
+            .map_err(|error| CollectiveError::InvalidArgument(format!("joining the ring: {error}")))??;
+    Ok((ring, blob))
+}
+
+/// Meets the attempt's other ranks for NCCL: rank 0's unique id travels through the rendezvous, and the
+/// TCP ring is joined first so that a rank of another attempt (another epoch) never reaches NCCL. NCCL's
+/// communicator cannot move between threads, so the thread that will use it calls [`NcclInvite::join`].
+#[cfg(feature = "cuda")]
+pub async fn nccl_rendezvous(
+    environment: &RankEnvironment,
+    config: CollectiveConfig,
+) -> Result<NcclInvite, CollectiveError> {
+    let id = if environment.rank == 0 {
+        super::nccl::unique_id()?
+    } else {
+        Vec::new()
+    };
+    let timeout = config.timeout;
+    let (ring, id) = join_with_blob(environment, config, id).await?;
+    Ok(NcclInvite {
+        ring,
+        id,
+        timeout,
+        rank: environment.rank,
+        world_size: environment.world_size,
+    })
+}
+
+/// Everything needed to join an NCCL group, from [`nccl_rendezvous`].
+#[cfg(feature = "cuda")]
+#[derive(Debug)]
+pub struct NcclInvite {
+    ring: RingCommunicator,
+    id: Vec<u8>,
+    timeout: Duration,
+    rank: u32,
+    world_size: u32,
+}
+
+#[cfg(feature = "cuda")]
+impl NcclInvite {
+    /// Joins on GPU `device` (an ordinal among the visible ones); blocks until every rank has joined.
+    pub fn join(self, device: usize) -> Result<super::NcclCommunicator, CollectiveError> {
+        let communicator = super::NcclCommunicator::new(device, self.rank, self.world_size, &self.id, self.timeout);
+        drop(self.ring);
+        communicator
+    }
 }

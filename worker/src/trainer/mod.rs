@@ -17,7 +17,8 @@
 //! gradients, moments), which costs a fraction of burn's per-tensor optimizer and makes the optimizer state
 //! three plain vectors in visiting order, independent of the world size, easy to checkpoint and broadcast.
 //!
-//! Left out so far: the CUDA backend and NCCL.
+//! With the `burn-cuda` feature a rank that was given a GPU computes on it with burn's CUDA backend
+//! ([`ComputeDevice::Cuda`]); the flat buffers, the optimizer and the collectives stay on the host.
 
 mod data;
 mod model;
@@ -51,6 +52,39 @@ pub enum TrainError {
     Storage(String),
 }
 
+/// Where a rank computes its forward and backward passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ComputeDevice {
+    /// burn's flex backend on the CPU.
+    #[default]
+    Cpu,
+    /// burn's CUDA backend on the GPU with this ordinal among the visible ones (the `burn-cuda` feature).
+    Cuda(usize),
+}
+
+impl ComputeDevice {
+    /// The burn device with autodiff, or why it cannot be used here.
+    pub fn burn_device(self) -> Result<Device, TrainError> {
+        match self {
+            ComputeDevice::Cpu => Ok(Device::flex().autodiff()),
+            #[cfg(feature = "burn-cuda")]
+            ComputeDevice::Cuda(ordinal) => {
+                if !crate::gpu::cuda_driver_present() {
+                    return Err(TrainError::InvalidInput(
+                        "this rank was given a GPU, but the CUDA driver cannot be loaded here".into(),
+                    ));
+                }
+                Ok(Device::cuda(ordinal).autodiff())
+            }
+            #[cfg(not(feature = "burn-cuda"))]
+            ComputeDevice::Cuda(_) => Err(TrainError::InvalidInput(
+                "CUDA training needs a kiln built with `--features burn-cuda`; this one computes on the CPU only"
+                    .into(),
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OptimizerKind {
     Adam,
@@ -59,6 +93,7 @@ pub enum OptimizerKind {
 
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
+    pub device: ComputeDevice,
     /// `Some([channels, height, width])` trains the CNN on rows of flattened images; `None` the MLP.
     pub image: Option<[usize; 3]>,
     pub hidden: Vec<usize>,
@@ -465,7 +500,7 @@ pub fn train(
     let split = dataset.split(config.validation_fraction, config.seed)?;
     let normalization = Normalization::of(dataset, &split.train);
     let dataset = &normalization.normalize(dataset);
-    let device = Device::flex().autodiff();
+    let device = config.device.burn_device()?;
     let network = match config.image {
         None => Network::Mlp(Mlp::new(dataset.columns, &config.hidden, dataset.outputs(), &device)),
         Some(image) => {
@@ -687,7 +722,11 @@ pub fn train(
 /// squared error).
 /// `dataset` is the normalized one the model trained on.
 pub fn evaluate(model: &Network, dataset: &Dataset, rows: &[usize]) -> (&'static str, f64) {
-    let device = Device::flex().autodiff();
+    let device = model
+        .devices()
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| Device::flex().autodiff());
     let inputs = rows_tensor(dataset, rows, &device);
     match dataset.task {
         data::Task::Classification => {

@@ -10,6 +10,7 @@ use crate::collective::{CollectiveConfig, RingCommunicator};
 /// The settings the tests share; each test names only what it changes.
 fn base_config() -> TrainConfig {
     TrainConfig {
+        device: ComputeDevice::Cpu,
         image: None,
         hidden: vec![16],
         epochs: 1,
