@@ -54,6 +54,7 @@ epochs = $EPOCHS
 batch_size = 256
 learning_rate = 0.001
 checkpoint_every = 1000
+log_every_steps = 0
 [resources]
 workers = $RANKS
 cpus = 1

@@ -248,8 +248,8 @@ async fn train(args: TrainArgs) -> Result<()> {
     let group = Group::join(&environment, gpu_rank).await?;
     let run_directory = std::env::var("KILN_RUN_DIR").unwrap_or_else(|_| ".".into());
     let (job_id, attempt, rank) = (environment.job, environment.attempt, environment.rank);
-    // Rank 0 reports each epoch's metrics, and the loss every `log_every_steps` steps, to the cluster (best effort: a report that cannot be queued
-    // is dropped, the next one carries the newer values).
+    // Rank 0 reports each epoch's metrics, the loss every `log_every_steps` steps and the artifacts to the
+    // cluster through one queue; only step reports are dropped when it is full.
     let (reports, mut pending) = tokio::sync::mpsc::channel::<Report>(REPORTS_QUEUED_MAX);
     let reporter = (rank == 0).then(|| {
         let coordinators = environment.coordinators.join(",");
@@ -275,22 +275,27 @@ async fn train(args: TrainArgs) -> Result<()> {
             if rank != 0 {
                 return;
             }
-            let values = match progress {
-                trainer::Progress::Step(metrics) => [
-                    ("step".to_string(), metrics.step as f64),
-                    ("train_loss".to_string(), metrics.loss),
-                    ("samples_per_second".to_string(), metrics.samples_per_second),
-                ]
-                .into(),
-                trainer::Progress::Epoch(metrics) => [
-                    ("epoch".to_string(), f64::from(metrics.epoch)),
-                    ("loss".to_string(), metrics.loss),
-                    (format!("validation_{}", metrics.validation_name), metrics.validation),
-                    ("samples_per_second".to_string(), metrics.samples_per_second),
-                ]
-                .into(),
-            };
-            let _ = epoch_reports.try_send((values, Default::default()));
+            match progress {
+                // Step reports may be dropped when the queue is full: the next one carries newer values.
+                trainer::Progress::Step(metrics) => {
+                    let values = [
+                        ("step".to_string(), metrics.step as f64),
+                        ("train_loss".to_string(), metrics.loss),
+                        ("step_samples_per_second".to_string(), metrics.samples_per_second),
+                    ];
+                    let _ = epoch_reports.try_send((values.into(), Default::default()));
+                }
+                // Epoch reports wait for room, so the final metrics always reach the cluster.
+                trainer::Progress::Epoch(metrics) => {
+                    let values = [
+                        ("epoch".to_string(), f64::from(metrics.epoch)),
+                        ("loss".to_string(), metrics.loss),
+                        (format!("validation_{}", metrics.validation_name), metrics.validation),
+                        ("samples_per_second".to_string(), metrics.samples_per_second),
+                    ];
+                    let _ = epoch_reports.blocking_send((values.into(), Default::default()));
+                }
+            }
         };
         let mut communicator = group.into_communicator()?;
         let (_, outcome) = trainer::train(
@@ -338,7 +343,7 @@ async fn train(args: TrainArgs) -> Result<()> {
             std::fs::write(directory.join("model.json"), serde_json::to_string_pretty(&manifest)?)?;
             println!("model saved to {}", directory.display());
             let artifacts = [("model".to_string(), directory.display().to_string())].into();
-            let _ = reports.try_send((Default::default(), artifacts));
+            let _ = reports.blocking_send((Default::default(), artifacts));
         }
         Ok(())
     })
@@ -361,20 +366,28 @@ enum Group {
 impl Group {
     async fn join(environment: &RankEnvironment, gpu_rank: bool) -> Result<Group> {
         #[cfg(feature = "cuda")]
-        if gpu_rank && collective::nccl::is_available() {
-            println!("rank {}: all-reduce over NCCL", environment.rank);
-            let invite = collective::nccl_rendezvous(environment, CollectiveConfig::default()).await?;
-            return Ok(Group::Nccl(invite));
+        {
+            let joined = collective::join_preferring_nccl(environment, CollectiveConfig::default(), gpu_rank).await?;
+            match joined {
+                collective::Joined::Nccl(invite) => {
+                    println!("rank {}: all-reduce over NCCL", environment.rank);
+                    Ok(Group::Nccl(invite))
+                }
+                collective::Joined::Ring(ring) => Ok(Group::Ring(ring)),
+            }
         }
-        if gpu_rank {
-            println!(
-                "rank {}: NCCL is not available here; all-reduce over the TCP ring",
-                environment.rank
-            );
+        #[cfg(not(feature = "cuda"))]
+        {
+            if gpu_rank {
+                println!(
+                    "rank {}: this kiln has no NCCL (the cuda feature); all-reduce over the TCP ring",
+                    environment.rank
+                );
+            }
+            Ok(Group::Ring(
+                collective::join(environment, CollectiveConfig::default()).await?,
+            ))
         }
-        Ok(Group::Ring(
-            collective::join(environment, CollectiveConfig::default()).await?,
-        ))
     }
 
     fn into_communicator(self) -> Result<Box<dyn Communicator>> {

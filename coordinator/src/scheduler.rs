@@ -59,7 +59,9 @@ pub struct QueuedJob {
     pub attempt: u32,
     pub ranks: u32,
     /// The fewest ranks this attempt may start with: `ranks`, except for a restart of a job with
-    /// `min_workers` (elastic), which takes as many ranks as fit, down to this.
+    /// `min_workers` (elastic), which takes as many ranks as fit, down to this, once the whole gang no
+    /// longer fits the alive workers (a worker was lost). While it still would, the restart waits for
+    /// every rank: a rank that merely crashed does not shrink the job.
     pub min_ranks: u32,
     pub need: Capacity,
     pub queued_since_ms: i64,
@@ -184,6 +186,18 @@ fn schedule_jobs(
             break;
         }
         let can_lead = |index: usize| pick_port(job, &view.workers[index], &ports).is_some();
+        let shrinkable = job.min_ranks < job.ranks
+            && !fits_idle(
+                &QueuedJob {
+                    min_ranks: job.ranks,
+                    ..job.clone()
+                },
+                &view.workers,
+            );
+        let job = &QueuedJob {
+            min_ranks: if shrinkable { job.min_ranks } else { job.ranks },
+            ..job.clone()
+        };
         let placed = place(job, &view.workers, &free, can_lead).map(|placement| {
             let port = pick_port(job, &view.workers[placement[0]], &ports).expect("rank 0's host has a free port");
             (placement, port)

@@ -447,6 +447,17 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
                     ));
                 }
             }
+            if let Some(momentum) = &train.momentum
+                && train
+                    .optimizer
+                    .as_ref()
+                    .is_none_or(|optimizer| optimizer.get_ref() != "sgd")
+            {
+                return Err(error_at(
+                    momentum.span().start,
+                    "field 'train.momentum' is for optimizer = \"sgd\"; Adam keeps its own moments (beta1 0.9)".into(),
+                ));
+            }
             if let Some(optimizer) = &train.optimizer
                 && !OPTIMIZERS.contains(&optimizer.get_ref().as_str())
             {
@@ -692,9 +703,12 @@ memory = "512MiB"
             (options.momentum, options.weight_decay, options.log_every_steps),
             (0.9, 1e-4, 0)
         );
-        let error = parse_train_options("t.toml", &format!("{train}momentum = 1.5\n")).unwrap_err();
+        let error =
+            parse_train_options("t.toml", &format!("{train}optimizer = \"sgd\"\nmomentum = 1.5\n")).unwrap_err();
         assert!(error.message.contains("'train.momentum' is 1.5"), "{error}");
-        assert_eq!(error.line, 6);
+        assert_eq!(error.line, 7);
+        let error = parse_train_options("t.toml", &format!("{train}momentum = 0.9\n")).unwrap_err();
+        assert!(error.message.contains("is for optimizer = \"sgd\""), "{error}");
     }
 
     #[test]

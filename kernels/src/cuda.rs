@@ -371,6 +371,7 @@ mod tests {
                 &parameters,
                 "adam parameter",
             );
+            close(&stream.clone_dtoh(&device_m).unwrap(), &m, "adam first moment");
             close(&stream.clone_dtoh(&device_v).unwrap(), &v, "adam second moment");
             let sgd = SgdStep {
                 learning_rate: 0.01,

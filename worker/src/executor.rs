@@ -308,10 +308,10 @@ impl Executor {
             });
         }
         let gpus: Vec<u32> = self.free_gpus.drain(..wanted_gpus).collect();
-        if !gpus.is_empty() {
-            let list: Vec<String> = gpus.iter().map(|gpu| gpu.to_string()).collect();
-            command.env("CUDA_VISIBLE_DEVICES", list.join(","));
-        }
+        // Always set: a task that was given no GPU must not inherit the worker's own view of the devices and
+        // use GPUs the scheduler counts as free.
+        let list: Vec<String> = gpus.iter().map(|gpu| gpu.to_string()).collect();
+        command.env("CUDA_VISIBLE_DEVICES", list.join(","));
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(error) => {

@@ -927,6 +927,38 @@ fn an_elastic_job_restarts_on_fewer_ranks_and_a_rigid_one_waits() {
             None => assert!(second.is_empty(), "a rigid job waits for both ranks: {second:?}"),
         }
     }
+    // A rank that crashes while both workers live does not shrink the job: the restart waits for its gang.
+    let mut state = StateMachine::default();
+    register(&mut state, "a", "10.0.0.1", capacity(1, 0, 16));
+    register(&mut state, "b", "10.0.0.2", capacity(1, 0, 16));
+    let id = submit_restartable(&mut state, Some(1));
+    let first = schedule_and_apply(&mut state, 10);
+    let finish = |state: &mut StateMachine, rank: u32, code: i32| {
+        apply(
+            state,
+            Command::TaskFinished {
+                task: TaskKey {
+                    job: id,
+                    attempt: 1,
+                    rank,
+                },
+                worker: first[0].placement[rank as usize],
+                outcome: TaskOutcome::Exited { code },
+                now_ms: 20,
+            },
+        )
+    };
+    finish(&mut state, 1, 1);
+    assert_eq!(state.job(id).unwrap().state, JobState::Queued);
+    assert!(
+        schedule_and_apply(&mut state, 100_000).is_empty(),
+        "rank 0 still holds its slot"
+    );
+    finish(&mut state, 0, 143);
+    let second = schedule_and_apply(&mut state, 100_000);
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].placement.len(), 2, "both workers are alive: {second:?}");
+
     // The state machine holds every placement to the bounds, whoever proposes it.
     let mut state = StateMachine::default();
     let worker = register(&mut state, "a", "10.0.0.1", capacity(4, 0, 16));

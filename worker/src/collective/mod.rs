@@ -33,7 +33,7 @@ use std::time::Duration;
 #[cfg(feature = "cuda")]
 pub use nccl::NcclCommunicator;
 #[cfg(feature = "cuda")]
-pub use rendezvous::{NcclInvite, nccl_rendezvous};
+pub use rendezvous::{Joined, NcclInvite, join_preferring_nccl};
 pub use rendezvous::{RankEnvironment, join, rendezvous};
 pub use ring::RingCommunicator;
 

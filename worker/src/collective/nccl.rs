@@ -67,7 +67,7 @@ pub struct NcclCommunicator {
     rank: u32,
     world_size: u32,
     timeout: Duration,
-    /// Device copy of the host buffers, grown to the largest seen.
+    /// Device copies of the host buffers, reused while large enough, so a step does not allocate.
     staging: Option<CudaSlice<f32>>,
     gathered: Option<CudaSlice<f32>>,
 }
@@ -154,7 +154,7 @@ impl NcclCommunicator {
     /// The staging buffer holding `values`, grown if needed.
     fn upload(&mut self, values: &[f32], operation: &'static str) -> Result<CudaSlice<f32>> {
         let mut staging = match self.staging.take() {
-            Some(staging) if staging.len() == values.len() => staging,
+            Some(staging) if staging.len() >= values.len() => staging,
             _ => self
                 .stream
                 .alloc_zeros::<f32>(values.len().max(1))
@@ -170,11 +170,13 @@ impl NcclCommunicator {
     }
 
     fn download(&mut self, staging: CudaSlice<f32>, values: &mut [f32], operation: &'static str) -> Result<()> {
-        // The collective is done (waited for), so this copy cannot hang on a peer.
+        // The collective is done (waited for), so neither the copy nor the sync can hang on a peer. The
+        // copy is asynchronous in cudarc; the sync makes `values` whole before it is read.
         if !values.is_empty() {
             self.stream
                 .memcpy_dtoh(&staging.slice(..values.len()), values)
                 .map_err(cuda_error(operation))?;
+            self.stream.synchronize().map_err(cuda_error(operation))?;
         }
         self.staging = Some(staging);
         Ok(())
@@ -245,19 +247,23 @@ impl Communicator for NcclCommunicator {
         }
         let staging = self.upload(input, "all-gather")?;
         let mut gathered = match self.gathered.take() {
-            Some(gathered) if gathered.len() == output.len() => gathered,
+            Some(gathered) if gathered.len() >= output.len() => gathered,
             _ => self
                 .stream
                 .alloc_zeros::<f32>(output.len())
                 .map_err(cuda_error("all-gather"))?,
         };
-        self.comm
-            .all_gather(&staging.slice(..input.len()), &mut gathered)
-            .map_err(nccl_error("all-gather"))?;
+        {
+            let mut view = gathered.slice_mut(..output.len());
+            self.comm
+                .all_gather(&staging.slice(..input.len()), &mut view)
+                .map_err(nccl_error("all-gather"))?;
+        }
         self.wait("all-gather")?;
         self.stream
-            .memcpy_dtoh(&gathered, output)
+            .memcpy_dtoh(&gathered.slice(..output.len()), output)
             .map_err(cuda_error("all-gather"))?;
+        self.stream.synchronize().map_err(cuda_error("all-gather"))?;
         self.staging = Some(staging);
         self.gathered = Some(gathered);
         Ok(())

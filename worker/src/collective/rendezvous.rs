@@ -145,31 +145,53 @@ async fn join_with_blob(
     Ok((ring, blob))
 }
 
-/// Meets the attempt's other ranks for NCCL: rank 0's unique id travels through the rendezvous, and the
-/// TCP ring is joined first so that a rank of another attempt (another epoch) never reaches NCCL. NCCL's
-/// communicator cannot move between threads, so the thread that will use it calls [`NcclInvite::join`].
+/// What [`join_preferring_nccl`] joined.
 #[cfg(feature = "cuda")]
-pub async fn nccl_rendezvous(
+#[derive(Debug)]
+pub enum Joined {
+    Ring(RingCommunicator),
+    Nccl(NcclInvite),
+}
+
+/// Meets the attempt's other ranks and joins the TCP ring; when rank 0 has a GPU and NCCL, the group uses
+/// NCCL instead. Rank 0 decides for everyone (its NCCL unique id travels in the rendezvous blob; none means
+/// the ring), so ranks never split between the two. The ring is joined first either way, so a rank of
+/// another attempt (another epoch) never reaches NCCL. NCCL's communicator cannot move between threads:
+/// the thread that will use it calls [`NcclInvite::join`].
+#[cfg(feature = "cuda")]
+pub async fn join_preferring_nccl(
     environment: &RankEnvironment,
     config: CollectiveConfig,
-) -> Result<NcclInvite, CollectiveError> {
-    let id = if environment.rank == 0 {
-        super::nccl::unique_id()?
+    gpu_rank: bool,
+) -> Result<Joined, CollectiveError> {
+    let id = if environment.rank == 0 && gpu_rank && super::nccl::is_available() {
+        tokio::task::spawn_blocking(super::nccl::unique_id)
+            .await
+            .map_err(|error| CollectiveError::InvalidArgument(format!("creating the NCCL id: {error}")))??
     } else {
         Vec::new()
     };
     let timeout = config.timeout;
     let (ring, id) = join_with_blob(environment, config, id).await?;
-    Ok(NcclInvite {
+    if id.is_empty() {
+        return Ok(Joined::Ring(ring));
+    }
+    if !super::nccl::is_available() {
+        return Err(CollectiveError::InvalidArgument(format!(
+            "rank 0 chose NCCL for this group, but the CUDA driver or libnccl cannot be loaded on rank {}'s host",
+            environment.rank
+        )));
+    }
+    Ok(Joined::Nccl(NcclInvite {
         ring,
         id,
         timeout,
         rank: environment.rank,
         world_size: environment.world_size,
-    })
+    }))
 }
 
-/// Everything needed to join an NCCL group, from [`nccl_rendezvous`].
+/// Everything needed to join an NCCL group, from [`join_preferring_nccl`].
 #[cfg(feature = "cuda")]
 #[derive(Debug)]
 pub struct NcclInvite {

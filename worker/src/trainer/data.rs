@@ -216,6 +216,17 @@ fn finish(
     targets: Vec<f32>,
     task: Task,
 ) -> Result<Dataset, TrainError> {
+    // One NaN or infinity would spoil its column's normalization and then every step's loss.
+    if let Some(position) = features.iter().position(|value| !value.is_finite()) {
+        let columns = feature_names.len().max(1);
+        return Err(TrainError::InvalidInput(format!(
+            "dataset {} row {} column '{}': {} is not a finite number",
+            path.display(),
+            position / columns + 1,
+            feature_names.get(position % columns).map_or("?", String::as_str),
+            features[position]
+        )));
+    }
     if task == Task::Regression {
         if targets.len() < 2 {
             return Err(TrainError::InvalidInput(format!(
@@ -255,7 +266,11 @@ fn finish(
 
 /// Reads a dataset, choosing the format by the file's extension: `.parquet` (or `.pq`) or CSV.
 pub fn load_dataset(path: &Path, label: &str, task: Task) -> Result<Dataset, TrainError> {
-    match path.extension().and_then(|extension| extension.to_str()) {
+    let extension = path
+        .extension()
+        .and_then(|extension| extension.to_str())
+        .map(str::to_ascii_lowercase);
+    match extension.as_deref() {
         Some("parquet" | "pq") => load_parquet(path, label, task),
         _ => load_csv(path, label, task),
     }
@@ -329,7 +344,13 @@ pub fn load_parquet(path: &Path, label: &str, task: Task) -> Result<Dataset, Tra
             } else {
                 DataType::Float64
             };
-            let cast = arrow_cast::cast(column, &target)
+            // Unsafe casts fail instead of turning values that do not fit (a UInt64 label above i64::MAX)
+            // into nulls.
+            let options = arrow_cast::CastOptions {
+                safe: false,
+                ..Default::default()
+            };
+            let cast = arrow_cast::cast_with_options(column, &target, &options)
                 .map_err(|error| invalid(format!("column '{}': {error}", headers[index])))?;
             columns.push(cast);
         }

@@ -127,16 +127,22 @@ pub struct CheckpointConfig {
 /// What [`CheckpointManifest::format`] must be: 2 since the optimizer state became flat vectors.
 const CHECKPOINT_FORMAT: u32 = 2;
 
-/// `checkpoint.json` beside `parameters.bin` and `optimizer.bin` (f32, little-endian, visiting order; the
-/// optimizer's state vectors one after the other).
+/// `checkpoint.json` beside the parameter and optimizer files it names (f32, little-endian, visiting order;
+/// the optimizer's state vectors one after the other). Each checkpoint writes new files named by its step
+/// and switches to them by renaming the manifest, so a crash mid-write leaves the previous checkpoint whole.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct CheckpointManifest {
     /// Format 1 (burn's optimizer record) had no such field.
     #[serde(default = "first_format")]
     format: u32,
-    /// "adam" or "sgd": which state `optimizer.bin` holds.
+    /// "adam" or "sgd": which state the optimizer file holds.
     #[serde(default)]
     optimizer: String,
+    #[serde(default = "first_parameters_file")]
+    parameters_file: String,
+    /// Format 1 kept burn's optimizer record in `optimizer.bpk`, which this trainer does not read.
+    #[serde(default)]
+    optimizer_file: String,
     /// Epochs completed.
     epoch: u32,
     /// Batches already done of the next epoch (0 at an epoch boundary): its data order is known from the
@@ -154,6 +160,10 @@ struct CheckpointManifest {
 
 fn first_format() -> u32 {
     1
+}
+
+fn first_parameters_file() -> String {
+    "parameters.bin".into()
 }
 
 /// Adam or SGD over flat buffers in visiting order, stepped by the fused kernels.
@@ -228,11 +238,21 @@ fn save_checkpoint(
         std::fs::write(&temporary, bytes).map_err(storage)?;
         std::fs::rename(&temporary, directory.join(name)).map_err(storage)
     };
-    write("parameters.bin", bytemuck::cast_slice(parameters))?;
-    write("optimizer.bin", bytemuck::cast_slice(optimizer))?;
+    write(&manifest.parameters_file, bytemuck::cast_slice(parameters))?;
+    write(&manifest.optimizer_file, bytemuck::cast_slice(optimizer))?;
     // The manifest goes last: it names a checkpoint only once its files are complete.
-    let manifest = serde_json::to_vec_pretty(manifest).map_err(|error| TrainError::Storage(error.to_string()))?;
-    write("checkpoint.json", &manifest)
+    let text = serde_json::to_vec_pretty(manifest).map_err(|error| TrainError::Storage(error.to_string()))?;
+    write("checkpoint.json", &text)?;
+    // Only now are the previous checkpoint's files unreferenced.
+    let current = [manifest.parameters_file.as_str(), manifest.optimizer_file.as_str()];
+    for entry in std::fs::read_dir(directory).map_err(storage)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = name.ends_with(".bin") && (name.starts_with("parameters") || name.starts_with("optimizer"));
+        if ours && !current.contains(&name.as_str()) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
 }
 
 /// Saves the model, the optimizer and the position `(epochs completed, batches of the next, its loss so
@@ -248,6 +268,8 @@ fn write_checkpoint(
     let manifest = CheckpointManifest {
         format: CHECKPOINT_FORMAT,
         optimizer: optimizer.name().to_string(),
+        parameters_file: format!("parameters-{steps}.bin"),
+        optimizer_file: format!("optimizer-{steps}.bin"),
         epoch: position.0,
         batch: position.1,
         epoch_loss_so_far: position.2,
@@ -259,8 +281,8 @@ fn write_checkpoint(
     save_checkpoint(directory, &manifest, parameters, &optimizer.state)
 }
 
-/// A checkpoint as read back: its manifest, the parameters, the optimizer's state.
-type Checkpoint = (CheckpointManifest, Vec<f32>, Vec<f32>);
+/// A checkpoint as read back: its manifest, the parameters, the optimizer's state (none from format 1).
+type Checkpoint = (CheckpointManifest, Vec<f32>, Option<Vec<f32>>);
 
 fn read_floats(path: &std::path::Path) -> Result<Vec<f32>, String> {
     let bytes = std::fs::read(path).map_err(|error| format!("{}: {error}", path.display()))?;
@@ -287,14 +309,14 @@ fn load_checkpoint(directory: &std::path::Path) -> Result<Option<Checkpoint>, Tr
     let corrupt =
         |what: String| TrainError::InvalidInput(format!("checkpoint in {} is corrupt: {what}", directory.display()));
     let manifest: CheckpointManifest = serde_json::from_slice(&text).map_err(|error| corrupt(error.to_string()))?;
-    if manifest.format != CHECKPOINT_FORMAT {
+    if manifest.format > CHECKPOINT_FORMAT {
         return Err(TrainError::InvalidInput(format!(
-            "the checkpoint in {} has format {}; this Kiln reads format {CHECKPOINT_FORMAT} (move the directory away to start from scratch)",
+            "the checkpoint in {} has format {}; this Kiln reads formats 1 to {CHECKPOINT_FORMAT} (a newer Kiln wrote it)",
             directory.display(),
             manifest.format
         )));
     }
-    let parameters = read_floats(&directory.join("parameters.bin")).map_err(corrupt)?;
+    let parameters = read_floats(&directory.join(&manifest.parameters_file)).map_err(corrupt)?;
     if parameters.len() != manifest.parameters {
         return Err(corrupt(format!(
             "parameters.bin has {} values, expected {}",
@@ -305,7 +327,11 @@ fn load_checkpoint(directory: &std::path::Path) -> Result<Option<Checkpoint>, Tr
     if format!("{:016x}", parameters_hash(&parameters)) != manifest.parameters_hash {
         return Err(corrupt("the parameters do not match their hash".into()));
     }
-    let optimizer = read_floats(&directory.join("optimizer.bin")).map_err(corrupt)?;
+    let optimizer = if manifest.format == 1 {
+        None
+    } else {
+        Some(read_floats(&directory.join(&manifest.optimizer_file)).map_err(corrupt)?)
+    };
     Ok(Some((manifest, parameters, optimizer)))
 }
 
@@ -482,6 +508,56 @@ fn batch_loss(model: &Network, dataset: &Dataset, rows: &[usize], device: &Devic
     }
 }
 
+/// Reads the latest checkpoint in `directory` into `parameters` and `optimizer`; returns the position to
+/// broadcast (`[epoch, steps, batch, loss low bits, loss high bits]`), or `None` when there is none yet.
+fn restore(
+    directory: &std::path::Path,
+    parameters: &mut Vec<f32>,
+    optimizer: &mut FlatOptimizer,
+    log: &mut impl FnMut(&str),
+) -> Result<Option<[f32; 5]>, TrainError> {
+    let Some((manifest, saved, optimizer_state)) = load_checkpoint(directory)? else {
+        return Ok(None);
+    };
+    if saved.len() != parameters.len() {
+        return Err(TrainError::InvalidInput(format!(
+            "the checkpoint in {} has {} parameters; this model has {} (was the model changed?)",
+            directory.display(),
+            saved.len(),
+            parameters.len()
+        )));
+    }
+    match optimizer_state {
+        Some(state) if manifest.optimizer == optimizer.name() && state.len() == optimizer.state.len() => {
+            optimizer.state = state;
+        }
+        Some(state) => {
+            return Err(TrainError::InvalidInput(format!(
+                "the checkpoint in {} holds {} values of {:?} optimizer state; this job uses {} ({} values)",
+                directory.display(),
+                state.len(),
+                manifest.optimizer,
+                optimizer.name(),
+                optimizer.state.len()
+            )));
+        }
+        None => log(&format!(
+            "the checkpoint in {} is format 1, whose optimizer state this trainer cannot read: resuming its parameters with a fresh {} state",
+            directory.display(),
+            optimizer.name()
+        )),
+    }
+    *parameters = saved;
+    let loss_bits = manifest.epoch_loss_so_far.to_bits();
+    Ok(Some([
+        f32::from_bits(manifest.epoch),
+        f32::from_bits(manifest.steps as u32),
+        f32::from_bits(manifest.batch),
+        f32::from_bits(loss_bits as u32),
+        f32::from_bits((loss_bits >> 32) as u32),
+    ]))
+}
+
 /// Trains the configured model on `dataset` as one rank of `communicator`'s group. `log` receives one line
 /// per epoch, per `log_every_steps` steps and one when resuming; `on_progress` the same as metrics.
 pub fn train(
@@ -527,42 +603,28 @@ pub fn train(
     // optimizer state, and position).
     let mut parameters = flatten(&model);
     let mut optimizer = FlatOptimizer::new(config, parameters.len());
-    // [epoch, steps, batch, epoch loss so far (f64 as two halves)], as bits.
-    let mut resumed = [f32::from_bits(0); 5];
+    // [epoch, steps, batch, epoch loss so far (f64 as two halves), 1 if rank 0 could not resume], as bits:
+    // every rank learns the outcome, so a checkpoint rank 0 refuses fails the whole group at once.
+    let mut resumed = [f32::from_bits(0); 6];
+    let mut failure = None;
     if rank == 0
         && let Some(checkpoint) = &config.checkpoint
-        && let Some((manifest, saved, optimizer_state)) = load_checkpoint(&checkpoint.directory)?
     {
-        if saved.len() != parameters.len() {
-            return Err(TrainError::InvalidInput(format!(
-                "the checkpoint in {} has {} parameters; this model has {} (was the model changed?)",
-                checkpoint.directory.display(),
-                saved.len(),
-                parameters.len()
-            )));
+        match restore(&checkpoint.directory, &mut parameters, &mut optimizer, &mut log) {
+            Ok(Some(position)) => resumed[..5].copy_from_slice(&position),
+            Ok(None) => {}
+            Err(error) => {
+                resumed[5] = f32::from_bits(1);
+                failure = Some(error);
+            }
         }
-        if manifest.optimizer != optimizer.name() || optimizer_state.len() != optimizer.state.len() {
-            return Err(TrainError::InvalidInput(format!(
-                "the checkpoint in {} holds {} values of {:?} optimizer state; this job uses {} ({} values)",
-                checkpoint.directory.display(),
-                optimizer_state.len(),
-                manifest.optimizer,
-                optimizer.name(),
-                optimizer.state.len()
-            )));
-        }
-        parameters = saved;
-        optimizer.state = optimizer_state;
-        let loss_bits = manifest.epoch_loss_so_far.to_bits();
-        resumed = [
-            f32::from_bits(manifest.epoch),
-            f32::from_bits(manifest.steps as u32),
-            f32::from_bits(manifest.batch),
-            f32::from_bits(loss_bits as u32),
-            f32::from_bits((loss_bits >> 32) as u32),
-        ];
     }
     communicator.broadcast(&mut resumed, 0)?;
+    if resumed[5].to_bits() != 0 {
+        return Err(failure.unwrap_or_else(|| {
+            TrainError::InvalidInput("rank 0 could not resume from the job's checkpoint (its log says why)".into())
+        }));
+    }
     let (start_epoch, mut steps) = (resumed[0].to_bits(), resumed[1].to_bits() as usize);
     let skip_batches = resumed[2].to_bits() as usize;
     let resumed_loss = f64::from_bits(u64::from(resumed[3].to_bits()) | (u64::from(resumed[4].to_bits()) << 32));
@@ -659,7 +721,10 @@ pub fn train(
                     .is_some_and(|every| steps.is_multiple_of(every.max(1) as usize))
             {
                 let position = (epoch - 1, index as u32 + 1, loss_total);
+                let paused = Instant::now();
                 write_checkpoint(&checkpoint.directory, &parameters, &optimizer, position, steps, world)?;
+                // Step throughput counts training only.
+                interval_started += paused.elapsed();
             }
             if config.max_steps.is_some_and(|max| steps >= max) {
                 break 'epochs;
@@ -667,6 +732,7 @@ pub fn train(
         }
         // Training time only: the validation pass is not part of the throughput.
         let seconds = started.elapsed().as_secs_f64().max(1e-9);
+        let paused = Instant::now();
         let (validation_name, validation) = evaluate(&model, dataset, &split.validation);
         let metrics = EpochMetrics {
             epoch,
@@ -706,6 +772,7 @@ pub fn train(
                 world,
             )?;
         }
+        interval_started += paused.elapsed();
     }
     let outcome = TrainOutcome {
         epochs,

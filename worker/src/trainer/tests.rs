@@ -29,6 +29,14 @@ fn base_config() -> TrainConfig {
 
 /// Runs `train` on `world` ranks (threads); returns each rank's outcome in rank order.
 fn train_on(world: u32, config: TrainConfig, dataset: Arc<Dataset>) -> Vec<TrainOutcome> {
+    try_train_on(world, config, dataset)
+        .into_iter()
+        .map(|outcome| outcome.unwrap())
+        .collect()
+}
+
+/// [`train_on`], keeping each rank's error.
+fn try_train_on(world: u32, config: TrainConfig, dataset: Arc<Dataset>) -> Vec<Result<TrainOutcome, String>> {
     let addresses = Arc::new(Mutex::new(vec![String::new(); world as usize]));
     let published = Arc::new(Barrier::new(world as usize));
     let threads: Vec<_> = (0..world)
@@ -45,15 +53,15 @@ fn train_on(world: u32, config: TrainConfig, dataset: Arc<Dataset>) -> Vec<Train
                     ..CollectiveConfig::default()
                 };
                 let mut communicator = RingCommunicator::connect(listener, rank, &all, 1, collective).unwrap();
-                let (_, outcome) = train(
+                train(
                     &config,
                     &dataset,
                     &mut communicator,
                     |line| eprintln!("rank {rank}: {line}"),
                     |_| {},
                 )
-                .unwrap();
-                outcome
+                .map(|(_, outcome)| outcome)
+                .map_err(|error| error.to_string())
             })
         })
         .collect();
@@ -285,6 +293,19 @@ fn parquet_datasets_load_like_their_csv() {
         error.contains("label column 'y' is not in") && error.contains("x, label"),
         "{error}"
     );
+    let nan: ArrayRef = Arc::new(Float64Array::from(vec![1.0, f64::NAN]));
+    let upper = directory.path().join("BAD.PARQUET");
+    write_parquet(
+        &upper,
+        vec![("x", nan), ("label", Arc::new(Int64Array::from(vec![0, 1])))],
+    );
+    let error = load_dataset(&upper, "label", Task::Classification)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("row 2 column 'x': NaN is not a finite number"),
+        "{error}"
+    );
     std::fs::write(&bad, "not parquet").unwrap();
     let error = load_dataset(&bad, "label", Task::Regression).unwrap_err().to_string();
     assert!(error.contains("not a readable Parquet file"), "{error}");
@@ -407,4 +428,31 @@ fn a_run_resumed_mid_epoch_from_a_step_checkpoint_ends_where_an_uninterrupted_ru
     assert_eq!(last_resumed.loss, last_whole.loss);
     // The partial epoch's loss covers the batches before the checkpoint too.
     assert!((resumed.epochs[0].loss - uninterrupted.epochs[1].loss).abs() < 1e-6);
+}
+
+#[test]
+fn a_checkpoint_rank_0_cannot_read_fails_every_rank_at_once() {
+    let directory = tempfile::tempdir().unwrap();
+    std::fs::write(
+        directory.path().join("checkpoint.json"),
+        r#"{"format": 99, "epoch": 1, "steps": 5, "parameters": 1, "parameters_hash": "0", "world_size": 2}"#,
+    )
+    .unwrap();
+    let config = TrainConfig {
+        checkpoint: Some(CheckpointConfig {
+            directory: directory.path().to_path_buf(),
+            every_epochs: 1,
+            every_steps: None,
+        }),
+        ..base_config()
+    };
+    let started = std::time::Instant::now();
+    let outcomes = try_train_on(2, config, Arc::new(blobs()));
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the ranks waited for a timeout"
+    );
+    let errors: Vec<String> = outcomes.into_iter().map(|outcome| outcome.unwrap_err()).collect();
+    assert!(errors[0].contains("has format 99"), "{errors:?}");
+    assert!(errors[1].contains("rank 0 could not resume"), "{errors:?}");
 }
