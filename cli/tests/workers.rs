@@ -1145,6 +1145,83 @@ async fn the_digits_mlp_trains_data_parallel_across_two_workers() {
     );
 }
 
+/// Writes the digits as a snappy-compressed Parquet file: the pixels as Int32 columns, the label as Int64.
+fn digits_parquet(path: &Path) {
+    use std::sync::Arc;
+
+    use arrow_array::{ArrayRef, Int32Array, Int64Array};
+    let csv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data/digits.csv");
+    let mut reader = csv::Reader::from_path(csv).unwrap();
+    let headers: Vec<String> = reader.headers().unwrap().iter().map(str::to_string).collect();
+    let mut columns: Vec<Vec<i64>> = vec![Vec::new(); headers.len()];
+    for record in reader.records() {
+        for (column, cell) in columns.iter_mut().zip(record.unwrap().iter()) {
+            column.push(cell.parse().unwrap());
+        }
+    }
+    let arrays: Vec<(String, ArrayRef)> = headers
+        .into_iter()
+        .zip(columns)
+        .map(|(name, values)| {
+            let array: ArrayRef = if name == "digit" {
+                Arc::new(Int64Array::from(values))
+            } else {
+                Arc::new(Int32Array::from_iter_values(
+                    values.into_iter().map(|value| value as i32),
+                ))
+            };
+            (name, array)
+        })
+        .collect();
+    let batch = arrow_array::RecordBatch::try_from_iter(arrays).unwrap();
+    let properties = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .build();
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), Some(properties)).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parquet_dataset_trains_and_reports_step_metrics() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (cluster, _) = cluster_with_workers([1, 1]).await;
+    let directory = tempfile::tempdir().unwrap();
+    let dataset = directory.path().join("digits.parquet");
+    digits_parquet(&dataset);
+    let spec = digits_spec()
+        .replace(
+            &format!(
+                "dataset = {:?}",
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../examples/data/digits.csv")
+                    .canonicalize()
+                    .unwrap()
+                    .display()
+                    .to_string()
+            ),
+            &format!("dataset = {:?}", dataset.display().to_string()),
+        )
+        .replace("epochs = 30", "epochs = 10\nlog_every_steps = 20");
+    assert!(spec.contains("digits.parquet"), "{spec}");
+    let id = submit_file(&cluster, directory.path(), "digits-parquet.toml", &spec).await;
+    wait_succeeded(&cluster, id, "300s").await;
+    let logs = stdout(&kiln(&cluster, &["jobs", "logs", &id.to_string(), "--rank", "1"]).await);
+    assert!(logs.contains("1797 rows, 64 features, 10 classes"), "{logs}");
+    // 1438 training rows, batches of 128: 12 steps an epoch, 120 in all, a step line every 20.
+    let step_lines = logs.lines().filter(|line| line.starts_with("step ")).count();
+    assert_eq!(step_lines, 6, "{logs}");
+    let shown = kiln(&cluster, &["jobs", "show", &id.to_string(), "--json"]).await;
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["metrics"]["step"], 120.0, "{shown}");
+    assert!(shown["metrics"]["train_loss"].as_f64().unwrap() < 0.5, "{shown}");
+    assert!(
+        shown["metrics"]["validation_accuracy"].as_f64().unwrap() >= 0.9,
+        "{shown}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn training_resumes_on_fewer_ranks_from_its_checkpoint_after_a_worker_is_killed() {
     let _turn = ONE_AT_A_TIME.lock().await;
