@@ -8,7 +8,8 @@
 //!     reduce-scatter  n-1 steps: send segment (r-s) to r+1 ║ receive segment (r-s-1) from r-1, add it
 //!     all-gather      n-1 steps: send segment (r+1-s)      ║ receive segment (r-s), keep it
 //!   each step streams its segment in chunks: a sender thread writes chunk k+1 while this thread receives
-//!   and reduces chunk k, so sending, receiving and reducing overlap.
+//!   and reduces chunk k, so sending, receiving and reducing overlap. Segments up to 1 MiB (a trainer's
+//!   gradients) skip the thread: the calling thread alternates writing and reading 32 KiB chunks.
 //! ```
 //!
 //! Each rank sends and receives 2(n-1)/n of the buffer, the bandwidth-optimal amount, over one TCP

@@ -23,6 +23,8 @@ pub struct RingCommunicator {
     /// Reused receive buffers, so a collective allocates nothing once warm.
     receive_bytes: Vec<u8>,
     receive_values: Vec<f32>,
+    /// bf16 staging for chunks sent on the calling thread.
+    send_wire: Vec<bf16>,
 }
 
 impl std::fmt::Debug for RingCommunicator {
@@ -97,6 +99,7 @@ impl RingCommunicator {
             previous: None,
             receive_bytes: Vec::new(),
             receive_values: Vec::new(),
+            send_wire: Vec::new(),
         };
         if world_size == 1 {
             return Ok(communicator);
@@ -171,8 +174,10 @@ impl RingCommunicator {
         (self.rank + self.world_size - 1) % self.world_size
     }
 
-    /// One ring step: streams `outgoing` to the next rank on a helper thread while receiving as many
-    /// elements from the previous rank into `incoming`, combining each chunk as it arrives.
+    /// One ring step: sends `outgoing` to the next rank while receiving as many elements from the previous
+    /// rank into `incoming`, combining each chunk as it arrives. Small segments (a trainer's gradients) go
+    /// on this thread, alternating a write and a read of [`INLINE_CHUNK_BYTES`]; larger ones stream from a
+    /// helper thread so that sending overlaps receiving and reducing.
     fn exchange(
         &mut self,
         outgoing: &[f32],
@@ -182,7 +187,6 @@ impl RingCommunicator {
         operation: &'static str,
     ) -> Result<()> {
         let timeout = self.config.timeout;
-        let chunk_elements = (self.config.chunk_bytes / 4).max(1);
         let (next_rank, previous_rank) = (self.next_rank(), self.previous_rank());
         let next = self.next.as_mut().expect("a ring of two or more has a next rank");
         let previous = self
@@ -191,52 +195,51 @@ impl RingCommunicator {
             .expect("a ring of two or more has a previous rank");
         let receive_bytes = &mut self.receive_bytes;
         let receive_values = &mut self.receive_values;
+        let send_error = |error| io_error(next_rank, operation, timeout, error);
+        let receive_error = |error| io_error(previous_rank, operation, timeout, error);
+        let wire_bytes = match compression {
+            Compression::None => 4,
+            Compression::Bf16 => 2,
+        };
+        if outgoing.len().max(incoming.len()) * wire_bytes <= INLINE_SEGMENT_BYTES_MAX {
+            // Every rank writes at most one chunk before it reads one, and a chunk fits in the sockets'
+            // buffers, so no write waits on a peer that is itself waiting to write.
+            let chunk_elements = INLINE_CHUNK_BYTES / wire_bytes;
+            let mut wire = std::mem::take(&mut self.send_wire);
+            let (mut sends, mut receives) = (outgoing.chunks(chunk_elements), incoming.chunks_mut(chunk_elements));
+            let result = loop {
+                let (send, receive) = (sends.next(), receives.next());
+                if send.is_none() && receive.is_none() {
+                    break Ok(());
+                }
+                if let Some(chunk) = send
+                    && let Err(error) = send_chunk(next, chunk, compression, &mut wire)
+                {
+                    break Err(send_error(error));
+                }
+                if let Some(chunk) = receive
+                    && let Err(error) =
+                        receive_chunk(previous, chunk, reduce, compression, receive_bytes, receive_values)
+                {
+                    break Err(receive_error(error));
+                }
+            };
+            self.send_wire = wire;
+            return result;
+        }
+        let chunk_elements = (self.config.chunk_bytes / 4).max(1);
         std::thread::scope(|scope| {
             let sender = scope.spawn(move || -> Result<()> {
                 let mut wire: Vec<bf16> = Vec::new();
                 for chunk in outgoing.chunks(chunk_elements) {
-                    let bytes: &[u8] = match compression {
-                        Compression::None => bytemuck::cast_slice(chunk),
-                        Compression::Bf16 => {
-                            wire.resize(chunk.len(), bf16::ZERO);
-                            cpu::to_bf16(chunk, &mut wire).expect("equal lengths");
-                            bytemuck::cast_slice(&wire)
-                        }
-                    };
-                    next.write_all(bytes)
-                        .map_err(|error| io_error(next_rank, operation, timeout, error))?;
+                    send_chunk(next, chunk, compression, &mut wire).map_err(send_error)?;
                 }
                 Ok(())
             });
-            let received = (|| -> Result<()> {
-                for chunk in incoming.chunks_mut(chunk_elements) {
-                    match (compression, reduce) {
-                        (Compression::None, false) => previous
-                            .read_exact(bytemuck::cast_slice_mut(chunk))
-                            .map_err(|error| io_error(previous_rank, operation, timeout, error))?,
-                        (Compression::None, true) => {
-                            receive_values.resize(chunk.len(), 0.0);
-                            previous
-                                .read_exact(bytemuck::cast_slice_mut(receive_values.as_mut_slice()))
-                                .map_err(|error| io_error(previous_rank, operation, timeout, error))?;
-                            cpu::add_assign(chunk, receive_values).expect("equal lengths");
-                        }
-                        (Compression::Bf16, _) => {
-                            receive_bytes.resize(chunk.len() * 2, 0);
-                            previous
-                                .read_exact(receive_bytes)
-                                .map_err(|error| io_error(previous_rank, operation, timeout, error))?;
-                            let wire: &[bf16] = bytemuck::cast_slice(receive_bytes.as_slice());
-                            if reduce {
-                                cpu::add_assign_bf16(chunk, wire).expect("equal lengths");
-                            } else {
-                                cpu::to_f32(wire, chunk).expect("equal lengths");
-                            }
-                        }
-                    }
-                }
-                Ok(())
-            })();
+            let received = incoming.chunks_mut(chunk_elements).try_for_each(|chunk| {
+                receive_chunk(previous, chunk, reduce, compression, receive_bytes, receive_values)
+                    .map_err(receive_error)
+            });
             let sent = sender.join().unwrap_or_else(|_| {
                 Err(CollectiveError::Connection {
                     peer: next_rank,
@@ -246,6 +249,61 @@ impl RingCommunicator {
             });
             received.and(sent)
         })
+    }
+}
+
+/// Segments up to this many bytes on the wire are exchanged on the calling thread (no helper thread to
+/// start and switch to, which costs more than it saves at this size).
+const INLINE_SEGMENT_BYTES_MAX: usize = 1 << 20;
+/// The chunk written before each read on that path: well under the 128 KiB a Linux socket buffers by
+/// default, so a write never blocks on a peer that is busy writing too.
+const INLINE_CHUNK_BYTES: usize = 32 << 10;
+
+/// Writes one chunk to the next rank, as f32 or through `wire` as bf16.
+fn send_chunk(
+    next: &mut TcpStream,
+    chunk: &[f32],
+    compression: Compression,
+    wire: &mut Vec<bf16>,
+) -> std::io::Result<()> {
+    match compression {
+        Compression::None => next.write_all(bytemuck::cast_slice(chunk)),
+        Compression::Bf16 => {
+            wire.resize(chunk.len(), bf16::ZERO);
+            cpu::to_bf16(chunk, wire).expect("equal lengths");
+            next.write_all(bytemuck::cast_slice(wire.as_slice()))
+        }
+    }
+}
+
+/// Reads one chunk from the previous rank into `chunk`, adding it to what is there when `reduce`.
+fn receive_chunk(
+    previous: &mut TcpStream,
+    chunk: &mut [f32],
+    reduce: bool,
+    compression: Compression,
+    receive_bytes: &mut Vec<u8>,
+    receive_values: &mut Vec<f32>,
+) -> std::io::Result<()> {
+    match (compression, reduce) {
+        (Compression::None, false) => previous.read_exact(bytemuck::cast_slice_mut(chunk)),
+        (Compression::None, true) => {
+            receive_values.resize(chunk.len(), 0.0);
+            previous.read_exact(bytemuck::cast_slice_mut(receive_values.as_mut_slice()))?;
+            cpu::add_assign(chunk, receive_values).expect("equal lengths");
+            Ok(())
+        }
+        (Compression::Bf16, _) => {
+            receive_bytes.resize(chunk.len() * 2, 0);
+            previous.read_exact(receive_bytes)?;
+            let wire: &[bf16] = bytemuck::cast_slice(receive_bytes.as_slice());
+            if reduce {
+                cpu::add_assign_bf16(chunk, wire).expect("equal lengths");
+            } else {
+                cpu::to_f32(wire, chunk).expect("equal lengths");
+            }
+            Ok(())
+        }
     }
 }
 

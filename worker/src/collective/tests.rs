@@ -50,8 +50,11 @@ fn input(rank: u32, length: usize) -> Vec<f32> {
 #[test]
 fn all_reduce_is_the_elementwise_sum_for_every_world_and_length() {
     // 0, 1, a prime, lengths not divisible by the world size, and one longer than a chunk many times over.
-    for world in 1..=5u32 {
-        for length in [0usize, 1, 2, 13, 1000, 70_001] {
+    // Every segment below 1 MiB travels on the calling thread; 1,100,003 elements make segments above it
+    // (at 2 and 3 ranks) go through the sending thread.
+    let cases = (1..=5u32).flat_map(|world| [0usize, 1, 2, 13, 1000, 70_001].map(move |length| (world, length)));
+    for (world, length) in cases.chain([(2, 1_100_003), (3, 1_100_003)]) {
+        {
             let results = on_ranks(world, config(Compression::None), move |communicator| {
                 let mut buffer = input(communicator.rank(), length);
                 communicator.all_reduce(&mut buffer, ReduceOp::Sum).unwrap();
@@ -70,8 +73,8 @@ fn all_reduce_is_the_elementwise_sum_for_every_world_and_length() {
 
 #[test]
 fn mean_and_bf16_compression_stay_within_tolerance_and_agree_across_ranks() {
-    for world in [2u32, 3, 4] {
-        let length = 4099;
+    // 4099 elements take the inline path, 1,100,003 at 2 ranks (2 MiB bf16 segments) the sending thread.
+    for (world, length) in [(2u32, 4099usize), (3, 4099), (4, 4099), (2, 1_100_003)] {
         let results = on_ranks(world, config(Compression::Bf16), move |communicator| {
             let mut buffer: Vec<f32> = (0..length)
                 .map(|index| ((index as f32 * 0.37 + communicator.rank() as f32).sin()) * 3.0)
