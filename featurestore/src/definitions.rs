@@ -1,0 +1,636 @@
+//! Feature definitions: entities (join keys), sources, feature views and feature services, written in TOML
+//! (`examples/features/driver.toml`) and checked twice before anything changes:
+//!
+//! ```text
+//!   parse_definitions(text)  names unique, references resolve, types known, TTLs parse   (no IO)
+//!   check_against_data(defs) every view's source (and SQL transform) read by DataFusion: the join keys,
+//!                            the timestamp and every feature exist, with a type the feature accepts
+//! ```
+//!
+//! A definition that fails either check is refused with an error naming the object, the field and what
+//! was expected; nothing is applied.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use datafusion::arrow::datatypes::{DataType, Schema};
+use datafusion::prelude::{CsvReadOptions, JsonReadOptions, ParquetReadOptions, SessionContext};
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::FeatureStoreError;
+
+/// Everything one definitions file declares.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Definitions {
+    pub entities: Vec<Entity>,
+    pub sources: Vec<Source>,
+    pub views: Vec<FeatureView>,
+    pub services: Vec<FeatureService>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entity {
+    pub name: String,
+    pub join_keys: Vec<String>,
+    pub description: String,
+}
+
+/// Where a view's rows come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SourceKind {
+    /// A Parquet, CSV (with a header row) or newline-delimited JSON file, by extension.
+    File { path: String },
+    /// Rows pushed through Flight `DoPut`.
+    Push,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Source {
+    pub name: String,
+    pub kind: SourceKind,
+    pub timestamp_field: String,
+    pub description: String,
+}
+
+/// The value types a feature may have, and the arrow types each accepts from a source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FeatureType {
+    Int32,
+    Int64,
+    Float32,
+    Float64,
+    String,
+    Bool,
+    Timestamp,
+    /// An embedding: a list of floats.
+    FloatList,
+    /// Raw bytes, such as an encoded image.
+    Bytes,
+}
+
+impl FeatureType {
+    pub const NAMES: [&'static str; 9] = [
+        "int32",
+        "int64",
+        "float32",
+        "float64",
+        "string",
+        "bool",
+        "timestamp",
+        "float_list",
+        "bytes",
+    ];
+
+    pub fn parse(name: &str) -> Option<FeatureType> {
+        Some(match name {
+            "int32" => FeatureType::Int32,
+            "int64" => FeatureType::Int64,
+            "float32" => FeatureType::Float32,
+            "float64" => FeatureType::Float64,
+            "string" => FeatureType::String,
+            "bool" => FeatureType::Bool,
+            "timestamp" => FeatureType::Timestamp,
+            "float_list" => FeatureType::FloatList,
+            "bytes" => FeatureType::Bytes,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FeatureType::Int32 => "int32",
+            FeatureType::Int64 => "int64",
+            FeatureType::Float32 => "float32",
+            FeatureType::Float64 => "float64",
+            FeatureType::String => "string",
+            FeatureType::Bool => "bool",
+            FeatureType::Timestamp => "timestamp",
+            FeatureType::FloatList => "float_list",
+            FeatureType::Bytes => "bytes",
+        }
+    }
+
+    /// Whether a source column of `data_type` can hold this feature without losing anything.
+    pub fn accepts(self, data_type: &DataType) -> bool {
+        use DataType as T;
+        let float = |item: &DataType| matches!(item, T::Float16 | T::Float32 | T::Float64);
+        match self {
+            FeatureType::Int32 => matches!(data_type, T::Int8 | T::Int16 | T::Int32 | T::UInt8 | T::UInt16),
+            FeatureType::Int64 => matches!(
+                data_type,
+                T::Int8 | T::Int16 | T::Int32 | T::Int64 | T::UInt8 | T::UInt16 | T::UInt32
+            ),
+            FeatureType::Float32 => matches!(data_type, T::Float16 | T::Float32),
+            FeatureType::Float64 => matches!(data_type, T::Float16 | T::Float32 | T::Float64),
+            FeatureType::String => matches!(data_type, T::Utf8 | T::LargeUtf8 | T::Utf8View),
+            FeatureType::Bool => matches!(data_type, T::Boolean),
+            FeatureType::Timestamp => matches!(data_type, T::Timestamp(_, _) | T::Date32 | T::Date64),
+            FeatureType::FloatList => match data_type {
+                T::List(item) | T::LargeList(item) | T::FixedSizeList(item, _) => float(item.data_type()),
+                _ => false,
+            },
+            FeatureType::Bytes => matches!(data_type, T::Binary | T::LargeBinary | T::BinaryView),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Feature {
+    pub name: String,
+    pub dtype: FeatureType,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureView {
+    pub name: String,
+    pub entities: Vec<String>,
+    pub source: String,
+    /// A SQL query over the source (named by the source's name) whose result the view serves.
+    pub sql: Option<String>,
+    /// How old a value may be and still count, in seconds; `None`: forever.
+    pub ttl_seconds: Option<u64>,
+    pub features: Vec<Feature>,
+    pub description: String,
+    pub owner: String,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// A feature of a view, as a service names it: `view:feature`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct FeatureRef {
+    pub view: String,
+    pub feature: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureService {
+    pub name: String,
+    pub features: Vec<FeatureRef>,
+    pub description: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    entity: Vec<Spanned<RawEntity>>,
+    #[serde(default)]
+    source: Vec<Spanned<RawSource>>,
+    #[serde(default)]
+    feature_view: Vec<Spanned<RawView>>,
+    #[serde(default)]
+    feature_service: Vec<Spanned<RawService>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntity {
+    name: String,
+    join_keys: Vec<String>,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    name: String,
+    /// A file path; absent for a push source.
+    path: Option<String>,
+    #[serde(default)]
+    push: bool,
+    timestamp_field: String,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawView {
+    name: String,
+    entities: Vec<String>,
+    source: String,
+    sql: Option<String>,
+    ttl: Option<String>,
+    #[serde(default)]
+    feature: Vec<RawFeature>,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    owner: String,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFeature {
+    name: String,
+    #[serde(rename = "type")]
+    dtype: String,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    features: Vec<String>,
+    #[serde(default)]
+    description: String,
+}
+
+/// Where in the file a problem is, 1-based.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |newline| newline + 1) + 1;
+    (line, column)
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Parses and checks a definitions file without touching any data: names are unique and valid, every
+/// reference resolves, types and TTLs parse. Errors carry the file name, line and column.
+pub fn parse_definitions(source_name: &str, text: &str) -> Result<Definitions, FeatureStoreError> {
+    let at = |offset: usize, message: String| {
+        let (line, column) = line_column(text, offset);
+        FeatureStoreError::InvalidInput(format!("invalid definitions {source_name}:{line}:{column}: {message}"))
+    };
+    let raw: RawFile = toml::from_str(text).map_err(|error| {
+        let offset = error.span().map_or(0, |span| span.start);
+        at(offset, error.message().to_string())
+    })?;
+    let mut definitions = Definitions::default();
+    let mut names: BTreeMap<(&str, String), ()> = BTreeMap::new();
+    let mut unique = |kind: &'static str, name: &str, offset: usize| {
+        if !valid_name(name) {
+            return Err(at(
+                offset,
+                format!(
+                    "{kind} name '{name}' is not valid; expected letters, digits and '_', not starting with a digit"
+                ),
+            ));
+        }
+        if names.insert((kind, name.to_string()), ()).is_some() {
+            return Err(at(offset, format!("{kind} '{name}' is defined twice")));
+        }
+        Ok(())
+    };
+
+    for entity in raw.entity {
+        let offset = entity.span().start;
+        let entity = entity.into_inner();
+        unique("entity", &entity.name, offset)?;
+        if entity.join_keys.is_empty() {
+            return Err(at(
+                offset,
+                format!(
+                    "entity '{}' has no join_keys; expected at least one column name",
+                    entity.name
+                ),
+            ));
+        }
+        definitions.entities.push(Entity {
+            name: entity.name,
+            join_keys: entity.join_keys,
+            description: entity.description,
+        });
+    }
+    for source in raw.source {
+        let offset = source.span().start;
+        let source = source.into_inner();
+        unique("source", &source.name, offset)?;
+        let kind = match (source.path, source.push) {
+            (Some(path), false) if !path.trim().is_empty() => SourceKind::File { path },
+            (None, true) => SourceKind::Push,
+            _ => {
+                return Err(at(
+                    offset,
+                    format!(
+                        "source '{}' needs either path = \"FILE\" (Parquet, CSV or JSON) or push = true",
+                        source.name
+                    ),
+                ));
+            }
+        };
+        definitions.sources.push(Source {
+            name: source.name,
+            kind,
+            timestamp_field: source.timestamp_field,
+            description: source.description,
+        });
+    }
+    for view in raw.feature_view {
+        let offset = view.span().start;
+        let view = view.into_inner();
+        unique("feature_view", &view.name, offset)?;
+        for entity in &view.entities {
+            if !definitions.entities.iter().any(|known| &known.name == entity) {
+                return Err(at(
+                    offset,
+                    format!(
+                        "feature_view '{}' names entity '{entity}', which is not defined (entities: {})",
+                        view.name,
+                        list(definitions.entities.iter().map(|entity| entity.name.as_str()))
+                    ),
+                ));
+            }
+        }
+        if view.entities.is_empty() {
+            return Err(at(
+                offset,
+                format!("feature_view '{}' names no entities; expected at least one", view.name),
+            ));
+        }
+        if !definitions.sources.iter().any(|source| source.name == view.source) {
+            return Err(at(
+                offset,
+                format!(
+                    "feature_view '{}' reads source '{}', which is not defined (sources: {})",
+                    view.name,
+                    view.source,
+                    list(definitions.sources.iter().map(|source| source.name.as_str()))
+                ),
+            ));
+        }
+        let ttl_seconds = match &view.ttl {
+            None => None,
+            Some(text) => Some(
+                humantime::parse_duration(text)
+                    .map_err(|error| {
+                        at(offset, format!("feature_view '{}': ttl '{text}' is not a duration ({error}); expected e.g. \"2h\" or \"7d\"", view.name))
+                    })?
+                    .as_secs(),
+            ),
+        };
+        if view.feature.is_empty() {
+            return Err(at(
+                offset,
+                format!("feature_view '{}' declares no [[feature_view.feature]]", view.name),
+            ));
+        }
+        let mut features = Vec::new();
+        let mut seen = BTreeSet::new();
+        for feature in view.feature {
+            if !valid_name(&feature.name) || !seen.insert(feature.name.clone()) {
+                return Err(at(
+                    offset,
+                    format!(
+                        "feature_view '{}': feature '{}' is repeated or not a valid name",
+                        view.name, feature.name
+                    ),
+                ));
+            }
+            let dtype = FeatureType::parse(&feature.dtype).ok_or_else(|| {
+                at(
+                    offset,
+                    format!(
+                        "feature_view '{}': feature '{}' has type '{}'; expected one of {}",
+                        view.name,
+                        feature.name,
+                        feature.dtype,
+                        FeatureType::NAMES.join(", ")
+                    ),
+                )
+            })?;
+            features.push(Feature {
+                name: feature.name,
+                dtype,
+                description: feature.description,
+            });
+        }
+        definitions.views.push(FeatureView {
+            name: view.name,
+            entities: view.entities,
+            source: view.source,
+            sql: view.sql,
+            ttl_seconds,
+            features,
+            description: view.description,
+            owner: view.owner,
+            tags: view.tags,
+        });
+    }
+    for service in raw.feature_service {
+        let offset = service.span().start;
+        let service = service.into_inner();
+        unique("feature_service", &service.name, offset)?;
+        let mut features = Vec::new();
+        for reference in &service.features {
+            let (view_name, feature_name) = match reference.split_once(':') {
+                Some((view, feature)) => (view, Some(feature)),
+                None => (reference.as_str(), None),
+            };
+            let view = definitions
+                .views
+                .iter()
+                .find(|view| view.name == view_name)
+                .ok_or_else(|| {
+                    at(
+                        offset,
+                        format!(
+                            "feature_service '{}' names view '{view_name}', which is not defined (views: {})",
+                            service.name,
+                            list(definitions.views.iter().map(|view| view.name.as_str()))
+                        ),
+                    )
+                })?;
+            // "view" takes every feature of the view; "view:feature" one.
+            let chosen: Vec<&Feature> = match feature_name {
+                None => view.features.iter().collect(),
+                Some(name) => vec![view.features.iter().find(|feature| feature.name == name).ok_or_else(|| {
+                    at(
+                        offset,
+                        format!(
+                            "feature_service '{}' names feature '{name}' of view '{view_name}', which has no such feature (features: {})",
+                            service.name,
+                            list(view.features.iter().map(|feature| feature.name.as_str()))
+                        ),
+                    )
+                })?],
+            };
+            features.extend(chosen.into_iter().map(|feature| FeatureRef {
+                view: view.name.clone(),
+                feature: feature.name.clone(),
+            }));
+        }
+        if features.is_empty() {
+            return Err(at(
+                offset,
+                format!("feature_service '{}' names no features", service.name),
+            ));
+        }
+        definitions.services.push(FeatureService {
+            name: service.name,
+            features,
+            description: service.description,
+        });
+    }
+    Ok(definitions)
+}
+
+fn list<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let names: Vec<&str> = names.collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// The schema a view produces: its source read by DataFusion (relative paths against `base`), through
+/// its SQL transform when it has one. Push sources have no file to read; `None` for them.
+pub async fn view_schema(
+    definitions: &Definitions,
+    view: &FeatureView,
+    base: &Path,
+) -> Result<Option<Schema>, FeatureStoreError> {
+    let source = definitions
+        .sources
+        .iter()
+        .find(|source| source.name == view.source)
+        .ok_or_else(|| FeatureStoreError::InvalidInput(format!("source '{}' is not defined", view.source)))?;
+    let SourceKind::File { path } = &source.kind else {
+        return Ok(None);
+    };
+    let context = SessionContext::new();
+    register_file(&context, &source.name, &resolve(base, path)).await?;
+    let frame = match &view.sql {
+        Some(sql) => context.sql(sql).await.map_err(|error| {
+            FeatureStoreError::InvalidInput(format!("feature_view '{}': its sql does not run: {error}", view.name))
+        })?,
+        None => context.table(source.name.as_str()).await?,
+    };
+    Ok(Some(frame.schema().as_arrow().clone()))
+}
+
+fn resolve(base: &Path, path: &str) -> PathBuf {
+    let path = Path::new(path);
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
+/// Registers a Parquet, CSV or newline-delimited JSON file with DataFusion as table `name`.
+pub async fn register_file(context: &SessionContext, name: &str, path: &Path) -> Result<(), FeatureStoreError> {
+    if !path.exists() {
+        return Err(FeatureStoreError::InvalidInput(format!(
+            "source '{name}': file {} does not exist",
+            path.display()
+        )));
+    }
+    let location = path.to_string_lossy();
+    let extension = path
+        .extension()
+        .and_then(|extension| extension.to_str())
+        .map(str::to_ascii_lowercase);
+    let result = match extension.as_deref() {
+        Some("parquet" | "pq") => {
+            context
+                .register_parquet(name, &location, ParquetReadOptions::default())
+                .await
+        }
+        Some("csv") => {
+            context
+                .register_csv(name, &location, CsvReadOptions::new().has_header(true))
+                .await
+        }
+        Some("json" | "jsonl" | "ndjson") => {
+            let options = JsonReadOptions {
+                file_extension: ".json",
+                ..Default::default()
+            };
+            let options = match extension.as_deref() {
+                Some("jsonl") => JsonReadOptions {
+                    file_extension: ".jsonl",
+                    ..options
+                },
+                Some("ndjson") => JsonReadOptions {
+                    file_extension: ".ndjson",
+                    ..options
+                },
+                _ => options,
+            };
+            context.register_json(name, &location, options).await
+        }
+        _ => {
+            return Err(FeatureStoreError::InvalidInput(format!(
+                "source '{name}': {} is not a .parquet, .csv or .json file",
+                path.display()
+            )));
+        }
+    };
+    result.map_err(|error| {
+        FeatureStoreError::InvalidInput(format!("source '{name}': reading {}: {error}", path.display()))
+    })
+}
+
+/// Checks every view against the data its source holds: each entity's join keys, the source's timestamp
+/// field and every feature are columns of the view's schema, with types the features accept.
+pub async fn check_against_data(definitions: &Definitions, base: &Path) -> Result<(), FeatureStoreError> {
+    for view in &definitions.views {
+        let Some(schema) = view_schema(definitions, view, base).await? else {
+            continue;
+        };
+        let columns = || list(schema.fields().iter().map(|field| field.name().as_str()));
+        let find = |name: &str, role: &str| {
+            schema.field_with_name(name).map_err(|_| {
+                FeatureStoreError::InvalidInput(format!(
+                    "feature_view '{}': {role} '{name}' is not a column of its data (columns: {})",
+                    view.name,
+                    columns()
+                ))
+            })
+        };
+        for entity in &view.entities {
+            let entity = definitions
+                .entities
+                .iter()
+                .find(|known| &known.name == entity)
+                .expect("parse_definitions checked the references");
+            for key in &entity.join_keys {
+                find(key, &format!("join key of entity '{}'", entity.name))?;
+            }
+        }
+        let source = definitions
+            .sources
+            .iter()
+            .find(|source| source.name == view.source)
+            .expect("parse_definitions checked the references");
+        let timestamp = find(&source.timestamp_field, "timestamp field")?;
+        if !FeatureType::Timestamp.accepts(timestamp.data_type()) {
+            return Err(FeatureStoreError::InvalidInput(format!(
+                "feature_view '{}': timestamp field '{}' has type {}; expected a timestamp or a date",
+                view.name,
+                source.timestamp_field,
+                timestamp.data_type()
+            )));
+        }
+        for feature in &view.features {
+            let field = find(&feature.name, "feature")?;
+            if !feature.dtype.accepts(field.data_type()) {
+                return Err(FeatureStoreError::InvalidInput(format!(
+                    "feature_view '{}': feature '{}' is declared {} but the column has type {}",
+                    view.name,
+                    feature.name,
+                    feature.dtype.name(),
+                    field.data_type()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
