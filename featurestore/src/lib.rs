@@ -1,9 +1,10 @@
-//! Kiln's feature store. So far: definitions checked against their data ([`definitions`]) and the
-//! point-in-time join ([`pit`]), the step that turns feature views and entity rows into a training set.
-//! Replicating definitions through the coordinator, the online store and the Arrow Flight server come next
-//! (see the feature-store issue).
+//! Kiln's feature store. So far: definitions checked against their data ([`definitions`]), the
+//! point-in-time join ([`pit`]) that turns feature views and entity rows into a training set, and the
+//! online store with materialization ([`online`]). Replicating definitions through the coordinator, the
+//! `kiln features` commands and the Arrow Flight server come next (see the feature-store issue).
 
 pub mod definitions;
+pub mod online;
 pub mod pit;
 
 /// Why a feature-store operation failed.
@@ -16,4 +17,7 @@ pub enum FeatureStoreError {
     Arrow(#[from] datafusion::arrow::error::ArrowError),
     #[error("datafusion: {0}")]
     DataFusion(#[from] datafusion::error::DataFusionError),
+    /// The online store could not read or write.
+    #[error("online store: {0}")]
+    Storage(String),
 }

@@ -63,7 +63,15 @@ fn column<'a>(side: &'a Side<'_>, name: &str, role: &str) -> Result<&'a ArrayRef
 
 /// The timestamp column as microseconds since the epoch (null where null).
 fn micros(side: &Side<'_>, role: &str) -> Result<Vec<Option<i64>>, FeatureStoreError> {
-    let values = column(side, side.timestamp, role)?;
+    timestamp_micros(column(side, side.timestamp, role)?, side.timestamp, role)
+}
+
+/// A timestamp, date or ISO 8601 text column as microseconds since the epoch (null where null).
+pub(crate) fn timestamp_micros(
+    values: &ArrayRef,
+    name: &str,
+    role: &str,
+) -> Result<Vec<Option<i64>>, FeatureStoreError> {
     let target = DataType::Timestamp(TimeUnit::Microsecond, None);
     let usable = matches!(
         values.data_type(),
@@ -71,8 +79,7 @@ fn micros(side: &Side<'_>, role: &str) -> Result<Vec<Option<i64>>, FeatureStoreE
     );
     if !usable {
         return Err(FeatureStoreError::InvalidInput(format!(
-            "{role} column '{}' has type {}; expected a timestamp (or a date, or ISO 8601 text)",
-            side.timestamp,
+            "{role} column '{name}' has type {}; expected a timestamp (or a date, or ISO 8601 text)",
             values.data_type()
         )));
     }
