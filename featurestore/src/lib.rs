@@ -1,11 +1,13 @@
 //! Kiln's feature store. So far: definitions checked against their data ([`definitions`]), the
 //! point-in-time join ([`pit`]) that turns feature views and entity rows into a training set, and the
-//! online store with materialization ([`online`]). Replicating definitions through the coordinator, the
+//! online store with materialization ([`online`]), and training sets for a feature service with their
+//! content hash and view versions ([`training`]). Replicating definitions through the coordinator, the
 //! `kiln features` commands and the Arrow Flight server come next (see the feature-store issue).
 
 pub mod definitions;
 pub mod online;
 pub mod pit;
+pub mod training;
 
 /// Why a feature-store operation failed.
 #[derive(Debug, thiserror::Error)]
