@@ -3,8 +3,8 @@
 //!
 //! ```text
 //!   feature rows ──keys to dense ids (arrow's row format: any key types, several key columns)──►
-//!       sort (key id, timestamp, source position)            one pass, O(F log F)
-//!   entity rows  ──same key ids──► binary search in their key's run for the last timestamp ≤ event time
+//!       sort (key id, timestamp, source position)            one parallel sort, O(F log F)
+//!   entity rows  ──same key ids──► binary search in their key's run for the last timestamp ≤ event time (rayon)
 //!       ──TTL check──► take indices (null when none) ──► arrow `take` per feature column
 //! ```
 //!
@@ -26,6 +26,8 @@ use datafusion::arrow::array::{Array, ArrayRef, RecordBatch, UInt32Array};
 use datafusion::arrow::compute::{cast, concat_batches, take};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use datafusion::arrow::row::{RowConverter, SortField};
+
+use rayon::prelude::*;
 
 use crate::FeatureStoreError;
 
@@ -176,7 +178,7 @@ pub fn match_rows(entities: &Side<'_>, features: &Features<'_>) -> Result<UInt32
         .enumerate()
         .filter_map(|(row, (key, time))| Some(((*key)?, (*time)?, row as u32)))
         .collect();
-    sorted.sort_unstable();
+    sorted.par_sort_unstable();
     let mut runs: HashMap<u32, (usize, usize)> = HashMap::new();
     let mut start = 0;
     while start < sorted.len() {
@@ -185,7 +187,7 @@ pub fn match_rows(entities: &Side<'_>, features: &Features<'_>) -> Result<UInt32
         runs.insert(key, (start, end));
         start = end;
     }
-    let picked = entity_keys.iter().zip(&entity_times).map(|(key, time)| {
+    let picked = entity_keys.par_iter().zip(&entity_times).map(|(key, time)| {
         let (key, time) = ((*key)?, (*time)?);
         let (start, end) = *runs.get(&key)?;
         let run = &sorted[start..end];
@@ -197,7 +199,8 @@ pub fn match_rows(entities: &Side<'_>, features: &Features<'_>) -> Result<UInt32
             _ => Some(row),
         }
     });
-    Ok(picked.collect())
+    let picked: Vec<Option<u32>> = picked.collect();
+    Ok(UInt32Array::from(picked))
 }
 
 /// The entity rows with the picked features appended as columns (named as in the view, or with
