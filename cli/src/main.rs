@@ -3,6 +3,7 @@
 mod bench;
 mod bench_jobs;
 mod demo;
+mod features;
 mod output;
 mod task;
 
@@ -95,6 +96,11 @@ enum Command {
     Task(task::TaskCommand),
     /// Benchmark a running cluster (suites: raft, jobs).
     Bench(bench::BenchArgs),
+    /// Feature definitions and training sets (`kiln features check FILE`, `kiln features training-set …`).
+    Features {
+        #[command(subcommand)]
+        command: features::FeaturesCommand,
+    },
 }
 
 #[derive(Args)]
@@ -734,6 +740,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Workers { command, target } => workers(command, target).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Task(command) => task::run(command).await,
+        Command::Features { command } => features::run(command).await,
     }
 }
 

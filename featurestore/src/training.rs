@@ -196,6 +196,29 @@ pub async fn training_set(
     })
 }
 
+/// Every row of a Parquet, CSV or JSON file (entity rows, for example), read by DataFusion.
+pub async fn read_file(path: &Path) -> Result<Vec<RecordBatch>, FeatureStoreError> {
+    let context = SessionContext::new();
+    crate::definitions::register_file(&context, "file", path).await?;
+    Ok(context.table("file").await?.collect().await?)
+}
+
+/// Writes `batch` to `path` as a snappy-compressed Parquet file (written aside, then renamed).
+pub fn write_parquet(path: &Path, batch: &RecordBatch) -> Result<(), FeatureStoreError> {
+    use datafusion::parquet::arrow::ArrowWriter;
+    use datafusion::parquet::basic::Compression;
+    use datafusion::parquet::file::properties::WriterProperties;
+    let storage =
+        |error: &dyn std::fmt::Display| FeatureStoreError::Storage(format!("writing {}: {error}", path.display()));
+    let temporary = path.with_extension("parquet.tmp");
+    let file = std::fs::File::create(&temporary).map_err(|error| storage(&error))?;
+    let properties = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
+    let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(properties)).map_err(|error| storage(&error))?;
+    writer.write(batch).map_err(|error| storage(&error))?;
+    writer.close().map_err(|error| storage(&error))?;
+    std::fs::rename(&temporary, path).map_err(|error| storage(&error))
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
