@@ -130,6 +130,9 @@ fn key_ids(entities: &Side<'_>, features: &Side<'_>) -> Result<(KeyIds, KeyIds),
         entity_columns.push(entity_column);
         feature_columns.push(feature_column.clone());
     }
+    if let Some(ids) = integer_key_ids(&entity_columns, &feature_columns)? {
+        return Ok(ids);
+    }
     let fields = feature_columns
         .iter()
         .map(|column| SortField::new(column.data_type().clone()))
@@ -157,6 +160,46 @@ fn key_ids(entities: &Side<'_>, features: &Side<'_>) -> Result<(KeyIds, KeyIds),
         })
         .collect();
     Ok((entity_ids, feature_ids))
+}
+
+/// The common case, one integer key column, without arrow's row format: the values themselves are the
+/// hash keys. `None` when the keys are anything else.
+fn integer_key_ids(
+    entity_columns: &[ArrayRef],
+    feature_columns: &[ArrayRef],
+) -> Result<Option<(KeyIds, KeyIds)>, FeatureStoreError> {
+    let [entity_column] = entity_columns else {
+        return Ok(None);
+    };
+    let [feature_column] = feature_columns else {
+        return Ok(None);
+    };
+    // UInt64 values above i64::MAX would not survive the cast to Int64.
+    if !feature_column.data_type().is_integer() || feature_column.data_type() == &DataType::UInt64 {
+        return Ok(None);
+    }
+    let as_i64 = |column: &ArrayRef| -> Result<datafusion::arrow::array::Int64Array, FeatureStoreError> {
+        let cast = cast(column, &DataType::Int64)?;
+        Ok(cast
+            .as_any()
+            .downcast_ref::<datafusion::arrow::array::Int64Array>()
+            .expect("cast to Int64")
+            .clone())
+    };
+    let (entity_keys, feature_keys) = (as_i64(entity_column)?, as_i64(feature_column)?);
+    let mut ids: ahash::AHashMap<i64, u32> = ahash::AHashMap::with_capacity(feature_keys.len() / 8 + 16);
+    let feature_ids = feature_keys
+        .iter()
+        .map(|key| {
+            let next = ids.len() as u32;
+            key.map(|key| *ids.entry(key).or_insert(next))
+        })
+        .collect();
+    let entity_ids = entity_keys
+        .iter()
+        .map(|key| key.and_then(|key| ids.get(&key).copied()))
+        .collect();
+    Ok(Some((entity_ids, feature_ids)))
 }
 
 /// For each entity row, the feature row the point-in-time rule picks, or null.
