@@ -11,10 +11,10 @@
 //! was expected; nothing is applied.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use datafusion::arrow::datatypes::{DataType, Schema};
-use datafusion::prelude::{CsvReadOptions, JsonReadOptions, ParquetReadOptions, SessionContext};
+use datafusion::prelude::{CsvReadOptions, DataFrame, JsonReadOptions, ParquetReadOptions, SessionContext};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
@@ -486,39 +486,63 @@ fn list<'a>(names: impl Iterator<Item = &'a str>) -> String {
     }
 }
 
-/// The schema a view produces: its source read by DataFusion (relative paths against `base`), through
-/// its SQL transform when it has one. Push sources have no file to read; `None` for them.
-pub async fn view_schema(
+impl Definitions {
+    /// The source `view` reads.
+    pub fn source_of(&self, view: &FeatureView) -> Result<&Source, FeatureStoreError> {
+        self.sources
+            .iter()
+            .find(|source| source.name == view.source)
+            .ok_or_else(|| FeatureStoreError::InvalidInput(format!("source '{}' is not defined", view.source)))
+    }
+
+    /// The join keys of `view`'s entities, in order.
+    pub fn join_keys(&self, view: &FeatureView) -> Vec<String> {
+        view.entities
+            .iter()
+            .filter_map(|entity| self.entities.iter().find(|known| &known.name == entity))
+            .flat_map(|entity| entity.join_keys.iter().cloned())
+            .collect()
+    }
+}
+
+/// The rows a view serves: its source file registered with DataFusion under the source's name (relative
+/// paths against `base`), through its SQL transform when it has one. `None` for a push source, which has
+/// no file to read.
+pub async fn view_frame(
     definitions: &Definitions,
     view: &FeatureView,
     base: &Path,
-) -> Result<Option<Schema>, FeatureStoreError> {
-    let source = definitions
-        .sources
-        .iter()
-        .find(|source| source.name == view.source)
-        .ok_or_else(|| FeatureStoreError::InvalidInput(format!("source '{}' is not defined", view.source)))?;
+) -> Result<Option<DataFrame>, FeatureStoreError> {
+    let source = definitions.source_of(view)?;
     let SourceKind::File { path } = &source.kind else {
         return Ok(None);
     };
+    let path = Path::new(path);
+    let location = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    };
     let context = SessionContext::new();
-    register_file(&context, &source.name, &resolve(base, path)).await?;
+    register_file(&context, &source.name, &location).await?;
     let frame = match &view.sql {
         Some(sql) => context.sql(sql).await.map_err(|error| {
             FeatureStoreError::InvalidInput(format!("feature_view '{}': its sql does not run: {error}", view.name))
         })?,
         None => context.table(source.name.as_str()).await?,
     };
-    Ok(Some(frame.schema().as_arrow().clone()))
+    Ok(Some(frame))
 }
 
-fn resolve(base: &Path, path: &str) -> PathBuf {
-    let path = Path::new(path);
-    if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        base.join(path)
-    }
+/// The schema a view produces ([`view_frame`]'s); `None` for a push source.
+pub async fn view_schema(
+    definitions: &Definitions,
+    view: &FeatureView,
+    base: &Path,
+) -> Result<Option<Schema>, FeatureStoreError> {
+    Ok(view_frame(definitions, view, base)
+        .await?
+        .map(|frame| frame.schema().as_arrow().clone()))
 }
 
 /// Registers a Parquet, CSV or newline-delimited JSON file with DataFusion as table `name`.
@@ -602,11 +626,7 @@ pub async fn check_against_data(definitions: &Definitions, base: &Path) -> Resul
                 find(key, &format!("join key of entity '{}'", entity.name))?;
             }
         }
-        let source = definitions
-            .sources
-            .iter()
-            .find(|source| source.name == view.source)
-            .expect("parse_definitions checked the references");
+        let source = definitions.source_of(view)?;
         let timestamp = find(&source.timestamp_field, "timestamp field")?;
         if !FeatureType::Timestamp.accepts(timestamp.data_type()) {
             return Err(FeatureStoreError::InvalidInput(format!(

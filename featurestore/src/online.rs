@@ -18,13 +18,12 @@ use std::path::Path;
 use datafusion::arrow::array::{Array, ArrayRef, RecordBatch};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::DataType;
-use datafusion::prelude::SessionContext;
 use datafusion::scalar::ScalarValue;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::FeatureStoreError;
-use crate::definitions::{Definitions, SourceKind};
+use crate::definitions::Definitions;
 
 const LATEST: TableDefinition<&[u8], &[u8]> = TableDefinition::new("latest");
 
@@ -315,35 +314,15 @@ pub async fn materialize(
                     .join(", ")
             ))
         })?;
-    let source = definitions
-        .sources
-        .iter()
-        .find(|source| source.name == view.source)
-        .ok_or_else(|| FeatureStoreError::InvalidInput(format!("source '{}' is not defined", view.source)))?;
-    let SourceKind::File { path } = &source.kind else {
+    let Some(frame) = crate::definitions::view_frame(definitions, view, base).await? else {
         // A push source's rows go online as they arrive; there is nothing to copy.
         return Ok(Materialized {
             rows_read: 0,
             rows_applied: 0,
         });
     };
-    let context = SessionContext::new();
-    let location = if Path::new(path).is_absolute() {
-        Path::new(path).to_path_buf()
-    } else {
-        base.join(path)
-    };
-    crate::definitions::register_file(&context, &source.name, &location).await?;
-    let frame = match &view.sql {
-        Some(sql) => context.sql(sql).await?,
-        None => context.table(source.name.as_str()).await?,
-    };
-    let keys: Vec<String> = view
-        .entities
-        .iter()
-        .filter_map(|entity| definitions.entities.iter().find(|known| &known.name == entity))
-        .flat_map(|entity| entity.join_keys.iter().cloned())
-        .collect();
+    let source = definitions.source_of(view)?;
+    let keys = definitions.join_keys(view);
     let features: Vec<String> = view.features.iter().map(|feature| feature.name.clone()).collect();
     let mut report = Materialized {
         rows_read: 0,

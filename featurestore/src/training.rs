@@ -21,7 +21,7 @@ use datafusion::prelude::SessionContext;
 use sha2::{Digest, Sha256};
 
 use crate::FeatureStoreError;
-use crate::definitions::{Definitions, FeatureView, SourceKind};
+use crate::definitions::{Definitions, FeatureView, view_frame};
 use crate::pit::{JoinColumns, point_in_time_join_batches};
 
 /// A view as a training set used it.
@@ -61,35 +61,26 @@ pub fn content_hash(batch: &RecordBatch) -> Result<String, FeatureStoreError> {
     Ok(hex(Sha256::digest(&bytes)))
 }
 
-/// Every row of `view`, read through its source and SQL by DataFusion.
+/// Every row of `view`, read through its source and SQL by DataFusion (one empty batch with the view's
+/// schema when there are none).
 pub async fn read_view(
     definitions: &Definitions,
     view: &FeatureView,
     base: &Path,
 ) -> Result<Vec<RecordBatch>, FeatureStoreError> {
-    let source = definitions
-        .sources
-        .iter()
-        .find(|source| source.name == view.source)
-        .ok_or_else(|| FeatureStoreError::InvalidInput(format!("source '{}' is not defined", view.source)))?;
-    let SourceKind::File { path } = &source.kind else {
-        return Err(FeatureStoreError::InvalidInput(format!(
+    let frame = view_frame(definitions, view, base).await?.ok_or_else(|| {
+        FeatureStoreError::InvalidInput(format!(
             "feature view '{}' reads push source '{}', whose rows are not stored offline yet",
-            view.name, source.name
-        )));
-    };
-    let context = SessionContext::new();
-    let location = if Path::new(path).is_absolute() {
-        Path::new(path).to_path_buf()
+            view.name, view.source
+        ))
+    })?;
+    let schema = std::sync::Arc::new(frame.schema().as_arrow().clone());
+    let rows = frame.collect().await?;
+    Ok(if rows.is_empty() {
+        vec![RecordBatch::new_empty(schema)]
     } else {
-        base.join(path)
-    };
-    crate::definitions::register_file(&context, &source.name, &location).await?;
-    let frame = match &view.sql {
-        Some(sql) => context.sql(sql).await?,
-        None => context.table(source.name.as_str()).await?,
-    };
-    Ok(frame.collect().await?)
+        rows
+    })
 }
 
 /// Builds service `service_name`'s training set for `entities` (which hold every join key of the views
@@ -153,17 +144,8 @@ pub async fn training_set(
         } else {
             String::new()
         };
-        let keys: Vec<String> = view
-            .entities
-            .iter()
-            .filter_map(|entity| definitions.entities.iter().find(|known| &known.name == entity))
-            .flat_map(|entity| entity.join_keys.iter().cloned())
-            .collect();
-        let source = definitions
-            .sources
-            .iter()
-            .find(|source| source.name == view.source)
-            .expect("definitions resolve their references");
+        let keys = definitions.join_keys(view);
+        let source = definitions.source_of(view)?;
         let rows = read_view(definitions, view, base).await?;
         let join = JoinColumns {
             entity_keys: &keys,
@@ -173,15 +155,6 @@ pub async fn training_set(
             columns: features,
             ttl_micros: view.ttl_seconds.map(|seconds| seconds.saturating_mul(1_000_000) as i64),
             prefix: &prefix,
-        };
-        let rows = if rows.is_empty() {
-            // An empty view still has a schema: read it so the columns appear, all null.
-            let schema = crate::definitions::view_schema(definitions, view, base)
-                .await?
-                .expect("file sources have a schema");
-            vec![RecordBatch::new_empty(std::sync::Arc::new(schema))]
-        } else {
-            rows
         };
         result = point_in_time_join_batches(std::slice::from_ref(&result), &rows, &join)?;
         versions.push(ViewVersion {

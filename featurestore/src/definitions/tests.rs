@@ -1,6 +1,8 @@
 //! Definitions: the example file parses and matches its data; each kind of mistake is refused with the
 //! object, the field and the place named.
 
+use std::path::PathBuf;
+
 use super::*;
 
 const DRIVER: &str = include_str!("../../../examples/features/driver.toml");
