@@ -1,14 +1,22 @@
-//! `kiln features`: feature definitions and training sets.
+//! `kiln features`: feature definitions, kept in the coordinator's catalog, and training sets.
 //!
-//! Until definitions are replicated through the coordinator (`kiln features apply`), these commands read
-//! the definitions file they are given, as Feast's CLI reads its local repository.
+//! `apply` checks a definitions file against its data (through DataFusion) before anything is sent, then
+//! applies every object at once; the coordinator versions each one. `list` and `training-set` read the
+//! applied definitions back from the cluster (`training-set --definitions FILE` reads a file instead, as
+//! Feast's CLI reads its local repository).
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use kiln_featurestore::definitions::{check_against_data, parse_definitions};
+use kiln_featurestore::definitions::{Definitions, check_against_data, parse_definitions};
+use kiln_featurestore::registry::{self, Applied, Registered, RegistryEntry};
 use kiln_featurestore::training::{read_file, training_set, write_parquet};
+use kiln_proto as pb;
+use serde_json::{Value, json};
+
+use crate::Target;
+use crate::output::{print_table, status_error, time_label};
 
 #[derive(Subcommand)]
 pub enum FeaturesCommand {
@@ -19,11 +27,25 @@ pub enum FeaturesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Check a definitions file against its data and apply it to the cluster: entities, sources, feature
+    /// views and services. The file is the whole set: objects applied before and missing from it are
+    /// deleted. Each changed object becomes a new version; a refused file changes nothing.
+    Apply {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The applied feature views (their features, types, versions, owners and descriptions) and services.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
     /// Build a feature service's training set for entity rows, point-in-time correct, into a Parquet file.
     TrainingSet {
-        /// The definitions file (relative source paths resolve against its directory).
+        /// A definitions file to use instead of the cluster's applied definitions (relative source paths
+        /// resolve against its directory).
         #[arg(long)]
-        definitions: PathBuf,
+        definitions: Option<PathBuf>,
         #[arg(long)]
         service: String,
         /// Entity rows: a Parquet, CSV or JSON file with the views' join keys and the event time.
@@ -46,19 +68,202 @@ fn base_of(file: &Path) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-pub async fn run(command: FeaturesCommand) -> Result<()> {
+/// Reads a definitions file, checks it against its data, and makes its source paths absolute.
+async fn load_checked(file: &Path) -> Result<Definitions> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut definitions = parse_definitions(&file.display().to_string(), &text)?;
+    check_against_data(&definitions, &base_of(file)).await?;
+    definitions.resolve_paths(&base_of(file))?;
+    Ok(definitions)
+}
+
+/// The definitions applied to the cluster, with each object's version.
+pub async fn registered(target: &Target) -> Result<Registered> {
+    let objects = target
+        .client()?
+        .list_catalog(registry::NAMESPACE, false, false)
+        .await
+        .map_err(status_error)?;
+    let entries = objects.into_iter().filter_map(|object| {
+        let current = object.versions.last()?.clone();
+        Some((
+            RegistryEntry {
+                kind: object.kind,
+                name: object.name,
+                content: current.content,
+            },
+            Applied {
+                version: current.version,
+                applied_at_ms: current.applied_at_ms,
+            },
+        ))
+    });
+    Ok(registry::from_entries(entries)?)
+}
+
+fn counts(definitions: &Definitions) -> Value {
+    json!({
+        "entities": definitions.entities.len(),
+        "sources": definitions.sources.len(),
+        "feature_views": definitions.views.len(),
+        "features": definitions.views.iter().map(|view| view.features.len()).sum::<usize>(),
+        "feature_services": definitions.services.len(),
+    })
+}
+
+fn listing_json(registered: &Registered) -> Value {
+    let version = |kind: &str, name: &str| {
+        registered
+            .version_of(kind, name)
+            .map_or(json!(null), |applied| json!(applied))
+    };
+    let definitions = &registered.definitions;
+    json!({
+        "entities": definitions.entities.iter().map(|entity| json!({
+            "name": entity.name,
+            "join_keys": entity.join_keys,
+            "description": entity.description,
+            "version": version(registry::ENTITY, &entity.name),
+        })).collect::<Vec<_>>(),
+        "sources": definitions.sources.iter().map(|source| json!({
+            "name": source.name,
+            "kind": source.kind,
+            "timestamp_field": source.timestamp_field,
+            "description": source.description,
+            "version": version(registry::SOURCE, &source.name),
+        })).collect::<Vec<_>>(),
+        "feature_views": definitions.views.iter().map(|view| json!({
+            "name": view.name,
+            "entities": view.entities,
+            "source": view.source,
+            "sql": view.sql,
+            "ttl_seconds": view.ttl_seconds,
+            "features": view.features.iter().map(|feature| json!({
+                "name": feature.name,
+                "type": feature.dtype.name(),
+                "description": feature.description,
+            })).collect::<Vec<_>>(),
+            "owner": view.owner,
+            "description": view.description,
+            "tags": view.tags,
+            "version": version(registry::FEATURE_VIEW, &view.name),
+            "definition_hash": kiln_featurestore::training::view_hash(view),
+        })).collect::<Vec<_>>(),
+        "feature_services": definitions.services.iter().map(|service| json!({
+            "name": service.name,
+            "features": service.features.iter().map(|feature| format!("{}:{}", feature.view, feature.feature)).collect::<Vec<_>>(),
+            "description": service.description,
+            "version": version(registry::FEATURE_SERVICE, &service.name),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_listing(registered: &Registered) {
+    let definitions = &registered.definitions;
+    if definitions.views.is_empty() {
+        println!("no feature views applied (kiln features apply FILE)");
+        return;
+    }
+    let rows: Vec<Vec<String>> = definitions
+        .views
+        .iter()
+        .map(|view| {
+            let applied = registered.version_of(registry::FEATURE_VIEW, &view.name);
+            vec![
+                view.name.clone(),
+                applied.map_or("-".into(), |applied| applied.version.to_string()),
+                view.entities.join(","),
+                view.features
+                    .iter()
+                    .map(|feature| format!("{}:{}", feature.name, feature.dtype.name()))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                view.ttl_seconds.map_or("-".into(), |seconds| {
+                    humantime::format_duration(std::time::Duration::from_secs(seconds)).to_string()
+                }),
+                if view.owner.is_empty() {
+                    "-".into()
+                } else {
+                    view.owner.clone()
+                },
+                applied.map_or("-".into(), |applied| time_label(applied.applied_at_ms)),
+                view.description.clone(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "VIEW",
+            "VERSION",
+            "ENTITIES",
+            "FEATURES",
+            "TTL",
+            "OWNER",
+            "APPLIED",
+            "DESCRIPTION",
+        ],
+        &rows,
+    );
+    if !definitions.services.is_empty() {
+        println!();
+        let rows: Vec<Vec<String>> = definitions
+            .services
+            .iter()
+            .map(|service| {
+                vec![
+                    service.name.clone(),
+                    registered
+                        .version_of(registry::FEATURE_SERVICE, &service.name)
+                        .map_or("-".into(), |applied| applied.version.to_string()),
+                    service
+                        .features
+                        .iter()
+                        .map(|feature| format!("{}:{}", feature.view, feature.feature))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    service.description.clone(),
+                ]
+            })
+            .collect();
+        print_table(&["SERVICE", "VERSION", "FEATURES", "DESCRIPTION"], &rows);
+    }
+}
+
+fn print_applied(file: &Path, applied: &[pb::AppliedCatalogObject], json: bool) {
+    if json {
+        let objects: Vec<Value> = applied
+            .iter()
+            .map(|object| {
+                json!({
+                    "kind": object.kind,
+                    "name": object.name,
+                    "version": object.version,
+                    "change": object.change,
+                })
+            })
+            .collect();
+        println!("{}", json!({ "file": file.display().to_string(), "objects": objects }));
+        return;
+    }
+    let rows: Vec<Vec<String>> = applied
+        .iter()
+        .map(|object| {
+            vec![
+                object.kind.clone(),
+                object.name.clone(),
+                object.version.to_string(),
+                object.change.clone(),
+            ]
+        })
+        .collect();
+    print_table(&["KIND", "NAME", "VERSION", "CHANGE"], &rows);
+}
+
+pub async fn run(command: FeaturesCommand, target: Target) -> Result<()> {
     match command {
         FeaturesCommand::Check { file, json } => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-            let definitions = parse_definitions(&file.display().to_string(), &text)?;
-            check_against_data(&definitions, &base_of(&file)).await?;
-            let counts = serde_json::json!({
-                "entities": definitions.entities.len(),
-                "sources": definitions.sources.len(),
-                "feature_views": definitions.views.len(),
-                "features": definitions.views.iter().map(|view| view.features.len()).sum::<usize>(),
-                "feature_services": definitions.services.len(),
-            });
+            let definitions = load_checked(&file).await?;
+            let counts = counts(&definitions);
             if json {
                 println!("{counts}");
             } else {
@@ -74,6 +279,33 @@ pub async fn run(command: FeaturesCommand) -> Result<()> {
             }
             Ok(())
         }
+        FeaturesCommand::Apply { file, json } => {
+            let definitions = load_checked(&file).await?;
+            let drafts: Vec<pb::CatalogDraft> = registry::to_entries(&definitions)
+                .into_iter()
+                .map(|entry| pb::CatalogDraft {
+                    kind: entry.kind,
+                    name: entry.name,
+                    content: entry.content,
+                })
+                .collect();
+            let applied = target
+                .client()?
+                .apply_catalog(registry::NAMESPACE, drafts, true)
+                .await
+                .map_err(status_error)?;
+            print_applied(&file, &applied, json);
+            Ok(())
+        }
+        FeaturesCommand::List { json } => {
+            let registered = registered(&target).await?;
+            if json {
+                println!("{}", listing_json(&registered));
+            } else {
+                print_listing(&registered);
+            }
+            Ok(())
+        }
         FeaturesCommand::TrainingSet {
             definitions,
             service,
@@ -82,19 +314,40 @@ pub async fn run(command: FeaturesCommand) -> Result<()> {
             out,
             json,
         } => {
-            let text =
-                std::fs::read_to_string(&definitions).with_context(|| format!("reading {}", definitions.display()))?;
-            let parsed = parse_definitions(&definitions.display().to_string(), &text)?;
+            let registered = match &definitions {
+                Some(file) => {
+                    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+                    let mut parsed = parse_definitions(&file.display().to_string(), &text)?;
+                    parsed.resolve_paths(&base_of(file))?;
+                    Registered {
+                        definitions: parsed,
+                        versions: Default::default(),
+                    }
+                }
+                None => registered(&target).await?,
+            };
+            if registered.definitions.services.is_empty() && definitions.is_none() {
+                bail!("no feature service is applied to the cluster; run kiln features apply FILE first");
+            }
             let rows = read_file(&entities).await?;
-            let set = training_set(&parsed, &service, &rows, &event_timestamp, &base_of(&definitions)).await?;
+            let set = training_set(
+                &registered.definitions,
+                &service,
+                &rows,
+                &event_timestamp,
+                Path::new("/"),
+            )
+            .await?;
             write_parquet(&out, &set.batch)?;
-            let summary = serde_json::json!({
+            let summary = json!({
                 "out": out.display().to_string(),
                 "rows": set.batch.num_rows(),
                 "columns": set.batch.schema().fields().iter().map(|field| field.name().clone()).collect::<Vec<_>>(),
                 "content_hash": set.content_hash,
-                "feature_views": set.views.iter().map(|view| serde_json::json!({
+                "entities": std::path::absolute(&entities).unwrap_or(entities.clone()).display().to_string(),
+                "feature_views": set.views.iter().map(|view| json!({
                     "name": view.name,
+                    "version": registered.version_of(registry::FEATURE_VIEW, &view.name).map(|applied| applied.version),
                     "definition_hash": view.definition_hash,
                 })).collect::<Vec<_>>(),
             });

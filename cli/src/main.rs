@@ -96,10 +96,12 @@ enum Command {
     Task(task::TaskCommand),
     /// Benchmark a running cluster (suites: raft, jobs).
     Bench(bench::BenchArgs),
-    /// Feature definitions and training sets (`kiln features check FILE`, `kiln features training-set …`).
+    /// Feature definitions and training sets (`kiln features apply FILE`, `list`, `training-set …`).
     Features {
         #[command(subcommand)]
         command: features::FeaturesCommand,
+        #[command(flatten)]
+        target: Target,
     },
 }
 
@@ -740,7 +742,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Workers { command, target } => workers(command, target).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Task(command) => task::run(command).await,
-        Command::Features { command } => features::run(command).await,
+        Command::Features { command, target } => features::run(command, target).await,
     }
 }
 

@@ -1,8 +1,12 @@
 //! `kiln features` as users run it: the example definitions check out against their data, a broken copy
-//! is refused with the reason, and a training set comes out point-in-time correct as Parquet.
+//! is refused with the reason, a training set comes out point-in-time correct as Parquet, and applied
+//! definitions are versioned by the cluster and survive the loss of its leader.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use kiln_cluster_tests::Cluster;
 
 const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 
@@ -131,4 +135,177 @@ fn a_training_set_is_written_as_parquet_point_in_time_correct() {
         "{stderr}"
     );
     assert!(!directory.path().join("none.parquet").exists());
+}
+
+fn json_of(output: &Output) -> serde_json::Value {
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// The example, copied elsewhere with its data path made absolute, after `edit`.
+fn example_copy(directory: &Path, name: &str, edit: impl Fn(String) -> String) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(examples().join("driver.toml")).unwrap();
+    let data = examples().join("data/driver_hourly.csv").canonicalize().unwrap();
+    let text = text.replace(
+        "path = \"data/driver_hourly.csv\"",
+        &format!("path = {:?}", data.display().to_string()),
+    );
+    let file = directory.join(name);
+    std::fs::write(&file, edit(text)).unwrap();
+    file
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applied_definitions_are_versioned_by_the_cluster_and_outlive_its_leader() {
+    let mut cluster = Cluster::new(Path::new(KILN), 3, &[]).unwrap();
+    cluster.start_all().unwrap();
+    let leader = cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let example = examples().join("driver.toml");
+
+    let applied = json_of(
+        &cluster
+            .cli(&["features", "apply", example.to_str().unwrap(), "--json"])
+            .unwrap(),
+    );
+    let objects = applied["objects"].as_array().unwrap();
+    assert_eq!(objects.len(), 5, "{applied:#}");
+    assert!(
+        objects
+            .iter()
+            .all(|object| object["change"] == "created" && object["version"] == 1)
+    );
+
+    let listed = json_of(&cluster.cli(&["features", "list", "--json"]).unwrap());
+    let view = &listed["feature_views"][0];
+    assert_eq!(view["name"], "driver_hourly_stats");
+    assert_eq!(view["version"]["version"], 1);
+    assert_eq!(view["owner"].as_str().map(str::is_empty), Some(false), "{view:#}");
+    let features: Vec<(String, String)> = view["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|feature| {
+            (
+                feature["name"].as_str().unwrap().into(),
+                feature["type"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert!(
+        features.contains(&("avg_daily_trips".into(), "int64".into())),
+        "{features:?}"
+    );
+    // Source paths are stored absolute, so any reader of the cluster finds the data.
+    let path = listed["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|source| source["kind"]["File"]["path"].as_str())
+        .unwrap();
+    assert!(Path::new(path).is_absolute() && Path::new(path).exists(), "{path}");
+    let table = cluster.cli(&["features", "list"]).unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("driver_hourly_stats") && table.contains("conv_rate:float64"),
+        "{table}"
+    );
+
+    // Applying the same file again changes nothing; changing the view makes version 2 of it alone.
+    let again = json_of(
+        &cluster
+            .cli(&["features", "apply", example.to_str().unwrap(), "--json"])
+            .unwrap(),
+    );
+    assert!(
+        again["objects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|object| object["change"] == "unchanged")
+    );
+    let changed = example_copy(directory.path(), "changed.toml", |text| {
+        text.replace(
+            "Conversion and acceptance rates, hourly",
+            "Conversion and acceptance rates per hour",
+        )
+    });
+    let applied = json_of(
+        &cluster
+            .cli(&["features", "apply", changed.to_str().unwrap(), "--json"])
+            .unwrap(),
+    );
+    let changes: Vec<(String, u64, String)> = applied["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|object| object["change"] != "unchanged")
+        .map(|object| {
+            (
+                object["name"].as_str().unwrap().into(),
+                object["version"].as_u64().unwrap(),
+                object["change"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(changes, [("driver_hourly_stats".into(), 2, "updated".into())]);
+
+    // A file with a mistyped feature is refused whole; what was applied stays.
+    let broken = example_copy(directory.path(), "broken.toml", |text| {
+        text.replace("Conversion and acceptance rates per hour", "x").replace(
+            "name = \"avg_daily_trips\"\ntype = \"int64\"",
+            "name = \"avg_daily_trips\"\ntype = \"string\"",
+        )
+    });
+    let output = cluster.cli(&["features", "apply", broken.to_str().unwrap()]).unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("feature 'avg_daily_trips' is declared string"),
+        "{stderr}"
+    );
+    let before = listed;
+    let listed = json_of(&cluster.cli(&["features", "list", "--json"]).unwrap());
+    assert_eq!(listed["feature_views"][0]["version"]["version"], 2);
+    assert_eq!(
+        listed["feature_views"][0]["description"], "Conversion and acceptance rates per hour",
+        "the refused file changed nothing"
+    );
+    assert_eq!(listed["feature_services"], before["feature_services"]);
+
+    // The leader goes; the definitions are still there, and a training set names the view's version.
+    cluster.kill(leader).unwrap();
+    cluster
+        .wait_for_leader(Some(leader), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let entities = directory.path().join("entities.csv");
+    std::fs::write(&entities, "driver_id,event_timestamp\n1001,2026-11-01T05:30:00\n").unwrap();
+    let out = directory.path().join("train.parquet");
+    let summary = json_of(
+        &cluster
+            .cli(&[
+                "features",
+                "training-set",
+                "--service",
+                "driver_activity",
+                "--entities",
+                entities.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--json",
+            ])
+            .unwrap(),
+    );
+    assert_eq!(summary["rows"], 1);
+    assert_eq!(summary["feature_views"][0]["version"], 2, "{summary:#}");
+    assert_eq!(
+        summary["feature_views"][0]["definition_hash"],
+        listed["feature_views"][0]["definition_hash"]
+    );
 }

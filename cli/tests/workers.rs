@@ -1282,13 +1282,15 @@ async fn training_resumes_on_fewer_ranks_from_its_checkpoint_after_a_worker_is_k
     let index = if worker == ids[0] { 1 } else { 2 };
     let log = rank_directory(&cluster, &ids, &job, 1, 0).join("stdout.log");
     let deadline = Instant::now() + Duration::from_secs(120);
+    // Rank 0 logs an epoch before it writes that epoch's checkpoint, so only the next epoch's line proves the
+    // checkpoint after epoch 60 is on disk.
     while !std::fs::read_to_string(&log)
         .unwrap_or_default()
-        .contains("epoch 60/200")
+        .contains("epoch 61/200")
     {
         assert!(
             Instant::now() < deadline,
-            "training never reached epoch 60\n{}",
+            "training never reached epoch 61\n{}",
             context(&cluster, Some(id))
         );
         tokio::time::sleep(Duration::from_millis(20)).await;

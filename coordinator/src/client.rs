@@ -8,6 +8,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use kiln_proto as pb;
+use pb::catalog_service_client::CatalogServiceClient;
 use pb::cluster_service_client::ClusterServiceClient;
 use pb::job_service_client::JobServiceClient;
 use pb::worker_service_client::WorkerServiceClient;
@@ -300,6 +301,56 @@ impl Client {
             async move {
                 JobServiceClient::new(channel).report_metrics(request).await?;
                 Ok(())
+            }
+        })
+        .await
+    }
+
+    /// Applies catalog objects to a namespace at once (see the catalog service). Retrying is harmless: an
+    /// object equal to its current version is unchanged.
+    pub async fn apply_catalog(
+        &mut self,
+        namespace: &str,
+        objects: Vec<pb::CatalogDraft>,
+        replace: bool,
+    ) -> Result<Vec<pb::AppliedCatalogObject>, Status> {
+        let request = pb::ApplyCatalogRequest {
+            namespace: namespace.to_string(),
+            objects,
+            replace,
+        };
+        self.call(|channel| {
+            let request = request.clone();
+            async move {
+                Ok(CatalogServiceClient::new(channel)
+                    .apply(request)
+                    .await?
+                    .into_inner()
+                    .objects)
+            }
+        })
+        .await
+    }
+
+    pub async fn list_catalog(
+        &mut self,
+        namespace: &str,
+        include_deleted: bool,
+        include_history: bool,
+    ) -> Result<Vec<pb::CatalogObject>, Status> {
+        let request = pb::ListCatalogRequest {
+            namespace: namespace.to_string(),
+            include_deleted,
+            include_history,
+        };
+        self.call(|channel| {
+            let request = request.clone();
+            async move {
+                Ok(CatalogServiceClient::new(channel)
+                    .list(request)
+                    .await?
+                    .into_inner()
+                    .objects)
             }
         })
         .await

@@ -12,7 +12,7 @@
 //!            └──────────────────────────────────────────────┘
 //! ```
 //!
-//! Module map: [`spec`] parses job TOML; [`state`] is the deterministic state machine; [`scheduler`] the
+//! Module map: [`spec`] parses job TOML; [`catalog`] keeps other services' versioned documents; [`state`] is the deterministic state machine; [`scheduler`] the
 //! pure placement function the leader runs; [`storage`] the
 //! durable raft log; [`node`] the sans-IO consensus node; [`server`] the event loop, peer transport and
 //! gRPC services; [`client`] the failover client the CLI and tests use.
@@ -23,6 +23,7 @@
 //! Left out for now: the scheduler, workers and everything past jobs; those issues extend the state
 //! machine with new commands (and bump the snapshot format version).
 
+pub mod catalog;
 pub mod client;
 pub mod error;
 pub mod node;

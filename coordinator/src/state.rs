@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::catalog::{AppliedObject, Catalog, CatalogObject, ObjectDraft};
 use crate::error::CoordinatorError;
 use crate::spec::{JobSpec, ResourceSpec};
 
@@ -26,7 +27,7 @@ pub type JobId = u64;
 pub type NodeId = u64;
 
 /// Bumped whenever the snapshot layout changes.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 4;
 /// Most metrics or artifacts one job keeps, and the longest name or location, so reports cannot bloat the
 /// replicated state.
 pub const JOB_METRICS_MAX: usize = 64;
@@ -390,6 +391,11 @@ pub enum Request {
     },
     /// The leader's in-memory lease table (last heartbeat per worker); answered by the leader only.
     WorkerLeases,
+    ApplyCatalog {
+        namespace: String,
+        objects: Vec<ObjectDraft>,
+        replace: bool,
+    },
 }
 
 /// An entry of the Raft log. Carries everything apply needs.
@@ -445,6 +451,14 @@ pub enum Command {
         artifacts: BTreeMap<String, String>,
         now_ms: i64,
     },
+    /// Catalog objects applied to a namespace at once (see [`crate::catalog`]); with `replace`, the
+    /// namespace's other live objects are deleted.
+    ApplyCatalog {
+        namespace: String,
+        objects: Vec<ObjectDraft>,
+        replace: bool,
+        now_ms: i64,
+    },
 }
 
 /// What applying a command produced, sent back to the client that proposed it.
@@ -464,6 +478,7 @@ pub enum CommandResult {
     Done,
     Batch(Vec<CommandResult>),
     Rejected(CoordinatorError),
+    CatalogApplied(Vec<AppliedObject>),
 }
 
 /// Reads, served after ReadIndex confirms this node has applied everything committed before the read.
@@ -482,6 +497,11 @@ pub enum Query {
     GetWorker {
         id: WorkerId,
     },
+    ListCatalog {
+        namespace: String,
+        include_deleted: bool,
+        include_history: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -490,6 +510,7 @@ pub enum QueryResult {
     Jobs(Vec<Job>),
     Workers(Vec<Worker>),
     Rejected(CoordinatorError),
+    Catalog(Vec<CatalogObject>),
 }
 
 /// The replicated state. Its maps are persistent (`imbl`): a clone shares structure and costs next to
@@ -507,6 +528,8 @@ pub struct StateMachine {
     /// Queued jobs in scheduling order: priority (higher first), then job id (submission order). A
     /// restarted job keeps its place.
     queue: imbl::OrdSet<(i64, JobId)>,
+    /// Versioned documents of other services (feature-store definitions).
+    catalog: Catalog,
 }
 
 fn queue_key(job: &Job) -> (i64, JobId) {
@@ -654,6 +677,15 @@ impl StateMachine {
                 changed.push(record.clone());
                 CommandResult::Done
             }
+            Command::ApplyCatalog {
+                namespace,
+                objects,
+                replace,
+                now_ms,
+            } => match self.catalog.apply(&namespace, objects, replace, now_ms) {
+                Ok(applied) => CommandResult::CatalogApplied(applied),
+                Err(error) => CommandResult::Rejected(error),
+            },
             Command::Batch(commands) => CommandResult::Batch(
                 commands
                     .into_iter()
@@ -1070,6 +1102,11 @@ impl StateMachine {
                 QueryResult::Jobs(jobs)
             }
             Query::ListWorkers => QueryResult::Workers(self.workers.values().cloned().collect()),
+            Query::ListCatalog {
+                namespace,
+                include_deleted,
+                include_history,
+            } => QueryResult::Catalog(self.catalog.list(namespace, *include_deleted, *include_history)),
             Query::GetWorker { id } => match self.workers.get(id) {
                 Some(worker) => QueryResult::Workers(vec![worker.clone()]),
                 None => QueryResult::Rejected(CoordinatorError::NotFound(format!(
@@ -1086,6 +1123,10 @@ impl StateMachine {
                 ))),
             },
         }
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
     }
 
     pub fn job_count(&self) -> usize {
@@ -1149,6 +1190,10 @@ impl StateMachine {
             let (_, state): (u32, version2::StateMachine) = decode(bytes, "version 2 state machine snapshot")?;
             return Ok(state.upgrade());
         }
+        if version == 3 {
+            let (_, state): (u32, version3::StateMachine) = decode(bytes, "version 3 state machine snapshot")?;
+            return Ok(state.upgrade());
+        }
         if version != SNAPSHOT_FORMAT_VERSION {
             return Err(CoordinatorError::Storage(format!(
                 "snapshot format version {version} is not supported; this build reads versions 1 to {SNAPSHOT_FORMAT_VERSION}"
@@ -1156,6 +1201,39 @@ impl StateMachine {
         }
         let (_, state): (u32, StateMachine) = decode(bytes, "state machine snapshot")?;
         Ok(state)
+    }
+}
+
+/// Snapshot format 3 (jobs with metrics and artifacts; no catalog).
+mod version3 {
+    use super::*;
+
+    #[derive(Deserialize)]
+    pub(super) struct StateMachine {
+        jobs: imbl::OrdMap<JobId, Job>,
+        idempotency_keys: imbl::OrdMap<String, JobId>,
+        next_job_id: JobId,
+        members: BTreeMap<NodeId, MemberRecord>,
+        workers: imbl::OrdMap<WorkerId, Worker>,
+        worker_uids: imbl::OrdMap<String, WorkerId>,
+        next_worker_id: WorkerId,
+        queue: imbl::OrdSet<(i64, JobId)>,
+    }
+
+    impl StateMachine {
+        pub(super) fn upgrade(self) -> super::StateMachine {
+            super::StateMachine {
+                jobs: self.jobs,
+                idempotency_keys: self.idempotency_keys,
+                next_job_id: self.next_job_id,
+                members: self.members,
+                workers: self.workers,
+                worker_uids: self.worker_uids,
+                next_worker_id: self.next_worker_id,
+                queue: self.queue,
+                catalog: Catalog::default(),
+            }
+        }
     }
 }
 
@@ -1223,6 +1301,7 @@ mod version2 {
                 worker_uids: self.worker_uids.into_iter().collect(),
                 next_worker_id: self.next_worker_id,
                 queue: self.queue.into_iter().collect(),
+                catalog: Catalog::default(),
             }
         }
     }
@@ -1683,6 +1762,65 @@ mod tests {
         let job = state.job(1).unwrap();
         assert_eq!(job.metrics["loss"], 0.25);
         assert_eq!(job.artifacts["model"], "/runs/1/model");
+    }
+
+    #[test]
+    fn a_version_3_snapshot_is_upgraded_with_an_empty_catalog() {
+        // Format 3 is format 4 without the catalog.
+        let mut state = StateMachine::default();
+        let a = register(&mut state, "a", 2);
+        apply(&mut state, submit_spec("k1", 1, &gang(1, 1)));
+        start(&mut state, 1, 1, vec![a]);
+        let body = (
+            &state.jobs,
+            &state.idempotency_keys,
+            state.next_job_id,
+            &state.members,
+            &state.workers,
+            &state.worker_uids,
+            state.next_worker_id,
+            &state.queue,
+        );
+        let bytes = encode(&(3u32, body)).unwrap();
+        assert_eq!(StateMachine::from_snapshot(&bytes).unwrap(), state);
+    }
+
+    #[test]
+    fn catalog_applies_are_replicated_commands_and_survive_snapshots() {
+        let mut state = StateMachine::default();
+        let command = |content: &str, now_ms| Command::ApplyCatalog {
+            namespace: "features".into(),
+            objects: vec![ObjectDraft {
+                kind: "feature_view".into(),
+                name: "driver_hourly".into(),
+                content: content.into(),
+            }],
+            replace: true,
+            now_ms,
+        };
+        let CommandResult::CatalogApplied(applied) = apply(&mut state, command("a", 1)) else {
+            panic!("not applied")
+        };
+        assert_eq!(applied[0].version, 1);
+        let CommandResult::CatalogApplied(applied) = apply(&mut state, command("b", 2)) else {
+            panic!("not applied")
+        };
+        assert_eq!(applied[0].version, 2);
+        assert!(matches!(
+            apply(&mut state, command("", 3)),
+            CommandResult::Rejected(CoordinatorError::InvalidArgument(_))
+        ));
+        let restored = StateMachine::from_snapshot(&state.to_snapshot().unwrap()).unwrap();
+        let QueryResult::Catalog(objects) = restored.query(&Query::ListCatalog {
+            namespace: "features".into(),
+            include_deleted: false,
+            include_history: true,
+        }) else {
+            panic!("not a catalog")
+        };
+        assert_eq!(objects.len(), 1);
+        let contents: Vec<&str> = objects[0].versions.iter().map(|v| v.content.as_str()).collect();
+        assert_eq!(contents, ["a", "b"]);
     }
 
     #[test]

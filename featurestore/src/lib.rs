@@ -1,12 +1,13 @@
-//! Kiln's feature store. So far: definitions checked against their data ([`definitions`]), the
-//! point-in-time join ([`pit`]) that turns feature views and entity rows into a training set, and the
-//! online store with materialization ([`online`]), and training sets for a feature service with their
-//! content hash and view versions ([`training`]). Replicating definitions through the coordinator, the
-//! `kiln features` commands and the Arrow Flight server come next (see the feature-store issue).
+//! Kiln's feature store. So far: definitions checked against their data ([`definitions`]) and kept in the
+//! coordinator's catalog ([`registry`]), the point-in-time join ([`pit`]) that turns feature views and
+//! entity rows into a training set, the online store with materialization ([`online`]), and training sets
+//! for a feature service with their content hash and view versions ([`training`]). The Arrow Flight server
+//! comes next (see the feature-store issue).
 
 pub mod definitions;
 pub mod online;
 pub mod pit;
+pub mod registry;
 pub mod training;
 
 /// Why a feature-store operation failed.

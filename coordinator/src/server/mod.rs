@@ -16,7 +16,8 @@
 //! the time into the command. Reads run ReadIndex on the node that received them.
 //!
 //! Files: `event_loop.rs` (the loop and the snapshot worker), `transport.rs` (outbound peer streams,
-//! inbound batch decoding), `services.rs` (the gRPC services and the write path); this file holds the
+//! inbound batch decoding), `services.rs` (the gRPC services and the write path), `catalog.rs` (the catalog
+//! service); this file holds the
 //! configuration and the start-up and shutdown of a [`Coordinator`].
 
 use std::collections::{BTreeMap, HashMap};
@@ -28,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kiln_proto as pb;
+use pb::catalog_service_server::CatalogServiceServer;
 use pb::cluster_service_server::{ClusterService, ClusterServiceServer};
 use pb::job_service_server::{JobService, JobServiceServer};
 use pb::raft_peer_client::RaftPeerClient;
@@ -51,6 +53,7 @@ use crate::state::{
 };
 use crate::storage::{Databases, LogStore};
 
+mod catalog;
 mod event_loop;
 mod services;
 mod transport;
@@ -322,6 +325,7 @@ impl Coordinator {
         health.set_serving::<JobServiceServer<Shared>>().await;
         health.set_serving::<ClusterServiceServer<Shared>>().await;
         health.set_serving::<WorkerServiceServer<Shared>>().await;
+        health.set_serving::<CatalogServiceServer<Shared>>().await;
         health.set_serving::<RaftPeerServer<Shared>>().await;
 
         let mut servers = tokio::task::JoinSet::new();
@@ -330,6 +334,7 @@ impl Coordinator {
             .add_service(JobServiceServer::new(shared.clone()))
             .add_service(ClusterServiceServer::new(shared.clone()))
             .add_service(WorkerServiceServer::new(shared.clone()))
+            .add_service(CatalogServiceServer::new(shared.clone()))
             .serve_with_incoming_shutdown(incoming(api_listener), shutdown.clone().cancelled_owned());
         servers.spawn(api);
         let peer = tonic::transport::Server::builder()

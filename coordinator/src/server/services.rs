@@ -29,6 +29,9 @@ pub enum WriteOutcome {
     Leases {
         ages_ms: BTreeMap<WorkerId, i64>,
     },
+    CatalogApplied {
+        objects: Vec<crate::catalog::AppliedObject>,
+    },
 }
 
 /// What the gRPC handlers share: a way to reach the loop, and to reach peers.
@@ -239,6 +242,11 @@ impl Shared {
                 }
             }
             Request::WorkerLeases => self.worker_leases().await,
+            Request::ApplyCatalog {
+                namespace,
+                objects,
+                replace,
+            } => self.apply_catalog(namespace, objects, replace).await,
             Request::ReportMetrics {
                 job,
                 attempt,
