@@ -5,12 +5,15 @@
 //! applied definitions back from the cluster (`training-set --definitions FILE` reads a file instead, as
 //! Feast's CLI reads its local repository).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
+use kiln_featurestore::arrow::array::RecordBatch;
 use kiln_featurestore::definitions::{Definitions, check_against_data, parse_definitions};
-use kiln_featurestore::registry::{self, Applied, Registered, RegistryEntry};
+use kiln_featurestore::registry::{self, Registered};
+use kiln_featurestore::server::FlightCommand;
 use kiln_featurestore::training::{read_file, training_set, write_parquet};
 use kiln_proto as pb;
 use serde_json::{Value, json};
@@ -37,6 +40,33 @@ pub enum FeaturesCommand {
     },
     /// The applied feature views (their features, types, versions, owners and descriptions) and services.
     List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy the views' latest values from their sources to the feature server's online store.
+    Materialize {
+        /// Only this view (default: every view).
+        #[arg(long)]
+        view: Option<String>,
+        /// Only rows at or before this time (RFC 3339, such as 2026-11-01T12:00:00Z; default: all).
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Look up a feature service's latest values for entities in the online store.
+    Get {
+        #[arg(long)]
+        service: String,
+        /// KEY=VALUE, such as driver_id=1001; repeat a key for more entities.
+        #[arg(long = "entity", required = true)]
+        entities: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run SQL over the feature views (each is a table named after the view) on the feature server.
+    Sql {
+        query: String,
         #[arg(long)]
         json: bool,
     },
@@ -78,27 +108,8 @@ async fn load_checked(file: &Path) -> Result<Definitions> {
 }
 
 /// The definitions applied to the cluster, with each object's version.
-pub async fn registered(target: &Target) -> Result<Registered> {
-    let objects = target
-        .client()?
-        .list_catalog(registry::NAMESPACE, false, false)
-        .await
-        .map_err(status_error)?;
-    let entries = objects.into_iter().filter_map(|object| {
-        let current = object.versions.last()?.clone();
-        Some((
-            RegistryEntry {
-                kind: object.kind,
-                name: object.name,
-                content: current.content,
-            },
-            Applied {
-                version: current.version,
-                applied_at_ms: current.applied_at_ms,
-            },
-        ))
-    });
-    Ok(registry::from_entries(entries)?)
+async fn registered(target: &Target) -> Result<Registered> {
+    crate::featureserver::registered(&mut target.client()?).await
 }
 
 fn counts(definitions: &Definitions) -> Value {
@@ -259,8 +270,100 @@ fn print_applied(file: &Path, applied: &[pb::AppliedCatalogObject], json: bool) 
     print_table(&["KIND", "NAME", "VERSION", "CHANGE"], &rows);
 }
 
-pub async fn run(command: FeaturesCommand, target: Target) -> Result<()> {
+/// `KEY=VALUE` arguments as the online lookup takes them: integers as numbers, anything else as text.
+fn parse_entities(arguments: &[String]) -> Result<BTreeMap<String, Vec<serde_json::Value>>> {
+    let mut entities: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+    for argument in arguments {
+        let Some((key, value)) = argument.split_once('=') else {
+            bail!("--entity {argument:?} is not KEY=VALUE; expected, for example, --entity driver_id=1001");
+        };
+        let value = match value.parse::<i64>() {
+            Ok(number) => json!(number),
+            Err(_) => json!(value),
+        };
+        entities.entry(key.trim().to_string()).or_default().push(value);
+    }
+    Ok(entities)
+}
+
+fn print_batches(batches: &[RecordBatch], json: bool) -> Result<()> {
+    if json {
+        let mut writer = kiln_featurestore::arrow::json::ArrayWriter::new(Vec::new());
+        for batch in batches {
+            writer.write(batch)?;
+        }
+        writer.finish()?;
+        let text = String::from_utf8(writer.into_inner())?;
+        println!("{}", if text.is_empty() { "[]" } else { text.as_str() });
+    } else {
+        println!(
+            "{}",
+            kiln_featurestore::arrow::util::pretty::pretty_format_batches(batches)?
+        );
+    }
+    Ok(())
+}
+
+pub async fn run(command: FeaturesCommand, target: Target, featurestore: String) -> Result<()> {
     match command {
+        FeaturesCommand::Materialize { view, until, json } => {
+            let until_micros = until
+                .map(|text| {
+                    humantime::parse_rfc3339_weak(&text)
+                        .map_err(|error| {
+                            anyhow::anyhow!("--until {text:?}: {error}; expected a time such as 2026-11-01T12:00:00Z")
+                        })
+                        .map(|time| {
+                            time.duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |since| since.as_micros() as i64)
+                        })
+                })
+                .transpose()?;
+            let mut client = crate::featureserver::connect(&featurestore).await?;
+            let report = crate::featureserver::materialize(&mut client, view, until_micros).await?;
+            if json {
+                println!("{report}");
+            } else {
+                let rows: Vec<Vec<String>> = report["views"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|view| {
+                        vec![
+                            view["view"].as_str().unwrap_or_default().to_string(),
+                            view["rows_read"].to_string(),
+                            view["rows_applied"].to_string(),
+                            if view["push"] == true {
+                                "pushed online as it arrives".into()
+                            } else {
+                                String::new()
+                            },
+                        ]
+                    })
+                    .collect();
+                print_table(&["VIEW", "ROWS READ", "ROWS APPLIED", "NOTE"], &rows);
+            }
+            Ok(())
+        }
+        FeaturesCommand::Get {
+            service,
+            entities,
+            json,
+        } => {
+            let command = FlightCommand::Online {
+                service,
+                entities: parse_entities(&entities)?,
+            };
+            let mut client = crate::featureserver::connect(&featurestore).await?;
+            let batches = crate::featureserver::fetch(&mut client, &command).await?;
+            print_batches(&batches, json)
+        }
+        FeaturesCommand::Sql { query, json } => {
+            let mut client = crate::featureserver::connect(&featurestore).await?;
+            let batches = crate::featureserver::fetch(&mut client, &FlightCommand::Sql { query }).await?;
+            print_batches(&batches, json)
+        }
         FeaturesCommand::Check { file, json } => {
             let definitions = load_checked(&file).await?;
             let counts = counts(&definitions);

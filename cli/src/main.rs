@@ -4,6 +4,7 @@ mod bench;
 mod bench_jobs;
 mod demo;
 mod features;
+mod featureserver;
 mod output;
 mod task;
 
@@ -102,7 +103,12 @@ enum Command {
         command: features::FeaturesCommand,
         #[command(flatten)]
         target: Target,
+        /// The feature server (kiln featurestore, or the one kiln up embeds), for get, sql and materialize.
+        #[arg(long, global = true, env = "KILN_FEATURESTORE", default_value = "127.0.0.1:7072")]
+        featurestore: String,
     },
+    /// Run a feature server: Arrow Flight over the feature definitions the cluster holds.
+    Featurestore(featureserver::FeatureServerArgs),
 }
 
 #[derive(Args)]
@@ -220,6 +226,9 @@ struct UpArgs {
     /// CPU slots each embedded worker offers (default: the machine's cores).
     #[arg(long)]
     worker_cpus: Option<u32>,
+    /// The embedded feature server's Arrow Flight address (its data under DATA_DIR/featurestore).
+    #[arg(long, default_value = "127.0.0.1:7072")]
+    featurestore_listen: SocketAddr,
     #[command(flatten)]
     scheduling: SchedulingArgs,
 }
@@ -418,6 +427,15 @@ async fn run_up(args: UpArgs) -> Result<()> {
         );
         workers.push(worker);
     }
+    let token = coordinator.shutdown_token();
+    let features = featureserver::start(
+        &coordinator.api_addr.to_string(),
+        args.featurestore_listen,
+        args.data_dir.join("featurestore"),
+        Duration::from_secs(1),
+        token.clone(),
+    )
+    .await?;
     println!(
         "kiln is up: an embedded single-node cluster with {} worker(s)",
         workers.len()
@@ -427,11 +445,17 @@ async fn run_up(args: UpArgs) -> Result<()> {
         coordinator.api_addr, coordinator.api_addr
     );
     println!("  raft peers       {}", coordinator.raft_addr);
+    println!(
+        "  feature server   {}   (Arrow Flight: grpc://{})",
+        features.address, features.address
+    );
     println!("  data             {}", args.data_dir.display());
     println!("Try: kiln submit examples/jobs/hello.toml && kiln jobs list. Ctrl-C stops it.");
-    let token = coordinator.shutdown_token();
     tokio::spawn(shutdown_on_signal(token.clone()));
     token.cancelled().await;
+    if let Ok(Err(error)) = features.task.await {
+        tracing::warn!("{error:#}");
+    }
     for worker in workers {
         worker.shutdown().await;
     }
@@ -742,7 +766,12 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Workers { command, target } => workers(command, target).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Task(command) => task::run(command).await,
-        Command::Features { command, target } => features::run(command, target).await,
+        Command::Features {
+            command,
+            target,
+            featurestore,
+        } => features::run(command, target, featurestore).await,
+        Command::Featurestore(args) => featureserver::run(args).await,
     }
 }
 
@@ -751,7 +780,7 @@ fn main() {
     // Servers narrate what they do; client commands and the demo speak only when something is wrong.
     let server = matches!(
         cli.command,
-        Command::Coordinator(_) | Command::Up(_) | Command::Worker(_)
+        Command::Coordinator(_) | Command::Up(_) | Command::Worker(_) | Command::Featurestore(_)
     );
     init_tracing(if server { "info" } else { "warn" });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

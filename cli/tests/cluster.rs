@@ -306,7 +306,16 @@ async fn up_runs_a_single_node_cluster_that_survives_a_restart() {
     let data = directory.path().join("data");
     let start = || {
         std::process::Command::new(KILN)
-            .args(["up", "--listen", &api, "--raft-listen", &raft, "--data-dir"])
+            .args([
+                "up",
+                "--listen",
+                &api,
+                "--raft-listen",
+                &raft,
+                "--featurestore-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
             .arg(&data)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

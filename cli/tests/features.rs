@@ -28,7 +28,7 @@ fn check_accepts_the_example_and_names_what_is_wrong_in_a_broken_copy() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(
-        stdout.contains("ok (1 entities, 2 sources, 1 feature views with 4 features, 1 feature services)"),
+        stdout.contains("ok (1 entities, 2 sources, 2 feature views with 5 features, 1 feature services)"),
         "{stdout}"
     );
 
@@ -174,7 +174,7 @@ async fn applied_definitions_are_versioned_by_the_cluster_and_outlive_its_leader
             .unwrap(),
     );
     let objects = applied["objects"].as_array().unwrap();
-    assert_eq!(objects.len(), 5, "{applied:#}");
+    assert_eq!(objects.len(), 6, "{applied:#}");
     assert!(
         objects
             .iter()
@@ -308,4 +308,138 @@ async fn applied_definitions_are_versioned_by_the_cluster_and_outlive_its_leader
         summary["feature_views"][0]["definition_hash"],
         listed["feature_views"][0]["definition_hash"]
     );
+}
+
+/// A `kiln featurestore` process on a free port, following `cluster`.
+struct FeatureServer {
+    child: std::process::Child,
+    address: String,
+}
+
+impl FeatureServer {
+    fn start(cluster: &Cluster, data_dir: &Path) -> FeatureServer {
+        let address = format!("127.0.0.1:{}", kiln_cluster_tests::free_port());
+        let child = Command::new(KILN)
+            .args([
+                "featurestore",
+                "--coordinator",
+                &cluster.addresses(),
+                "--listen",
+                &address,
+                "--refresh-ms",
+                "100",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        FeatureServer { child, address }
+    }
+
+    fn stop(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Runs `kiln features ARGS` against this server until it succeeds or `deadline` passes.
+    fn features(&self, cluster: &Cluster, args: &[&str], deadline: Duration) -> Output {
+        let until = std::time::Instant::now() + deadline;
+        loop {
+            let output = cluster
+                .cli(&[&["features", "--featurestore", &self.address], args].concat())
+                .unwrap();
+            if output.status.success() || std::time::Instant::now() > until {
+                return output;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feature_server_serves_what_was_applied_and_keeps_its_online_store_across_a_restart() {
+    let mut cluster = Cluster::new(Path::new(KILN), 1, &[]).unwrap();
+    cluster.start_all().unwrap();
+    cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let data = directory.path().join("featurestore");
+    let server = FeatureServer::start(&cluster, &data);
+    let example = examples().join("driver.toml");
+    json_of(
+        &cluster
+            .cli(&["features", "apply", example.to_str().unwrap(), "--json"])
+            .unwrap(),
+    );
+
+    // The server picks the definitions up within its refresh interval.
+    let output = server.features(
+        &cluster,
+        &[
+            "sql",
+            "SELECT driver_id, count(*) AS hours FROM driver_hourly_stats GROUP BY driver_id ORDER BY driver_id",
+            "--json",
+        ],
+        Duration::from_secs(20),
+    );
+    let rows = json_of(&output);
+    assert_eq!(rows.as_array().unwrap().len(), 5, "{rows:#}");
+    assert_eq!(rows[0]["driver_id"], 1001);
+    assert_eq!(rows[0]["hours"], 48);
+
+    let report = json_of(&server.features(
+        &cluster,
+        &["materialize", "--until", "2026-11-01T05:30:00Z", "--json"],
+        Duration::from_secs(5),
+    ));
+    assert_eq!(report["views"][0]["view"], "driver_hourly_stats");
+    assert_eq!(report["views"][0]["rows_applied"], 5 * 6, "{report:#}");
+    let lookup = [
+        "get",
+        "--service",
+        "driver_activity",
+        "--entity",
+        "driver_id=1001",
+        "--entity",
+        "driver_id=4242",
+        "--json",
+    ];
+    let found = json_of(&server.features(&cluster, &lookup, Duration::from_secs(5)));
+    // The latest row at or before 05:30 is 05:00's.
+    let csv = std::fs::read_to_string(examples().join("data/driver_hourly.csv")).unwrap();
+    let expected: f64 = csv
+        .lines()
+        .find(|line| line.starts_with("1001,2026-11-01T05:00:00"))
+        .unwrap()
+        .split(',')
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(found[0]["driver_id"], 1001);
+    assert_eq!(found[0]["conv_rate"].as_f64(), Some(expected), "{found:#}");
+    assert!(
+        found[1].get("conv_rate").is_none_or(serde_json::Value::is_null),
+        "{found:#}"
+    );
+
+    let output = server.features(
+        &cluster,
+        &["get", "--service", "nope", "--entity", "driver_id=1"],
+        Duration::ZERO,
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("feature service 'nope' is not defined (services: driver_activity)"),
+        "{stderr}"
+    );
+
+    // Restarted on the same directory, the server still answers from its online store.
+    server.stop();
+    let server = FeatureServer::start(&cluster, &data);
+    let again = json_of(&server.features(&cluster, &lookup, Duration::from_secs(20)));
+    assert_eq!(again, found);
+    server.stop();
 }

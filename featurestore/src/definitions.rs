@@ -505,26 +505,53 @@ impl Definitions {
     }
 }
 
-/// The rows a view serves: its source file registered with DataFusion under the source's name (relative
-/// paths against `base`), through its SQL transform when it has one. `None` for a push source, which has
-/// no file to read.
+/// Where a push source's rows are kept offline: one Parquet file per acknowledged push.
+pub fn push_directory(base: &Path, source: &str) -> std::path::PathBuf {
+    base.join("push").join(source)
+}
+
+fn has_parquet_files(directory: &Path) -> bool {
+    std::fs::read_dir(directory).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|entry| entry.path().extension().is_some_and(|extension| extension == "parquet"))
+    })
+}
+
+/// The rows a view serves: its source registered with DataFusion under the source's name (a file, with
+/// relative paths against `base`; a push source, the files under [`push_directory`]), through its SQL
+/// transform when it has one. `None` for a push source that has received nothing yet.
 pub async fn view_frame(
     definitions: &Definitions,
     view: &FeatureView,
     base: &Path,
 ) -> Result<Option<DataFrame>, FeatureStoreError> {
     let source = definitions.source_of(view)?;
-    let SourceKind::File { path } = &source.kind else {
-        return Ok(None);
-    };
-    let path = Path::new(path);
-    let location = if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        base.join(path)
-    };
     let context = SessionContext::new();
-    register_file(&context, &source.name, &location).await?;
+    match &source.kind {
+        SourceKind::File { path } => {
+            let path = Path::new(path);
+            let location = if path.is_absolute() {
+                path.to_path_buf()
+            } else {
+                base.join(path)
+            };
+            register_file(&context, &source.name, &location).await?;
+        }
+        SourceKind::Push => {
+            let directory = push_directory(base, &source.name);
+            if !has_parquet_files(&directory) {
+                return Ok(None);
+            }
+            context
+                .register_parquet(
+                    &source.name,
+                    directory.to_string_lossy().as_ref(),
+                    ParquetReadOptions::default(),
+                )
+                .await?;
+        }
+    }
     let frame = match &view.sql {
         Some(sql) => context.sql(sql).await.map_err(|error| {
             FeatureStoreError::InvalidInput(format!("feature_view '{}': its sql does not run: {error}", view.name))
@@ -606,47 +633,54 @@ pub async fn check_against_data(definitions: &Definitions, base: &Path) -> Resul
         let Some(schema) = view_schema(definitions, view, base).await? else {
             continue;
         };
-        let columns = || list(schema.fields().iter().map(|field| field.name().as_str()));
-        let find = |name: &str, role: &str| {
-            schema.field_with_name(name).map_err(|_| {
-                FeatureStoreError::InvalidInput(format!(
-                    "feature_view '{}': {role} '{name}' is not a column of its data (columns: {})",
-                    view.name,
-                    columns()
-                ))
-            })
-        };
-        for entity in &view.entities {
-            let entity = definitions
-                .entities
-                .iter()
-                .find(|known| &known.name == entity)
-                .expect("parse_definitions checked the references");
-            for key in &entity.join_keys {
-                find(key, &format!("join key of entity '{}'", entity.name))?;
-            }
-        }
-        let source = definitions.source_of(view)?;
-        let timestamp = find(&source.timestamp_field, "timestamp field")?;
-        if !FeatureType::Timestamp.accepts(timestamp.data_type()) {
-            return Err(FeatureStoreError::InvalidInput(format!(
-                "feature_view '{}': timestamp field '{}' has type {}; expected a timestamp or a date",
+        check_schema(definitions, view, &schema)?;
+    }
+    Ok(())
+}
+
+/// Checks that `schema` (what `view` produces) holds the view's join keys, its source's timestamp field
+/// and every feature, with types the features accept.
+pub fn check_schema(definitions: &Definitions, view: &FeatureView, schema: &Schema) -> Result<(), FeatureStoreError> {
+    let columns = || list(schema.fields().iter().map(|field| field.name().as_str()));
+    let find = |name: &str, role: &str| {
+        schema.field_with_name(name).map_err(|_| {
+            FeatureStoreError::InvalidInput(format!(
+                "feature_view '{}': {role} '{name}' is not a column of its data (columns: {})",
                 view.name,
-                source.timestamp_field,
-                timestamp.data_type()
-            )));
+                columns()
+            ))
+        })
+    };
+    for entity in &view.entities {
+        let entity = definitions
+            .entities
+            .iter()
+            .find(|known| &known.name == entity)
+            .expect("parse_definitions checked the references");
+        for key in &entity.join_keys {
+            find(key, &format!("join key of entity '{}'", entity.name))?;
         }
-        for feature in &view.features {
-            let field = find(&feature.name, "feature")?;
-            if !feature.dtype.accepts(field.data_type()) {
-                return Err(FeatureStoreError::InvalidInput(format!(
-                    "feature_view '{}': feature '{}' is declared {} but the column has type {}",
-                    view.name,
-                    feature.name,
-                    feature.dtype.name(),
-                    field.data_type()
-                )));
-            }
+    }
+    let source = definitions.source_of(view)?;
+    let timestamp = find(&source.timestamp_field, "timestamp field")?;
+    if !FeatureType::Timestamp.accepts(timestamp.data_type()) {
+        return Err(FeatureStoreError::InvalidInput(format!(
+            "feature_view '{}': timestamp field '{}' has type {}; expected a timestamp or a date",
+            view.name,
+            source.timestamp_field,
+            timestamp.data_type()
+        )));
+    }
+    for feature in &view.features {
+        let field = find(&feature.name, "feature")?;
+        if !feature.dtype.accepts(field.data_type()) {
+            return Err(FeatureStoreError::InvalidInput(format!(
+                "feature_view '{}': feature '{}' is declared {} but the column has type {}",
+                view.name,
+                feature.name,
+                feature.dtype.name(),
+                field.data_type()
+            )));
         }
     }
     Ok(())

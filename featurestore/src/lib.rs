@@ -1,13 +1,17 @@
 //! Kiln's feature store. So far: definitions checked against their data ([`definitions`]) and kept in the
 //! coordinator's catalog ([`registry`]), the point-in-time join ([`pit`]) that turns feature views and
 //! entity rows into a training set, the online store with materialization ([`online`]), and training sets
-//! for a feature service with their content hash and view versions ([`training`]). The Arrow Flight server
-//! comes next (see the feature-store issue).
+//! for a feature service with their content hash and view versions ([`training`]), and the Arrow Flight
+//! feature server ([`server`]).
+
+/// The arrow crate this one builds on (DataFusion's), for callers that handle its record batches.
+pub use datafusion::arrow;
 
 pub mod definitions;
 pub mod online;
 pub mod pit;
 pub mod registry;
+pub mod server;
 pub mod training;
 
 /// Why a feature-store operation failed.

@@ -176,7 +176,8 @@ pub async fn read_file(path: &Path) -> Result<Vec<RecordBatch>, FeatureStoreErro
     Ok(context.table("file").await?.collect().await?)
 }
 
-/// Writes `batch` to `path` as a snappy-compressed Parquet file (written aside, then renamed).
+/// Writes `batch` to `path` as a snappy-compressed Parquet file, durably: written aside and fsynced,
+/// renamed, and the directory fsynced.
 pub fn write_parquet(path: &Path, batch: &RecordBatch) -> Result<(), FeatureStoreError> {
     use datafusion::parquet::arrow::ArrowWriter;
     use datafusion::parquet::basic::Compression;
@@ -189,7 +190,15 @@ pub fn write_parquet(path: &Path, batch: &RecordBatch) -> Result<(), FeatureStor
     let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(properties)).map_err(|error| storage(&error))?;
     writer.write(batch).map_err(|error| storage(&error))?;
     writer.close().map_err(|error| storage(&error))?;
-    std::fs::rename(&temporary, path).map_err(|error| storage(&error))
+    // Durable before it counts: the file's bytes, then its name in the directory.
+    std::fs::File::open(&temporary)
+        .and_then(|file| file.sync_all())
+        .map_err(|error| storage(&error))?;
+    std::fs::rename(&temporary, path).map_err(|error| storage(&error))?;
+    let directory = path.parent().filter(|parent| !parent.as_os_str().is_empty());
+    std::fs::File::open(directory.unwrap_or(Path::new(".")))
+        .and_then(|directory| directory.sync_all())
+        .map_err(|error| storage(&error))
 }
 
 #[cfg(test)]

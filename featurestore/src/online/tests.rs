@@ -148,7 +148,7 @@ async fn materializing_the_example_puts_each_drivers_latest_row_online() {
     assert!(
         error
             .to_string()
-            .contains("feature view 'driver_stats' is not defined (views: driver_hourly_stats)"),
+            .contains("feature view 'driver_stats' is not defined (views: driver_hourly_stats, driver_live_stats)"),
         "{error}"
     );
 }

@@ -1,0 +1,194 @@
+//! `kiln featurestore`: the Arrow Flight feature server (port 7072), fed with the definitions the
+//! coordinator holds, which it re-reads every `--refresh-ms`; `kiln up` embeds one. Also the client side
+//! of `kiln features get|sql|materialize`, which talk to it over Flight.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use arrow_flight::{Action, FlightClient, FlightDescriptor};
+use clap::Args;
+use futures::TryStreamExt;
+use kiln_coordinator::client::Client;
+use kiln_featurestore::arrow::array::RecordBatch;
+use kiln_featurestore::registry::{self, Applied, Registered, RegistryEntry};
+use kiln_featurestore::server::{FeatureServer, FlightCommand, serve};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::output::status_error;
+
+#[derive(Args)]
+pub struct FeatureServerArgs {
+    /// Coordinator addresses, comma-separated.
+    #[arg(long, env = "KILN_COORDINATOR", default_value = "127.0.0.1:7070")]
+    coordinator: String,
+    #[arg(long, default_value = "127.0.0.1:7072")]
+    listen: SocketAddr,
+    /// The online store and pushed rows live here; a restart with the same directory keeps them.
+    #[arg(long, env = "KILN_FEATURESTORE_DATA_DIR", default_value = "kiln-featurestore")]
+    data_dir: PathBuf,
+    /// How often the definitions are re-read from the coordinator, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    refresh_ms: u64,
+}
+
+/// The definitions applied to the cluster, with each object's version.
+pub async fn registered(client: &mut Client) -> Result<Registered> {
+    let objects = client
+        .list_catalog(registry::NAMESPACE, false, false)
+        .await
+        .map_err(status_error)?;
+    let entries = objects.into_iter().filter_map(|object| {
+        let current = object.versions.last()?.clone();
+        Some((
+            RegistryEntry {
+                kind: object.kind,
+                name: object.name,
+                content: current.content,
+            },
+            Applied {
+                version: current.version,
+                applied_at_ms: current.applied_at_ms,
+            },
+        ))
+    });
+    Ok(registry::from_entries(entries)?)
+}
+
+/// A running feature server.
+pub struct Running {
+    pub address: SocketAddr,
+    pub task: tokio::task::JoinHandle<Result<()>>,
+}
+
+/// Starts a feature server on `listen` that follows the definitions of the cluster at `coordinator`, until
+/// `shutdown` is cancelled.
+pub async fn start(
+    coordinator: &str,
+    listen: SocketAddr,
+    data_dir: PathBuf,
+    refresh: Duration,
+    shutdown: CancellationToken,
+) -> Result<Running> {
+    let mut client = Client::new(coordinator)?;
+    client.retry_deadline = refresh.max(Duration::from_secs(1));
+    let initial = match registered(&mut client).await {
+        Ok(initial) => initial,
+        Err(error) => {
+            tracing::warn!("feature server: definitions not read yet ({error:#}); retrying");
+            Registered::default()
+        }
+    };
+    let (sender, receiver) = watch::channel(Arc::new(initial));
+    let server = FeatureServer::open(data_dir.clone(), receiver)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("the feature server cannot listen on {listen}"))?;
+    let address = listener.local_addr()?;
+    let refresher = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = refresher.cancelled() => return,
+                () = tokio::time::sleep(refresh) => {}
+            }
+            match registered(&mut client).await {
+                Ok(latest) => {
+                    sender.send_if_modified(|current| {
+                        let changed = current.versions != latest.versions;
+                        if changed {
+                            *current = Arc::new(latest);
+                        }
+                        changed
+                    });
+                }
+                Err(error) => tracing::warn!("feature server: definitions not refreshed ({error:#})"),
+            }
+        }
+    });
+    let task = tokio::spawn(async move {
+        serve(server, listener, shutdown.cancelled_owned())
+            .await
+            .context("the feature server stopped")
+    });
+    tracing::info!("feature server on {address} (data {})", data_dir.display());
+    Ok(Running { address, task })
+}
+
+pub async fn run(args: FeatureServerArgs) -> Result<()> {
+    let shutdown = CancellationToken::new();
+    let running = start(
+        &args.coordinator,
+        args.listen,
+        args.data_dir.clone(),
+        Duration::from_millis(args.refresh_ms.max(10)),
+        shutdown.clone(),
+    )
+    .await?;
+    println!(
+        "kiln feature server on {} (Arrow Flight; definitions from {}; data {})",
+        running.address,
+        args.coordinator,
+        args.data_dir.display()
+    );
+    tokio::spawn(crate::shutdown_on_signal(shutdown));
+    running.task.await?
+}
+
+/// A Flight client of the feature server at `address`.
+pub async fn connect(address: &str) -> Result<FlightClient> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .with_context(|| format!("feature server address '{address}'"))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .with_context(|| format!("no feature server answers at {address} (kiln featurestore, or kiln up)"))?;
+    Ok(FlightClient::new(channel))
+}
+
+fn flight_error(error: arrow_flight::error::FlightError) -> anyhow::Error {
+    match error {
+        arrow_flight::error::FlightError::Tonic(status) => status_error(*status),
+        other => anyhow::anyhow!(other),
+    }
+}
+
+/// The rows of `command`, fetched over Flight.
+pub async fn fetch(client: &mut FlightClient, command: &FlightCommand) -> Result<Vec<RecordBatch>> {
+    let info = client
+        .get_flight_info(FlightDescriptor::new_cmd(command.to_bytes()))
+        .await
+        .map_err(flight_error)?;
+    let mut batches = Vec::new();
+    for endpoint in info.endpoint {
+        let ticket = endpoint
+            .ticket
+            .context("the feature server answered with an endpoint without a ticket")?;
+        let stream = client.do_get(ticket).await.map_err(flight_error)?;
+        batches.extend(stream.try_collect::<Vec<_>>().await.map_err(flight_error)?);
+    }
+    Ok(batches)
+}
+
+/// Runs the materialize action; returns the server's report.
+pub async fn materialize(
+    client: &mut FlightClient,
+    view: Option<String>,
+    until_micros: Option<i64>,
+) -> Result<serde_json::Value> {
+    let body = serde_json::json!({ "view": view, "until_micros": until_micros });
+    let results: Vec<_> = client
+        .do_action(Action::new("materialize", serde_json::to_vec(&body)?))
+        .await
+        .map_err(flight_error)?
+        .try_collect()
+        .await
+        .map_err(flight_error)?;
+    let first = results
+        .first()
+        .context("the feature server sent no materialize report")?;
+    Ok(serde_json::from_slice(first)?)
+}

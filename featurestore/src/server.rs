@@ -1,0 +1,775 @@
+//! The feature server: Arrow Flight on port 7072 over the definitions the coordinator holds.
+//!
+//! ```text
+//!   coordinator catalog ──(refreshed by the caller)──► watch<Registered> ──┐
+//!                                                                          ▼
+//!   ListFlights      views (path ["view", NAME]) and services (path ["service", NAME])
+//!   GetFlightInfo    a path, or a JSON command (below) ──► schema + one endpoint whose ticket is the command
+//!   DoGet            the command's rows, streamed batch by batch (DataFusion's stream for views and SQL)
+//!   DoPut            path ["push", SOURCE]: rows appended offline (one fsynced Parquet file under
+//!                    DATA_DIR/push/SOURCE), then written online for every view of the source; acknowledged
+//!                    with {"rows": N} only once both are durable
+//!   DoAction         "materialize" {"view": NAME?, "until_micros": T?}: offline ──► online
+//! ```
+//!
+//! Commands (a descriptor's `cmd`, and every ticket) are JSON, one key naming the kind:
+//! `{"view": {"name": "driver_hourly_stats"}}`, `{"sql": {"query": "SELECT …"}}`,
+//! `{"online": {"service": "driver_activity", "entities": {"driver_id": [1001, 1002]}}}`,
+//! `{"training_set": {"service": "…", "entities": "/path/entities.parquet", "event_timestamp": "event_timestamp",
+//! "rank": 0, "world": 1}}` (rank and world pick a contiguous shard of the rows).
+//!
+//! Every view is a DataFusion table named after the view in SQL. A malformed command, an unknown view,
+//! service or feature gets `INVALID_ARGUMENT` with a message that names it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
+use arrow_flight::{
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest,
+    HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket, flight_descriptor,
+};
+use datafusion::arrow::array::{ArrayRef, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::datasource::MemTable;
+use datafusion::prelude::{DataFrame, SessionContext};
+use datafusion::scalar::ScalarValue;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::FeatureStoreError;
+use crate::definitions::{FeatureType, FeatureView, check_schema, push_directory, view_frame};
+use crate::online::{OnlineStore, Value, materialize};
+use crate::registry::Registered;
+use crate::training::{read_file, training_set, write_parquet};
+
+/// The most bytes one DoPut may carry; a larger push is refused whole.
+pub const PUSH_BYTES_MAX: usize = 256 << 20;
+/// Rows per batch when a computed result (a training set) is streamed.
+const STREAM_BATCH_ROWS: usize = 64 * 1024;
+
+/// What a client asks for, in a descriptor's `cmd` or a ticket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum FlightCommand {
+    /// Every row of a view (offline).
+    View { name: String },
+    /// A SQL query over the views.
+    Sql { query: String },
+    /// The latest values of a service's features for entities: join key ➜ one value per entity.
+    Online {
+        service: String,
+        entities: BTreeMap<String, Vec<serde_json::Value>>,
+    },
+    /// A service's point-in-time training set for entity rows in a file the server can read.
+    TrainingSet {
+        service: String,
+        entities: String,
+        #[serde(default = "default_event_timestamp")]
+        event_timestamp: String,
+        #[serde(default)]
+        rank: u32,
+        #[serde(default)]
+        world: u32,
+    },
+}
+
+fn default_event_timestamp() -> String {
+    "event_timestamp".into()
+}
+
+impl FlightCommand {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a command serializes")
+    }
+
+    pub fn parse(bytes: &[u8], what: &str) -> Result<FlightCommand, Status> {
+        serde_json::from_slice(bytes).map_err(|error| {
+            Status::invalid_argument(format!(
+                "the {what} is not a Kiln feature command ({error}); expected JSON such as {{\"view\": {{\"name\": \"…\"}}}}, {{\"sql\": {{\"query\": \"…\"}}}}, {{\"online\": {{\"service\": \"…\", \"entities\": {{…}}}}}} or {{\"training_set\": {{…}}}}"
+            ))
+        })
+    }
+
+    fn from_descriptor(descriptor: &FlightDescriptor) -> Result<FlightCommand, Status> {
+        if descriptor.r#type == flight_descriptor::DescriptorType::Path as i32 {
+            return match descriptor.path.as_slice() {
+                [kind, name] if kind == "view" => Ok(FlightCommand::View { name: name.clone() }),
+                other => Err(Status::invalid_argument(format!(
+                    "descriptor path {other:?} names nothing here; expected [\"view\", NAME] (a service needs entities: use a command)"
+                ))),
+            };
+        }
+        FlightCommand::parse(&descriptor.cmd, "descriptor's command")
+    }
+}
+
+/// The Arrow Flight service. `registered` carries the definitions as the coordinator last reported them.
+#[derive(Clone)]
+pub struct FeatureServer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registered: watch::Receiver<Arc<Registered>>,
+    online: OnlineStore,
+    data_dir: PathBuf,
+    /// One push writes at a time, so files are numbered in acknowledgement order.
+    push: tokio::sync::Mutex<u64>,
+}
+
+fn status(error: FeatureStoreError) -> Status {
+    match error {
+        FeatureStoreError::InvalidInput(message) => Status::invalid_argument(message),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+fn invalid(message: String) -> Status {
+    Status::invalid_argument(message)
+}
+
+/// The arrow type a feature of `dtype` has in results built from the online store.
+pub fn arrow_type(dtype: FeatureType) -> DataType {
+    match dtype {
+        FeatureType::Int32 => DataType::Int32,
+        FeatureType::Int64 => DataType::Int64,
+        FeatureType::Float32 => DataType::Float32,
+        FeatureType::Float64 => DataType::Float64,
+        FeatureType::String => DataType::Utf8,
+        FeatureType::Bool => DataType::Boolean,
+        FeatureType::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, None),
+        FeatureType::FloatList => DataType::List(Arc::new(Field::new("item", DataType::Float64, true))),
+        FeatureType::Bytes => DataType::Binary,
+    }
+}
+
+fn scalar(value: &Value, data_type: &DataType) -> Result<ScalarValue, FeatureStoreError> {
+    let converted = match value {
+        Value::Null => return Ok(ScalarValue::try_from(data_type)?),
+        Value::Int(value) => ScalarValue::Int64(Some(*value)),
+        Value::Float(value) => ScalarValue::Float64(Some(*value)),
+        Value::Text(text) => ScalarValue::Utf8(Some(text.clone())),
+        Value::Bool(value) => ScalarValue::Boolean(Some(*value)),
+        Value::Timestamp(micros) => ScalarValue::TimestampMicrosecond(Some(*micros), None),
+        Value::Bytes(bytes) => ScalarValue::Binary(Some(bytes.clone())),
+        Value::FloatList(items) => {
+            let items: Vec<ScalarValue> = items.iter().map(|item| ScalarValue::Float64(Some(*item))).collect();
+            ScalarValue::List(ScalarValue::new_list_nullable(&items, &DataType::Float64))
+        }
+    };
+    Ok(converted.cast_to(data_type)?)
+}
+
+fn column(values: &[Value], data_type: &DataType) -> Result<ArrayRef, FeatureStoreError> {
+    if values.is_empty() {
+        return Ok(datafusion::arrow::array::new_empty_array(data_type));
+    }
+    let scalars = values
+        .iter()
+        .map(|value| scalar(value, data_type))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ScalarValue::iter_to_array(scalars)?)
+}
+
+/// A JSON entity key as the online store keys it: integers as integers, text as text.
+fn key_value(json: &serde_json::Value, key: &str) -> Result<Value, FeatureStoreError> {
+    match json {
+        serde_json::Value::Number(number) if number.is_i64() => Ok(Value::Int(number.as_i64().unwrap_or_default())),
+        serde_json::Value::String(text) => Ok(Value::Text(text.clone())),
+        serde_json::Value::Bool(value) => Ok(Value::Bool(*value)),
+        other => Err(FeatureStoreError::InvalidInput(format!(
+            "entity key '{key}' has value {other}; expected an integer or a string"
+        ))),
+    }
+}
+
+fn key_type(values: &[Value]) -> DataType {
+    match values.iter().find(|value| **value != Value::Null) {
+        Some(Value::Text(_)) => DataType::Utf8,
+        Some(Value::Bool(_)) => DataType::Boolean,
+        _ => DataType::Int64,
+    }
+}
+
+fn batches_stream(batches: Vec<RecordBatch>) -> BoxStream<'static, Result<RecordBatch, FlightError>> {
+    let mut pieces = Vec::new();
+    for batch in batches {
+        let mut offset = 0;
+        while offset < batch.num_rows() {
+            let length = STREAM_BATCH_ROWS.min(batch.num_rows() - offset);
+            pieces.push(Ok(batch.slice(offset, length)));
+            offset += length;
+        }
+    }
+    futures::stream::iter(pieces).boxed()
+}
+
+/// A command's result: its schema and its rows as a stream.
+struct Rows {
+    schema: SchemaRef,
+    stream: BoxStream<'static, Result<RecordBatch, FlightError>>,
+}
+
+impl Rows {
+    async fn from_frame(frame: DataFrame) -> Result<Rows, FeatureStoreError> {
+        let schema = Arc::new(frame.schema().as_arrow().clone());
+        let stream = frame
+            .execute_stream()
+            .await?
+            .map_err(|error| FlightError::ExternalError(Box::new(error)))
+            .boxed();
+        Ok(Rows { schema, stream })
+    }
+
+    fn from_batch(batch: RecordBatch) -> Rows {
+        Rows {
+            schema: batch.schema(),
+            stream: batches_stream(vec![batch]),
+        }
+    }
+}
+
+impl FeatureServer {
+    /// Opens the online store under `data_dir` (created if missing).
+    pub fn open(
+        data_dir: PathBuf,
+        registered: watch::Receiver<Arc<Registered>>,
+    ) -> Result<FeatureServer, FeatureStoreError> {
+        std::fs::create_dir_all(&data_dir)
+            .map_err(|error| FeatureStoreError::Storage(format!("creating {}: {error}", data_dir.display())))?;
+        let online = OnlineStore::open(&data_dir.join("online.redb"))?;
+        Ok(FeatureServer {
+            inner: Arc::new(Inner {
+                registered,
+                online,
+                data_dir,
+                push: tokio::sync::Mutex::new(0),
+            }),
+        })
+    }
+
+    /// The gRPC service, ready for `tonic::transport::Server::add_service`.
+    pub fn into_service(self) -> FlightServiceServer<FeatureServer> {
+        FlightServiceServer::new(self)
+            .max_decoding_message_size(PUSH_BYTES_MAX)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    fn registered(&self) -> Arc<Registered> {
+        self.inner.registered.borrow().clone()
+    }
+
+    fn view<'a>(&self, registered: &'a Registered, name: &str) -> Result<&'a FeatureView, FeatureStoreError> {
+        let definitions = &registered.definitions;
+        definitions.views.iter().find(|view| view.name == name).ok_or_else(|| {
+            FeatureStoreError::InvalidInput(format!(
+                "feature view '{name}' is not defined (views: {})",
+                names(definitions.views.iter().map(|view| view.name.as_str()))
+            ))
+        })
+    }
+
+    /// A DataFusion context with every view that has rows registered as a table under its name.
+    async fn sql_context(&self, registered: &Registered) -> Result<SessionContext, FeatureStoreError> {
+        let context = SessionContext::new();
+        for view in &registered.definitions.views {
+            if let Some(frame) = view_frame(&registered.definitions, view, &self.inner.data_dir).await? {
+                context.register_table(view.name.as_str(), frame.into_view())?;
+            }
+        }
+        Ok(context)
+    }
+
+    async fn rows(&self, command: &FlightCommand) -> Result<Rows, FeatureStoreError> {
+        let registered = self.registered();
+        let definitions = &registered.definitions;
+        match command {
+            FlightCommand::View { name } => {
+                let view = self.view(&registered, name)?;
+                match view_frame(definitions, view, &self.inner.data_dir).await? {
+                    Some(frame) => Rows::from_frame(frame).await,
+                    None => Err(FeatureStoreError::InvalidInput(format!(
+                        "feature view '{name}' has no rows yet: its push source '{}' has received none",
+                        view.source
+                    ))),
+                }
+            }
+            FlightCommand::Sql { query } => {
+                let context = self.sql_context(&registered).await?;
+                let frame = context
+                    .sql(query)
+                    .await
+                    .map_err(|error| FeatureStoreError::InvalidInput(format!("the query does not run: {error}")))?;
+                Rows::from_frame(frame).await
+            }
+            FlightCommand::Online { service, entities } => {
+                Ok(Rows::from_batch(self.online(&registered, service, entities)?))
+            }
+            FlightCommand::TrainingSet {
+                service,
+                entities,
+                event_timestamp,
+                rank,
+                world,
+            } => {
+                if *world > 0 && rank >= world {
+                    return Err(FeatureStoreError::InvalidInput(format!(
+                        "rank {rank} is not below world {world}; expected 0 ≤ rank < world"
+                    )));
+                }
+                let rows = read_file(std::path::Path::new(entities)).await?;
+                let set = training_set(definitions, service, &rows, event_timestamp, &self.inner.data_dir).await?;
+                let batch = if *world > 1 {
+                    let total = set.batch.num_rows();
+                    let (world, rank) = (*world as usize, *rank as usize);
+                    let start = total * rank / world;
+                    let end = total * (rank + 1) / world;
+                    set.batch.slice(start, end - start)
+                } else {
+                    set.batch
+                };
+                Ok(Rows::from_batch(batch))
+            }
+        }
+    }
+
+    /// The latest values of `service`'s features for the entities given by join key.
+    fn online(
+        &self,
+        registered: &Registered,
+        service_name: &str,
+        entities: &BTreeMap<String, Vec<serde_json::Value>>,
+    ) -> Result<RecordBatch, FeatureStoreError> {
+        let definitions = &registered.definitions;
+        let service = definitions
+            .services
+            .iter()
+            .find(|service| service.name == service_name)
+            .ok_or_else(|| {
+                FeatureStoreError::InvalidInput(format!(
+                    "feature service '{service_name}' is not defined (services: {})",
+                    names(definitions.services.iter().map(|service| service.name.as_str()))
+                ))
+            })?;
+        let count = entities.values().map(Vec::len).max().unwrap_or(0);
+        if let Some((key, values)) = entities.iter().find(|(_, values)| values.len() != count) {
+            return Err(FeatureStoreError::InvalidInput(format!(
+                "entity key '{key}' has {} values but another has {count}; expected one value per entity for each key",
+                values.len()
+            )));
+        }
+        let keys: BTreeMap<&str, Vec<Value>> = entities
+            .iter()
+            .map(|(key, values)| {
+                let values = values
+                    .iter()
+                    .map(|value| key_value(value, key))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((key.as_str(), values))
+            })
+            .collect::<Result<_, FeatureStoreError>>()?;
+        let mut fields = Vec::new();
+        let mut columns = Vec::new();
+        for (key, values) in &keys {
+            let data_type = key_type(values);
+            columns.push(column(values, &data_type)?);
+            fields.push(Field::new(*key, data_type, true));
+        }
+        // The service's features, grouped by view, in the order the service names them.
+        let mut by_view: Vec<(&str, Vec<&str>)> = Vec::new();
+        for feature in &service.features {
+            match by_view.iter_mut().find(|(view, _)| *view == feature.view) {
+                Some((_, features)) => features.push(&feature.feature),
+                None => by_view.push((&feature.view, vec![&feature.feature])),
+            }
+        }
+        for (view_name, features) in by_view {
+            let view = self.view(registered, view_name)?;
+            let join_keys = definitions.join_keys(view);
+            let key_rows: Vec<Vec<Value>> = (0..count)
+                .map(|row| {
+                    join_keys
+                        .iter()
+                        .map(|key| {
+                            keys.get(key.as_str()).map(|values| values[row].clone()).ok_or_else(|| {
+                                FeatureStoreError::InvalidInput(format!(
+                                    "entity key '{key}' is missing; feature view '{view_name}' needs {}",
+                                    join_keys.join(", ")
+                                ))
+                            })
+                        })
+                        .collect()
+                })
+                .collect::<Result<_, _>>()?;
+            let names: Vec<String> = features.iter().map(|feature| feature.to_string()).collect();
+            let found = self.inner.online.get(view_name, &key_rows, &names)?;
+            for (index, name) in names.iter().enumerate() {
+                let dtype = view
+                    .features
+                    .iter()
+                    .find(|feature| &feature.name == name)
+                    .map(|feature| feature.dtype)
+                    .ok_or_else(|| {
+                        FeatureStoreError::InvalidInput(format!(
+                            "feature '{name}' is not in feature view '{view_name}'"
+                        ))
+                    })?;
+                let values: Vec<Value> = found
+                    .iter()
+                    .map(|row| row.as_ref().map_or(Value::Null, |row| row.values[index].clone()))
+                    .collect();
+                let data_type = arrow_type(dtype);
+                columns.push(column(&values, &data_type)?);
+                fields.push(Field::new(name, data_type, true));
+            }
+        }
+        Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
+    }
+
+    /// Appends pushed rows to `source` offline and writes them online for each of its views.
+    async fn push(&self, source_name: &str, batches: Vec<RecordBatch>) -> Result<usize, FeatureStoreError> {
+        let registered = self.registered();
+        let definitions = &registered.definitions;
+        let source = definitions
+            .sources
+            .iter()
+            .find(|source| source.name == source_name)
+            .ok_or_else(|| {
+                FeatureStoreError::InvalidInput(format!(
+                    "source '{source_name}' is not defined (sources: {})",
+                    names(definitions.sources.iter().map(|source| source.name.as_str()))
+                ))
+            })?;
+        if source.kind != crate::definitions::SourceKind::Push {
+            return Err(FeatureStoreError::InvalidInput(format!(
+                "source '{source_name}' reads a file, not pushes; expected a source with push = true"
+            )));
+        }
+        let Some(first) = batches.first() else {
+            return Ok(0);
+        };
+        let schema = first.schema();
+        let batch = datafusion::arrow::compute::concat_batches(&schema, &batches)?;
+        // Each view's rows as it would serve them, checked before anything is written.
+        let mut online_rows = Vec::new();
+        for view in definitions.views.iter().filter(|view| view.source == source.name) {
+            let rows = match &view.sql {
+                None => batch.clone(),
+                Some(sql) => {
+                    let context = SessionContext::new();
+                    let table = MemTable::try_new(schema.clone(), vec![vec![batch.clone()]])?;
+                    context.register_table(source.name.as_str(), Arc::new(table))?;
+                    let frame = context.sql(sql).await.map_err(|error| {
+                        FeatureStoreError::InvalidInput(format!(
+                            "feature_view '{}': its sql does not run on the pushed rows: {error}",
+                            view.name
+                        ))
+                    })?;
+                    let rows = frame.collect().await?;
+                    let schema = rows
+                        .first()
+                        .map(RecordBatch::schema)
+                        .unwrap_or_else(|| Arc::new(Schema::empty()));
+                    datafusion::arrow::compute::concat_batches(&schema, &rows)?
+                }
+            };
+            check_schema(definitions, view, &rows.schema())?;
+            online_rows.push((view, rows));
+        }
+        let mut sequence = self.inner.push.lock().await;
+        *sequence += 1;
+        let directory = push_directory(&self.inner.data_dir, &source.name);
+        std::fs::create_dir_all(&directory)
+            .map_err(|error| FeatureStoreError::Storage(format!("creating {}: {error}", directory.display())))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_micros());
+        write_parquet(&directory.join(format!("{now:020}-{:08}.parquet", *sequence)), &batch)?;
+        for (view, rows) in online_rows {
+            let features: Vec<String> = view.features.iter().map(|feature| feature.name.clone()).collect();
+            self.inner.online.write(
+                &view.name,
+                &rows,
+                &definitions.join_keys(view),
+                &source.timestamp_field,
+                &features,
+                None,
+            )?;
+        }
+        Ok(batch.num_rows())
+    }
+
+    async fn flight_info(&self, descriptor: FlightDescriptor, command: &FlightCommand) -> Result<FlightInfo, Status> {
+        let rows = self.rows(command).await.map_err(status)?;
+        let info = FlightInfo::new()
+            .try_with_schema(&rows.schema)
+            .map_err(|error| Status::internal(error.to_string()))?
+            .with_descriptor(descriptor)
+            .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(command.to_bytes())));
+        Ok(info)
+    }
+
+    /// What `materialize` did, per view.
+    async fn materialize(
+        &self,
+        view: Option<String>,
+        until_micros: Option<i64>,
+    ) -> Result<serde_json::Value, FeatureStoreError> {
+        let registered = self.registered();
+        let definitions = &registered.definitions;
+        let views: Vec<&FeatureView> = match &view {
+            Some(name) => vec![self.view(&registered, name)?],
+            None => definitions.views.iter().collect(),
+        };
+        let mut report = Vec::new();
+        for view in views {
+            let source = definitions.source_of(view)?;
+            if source.kind == crate::definitions::SourceKind::Push {
+                // Pushed rows went online as they arrived.
+                report.push(serde_json::json!({"view": view.name, "rows_read": 0, "rows_applied": 0, "push": true}));
+                continue;
+            }
+            let done = materialize(
+                definitions,
+                &view.name,
+                &self.inner.data_dir,
+                &self.inner.online,
+                until_micros,
+            )
+            .await?;
+            report.push(serde_json::json!({
+                "view": view.name,
+                "rows_read": done.rows_read,
+                "rows_applied": done.rows_applied,
+                "push": false,
+            }));
+        }
+        Ok(serde_json::json!({ "views": report }))
+    }
+}
+
+/// Serves `server` on `listener` until `shutdown` completes.
+pub async fn serve(
+    server: FeatureServer,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(server.into_service())
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
+        .await
+}
+
+fn names<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let names: Vec<&str> = names.collect();
+    if names.is_empty() {
+        "none; apply definitions first".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+type Boxed<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MaterializeRequest {
+    #[serde(default)]
+    view: Option<String>,
+    #[serde(default)]
+    until_micros: Option<i64>,
+}
+
+#[tonic::async_trait]
+impl FlightService for FeatureServer {
+    type HandshakeStream = Boxed<HandshakeResponse>;
+    type ListFlightsStream = Boxed<FlightInfo>;
+    type DoGetStream = Boxed<FlightData>;
+    type DoPutStream = Boxed<PutResult>;
+    type DoActionStream = Boxed<arrow_flight::Result>;
+    type ListActionsStream = Boxed<ActionType>;
+    type DoExchangeStream = Boxed<FlightData>;
+
+    async fn handshake(
+        &self,
+        _request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Self::HandshakeStream>, Status> {
+        Err(Status::unimplemented("the feature server needs no handshake"))
+    }
+
+    async fn list_flights(&self, _request: Request<Criteria>) -> Result<Response<Self::ListFlightsStream>, Status> {
+        let registered = self.registered();
+        let definitions = &registered.definitions;
+        let mut infos = Vec::new();
+        for view in &definitions.views {
+            let command = FlightCommand::View {
+                name: view.name.clone(),
+            };
+            let schema = match view_frame(definitions, view, &self.inner.data_dir)
+                .await
+                .map_err(status)?
+            {
+                Some(frame) => frame.schema().as_arrow().clone(),
+                None => Schema::empty(),
+            };
+            let info = FlightInfo::new()
+                .try_with_schema(&schema)
+                .map_err(|error| Status::internal(error.to_string()))?
+                .with_descriptor(FlightDescriptor::new_path(vec!["view".into(), view.name.clone()]))
+                .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(command.to_bytes())));
+            infos.push(Ok(info));
+        }
+        for service in &definitions.services {
+            let mut fields = Vec::new();
+            for feature in &service.features {
+                let dtype = self
+                    .view(&registered, &feature.view)
+                    .ok()
+                    .and_then(|view| view.features.iter().find(|known| known.name == feature.feature))
+                    .map(|known| known.dtype);
+                if let Some(dtype) = dtype {
+                    fields.push(Field::new(&feature.feature, arrow_type(dtype), true));
+                }
+            }
+            let info = FlightInfo::new()
+                .try_with_schema(&Schema::new(fields))
+                .map_err(|error| Status::internal(error.to_string()))?
+                .with_descriptor(FlightDescriptor::new_path(vec!["service".into(), service.name.clone()]));
+            infos.push(Ok(info));
+        }
+        Ok(Response::new(futures::stream::iter(infos).boxed()))
+    }
+
+    async fn get_flight_info(&self, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+        let descriptor = request.into_inner();
+        let command = FlightCommand::from_descriptor(&descriptor)?;
+        Ok(Response::new(self.flight_info(descriptor, &command).await?))
+    }
+
+    async fn poll_flight_info(&self, request: Request<FlightDescriptor>) -> Result<Response<PollInfo>, Status> {
+        let descriptor = request.into_inner();
+        let command = FlightCommand::from_descriptor(&descriptor)?;
+        let info = self.flight_info(descriptor, &command).await?;
+        Ok(Response::new(PollInfo::new().with_info(info)))
+    }
+
+    async fn get_schema(&self, request: Request<FlightDescriptor>) -> Result<Response<SchemaResult>, Status> {
+        let descriptor = request.into_inner();
+        let command = FlightCommand::from_descriptor(&descriptor)?;
+        let rows = self.rows(&command).await.map_err(status)?;
+        let options = datafusion::arrow::ipc::writer::IpcWriteOptions::default();
+        let result = arrow_flight::SchemaAsIpc::new(&rows.schema, &options)
+            .try_into()
+            .map_err(|error: datafusion::arrow::error::ArrowError| Status::internal(error.to_string()))?;
+        Ok(Response::new(result))
+    }
+
+    async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
+        let command = FlightCommand::parse(&request.into_inner().ticket, "ticket")?;
+        let rows = self.rows(&command).await.map_err(status)?;
+        let stream = FlightDataEncoderBuilder::new()
+            .with_schema(rows.schema)
+            .build(rows.stream)
+            .map_err(Status::from);
+        Ok(Response::new(stream.boxed()))
+    }
+
+    async fn do_put(&self, request: Request<Streaming<FlightData>>) -> Result<Response<Self::DoPutStream>, Status> {
+        let mut messages = request.into_inner();
+        let Some(first) = messages.message().await? else {
+            return Err(invalid(
+                "the push carried no messages; expected a descriptor and record batches".into(),
+            ));
+        };
+        let source = match &first.flight_descriptor {
+            Some(descriptor) if descriptor.path.len() == 2 && descriptor.path[0] == "push" => {
+                descriptor.path[1].clone()
+            }
+            other => {
+                return Err(invalid(format!(
+                    "a push must name its source with the descriptor path [\"push\", SOURCE]; got {:?}",
+                    other.as_ref().map(|descriptor| &descriptor.path)
+                )));
+            }
+        };
+        let all = futures::stream::once(async move { Ok(first) })
+            .chain(messages)
+            .map_err(FlightError::from);
+        let mut decoded = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(all);
+        let mut batches = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(batch) = decoded.next().await {
+            let batch = batch.map_err(|error| invalid(format!("the pushed rows do not decode: {error}")))?;
+            bytes += batch.get_array_memory_size();
+            if bytes > PUSH_BYTES_MAX {
+                return Err(invalid(format!(
+                    "the push is larger than {PUSH_BYTES_MAX} bytes; split it into several pushes"
+                )));
+            }
+            batches.push(batch);
+        }
+        let rows = self.push(&source, batches).await.map_err(status)?;
+        let result = PutResult {
+            app_metadata: serde_json::to_vec(&serde_json::json!({ "source": source, "rows": rows }))
+                .expect("json")
+                .into(),
+        };
+        Ok(Response::new(futures::stream::iter([Ok(result)]).boxed()))
+    }
+
+    async fn do_action(&self, request: Request<Action>) -> Result<Response<Self::DoActionStream>, Status> {
+        let action = request.into_inner();
+        match action.r#type.as_str() {
+            "materialize" => {
+                let body: MaterializeRequest = if action.body.is_empty() {
+                    MaterializeRequest {
+                        view: None,
+                        until_micros: None,
+                    }
+                } else {
+                    serde_json::from_slice(&action.body).map_err(|error| {
+                        invalid(format!(
+                            "the materialize body is not valid ({error}); expected {{\"view\": NAME?, \"until_micros\": MICROSECONDS?}}"
+                        ))
+                    })?
+                };
+                let report = self.materialize(body.view, body.until_micros).await.map_err(status)?;
+                let result = arrow_flight::Result {
+                    body: serde_json::to_vec(&report).expect("json").into(),
+                };
+                Ok(Response::new(futures::stream::iter([Ok(result)]).boxed()))
+            }
+            other => Err(invalid(format!("action '{other}' is not known; expected materialize"))),
+        }
+    }
+
+    async fn list_actions(&self, _request: Request<Empty>) -> Result<Response<Self::ListActionsStream>, Status> {
+        let materialize = ActionType {
+            r#type: "materialize".into(),
+            description: "Copy views' latest values (optionally one view, up to until_micros) to the online store"
+                .into(),
+        };
+        Ok(Response::new(futures::stream::iter([Ok(materialize)]).boxed()))
+    }
+
+    async fn do_exchange(
+        &self,
+        _request: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoExchangeStream>, Status> {
+        Err(Status::unimplemented("the feature server has no exchanges"))
+    }
+}
+
+#[cfg(test)]
+mod tests;

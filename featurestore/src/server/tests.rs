@@ -1,0 +1,315 @@
+//! The feature server over a real loopback socket, through arrow-flight's own client.
+
+use std::path::Path;
+
+use arrow_flight::FlightClient;
+use datafusion::arrow::array::{Array, Float64Array, Int64Array, TimestampMicrosecondArray};
+use futures::TryStreamExt;
+use tonic::codegen::Bytes;
+use tonic::transport::Channel;
+
+use super::*;
+use crate::definitions::{Definitions, parse_definitions};
+
+fn example() -> Definitions {
+    let text = include_str!("../../../examples/features/driver.toml");
+    let mut definitions = parse_definitions("driver.toml", text).unwrap();
+    definitions
+        .resolve_paths(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/features"))
+        .unwrap();
+    definitions
+}
+
+struct Running {
+    client: FlightClient,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap();
+    }
+}
+
+async fn start(data_dir: &Path, definitions: Definitions) -> Running {
+    let registered = Registered {
+        definitions,
+        versions: Default::default(),
+    };
+    let (_keep, receiver) = watch::channel(Arc::new(registered));
+    let server = FeatureServer::open(data_dir.to_path_buf(), receiver).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _keep = _keep;
+        serve(server, listener, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    Running {
+        client: FlightClient::new(channel),
+        stop: Some(stop),
+        task,
+    }
+}
+
+async fn fetch(client: &mut FlightClient, command: &FlightCommand) -> Vec<RecordBatch> {
+    let info = client
+        .get_flight_info(FlightDescriptor::new_cmd(command.to_bytes()))
+        .await
+        .unwrap();
+    let ticket = info.endpoint[0].ticket.clone().unwrap();
+    client.do_get(ticket).await.unwrap().try_collect().await.unwrap()
+}
+
+fn rows(batches: &[RecordBatch]) -> usize {
+    batches.iter().map(RecordBatch::num_rows).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_sql_and_training_sets_are_served_and_errors_name_the_problem() {
+    let directory = tempfile::tempdir().unwrap();
+    let mut running = start(directory.path(), example()).await;
+    let client = &mut running.client;
+
+    let listed: Vec<FlightInfo> = client
+        .list_flights(Bytes::new())
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let paths: Vec<Vec<String>> = listed
+        .iter()
+        .map(|info| info.flight_descriptor.clone().unwrap().path)
+        .collect();
+    assert!(
+        paths.contains(&vec!["view".into(), "driver_hourly_stats".into()]),
+        "{paths:?}"
+    );
+    assert!(
+        paths.contains(&vec!["service".into(), "driver_activity".into()]),
+        "{paths:?}"
+    );
+
+    // A view by path: every row of the example (5 drivers × 48 hours).
+    let info = client
+        .get_flight_info(FlightDescriptor::new_path(vec![
+            "view".into(),
+            "driver_hourly_stats".into(),
+        ]))
+        .await
+        .unwrap();
+    let ticket = info.endpoint[0].ticket.clone().unwrap();
+    let batches: Vec<RecordBatch> = client.do_get(ticket).await.unwrap().try_collect().await.unwrap();
+    assert_eq!(rows(&batches), 5 * 48);
+
+    let batches = fetch(
+        client,
+        &FlightCommand::Sql {
+            query: "SELECT driver_id, count(*) AS hours FROM driver_hourly_stats GROUP BY driver_id ORDER BY driver_id"
+                .into(),
+        },
+    )
+    .await;
+    assert_eq!(rows(&batches), 5);
+    let hours = batches[0]
+        .column_by_name("hours")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .unwrap()
+        .clone();
+    assert!(hours.iter().all(|count| count == Some(48)));
+
+    // A training set, sharded over two ranks: the shards partition the rows.
+    let entities = directory.path().join("entities.csv");
+    let mut text = String::from("driver_id,event_timestamp\n");
+    for hour in 0..10 {
+        text.push_str(&format!("1001,2026-11-01T{hour:02}:30:00\n"));
+    }
+    std::fs::write(&entities, text).unwrap();
+    let shard = |rank, world| FlightCommand::TrainingSet {
+        service: "driver_activity".into(),
+        entities: entities.display().to_string(),
+        event_timestamp: "event_timestamp".into(),
+        rank,
+        world,
+    };
+    let whole = rows(&fetch(client, &shard(0, 1)).await);
+    let first = rows(&fetch(client, &shard(0, 2)).await);
+    let second = rows(&fetch(client, &shard(1, 2)).await);
+    assert_eq!((whole, first + second), (10, 10));
+    assert_eq!(first, 5);
+
+    let cases = [
+        (
+            FlightDescriptor::new_cmd(b"not json".to_vec()),
+            "is not a Kiln feature command",
+        ),
+        (
+            FlightDescriptor::new_path(vec!["view".into(), "nope".into()]),
+            "feature view 'nope' is not defined (views: driver_hourly_stats, driver_live_stats)",
+        ),
+        (
+            FlightDescriptor::new_cmd(
+                FlightCommand::Sql {
+                    query: "SELECT missing FROM driver_hourly_stats".into(),
+                }
+                .to_bytes(),
+            ),
+            "the query does not run",
+        ),
+        (
+            FlightDescriptor::new_cmd(shard(2, 2).to_bytes()),
+            "rank 2 is not below world 2",
+        ),
+    ];
+    for (descriptor, expected) in cases {
+        let error = client.get_flight_info(descriptor).await.unwrap_err().to_string();
+        assert!(error.contains(expected), "{error}");
+    }
+    let error = client
+        .do_get(Ticket::new(b"{\"view\": 3}".to_vec()))
+        .await
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("is not a Kiln feature command"), "{error}");
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushed_and_materialized_rows_are_served_online_and_survive_a_restart() {
+    let directory = tempfile::tempdir().unwrap();
+    let mut running = start(directory.path(), example()).await;
+    let client = &mut running.client;
+
+    // Materialize the file view, then look two drivers up (1999 was never seen).
+    let report: Vec<Bytes> = client
+        .do_action(Action::new("materialize", Bytes::new()))
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&report[0]).unwrap();
+    let applied: u64 = report["views"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|view| view["rows_applied"].as_u64().unwrap())
+        .sum();
+    assert!(applied >= 5, "{report}");
+    let lookup = FlightCommand::Online {
+        service: "driver_activity".into(),
+        entities: [(
+            "driver_id".to_string(),
+            vec![serde_json::json!(1001), serde_json::json!(1999)],
+        )]
+        .into(),
+    };
+    let batches = fetch(client, &lookup).await;
+    let conv = batches[0]
+        .column_by_name("conv_rate")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<Float64Array>()
+        .unwrap()
+        .clone();
+    assert!(conv.is_valid(0) && conv.is_null(1), "{conv:?}");
+
+    // Push rows into the push source the example declares, then read them online and offline.
+    let definitions = example();
+    let push_source = definitions
+        .sources
+        .iter()
+        .find(|source| source.kind == crate::definitions::SourceKind::Push)
+        .unwrap()
+        .clone();
+    let push_view = definitions.views.iter().find(|view| view.source == push_source.name);
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("driver_id", DataType::Int64, false),
+        Field::new(
+            &push_source.timestamp_field,
+            DataType::Timestamp(TimeUnit::Microsecond, None),
+            false,
+        ),
+        Field::new("trips_today", DataType::Int64, true),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(Int64Array::from(vec![1001, 1002])),
+            Arc::new(TimestampMicrosecondArray::from(vec![
+                1_762_000_000_000_000,
+                1_762_000_000_000_000,
+            ])),
+            Arc::new(Int64Array::from(vec![Some(7), None])),
+        ],
+    )
+    .unwrap();
+    let flight = FlightDataEncoderBuilder::new()
+        .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![
+            "push".into(),
+            push_source.name.clone(),
+        ])))
+        .build(futures::stream::iter([Ok(batch.clone())]));
+    let acknowledged: Vec<PutResult> = client.do_put(flight).await.unwrap().try_collect().await.unwrap();
+    let acknowledged: serde_json::Value = serde_json::from_slice(&acknowledged[0].app_metadata).unwrap();
+    assert_eq!(acknowledged["rows"], 2);
+    if let Some(view) = push_view {
+        let offline = fetch(
+            client,
+            &FlightCommand::View {
+                name: view.name.clone(),
+            },
+        )
+        .await;
+        assert_eq!(rows(&offline), 2);
+    }
+
+    // A push to a file source, or with a column missing, is refused and writes nothing.
+    let refused = FlightDataEncoderBuilder::new()
+        .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![
+            "push".into(),
+            "driver_hourly".into(),
+        ])))
+        .build(futures::stream::iter([Ok(batch)]));
+    let error = client.do_put(refused).await.map(|_| ()).unwrap_err().to_string();
+    assert!(error.contains("reads a file, not pushes"), "{error}");
+
+    // The server restarts on the same directory: online values and pushed rows are still there.
+    running.stop().await;
+    let mut running = start(directory.path(), example()).await;
+    let batches = fetch(&mut running.client, &lookup).await;
+    let again = batches[0]
+        .column_by_name("conv_rate")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<Float64Array>()
+        .unwrap()
+        .clone();
+    assert_eq!(again, conv);
+    if let Some(view) = push_view {
+        let offline = fetch(
+            &mut running.client,
+            &FlightCommand::View {
+                name: view.name.clone(),
+            },
+        )
+        .await;
+        assert_eq!(rows(&offline), 2);
+    }
+    running.stop().await;
+}
