@@ -28,7 +28,7 @@ fn check_accepts_the_example_and_names_what_is_wrong_in_a_broken_copy() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(
-        stdout.contains("ok (1 entities, 2 sources, 2 feature views with 5 features, 1 feature services)"),
+        stdout.contains("ok (1 entities, 2 sources, 2 feature views with 5 features, 2 feature services)"),
         "{stdout}"
     );
 
@@ -131,7 +131,7 @@ fn a_training_set_is_written_as_parquet_point_in_time_correct() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("feature service 'drivers' is not defined (services: driver_activity)"),
+        stderr.contains("feature service 'drivers' is not defined (services: driver_activity, driver_live)"),
         "{stderr}"
     );
     assert!(!directory.path().join("none.parquet").exists());
@@ -174,7 +174,7 @@ async fn applied_definitions_are_versioned_by_the_cluster_and_outlive_its_leader
             .unwrap(),
     );
     let objects = applied["objects"].as_array().unwrap();
-    assert_eq!(objects.len(), 6, "{applied:#}");
+    assert_eq!(objects.len(), 7, "{applied:#}");
     assert!(
         objects
             .iter()
@@ -432,7 +432,7 @@ async fn the_feature_server_serves_what_was_applied_and_keeps_its_online_store_a
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("feature service 'nope' is not defined (services: driver_activity)"),
+        stderr.contains("feature service 'nope' is not defined (services: driver_activity, driver_live)"),
         "{stderr}"
     );
 
@@ -441,5 +441,79 @@ async fn the_feature_server_serves_what_was_applied_and_keeps_its_online_store_a
     let server = FeatureServer::start(&cluster, &data);
     let again = json_of(&server.features(&cluster, &lookup, Duration::from_secs(20)));
     assert_eq!(again, found);
+    server.stop();
+}
+
+/// The Python interpreter of the virtual environment `.ci/run` prepares (pyarrow, adbc-driver-flightsql).
+fn stock_python() -> Option<String> {
+    match std::env::var("KILN_PYTHON") {
+        Ok(python) if !python.is_empty() => Some(python),
+        _ => {
+            assert!(
+                std::env::var("CI").is_err(),
+                "KILN_PYTHON is not set; .ci/run sets it to its virtual environment's python"
+            );
+            eprintln!("skipped: KILN_PYTHON is not set (.ci/run sets it)");
+            None
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_python_clients_list_read_push_and_query_over_flight_and_flight_sql() {
+    let Some(python) = stock_python() else { return };
+    let mut cluster = Cluster::new(Path::new(KILN), 1, &[]).unwrap();
+    cluster.start_all().unwrap();
+    cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let server = FeatureServer::start(&cluster, &directory.path().join("featurestore"));
+    let example = examples().join("driver.toml");
+    json_of(
+        &cluster
+            .cli(&["features", "apply", example.to_str().unwrap(), "--json"])
+            .unwrap(),
+    );
+    json_of(&server.features(
+        &cluster,
+        &["sql", "SELECT count(*) FROM driver_hourly_stats", "--json"],
+        Duration::from_secs(20),
+    ));
+    let entities = directory.path().join("entities.csv");
+    std::fs::write(
+        &entities,
+        "driver_id,event_timestamp\n1001,2026-11-01T05:30:00\n1002,2026-11-01T06:30:00\n1003,2026-10-01T00:00:00\n",
+    )
+    .unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/feature_clients.py");
+    let output = Command::new(&python)
+        .arg(&script)
+        .arg(&server.address)
+        .arg(&entities)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.trim_end().ends_with("all stock-client checks passed"),
+        "{stdout}"
+    );
+
+    // The rows pushed from Python are still there after a restart.
+    server.stop();
+    let server = FeatureServer::start(&cluster, &directory.path().join("featurestore"));
+    let found = json_of(&server.features(
+        &cluster,
+        &[
+            "get",
+            "--service",
+            "driver_live",
+            "--entity",
+            "driver_id=1001",
+            "--json",
+        ],
+        Duration::from_secs(20),
+    ));
+    assert_eq!(found[0]["trips_today"], 7, "{found:#}");
     server.stop();
 }

@@ -18,6 +18,8 @@
 //! `{"training_set": {"service": "…", "entities": "/path/entities.parquet", "event_timestamp": "event_timestamp",
 //! "rank": 0, "world": 1}}` (rank and world pick a contiguous shard of the rows).
 //!
+//! Flight SQL messages go to [`sql`]'s service (queries, prepared statements, catalog metadata).
+//!
 //! Every view is a DataFusion table named after the view in SQL. A malformed command, an unknown view,
 //! service or feature gets `INVALID_ARGUMENT` with a message that names it.
 
@@ -212,6 +214,28 @@ fn batches_stream(batches: Vec<RecordBatch>) -> BoxStream<'static, Result<Record
     futures::stream::iter(pieces).boxed()
 }
 
+/// A command planned: a DataFusion frame (not run yet) or a result already computed.
+enum Plan {
+    Frame(DataFrame),
+    Batch(RecordBatch),
+}
+
+impl Plan {
+    fn schema(&self) -> SchemaRef {
+        match self {
+            Plan::Frame(frame) => Arc::new(frame.schema().as_arrow().clone()),
+            Plan::Batch(batch) => batch.schema(),
+        }
+    }
+
+    async fn rows(self) -> Result<Rows, FeatureStoreError> {
+        match self {
+            Plan::Frame(frame) => Rows::from_frame(frame).await,
+            Plan::Batch(batch) => Ok(Rows::from_batch(batch)),
+        }
+    }
+}
+
 /// A command's result: its schema and its rows as a stream.
 struct Rows {
     schema: SchemaRef,
@@ -289,13 +313,19 @@ impl FeatureServer {
     }
 
     async fn rows(&self, command: &FlightCommand) -> Result<Rows, FeatureStoreError> {
+        self.plan(command).await?.rows().await
+    }
+
+    /// Plans `command`: views and SQL are planned only (run when streamed); lookups and training sets are
+    /// computed.
+    async fn plan(&self, command: &FlightCommand) -> Result<Plan, FeatureStoreError> {
         let registered = self.registered();
         let definitions = &registered.definitions;
         match command {
             FlightCommand::View { name } => {
                 let view = self.view(&registered, name)?;
                 match view_frame(definitions, view, &self.inner.data_dir).await? {
-                    Some(frame) => Rows::from_frame(frame).await,
+                    Some(frame) => Ok(Plan::Frame(frame)),
                     None => Err(FeatureStoreError::InvalidInput(format!(
                         "feature view '{name}' has no rows yet: its push source '{}' has received none",
                         view.source
@@ -308,10 +338,10 @@ impl FeatureServer {
                     .sql(query)
                     .await
                     .map_err(|error| FeatureStoreError::InvalidInput(format!("the query does not run: {error}")))?;
-                Rows::from_frame(frame).await
+                Ok(Plan::Frame(frame))
             }
             FlightCommand::Online { service, entities } => {
-                Ok(Rows::from_batch(self.online(&registered, service, entities)?))
+                Ok(Plan::Batch(self.online(&registered, service, entities)?))
             }
             FlightCommand::TrainingSet {
                 service,
@@ -336,7 +366,7 @@ impl FeatureServer {
                 } else {
                     set.batch
                 };
-                Ok(Rows::from_batch(batch))
+                Ok(Plan::Batch(batch))
             }
         }
     }
@@ -508,9 +538,9 @@ impl FeatureServer {
     }
 
     async fn flight_info(&self, descriptor: FlightDescriptor, command: &FlightCommand) -> Result<FlightInfo, Status> {
-        let rows = self.rows(command).await.map_err(status)?;
+        let schema = self.plan(command).await.map_err(status)?.schema();
         let info = FlightInfo::new()
-            .try_with_schema(&rows.schema)
+            .try_with_schema(&schema)
             .map_err(|error| Status::internal(error.to_string()))?
             .with_descriptor(descriptor)
             .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(command.to_bytes())));
@@ -653,6 +683,9 @@ impl FlightService for FeatureServer {
 
     async fn get_flight_info(&self, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
         let descriptor = request.into_inner();
+        if sql::is_flight_sql(&descriptor.cmd) {
+            return FlightService::get_flight_info(&sql::SqlService(self.clone()), Request::new(descriptor)).await;
+        }
         let command = FlightCommand::from_descriptor(&descriptor)?;
         Ok(Response::new(self.flight_info(descriptor, &command).await?))
     }
@@ -667,16 +700,20 @@ impl FlightService for FeatureServer {
     async fn get_schema(&self, request: Request<FlightDescriptor>) -> Result<Response<SchemaResult>, Status> {
         let descriptor = request.into_inner();
         let command = FlightCommand::from_descriptor(&descriptor)?;
-        let rows = self.rows(&command).await.map_err(status)?;
+        let schema = self.plan(&command).await.map_err(status)?.schema();
         let options = datafusion::arrow::ipc::writer::IpcWriteOptions::default();
-        let result = arrow_flight::SchemaAsIpc::new(&rows.schema, &options)
+        let result = arrow_flight::SchemaAsIpc::new(&schema, &options)
             .try_into()
             .map_err(|error: datafusion::arrow::error::ArrowError| Status::internal(error.to_string()))?;
         Ok(Response::new(result))
     }
 
     async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
-        let command = FlightCommand::parse(&request.into_inner().ticket, "ticket")?;
+        let ticket = request.into_inner();
+        if sql::is_flight_sql(&ticket.ticket) {
+            return FlightService::do_get(&sql::SqlService(self.clone()), Request::new(ticket)).await;
+        }
+        let command = FlightCommand::parse(&ticket.ticket, "ticket")?;
         let rows = self.rows(&command).await.map_err(status)?;
         let stream = FlightDataEncoderBuilder::new()
             .with_schema(rows.schema)
@@ -750,7 +787,8 @@ impl FlightService for FeatureServer {
                 };
                 Ok(Response::new(futures::stream::iter([Ok(result)]).boxed()))
             }
-            other => Err(invalid(format!("action '{other}' is not known; expected materialize"))),
+            // Flight SQL's actions (prepared statements); it names anything it does not know.
+            _ => FlightService::do_action(&sql::SqlService(self.clone()), Request::new(action)).await,
         }
     }
 
@@ -770,6 +808,8 @@ impl FlightService for FeatureServer {
         Err(Status::unimplemented("the feature server has no exchanges"))
     }
 }
+
+mod sql;
 
 #[cfg(test)]
 mod tests;

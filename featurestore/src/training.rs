@@ -310,7 +310,7 @@ mod tests {
         assert!(
             error
                 .to_string()
-                .contains("feature service 'driver' is not defined (services: driver_activity)"),
+                .contains("feature service 'driver' is not defined (services: driver_activity, driver_live)"),
             "{error}"
         );
     }

@@ -1,0 +1,99 @@
+"""Kiln's feature server through stock clients only: pyarrow.flight and adbc_driver_flightsql.
+
+Usage: feature_clients.py HOST:PORT ENTITIES_CSV  (the example definitions applied, nothing materialized)
+"""
+
+import json
+import sys
+
+import adbc_driver_flightsql.dbapi as dbapi
+import pyarrow as pa
+import pyarrow.flight as flight
+
+address, entities = sys.argv[1], sys.argv[2]
+client = flight.connect(f"grpc://{address}")
+
+
+def command(value):
+    return flight.FlightDescriptor.for_command(json.dumps(value).encode())
+
+
+def read(descriptor):
+    info = client.get_flight_info(descriptor)
+    return pa.concat_tables(client.do_get(endpoint.ticket).read_all() for endpoint in info.endpoints)
+
+
+# ListFlights: every view and service.
+listed = {tuple(part.decode() for part in info.descriptor.path) for info in client.list_flights()}
+for expected in [("view", "driver_hourly_stats"), ("view", "driver_live_stats"), ("service", "driver_activity")]:
+    assert expected in listed, listed
+
+# A view by path, and a training set by command: point in time, the third entity before any row.
+view = read(flight.FlightDescriptor.for_path("view", "driver_hourly_stats"))
+assert view.num_rows == 5 * 48, view.num_rows
+training = read(command({"training_set": {"service": "driver_activity", "entities": entities}}))
+assert training.num_rows == 3, training
+conv = training.column("conv_rate").to_pylist()
+assert conv[0] is not None and conv[1] is not None and conv[2] is None, conv
+
+# DoPut into the push source, acknowledged with the row count; then read online and offline.
+schema = pa.schema([("driver_id", pa.int64()), ("event_timestamp", pa.timestamp("us")), ("trips_today", pa.int64())])
+rows = pa.table(
+    {
+        "driver_id": [1001, 1002],
+        "event_timestamp": pa.array([1_762_000_000_000_000, 1_762_000_000_000_000], pa.timestamp("us")),
+        "trips_today": [7, 3],
+    },
+    schema=schema,
+)
+writer, reader = client.do_put(flight.FlightDescriptor.for_path("push", "driver_live"), schema)
+writer.write_table(rows)
+writer.done_writing()
+acknowledgement = json.loads(reader.read().to_pybytes())
+writer.close()
+assert acknowledgement["rows"] == 2, acknowledgement
+online = read(command({"online": {"service": "driver_live", "entities": {"driver_id": [1001, 1002, 9999]}}}))
+assert online.column("trips_today").to_pylist() == [7, 3, None], online
+assert read(flight.FlightDescriptor.for_path("view", "driver_live_stats")).num_rows == 2
+
+# Errors name the problem.
+for descriptor, expected in [
+    (flight.FlightDescriptor.for_path("view", "nope"), "feature view 'nope' is not defined"),
+    (command({"online": {"service": "driver_live", "entities": {"driver_id": [1.5]}}}), "expected an integer or a string"),
+    (flight.FlightDescriptor.for_command(b"garbage"), "is not a Kiln feature command"),
+]:
+    try:
+        client.get_flight_info(descriptor)
+    except pa.ArrowException as error:
+        assert expected in str(error), str(error)
+    else:
+        raise AssertionError(f"{descriptor} was accepted")
+
+# Flight SQL through ADBC: a query, the tables and a table's schema.
+with dbapi.connect(f"grpc://{address}") as connection:
+    cursor = connection.cursor()
+    cursor.execute("SELECT driver_id, avg(conv_rate) AS conv FROM driver_hourly_stats GROUP BY 1 ORDER BY 1")
+    result = cursor.fetchall()
+    assert [row[0] for row in result] == [1001, 1002, 1003, 1004, 1005], result
+    cursor.execute("SELECT count(*) AS n FROM driver_live_stats")
+    assert cursor.fetchone()[0] == 2
+    objects = connection.adbc_get_objects(depth="tables").read_all().to_pylist()
+    tables = {
+        table["table_name"]
+        for catalog in objects
+        for schema in catalog["catalog_db_schemas"] or []
+        for table in schema["db_schema_tables"] or []
+    }
+    assert {"driver_hourly_stats", "driver_live_stats"} <= tables, objects
+    columns = connection.adbc_get_table_schema("driver_hourly_stats", catalog_filter="kiln", db_schema_filter="features")
+    assert "conv_rate" in columns.names, columns
+    assert "TABLE" in connection.adbc_get_table_types()
+    try:
+        cursor.execute("SELECT nope FROM driver_hourly_stats")
+    except dbapi.Error as error:
+        assert "nope" in str(error), str(error)
+    else:
+        raise AssertionError("a bad query was accepted")
+    cursor.close()
+
+print("all stock-client checks passed")
