@@ -179,18 +179,128 @@ struct ModelManifest<'a> {
     attempt: u32,
 }
 
+/// A train job's dataset given as a feature service's training set:
+/// `features://SERVICE?entities=PATH[&event_timestamp=COLUMN][&server=HOST:PORT]`. The entity rows (join
+/// keys, event time and the label) are a file the feature server can read; the server defaults to
+/// `KILN_FEATURESTORE`, else 127.0.0.1:7072.
+#[derive(Debug, PartialEq)]
+struct FeatureDataset {
+    service: String,
+    entities: std::path::PathBuf,
+    event_timestamp: String,
+    server: String,
+}
+
+impl FeatureDataset {
+    fn parse(dataset: &str) -> Result<Option<FeatureDataset>> {
+        let Some(rest) = dataset.strip_prefix("features://") else {
+            return Ok(None);
+        };
+        let expected = "expected features://SERVICE?entities=PATH[&event_timestamp=COLUMN][&server=HOST:PORT]";
+        let (service, query) = rest.split_once('?').unwrap_or((rest, ""));
+        if service.is_empty() {
+            bail!("dataset {dataset:?} names no feature service; {expected}");
+        }
+        let mut parsed = FeatureDataset {
+            service: service.to_string(),
+            entities: std::path::PathBuf::new(),
+            event_timestamp: "event_timestamp".into(),
+            server: std::env::var("KILN_FEATURESTORE").unwrap_or_else(|_| "127.0.0.1:7072".into()),
+        };
+        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+            match pair.split_once('=') {
+                Some(("entities", value)) => parsed.entities = value.into(),
+                Some(("event_timestamp", value)) => parsed.event_timestamp = value.into(),
+                Some(("server", value)) => parsed.server = value.into(),
+                _ => bail!("dataset {dataset:?}: '{pair}' is not understood; {expected}"),
+            }
+        }
+        if parsed.entities.as_os_str().is_empty() {
+            bail!("dataset {dataset:?} names no entity rows; {expected}");
+        }
+        Ok(Some(parsed))
+    }
+
+    /// Fetches the training set over Flight and keeps the features and `label` (not the entity rows' keys
+    /// and times) in a Parquet file in the run directory; returns its path.
+    async fn fetch(
+        &self,
+        label: &str,
+        resolve: &impl Fn(std::path::PathBuf) -> std::path::PathBuf,
+    ) -> Result<std::path::PathBuf> {
+        use kiln_featurestore::arrow::compute::concat_batches;
+        let entities = std::path::absolute(resolve(self.entities.clone()))?;
+        let entity_columns: Vec<String> = kiln_featurestore::training::read_file(&entities)
+            .await?
+            .first()
+            .map(|batch| {
+                batch
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|field| field.name().clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let command = kiln_featurestore::server::FlightCommand::TrainingSet {
+            service: self.service.clone(),
+            entities: entities.display().to_string(),
+            event_timestamp: self.event_timestamp.clone(),
+            rank: 0,
+            world: 1,
+        };
+        let mut client = crate::featureserver::connect(&self.server).await?;
+        let batches = crate::featureserver::fetch(&mut client, &command).await?;
+        let Some(first) = batches.first() else {
+            bail!(
+                "feature service '{}' gave no rows for {}",
+                self.service,
+                entities.display()
+            );
+        };
+        let all = concat_batches(&first.schema(), &batches)?;
+        let keep: Vec<usize> = all
+            .schema()
+            .fields()
+            .iter()
+            .enumerate()
+            .filter(|(_, field)| field.name() == label || !entity_columns.contains(field.name()))
+            .map(|(index, _)| index)
+            .collect();
+        let kept = all.project(&keep)?;
+        let run_directory = std::env::var("KILN_RUN_DIR").unwrap_or_else(|_| ".".into());
+        let path = std::path::Path::new(&run_directory).join("training-set.parquet");
+        kiln_featurestore::training::write_parquet(&path, &kept)?;
+        println!(
+            "training set of feature service '{}' from {}: {} rows, columns {}",
+            self.service,
+            self.server,
+            kept.num_rows(),
+            kept.schema()
+                .fields()
+                .iter()
+                .map(|field| field.name().as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok(path)
+    }
+}
+
 async fn train(args: TrainArgs) -> Result<()> {
     use kiln_worker::trainer::{self, OptimizerKind, TrainConfig};
     let text = std::fs::read_to_string(&args.spec)
         .map_err(|error| anyhow::anyhow!("reading the job spec {}: {error}", args.spec.display()))?;
     let options = kiln_coordinator::spec::parse_train_options(&args.spec.display().to_string(), &text)?;
     let environment = RankEnvironment::from_environment()?;
-    let mut dataset_path = std::path::PathBuf::from(&options.dataset);
-    if dataset_path.is_relative()
-        && let Ok(base) = std::env::var("KILN_WORKER_CWD")
-    {
-        dataset_path = std::path::Path::new(&base).join(dataset_path);
-    }
+    let worker_relative = |path: std::path::PathBuf| match std::env::var("KILN_WORKER_CWD") {
+        Ok(base) if path.is_relative() => std::path::Path::new(&base).join(path),
+        _ => path,
+    };
+    let dataset_path = match FeatureDataset::parse(&options.dataset)? {
+        Some(features) => features.fetch(&options.label, &worker_relative).await?,
+        None => worker_relative(std::path::PathBuf::from(&options.dataset)),
+    };
     let task = if options.task == "regression" {
         trainer::Task::Regression
     } else {

@@ -517,3 +517,87 @@ async fn stock_python_clients_list_read_push_and_query_over_flight_and_flight_sq
     assert_eq!(found[0]["trips_today"], 7, "{found:#}");
     server.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_train_job_reads_its_training_set_from_the_feature_server() {
+    let mut cluster = Cluster::new(Path::new(KILN), 1, &[]).unwrap();
+    cluster.start_all().unwrap();
+    cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
+    cluster.start_worker(1, 1, &[]).unwrap();
+    cluster.wait_for_workers(1, Duration::from_secs(20)).await.unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let server = FeatureServer::start(&cluster, &directory.path().join("featurestore"));
+    let example = examples().join("driver.toml");
+    json_of(
+        &cluster
+            .cli(&["features", "apply", example.to_str().unwrap(), "--json"])
+            .unwrap(),
+    );
+    json_of(&server.features(
+        &cluster,
+        &["sql", "SELECT count(*) FROM driver_hourly_stats", "--json"],
+        Duration::from_secs(20),
+    ));
+
+    // Entity rows at half past each hour, labelled by whether that hour's conversion rate is above 0.5:
+    // the features the service returns decide the label, so only a correct join can learn it.
+    let csv = std::fs::read_to_string(examples().join("data/driver_hourly.csv")).unwrap();
+    let mut entities = String::from("driver_id,event_timestamp,converts\n");
+    for line in csv.lines().skip(1) {
+        let fields: Vec<&str> = line.split(',').collect();
+        let converts = u8::from(fields[2].parse::<f64>().unwrap() > 0.5);
+        let at = fields[1].replace(":00:00", ":30:00");
+        entities.push_str(&format!("{},{at},{converts}\n", fields[0]));
+    }
+    let entities_file = directory.path().join("entities.csv");
+    std::fs::write(&entities_file, entities).unwrap();
+    let spec = format!(
+        r#"name = "driver-conversion"
+kind = "train"
+
+[train]
+model = "mlp"
+dataset = "features://driver_activity?entities={}&server={}"
+label = "converts"
+validation_fraction = 0.2
+hidden = [32]
+optimizer = "adam"
+epochs = 60
+batch_size = 32
+learning_rate = 0.01
+seed = 7
+
+[resources]
+workers = 1
+cpus = 1
+"#,
+        entities_file.display(),
+        server.address
+    );
+    let spec_file = directory.path().join("train.toml");
+    std::fs::write(&spec_file, spec).unwrap();
+    let submitted = cluster.cli(&["submit", spec_file.to_str().unwrap()]).unwrap();
+    assert!(
+        submitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submitted.stderr)
+    );
+    let id = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
+    let waited = cluster.cli(&["jobs", "wait", &id, "--max-wait", "300s"]).unwrap();
+    let logs = cluster.cli(&["jobs", "logs", &id]).unwrap();
+    let logs = String::from_utf8_lossy(&logs.stdout).to_string();
+    assert!(
+        waited.status.success(),
+        "{}\n{logs}",
+        String::from_utf8_lossy(&waited.stdout)
+    );
+    assert!(
+        logs.contains("training set of feature service 'driver_activity'")
+            && logs.contains("240 rows, columns converts, conv_rate, acc_rate, conv_acc"),
+        "{logs}"
+    );
+    let shown = json_of(&cluster.cli(&["jobs", "show", &id, "--json"]).unwrap());
+    let accuracy = shown["metrics"]["validation_accuracy"].as_f64().unwrap();
+    assert!(accuracy >= 0.85, "validation accuracy {accuracy}\n{logs}");
+    server.stop();
+}

@@ -404,7 +404,7 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
                 None => {
                     return Err(error_at(
                         train.model.span().start,
-                        "field 'train.dataset' is missing; expected the path of a CSV (with a header row) or Parquet file".into(),
+                        "field 'train.dataset' is missing; expected the path of a CSV (with a header row) or Parquet file, or features://SERVICE?entities=PATH".into(),
                     ));
                 }
                 Some(dataset) if dataset.get_ref().trim().is_empty() => {

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use datafusion::arrow::datatypes::{DataType, Schema};
+use datafusion::datasource::file_format::options::ArrowReadOptions;
 use datafusion::prelude::{CsvReadOptions, DataFrame, JsonReadOptions, ParquetReadOptions, SessionContext};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
@@ -39,7 +40,7 @@ pub struct Entity {
 /// Where a view's rows come from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SourceKind {
-    /// A Parquet, CSV (with a header row) or newline-delimited JSON file, by extension.
+    /// A Parquet, CSV (with a header row), newline-delimited JSON or Arrow IPC file, by extension.
     File { path: String },
     /// Rows pushed through Flight `DoPut`.
     Push,
@@ -315,7 +316,7 @@ pub fn parse_definitions(source_name: &str, text: &str) -> Result<Definitions, F
                 return Err(at(
                     offset,
                     format!(
-                        "source '{}' needs either path = \"FILE\" (Parquet, CSV or JSON) or push = true",
+                        "source '{}' needs either path = \"FILE\" (Parquet, CSV, JSON or Arrow IPC) or push = true",
                         source.name
                     ),
                 ));
@@ -572,7 +573,8 @@ pub async fn view_schema(
         .map(|frame| frame.schema().as_arrow().clone()))
 }
 
-/// Registers a Parquet, CSV or newline-delimited JSON file with DataFusion as table `name`.
+/// Registers a Parquet, CSV, newline-delimited JSON or Arrow IPC (.arrow, .feather, .ipc) file with DataFusion as
+/// table `name`.
 pub async fn register_file(context: &SessionContext, name: &str, path: &Path) -> Result<(), FeatureStoreError> {
     if !path.exists() {
         return Err(FeatureStoreError::InvalidInput(format!(
@@ -596,6 +598,18 @@ pub async fn register_file(context: &SessionContext, name: &str, path: &Path) ->
                 .register_csv(name, &location, CsvReadOptions::new().has_header(true))
                 .await
         }
+        Some(extension @ ("arrow" | "feather" | "ipc")) => {
+            let file_extension = match extension {
+                "feather" => ".feather",
+                "ipc" => ".ipc",
+                _ => ".arrow",
+            };
+            let options = ArrowReadOptions {
+                file_extension,
+                ..Default::default()
+            };
+            context.register_arrow(name, &location, options).await
+        }
         Some("json" | "jsonl" | "ndjson") => {
             let options = JsonReadOptions {
                 file_extension: ".json",
@@ -616,7 +630,7 @@ pub async fn register_file(context: &SessionContext, name: &str, path: &Path) ->
         }
         _ => {
             return Err(FeatureStoreError::InvalidInput(format!(
-                "source '{name}': {} is not a .parquet, .csv or .json file",
+                "source '{name}': {} is not a .parquet, .csv, .json or .arrow (Arrow IPC) file",
                 path.display()
             )));
         }

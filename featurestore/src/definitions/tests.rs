@@ -129,3 +129,60 @@ async fn the_example_matches_its_data_and_mismatches_are_refused() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn an_arrow_ipc_file_is_a_source_like_any_other() {
+    use datafusion::arrow::array::{Float64Array, Int64Array, RecordBatch, TimestampMicrosecondArray};
+    use datafusion::arrow::datatypes::{Field, TimeUnit};
+    use std::sync::Arc;
+
+    let directory = tempfile::tempdir().unwrap();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new(
+            "event_timestamp",
+            DataType::Timestamp(TimeUnit::Microsecond, None),
+            false,
+        ),
+        Field::new("score", DataType::Float64, true),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(Int64Array::from(vec![1, 2, 3])),
+            Arc::new(TimestampMicrosecondArray::from(vec![10, 20, 30])),
+            Arc::new(Float64Array::from(vec![0.5, 0.25, 0.125])),
+        ],
+    )
+    .unwrap();
+    let file = std::fs::File::create(directory.path().join("scores.arrow")).unwrap();
+    let mut writer = datafusion::arrow::ipc::writer::FileWriter::try_new(file, &schema).unwrap();
+    writer.write(&batch).unwrap();
+    writer.finish().unwrap();
+    let text = r#"
+[[entity]]
+name = "item"
+join_keys = ["id"]
+
+[[source]]
+name = "scores_file"
+path = "scores.arrow"
+timestamp_field = "event_timestamp"
+
+[[feature_view]]
+name = "scores"
+entities = ["item"]
+source = "scores_file"
+
+[[feature_view.feature]]
+name = "score"
+type = "float64"
+"#;
+    let definitions = parse_definitions("scores.toml", text).unwrap();
+    check_against_data(&definitions, directory.path()).await.unwrap();
+    let frame = view_frame(&definitions, &definitions.views[0], directory.path())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(frame.count().await.unwrap(), 3);
+}
