@@ -7,6 +7,10 @@ loopback TCP reference. Stock pyarrow only.
   flight_bench.py fetch ADDRESS TICKET REPEATS   do_get TICKET (bytes, or @JSON for a Kiln command whose
                                                  ticket comes from get_flight_info) REPEATS times; prints JSON
   flight_bench.py loopback BYTES REPEATS         one TCP stream over 127.0.0.1, sendall/recv_into; prints JSON
+  flight_bench.py make-lookup ROWS OUT.arrow     int64 id, event_timestamp, 10 float64 features g0..g9
+  flight_bench.py lookup ADDRESS SERVICE ROWS COUNT
+                                                 COUNT sequential online lookups of one random id each (one
+                                                 DoGet whose ticket is the command); prints p50/p99 in ms
 """
 
 import json
@@ -110,6 +114,37 @@ def loopback(total, repeats):
     print(json.dumps({"bytes": total, "gb_per_s": rates, "median_gb_per_s": statistics.median(rates)}))
 
 
+def make_lookup(rows, out):
+    generator = np.random.default_rng(7)
+    schema = pa.schema(
+        [("id", pa.int64()), ("event_timestamp", pa.timestamp("us"))] + [(f"g{i}", pa.float64()) for i in range(10)]
+    )
+    arrays = [
+        pa.array(np.arange(rows, dtype=np.int64)),
+        pa.array(np.full(rows, 1_762_000_000_000_000, dtype=np.int64), pa.timestamp("us")),
+    ] + [pa.array(generator.random(rows)) for _ in range(10)]
+    with pa.OSFile(out, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        writer.write_table(pa.table(arrays, schema=schema), max_chunksize=BATCH_ROWS)
+
+
+def lookup(address, service, rows, count):
+    client = flight.connect(f"grpc://{address}")
+    generator = np.random.default_rng(11)
+    latencies = []
+    for index in range(count + 100):
+        key = int(generator.integers(0, rows))
+        ticket = flight.Ticket(json.dumps({"online": {"service": service, "entities": {"id": [key]}}}).encode())
+        started = time.perf_counter()
+        table = client.do_get(ticket).read_all()
+        elapsed = time.perf_counter() - started
+        assert table.num_rows == 1 and table.column("g0")[0].as_py() is not None, table
+        if index >= 100:  # the first 100 warm the connection up
+            latencies.append(elapsed * 1e3)
+    latencies.sort()
+    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+    print(json.dumps({"lookups": count, "p50_ms": pick(0.50), "p99_ms": pick(0.99), "max_ms": latencies[-1]}))
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "make":
@@ -118,6 +153,10 @@ if __name__ == "__main__":
         serve(int(sys.argv[2]), sys.argv[3])
     elif mode == "fetch":
         fetch(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    elif mode == "make-lookup":
+        make_lookup(int(sys.argv[2]), sys.argv[3])
+    elif mode == "lookup":
+        lookup(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     elif mode == "loopback":
         loopback(int(sys.argv[2]), int(sys.argv[3]))
     else:

@@ -7,17 +7,22 @@
 #                                           reads the IPC file and streams it)
 #   flight_bench.py serve               ──► DoGet of the same 9 columns, held in memory by pyarrow
 #   flight_bench.py loopback            ──► one TCP stream over 127.0.0.1 (Python sendall/recv_into)
+#   flight_bench.py lookup              ──► LOOKUPS sequential online lookups, one entity, 10 features, after
+#                                           materializing LOOKUP_ROWS entities (p50/p99 through pyarrow.flight)
 #   ──► one JSON line per side in benches/out/flight.jsonl; the client is pyarrow.flight for both servers
 #
 # Environment:
 #   ROWS     rows of the table (default 10000000)
 #   REPEATS  timed DoGets per server (default 5; the median is reported)
+#   LOOKUP_ROWS, LOOKUPS  entities in the online store and lookups timed (default 100000 and 2000)
 #   CARGO_TARGET_DIR  where kiln is built (default $HOME/.cache/kiln-target)
 
 set -euo pipefail
 
 ROWS="${ROWS:-10000000}"
 REPEATS="${REPEATS:-5}"
+LOOKUP_ROWS="${LOOKUP_ROWS:-100000}"
+LOOKUPS="${LOOKUPS:-2000}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kiln-target}"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT_DIR="$REPO_ROOT/benches/out"
@@ -39,6 +44,7 @@ BENCH="$REPO_ROOT/benches/flight_bench.py"
 
 log "writing $ROWS rows"
 timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" make "$ROWS" "$WORK/wide.arrow"
+timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" make-lookup "$LOOKUP_ROWS" "$WORK/lookup.arrow"
 
 FEATURES="127.0.0.1:$(free_port)"
 kiln_up --featurestore-listen "$FEATURES"
@@ -57,6 +63,21 @@ name = "wide"
 entities = ["row"]
 source = "wide_file"
 $(for i in 0 1 2 3 4 5 6 7; do printf '\n[[feature_view.feature]]\nname = "f%s"\ntype = "float64"\n' "$i"; done)
+
+[[source]]
+name = "lookup_file"
+path = "lookup.arrow"
+timestamp_field = "event_timestamp"
+
+[[feature_view]]
+name = "lookup"
+entities = ["row"]
+source = "lookup_file"
+$(for i in 0 1 2 3 4 5 6 7 8 9; do printf '\n[[feature_view.feature]]\nname = "g%s"\ntype = "float64"\n' "$i"; done)
+
+[[feature_service]]
+name = "lookup_service"
+features = ["lookup"]
 TOML
 "$KILN" features apply "$WORK/wide.toml" >/dev/null
 QUERY='{"sql": {"query": "SELECT id, f0, f1, f2, f3, f4, f5, f6, f7 FROM wide"}}'
@@ -83,4 +104,8 @@ kill "$BASELINE_PID" 2>/dev/null || true
 log "loopback TCP reference"
 result=$(timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" loopback $((4 << 30)) 3)
 echo "{\"side\": \"loopback\", \"result\": $result}" | tee -a "$OUT_DIR/flight.jsonl"
+log "online lookups: materializing $LOOKUP_ROWS entities"
+/usr/bin/time -f "materialize: %e s" "$KILN" features materialize --view lookup --featurestore "$FEATURES"
+result=$(timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" lookup "$FEATURES" lookup_service "$LOOKUP_ROWS" "$LOOKUPS")
+echo "{\"side\": \"kiln online lookup over Flight\", \"result\": $result}" | tee -a "$OUT_DIR/flight.jsonl"
 log "done: $OUT_DIR/flight.jsonl"
