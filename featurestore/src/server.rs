@@ -125,7 +125,21 @@ struct Inner {
     data_dir: PathBuf,
     /// One push writes at a time, so files are numbered in acknowledgement order.
     push: tokio::sync::Mutex<u64>,
+    /// Results computed to answer GetFlightInfo (training sets), kept for the DoGet that follows.
+    computed: std::sync::Mutex<Vec<Computed>>,
 }
+
+/// A result GetFlightInfo computed, waiting for its DoGet.
+struct Computed {
+    ticket: Vec<u8>,
+    at: std::time::Instant,
+    batch: RecordBatch,
+}
+
+/// How many computed results wait for their DoGet, and for how long, before they are dropped (a DoGet
+/// after that computes the result again).
+const COMPUTED_KEPT: usize = 4;
+const COMPUTED_TTL: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn status(error: FeatureStoreError) -> Status {
     match error {
@@ -276,6 +290,7 @@ impl FeatureServer {
                 online,
                 data_dir,
                 push: tokio::sync::Mutex::new(0),
+                computed: std::sync::Mutex::new(Vec::new()),
             }),
         })
     }
@@ -537,8 +552,30 @@ impl FeatureServer {
         Ok(batch.num_rows())
     }
 
+    /// A result this server computed for GetFlightInfo with `ticket`, taken for its DoGet.
+    fn take_computed(&self, ticket: &[u8]) -> Option<RecordBatch> {
+        let mut computed = self.inner.computed.lock().expect("computed results poisoned");
+        computed.retain(|entry| entry.at.elapsed() < COMPUTED_TTL);
+        let index = computed.iter().position(|entry| entry.ticket == ticket)?;
+        Some(computed.swap_remove(index).batch)
+    }
+
     async fn flight_info(&self, descriptor: FlightDescriptor, command: &FlightCommand) -> Result<FlightInfo, Status> {
-        let schema = self.plan(command).await.map_err(status)?.schema();
+        let plan = self.plan(command).await.map_err(status)?;
+        let schema = plan.schema();
+        // A training set was computed to learn its schema: keep it for the DoGet instead of joining twice.
+        if let (Plan::Batch(batch), FlightCommand::TrainingSet { .. }) = (&plan, command) {
+            let mut computed = self.inner.computed.lock().expect("computed results poisoned");
+            computed.retain(|entry| entry.at.elapsed() < COMPUTED_TTL);
+            if computed.len() >= COMPUTED_KEPT {
+                computed.remove(0);
+            }
+            computed.push(Computed {
+                ticket: command.to_bytes(),
+                at: std::time::Instant::now(),
+                batch: batch.clone(),
+            });
+        }
         let info = FlightInfo::new()
             .try_with_schema(&schema)
             .map_err(|error| Status::internal(error.to_string()))?
@@ -714,7 +751,10 @@ impl FlightService for FeatureServer {
             return FlightService::do_get(&sql::SqlService(self.clone()), Request::new(ticket)).await;
         }
         let command = FlightCommand::parse(&ticket.ticket, "ticket")?;
-        let rows = self.rows(&command).await.map_err(status)?;
+        let rows = match self.take_computed(&ticket.ticket) {
+            Some(batch) => Rows::from_batch(batch),
+            None => self.rows(&command).await.map_err(status)?,
+        };
         let stream = FlightDataEncoderBuilder::new()
             .with_schema(rows.schema)
             .build(rows.stream)

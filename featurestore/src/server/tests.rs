@@ -152,6 +152,25 @@ async fn views_sql_and_training_sets_are_served_and_errors_name_the_problem() {
     assert_eq!((whole, first + second), (10, 10));
     assert_eq!(first, 5);
 
+    // GetFlightInfo computes the set once; its DoGet streams that result (the entity file changing in
+    // between shows which one was served), and a later DoGet of the same ticket computes afresh.
+    let info = client
+        .get_flight_info(FlightDescriptor::new_cmd(shard(0, 1).to_bytes()))
+        .await
+        .unwrap();
+    std::fs::write(&entities, "driver_id,event_timestamp\n1001,2026-11-01T00:30:00\n").unwrap();
+    let ticket = info.endpoint[0].ticket.clone().unwrap();
+    let served: Vec<RecordBatch> = client
+        .do_get(ticket.clone())
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(rows(&served), 10);
+    let again: Vec<RecordBatch> = client.do_get(ticket).await.unwrap().try_collect().await.unwrap();
+    assert_eq!(rows(&again), 1);
+
     let cases = [
         (
             FlightDescriptor::new_cmd(b"not json".to_vec()),
