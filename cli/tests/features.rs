@@ -338,6 +338,23 @@ impl FeatureServer {
         FeatureServer { child, address }
     }
 
+    /// A server on `data_dir` once the example definitions are applied and it has picked them up.
+    fn serving_the_example(cluster: &Cluster, data_dir: &Path) -> FeatureServer {
+        let server = FeatureServer::start(cluster, data_dir);
+        let example = examples().join("driver.toml");
+        json_of(
+            &cluster
+                .cli(&["features", "apply", example.to_str().unwrap(), "--json"])
+                .unwrap(),
+        );
+        json_of(&server.features(
+            cluster,
+            &["sql", "SELECT count(*) FROM driver_hourly_stats", "--json"],
+            Duration::from_secs(20),
+        ));
+        server
+    }
+
     fn stop(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
@@ -466,18 +483,7 @@ async fn stock_python_clients_list_read_push_and_query_over_flight_and_flight_sq
     cluster.start_all().unwrap();
     cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
     let directory = tempfile::tempdir().unwrap();
-    let server = FeatureServer::start(&cluster, &directory.path().join("featurestore"));
-    let example = examples().join("driver.toml");
-    json_of(
-        &cluster
-            .cli(&["features", "apply", example.to_str().unwrap(), "--json"])
-            .unwrap(),
-    );
-    json_of(&server.features(
-        &cluster,
-        &["sql", "SELECT count(*) FROM driver_hourly_stats", "--json"],
-        Duration::from_secs(20),
-    ));
+    let server = FeatureServer::serving_the_example(&cluster, &directory.path().join("featurestore"));
     let entities = directory.path().join("entities.csv");
     std::fs::write(
         &entities,
@@ -526,18 +532,7 @@ async fn a_train_job_reads_its_training_set_from_the_feature_server() {
     cluster.start_worker(1, 1, &[]).unwrap();
     cluster.wait_for_workers(1, Duration::from_secs(20)).await.unwrap();
     let directory = tempfile::tempdir().unwrap();
-    let server = FeatureServer::start(&cluster, &directory.path().join("featurestore"));
-    let example = examples().join("driver.toml");
-    json_of(
-        &cluster
-            .cli(&["features", "apply", example.to_str().unwrap(), "--json"])
-            .unwrap(),
-    );
-    json_of(&server.features(
-        &cluster,
-        &["sql", "SELECT count(*) FROM driver_hourly_stats", "--json"],
-        Duration::from_secs(20),
-    ));
+    let server = FeatureServer::serving_the_example(&cluster, &directory.path().join("featurestore"));
 
     // Entity rows at half past each hour, labelled by whether that hour's conversion rate is above 0.5:
     // the features the service returns decide the label, so only a correct join can learn it.

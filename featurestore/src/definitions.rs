@@ -487,7 +487,40 @@ fn list<'a>(names: impl Iterator<Item = &'a str>) -> String {
     }
 }
 
+/// `names` joined with ", ", or "none" when there are none.
+pub fn name_list<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let names: Vec<&str> = names.collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
 impl Definitions {
+    /// The feature view named `name`, or an error that lists the views there are.
+    pub fn view(&self, name: &str) -> Result<&FeatureView, FeatureStoreError> {
+        self.views.iter().find(|view| view.name == name).ok_or_else(|| {
+            FeatureStoreError::InvalidInput(format!(
+                "feature view '{name}' is not defined (views: {})",
+                name_list(self.views.iter().map(|view| view.name.as_str()))
+            ))
+        })
+    }
+
+    /// The feature service named `name`, or an error that lists the services there are.
+    pub fn service(&self, name: &str) -> Result<&FeatureService, FeatureStoreError> {
+        self.services
+            .iter()
+            .find(|service| service.name == name)
+            .ok_or_else(|| {
+                FeatureStoreError::InvalidInput(format!(
+                    "feature service '{name}' is not defined (services: {})",
+                    name_list(self.services.iter().map(|service| service.name.as_str()))
+                ))
+            })
+    }
+
     /// The source `view` reads.
     pub fn source_of(&self, view: &FeatureView) -> Result<&Source, FeatureStoreError> {
         self.sources

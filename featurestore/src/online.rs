@@ -299,21 +299,7 @@ pub async fn materialize(
     store: &OnlineStore,
     until_micros: Option<i64>,
 ) -> Result<Materialized, FeatureStoreError> {
-    let view = definitions
-        .views
-        .iter()
-        .find(|view| view.name == view_name)
-        .ok_or_else(|| {
-            FeatureStoreError::InvalidInput(format!(
-                "feature view '{view_name}' is not defined (views: {})",
-                definitions
-                    .views
-                    .iter()
-                    .map(|view| view.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        })?;
+    let view = definitions.view(view_name)?;
     let Some(frame) = crate::definitions::view_frame(definitions, view, base).await? else {
         // A push source's rows go online as they arrive; there is nothing to copy.
         return Ok(Materialized {

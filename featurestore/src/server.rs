@@ -47,7 +47,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::FeatureStoreError;
-use crate::definitions::{FeatureType, FeatureView, check_schema, push_directory, view_frame};
+use crate::definitions::{FeatureType, FeatureView, check_schema, name_list, push_directory, view_frame};
 use crate::online::{OnlineStore, Value, materialize};
 use crate::registry::Registered;
 use crate::training::{read_file, training_set, write_parquet};
@@ -307,13 +307,7 @@ impl FeatureServer {
     }
 
     fn view<'a>(&self, registered: &'a Registered, name: &str) -> Result<&'a FeatureView, FeatureStoreError> {
-        let definitions = &registered.definitions;
-        definitions.views.iter().find(|view| view.name == name).ok_or_else(|| {
-            FeatureStoreError::InvalidInput(format!(
-                "feature view '{name}' is not defined (views: {})",
-                names(definitions.views.iter().map(|view| view.name.as_str()))
-            ))
-        })
+        registered.definitions.view(name)
     }
 
     /// A DataFusion context with every view that has rows registered as a table under its name.
@@ -394,16 +388,7 @@ impl FeatureServer {
         entities: &BTreeMap<String, Vec<serde_json::Value>>,
     ) -> Result<RecordBatch, FeatureStoreError> {
         let definitions = &registered.definitions;
-        let service = definitions
-            .services
-            .iter()
-            .find(|service| service.name == service_name)
-            .ok_or_else(|| {
-                FeatureStoreError::InvalidInput(format!(
-                    "feature service '{service_name}' is not defined (services: {})",
-                    names(definitions.services.iter().map(|service| service.name.as_str()))
-                ))
-            })?;
+        let service = definitions.service(service_name)?;
         let count = entities.values().map(Vec::len).max().unwrap_or(0);
         if let Some((key, values)) = entities.iter().find(|(_, values)| values.len() != count) {
             return Err(FeatureStoreError::InvalidInput(format!(
@@ -490,7 +475,7 @@ impl FeatureServer {
             .ok_or_else(|| {
                 FeatureStoreError::InvalidInput(format!(
                     "source '{source_name}' is not defined (sources: {})",
-                    names(definitions.sources.iter().map(|source| source.name.as_str()))
+                    name_list(definitions.sources.iter().map(|source| source.name.as_str()))
                 ))
             })?;
         if source.kind != crate::definitions::SourceKind::Push {
@@ -636,15 +621,6 @@ pub async fn serve(
             shutdown,
         )
         .await
-}
-
-fn names<'a>(names: impl Iterator<Item = &'a str>) -> String {
-    let names: Vec<&str> = names.collect();
-    if names.is_empty() {
-        "none; apply definitions first".into()
-    } else {
-        names.join(", ")
-    }
 }
 
 type Boxed<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;

@@ -92,21 +92,7 @@ pub async fn training_set(
     event_timestamp: &str,
     base: &Path,
 ) -> Result<TrainingSet, FeatureStoreError> {
-    let service = definitions
-        .services
-        .iter()
-        .find(|service| service.name == service_name)
-        .ok_or_else(|| {
-            FeatureStoreError::InvalidInput(format!(
-                "feature service '{service_name}' is not defined (services: {})",
-                definitions
-                    .services
-                    .iter()
-                    .map(|service| service.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        })?;
+    let service = definitions.service(service_name)?;
     let first = entities
         .first()
         .ok_or_else(|| FeatureStoreError::InvalidInput("no entity rows were given (not even an empty batch)".into()))?;
