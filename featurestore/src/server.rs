@@ -3,7 +3,8 @@
 //! ```text
 //!   coordinator catalog ──(refreshed by the caller)──► watch<Registered> ──┐
 //!                                                                          ▼
-//!   ListFlights      views (path ["view", NAME]) and services (path ["service", NAME])
+//!   ListFlights      views (path ["view", NAME]), services (path ["service", NAME]) and the training sets
+//!                    built here (path ["dataset", CONTENT_HASH], their manifest as app_metadata)
 //!   GetFlightInfo    a path, or a JSON command (below) ──► schema + one endpoint whose ticket is the command
 //!   DoGet            the command's rows, streamed batch by batch (DataFusion's stream for views and SQL)
 //!   DoPut            path ["push", SOURCE]: rows appended offline (one fsynced Parquet file under
@@ -63,6 +64,8 @@ const STREAM_BATCH_ROWS: usize = 64 * 1024;
 pub enum FlightCommand {
     /// Every row of a view (offline).
     View { name: String },
+    /// A training set this server built before, by its content hash (listed as ["dataset", HASH]).
+    Dataset { content_hash: String },
     /// A SQL query over the views.
     Sql { query: String },
     /// The latest values of a service's features for entities: join key ➜ one value per entity.
@@ -104,8 +107,11 @@ impl FlightCommand {
         if descriptor.r#type == flight_descriptor::DescriptorType::Path as i32 {
             return match descriptor.path.as_slice() {
                 [kind, name] if kind == "view" => Ok(FlightCommand::View { name: name.clone() }),
+                [kind, hash] if kind == "dataset" => Ok(FlightCommand::Dataset {
+                    content_hash: hash.clone(),
+                }),
                 other => Err(Status::invalid_argument(format!(
-                    "descriptor path {other:?} names nothing here; expected [\"view\", NAME] (a service needs entities: use a command)"
+                    "descriptor path {other:?} names nothing here; expected [\"view\", NAME] or [\"dataset\", CONTENT_HASH] (a service needs entities: use a command)"
                 ))),
             };
         }
@@ -341,6 +347,18 @@ impl FeatureServer {
                     ))),
                 }
             }
+            FlightCommand::Dataset { content_hash } => {
+                let valid = content_hash.len() == 64 && content_hash.bytes().all(|byte| byte.is_ascii_hexdigit());
+                let path = self.datasets_directory().join(format!("{content_hash}.parquet"));
+                if !valid || !self.datasets_directory().join(format!("{content_hash}.json")).exists() {
+                    return Err(FeatureStoreError::InvalidInput(format!(
+                        "dataset '{content_hash}' is not known here; expected the content hash of a training set this server built (see ListFlights)"
+                    )));
+                }
+                let context = SessionContext::new();
+                crate::definitions::register_file(&context, "dataset", &path).await?;
+                Ok(Plan::Frame(context.table("dataset").await?))
+            }
             FlightCommand::Sql { query } => {
                 let context = self.sql_context(&registered).await?;
                 let frame = context
@@ -366,6 +384,7 @@ impl FeatureServer {
                 }
                 let rows = read_file(std::path::Path::new(entities)).await?;
                 let set = training_set(definitions, service, &rows, event_timestamp, &self.inner.data_dir).await?;
+                self.record_dataset(&registered, service, entities, event_timestamp, &set)?;
                 let batch = if *world > 1 {
                     let total = set.batch.num_rows();
                     let (world, rank) = (*world as usize, *rank as usize);
@@ -378,6 +397,78 @@ impl FeatureServer {
                 Ok(Plan::Batch(batch))
             }
         }
+    }
+
+    fn datasets_directory(&self) -> PathBuf {
+        self.inner.data_dir.join("datasets")
+    }
+
+    /// Keeps a training set as a dataset version: `datasets/HASH.parquet` and `datasets/HASH.json` (the
+    /// service, the entity source, the view versions), written once per content hash.
+    fn record_dataset(
+        &self,
+        registered: &Registered,
+        service: &str,
+        entities: &str,
+        event_timestamp: &str,
+        set: &crate::training::TrainingSet,
+    ) -> Result<(), FeatureStoreError> {
+        let directory = self.datasets_directory();
+        let manifest = directory.join(format!("{}.json", set.content_hash));
+        if manifest.exists() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&directory)
+            .map_err(|error| FeatureStoreError::Storage(format!("creating {}: {error}", directory.display())))?;
+        write_parquet(&directory.join(format!("{}.parquet", set.content_hash)), &set.batch)?;
+        let views: Vec<serde_json::Value> = set
+            .views
+            .iter()
+            .map(|view| {
+                serde_json::json!({
+                    "name": view.name,
+                    "definition_hash": view.definition_hash,
+                    "version": registered
+                        .version_of(crate::registry::FEATURE_VIEW, &view.name)
+                        .map(|applied| applied.version),
+                })
+            })
+            .collect();
+        let record = serde_json::json!({
+            "content_hash": set.content_hash,
+            "service": service,
+            "entities": entities,
+            "event_timestamp": event_timestamp,
+            "rows": set.batch.num_rows(),
+            "feature_views": views,
+        });
+        // The manifest last, written aside and renamed: a dataset is listed only once its rows are durable.
+        let temporary = manifest.with_extension("json.tmp");
+        std::fs::write(&temporary, serde_json::to_vec_pretty(&record).expect("json"))
+            .and_then(|()| std::fs::File::open(&temporary)?.sync_all())
+            .and_then(|()| std::fs::rename(&temporary, &manifest))
+            .map_err(|error| FeatureStoreError::Storage(format!("writing {}: {error}", manifest.display())))
+    }
+
+    /// The recorded datasets: (content hash, manifest), in hash order.
+    fn datasets(&self) -> Vec<(String, serde_json::Value)> {
+        let Ok(entries) = std::fs::read_dir(self.datasets_directory()) else {
+            return Vec::new();
+        };
+        let mut datasets: Vec<(String, serde_json::Value)> = entries
+            .flatten()
+            .filter_map(|entry| {
+                let path = entry.path();
+                if path.extension()? != "json" {
+                    return None;
+                }
+                let hash = path.file_stem()?.to_str()?.to_string();
+                let manifest = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+                Some((hash, manifest))
+            })
+            .collect();
+        datasets.sort_by(|a, b| a.0.cmp(&b.0));
+        datasets
     }
 
     /// The latest values of `service`'s features for the entities given by join key.
@@ -671,6 +762,23 @@ impl FlightService for FeatureServer {
                 .map_err(|error| Status::internal(error.to_string()))?
                 .with_descriptor(FlightDescriptor::new_path(vec!["view".into(), view.name.clone()]))
                 .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(command.to_bytes())));
+            infos.push(Ok(info));
+        }
+        for (hash, manifest) in self.datasets() {
+            let command = FlightCommand::Dataset {
+                content_hash: hash.clone(),
+            };
+            let schema = match self.plan(&command).await {
+                Ok(plan) => plan.schema(),
+                Err(_) => continue,
+            };
+            let info = FlightInfo::new()
+                .try_with_schema(&schema)
+                .map_err(|error| Status::internal(error.to_string()))?
+                .with_descriptor(FlightDescriptor::new_path(vec!["dataset".into(), hash]))
+                .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(command.to_bytes())))
+                .with_total_records(manifest["rows"].as_i64().unwrap_or(-1))
+                .with_app_metadata(serde_json::to_vec(&manifest).expect("json"));
             infos.push(Ok(info));
         }
         for service in &definitions.services {

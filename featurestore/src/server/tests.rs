@@ -171,6 +171,44 @@ async fn views_sql_and_training_sets_are_served_and_errors_name_the_problem() {
     let again: Vec<RecordBatch> = client.do_get(ticket).await.unwrap().try_collect().await.unwrap();
     assert_eq!(rows(&again), 1);
 
+    // Each training set built is kept as a dataset version, listed with its manifest and readable by hash.
+    let listed: Vec<FlightInfo> = client
+        .list_flights(Bytes::new())
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let datasets: Vec<&FlightInfo> = listed
+        .iter()
+        .filter(|info| info.flight_descriptor.as_ref().unwrap().path[0] == "dataset")
+        .collect();
+    assert_eq!(datasets.len(), 2, "the 10-row and the 1-row sets");
+    let ten = datasets.iter().find(|info| info.total_records == 10).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&ten.app_metadata).unwrap();
+    assert_eq!(manifest["service"], "driver_activity");
+    assert_eq!(manifest["feature_views"][0]["name"], "driver_hourly_stats");
+    let hash = ten.flight_descriptor.as_ref().unwrap().path[1].clone();
+    assert_eq!(manifest["content_hash"], hash.as_str());
+    let info = client
+        .get_flight_info(FlightDescriptor::new_path(vec!["dataset".into(), hash]))
+        .await
+        .unwrap();
+    let batches: Vec<RecordBatch> = client
+        .do_get(info.endpoint[0].ticket.clone().unwrap())
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(rows(&batches), 10);
+    let error = client
+        .get_flight_info(FlightDescriptor::new_path(vec!["dataset".into(), "../online".into()]))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("dataset '../online' is not known here"), "{error}");
+
     let cases = [
         (
             FlightDescriptor::new_cmd(b"not json".to_vec()),
