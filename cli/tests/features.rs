@@ -14,6 +14,19 @@ fn examples() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/features")
 }
 
+/// The example data's conversion rate on the row that starts with `prefix` (driver, hour).
+fn example_conv_rate(prefix: &str) -> f64 {
+    let csv = std::fs::read_to_string(examples().join("data/driver_hourly.csv")).unwrap();
+    csv.lines()
+        .find(|line| line.starts_with(prefix))
+        .unwrap()
+        .split(',')
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 #[test]
 fn check_accepts_the_example_and_names_what_is_wrong_in_a_broken_copy() {
     let output = Command::new(KILN)
@@ -106,16 +119,7 @@ fn a_training_set_is_written_as_parquet_point_in_time_correct() {
         .downcast_ref::<arrow_array::Float64Array>()
         .unwrap()
         .clone();
-    let csv = std::fs::read_to_string(examples().join("data/driver_hourly.csv")).unwrap();
-    let expected: f64 = csv
-        .lines()
-        .find(|line| line.starts_with("1001,2026-11-01T05:00:00"))
-        .unwrap()
-        .split(',')
-        .nth(2)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let expected = example_conv_rate("1001,2026-11-01T05:00:00");
     assert_eq!(conv.value(0), expected);
     assert!(arrow_array::Array::is_null(&conv, 1));
 
@@ -424,16 +428,7 @@ async fn the_feature_server_serves_what_was_applied_and_keeps_its_online_store_a
     ];
     let found = json_of(&server.features(&cluster, &lookup, Duration::from_secs(5)));
     // The latest row at or before 05:30 is 05:00's.
-    let csv = std::fs::read_to_string(examples().join("data/driver_hourly.csv")).unwrap();
-    let expected: f64 = csv
-        .lines()
-        .find(|line| line.starts_with("1001,2026-11-01T05:00:00"))
-        .unwrap()
-        .split(',')
-        .nth(2)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let expected = example_conv_rate("1001,2026-11-01T05:00:00");
     assert_eq!(found[0]["driver_id"], 1001);
     assert_eq!(found[0]["conv_rate"].as_f64(), Some(expected), "{found:#}");
     assert!(

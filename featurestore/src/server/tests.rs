@@ -72,6 +72,26 @@ async fn fetch(client: &mut FlightClient, command: &FlightCommand) -> Vec<Record
     client.do_get(ticket).await.unwrap().try_collect().await.unwrap()
 }
 
+async fn list(client: &mut FlightClient) -> Vec<FlightInfo> {
+    client
+        .list_flights(Bytes::new())
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+fn float_column(batch: &RecordBatch, name: &str) -> Float64Array {
+    batch
+        .column_by_name(name)
+        .unwrap()
+        .as_any()
+        .downcast_ref::<Float64Array>()
+        .unwrap()
+        .clone()
+}
+
 fn rows(batches: &[RecordBatch]) -> usize {
     batches.iter().map(RecordBatch::num_rows).sum()
 }
@@ -82,13 +102,7 @@ async fn views_sql_and_training_sets_are_served_and_errors_name_the_problem() {
     let mut running = start(directory.path(), example()).await;
     let client = &mut running.client;
 
-    let listed: Vec<FlightInfo> = client
-        .list_flights(Bytes::new())
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let listed = list(client).await;
     let paths: Vec<Vec<String>> = listed
         .iter()
         .map(|info| info.flight_descriptor.clone().unwrap().path)
@@ -172,13 +186,7 @@ async fn views_sql_and_training_sets_are_served_and_errors_name_the_problem() {
     assert_eq!(rows(&again), 1);
 
     // Each training set built is kept as a dataset version, listed with its manifest and readable by hash.
-    let listed: Vec<FlightInfo> = client
-        .list_flights(Bytes::new())
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let listed = list(client).await;
     let datasets: Vec<&FlightInfo> = listed
         .iter()
         .filter(|info| info.flight_descriptor.as_ref().unwrap().path[0] == "dataset")
@@ -277,13 +285,7 @@ async fn pushed_and_materialized_rows_are_served_online_and_survive_a_restart() 
         .into(),
     };
     let batches = fetch(client, &lookup).await;
-    let conv = batches[0]
-        .column_by_name("conv_rate")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<Float64Array>()
-        .unwrap()
-        .clone();
+    let conv = float_column(&batches[0], "conv_rate");
     assert!(conv.is_valid(0) && conv.is_null(1), "{conv:?}");
 
     // Push rows into the push source the example declares, then read them online and offline.
@@ -350,13 +352,7 @@ async fn pushed_and_materialized_rows_are_served_online_and_survive_a_restart() 
     running.stop().await;
     let mut running = start(directory.path(), example()).await;
     let batches = fetch(&mut running.client, &lookup).await;
-    let again = batches[0]
-        .column_by_name("conv_rate")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<Float64Array>()
-        .unwrap()
-        .clone();
+    let again = float_column(&batches[0], "conv_rate");
     assert_eq!(again, conv);
     if let Some(view) = push_view {
         let offline = fetch(
