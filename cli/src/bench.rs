@@ -1,6 +1,8 @@
 //! `kiln bench SUITE`: measures a running cluster, the way nccl-tests measures a fabric. Prints a table
 //! and writes JSON that `benches/run-raft.sh` turns into a report beside its baselines.
 //!
+//! Suite `lookup`: sequential online lookups against a feature server over Flight (see [`crate::bench_lookup`]).
+//!
 //! Suite `raft`: committed job submissions per second and commit latency (p50, p99) at each client
 //! concurrency. `--target etcd` drives an etcd cluster's KV Put with the same load generator, value size
 //! and concurrency, so the two are compared on equal terms.
@@ -38,7 +40,8 @@ impl BenchTarget {
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// The suite to run: raft (coordinator commits against etcd) or jobs (jobs through workers).
+    /// The suite to run: raft (coordinator commits against etcd), jobs (jobs through workers) or lookup
+    /// (online feature lookups against a feature server).
     suite: String,
     /// Kiln coordinator addresses (the leader is found and loaded directly).
     #[arg(long, env = "KILN_COORDINATOR", default_value = "127.0.0.1:7070")]
@@ -72,6 +75,21 @@ pub struct BenchArgs {
     /// Suite jobs: submissions per second in the latency phase.
     #[arg(long, default_value_t = 200.0)]
     rate: f64,
+    /// Suite lookup: the feature server's Flight address.
+    #[arg(long, env = "KILN_FEATURESTORE", default_value = "127.0.0.1:7072")]
+    featurestore: String,
+    /// Suite lookup: the feature service looked up.
+    #[arg(long, default_value = "")]
+    service: String,
+    /// Suite lookup: the entity's join key; each lookup names one integer key drawn from 0..--keys.
+    #[arg(long, default_value = "id")]
+    key: String,
+    /// Suite lookup: how many entity keys there are to draw from.
+    #[arg(long, default_value_t = 100_000)]
+    keys: u64,
+    /// Print the results as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Serialize)]
@@ -278,12 +296,53 @@ async fn run_jobs_suite(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+async fn run_lookup_suite(args: &BenchArgs) -> Result<()> {
+    if args.service.is_empty() {
+        bail!("suite lookup needs --service, the feature service to look up");
+    }
+    let result = crate::bench_lookup::run(
+        &args.featurestore,
+        &args.service,
+        &args.key,
+        args.keys,
+        args.requests,
+        args.max_seconds,
+    )
+    .await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        crate::output::print_table(
+            &["SERVICE", "LOOKUPS", "NOT FOUND", "P50 MS", "P99 MS", "MAX MS"],
+            &[vec![
+                result.service.clone(),
+                result.lookups.to_string(),
+                result.not_found.to_string(),
+                format!("{:.3}", result.p50_ms),
+                format!("{:.3}", result.p99_ms),
+                format!("{:.3}", result.max_ms),
+            ]],
+        );
+    }
+    if let Some(path) = &args.out {
+        std::fs::write(path, serde_json::to_string_pretty(&result)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 pub async fn run(args: BenchArgs) -> Result<()> {
     if args.suite == "jobs" {
         return run_jobs_suite(&args).await;
     }
+    if args.suite == "lookup" {
+        return run_lookup_suite(&args).await;
+    }
     if args.suite != "raft" {
-        bail!("benchmark suite '{}' is not known; available: raft, jobs", args.suite);
+        bail!(
+            "benchmark suite '{}' is not known; available: raft, jobs, lookup",
+            args.suite
+        );
     }
     if args.clients.is_empty() || args.clients.contains(&0) {
         bail!("--clients needs positive concurrencies, for example 1,64");

@@ -23,18 +23,22 @@ use crate::output::{print_table, status_error, time_label};
 
 #[derive(Subcommand)]
 pub enum FeaturesCommand {
-    /// Check a definitions file against its data without applying anything: names, references, types,
-    /// TTLs, and every view's columns as DataFusion reads them through its SQL.
+    /// Check definitions files against their data without applying anything: names, references, types,
+    /// TTLs, and every view's columns as DataFusion reads them through its SQL. A directory stands for every
+    /// `.toml` file in it.
     Check {
-        file: PathBuf,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
         #[arg(long)]
         json: bool,
     },
-    /// Check a definitions file against its data and apply it to the cluster: entities, sources, feature
-    /// views and services. The file is the whole set: objects applied before and missing from it are
-    /// deleted. Each changed object becomes a new version; a refused file changes nothing.
+    /// Check definitions files against their data and apply them to the cluster: entities, sources, feature
+    /// views and services. A directory stands for every `.toml` file in it. The files are the whole set:
+    /// objects applied before and missing from them are deleted. Each changed object becomes a new version;
+    /// a refused set changes nothing.
     Apply {
-        file: PathBuf,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -105,6 +109,71 @@ async fn load_checked(file: &Path) -> Result<Definitions> {
     check_against_data(&definitions, &base_of(file)).await?;
     definitions.resolve_paths(&base_of(file))?;
     Ok(definitions)
+}
+
+/// The definitions files `paths` name: files as given, directories as every `.toml` file in them, sorted.
+fn definition_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+                .with_context(|| format!("reading directory {}", path.display()))?
+                .flatten()
+                .map(|entry| entry.path())
+                .filter(|file| file.is_file() && file.extension().is_some_and(|extension| extension == "toml"))
+                .collect();
+            if found.is_empty() {
+                bail!("directory {} holds no .toml definitions files", path.display());
+            }
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    Ok(files)
+}
+
+/// Reads, checks and merges the definitions files `paths` name (each file complete in itself); a name
+/// defined in two files is refused, naming both.
+async fn load_checked_all(paths: &[PathBuf]) -> Result<(Definitions, String)> {
+    let files = definition_files(paths)?;
+    let mut merged = Definitions::default();
+    let mut defined: std::collections::BTreeMap<(&'static str, String), PathBuf> = Default::default();
+    for file in &files {
+        let definitions = load_checked(file).await?;
+        let names = definitions
+            .entities
+            .iter()
+            .map(|entity| ("entity", &entity.name))
+            .chain(definitions.sources.iter().map(|source| ("source", &source.name)))
+            .chain(definitions.views.iter().map(|view| ("feature_view", &view.name)))
+            .chain(
+                definitions
+                    .services
+                    .iter()
+                    .map(|service| ("feature_service", &service.name)),
+            );
+        for (kind, name) in names {
+            if let Some(other) = defined.insert((kind, name.clone()), file.clone()) {
+                bail!(
+                    "{kind} '{name}' is defined in both {} and {}; expected each name once across the files",
+                    other.display(),
+                    file.display()
+                );
+            }
+        }
+        merged.entities.extend(definitions.entities);
+        merged.sources.extend(definitions.sources);
+        merged.views.extend(definitions.views);
+        merged.services.extend(definitions.services);
+    }
+    let label = files
+        .iter()
+        .map(|file| file.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok((merged, label))
 }
 
 /// The definitions applied to the cluster, with each object's version.
@@ -240,7 +309,7 @@ fn print_listing(registered: &Registered) {
     }
 }
 
-fn print_applied(file: &Path, applied: &[pb::AppliedCatalogObject], json: bool) {
+fn print_applied(files: &str, applied: &[pb::AppliedCatalogObject], json: bool) {
     if json {
         let objects: Vec<Value> = applied
             .iter()
@@ -253,7 +322,7 @@ fn print_applied(file: &Path, applied: &[pb::AppliedCatalogObject], json: bool) 
                 })
             })
             .collect();
-        println!("{}", json!({ "file": file.display().to_string(), "objects": objects }));
+        println!("{}", json!({ "file": files, "objects": objects }));
         return;
     }
     let rows: Vec<Vec<String>> = applied
@@ -364,15 +433,14 @@ pub async fn run(command: FeaturesCommand, target: Target, featurestore: String)
             let batches = crate::featureserver::fetch(&mut client, &FlightCommand::Sql { query }).await?;
             print_batches(&batches, json)
         }
-        FeaturesCommand::Check { file, json } => {
-            let definitions = load_checked(&file).await?;
+        FeaturesCommand::Check { paths, json } => {
+            let (definitions, files) = load_checked_all(&paths).await?;
             let counts = counts(&definitions);
             if json {
                 println!("{counts}");
             } else {
                 println!(
-                    "{}: ok ({} entities, {} sources, {} feature views with {} features, {} feature services)",
-                    file.display(),
+                    "{files}: ok ({} entities, {} sources, {} feature views with {} features, {} feature services)",
                     counts["entities"],
                     counts["sources"],
                     counts["feature_views"],
@@ -382,8 +450,8 @@ pub async fn run(command: FeaturesCommand, target: Target, featurestore: String)
             }
             Ok(())
         }
-        FeaturesCommand::Apply { file, json } => {
-            let definitions = load_checked(&file).await?;
+        FeaturesCommand::Apply { paths, json } => {
+            let (definitions, files) = load_checked_all(&paths).await?;
             let drafts: Vec<pb::CatalogDraft> = registry::to_entries(&definitions)
                 .into_iter()
                 .map(|entry| pb::CatalogDraft {
@@ -397,7 +465,7 @@ pub async fn run(command: FeaturesCommand, target: Target, featurestore: String)
                 .apply_catalog(registry::NAMESPACE, drafts, true)
                 .await
                 .map_err(status_error)?;
-            print_applied(&file, &applied, json);
+            print_applied(&files, &applied, json);
             Ok(())
         }
         FeaturesCommand::List { json } => {

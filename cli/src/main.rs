@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_jobs;
+mod bench_lookup;
 mod demo;
 mod features;
 mod featureserver;
@@ -95,7 +96,7 @@ enum Command {
     /// Programs that run as the ranks of a job (for example `kiln task allreduce`).
     #[command(subcommand, hide = true)]
     Task(task::TaskCommand),
-    /// Benchmark a running cluster (suites: raft, jobs).
+    /// Benchmark a running cluster (suites: raft, jobs, lookup).
     Bench(bench::BenchArgs),
     /// Feature definitions and training sets (`kiln features apply FILE`, `list`, `training-set …`).
     Features {

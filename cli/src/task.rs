@@ -221,12 +221,15 @@ impl FeatureDataset {
         Ok(Some(parsed))
     }
 
-    /// Fetches the training set over Flight and keeps the features and `label` (not the entity rows' keys
-    /// and times) in a Parquet file in the run directory; returns its path.
+    /// Fetches this rank's shard of the training set over Flight (rows [rank·N/world, (rank+1)·N/world))
+    /// and keeps the features and `label` (not the entity rows' keys and times) in a Parquet file in the run
+    /// directory; returns its path.
     async fn fetch(
         &self,
         label: &str,
         resolve: &impl Fn(std::path::PathBuf) -> std::path::PathBuf,
+        rank: u32,
+        world: u32,
     ) -> Result<std::path::PathBuf> {
         use kiln_featurestore::arrow::compute::concat_batches;
         let entities = std::path::absolute(resolve(self.entities.clone()))?;
@@ -246,8 +249,8 @@ impl FeatureDataset {
             service: self.service.clone(),
             entities: entities.display().to_string(),
             event_timestamp: self.event_timestamp.clone(),
-            rank: 0,
-            world: 1,
+            rank,
+            world,
         };
         let mut client = crate::featureserver::connect(&self.server).await?;
         let batches = crate::featureserver::fetch(&mut client, &command).await?;
@@ -272,7 +275,7 @@ impl FeatureDataset {
         let path = std::path::Path::new(&run_directory).join("training-set.parquet");
         kiln_featurestore::training::write_parquet(&path, &kept)?;
         println!(
-            "training set of feature service '{}' from {}: {} rows, columns {}",
+            "training set of feature service '{}' from {}, shard {rank} of {world}: {} rows, columns {}",
             self.service,
             self.server,
             kept.num_rows(),
@@ -297,9 +300,15 @@ async fn train(args: TrainArgs) -> Result<()> {
         Ok(base) if path.is_relative() => std::path::Path::new(&base).join(path),
         _ => path,
     };
-    let dataset_path = match FeatureDataset::parse(&options.dataset)? {
-        Some(features) => features.fetch(&options.label, &worker_relative).await?,
-        None => worker_relative(std::path::PathBuf::from(&options.dataset)),
+    // A training set from the feature store is fetched in shards, one per rank; a file is read whole by
+    // every rank.
+    let (dataset_path, sharded) = match FeatureDataset::parse(&options.dataset)? {
+        Some(features) => {
+            let (rank, world) = (environment.rank, environment.world_size);
+            let path = features.fetch(&options.label, &worker_relative, rank, world).await?;
+            (path, world > 1)
+        }
+        None => (worker_relative(std::path::PathBuf::from(&options.dataset)), false),
     };
     let task = if options.task == "regression" {
         trainer::Task::Regression
@@ -347,6 +356,7 @@ async fn train(args: TrainArgs) -> Result<()> {
         weight_decay: options.weight_decay as f32,
         log_every_steps: options.log_every_steps,
         max_steps: None,
+        sharded,
         checkpoint: std::env::var("KILN_CHECKPOINT_DIR")
             .ok()
             .map(|directory| trainer::CheckpointConfig {

@@ -591,3 +591,73 @@ cpus = 1
     assert!(accuracy >= 0.85, "validation accuracy {accuracy}\n{logs}");
     server.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_digits_example_trains_from_the_feature_store_with_each_rank_fetching_its_shard() {
+    let mut cluster = Cluster::new(Path::new(KILN), 1, &[]).unwrap();
+    cluster.start_all().unwrap();
+    cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
+    cluster.start_worker(1, 1, &[]).unwrap();
+    cluster.start_worker(2, 1, &[]).unwrap();
+    cluster.wait_for_workers(2, Duration::from_secs(20)).await.unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let server = FeatureServer::start(&cluster, &directory.path().join("featurestore"));
+
+    // The examples directory is the whole set: the driver and the digits definitions together.
+    let applied = json_of(
+        &cluster
+            .cli(&["features", "apply", examples().to_str().unwrap(), "--json"])
+            .unwrap(),
+    );
+    let names: Vec<&str> = applied["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|object| object["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"digit_pixels") && names.contains(&"driver_hourly_stats"),
+        "{applied:#}"
+    );
+    json_of(&server.features(
+        &cluster,
+        &["sql", "SELECT count(*) FROM digit_pixels", "--json"],
+        Duration::from_secs(20),
+    ));
+
+    // The example job as shipped, pointed at this server and the example's entity rows.
+    let labels = examples().join("data/digits_labels.csv");
+    let spec = std::fs::read_to_string(examples().join("../jobs/digits-features.toml"))
+        .unwrap()
+        .replace(
+            "entities=examples/features/data/digits_labels.csv",
+            &format!("entities={}&server={}", labels.display(), server.address),
+        );
+    let spec_file = directory.path().join("digits-features.toml");
+    std::fs::write(&spec_file, spec).unwrap();
+    let submitted = cluster.cli(&["submit", spec_file.to_str().unwrap()]).unwrap();
+    assert!(
+        submitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submitted.stderr)
+    );
+    let id = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
+    let waited = cluster.cli(&["jobs", "wait", &id, "--max-wait", "300s"]).unwrap();
+    let logs = cluster.cli(&["jobs", "logs", &id]).unwrap();
+    let logs = String::from_utf8_lossy(&logs.stdout).to_string();
+    assert!(
+        waited.status.success(),
+        "{}\n{logs}",
+        String::from_utf8_lossy(&waited.stdout)
+    );
+    // 1,797 labelled images: rank 0 fetched rows 0..898, rank 1 rows 898..1797, with the 64 pixels and
+    // the label only.
+    for expected in ["shard 0 of 2: 898 rows", "shard 1 of 2: 899 rows"] {
+        assert!(logs.contains(expected), "{expected}\n{logs}");
+    }
+    assert!(logs.contains("columns digit, p0, p1"), "{logs}");
+    let shown = json_of(&cluster.cli(&["jobs", "show", &id, "--json"]).unwrap());
+    let accuracy = shown["metrics"]["validation_accuracy"].as_f64().unwrap();
+    assert!(accuracy >= 0.95, "validation accuracy {accuracy}\n{logs}");
+    server.stop();
+}

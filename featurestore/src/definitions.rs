@@ -521,6 +521,47 @@ impl Definitions {
             })
     }
 
+    /// The features that references name, as a request gives them: `"view:feature"` for one feature, `"view"`
+    /// for every feature of the view, in the order given.
+    pub fn features_named(&self, references: &[String]) -> Result<Vec<FeatureRef>, FeatureStoreError> {
+        if references.is_empty() {
+            return Err(FeatureStoreError::InvalidInput(
+                "no features were named; expected references such as \"view:feature\" or \"view\"".into(),
+            ));
+        }
+        let mut features = Vec::new();
+        for reference in references {
+            let (view_name, feature_name) = match reference.split_once(':') {
+                Some((view, feature)) => (view, Some(feature)),
+                None => (reference.as_str(), None),
+            };
+            let view = self.view(view_name)?;
+            match feature_name {
+                None => features.extend(view.features.iter().map(|feature| FeatureRef {
+                    view: view.name.clone(),
+                    feature: feature.name.clone(),
+                })),
+                Some(name) => {
+                    let feature = view
+                        .features
+                        .iter()
+                        .find(|feature| feature.name == name)
+                        .ok_or_else(|| {
+                            FeatureStoreError::InvalidInput(format!(
+                                "feature '{name}' is not in feature view '{view_name}' (features: {})",
+                                name_list(view.features.iter().map(|feature| feature.name.as_str()))
+                            ))
+                        })?;
+                    features.push(FeatureRef {
+                        view: view.name.clone(),
+                        feature: feature.name.clone(),
+                    });
+                }
+            }
+        }
+        Ok(features)
+    }
+
     /// The source `view` reads.
     pub fn source_of(&self, view: &FeatureView) -> Result<&Source, FeatureStoreError> {
         self.sources

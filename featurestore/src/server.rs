@@ -48,7 +48,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::FeatureStoreError;
-use crate::definitions::{FeatureType, FeatureView, check_schema, name_list, push_directory, view_frame};
+use crate::definitions::{FeatureRef, FeatureType, FeatureView, check_schema, name_list, push_directory, view_frame};
 use crate::online::{OnlineStore, Value, materialize};
 use crate::registry::Registered;
 use crate::training::{read_file, training_set, write_parquet};
@@ -57,6 +57,8 @@ use crate::training::{read_file, training_set, write_parquet};
 pub const PUSH_BYTES_MAX: usize = 256 << 20;
 /// Rows per batch when a computed result (a training set) is streamed.
 const STREAM_BATCH_ROWS: usize = 64 * 1024;
+/// Flight messages (at most 2 MB each, arrow-flight's split) encoded ahead of the connection sending them.
+const MESSAGES_AHEAD: usize = 8;
 
 /// What a client asks for, in a descriptor's `cmd` or a ticket.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -131,21 +133,23 @@ struct Inner {
     data_dir: PathBuf,
     /// One push writes at a time, so files are numbered in acknowledgement order.
     push: tokio::sync::Mutex<u64>,
-    /// Results computed to answer GetFlightInfo (training sets), kept for the DoGet that follows.
+    /// Training sets computed lately, whole, so that GetFlightInfo's DoGet and the other ranks' shards of the
+    /// same set are not joined again.
     computed: std::sync::Mutex<Vec<Computed>>,
 }
 
-/// A result GetFlightInfo computed, waiting for its DoGet.
+/// A training set computed lately: the whole set, keyed by what it was computed from.
 struct Computed {
-    ticket: Vec<u8>,
+    key: Vec<u8>,
     at: std::time::Instant,
     batch: RecordBatch,
 }
 
-/// How many computed results wait for their DoGet, and for how long, before they are dropped (a DoGet
-/// after that computes the result again).
+/// How many computed training sets are kept, and for how long. The key covers the command (without the
+/// shard), the entity file's size and modification time, the definitions and the pushes received; a
+/// source file rewritten in place within this time is not noticed.
 const COMPUTED_KEPT: usize = 4;
-const COMPUTED_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+const COMPUTED_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn status(error: FeatureStoreError) -> Status {
     match error {
@@ -273,11 +277,86 @@ impl Rows {
         Ok(Rows { schema, stream })
     }
 
+    /// The rows as Flight messages, encoded by a task of their own up to [`MESSAGES_AHEAD`] messages ahead
+    /// of the connection, so reading and encoding overlap with sending. The task stops when the client goes.
+    fn into_flight(self) -> Boxed<FlightData> {
+        let (sender, receiver) = tokio::sync::mpsc::channel(MESSAGES_AHEAD);
+        let mut encoded = FlightDataEncoderBuilder::new()
+            .with_schema(self.schema)
+            .build(self.stream)
+            .map_err(Status::from);
+        tokio::spawn(async move {
+            while let Some(message) = encoded.next().await {
+                if sender.send(message).await.is_err() {
+                    break;
+                }
+            }
+        });
+        futures::stream::unfold(receiver, |mut receiver| async move {
+            receiver.recv().await.map(|message| (message, receiver))
+        })
+        .boxed()
+    }
+
     fn from_batch(batch: RecordBatch) -> Rows {
         Rows {
             schema: batch.schema(),
             stream: batches_stream(vec![batch]),
         }
+    }
+}
+
+/// Where pushed rows go (Feast's `to`): the online store, the offline files, or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PushTarget {
+    #[default]
+    Online,
+    Offline,
+    OnlineAndOffline,
+}
+
+impl PushTarget {
+    fn online(self) -> bool {
+        self != PushTarget::Offline
+    }
+
+    fn offline(self) -> bool {
+        self != PushTarget::Online
+    }
+}
+
+/// What an online lookup found: the entity keys as given and, per feature, its value and the time of the
+/// row it came from for each entity (`None` where the entity has no row).
+pub(crate) struct Lookup {
+    pub(crate) keys: Vec<(String, Vec<Value>)>,
+    pub(crate) features: Vec<LookupFeature>,
+}
+
+#[derive(Clone)]
+pub(crate) struct LookupFeature {
+    pub(crate) view: String,
+    pub(crate) name: String,
+    pub(crate) data_type: DataType,
+    pub(crate) values: Vec<Value>,
+    pub(crate) timestamps_micros: Vec<Option<i64>>,
+}
+
+impl Lookup {
+    /// The keys, then each feature (named by the feature alone), one row per entity.
+    fn batch(&self) -> Result<RecordBatch, FeatureStoreError> {
+        let mut fields = Vec::new();
+        let mut columns = Vec::new();
+        for (key, values) in &self.keys {
+            let data_type = key_type(values);
+            columns.push(column(values, &data_type)?);
+            fields.push(Field::new(key, data_type, true));
+        }
+        for feature in &self.features {
+            columns.push(column(&feature.values, &feature.data_type)?);
+            fields.push(Field::new(&feature.name, feature.data_type.clone(), true));
+        }
+        Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
     }
 }
 
@@ -368,7 +447,8 @@ impl FeatureServer {
                 Ok(Plan::Frame(frame))
             }
             FlightCommand::Online { service, entities } => {
-                Ok(Plan::Batch(self.online(&registered, service, entities)?))
+                let features = &definitions.service(service)?.features;
+                Ok(Plan::Batch(self.lookup(&registered, features, entities)?.batch()?))
             }
             FlightCommand::TrainingSet {
                 service,
@@ -382,17 +462,28 @@ impl FeatureServer {
                         "rank {rank} is not below world {world}; expected 0 ≤ rank < world"
                     )));
                 }
-                let rows = read_file(std::path::Path::new(entities)).await?;
-                let set = training_set(definitions, service, &rows, event_timestamp, &self.inner.data_dir).await?;
-                self.record_dataset(&registered, service, entities, event_timestamp, &set)?;
+                let key = self
+                    .training_set_key(&registered, service, entities, event_timestamp)
+                    .await;
+                let set = match self.computed(&key) {
+                    Some(batch) => batch,
+                    None => {
+                        let rows = read_file(std::path::Path::new(entities)).await?;
+                        let set =
+                            training_set(definitions, service, &rows, event_timestamp, &self.inner.data_dir).await?;
+                        self.record_dataset(&registered, service, entities, event_timestamp, &set)?;
+                        self.keep_computed(key, set.batch.clone());
+                        set.batch
+                    }
+                };
                 let batch = if *world > 1 {
-                    let total = set.batch.num_rows();
+                    let total = set.num_rows();
                     let (world, rank) = (*world as usize, *rank as usize);
                     let start = total * rank / world;
                     let end = total * (rank + 1) / world;
-                    set.batch.slice(start, end - start)
+                    set.slice(start, end - start)
                 } else {
-                    set.batch
+                    set
                 };
                 Ok(Plan::Batch(batch))
             }
@@ -471,15 +562,15 @@ impl FeatureServer {
         datasets
     }
 
-    /// The latest values of `service`'s features for the entities given by join key.
-    fn online(
+    /// The latest values of `features` for the entities given by join key (one value per entity for each
+    /// key), from the online store.
+    pub(crate) fn lookup(
         &self,
         registered: &Registered,
-        service_name: &str,
+        features: &[FeatureRef],
         entities: &BTreeMap<String, Vec<serde_json::Value>>,
-    ) -> Result<RecordBatch, FeatureStoreError> {
+    ) -> Result<Lookup, FeatureStoreError> {
         let definitions = &registered.definitions;
-        let service = definitions.service(service_name)?;
         let count = entities.values().map(Vec::len).max().unwrap_or(0);
         if let Some((key, values)) = entities.iter().find(|(_, values)| values.len() != count) {
             return Err(FeatureStoreError::InvalidInput(format!(
@@ -487,52 +578,48 @@ impl FeatureServer {
                 values.len()
             )));
         }
-        let keys: BTreeMap<&str, Vec<Value>> = entities
+        let keys: Vec<(String, Vec<Value>)> = entities
             .iter()
             .map(|(key, values)| {
                 let values = values
                     .iter()
                     .map(|value| key_value(value, key))
                     .collect::<Result<Vec<_>, _>>()?;
-                Ok((key.as_str(), values))
+                Ok((key.clone(), values))
             })
             .collect::<Result<_, FeatureStoreError>>()?;
-        let mut fields = Vec::new();
-        let mut columns = Vec::new();
-        for (key, values) in &keys {
-            let data_type = key_type(values);
-            columns.push(column(values, &data_type)?);
-            fields.push(Field::new(*key, data_type, true));
-        }
-        // The service's features, grouped by view, in the order the service names them.
-        let mut by_view: Vec<(&str, Vec<&str>)> = Vec::new();
-        for feature in &service.features {
+        // The features, grouped by view (one read per view), answered in the order they were named.
+        let mut by_view: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (index, feature) in features.iter().enumerate() {
             match by_view.iter_mut().find(|(view, _)| *view == feature.view) {
-                Some((_, features)) => features.push(&feature.feature),
-                None => by_view.push((&feature.view, vec![&feature.feature])),
+                Some((_, indices)) => indices.push(index),
+                None => by_view.push((&feature.view, vec![index])),
             }
         }
-        for (view_name, features) in by_view {
+        let mut answered: Vec<Option<LookupFeature>> = vec![None; features.len()];
+        for (view_name, indices) in by_view {
             let view = self.view(registered, view_name)?;
             let join_keys = definitions.join_keys(view);
-            let key_rows: Vec<Vec<Value>> = (0..count)
-                .map(|row| {
-                    join_keys
-                        .iter()
-                        .map(|key| {
-                            keys.get(key.as_str()).map(|values| values[row].clone()).ok_or_else(|| {
-                                FeatureStoreError::InvalidInput(format!(
-                                    "entity key '{key}' is missing; feature view '{view_name}' needs {}",
-                                    join_keys.join(", ")
-                                ))
-                            })
+            let key_columns: Vec<&Vec<Value>> = join_keys
+                .iter()
+                .map(|key| {
+                    keys.iter()
+                        .find(|(name, _)| name == key)
+                        .map(|(_, values)| values)
+                        .ok_or_else(|| {
+                            FeatureStoreError::InvalidInput(format!(
+                                "entity key '{key}' is missing; feature view '{view_name}' needs {}",
+                                join_keys.join(", ")
+                            ))
                         })
-                        .collect()
                 })
                 .collect::<Result<_, _>>()?;
-            let names: Vec<String> = features.iter().map(|feature| feature.to_string()).collect();
+            let key_rows: Vec<Vec<Value>> = (0..count)
+                .map(|row| key_columns.iter().map(|values| values[row].clone()).collect())
+                .collect();
+            let names: Vec<String> = indices.iter().map(|index| features[*index].feature.clone()).collect();
             let found = self.inner.online.get(view_name, &key_rows, &names)?;
-            for (index, name) in names.iter().enumerate() {
+            for (position, (index, name)) in indices.iter().zip(&names).enumerate() {
                 let dtype = view
                     .features
                     .iter()
@@ -543,20 +630,35 @@ impl FeatureServer {
                             "feature '{name}' is not in feature view '{view_name}'"
                         ))
                     })?;
-                let values: Vec<Value> = found
-                    .iter()
-                    .map(|row| row.as_ref().map_or(Value::Null, |row| row.values[index].clone()))
-                    .collect();
-                let data_type = arrow_type(dtype);
-                columns.push(column(&values, &data_type)?);
-                fields.push(Field::new(name, data_type, true));
+                answered[*index] = Some(LookupFeature {
+                    view: view_name.to_string(),
+                    name: name.clone(),
+                    data_type: arrow_type(dtype),
+                    values: found
+                        .iter()
+                        .map(|row| row.as_ref().map_or(Value::Null, |row| row.values[position].clone()))
+                        .collect(),
+                    timestamps_micros: found
+                        .iter()
+                        .map(|row| row.as_ref().map(|row| row.timestamp_micros))
+                        .collect(),
+                });
             }
         }
-        Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
+        Ok(Lookup {
+            keys,
+            features: answered.into_iter().flatten().collect(),
+        })
     }
 
-    /// Appends pushed rows to `source` offline and writes them online for each of its views.
-    async fn push(&self, source_name: &str, batches: Vec<RecordBatch>) -> Result<usize, FeatureStoreError> {
+    /// Appends pushed rows to `source` offline and/or writes them online for each of its views (`to`),
+    /// durably before it returns.
+    pub(crate) async fn push(
+        &self,
+        source_name: &str,
+        batches: Vec<RecordBatch>,
+        to: PushTarget,
+    ) -> Result<usize, FeatureStoreError> {
         let registered = self.registered();
         let definitions = &registered.definitions;
         let source = definitions
@@ -606,15 +708,17 @@ impl FeatureServer {
             online_rows.push((view, rows));
         }
         let mut sequence = self.inner.push.lock().await;
-        *sequence += 1;
-        let directory = push_directory(&self.inner.data_dir, &source.name);
-        std::fs::create_dir_all(&directory)
-            .map_err(|error| FeatureStoreError::Storage(format!("creating {}: {error}", directory.display())))?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_micros());
-        write_parquet(&directory.join(format!("{now:020}-{:08}.parquet", *sequence)), &batch)?;
-        for (view, rows) in online_rows {
+        if to.offline() {
+            *sequence += 1;
+            let directory = push_directory(&self.inner.data_dir, &source.name);
+            std::fs::create_dir_all(&directory)
+                .map_err(|error| FeatureStoreError::Storage(format!("creating {}: {error}", directory.display())))?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |elapsed| elapsed.as_micros());
+            write_parquet(&directory.join(format!("{now:020}-{:08}.parquet", *sequence)), &batch)?;
+        }
+        for (view, rows) in online_rows.into_iter().filter(|_| to.online()) {
             let features: Vec<String> = view.features.iter().map(|feature| feature.name.clone()).collect();
             self.inner.online.write(
                 &view.name,
@@ -628,30 +732,60 @@ impl FeatureServer {
         Ok(batch.num_rows())
     }
 
-    /// A result this server computed for GetFlightInfo with `ticket`, taken for its DoGet.
-    fn take_computed(&self, ticket: &[u8]) -> Option<RecordBatch> {
+    /// What a training set is computed from: the command without the shard, the entity file's size and
+    /// modification time, the definitions, and how many pushes this server has taken.
+    async fn training_set_key(
+        &self,
+        registered: &Registered,
+        service: &str,
+        entities: &str,
+        event_timestamp: &str,
+    ) -> Vec<u8> {
+        let file = std::fs::metadata(entities).ok().map(|metadata| {
+            let modified = metadata
+                .modified()
+                .ok()
+                .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |elapsed| elapsed.as_nanos());
+            (metadata.len(), modified.to_string())
+        });
+        let pushes = *self.inner.push.lock().await;
+        serde_json::to_vec(&serde_json::json!({
+            "service": service,
+            "entities": entities,
+            "event_timestamp": event_timestamp,
+            "file": file,
+            "definitions": registered.definitions,
+            "pushes": pushes,
+        }))
+        .expect("json")
+    }
+
+    fn computed(&self, key: &[u8]) -> Option<RecordBatch> {
         let mut computed = self.inner.computed.lock().expect("computed results poisoned");
         computed.retain(|entry| entry.at.elapsed() < COMPUTED_TTL);
-        let index = computed.iter().position(|entry| entry.ticket == ticket)?;
-        Some(computed.swap_remove(index).batch)
+        computed
+            .iter()
+            .find(|entry| entry.key == key)
+            .map(|entry| entry.batch.clone())
+    }
+
+    fn keep_computed(&self, key: Vec<u8>, batch: RecordBatch) {
+        let mut computed = self.inner.computed.lock().expect("computed results poisoned");
+        computed.retain(|entry| entry.at.elapsed() < COMPUTED_TTL && entry.key != key);
+        if computed.len() >= COMPUTED_KEPT {
+            computed.remove(0);
+        }
+        computed.push(Computed {
+            key,
+            at: std::time::Instant::now(),
+            batch,
+        });
     }
 
     async fn flight_info(&self, descriptor: FlightDescriptor, command: &FlightCommand) -> Result<FlightInfo, Status> {
         let plan = self.plan(command).await.map_err(status)?;
         let schema = plan.schema();
-        // A training set was computed to learn its schema: keep it for the DoGet instead of joining twice.
-        if let (Plan::Batch(batch), FlightCommand::TrainingSet { .. }) = (&plan, command) {
-            let mut computed = self.inner.computed.lock().expect("computed results poisoned");
-            computed.retain(|entry| entry.at.elapsed() < COMPUTED_TTL);
-            if computed.len() >= COMPUTED_KEPT {
-                computed.remove(0);
-            }
-            computed.push(Computed {
-                ticket: command.to_bytes(),
-                at: std::time::Instant::now(),
-                batch: batch.clone(),
-            });
-        }
         let info = FlightInfo::new()
             .try_with_schema(&schema)
             .map_err(|error| Status::internal(error.to_string()))?
@@ -699,14 +833,17 @@ impl FeatureServer {
     }
 }
 
-/// Serves `server` on `listener` until `shutdown` completes.
+/// Serves `server` on `listener` until `shutdown` completes: Flight and Flight SQL over gRPC (HTTP/2), and
+/// the [`http`] JSON endpoints over HTTP/1.1 on the same port.
 pub async fn serve(
     server: FeatureServer,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    let routes = tonic::service::Routes::from(http::router(server.clone())).add_service(server.into_service());
     tonic::transport::Server::builder()
-        .add_service(server.into_service())
+        .accept_http1(true)
+        .add_routes(routes)
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
@@ -835,15 +972,8 @@ impl FlightService for FeatureServer {
             return FlightService::do_get(&sql::SqlService(self.clone()), Request::new(ticket)).await;
         }
         let command = FlightCommand::parse(&ticket.ticket, "ticket")?;
-        let rows = match self.take_computed(&ticket.ticket) {
-            Some(batch) => Rows::from_batch(batch),
-            None => self.rows(&command).await.map_err(status)?,
-        };
-        let stream = FlightDataEncoderBuilder::new()
-            .with_schema(rows.schema)
-            .build(rows.stream)
-            .map_err(Status::from);
-        Ok(Response::new(stream.boxed()))
+        let rows = self.rows(&command).await.map_err(status)?;
+        Ok(Response::new(rows.into_flight()))
     }
 
     async fn do_put(&self, request: Request<Streaming<FlightData>>) -> Result<Response<Self::DoPutStream>, Status> {
@@ -880,7 +1010,10 @@ impl FlightService for FeatureServer {
             }
             batches.push(batch);
         }
-        let rows = self.push(&source, batches).await.map_err(status)?;
+        let rows = self
+            .push(&source, batches, PushTarget::OnlineAndOffline)
+            .await
+            .map_err(status)?;
         let result = PutResult {
             app_metadata: serde_json::to_vec(&serde_json::json!({ "source": source, "rows": rows }))
                 .expect("json")
@@ -933,6 +1066,7 @@ impl FlightService for FeatureServer {
     }
 }
 
+pub mod http;
 mod sql;
 
 #[cfg(test)]

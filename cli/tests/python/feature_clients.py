@@ -1,10 +1,13 @@
-"""Kiln's feature server through stock clients only: pyarrow.flight and adbc_driver_flightsql.
+"""Kiln's feature server through stock clients only: pyarrow.flight, adbc_driver_flightsql, and Python's own
+HTTP client for the Feast-shaped JSON endpoints on the same port.
 
 Usage: feature_clients.py HOST:PORT ENTITIES_CSV  (the example definitions applied, nothing materialized)
 """
 
 import json
 import sys
+import urllib.error
+import urllib.request
 
 import adbc_driver_flightsql.dbapi as dbapi
 import pyarrow as pa
@@ -69,6 +72,39 @@ for descriptor, expected in [
     else:
         raise AssertionError(f"{descriptor} was accepted")
 
+
+
+# The same port answers Feast's feature-server JSON over HTTP/1.1: a lookup, a push, an error.
+def post(path, body):
+    request = urllib.request.Request(
+        f"http://{address}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+status, answer = post("/get-online-features", {"feature_service": "driver_live", "entities": {"driver_id": [1002, 9999]}})
+assert status == 200, answer
+assert answer["metadata"]["feature_names"] == ["driver_id", "trips_today"], answer
+assert answer["results"][1]["values"] == [3, None], answer
+assert answer["results"][1]["statuses"] == ["PRESENT", "NOT_FOUND"], answer
+status, answer = post(
+    "/push",
+    {
+        "push_source_name": "driver_live",
+        "df": {"driver_id": [1002], "event_timestamp": ["2025-11-02T12:00:00Z"], "trips_today": [4]},
+        "to": "online_and_offline",
+    },
+)
+assert (status, answer["rows"]) == (200, 1), answer
+status, answer = post("/get-online-features", {"features": ["driver_live_stats:trips_today"], "entities": {"driver_id": [1002]}})
+assert answer["results"][1]["values"] == [4], answer
+status, answer = post("/get-online-features", {"feature_service": "nope", "entities": {"driver_id": [1]}})
+assert status == 400 and "feature service 'nope' is not defined" in answer["error"], answer
+
 # Flight SQL through ADBC: a query, the tables and a table's schema.
 with dbapi.connect(f"grpc://{address}") as connection:
     cursor = connection.cursor()
@@ -76,7 +112,7 @@ with dbapi.connect(f"grpc://{address}") as connection:
     result = cursor.fetchall()
     assert [row[0] for row in result] == [1001, 1002, 1003, 1004, 1005], result
     cursor.execute("SELECT count(*) AS n FROM driver_live_stats")
-    assert cursor.fetchone()[0] == 2
+    assert cursor.fetchone()[0] == 3
     objects = connection.adbc_get_objects(depth="tables").read_all().to_pylist()
     tables = {
         table["table_name"]

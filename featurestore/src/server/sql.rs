@@ -78,11 +78,7 @@ impl SqlService {
 
     async fn statement_rows(&self, query: String) -> Result<Response<Boxed<FlightData>>, Status> {
         let rows = self.0.rows(&FlightCommand::Sql { query }).await.map_err(status)?;
-        let stream = FlightDataEncoderBuilder::new()
-            .with_schema(rows.schema)
-            .build(rows.stream)
-            .map_err(Status::from);
-        Ok(Response::new(stream.boxed()))
+        Ok(Response::new(rows.into_flight()))
     }
 
     /// Every view with rows, with its schema.

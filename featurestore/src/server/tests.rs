@@ -22,6 +22,7 @@ fn example() -> Definitions {
 
 struct Running {
     client: FlightClient,
+    address: std::net::SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -58,9 +59,34 @@ async fn start(data_dir: &Path, definitions: Definitions) -> Running {
         .unwrap();
     Running {
         client: FlightClient::new(channel),
+        address,
         stop: Some(stop),
         task,
     }
+}
+
+/// One HTTP/1.1 request on its own connection: the status code and the JSON body.
+async fn http(address: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8(response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let code: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    assert!(
+        head.to_ascii_lowercase().contains("content-type: application/json"),
+        "{head}"
+    );
+    (
+        code,
+        serde_json::from_str(body).unwrap_or_else(|error| panic!("{error}: {body}")),
+    )
 }
 
 async fn fetch(client: &mut FlightClient, command: &FlightCommand) -> Vec<RecordBatch> {
@@ -166,8 +192,8 @@ async fn views_sql_and_training_sets_are_served_and_errors_name_the_problem() {
     assert_eq!((whole, first + second), (10, 10));
     assert_eq!(first, 5);
 
-    // GetFlightInfo computes the set once; its DoGet streams that result (the entity file changing in
-    // between shows which one was served), and a later DoGet of the same ticket computes afresh.
+    // A computed set is kept for its DoGet and the other shards, keyed by the entity file as well: a file
+    // rewritten in between is noticed, and the DoGet serves the new rows.
     let info = client
         .get_flight_info(FlightDescriptor::new_cmd(shard(0, 1).to_bytes()))
         .await
@@ -181,7 +207,7 @@ async fn views_sql_and_training_sets_are_served_and_errors_name_the_problem() {
         .try_collect()
         .await
         .unwrap();
-    assert_eq!(rows(&served), 10);
+    assert_eq!(rows(&served), 1);
     let again: Vec<RecordBatch> = client.do_get(ticket).await.unwrap().try_collect().await.unwrap();
     assert_eq!(rows(&again), 1);
 
@@ -364,5 +390,134 @@ async fn pushed_and_materialized_rows_are_served_online_and_survive_a_restart() 
         .await;
         assert_eq!(rows(&offline), 2);
     }
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feast_shaped_http_lookups_and_pushes_share_the_flight_port() {
+    let directory = tempfile::tempdir().unwrap();
+    let mut running = start(directory.path(), example()).await;
+    let address = running.address;
+    let (code, health) = http(address, "GET", "/health", "").await;
+    assert_eq!((code, health["status"].as_str()), (200, Some("ok")));
+
+    // Materialized over Flight, read over HTTP: one known driver and one never seen.
+    let _: Vec<Bytes> = running
+        .client
+        .do_action(Action::new("materialize", Bytes::new()))
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let (code, answer) = http(
+        address,
+        "POST",
+        "/get-online-features",
+        r#"{"feature_service": "driver_activity", "entities": {"driver_id": [1001, 1999]}}"#,
+    )
+    .await;
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(
+        answer["metadata"]["feature_names"],
+        serde_json::json!(["driver_id", "conv_rate", "acc_rate", "conv_acc"])
+    );
+    let results = answer["results"].as_array().unwrap();
+    assert_eq!(results[0]["values"], serde_json::json!([1001, 1999]));
+    assert_eq!(results[1]["statuses"], serde_json::json!(["PRESENT", "NOT_FOUND"]));
+    assert!(results[1]["values"][1].is_null(), "{answer}");
+    assert!(
+        results[1]["event_timestamps"][0].as_str().unwrap().ends_with('Z'),
+        "{answer}"
+    );
+    // The same value Flight serves for the same lookup.
+    let flight = fetch(
+        &mut running.client,
+        &FlightCommand::Online {
+            service: "driver_activity".into(),
+            entities: [("driver_id".to_string(), vec![serde_json::json!(1001)])].into(),
+        },
+    )
+    .await;
+    let conv = float_column(&flight[0], "conv_rate").value(0);
+    assert_eq!(results[1]["values"][0].as_f64(), Some(conv));
+
+    // Features by reference, with full names.
+    let (code, answer) = http(
+        address,
+        "POST",
+        "/get-online-features",
+        r#"{"features": ["driver_hourly_stats:acc_rate"], "entities": {"driver_id": [1002]}, "full_feature_names": true}"#,
+    )
+    .await;
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(
+        answer["metadata"]["feature_names"],
+        serde_json::json!(["driver_id", "driver_hourly_stats__acc_rate"])
+    );
+
+    // A push to the online store only, then to both; the offline view sees only the second.
+    let push = |to: &str, trips: &str| {
+        format!(
+            r#"{{"push_source_name": "driver_live", "to": "{to}", "df": {{"driver_id": [1003], "event_timestamp": ["2026-11-26T10:00:00Z"], "trips_today": [{trips}]}}}}"#
+        )
+    };
+    let (code, answer) = http(address, "POST", "/push", &push("online", "7")).await;
+    assert_eq!((code, answer["rows"].as_u64()), (200, Some(1)), "{answer}");
+    let live = r#"{"feature_service": "driver_live", "entities": {"driver_id": [1003]}}"#;
+    let (_, answer) = http(address, "POST", "/get-online-features", live).await;
+    assert_eq!(answer["results"][1]["values"], serde_json::json!([7]), "{answer}");
+    let view = FlightCommand::View {
+        name: "driver_live_stats".into(),
+    };
+    let error = running
+        .client
+        .get_flight_info(FlightDescriptor::new_cmd(view.to_bytes()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("has no rows yet"), "{error}");
+    let (code, _) = http(address, "POST", "/push", &push("online_and_offline", "8")).await;
+    assert_eq!(code, 200);
+    assert_eq!(rows(&fetch(&mut running.client, &view).await), 1);
+
+    // Bad input is refused with a message naming the problem, and changes nothing.
+    for (path, body, expected) in [
+        (
+            "/get-online-features",
+            r#"{"feature_service": "nope", "entities": {"driver_id": [1]}}"#,
+            "feature service 'nope' is not defined",
+        ),
+        (
+            "/get-online-features",
+            r#"{"features": ["driver_hourly_stats:nope"], "entities": {"driver_id": [1]}}"#,
+            "feature 'nope' is not in feature view 'driver_hourly_stats'",
+        ),
+        (
+            "/get-online-features",
+            r#"{"feature_service": "driver_activity", "features": ["driver_hourly_stats"], "entities": {"driver_id": [1]}}"#,
+            "not both or neither",
+        ),
+        ("/get-online-features", "{not json", "the request body is not valid"),
+        ("/push", &push("online", r#""many""#), "do not convert to their types"),
+        (
+            "/push",
+            r#"{"push_source_name": "driver_hourly", "df": {"driver_id": [1]}}"#,
+            "reads a file, not pushes",
+        ),
+    ] {
+        let (code, answer) = http(address, "POST", path, body).await;
+        assert_eq!(code, 400, "{body}: {answer}");
+        let message = answer["error"].as_str().unwrap();
+        assert!(message.contains(expected), "{body}: {message}");
+    }
+    let (_, answer) = http(address, "POST", "/get-online-features", live).await;
+    assert_eq!(answer["results"][1]["values"], serde_json::json!([8]), "{answer}");
+    let (code, answer) = http(address, "GET", "/nowhere", "").await;
+    assert_eq!(code, 404);
+    assert!(
+        answer["error"].as_str().unwrap().contains("/get-online-features"),
+        "{answer}"
+    );
     running.stop().await;
 }

@@ -109,12 +109,18 @@ impl Normalization {
                 *sum += (f64::from(*value) - mean).powi(2);
             }
         }
+        let variance: Vec<f64> = variance.iter().map(|sum| sum / count).collect();
+        Normalization::from_moments(&mean, &variance)
+    }
+
+    /// From each feature's mean and variance.
+    pub fn from_moments(mean: &[f64], variance: &[f64]) -> Normalization {
         Normalization {
             mean: mean.iter().map(|value| *value as f32).collect(),
             // A constant feature keeps its values centred but unscaled.
             std: variance
                 .iter()
-                .map(|sum| (sum / count).sqrt() as f32)
+                .map(|variance| variance.max(0.0).sqrt() as f32)
                 .map(|std| if std > 1e-6 { std } else { 1.0 })
                 .collect(),
         }

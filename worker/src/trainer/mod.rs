@@ -13,6 +13,14 @@
 //! short): n ranks with global batch B follow 1 rank with batch B, up to floating-point rounding. Every
 //! rank applies the same update to the same parameters, so they stay identical (checked by hash).
 //!
+//! Sharded (`TrainConfig::sharded`): each rank holds only its own rows, as when every rank fetched its
+//! shard of a training set. Each rank splits its shard into training and validation rows; the class count,
+//! the normalization statistics (mean, then variance about the global mean), the validation metric and the
+//! epoch loss are all-reduced, so every rank agrees on them. Each step rank r takes its next
+//! B·(r+1)/n − B·r/n rows of its own shuffled shard; every rank runs as many steps per epoch as the rank
+//! with the most batches (a rank out of rows contributes nothing), and gradients are summed with the row
+//! count and divided by it after the all-reduce, so each step is still the mean over the rows it used.
+//!
 //! The optimizer is not burn's: Adam and SGD run as one fused kernel over flat buffers (parameters,
 //! gradients, moments), which costs a fraction of burn's per-tensor optimizer and makes the optimizer state
 //! three plain vectors in visiting order, independent of the world size, easy to checkpoint and broadcast.
@@ -112,6 +120,9 @@ pub struct TrainConfig {
     /// Stop after this many optimizer steps (tests); `None` runs every epoch.
     pub max_steps: Option<usize>,
     pub checkpoint: Option<CheckpointConfig>,
+    /// Each rank was given only its own shard of the rows (a training set fetched per rank from the feature
+    /// store), not the whole dataset: see [`train`] for what changes.
+    pub sharded: bool,
 }
 
 /// Where checkpoints go and how often. The directory must be reachable by rank 0 of a later attempt
@@ -574,8 +585,21 @@ pub fn train(
     }
     let (rank, world) = (communicator.rank() as usize, communicator.world_size() as usize);
     let split = dataset.split(config.validation_fraction, config.seed)?;
-    let normalization = Normalization::of(dataset, &split.train);
-    let dataset = &normalization.normalize(dataset);
+    let shards = if config.sharded {
+        Some(ShardPlan::agree(config, dataset, &split, communicator)?)
+    } else {
+        None
+    };
+    let normalization = match &shards {
+        Some(_) => normalization_of_shards(dataset, &split.train, communicator)?,
+        None => Normalization::of(dataset, &split.train),
+    };
+    let mut normalized = normalization.normalize(dataset);
+    if let Some(shards) = &shards {
+        normalized.classes = shards.classes;
+    }
+    let dataset = &normalized;
+    let train_rows = shards.as_ref().map_or(split.train.len(), |shards| shards.train_rows);
     let device = config.device.burn_device()?;
     let network = match config.image {
         None => Network::Mlp(Mlp::new(dataset.columns, &config.hidden, dataset.outputs(), &device)),
@@ -648,12 +672,27 @@ pub fn train(
         let resuming_here = epoch == start_epoch + 1;
         let mut timing = [std::time::Duration::ZERO; 4];
         let mut loss_total = if resuming_here { resumed_loss } else { 0.0 };
-        for (index, batch) in order.chunks(config.batch_size).enumerate() {
+        let batches = shards
+            .as_ref()
+            .map_or(order.len().div_ceil(config.batch_size), |shards| shards.steps_per_epoch);
+        for index in 0..batches {
             if resuming_here && index < skip_batches {
                 continue;
             }
-            let global = batch.len();
-            let local = &batch[rank * global / world..(rank + 1) * global / world];
+            // This rank's rows of the step, and the step's row count when this rank knows it (a slice of
+            // the global batch); sharded, the count is learned with the all-reduce.
+            let (local, known_global) = match &shards {
+                None => {
+                    let batch = &order[index * config.batch_size..((index + 1) * config.batch_size).min(order.len())];
+                    let global = batch.len();
+                    (&batch[rank * global / world..(rank + 1) * global / world], Some(global))
+                }
+                Some(shards) => {
+                    let start = (index * shards.local_batch).min(order.len());
+                    let end = ((index + 1) * shards.local_batch).min(order.len());
+                    (&order[start..end], None)
+                }
+            };
             let mut gradients_flat;
             let local_loss_sum;
             if local.is_empty() {
@@ -673,18 +712,24 @@ pub fn train(
                 };
                 model.visit(&mut visitor);
                 gradients_flat = visitor.values;
-                // This rank's mean gradient, weighted by its share of the global batch.
-                kiln_kernels::cpu::scale(&mut gradients_flat, local.len() as f32 / global as f32);
+                // This rank's mean gradient, weighted by its share of the global batch (sharded: by its row
+                // count, divided by the step's after the sum).
+                let weight = known_global.map_or(local.len() as f32, |global| local.len() as f32 / global as f32);
+                kiln_kernels::cpu::scale(&mut gradients_flat, weight);
                 timing[1] += phase.elapsed();
             }
             let phase = Instant::now();
-            let mut loss_buffer = [local_loss_sum as f32];
+            let mut loss_buffer = [local_loss_sum as f32, local.len() as f32];
             all_reduce_bucketed(
                 communicator,
                 &mut [gradients_flat.as_mut_slice(), loss_buffer.as_mut_slice()],
                 ReduceOp::Sum,
                 BUCKET_BYTES,
             )?;
+            let global = known_global.unwrap_or(loss_buffer[1].round() as usize);
+            if known_global.is_none() && global > 0 {
+                kiln_kernels::cpu::scale(&mut gradients_flat, 1.0 / global as f32);
+            }
             loss_total += f64::from(loss_buffer[0]);
             timing[2] += phase.elapsed();
             let phase = Instant::now();
@@ -733,13 +778,21 @@ pub fn train(
         // Training time only: the validation pass is not part of the throughput.
         let seconds = started.elapsed().as_secs_f64().max(1e-9);
         let paused = Instant::now();
-        let (validation_name, validation) = evaluate(&model, dataset, &split.validation);
+        let (validation_name, validation) = match &shards {
+            None => evaluate(&model, dataset, &split.validation),
+            Some(_) => {
+                let (name, sum, count) = evaluation_sums(&model, dataset, &split.validation);
+                let mut sums = [sum as f32, count as f32];
+                communicator.all_reduce(&mut sums, ReduceOp::Sum)?;
+                (name, metric_of(name, f64::from(sums[0]), f64::from(sums[1])))
+            }
+        };
         let metrics = EpochMetrics {
             epoch,
-            loss: loss_total / split.train.len() as f64,
+            loss: loss_total / train_rows as f64,
             validation,
             validation_name,
-            samples_per_second: split.train.len() as f64 / seconds,
+            samples_per_second: train_rows as f64 / seconds,
             seconds_compute: timing[0].as_secs_f64(),
             seconds_gradient_copies: timing[1].as_secs_f64(),
             seconds_all_reduce: timing[2].as_secs_f64(),
@@ -789,40 +842,145 @@ pub fn train(
 /// squared error).
 /// `dataset` is the normalized one the model trained on.
 pub fn evaluate(model: &Network, dataset: &Dataset, rows: &[usize]) -> (&'static str, f64) {
+    let (name, sum, count) = evaluation_sums(model, dataset, rows);
+    (name, metric_of(name, sum, count as f64))
+}
+
+/// The metric from its sums: correct predictions or squared errors over `count` rows (0 for no rows).
+fn metric_of(name: &str, sum: f64, count: f64) -> f64 {
+    if count <= 0.0 {
+        0.0
+    } else if name == "rmse" {
+        (sum / count).sqrt()
+    } else {
+        sum / count
+    }
+}
+
+/// What the validation metric sums over `rows`: ("accuracy", correct predictions, rows) or ("rmse",
+/// squared errors, rows).
+fn evaluation_sums(model: &Network, dataset: &Dataset, rows: &[usize]) -> (&'static str, f64, usize) {
+    let name = match dataset.task {
+        data::Task::Classification => "accuracy",
+        data::Task::Regression => "rmse",
+    };
+    if rows.is_empty() {
+        return (name, 0.0, 0);
+    }
     let device = model
         .devices()
         .into_iter()
         .next()
         .unwrap_or_else(|| Device::flex().autodiff());
     let inputs = rows_tensor(dataset, rows, &device);
-    match dataset.task {
+    let sum = match dataset.task {
         data::Task::Classification => {
-            if rows.is_empty() {
-                return ("accuracy", 0.0);
-            }
             let predicted = model.forward(inputs).argmax(1).into_data().convert::<i64>();
             let predicted = predicted.try_to_vec::<i64>().expect("i64 predictions");
-            let correct = rows
-                .iter()
+            rows.iter()
                 .zip(&predicted)
                 .filter(|(row, class)| i64::from(dataset.labels[**row]) == **class)
-                .count();
-            ("accuracy", correct as f64 / rows.len() as f64)
+                .count() as f64
         }
         data::Task::Regression => {
-            if rows.is_empty() {
-                return ("rmse", 0.0);
-            }
             let predicted = model.forward(inputs).into_data().convert::<f32>();
             let predicted = predicted.try_to_vec::<f32>().expect("f32 predictions");
-            let squared: f64 = rows
-                .iter()
+            rows.iter()
                 .zip(&predicted)
                 .map(|(row, value)| (f64::from(*value) - f64::from(dataset.targets[*row])).powi(2))
-                .sum();
-            ("rmse", (squared / rows.len() as f64).sqrt())
+                .sum()
+        }
+    };
+    (name, sum, rows.len())
+}
+
+/// What the ranks of a sharded run agree on before training: learned from every rank's shard.
+struct ShardPlan {
+    /// One more than the largest class any shard holds (classification); 1 for regression.
+    classes: usize,
+    /// Training rows over all shards.
+    train_rows: usize,
+    /// This rank's rows per step: its part of the global batch.
+    local_batch: usize,
+    /// Steps per epoch: as many as the rank with the most batches needs.
+    steps_per_epoch: usize,
+}
+
+impl ShardPlan {
+    fn agree(
+        config: &TrainConfig,
+        dataset: &Dataset,
+        split: &data::Split,
+        communicator: &mut dyn Communicator,
+    ) -> Result<ShardPlan, TrainError> {
+        let (rank, world) = (communicator.rank() as usize, communicator.world_size() as usize);
+        if config.batch_size < world {
+            return Err(TrainError::InvalidInput(format!(
+                "a sharded run of {world} ranks needs a batch size of at least {world}, so every rank takes rows each step; got {}",
+                config.batch_size
+            )));
+        }
+        let local_batch_of = |rank: usize| config.batch_size * (rank + 1) / world - config.batch_size * rank / world;
+        // [columns, classes, training rows] of every rank. Counts are exact in f32 below 2^24.
+        let mine = [dataset.columns as f32, dataset.classes as f32, split.train.len() as f32];
+        let mut all = vec![0.0f32; 3 * world];
+        communicator.all_gather(&mine, &mut all)?;
+        let shards: Vec<[usize; 3]> = all
+            .chunks_exact(3)
+            .map(|shard| [shard[0] as usize, shard[1] as usize, shard[2] as usize])
+            .collect();
+        if let Some((other, shard)) = shards.iter().enumerate().find(|(_, shard)| shard[0] != shards[0][0]) {
+            return Err(TrainError::InvalidInput(format!(
+                "the shards disagree on their columns: rank 0 has {} feature columns, rank {other} has {}; every rank's shard must have the same columns",
+                shards[0][0], shard[0]
+            )));
+        }
+        let steps_per_epoch = shards
+            .iter()
+            .enumerate()
+            .map(|(rank, shard)| shard[2].div_ceil(local_batch_of(rank)))
+            .max()
+            .unwrap_or(0);
+        Ok(ShardPlan {
+            classes: shards.iter().map(|shard| shard[1]).max().unwrap_or(1),
+            train_rows: shards.iter().map(|shard| shard[2]).sum(),
+            local_batch: local_batch_of(rank),
+            steps_per_epoch,
+        })
+    }
+}
+
+/// The normalization of the training rows of every rank's shard: the global mean first, then the variance
+/// about it, each summed in f64 on the rank and all-reduced.
+fn normalization_of_shards(
+    dataset: &Dataset,
+    rows: &[usize],
+    communicator: &mut dyn Communicator,
+) -> Result<Normalization, TrainError> {
+    let columns = dataset.columns;
+    let mut sums = vec![0.0f64; columns];
+    for row in rows {
+        for (sum, value) in sums.iter_mut().zip(dataset.row(*row)) {
+            *sum += f64::from(*value);
         }
     }
+    let mut buffer: Vec<f32> = sums.iter().map(|sum| *sum as f32).collect();
+    buffer.push(rows.len() as f32);
+    communicator.all_reduce(&mut buffer, ReduceOp::Sum)?;
+    let count = f64::from(buffer[columns]).max(1.0);
+    let mean: Vec<f64> = buffer[..columns].iter().map(|sum| f64::from(*sum) / count).collect();
+    let mut squares = vec![0.0f64; columns];
+    for row in rows {
+        for ((sum, value), mean) in squares.iter_mut().zip(dataset.row(*row)).zip(&mean) {
+            *sum += (f64::from(*value) - mean).powi(2);
+        }
+    }
+    let mut buffer: Vec<f32> = squares.iter().map(|sum| *sum as f32).collect();
+    communicator.all_reduce(&mut buffer, ReduceOp::Sum)?;
+    Ok(Normalization::from_moments(
+        &mean,
+        &buffer.iter().map(|sum| f64::from(*sum) / count).collect::<Vec<_>>(),
+    ))
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ fn base_config() -> TrainConfig {
         log_every_steps: 0,
         max_steps: None,
         checkpoint: None,
+        sharded: false,
     }
 }
 
@@ -37,12 +38,22 @@ fn train_on(world: u32, config: TrainConfig, dataset: Arc<Dataset>) -> Vec<Train
 
 /// [`train_on`], keeping each rank's error.
 fn try_train_on(world: u32, config: TrainConfig, dataset: Arc<Dataset>) -> Vec<Result<TrainOutcome, String>> {
+    try_train_shards(config, vec![dataset; world as usize])
+}
+
+/// Trains `config` with one rank per dataset, rank r given `datasets[r]`; each rank's outcome or error.
+fn try_train_shards(config: TrainConfig, datasets: Vec<Arc<Dataset>>) -> Vec<Result<TrainOutcome, String>> {
+    let world = datasets.len() as u32;
     let addresses = Arc::new(Mutex::new(vec![String::new(); world as usize]));
     let published = Arc::new(Barrier::new(world as usize));
     let threads: Vec<_> = (0..world)
         .map(|rank| {
-            let (addresses, published, config, dataset) =
-                (addresses.clone(), published.clone(), config.clone(), dataset.clone());
+            let (addresses, published, config, dataset) = (
+                addresses.clone(),
+                published.clone(),
+                config.clone(),
+                datasets[rank as usize].clone(),
+            );
             std::thread::spawn(move || {
                 let (listener, address) = RingCommunicator::bind("127.0.0.1").unwrap();
                 addresses.lock().unwrap()[rank as usize] = address.to_string();
@@ -179,6 +190,90 @@ fn the_digits_mlp_reaches_95_percent_with_two_ranks() {
     let last = outcomes[0].epochs.last().unwrap();
     assert!(last.validation >= 0.95, "validation accuracy {}", last.validation);
     assert_eq!(outcomes[0].parameters_hash, outcomes[1].parameters_hash);
+}
+
+/// The rows of `dataset` that `keep` selects, as a dataset of their own (a shard).
+fn rows_where(dataset: &Dataset, keep: impl Fn(usize) -> bool) -> Dataset {
+    let rows: Vec<usize> = (0..dataset.rows()).filter(|row| keep(*row)).collect();
+    let labels = if dataset.labels.is_empty() {
+        Vec::new()
+    } else {
+        rows.iter().map(|row| dataset.labels[*row]).collect()
+    };
+    let classes = labels.iter().max().map_or(dataset.classes, |max| *max as usize + 1);
+    Dataset {
+        feature_names: dataset.feature_names.clone(),
+        features: rows.iter().flat_map(|row| dataset.row(*row).to_vec()).collect(),
+        targets: rows.iter().map(|row| dataset.targets[*row]).collect(),
+        labels,
+        columns: dataset.columns,
+        classes,
+        task: dataset.task,
+    }
+}
+
+#[test]
+fn sharded_ranks_agree_on_classes_and_statistics_and_learn_the_digits() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data/digits.csv");
+    let digits = load_csv(&path, "digit", Task::Classification).unwrap();
+    // Uneven shards, and rank 0's holds no 9s: only rank 1 knows there are 10 classes.
+    let first = rows_where(&digits, |row| row < 1000 && digits.labels[row] != 9);
+    let second = rows_where(&digits, |row| row >= 1000 || digits.labels[row] == 9);
+    assert_eq!((first.classes, second.classes), (9, 10));
+    let config = TrainConfig {
+        hidden: vec![256, 256],
+        epochs: 20,
+        batch_size: 128,
+        learning_rate: 1e-3,
+        seed: 42,
+        sharded: true,
+        ..base_config()
+    };
+    let outcomes: Vec<TrainOutcome> = try_train_shards(config.clone(), vec![Arc::new(first), Arc::new(second)])
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(outcomes[0].parameters_hash, outcomes[1].parameters_hash);
+    assert_eq!((outcomes[0].classes, outcomes[1].classes), (10, 10));
+    assert_eq!(outcomes[0].normalization, outcomes[1].normalization);
+    // Both ranks report the same metrics, over every shard's rows.
+    let (last, other) = (outcomes[0].epochs.last().unwrap(), outcomes[1].epochs.last().unwrap());
+    assert_eq!(last.validation, other.validation);
+    assert!(last.validation >= 0.95, "validation accuracy {}", last.validation);
+
+    // The statistics are those of the shards' training rows together: the same shards as one dataset give
+    // the same means (the validation split differs, so within a tolerance).
+    let mean = |normalization: &Normalization| normalization.mean.iter().map(|value| f64::from(*value)).sum::<f64>();
+    let whole = Normalization::of(&digits, &(0..digits.rows()).collect::<Vec<_>>());
+    assert!(
+        (mean(&outcomes[0].normalization) - mean(&whole)).abs() < 0.05 * mean(&whole).abs(),
+        "{:?} against {:?}",
+        outcomes[0].normalization.mean,
+        whole.mean
+    );
+
+    // Shards whose columns differ are refused on every rank, naming both.
+    let narrow = Dataset {
+        feature_names: digits.feature_names[..63].to_vec(),
+        features: digits
+            .features
+            .chunks_exact(64)
+            .flat_map(|row| row[..63].to_vec())
+            .collect(),
+        columns: 63,
+        ..digits.clone()
+    };
+    let errors = try_train_shards(
+        TrainConfig { epochs: 1, ..config },
+        vec![Arc::new(digits.clone()), Arc::new(narrow)],
+    );
+    for error in errors {
+        let error = error.unwrap_err();
+        assert!(
+            error.contains("rank 0 has 64 feature columns, rank 1 has 63"),
+            "{error}"
+        );
+    }
 }
 
 #[test]

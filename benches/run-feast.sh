@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Kiln's feature store against Feast (its defaults: the file/dask offline store and the SQLite online store)
+# on the same Parquet files, in one run:
+#
+#   feast_bench.py make         ──► hourly.parquet (DRIVERS × HOURS rows, 4 float64 features, shuffled),
+#                                   entities.parquet (ENTITY_ROWS random (id, time) rows),
+#                                   lookup.parquet (LOOKUP_ROWS entities, 10 float64 features)
+#   point-in-time join          ──► Feast get_historical_features(...).to_arrow()  against
+#                                   Kiln's training set over Flight (DoGet, read into a pyarrow table)
+#   online lookups, 1 entity,   ──► Feast get_online_features (SQLite, in process)  against
+#   10 features, sequential         Kiln over Flight (pyarrow.flight), over HTTP (Python's http.client,
+#                                   keep-alive), and over Flight from Rust (`kiln bench lookup`)
+#   ──► one JSON line per measurement in benches/out/feast.jsonl
+#
+# Feast lives in its own virtual environment ($HOME/.cache/kiln-feast-venv), created when missing; it is
+# not part of CI.
+#
+# Environment: ENTITY_ROWS (100000), DRIVERS (10000), HOURS (100), LOOKUP_ROWS (100000), LOOKUPS (2000),
+# REPEATS (3), CARGO_TARGET_DIR.
+
+set -euo pipefail
+
+ENTITY_ROWS="${ENTITY_ROWS:-100000}"
+DRIVERS="${DRIVERS:-10000}"
+HOURS="${HOURS:-100}"
+LOOKUP_ROWS="${LOOKUP_ROWS:-100000}"
+LOOKUPS="${LOOKUPS:-2000}"
+REPEATS="${REPEATS:-3}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kiln-target}"
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT_DIR="$REPO_ROOT/benches/out"
+KILN="$CARGO_TARGET_DIR/release/kiln"
+VENV="${KILN_FEAST_VENV:-$HOME/.cache/kiln-feast-venv}"
+STEP_TIMEOUT=1800
+
+source "$REPO_ROOT/benches/lib.sh"
+mkdir -p "$OUT_DIR"
+
+log "building kiln (release)"
+(cd "$REPO_ROOT" && cargo build --release --locked -p kiln)
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/pip" install --quiet --disable-pip-version-check "feast==0.67.0" "pyarrow==26.0.1"
+PYTHON="$VENV/bin/python"
+BENCH="$REPO_ROOT/benches/feast_bench.py"
+FEAST_VERSION=$("$PYTHON" -c 'import feast; print(feast.__version__)')
+
+log "writing the data"
+timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" make "$WORK" "$ENTITY_ROWS" "$DRIVERS" "$HOURS" "$LOOKUP_ROWS"
+
+FEATURES="127.0.0.1:$(free_port)"
+kiln_up --featurestore-listen "$FEATURES"
+cat >"$WORK/bench.toml" <<TOML
+[[entity]]
+name = "row"
+join_keys = ["id"]
+
+[[source]]
+name = "hourly_file"
+path = "hourly.parquet"
+timestamp_field = "event_timestamp"
+
+[[feature_view]]
+name = "hourly"
+entities = ["row"]
+source = "hourly_file"
+ttl = "1day"
+$(for i in 0 1 2 3; do printf '\n[[feature_view.feature]]\nname = "f%s"\ntype = "float64"\n' "$i"; done)
+
+[[source]]
+name = "lookup_file"
+path = "lookup.parquet"
+timestamp_field = "event_timestamp"
+
+[[feature_view]]
+name = "lookup"
+entities = ["row"]
+source = "lookup_file"
+$(for i in 0 1 2 3 4 5 6 7 8 9; do printf '\n[[feature_view.feature]]\nname = "g%s"\ntype = "float64"\n' "$i"; done)
+
+[[feature_service]]
+name = "hourly_service"
+features = ["hourly"]
+
+[[feature_service]]
+name = "lookup_service"
+features = ["lookup"]
+TOML
+"$KILN" features apply "$WORK/bench.toml" >/dev/null
+for _ in $(seq 100); do
+  "$KILN" features sql "SELECT count(*) FROM lookup" --featurestore "$FEATURES" >/dev/null 2>&1 && break
+  sleep 0.2
+done
+
+record() { echo "{\"side\": \"$1\", \"result\": $2}" | tee -a "$OUT_DIR/feast.jsonl"; }
+: >"$OUT_DIR/feast.jsonl"
+record "versions" "{\"feast\": \"$FEAST_VERSION\", \"commit\": \"$(git -C "$REPO_ROOT" rev-parse --short HEAD)\"}"
+
+log "point-in-time join: Kiln, $REPEATS times"
+record "kiln training set over Flight" \
+  "$(timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" kiln-historical "$FEATURES" "$WORK" "$REPEATS")"
+log "point-in-time join: Feast, $REPEATS times"
+record "feast get_historical_features" \
+  "$(timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" feast-historical "$WORK" "$REPEATS" 2>"$WORK/feast.log")"
+
+log "online lookups: materializing $LOOKUP_ROWS entities into Kiln"
+started=$(date +%s%N)
+"$KILN" features materialize --view lookup --featurestore "$FEATURES" >/dev/null
+record "kiln materialize" "{\"seconds\": $(( ($(date +%s%N) - started) / 1000000 ))e-3}"
+record "kiln lookup over Flight (pyarrow)" \
+  "$(timeout "$STEP_TIMEOUT" "$VENV/bin/python" "$REPO_ROOT/benches/flight_bench.py" lookup "$FEATURES" lookup_service "$LOOKUP_ROWS" "$LOOKUPS")"
+record "kiln lookup over HTTP (http.client)" \
+  "$(timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" kiln-http "$FEATURES" lookup_service "$LOOKUP_ROWS" "$LOOKUPS")"
+record "kiln lookup over Flight (Rust, kiln bench lookup)" \
+  "$(timeout "$STEP_TIMEOUT" "$KILN" bench lookup --featurestore "$FEATURES" --service lookup_service --key id \
+      --keys "$LOOKUP_ROWS" --requests "$LOOKUPS" --json)"
+log "online lookups: Feast (materialize, then $LOOKUPS lookups)"
+record "feast get_online_features (sqlite)" \
+  "$(timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" feast-online "$WORK" "$LOOKUP_ROWS" "$LOOKUPS" 2>>"$WORK/feast.log")"
+log "done: $OUT_DIR/feast.jsonl"
