@@ -24,7 +24,7 @@ pub enum FeatureStoreError {
     Arrow(#[from] datafusion::arrow::error::ArrowError),
     #[error("datafusion: {0}")]
     DataFusion(#[from] datafusion::error::DataFusionError),
-    /// The online store could not read or write.
-    #[error("online store: {0}")]
+    /// Durable state (the online store, pushed rows, datasets) could not be read or written.
+    #[error("storage: {0}")]
     Storage(String),
 }

@@ -136,6 +136,9 @@ struct Inner {
     /// Training sets computed lately, whole, so that GetFlightInfo's DoGet and the other ranks' shards of the
     /// same set are not joined again.
     computed: std::sync::Mutex<Vec<Computed>>,
+    /// Held while a training set is computed and recorded: ranks asking for the same set at once wait for
+    /// the first and take its result, and a dataset's files are written once.
+    building: tokio::sync::Mutex<()>,
 }
 
 /// A training set computed lately: the whole set, keyed by what it was computed from.
@@ -376,6 +379,7 @@ impl FeatureServer {
                 data_dir,
                 push: tokio::sync::Mutex::new(0),
                 computed: std::sync::Mutex::new(Vec::new()),
+                building: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -465,6 +469,7 @@ impl FeatureServer {
                 let key = self
                     .training_set_key(&registered, service, entities, event_timestamp)
                     .await;
+                let building = self.inner.building.lock().await;
                 let set = match self.computed(&key) {
                     Some(batch) => batch,
                     None => {
@@ -476,6 +481,7 @@ impl FeatureServer {
                         set.batch
                     }
                 };
+                drop(building);
                 let batch = if *world > 1 {
                     let total = set.num_rows();
                     let (world, rank) = (*world as usize, *rank as usize);
