@@ -668,3 +668,174 @@ async fn the_digits_example_trains_from_the_feature_store_with_each_rank_fetchin
     assert_eq!(shown["attempts"].as_array().unwrap().len(), 1, "{shown:#}");
     server.stop();
 }
+
+/// An S3-compatible server on loopback for the object-store tests: moto's, from the `.ci/run` virtual
+/// environment, stopped (by its process id) when dropped.
+struct S3Server {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+impl S3Server {
+    fn start(python: &str) -> S3Server {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let child = Command::new(python)
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "moto's S3 server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        S3Server { child, endpoint }
+    }
+
+    /// Creates `bucket` and uploads `file` as `key`, with boto3 (installed with moto).
+    fn upload(&self, python: &str, bucket: &str, key: &str, file: &Path) {
+        let script = format!(
+            "import boto3\ns3 = boto3.client('s3', endpoint_url='{}', aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\ns3.create_bucket(Bucket='{bucket}')\ns3.upload_file(r'{}', '{bucket}', '{key}')\n",
+            self.endpoint,
+            file.display()
+        );
+        let output = Command::new(python).args(["-c", &script]).output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    }
+
+    /// `object_store`'s standard S3 environment, pointed at this server.
+    fn environment(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT", self.endpoint.clone()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_source_in_an_s3_object_store_reads_like_the_local_file() {
+    let Some(python) = stock_python() else { return };
+    let s3 = S3Server::start(&python);
+    s3.upload(
+        &python,
+        "kiln-features",
+        "driver/hourly.csv",
+        &examples().join("data/driver_hourly.csv"),
+    );
+    let directory = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(examples().join("driver.toml")).unwrap();
+    assert!(text.contains("path = \"data/driver_hourly.csv\""));
+    let remote = directory.path().join("driver.toml");
+    std::fs::write(
+        &remote,
+        text.replace(
+            "path = \"data/driver_hourly.csv\"",
+            "path = \"s3://kiln-features/driver/hourly.csv\"",
+        ),
+    )
+    .unwrap();
+    let entities = directory.path().join("entities.csv");
+    std::fs::write(
+        &entities,
+        "driver_id,event_timestamp\n1001,2026-11-01T05:30:00\n1003,2026-11-01T09:10:00\n1002,2026-10-31T12:00:00\n",
+    )
+    .unwrap();
+    let kiln = |args: &[&std::ffi::OsStr]| {
+        let output = Command::new(KILN).args(args).envs(s3.environment()).output().unwrap();
+        assert!(
+            output.status.success(),
+            "kiln {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
+    };
+    let checked = json_of(&kiln(&[
+        "features".as_ref(),
+        "check".as_ref(),
+        remote.as_os_str(),
+        "--json".as_ref(),
+    ]));
+    assert_eq!(checked["feature_views"], 2, "{checked}");
+
+    // The same training set from the object and from the local file.
+    let conv_rates = |definitions: &Path, out: &Path| -> Vec<Option<f64>> {
+        kiln(&[
+            "features".as_ref(),
+            "training-set".as_ref(),
+            "--service".as_ref(),
+            "driver_activity".as_ref(),
+            "--definitions".as_ref(),
+            definitions.as_os_str(),
+            "--entities".as_ref(),
+            entities.as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ]);
+        let file = std::fs::File::open(out).unwrap();
+        let batches: Vec<_> = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        batches
+            .iter()
+            .flat_map(|batch| {
+                batch
+                    .column_by_name("conv_rate")
+                    .unwrap()
+                    .as_any()
+                    .downcast_ref::<arrow_array::Float64Array>()
+                    .unwrap()
+                    .iter()
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let from_s3 = conv_rates(&remote, &directory.path().join("s3.parquet"));
+    let from_file = conv_rates(&examples().join("driver.toml"), &directory.path().join("local.parquet"));
+    assert_eq!(from_s3.len(), 3);
+    assert!(from_s3[0].is_some() && from_s3[2].is_none(), "{from_s3:?}");
+    assert_eq!(from_s3, from_file);
+
+    // A key that is not there is refused, naming the source; so is a store this build does not read.
+    for (path, expected) in [
+        (
+            "s3://kiln-features/driver/missing.csv",
+            "source 'driver_hourly': reading s3://kiln-features/driver/missing.csv",
+        ),
+        ("gs://kiln-features/driver/hourly.csv", "which this build does not read"),
+    ] {
+        let broken = directory.path().join("broken.toml");
+        std::fs::write(
+            &broken,
+            text.replace("path = \"data/driver_hourly.csv\"", &format!("path = \"{path}\"")),
+        )
+        .unwrap();
+        let output = Command::new(KILN)
+            .args(["features", "check"])
+            .arg(&broken)
+            .envs(s3.environment())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains(expected),
+            "{path}: {stderr}"
+        );
+    }
+}

@@ -593,6 +593,45 @@ fn has_parquet_files(directory: &Path) -> bool {
     })
 }
 
+/// Whether a source path is an object-store URL (`s3://BUCKET/KEY`, `file:///PATH`) rather than a local path.
+pub fn is_object_url(path: &str) -> bool {
+    path.split_once("://")
+        .is_some_and(|(scheme, _)| !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric()))
+}
+
+/// Makes the store `url` names readable by `context`: `s3://BUCKET/…` through `object_store`'s Amazon S3
+/// client, configured from the standard environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+/// `AWS_REGION`, `AWS_ENDPOINT` for an S3-compatible store such as MinIO, `AWS_ALLOW_HTTP`, …); `file://`
+/// needs nothing.
+fn register_object_store(context: &SessionContext, name: &str, url: &str) -> Result<(), FeatureStoreError> {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let bucket = rest.split('/').next().unwrap_or_default();
+    match scheme {
+        "file" => Ok(()),
+        "s3" | "s3a" => {
+            if bucket.is_empty() || !rest.contains('/') {
+                return Err(FeatureStoreError::InvalidInput(format!(
+                    "source '{name}': {url} names no object; expected s3://BUCKET/KEY"
+                )));
+            }
+            let store = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .build()
+                .map_err(|error| {
+                    FeatureStoreError::InvalidInput(format!(
+                        "source '{name}': the S3 store for bucket '{bucket}' cannot be configured: {error}"
+                    ))
+                })?;
+            let store_url = datafusion::execution::object_store::ObjectStoreUrl::parse(format!("{scheme}://{bucket}"))?;
+            context.register_object_store(store_url.as_ref(), std::sync::Arc::new(store));
+            Ok(())
+        }
+        other => Err(FeatureStoreError::InvalidInput(format!(
+            "source '{name}': {url} is in a '{other}' store, which this build does not read; expected a local path, s3://BUCKET/KEY or file:///PATH"
+        ))),
+    }
+}
+
 /// The rows a view serves: its source registered with DataFusion under the source's name (a file, with
 /// relative paths against `base`; a push source, the files under [`push_directory`]), through its SQL
 /// transform when it has one. `None` for a push source that has received nothing yet.
@@ -605,9 +644,8 @@ pub async fn view_frame(
     let context = SessionContext::new();
     match &source.kind {
         SourceKind::File { path } => {
-            let path = Path::new(path);
-            let location = if path.is_absolute() {
-                path.to_path_buf()
+            let location = if is_object_url(path) || Path::new(path).is_absolute() {
+                std::path::PathBuf::from(path)
             } else {
                 base.join(path)
             };
@@ -650,7 +688,9 @@ pub async fn view_schema(
 /// Registers a Parquet, CSV, newline-delimited JSON or Arrow IPC (.arrow, .feather, .ipc) file with DataFusion as
 /// table `name`.
 pub async fn register_file(context: &SessionContext, name: &str, path: &Path) -> Result<(), FeatureStoreError> {
-    if !path.exists() {
+    if let Some(url) = path.to_str().filter(|text| is_object_url(text)) {
+        register_object_store(context, name, url)?;
+    } else if !path.exists() {
         return Err(FeatureStoreError::InvalidInput(format!(
             "source '{name}': file {} does not exist",
             path.display()

@@ -66,6 +66,9 @@ impl Definitions {
         })?;
         for source in &mut self.sources {
             if let SourceKind::File { path } = &mut source.kind {
+                if crate::definitions::is_object_url(path) {
+                    continue;
+                }
                 let joined = base.join(&*path);
                 // Canonical where the file exists, so two spellings of one file are one definition.
                 let resolved = joined.canonicalize().unwrap_or(joined);
