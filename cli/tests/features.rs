@@ -519,6 +519,34 @@ async fn stock_python_clients_list_read_push_and_query_over_flight_and_flight_sq
     server.stop();
 }
 
+/// Writes `spec` to `file`, submits it, waits for it to succeed (up to 300 s) and returns its id and the
+/// logs of its `ranks` ranks, one after the other.
+fn submit_and_wait(cluster: &Cluster, file: &Path, spec: &str, ranks: u32) -> (String, String) {
+    std::fs::write(file, spec).unwrap();
+    let submitted = cluster.cli(&["submit", file.to_str().unwrap()]).unwrap();
+    assert!(
+        submitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submitted.stderr)
+    );
+    let id = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
+    let waited = cluster.cli(&["jobs", "wait", &id, "--max-wait", "300s"]).unwrap();
+    let logs: String = (0..ranks)
+        .map(|rank| {
+            let output = cluster
+                .cli(&["jobs", "logs", &id, "--rank", &rank.to_string()])
+                .unwrap();
+            String::from_utf8_lossy(&output.stdout).to_string()
+        })
+        .collect();
+    assert!(
+        waited.status.success(),
+        "{}\n{logs}",
+        String::from_utf8_lossy(&waited.stdout)
+    );
+    (id, logs)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_train_job_reads_its_training_set_from_the_feature_server() {
     let mut cluster = Cluster::new(Path::new(KILN), 1, &[]).unwrap();
@@ -564,23 +592,7 @@ cpus = 1
         entities_file.display(),
         server.address
     );
-    let spec_file = directory.path().join("train.toml");
-    std::fs::write(&spec_file, spec).unwrap();
-    let submitted = cluster.cli(&["submit", spec_file.to_str().unwrap()]).unwrap();
-    assert!(
-        submitted.status.success(),
-        "{}",
-        String::from_utf8_lossy(&submitted.stderr)
-    );
-    let id = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
-    let waited = cluster.cli(&["jobs", "wait", &id, "--max-wait", "300s"]).unwrap();
-    let logs = cluster.cli(&["jobs", "logs", &id]).unwrap();
-    let logs = String::from_utf8_lossy(&logs.stdout).to_string();
-    assert!(
-        waited.status.success(),
-        "{}\n{logs}",
-        String::from_utf8_lossy(&waited.stdout)
-    );
+    let (id, logs) = submit_and_wait(&cluster, &directory.path().join("train.toml"), &spec, 1);
     assert!(
         logs.contains("training set of feature service 'driver_activity'")
             && logs.contains("240 rows, columns converts, conv_rate, acc_rate, conv_acc"),
@@ -633,28 +645,7 @@ async fn the_digits_example_trains_from_the_feature_store_with_each_rank_fetchin
             "entities=examples/features/data/digits_labels.csv",
             &format!("entities={}&server={}", labels.display(), server.address),
         );
-    let spec_file = directory.path().join("digits-features.toml");
-    std::fs::write(&spec_file, spec).unwrap();
-    let submitted = cluster.cli(&["submit", spec_file.to_str().unwrap()]).unwrap();
-    assert!(
-        submitted.status.success(),
-        "{}",
-        String::from_utf8_lossy(&submitted.stderr)
-    );
-    let id = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
-    let waited = cluster.cli(&["jobs", "wait", &id, "--max-wait", "300s"]).unwrap();
-    let logs: String = ["0", "1"]
-        .iter()
-        .map(|rank| {
-            let output = cluster.cli(&["jobs", "logs", &id, "--rank", rank]).unwrap();
-            String::from_utf8_lossy(&output.stdout).to_string()
-        })
-        .collect();
-    assert!(
-        waited.status.success(),
-        "{}\n{logs}",
-        String::from_utf8_lossy(&waited.stdout)
-    );
+    let (id, logs) = submit_and_wait(&cluster, &directory.path().join("digits-features.toml"), &spec, 2);
     // 1,797 labelled images: rank 0 fetched rows 0..898, rank 1 rows 898..1797, with the 64 pixels and
     // the label only.
     for expected in ["shard 0 of 2: 898 rows", "shard 1 of 2: 899 rows"] {
