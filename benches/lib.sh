@@ -33,3 +33,19 @@ kiln_up() {
   grep -q "kiln is up" "$WORK/up.log" || { echo "kiln up did not start within ${START_TIMEOUT_S} s"; cat "$WORK/up.log"; exit 1; }
   export KILN_COORDINATOR="$api"
 }
+
+# build_kiln: the release binary the scripts run ($KILN), built from $REPO_ROOT.
+build_kiln() {
+  log "building kiln (release)"
+  (cd "$REPO_ROOT" && cargo build --release --locked -p kiln)
+}
+
+# python_venv DIR PACKAGES…: a virtual environment at DIR (created when missing) with PACKAGES installed;
+# sets PYTHON to its interpreter.
+python_venv() {
+  local venv="$1"
+  shift
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "$@"
+  PYTHON="$venv/bin/python"
+}

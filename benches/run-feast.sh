@@ -36,13 +36,8 @@ STEP_TIMEOUT=1800
 source "$REPO_ROOT/benches/lib.sh"
 mkdir -p "$OUT_DIR"
 
-log "building kiln (release)"
-(cd "$REPO_ROOT" && cargo build --release --locked -p kiln)
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-fi
-"$VENV/bin/pip" install --quiet --disable-pip-version-check "feast==0.67.0" "pyarrow==26.0.1"
-PYTHON="$VENV/bin/python"
+build_kiln
+python_venv "$VENV" "feast==0.67.0" "pyarrow==26.0.1"
 BENCH="$REPO_ROOT/benches/feast_bench.py"
 FEAST_VERSION=$("$PYTHON" -c 'import feast; print(feast.__version__)')
 
@@ -109,7 +104,7 @@ started=$(date +%s%N)
 "$KILN" features materialize --view lookup --featurestore "$FEATURES" >/dev/null
 record "kiln materialize" "{\"seconds\": $(( ($(date +%s%N) - started) / 1000000 ))e-3}"
 record "kiln lookup over Flight (pyarrow)" \
-  "$(timeout "$STEP_TIMEOUT" "$VENV/bin/python" "$REPO_ROOT/benches/flight_bench.py" lookup "$FEATURES" lookup_service "$LOOKUP_ROWS" "$LOOKUPS")"
+  "$(timeout "$STEP_TIMEOUT" "$PYTHON" "$REPO_ROOT/benches/flight_bench.py" lookup "$FEATURES" lookup_service "$LOOKUP_ROWS" "$LOOKUPS")"
 record "kiln lookup over HTTP (http.client)" \
   "$(timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" kiln-http "$FEATURES" lookup_service "$LOOKUP_ROWS" "$LOOKUPS")"
 record "kiln lookup over Flight (Rust, kiln bench lookup)" \

@@ -33,13 +33,8 @@ STEP_TIMEOUT=900
 source "$REPO_ROOT/benches/lib.sh"
 mkdir -p "$OUT_DIR"
 
-log "building kiln (release)"
-(cd "$REPO_ROOT" && cargo build --release --locked -p kiln)
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-fi
-"$VENV/bin/pip" install --quiet --disable-pip-version-check "pyarrow==26.0.1" numpy
-PYTHON="$VENV/bin/python"
+build_kiln
+python_venv "$VENV" "pyarrow==26.0.1" numpy
 BENCH="$REPO_ROOT/benches/flight_bench.py"
 
 log "writing $ROWS rows"

@@ -233,18 +233,7 @@ impl FeatureDataset {
     ) -> Result<std::path::PathBuf> {
         use kiln_featurestore::arrow::compute::concat_batches;
         let entities = std::path::absolute(resolve(self.entities.clone()))?;
-        let entity_columns: Vec<String> = kiln_featurestore::training::read_file(&entities)
-            .await?
-            .first()
-            .map(|batch| {
-                batch
-                    .schema()
-                    .fields()
-                    .iter()
-                    .map(|field| field.name().clone())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let entity_columns = kiln_featurestore::training::file_columns(&entities).await?;
         let command = kiln_featurestore::server::FlightCommand::TrainingSet {
             service: self.service.clone(),
             entities: entities.display().to_string(),

@@ -340,7 +340,7 @@ pub fn parse_definitions(source_name: &str, text: &str) -> Result<Definitions, F
                     format!(
                         "feature_view '{}' names entity '{entity}', which is not defined (entities: {})",
                         view.name,
-                        list(definitions.entities.iter().map(|entity| entity.name.as_str()))
+                        name_list(definitions.entities.iter().map(|entity| entity.name.as_str()))
                     ),
                 ));
             }
@@ -358,7 +358,7 @@ pub fn parse_definitions(source_name: &str, text: &str) -> Result<Definitions, F
                     "feature_view '{}' reads source '{}', which is not defined (sources: {})",
                     view.name,
                     view.source,
-                    list(definitions.sources.iter().map(|source| source.name.as_str()))
+                    name_list(definitions.sources.iter().map(|source| source.name.as_str()))
                 ),
             ));
         }
@@ -440,7 +440,7 @@ pub fn parse_definitions(source_name: &str, text: &str) -> Result<Definitions, F
                         format!(
                             "feature_service '{}' names view '{view_name}', which is not defined (views: {})",
                             service.name,
-                            list(definitions.views.iter().map(|view| view.name.as_str()))
+                            name_list(definitions.views.iter().map(|view| view.name.as_str()))
                         ),
                     )
                 })?;
@@ -453,7 +453,7 @@ pub fn parse_definitions(source_name: &str, text: &str) -> Result<Definitions, F
                         format!(
                             "feature_service '{}' names feature '{name}' of view '{view_name}', which has no such feature (features: {})",
                             service.name,
-                            list(view.features.iter().map(|feature| feature.name.as_str()))
+                            name_list(view.features.iter().map(|feature| feature.name.as_str()))
                         ),
                     )
                 })?],
@@ -476,15 +476,6 @@ pub fn parse_definitions(source_name: &str, text: &str) -> Result<Definitions, F
         });
     }
     Ok(definitions)
-}
-
-fn list<'a>(names: impl Iterator<Item = &'a str>) -> String {
-    let names: Vec<&str> = names.collect();
-    if names.is_empty() {
-        "none".into()
-    } else {
-        names.join(", ")
-    }
 }
 
 /// `names` joined with ", ", or "none" when there are none.
@@ -560,6 +551,22 @@ impl Definitions {
             }
         }
         Ok(features)
+    }
+
+    /// The push source named `name`, or an error naming the sources there are or saying it reads a file.
+    pub fn push_source(&self, name: &str) -> Result<&Source, FeatureStoreError> {
+        let source = self.sources.iter().find(|source| source.name == name).ok_or_else(|| {
+            FeatureStoreError::InvalidInput(format!(
+                "source '{name}' is not defined (sources: {})",
+                name_list(self.sources.iter().map(|source| source.name.as_str()))
+            ))
+        })?;
+        if source.kind != SourceKind::Push {
+            return Err(FeatureStoreError::InvalidInput(format!(
+                "source '{name}' reads a file, not pushes; expected a source with push = true"
+            )));
+        }
+        Ok(source)
     }
 
     /// The source `view` reads.
@@ -769,7 +776,7 @@ pub async fn check_against_data(definitions: &Definitions, base: &Path) -> Resul
 /// Checks that `schema` (what `view` produces) holds the view's join keys, its source's timestamp field
 /// and every feature, with types the features accept.
 pub fn check_schema(definitions: &Definitions, view: &FeatureView, schema: &Schema) -> Result<(), FeatureStoreError> {
-    let columns = || list(schema.fields().iter().map(|field| field.name().as_str()));
+    let columns = || name_list(schema.fields().iter().map(|field| field.name().as_str()));
     let find = |name: &str, role: &str| {
         schema.field_with_name(name).map_err(|_| {
             FeatureStoreError::InvalidInput(format!(

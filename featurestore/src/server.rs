@@ -48,7 +48,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::FeatureStoreError;
-use crate::definitions::{FeatureRef, FeatureType, FeatureView, check_schema, name_list, push_directory, view_frame};
+use crate::definitions::{FeatureRef, FeatureType, FeatureView, check_schema, push_directory, view_frame};
 use crate::online::{OnlineStore, Value, materialize};
 use crate::registry::Registered;
 use crate::training::{read_file, training_set, write_parquet};
@@ -667,21 +667,7 @@ impl FeatureServer {
     ) -> Result<usize, FeatureStoreError> {
         let registered = self.registered();
         let definitions = &registered.definitions;
-        let source = definitions
-            .sources
-            .iter()
-            .find(|source| source.name == source_name)
-            .ok_or_else(|| {
-                FeatureStoreError::InvalidInput(format!(
-                    "source '{source_name}' is not defined (sources: {})",
-                    name_list(definitions.sources.iter().map(|source| source.name.as_str()))
-                ))
-            })?;
-        if source.kind != crate::definitions::SourceKind::Push {
-            return Err(FeatureStoreError::InvalidInput(format!(
-                "source '{source_name}' reads a file, not pushes; expected a source with push = true"
-            )));
-        }
+        let source = definitions.push_source(source_name)?;
         let Some(first) = batches.first() else {
             return Ok(0);
         };

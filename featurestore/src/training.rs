@@ -162,6 +162,19 @@ pub async fn read_file(path: &Path) -> Result<Vec<RecordBatch>, FeatureStoreErro
     Ok(context.table("file").await?.collect().await?)
 }
 
+/// The column names of a Parquet, CSV or JSON file, from its schema alone (no rows are read).
+pub async fn file_columns(path: &Path) -> Result<Vec<String>, FeatureStoreError> {
+    let context = SessionContext::new();
+    crate::definitions::register_file(&context, "file", path).await?;
+    let table = context.table("file").await?;
+    Ok(table
+        .schema()
+        .fields()
+        .iter()
+        .map(|field| field.name().clone())
+        .collect())
+}
+
 /// Writes `batch` to `path` as a snappy-compressed Parquet file, durably: written aside and fsynced,
 /// renamed, and the directory fsynced.
 pub fn write_parquet(path: &Path, batch: &RecordBatch) -> Result<(), FeatureStoreError> {

@@ -33,7 +33,7 @@ use serde::Deserialize;
 
 use super::{FeatureServer, Lookup, PushTarget, arrow_type};
 use crate::FeatureStoreError;
-use crate::definitions::{Definitions, Source, SourceKind, name_list};
+use crate::definitions::{Definitions, Source};
 use crate::online::Value;
 
 /// The most bytes one HTTP request body may carry.
@@ -224,23 +224,7 @@ async fn push(State(server): State<FeatureServer>, body: Bytes) -> Response {
         let request: PushRequest = parse(&body, PUSH_EXPECTED)?;
         let registered = server.registered();
         let definitions = &registered.definitions;
-        let source = definitions
-            .sources
-            .iter()
-            .find(|source| source.name == request.push_source_name)
-            .ok_or_else(|| {
-                FeatureStoreError::InvalidInput(format!(
-                    "push source '{}' is not defined (sources: {})",
-                    request.push_source_name,
-                    name_list(definitions.sources.iter().map(|source| source.name.as_str()))
-                ))
-            })?;
-        if source.kind != SourceKind::Push {
-            return Err(FeatureStoreError::InvalidInput(format!(
-                "source '{}' reads a file, not pushes; expected a source with push = true",
-                source.name
-            )));
-        }
+        let source = definitions.push_source(&request.push_source_name)?;
         let batch = push_batch(definitions, source, &request.df)?;
         let rows = server.push(&source.name, vec![batch], request.to).await?;
         Ok(serde_json::json!({ "source": source.name, "rows": rows }))
