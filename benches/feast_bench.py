@@ -8,7 +8,10 @@ Modes:
   feast-historical DIR REPEATS        Feast's get_historical_features(...).to_arrow(), its default offline store
   feast-online DIR ROWS LOOKUPS       Feast's get_online_features for one entity, 10 features, SQLite online store
   kiln-historical ADDRESS DIR REPEATS Kiln's training set over Flight (DoGet of the training_set command)
-  kiln-http ADDRESS SERVICE ROWS LOOKUPS  Kiln's POST /get-online-features, one keep-alive connection
+  http ADDRESS ROWS LOOKUPS           POST /get-online-features (the 10 features of view `lookup`, one entity)
+                                      on one keep-alive connection: Kiln's feature server or Feast's
+  feast-serve DIR PORT                Feast's HTTP feature server (`feast serve`) over the SQLite online
+                                      store that feast-online filled; runs until killed
 
 Each prints one JSON line. The historical modes also print how many f0 values the join found, so the two
 sides can be checked against each other.
@@ -77,6 +80,12 @@ def feast_store(directory):
         entity_key_serialization_version=3,
         repo_path=repo,
     )
+    # The same settings as a file, for `feast serve`.
+    with open(f"{repo}/feature_store.yaml", "w") as file:
+        file.write(
+            f"project: bench\nregistry: {repo}/registry.db\nprovider: local\n"
+            f"online_store:\n  type: sqlite\n  path: {repo}/online.db\nentity_key_serialization_version: 3\n"
+        )
     store = FeatureStore(config=config)
     row = Entity(name="row", join_keys=["id"])
     hourly = FeatureView(
@@ -170,23 +179,34 @@ def kiln_historical(address, directory, repeats):
     print(json.dumps({"seconds": seconds, "median_s": statistics.median(seconds), "rows": rows, "f0_found": non_null}))
 
 
-def kiln_http(address, service, rows, count):
+def http_lookups(address, rows, count):
     host, port = address.rsplit(":", 1)
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    features = [f"lookup:g{index}" for index in range(10)]
     generator = np.random.default_rng(11)
     latencies = []
     for index in range(count + WARMUP):
         key = int(generator.integers(0, rows))
-        body = json.dumps({"feature_service": service, "entities": {"id": [key]}})
+        body = json.dumps({"features": features, "entities": {"id": [key]}})
         started = time.perf_counter()
         connection.request("POST", "/get-online-features", body, {"Content-Type": "application/json"})
         response = connection.getresponse()
         answer = json.loads(response.read())
         elapsed = time.perf_counter() - started
-        assert response.status == 200 and answer["results"][1]["values"][0] is not None, answer
+        assert response.status == 200, answer
+        values = {name: result["values"][0] for name, result in zip(answer["metadata"]["feature_names"], answer["results"])}
+        assert values["g0"] is not None and values["id"] == key, answer
         if index >= WARMUP:
             latencies.append(elapsed * 1e3)
     print(json.dumps(latencies_summary(latencies)))
+
+
+def feast_serve(directory, port):
+    feast_store(directory)
+    os.execv(
+        os.path.join(os.path.dirname(sys.executable), "feast"),
+        ["feast", "-c", f"{directory}/feast", "serve", "-h", "127.0.0.1", "-p", str(port), "--no-access-log"],
+    )
 
 
 if __name__ == "__main__":
@@ -199,7 +219,9 @@ if __name__ == "__main__":
         feast_online(arguments[0], int(arguments[1]), int(arguments[2]))
     elif mode == "kiln-historical":
         kiln_historical(arguments[0], arguments[1], int(arguments[2]))
-    elif mode == "kiln-http":
-        kiln_http(arguments[0], arguments[1], int(arguments[2]), int(arguments[3]))
+    elif mode == "http":
+        http_lookups(arguments[0], int(arguments[1]), int(arguments[2]))
+    elif mode == "feast-serve":
+        feast_serve(arguments[0], int(arguments[1]))
     else:
         sys.exit(f"unknown mode {mode}")

@@ -7,9 +7,11 @@
 #                                   lookup.parquet (LOOKUP_ROWS entities, 10 float64 features)
 #   point-in-time join          ──► Feast get_historical_features(...).to_arrow()  against
 #                                   Kiln's training set over Flight (DoGet, read into a pyarrow table)
-#   online lookups, 1 entity,   ──► Feast get_online_features (SQLite, in process)  against
-#   10 features, sequential         Kiln over Flight (pyarrow.flight), over HTTP (Python's http.client,
-#                                   keep-alive), and over Flight from Rust (`kiln bench lookup`)
+#   online lookups, 1 entity,   ──► Feast get_online_features (SQLite, in process) and Feast's HTTP
+#   10 features, sequential         feature server (`feast serve`, the same SQLite file)  against
+#                                   Kiln over Flight (pyarrow.flight), over HTTP (the same Python client,
+#                                   http.client, keep-alive, and request), and over Flight from Rust
+#                                   (`kiln bench lookup`)
 #   ──► one JSON line per measurement in benches/out/feast.jsonl
 #
 # Feast lives in its own virtual environment ($HOME/.cache/kiln-feast-venv), created when missing; it is
@@ -106,11 +108,25 @@ record "kiln materialize" "{\"seconds\": $(( ($(date +%s%N) - started) / 1000000
 record "kiln lookup over Flight (pyarrow)" \
   "$(timeout "$STEP_TIMEOUT" "$PYTHON" "$REPO_ROOT/benches/flight_bench.py" lookup "$FEATURES" lookup_service "$LOOKUP_ROWS" "$LOOKUPS")"
 record "kiln lookup over HTTP (http.client)" \
-  "$(timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" kiln-http "$FEATURES" lookup_service "$LOOKUP_ROWS" "$LOOKUPS")"
+  "$(timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" http "$FEATURES" "$LOOKUP_ROWS" "$LOOKUPS")"
 record "kiln lookup over Flight (Rust, kiln bench lookup)" \
   "$(timeout "$STEP_TIMEOUT" "$KILN" bench lookup --featurestore "$FEATURES" --service lookup_service --key id \
       --keys "$LOOKUP_ROWS" --requests "$LOOKUPS" --json)"
 log "online lookups: Feast (materialize, then $LOOKUPS lookups)"
 record "feast get_online_features (sqlite)" \
   "$(timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" feast-online "$WORK" "$LOOKUP_ROWS" "$LOOKUPS" 2>>"$WORK/feast.log")"
+
+log "online lookups: Feast's feature server (feast serve), $LOOKUPS lookups over HTTP"
+FEAST_PORT=$(free_port)
+"$PYTHON" "$BENCH" feast-serve "$WORK" "$FEAST_PORT" >"$WORK/feast-serve.log" 2>&1 &
+FEAST_PID=$!
+stop_feast() { kill -TERM "$FEAST_PID" 2>/dev/null || true; wait "$FEAST_PID" 2>/dev/null || true; cleanup; }
+trap stop_feast EXIT
+for _ in $(seq 600); do
+  curl -sf "http://127.0.0.1:$FEAST_PORT/health" >/dev/null 2>&1 && break
+  kill -0 "$FEAST_PID" 2>/dev/null || { cat "$WORK/feast-serve.log"; exit 1; }
+  sleep 0.1
+done
+record "feast feature server over HTTP (feast serve, sqlite)" \
+  "$(timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" http "127.0.0.1:$FEAST_PORT" "$LOOKUP_ROWS" "$LOOKUPS")"
 log "done: $OUT_DIR/feast.jsonl"

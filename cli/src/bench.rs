@@ -3,6 +3,9 @@
 //!
 //! Suite `lookup`: sequential online lookups against a feature server over Flight (see [`crate::bench_lookup`]).
 //!
+//! Suite `doget`: the throughput of whole DoGets of one Flight ticket (`--ticket`, a feature command as JSON)
+//! read and decoded by a Rust client, in GB/s of Arrow buffers.
+//!
 //! Suite `raft`: committed job submissions per second and commit latency (p50, p99) at each client
 //! concurrency. `--target etcd` drives an etcd cluster's KV Put with the same load generator, value size
 //! and concurrency, so the two are compared on equal terms.
@@ -40,8 +43,8 @@ impl BenchTarget {
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// The suite to run: raft (coordinator commits against etcd), jobs (jobs through workers) or lookup
-    /// (online feature lookups against a feature server).
+    /// The suite to run: raft (coordinator commits against etcd), jobs (jobs through workers), lookup
+    /// (online feature lookups against a feature server) or doget (DoGet throughput from a feature server).
     suite: String,
     /// Kiln coordinator addresses (the leader is found and loaded directly).
     #[arg(long, env = "KILN_COORDINATOR", default_value = "127.0.0.1:7070")]
@@ -87,6 +90,9 @@ pub struct BenchArgs {
     /// Suite lookup: how many entity keys there are to draw from.
     #[arg(long, default_value_t = 100_000)]
     keys: u64,
+    /// Suite doget: the ticket, a Kiln feature command as JSON (`{"sql": {"query": "SELECT …"}}`, say).
+    #[arg(long, default_value = "")]
+    ticket: String,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -331,7 +337,41 @@ async fn run_lookup_suite(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+async fn run_doget_suite(args: &BenchArgs) -> Result<()> {
+    if args.ticket.is_empty() {
+        bail!("suite doget needs --ticket, a feature command as JSON such as '{{\"view\": {{\"name\": \"V\"}}}}'");
+    }
+    let result = crate::bench_lookup::doget(&args.featurestore, &args.ticket, args.requests, args.max_seconds).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        crate::output::print_table(
+            &["ROWS", "BYTES", "DOGETS", "SECONDS", "MEDIAN GB/S"],
+            &[vec![
+                result.rows.to_string(),
+                result.bytes.to_string(),
+                result.seconds.len().to_string(),
+                result
+                    .seconds
+                    .iter()
+                    .map(|seconds| format!("{seconds:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                format!("{:.3}", result.median_gb_per_s),
+            ]],
+        );
+    }
+    if let Some(path) = &args.out {
+        std::fs::write(path, serde_json::to_string_pretty(&result)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 pub async fn run(args: BenchArgs) -> Result<()> {
+    if args.suite == "doget" {
+        return run_doget_suite(&args).await;
+    }
     if args.suite == "jobs" {
         return run_jobs_suite(&args).await;
     }
@@ -340,7 +380,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
     if args.suite != "raft" {
         bail!(
-            "benchmark suite '{}' is not known; available: raft, jobs, lookup",
+            "benchmark suite '{}' is not known; available: raft, jobs, lookup, doget",
             args.suite
         );
     }

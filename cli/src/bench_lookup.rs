@@ -91,3 +91,57 @@ pub async fn run(
         not_found,
     })
 }
+
+#[derive(Serialize)]
+pub struct DoGetResult {
+    pub suite: &'static str,
+    pub ticket: String,
+    pub rows: usize,
+    /// The bytes of the Arrow buffers received by each DoGet.
+    pub bytes: usize,
+    /// Seconds of each DoGet, from the request until the last batch is decoded.
+    pub seconds: Vec<f64>,
+    /// Bytes per second of the median DoGet, in GB/s.
+    pub median_gb_per_s: f64,
+}
+
+/// `kiln bench doget`: `requests` DoGets of `ticket` (a Kiln feature command as JSON) from Rust, each read
+/// to the end and decoded, timed one by one; stops early after `max_seconds`.
+pub async fn doget(featurestore: &str, ticket: &str, requests: usize, max_seconds: u64) -> Result<DoGetResult> {
+    if requests == 0 {
+        bail!("--requests must be positive");
+    }
+    let command = FlightCommand::parse(ticket.as_bytes(), "--ticket")
+        .map_err(|status| anyhow::anyhow!(status.message().to_string()))?;
+    let mut client = crate::featureserver::connect(featurestore).await?;
+    let deadline = Instant::now() + Duration::from_secs(max_seconds);
+    let (mut rows, mut bytes, mut seconds) = (0, 0, Vec::new());
+    while seconds.len() < requests && Instant::now() < deadline {
+        let sent = Instant::now();
+        let mut stream = client
+            .do_get(arrow_flight::Ticket::new(command.to_bytes()))
+            .await
+            .context("the DoGet failed")?;
+        (rows, bytes) = (0, 0);
+        while let Some(batch) = stream.try_next().await.context("the DoGet's rows did not arrive")? {
+            rows += batch.num_rows();
+            bytes += batch
+                .columns()
+                .iter()
+                .map(|column| column.to_data().get_slice_memory_size().unwrap_or_default())
+                .sum::<usize>();
+        }
+        seconds.push(sent.elapsed().as_secs_f64());
+    }
+    let mut sorted = seconds.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    Ok(DoGetResult {
+        suite: "doget",
+        ticket: ticket.to_string(),
+        rows,
+        bytes,
+        seconds,
+        median_gb_per_s: bytes as f64 / median / 1e9,
+    })
+}

@@ -14,7 +14,7 @@ use kiln_featurestore::arrow::array::RecordBatch;
 use kiln_featurestore::definitions::{Definitions, check_against_data, parse_definitions};
 use kiln_featurestore::registry::{self, Registered};
 use kiln_featurestore::server::FlightCommand;
-use kiln_featurestore::training::{read_file, training_set, write_parquet};
+use kiln_featurestore::training::write_training_set;
 use kiln_proto as pb;
 use serde_json::{Value, json};
 
@@ -500,20 +500,19 @@ pub async fn run(command: FeaturesCommand, target: Target, featurestore: String)
             if registered.definitions.services.is_empty() && definitions.is_none() {
                 bail!("no feature service is applied to the cluster; run kiln features apply FILE first");
             }
-            let rows = read_file(&entities).await?;
-            let set = training_set(
+            let set = write_training_set(
                 &registered.definitions,
                 &service,
-                &rows,
+                &entities,
                 &event_timestamp,
                 Path::new("/"),
+                &out,
             )
             .await?;
-            write_parquet(&out, &set.batch)?;
             let summary = json!({
                 "out": out.display().to_string(),
-                "rows": set.batch.num_rows(),
-                "columns": set.batch.schema().fields().iter().map(|field| field.name().clone()).collect::<Vec<_>>(),
+                "rows": set.rows,
+                "columns": set.schema.fields().iter().map(|field| field.name().clone()).collect::<Vec<_>>(),
                 "content_hash": set.content_hash,
                 "entities": std::path::absolute(&entities).unwrap_or(entities.clone()).display().to_string(),
                 "feature_views": set.views.iter().map(|view| json!({
@@ -528,7 +527,7 @@ pub async fn run(command: FeaturesCommand, target: Target, featurestore: String)
                 println!(
                     "{}: {} rows, columns {}; content hash {}",
                     out.display(),
-                    set.batch.num_rows(),
+                    set.rows,
                     summary["columns"]
                         .as_array()
                         .map(|columns| columns

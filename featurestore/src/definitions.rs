@@ -639,6 +639,13 @@ fn register_object_store(context: &SessionContext, name: &str, url: &str) -> Res
     }
 }
 
+/// A DataFusion context that reads in one partition: a file's rows come in the file's order, and several
+/// files in the order given (more partitions would interleave them). The point-in-time rule ("the later
+/// row wins a tie") and the online store ("later writes win") depend on it.
+pub(crate) fn in_order() -> SessionContext {
+    SessionContext::new_with_config(datafusion::prelude::SessionConfig::new().with_target_partitions(1))
+}
+
 /// The rows a view serves: its source registered with DataFusion under the source's name (a file, with
 /// relative paths against `base`; a push source, the files under [`push_directory`]), through its SQL
 /// transform when it has one. `None` for a push source that has received nothing yet.
@@ -648,7 +655,7 @@ pub async fn view_frame(
     base: &Path,
 ) -> Result<Option<DataFrame>, FeatureStoreError> {
     let source = definitions.source_of(view)?;
-    let context = SessionContext::new();
+    let context = in_order();
     match &source.kind {
         SourceKind::File { path } => {
             let location = if is_object_url(path) || Path::new(path).is_absolute() {

@@ -24,6 +24,8 @@ pub enum FeatureStoreError {
     Arrow(#[from] datafusion::arrow::error::ArrowError),
     #[error("datafusion: {0}")]
     DataFusion(#[from] datafusion::error::DataFusionError),
+    #[error("parquet: {0}")]
+    Parquet(#[from] datafusion::parquet::errors::ParquetError),
     /// Durable state (the online store, pushed rows, datasets) could not be read or written.
     #[error("storage: {0}")]
     Storage(String),

@@ -3,8 +3,10 @@
 //!
 //! ```text
 //!   feature rows ──keys to dense ids (arrow's row format: any key types, several key columns)──►
-//!       sort (key id, timestamp, source position)            one parallel sort, O(F log F)
-//!   entity rows  ──same key ids──► binary search in their key's run for the last timestamp ≤ event time (rayon)
+//!       sort (key id, timestamp, source position)            one parallel sort, O(F log F): a FeatureIndex,
+//!                                                            built once per view
+//!   entity rows, in batches of any size, each:
+//!                ──same key ids──► binary search in their key's run for the last timestamp ≤ event time (rayon)
 //!       ──TTL check──► take indices (null when none) ──► arrow `take` per feature column
 //! ```
 //!
@@ -101,149 +103,234 @@ pub(crate) fn timestamp_micros(
 /// A dense id per row (equal keys, equal ids); `None` where a key column is null or the key is unknown.
 type KeyIds = Vec<Option<u32>>;
 
-/// Both sides' keys as dense ids: the entity rows', then the feature rows'.
-fn key_ids(entities: &Side<'_>, features: &Side<'_>) -> Result<(KeyIds, KeyIds), FeatureStoreError> {
-    if entities.keys.is_empty() || entities.keys.len() != features.keys.len() {
-        return Err(FeatureStoreError::InvalidInput(format!(
-            "the entity rows are joined on [{}] and the feature rows on [{}]; expected the same number of join keys, at least one",
-            entities.keys.join(", "),
-            features.keys.join(", ")
-        )));
-    }
-    let mut entity_columns = Vec::new();
-    let mut feature_columns = Vec::new();
-    for (entity_key, feature_key) in entities.keys.iter().zip(features.keys) {
-        let entity_column = column(entities, entity_key, "entity key")?;
-        let feature_column = column(features, feature_key, "feature key")?;
-        // Both sides in one type: the feature side's, so an Int32 entity key meets an Int64 view key.
-        let entity_column = if entity_column.data_type() == feature_column.data_type() {
-            entity_column.clone()
-        } else {
-            cast(entity_column, feature_column.data_type()).map_err(|error| {
-                FeatureStoreError::InvalidInput(format!(
-                    "entity key '{entity_key}' ({}) cannot be compared with feature key '{feature_key}' ({}): {error}",
-                    entity_column.data_type(),
-                    feature_column.data_type()
-                ))
-            })?
-        };
-        entity_columns.push(entity_column);
-        feature_columns.push(feature_column.clone());
-    }
-    if let Some(ids) = integer_key_ids(&entity_columns, &feature_columns)? {
-        return Ok(ids);
-    }
-    let fields = feature_columns
-        .iter()
-        .map(|column| SortField::new(column.data_type().clone()))
-        .collect();
-    let converter = RowConverter::new(fields)?;
-    let feature_rows = converter.convert_columns(&feature_columns)?;
-    let entity_rows = converter.convert_columns(&entity_columns)?;
-    let null_at = |columns: &[ArrayRef], row: usize| columns.iter().any(|column| column.is_null(row));
-    let mut ids: HashMap<&[u8], u32> = HashMap::new();
-    let feature_ids: Vec<Option<u32>> = (0..feature_rows.num_rows())
-        .map(|row| {
-            if null_at(&feature_columns, row) {
-                return None;
-            }
-            let next = ids.len() as u32;
-            Some(*ids.entry(feature_rows.row(row).data()).or_insert(next))
-        })
-        .collect();
-    let entity_ids = (0..entity_rows.num_rows())
-        .map(|row| {
-            if null_at(&entity_columns, row) {
-                return None;
-            }
-            ids.get(entity_rows.row(row).data()).copied()
-        })
-        .collect();
-    Ok((entity_ids, feature_ids))
+/// How keys become dense ids.
+enum KeyMap {
+    /// The common case, one integer key column, without arrow's row format: the values themselves are the
+    /// hash keys.
+    Integer(ahash::AHashMap<i64, u32>),
+    /// Any other keys (any types, several columns), in arrow's row format.
+    Rows {
+        converter: RowConverter,
+        ids: HashMap<Box<[u8]>, u32>,
+    },
 }
 
-/// The common case, one integer key column, without arrow's row format: the values themselves are the
-/// hash keys. `None` when the keys are anything else.
-fn integer_key_ids(
-    entity_columns: &[ArrayRef],
-    feature_columns: &[ArrayRef],
-) -> Result<Option<(KeyIds, KeyIds)>, FeatureStoreError> {
-    let [entity_column] = entity_columns else {
-        return Ok(None);
-    };
-    let [feature_column] = feature_columns else {
-        return Ok(None);
-    };
-    // UInt64 values above i64::MAX would not survive the cast to Int64.
-    if !feature_column.data_type().is_integer() || feature_column.data_type() == &DataType::UInt64 {
-        return Ok(None);
+/// Whether `columns` are one integer column whose values survive a cast to Int64 (UInt64 above i64::MAX
+/// would not).
+fn integer_key(columns: &[ArrayRef]) -> bool {
+    matches!(columns, [column] if column.data_type().is_integer() && column.data_type() != &DataType::UInt64)
+}
+
+fn as_i64(column: &ArrayRef) -> Result<datafusion::arrow::array::Int64Array, FeatureStoreError> {
+    let cast = cast(column, &DataType::Int64)?;
+    Ok(cast
+        .as_any()
+        .downcast_ref::<datafusion::arrow::array::Int64Array>()
+        .expect("cast to Int64")
+        .clone())
+}
+
+/// A view's feature rows, indexed once for point-in-time lookups, then probed by any number of entity
+/// batches (a training set streams its entity rows through it in chunks).
+pub struct FeatureIndex {
+    batch: RecordBatch,
+    key_names: Vec<String>,
+    key_types: Vec<DataType>,
+    keys: KeyMap,
+    /// (key id, time, source position), sorted: each key's rows form one run, in time order, ties in
+    /// source order.
+    sorted: Vec<(u32, i64, u32)>,
+    /// Each key id's run in `sorted`.
+    runs: HashMap<u32, (usize, usize)>,
+    ttl_micros: Option<i64>,
+}
+
+impl std::fmt::Debug for FeatureIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FeatureIndex")
+            .field("rows", &self.batch.num_rows())
+            .field("keys", &self.key_names)
+            .field("ttl_micros", &self.ttl_micros)
+            .finish_non_exhaustive()
     }
-    let as_i64 = |column: &ArrayRef| -> Result<datafusion::arrow::array::Int64Array, FeatureStoreError> {
-        let cast = cast(column, &DataType::Int64)?;
-        Ok(cast
-            .as_any()
-            .downcast_ref::<datafusion::arrow::array::Int64Array>()
-            .expect("cast to Int64")
-            .clone())
-    };
-    let (entity_keys, feature_keys) = (as_i64(entity_column)?, as_i64(feature_column)?);
-    let mut ids: ahash::AHashMap<i64, u32> = ahash::AHashMap::with_capacity(feature_keys.len() / 8 + 16);
-    let feature_ids = feature_keys
-        .iter()
-        .map(|key| {
-            let next = ids.len() as u32;
-            key.map(|key| *ids.entry(key).or_insert(next))
+}
+
+impl FeatureIndex {
+    /// Indexes the rows of `side` (its join keys and timestamp); `ttl_micros` bounds how old a picked row
+    /// may be.
+    pub fn new(side: &Side<'_>, ttl_micros: Option<i64>) -> Result<FeatureIndex, FeatureStoreError> {
+        if side.keys.is_empty() {
+            return Err(FeatureStoreError::InvalidInput(
+                "the feature rows have no join keys; expected at least one".into(),
+            ));
+        }
+        if side.batch.num_rows() > u32::MAX as usize {
+            return Err(FeatureStoreError::InvalidInput(format!(
+                "{} feature rows is more than one join handles (2^32 - 1)",
+                side.batch.num_rows()
+            )));
+        }
+        let key_columns: Vec<ArrayRef> = side
+            .keys
+            .iter()
+            .map(|key| column(side, key, "feature key").cloned())
+            .collect::<Result<_, _>>()?;
+        let (keys, feature_ids): (KeyMap, KeyIds) = if integer_key(&key_columns) {
+            let values = as_i64(&key_columns[0])?;
+            let mut ids: ahash::AHashMap<i64, u32> = ahash::AHashMap::with_capacity(values.len() / 8 + 16);
+            let feature_ids = values
+                .iter()
+                .map(|key| {
+                    let next = ids.len() as u32;
+                    key.map(|key| *ids.entry(key).or_insert(next))
+                })
+                .collect();
+            (KeyMap::Integer(ids), feature_ids)
+        } else {
+            let fields = key_columns
+                .iter()
+                .map(|column| SortField::new(column.data_type().clone()))
+                .collect();
+            let converter = RowConverter::new(fields)?;
+            let rows = converter.convert_columns(&key_columns)?;
+            let mut ids: HashMap<Box<[u8]>, u32> = HashMap::new();
+            let feature_ids = (0..rows.num_rows())
+                .map(|row| {
+                    if key_columns.iter().any(|column| column.is_null(row)) {
+                        return None;
+                    }
+                    let next = ids.len() as u32;
+                    Some(*ids.entry(rows.row(row).data().into()).or_insert(next))
+                })
+                .collect();
+            (KeyMap::Rows { converter, ids }, feature_ids)
+        };
+        let times = micros(side, "feature timestamp")?;
+        let mut sorted: Vec<(u32, i64, u32)> = feature_ids
+            .iter()
+            .zip(&times)
+            .enumerate()
+            .filter_map(|(row, (key, time))| Some(((*key)?, (*time)?, row as u32)))
+            .collect();
+        sorted.par_sort_unstable();
+        let mut runs: HashMap<u32, (usize, usize)> = HashMap::new();
+        let mut start = 0;
+        while start < sorted.len() {
+            let key = sorted[start].0;
+            let end = start + sorted[start..].partition_point(|(other, _, _)| *other == key);
+            runs.insert(key, (start, end));
+            start = end;
+        }
+        Ok(FeatureIndex {
+            batch: side.batch.clone(),
+            key_names: side.keys.to_vec(),
+            key_types: key_columns.iter().map(|column| column.data_type().clone()).collect(),
+            keys,
+            sorted,
+            runs,
+            ttl_micros,
         })
-        .collect();
-    let entity_ids = entity_keys
-        .iter()
-        .map(|key| key.and_then(|key| ids.get(&key).copied()))
-        .collect();
-    Ok(Some((entity_ids, feature_ids)))
+    }
+
+    /// The entity rows' keys as this index's ids.
+    fn entity_ids(&self, entities: &Side<'_>) -> Result<KeyIds, FeatureStoreError> {
+        if entities.keys.len() != self.key_names.len() {
+            return Err(FeatureStoreError::InvalidInput(format!(
+                "the entity rows are joined on [{}] and the feature rows on [{}]; expected the same number of join keys, at least one",
+                entities.keys.join(", "),
+                self.key_names.join(", ")
+            )));
+        }
+        let mut columns = Vec::new();
+        for ((entity_key, feature_key), feature_type) in entities.keys.iter().zip(&self.key_names).zip(&self.key_types)
+        {
+            let entity_column = column(entities, entity_key, "entity key")?;
+            // Both sides in one type: the feature side's, so an Int32 entity key meets an Int64 view key.
+            columns.push(if entity_column.data_type() == feature_type {
+                entity_column.clone()
+            } else {
+                cast(entity_column, feature_type).map_err(|error| {
+                    FeatureStoreError::InvalidInput(format!(
+                        "entity key '{entity_key}' ({}) cannot be compared with feature key '{feature_key}' ({feature_type}): {error}",
+                        entity_column.data_type(),
+                    ))
+                })?
+            });
+        }
+        Ok(match &self.keys {
+            KeyMap::Integer(ids) => as_i64(&columns[0])?
+                .iter()
+                .map(|key| key.and_then(|key| ids.get(&key).copied()))
+                .collect(),
+            KeyMap::Rows { converter, ids } => {
+                let rows = converter.convert_columns(&columns)?;
+                (0..rows.num_rows())
+                    .map(|row| {
+                        if columns.iter().any(|column| column.is_null(row)) {
+                            return None;
+                        }
+                        ids.get(rows.row(row).data()).copied()
+                    })
+                    .collect()
+            }
+        })
+    }
+
+    /// For each entity row, the feature row the point-in-time rule picks, or null.
+    pub fn match_rows(&self, entities: &Side<'_>) -> Result<UInt32Array, FeatureStoreError> {
+        let entity_keys = self.entity_ids(entities)?;
+        let entity_times = micros(entities, "entity event time")?;
+        let picked = entity_keys.par_iter().zip(&entity_times).map(|(key, time)| {
+            let (key, time) = ((*key)?, (*time)?);
+            let (start, end) = *self.runs.get(&key)?;
+            let run = &self.sorted[start..end];
+            // The last row at or before `time`: the end of the rows with time ≤ event time, minus one.
+            let after = run.partition_point(|(_, feature_time, _)| *feature_time <= time);
+            let (_, feature_time, row) = *run.get(after.checked_sub(1)?)?;
+            match self.ttl_micros {
+                Some(ttl) if feature_time < time.saturating_sub(ttl) => None,
+                _ => Some(row),
+            }
+        });
+        let picked: Vec<Option<u32>> = picked.collect();
+        Ok(UInt32Array::from(picked))
+    }
+
+    /// The entity rows with the picked values of `columns` appended (named as in the view, or with `prefix`
+    /// + name when given).
+    pub fn join(
+        &self,
+        entities: &Side<'_>,
+        columns: &[String],
+        prefix: &str,
+    ) -> Result<RecordBatch, FeatureStoreError> {
+        let indices = self.match_rows(entities)?;
+        let feature_side = Side {
+            batch: &self.batch,
+            keys: &self.key_names,
+            timestamp: "",
+        };
+        let mut fields: Vec<Arc<Field>> = entities.batch.schema().fields().iter().cloned().collect();
+        let mut output_columns: Vec<ArrayRef> = entities.batch.columns().to_vec();
+        for name in columns {
+            let values = column(&feature_side, name, "feature")?;
+            let taken = take(values.as_ref(), &indices, None)?;
+            let output = format!("{prefix}{name}");
+            if fields.iter().any(|field| field.name() == &output) {
+                return Err(FeatureStoreError::InvalidInput(format!(
+                    "feature '{output}' would repeat a column the entity rows already have; give the view a prefix"
+                )));
+            }
+            fields.push(Arc::new(Field::new(output, values.data_type().clone(), true)));
+            output_columns.push(taken);
+        }
+        Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), output_columns)?)
+    }
 }
 
 /// For each entity row, the feature row the point-in-time rule picks, or null.
 pub fn match_rows(entities: &Side<'_>, features: &Features<'_>) -> Result<UInt32Array, FeatureStoreError> {
-    let (entity_keys, feature_keys) = key_ids(entities, &features.side)?;
-    let entity_times = micros(entities, "entity event time")?;
-    let feature_times = micros(&features.side, "feature timestamp")?;
-    if features.side.batch.num_rows() > u32::MAX as usize {
-        return Err(FeatureStoreError::InvalidInput(format!(
-            "{} feature rows is more than one join handles (2^32 - 1)",
-            features.side.batch.num_rows()
-        )));
-    }
-    // (key id, time, source position), sorted: each key's rows form one run, in time order, ties in
-    // source order.
-    let mut sorted: Vec<(u32, i64, u32)> = feature_keys
-        .iter()
-        .zip(&feature_times)
-        .enumerate()
-        .filter_map(|(row, (key, time))| Some(((*key)?, (*time)?, row as u32)))
-        .collect();
-    sorted.par_sort_unstable();
-    let mut runs: HashMap<u32, (usize, usize)> = HashMap::new();
-    let mut start = 0;
-    while start < sorted.len() {
-        let key = sorted[start].0;
-        let end = start + sorted[start..].partition_point(|(other, _, _)| *other == key);
-        runs.insert(key, (start, end));
-        start = end;
-    }
-    let picked = entity_keys.par_iter().zip(&entity_times).map(|(key, time)| {
-        let (key, time) = ((*key)?, (*time)?);
-        let (start, end) = *runs.get(&key)?;
-        let run = &sorted[start..end];
-        // The last row at or before `time`: the end of the rows with time ≤ event time, minus one.
-        let after = run.partition_point(|(_, feature_time, _)| *feature_time <= time);
-        let (_, feature_time, row) = *run.get(after.checked_sub(1)?)?;
-        match features.ttl_micros {
-            Some(ttl) if feature_time < time.saturating_sub(ttl) => None,
-            _ => Some(row),
-        }
-    });
-    let picked: Vec<Option<u32>> = picked.collect();
-    Ok(UInt32Array::from(picked))
+    FeatureIndex::new(&features.side, features.ttl_micros)?.match_rows(entities)
 }
 
 /// The entity rows with the picked features appended as columns (named as in the view, or with
@@ -253,22 +340,7 @@ pub fn point_in_time_join(
     features: &Features<'_>,
     prefix: &str,
 ) -> Result<RecordBatch, FeatureStoreError> {
-    let indices = match_rows(entities, features)?;
-    let mut fields: Vec<Arc<Field>> = entities.batch.schema().fields().iter().cloned().collect();
-    let mut columns: Vec<ArrayRef> = entities.batch.columns().to_vec();
-    for name in features.columns {
-        let values = column(&features.side, name, "feature")?;
-        let taken = take(values.as_ref(), &indices, None)?;
-        let output = format!("{prefix}{name}");
-        if fields.iter().any(|field| field.name() == &output) {
-            return Err(FeatureStoreError::InvalidInput(format!(
-                "feature '{output}' would repeat a column the entity rows already have; give the view a prefix"
-            )));
-        }
-        fields.push(Arc::new(Field::new(output, values.data_type().clone(), true)));
-        columns.push(taken);
-    }
-    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
+    FeatureIndex::new(&features.side, features.ttl_micros)?.join(entities, features.columns, prefix)
 }
 
 /// Which columns a join over whole tables uses, for [`point_in_time_join_batches`].

@@ -25,7 +25,7 @@
 //! service or feature gets `INVALID_ARGUMENT` with a message that names it.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -51,7 +51,7 @@ use crate::FeatureStoreError;
 use crate::definitions::{FeatureRef, FeatureType, FeatureView, check_schema, push_directory, view_frame};
 use crate::online::{OnlineStore, Value, materialize};
 use crate::registry::Registered;
-use crate::training::{read_file, training_set, write_parquet};
+use crate::training::{publish, write_parquet, write_training_set};
 
 /// The most bytes one DoPut may carry; a larger push is refused whole.
 pub const PUSH_BYTES_MAX: usize = 256 << 20;
@@ -133,19 +133,26 @@ struct Inner {
     data_dir: PathBuf,
     /// One push writes at a time, so files are numbered in acknowledgement order.
     push: tokio::sync::Mutex<u64>,
-    /// Training sets computed lately, whole, so that GetFlightInfo's DoGet and the other ranks' shards of the
-    /// same set are not joined again.
+    /// Training sets computed lately (recorded as datasets), so that GetFlightInfo's DoGet and the other
+    /// ranks' shards of the same set are not joined again.
     computed: std::sync::Mutex<Vec<Computed>>,
     /// Held while a training set is computed and recorded: ranks asking for the same set at once wait for
     /// the first and take its result, and a dataset's files are written once.
     building: tokio::sync::Mutex<()>,
 }
 
-/// A training set computed lately: the whole set, keyed by what it was computed from.
+/// A training set computed lately: its dataset, keyed by what it was computed from.
 struct Computed {
     key: Vec<u8>,
     at: std::time::Instant,
-    batch: RecordBatch,
+    dataset: BuiltSet,
+}
+
+/// A training set recorded as a dataset: `datasets/HASH.parquet` holds its rows.
+#[derive(Debug, Clone)]
+struct BuiltSet {
+    content_hash: String,
+    rows: usize,
 }
 
 /// How many computed training sets are kept, and for how long. The key covers the command (without the
@@ -241,9 +248,11 @@ fn batches_stream(batches: Vec<RecordBatch>) -> BoxStream<'static, Result<Record
     futures::stream::iter(pieces).boxed()
 }
 
-/// A command planned: a DataFusion frame (not run yet) or a result already computed.
+/// A command planned: a DataFusion frame (not run yet), rows ready to stream, or a small result already
+/// computed.
 enum Plan {
     Frame(DataFrame),
+    Rows(Rows),
     Batch(RecordBatch),
 }
 
@@ -251,6 +260,7 @@ impl Plan {
     fn schema(&self) -> SchemaRef {
         match self {
             Plan::Frame(frame) => Arc::new(frame.schema().as_arrow().clone()),
+            Plan::Rows(rows) => rows.schema.clone(),
             Plan::Batch(batch) => batch.schema(),
         }
     }
@@ -258,6 +268,7 @@ impl Plan {
     async fn rows(self) -> Result<Rows, FeatureStoreError> {
         match self {
             Plan::Frame(frame) => Rows::from_frame(frame).await,
+            Plan::Rows(rows) => Ok(rows),
             Plan::Batch(batch) => Ok(Rows::from_batch(batch)),
         }
     }
@@ -299,6 +310,29 @@ impl Rows {
             receiver.recv().await.map(|message| (message, receiver))
         })
         .boxed()
+    }
+
+    /// Rows `[start, start + length)` of the Parquet file at `path`, read as they are sent.
+    async fn from_parquet_range(path: &Path, start: usize, length: usize) -> Result<Rows, FeatureStoreError> {
+        use datafusion::parquet::arrow::ParquetRecordBatchStreamBuilder;
+        use datafusion::parquet::arrow::arrow_reader::{RowSelection, RowSelector};
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|error| FeatureStoreError::Storage(format!("opening {}: {error}", path.display())))?;
+        let builder = ParquetRecordBatchStreamBuilder::new(file)
+            .await?
+            .with_batch_size(STREAM_BATCH_ROWS);
+        let schema = builder.schema().clone();
+        let selectors: Vec<RowSelector> = [RowSelector::skip(start), RowSelector::select(length)]
+            .into_iter()
+            .filter(|selector| selector.row_count > 0)
+            .collect();
+        let stream = builder
+            .with_row_selection(RowSelection::from(selectors))
+            .build()?
+            .map_err(|error| FlightError::ExternalError(Box::new(error)))
+            .boxed();
+        Ok(Rows { schema, stream })
     }
 
     fn from_batch(batch: RecordBatch) -> Rows {
@@ -471,27 +505,25 @@ impl FeatureServer {
                     .await;
                 let building = self.inner.building.lock().await;
                 let set = match self.computed(&key) {
-                    Some(batch) => batch,
+                    Some(set) => set,
                     None => {
-                        let rows = read_file(std::path::Path::new(entities)).await?;
-                        let set =
-                            training_set(definitions, service, &rows, event_timestamp, &self.inner.data_dir).await?;
-                        self.record_dataset(&registered, service, entities, event_timestamp, &set)?;
-                        self.keep_computed(key, set.batch.clone());
-                        set.batch
+                        let set = self
+                            .build_dataset(&registered, service, entities, event_timestamp)
+                            .await?;
+                        self.keep_computed(key, set.clone());
+                        set
                     }
                 };
                 drop(building);
-                let batch = if *world > 1 {
-                    let total = set.num_rows();
+                let (start, length) = if *world > 1 {
                     let (world, rank) = (*world as usize, *rank as usize);
-                    let start = total * rank / world;
-                    let end = total * (rank + 1) / world;
-                    set.slice(start, end - start)
+                    let start = set.rows * rank / world;
+                    (start, set.rows * (rank + 1) / world - start)
                 } else {
-                    set
+                    (0, set.rows)
                 };
-                Ok(Plan::Batch(batch))
+                let path = self.datasets_directory().join(format!("{}.parquet", set.content_hash));
+                Ok(Plan::Rows(Rows::from_parquet_range(&path, start, length).await?))
             }
         }
     }
@@ -500,24 +532,42 @@ impl FeatureServer {
         self.inner.data_dir.join("datasets")
     }
 
-    /// Keeps a training set as a dataset version: `datasets/HASH.parquet` and `datasets/HASH.json` (the
-    /// service, the entity source, the view versions), written once per content hash.
-    fn record_dataset(
+    /// Builds a training set into the datasets directory and keeps it as a dataset version:
+    /// `datasets/HASH.parquet` and `datasets/HASH.json` (the service, the entity source, the view versions),
+    /// written once per content hash. The rows stream from the entity file into the Parquet file chunk by
+    /// chunk; the set is never held whole.
+    async fn build_dataset(
         &self,
         registered: &Registered,
         service: &str,
         entities: &str,
         event_timestamp: &str,
-        set: &crate::training::TrainingSet,
-    ) -> Result<(), FeatureStoreError> {
+    ) -> Result<BuiltSet, FeatureStoreError> {
         let directory = self.datasets_directory();
-        let manifest = directory.join(format!("{}.json", set.content_hash));
-        if manifest.exists() {
-            return Ok(());
-        }
         std::fs::create_dir_all(&directory)
             .map_err(|error| FeatureStoreError::Storage(format!("creating {}: {error}", directory.display())))?;
-        write_parquet(&directory.join(format!("{}.parquet", set.content_hash)), &set.batch)?;
+        // Builds run one at a time (`building`), so one name for the set being built suffices.
+        let building = directory.join("building.parquet");
+        let set = write_training_set(
+            &registered.definitions,
+            service,
+            Path::new(entities),
+            event_timestamp,
+            &self.inner.data_dir,
+            &building,
+        )
+        .await?;
+        let manifest = directory.join(format!("{}.json", set.content_hash));
+        let built = BuiltSet {
+            content_hash: set.content_hash.clone(),
+            rows: set.rows,
+        };
+        if manifest.exists() {
+            // The same rows were recorded before.
+            let _ = std::fs::remove_file(&building);
+            return Ok(built);
+        }
+        publish(&building, &directory.join(format!("{}.parquet", set.content_hash)))?;
         let views: Vec<serde_json::Value> = set
             .views
             .iter()
@@ -536,15 +586,15 @@ impl FeatureServer {
             "service": service,
             "entities": entities,
             "event_timestamp": event_timestamp,
-            "rows": set.batch.num_rows(),
+            "rows": set.rows,
             "feature_views": views,
         });
         // The manifest last, written aside and renamed: a dataset is listed only once its rows are durable.
         let temporary = manifest.with_extension("json.tmp");
         std::fs::write(&temporary, serde_json::to_vec_pretty(&record).expect("json"))
-            .and_then(|()| std::fs::File::open(&temporary)?.sync_all())
-            .and_then(|()| std::fs::rename(&temporary, &manifest))
-            .map_err(|error| FeatureStoreError::Storage(format!("writing {}: {error}", manifest.display())))
+            .map_err(|error| FeatureStoreError::Storage(format!("writing {}: {error}", manifest.display())))?;
+        publish(&temporary, &manifest)?;
+        Ok(built)
     }
 
     /// The recorded datasets: (content hash, manifest), in hash order.
@@ -753,16 +803,16 @@ impl FeatureServer {
         .expect("json")
     }
 
-    fn computed(&self, key: &[u8]) -> Option<RecordBatch> {
+    fn computed(&self, key: &[u8]) -> Option<BuiltSet> {
         let mut computed = self.inner.computed.lock().expect("computed results poisoned");
         computed.retain(|entry| entry.at.elapsed() < COMPUTED_TTL);
         computed
             .iter()
             .find(|entry| entry.key == key)
-            .map(|entry| entry.batch.clone())
+            .map(|entry| entry.dataset.clone())
     }
 
-    fn keep_computed(&self, key: Vec<u8>, batch: RecordBatch) {
+    fn keep_computed(&self, key: Vec<u8>, dataset: BuiltSet) {
         let mut computed = self.inner.computed.lock().expect("computed results poisoned");
         computed.retain(|entry| entry.at.elapsed() < COMPUTED_TTL && entry.key != key);
         if computed.len() >= COMPUTED_KEPT {
@@ -771,7 +821,7 @@ impl FeatureServer {
         computed.push(Computed {
             key,
             at: std::time::Instant::now(),
-            batch,
+            dataset,
         });
     }
 
@@ -975,13 +1025,14 @@ impl FlightService for FeatureServer {
                 "the push carried no messages; expected a descriptor and record batches".into(),
             ));
         };
-        let source = match &first.flight_descriptor {
+        let (source, ingest) = match &first.flight_descriptor {
             Some(descriptor) if descriptor.path.len() == 2 && descriptor.path[0] == "push" => {
-                descriptor.path[1].clone()
+                (descriptor.path[1].clone(), false)
             }
+            Some(descriptor) if sql::is_flight_sql(&descriptor.cmd) => (sql::ingest_source(&descriptor.cmd)?, true),
             other => {
                 return Err(invalid(format!(
-                    "a push must name its source with the descriptor path [\"push\", SOURCE]; got {:?}",
+                    "a push must name its source with the descriptor path [\"push\", SOURCE] (or be a Flight SQL bulk ingestion into it); got {:?}",
                     other.as_ref().map(|descriptor| &descriptor.path)
                 )));
             }
@@ -1006,11 +1057,14 @@ impl FlightService for FeatureServer {
             .push(&source, batches, PushTarget::OnlineAndOffline)
             .await
             .map_err(status)?;
-        let result = PutResult {
-            app_metadata: serde_json::to_vec(&serde_json::json!({ "source": source, "rows": rows }))
+        let app_metadata = if ingest {
+            sql::ingested(rows)
+        } else {
+            serde_json::to_vec(&serde_json::json!({ "source": source, "rows": rows }))
                 .expect("json")
-                .into(),
+                .into()
         };
+        let result = PutResult { app_metadata };
         Ok(Response::new(futures::stream::iter([Ok(result)]).boxed()))
     }
 

@@ -124,6 +124,35 @@ with dbapi.connect(f"grpc://{address}") as connection:
     columns = connection.adbc_get_table_schema("driver_hourly_stats", catalog_filter="kiln", db_schema_filter="features")
     assert "conv_rate" in columns.names, columns
     assert "TABLE" in connection.adbc_get_table_types()
+    # Bulk ingestion (ADBC's adbc_ingest) appends to a push source like a DoPut: offline and online.
+    more = pa.table(
+        {
+            "driver_id": [1005],
+            "event_timestamp": pa.array([1_762_000_000_000_000], pa.timestamp("us")),
+            "trips_today": [11],
+        },
+        schema=schema,
+    )
+    assert cursor.adbc_ingest("driver_live", more, mode="append") == 1
+    cursor.execute("SELECT count(*) AS n FROM driver_live_stats")
+    assert cursor.fetchone()[0] == 4
+    online = read(command({"online": {"service": "driver_live", "entities": {"driver_id": [1005]}}}))
+    assert online.column("trips_today").to_pylist() == [11], online
+    for mode, expected in [("create", "must append"), ("replace", "must append")]:
+        try:
+            cursor.adbc_ingest("driver_live", more, mode=mode)
+        except dbapi.Error as error:
+            assert expected in str(error), str(error)
+        else:
+            raise AssertionError(f"ingestion with mode {mode} was accepted")
+    try:
+        cursor.adbc_ingest("driver_hourly", more, mode="append")
+    except dbapi.Error as error:
+        assert "reads a file, not pushes" in str(error), str(error)
+    else:
+        raise AssertionError("ingestion into a file source was accepted")
+    cursor.execute("SELECT count(*) AS n FROM driver_live_stats")
+    assert cursor.fetchone()[0] == 4, "a refused ingestion changed nothing"
     try:
         cursor.execute("SELECT nope FROM driver_hourly_stats")
     except dbapi.Error as error:

@@ -2,6 +2,11 @@
 //! queries (directly or prepared), list catalogs, schemas, tables and table types, and read table schemas.
 //! Every feature view with rows is a table `kiln.features.VIEW`; a query names it by the view's name.
 //!
+//! Bulk ingestion (`CommandStatementIngest`, ADBC's `cursor.adbc_ingest(SOURCE, table, mode="append")`)
+//! pushes the rows into the push source named as the table, exactly as a Flight `DoPut` to
+//! `["push", SOURCE]` does: appended offline, written online, acknowledged once durable. Push sources are
+//! defined with `kiln features apply`, so ingestion never creates, replaces or drops a table.
+//!
 //! [`super::FeatureServer`] hands every Flight SQL message (a protobuf `Any` whose type is in
 //! `arrow.flight.protocol.sql`) to this service and keeps its own JSON commands for itself.
 
@@ -12,7 +17,8 @@ use arrow_flight::sql::server::FlightSqlService;
 use arrow_flight::sql::{
     ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest, ActionCreatePreparedStatementResult,
     Any, CommandGetCatalogs, CommandGetDbSchemas, CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables,
-    CommandPreparedStatementQuery, CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery,
+    CommandPreparedStatementQuery, CommandStatementIngest, CommandStatementQuery, DoPutUpdateResult, ProstMessageExt,
+    SqlInfo, TableExistsOption, TicketStatementQuery,
 };
 use arrow_flight::{IpcMessage, SchemaAsIpc};
 use prost::Message;
@@ -35,7 +41,10 @@ fn sql_info() -> &'static SqlInfoData {
         builder.append(SqlInfo::FlightSqlServerName, "Kiln feature server");
         builder.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
         builder.append(SqlInfo::FlightSqlServerArrowVersion, "1.3");
-        builder.append(SqlInfo::FlightSqlServerReadOnly, true);
+        // Views are read-only; push sources take rows through bulk ingestion.
+        builder.append(SqlInfo::FlightSqlServerReadOnly, false);
+        builder.append(SqlInfo::FlightSqlServerBulkIngestion, true);
+        builder.append(SqlInfo::FlightSqlServerIngestTransactionsSupported, false);
         builder.append(SqlInfo::FlightSqlServerSql, true);
         builder.append(SqlInfo::FlightSqlServerSubstrait, false);
         builder.append(SqlInfo::FlightSqlServerTransaction, 0i32);
@@ -55,6 +64,62 @@ where
         .build(futures::stream::iter([batch.map_err(FlightError::from)]))
         .map_err(Status::from)
         .boxed()
+}
+
+/// The push source a Flight SQL `DoPut` command ingests into: a `CommandStatementIngest` naming an
+/// existing table (a push source, possibly as `kiln.features.SOURCE`) in append mode. Anything else is
+/// refused with what was expected.
+pub(super) fn ingest_source(cmd: &[u8]) -> Result<String, Status> {
+    let any = Any::decode(cmd).map_err(|error| invalid(format!("the Flight SQL command does not decode: {error}")))?;
+    let Some(command) = any
+        .unpack::<CommandStatementIngest>()
+        .map_err(|error| invalid(format!("the Flight SQL command does not decode: {error}")))?
+    else {
+        return Err(Status::unimplemented(format!(
+            "Flight SQL DoPut of {} is not supported; the feature server takes rows only by bulk ingestion into a push source (CommandStatementIngest)",
+            any.type_url
+        )));
+    };
+    if command.transaction_id.is_some() {
+        return Err(invalid(
+            "bulk ingestion in a transaction is not supported; ingest without one (each ingestion is durable on its own)".into(),
+        ));
+    }
+    if command.temporary {
+        return Err(invalid(
+            "temporary tables are not supported; ingest into a push source defined with kiln features apply".into(),
+        ));
+    }
+    if command.catalog.as_deref().is_some_and(|catalog| catalog != CATALOG)
+        || command.schema.as_deref().is_some_and(|schema| schema != SCHEMA)
+    {
+        return Err(invalid(format!(
+            "table {}.{}.{} is not here; push sources are tables of {CATALOG}.{SCHEMA}",
+            command.catalog.as_deref().unwrap_or(CATALOG),
+            command.schema.as_deref().unwrap_or(SCHEMA),
+            command.table
+        )));
+    }
+    let options = command.table_definition_options.unwrap_or_default();
+    let if_exists = TableExistsOption::try_from(options.if_exists).unwrap_or(TableExistsOption::Unspecified);
+    if if_exists != TableExistsOption::Append {
+        return Err(invalid(format!(
+            "ingestion into push source '{}' must append to it (ADBC mode=\"append\"; asked: {}); ingestion never creates or replaces a table, push sources are defined with kiln features apply",
+            command.table,
+            if_exists.as_str_name()
+        )));
+    }
+    // A missing source is reported by the push itself, naming the sources there are.
+    Ok(command.table)
+}
+
+/// The acknowledgement of a bulk ingestion: Flight SQL's `DoPutUpdateResult`.
+pub(super) fn ingested(rows: usize) -> prost::bytes::Bytes {
+    DoPutUpdateResult {
+        record_count: rows as i64,
+    }
+    .encode_to_vec()
+    .into()
 }
 
 fn info_for(schema: &Schema, descriptor: FlightDescriptor, ticket: Vec<u8>) -> Result<FlightInfo, Status> {
