@@ -85,6 +85,9 @@ done
 log "Kiln: $REPEATS DoGets"
 result=$(timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" fetch "$FEATURES" "@$QUERY" "$REPEATS")
 echo "{\"side\": \"kiln\", \"result\": $result}" | tee -a "$OUT_DIR/flight.jsonl"
+log "Kiln: $REPEATS DoGets from Rust (kiln bench doget)"
+result=$(timeout "$STEP_TIMEOUT" "$KILN" bench doget --featurestore "$FEATURES" --ticket "$QUERY" --requests "$REPEATS" --json)
+echo "{\"side\": \"kiln, Rust client\", \"result\": $result}" | tee -a "$OUT_DIR/flight.jsonl"
 
 BASELINE_PORT=$(free_port)
 "$PYTHON" "$BENCH" serve "$BASELINE_PORT" "$WORK/wide.arrow" >"$WORK/baseline.log" 2>&1 &
@@ -94,6 +97,9 @@ for _ in $(seq 600); do grep -q serving "$WORK/baseline.log" && break; sleep 0.1
 log "pyarrow.flight: $REPEATS DoGets"
 result=$(timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" fetch "127.0.0.1:$BASELINE_PORT" table "$REPEATS")
 echo "{\"side\": \"pyarrow.flight\", \"result\": $result}" | tee -a "$OUT_DIR/flight.jsonl"
+log "pyarrow.flight: $REPEATS DoGets from Rust (kiln bench doget)"
+result=$(timeout "$STEP_TIMEOUT" "$KILN" bench doget --featurestore "127.0.0.1:$BASELINE_PORT" --ticket table --requests "$REPEATS" --json)
+echo "{\"side\": \"pyarrow.flight, Rust client\", \"result\": $result}" | tee -a "$OUT_DIR/flight.jsonl"
 kill "$BASELINE_PID" 2>/dev/null || true
 
 log "loopback TCP reference"

@@ -90,7 +90,8 @@ pub struct BenchArgs {
     /// Suite lookup: how many entity keys there are to draw from.
     #[arg(long, default_value_t = 100_000)]
     keys: u64,
-    /// Suite doget: the ticket, a Kiln feature command as JSON (`{"sql": {"query": "SELECT …"}}`, say).
+    /// Suite doget: the ticket, sent as given: a Kiln feature command as JSON (`{"sql": {"query": "SELECT …"}}`,
+    /// say) or any Flight server's ticket.
     #[arg(long, default_value = "")]
     ticket: String,
     /// Print the results as JSON instead of a table.

@@ -105,21 +105,20 @@ pub struct DoGetResult {
     pub median_gb_per_s: f64,
 }
 
-/// `kiln bench doget`: `requests` DoGets of `ticket` (a Kiln feature command as JSON) from Rust, each read
-/// to the end and decoded, timed one by one; stops early after `max_seconds`.
+/// `kiln bench doget`: `requests` DoGets of `ticket` (sent as given: a Kiln feature command as JSON, or
+/// another Flight server's ticket) from Rust, each read to the end and decoded, timed one by one; stops
+/// early after `max_seconds`.
 pub async fn doget(featurestore: &str, ticket: &str, requests: usize, max_seconds: u64) -> Result<DoGetResult> {
     if requests == 0 {
         bail!("--requests must be positive");
     }
-    let command = FlightCommand::parse(ticket.as_bytes(), "--ticket")
-        .map_err(|status| anyhow::anyhow!(status.message().to_string()))?;
     let mut client = crate::featureserver::connect(featurestore).await?;
     let deadline = Instant::now() + Duration::from_secs(max_seconds);
     let (mut rows, mut bytes, mut seconds) = (0, 0, Vec::new());
     while seconds.len() < requests && Instant::now() < deadline {
         let sent = Instant::now();
         let mut stream = client
-            .do_get(arrow_flight::Ticket::new(command.to_bytes()))
+            .do_get(arrow_flight::Ticket::new(ticket.as_bytes().to_vec()))
             .await
             .context("the DoGet failed")?;
         (rows, bytes) = (0, 0);

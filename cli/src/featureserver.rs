@@ -146,8 +146,15 @@ pub async fn connect(address: &str) -> Result<FlightClient> {
         .connect()
         .await
         .with_context(|| format!("no feature server answers at {address} (kiln featurestore, or kiln up)"))?;
-    Ok(FlightClient::new(channel))
+    // Other Flight servers send larger messages than tonic's 4 MiB default (pyarrow.flight, 65,536-row
+    // batches of a wide table: 4.7 MB); Kiln's own are at most 2 MB.
+    let inner = arrow_flight::flight_service_client::FlightServiceClient::new(channel)
+        .max_decoding_message_size(MESSAGE_BYTES_MAX);
+    Ok(FlightClient::new_from_inner(inner))
 }
+
+/// The largest Flight message a client of Kiln's accepts.
+const MESSAGE_BYTES_MAX: usize = 256 << 20;
 
 fn flight_error(error: arrow_flight::error::FlightError) -> anyhow::Error {
     match error {

@@ -9,6 +9,11 @@ mod featureserver;
 mod output;
 mod task;
 
+/// mimalloc for the whole binary: a DoGet of a wide table allocates megabytes per batch, and glibc maps
+/// (and the kernel zeroes) fresh pages for every one of them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
