@@ -448,6 +448,21 @@ impl FeatureServer {
         self.plan(command).await?.rows().await
     }
 
+    /// The schema of `command`'s answer. A lookup is checked, not run: its DoGet reads the online store.
+    async fn schema(&self, command: &FlightCommand) -> Result<SchemaRef, FeatureStoreError> {
+        match command {
+            FlightCommand::Online { service, entities } => {
+                let registered = self.registered();
+                let features = &registered.definitions.service(service)?.features;
+                Ok(self
+                    .lookup_or_check(&registered, features, entities, false)?
+                    .batch()?
+                    .schema())
+            }
+            _ => Ok(self.plan(command).await?.schema()),
+        }
+    }
+
     /// Plans `command`: views and SQL are planned only (run when streamed); lookups and training sets are
     /// computed.
     async fn plan(&self, command: &FlightCommand) -> Result<Plan, FeatureStoreError> {
@@ -626,6 +641,18 @@ impl FeatureServer {
         features: &[FeatureRef],
         entities: &BTreeMap<String, Vec<serde_json::Value>>,
     ) -> Result<Lookup, FeatureStoreError> {
+        self.lookup_or_check(registered, features, entities, true)
+    }
+
+    /// A lookup when `read`; otherwise its checks alone, answering as if no entity had a row (what a
+    /// GetFlightInfo needs: the answer's schema, and the same errors).
+    fn lookup_or_check(
+        &self,
+        registered: &Registered,
+        features: &[FeatureRef],
+        entities: &BTreeMap<String, Vec<serde_json::Value>>,
+        read: bool,
+    ) -> Result<Lookup, FeatureStoreError> {
         let definitions = &registered.definitions;
         let count = entities.values().map(Vec::len).max().unwrap_or(0);
         if let Some((key, values)) = entities.iter().find(|(_, values)| values.len() != count) {
@@ -674,7 +701,11 @@ impl FeatureServer {
                 .map(|row| key_columns.iter().map(|values| values[row].clone()).collect())
                 .collect();
             let names: Vec<String> = indices.iter().map(|index| features[*index].feature.clone()).collect();
-            let found = self.inner.online.get(view_name, &key_rows, &names)?;
+            let found = if read {
+                self.inner.online.get(view_name, &key_rows, &names)?
+            } else {
+                vec![None; key_rows.len()]
+            };
             for (position, (index, name)) in indices.iter().zip(&names).enumerate() {
                 let dtype = view
                     .features
@@ -826,8 +857,7 @@ impl FeatureServer {
     }
 
     async fn flight_info(&self, descriptor: FlightDescriptor, command: &FlightCommand) -> Result<FlightInfo, Status> {
-        let plan = self.plan(command).await.map_err(status)?;
-        let schema = plan.schema();
+        let schema = self.schema(command).await.map_err(status)?;
         let info = FlightInfo::new()
             .try_with_schema(&schema)
             .map_err(|error| Status::internal(error.to_string()))?
@@ -1000,7 +1030,7 @@ impl FlightService for FeatureServer {
     async fn get_schema(&self, request: Request<FlightDescriptor>) -> Result<Response<SchemaResult>, Status> {
         let descriptor = request.into_inner();
         let command = FlightCommand::from_descriptor(&descriptor)?;
-        let schema = self.plan(&command).await.map_err(status)?.schema();
+        let schema = self.schema(&command).await.map_err(status)?;
         let options = datafusion::arrow::ipc::writer::IpcWriteOptions::default();
         let result = arrow_flight::SchemaAsIpc::new(&schema, &options)
             .try_into()
