@@ -12,7 +12,8 @@
 //!            └──────────────────────────────────────────────┘
 //! ```
 //!
-//! Module map: [`spec`] parses job TOML; [`catalog`] keeps other services' versioned documents; [`state`] is the deterministic state machine; [`scheduler`] the
+//! Module map: [`spec`] parses job TOML; [`catalog`] keeps other services' versioned documents; [`search`]
+//! parses and evaluates MLflow's run search language (for the tracking store to come); [`state`] is the deterministic state machine; [`scheduler`] the
 //! pure placement function the leader runs; [`storage`] the
 //! durable raft log; [`node`] the sans-IO consensus node; [`server`] the event loop, peer transport and
 //! gRPC services; [`client`] the failover client the CLI and tests use.
@@ -28,6 +29,7 @@ pub mod client;
 pub mod error;
 pub mod node;
 pub mod scheduler;
+pub mod search;
 pub mod server;
 pub mod spec;
 pub mod state;
