@@ -13,7 +13,8 @@
 //! ```
 //!
 //! Module map: [`spec`] parses job TOML; [`catalog`] keeps other services' versioned documents; [`search`]
-//! parses and evaluates MLflow's run search language (for the tracking store to come); [`state`] is the deterministic state machine; [`scheduler`] the
+//! parses and evaluates MLflow's run search language; [`tracking`] holds experiments and runs with MLflow's
+//! rules (not yet part of the replicated state); [`state`] is the deterministic state machine; [`scheduler`] the
 //! pure placement function the leader runs; [`storage`] the
 //! durable raft log; [`node`] the sans-IO consensus node; [`server`] the event loop, peer transport and
 //! gRPC services; [`client`] the failover client the CLI and tests use.
@@ -34,6 +35,7 @@ pub mod server;
 pub mod spec;
 pub mod state;
 pub mod storage;
+pub mod tracking;
 
 pub use error::CoordinatorError;
 pub use server::{Coordinator, CoordinatorConfig};

@@ -1,0 +1,717 @@
+//! Experiment tracking as replicated state: experiments, runs, their params, tags and metric histories,
+//! with MLflow's rules, so that the MLflow REST API (issue 6) is a thin layer over it and a run logged by
+//! the stock `mlflow` client is an ordinary Kiln run.
+//!
+//! ```text
+//!   Tracking ── experiments  id ─► Experiment (name unique, tags, active | deleted)
+//!            ├─ names        name ─► id
+//!            └─ runs         id ─► Run (experiment, name, status, times, params, tags,
+//!                                       metrics: key ─► history of (value, timestamp, step), latest)
+//! ```
+//!
+//! Every change is a method that checks everything first and then changes, so a refused request changes
+//! nothing; it takes the time and the new ids as arguments (chosen by the proposer), so applying it is
+//! deterministic on every replica. Maps are persistent (`imbl`), so a snapshot is a cheap clone.
+//!
+//! MLflow's rules kept here: experiment names are unique among live and deleted experiments; experiment
+//! "0", "Default", always exists; a param, once logged, cannot change value; tags can be overwritten;
+//! metrics keep their whole history and search uses the latest value (highest step, then timestamp);
+//! a deleted run or experiment takes no writes until restored. Limits are MLflow's: keys up to 250
+//! characters, param values up to 6,000, tag values up to 8,000, and per batch 1,000 metrics, 100 params
+//! and 100 tags.
+
+use imbl::{OrdMap, Vector};
+use serde::{Deserialize, Serialize};
+
+use crate::search::{Filter, Order, SearchableRun, TextAttribute, TimeAttribute, compare};
+
+const KEY_CHARS_MAX: usize = 250;
+const PARAM_VALUE_CHARS_MAX: usize = 6_000;
+const TAG_VALUE_CHARS_MAX: usize = 8_000;
+const BATCH_METRICS_MAX: usize = 1_000;
+const BATCH_PARAMS_MAX: usize = 100;
+const BATCH_TAGS_MAX: usize = 100;
+/// The most runs one search page returns (MLflow's limit).
+pub const SEARCH_RESULTS_MAX: usize = 50_000;
+pub const DEFAULT_EXPERIMENT_ID: &str = "0";
+
+/// MLflow's error codes, which its REST API returns and its client understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    InvalidParameterValue,
+    ResourceAlreadyExists,
+    ResourceDoesNotExist,
+    InvalidState,
+}
+
+impl ErrorCode {
+    /// The code as MLflow spells it in `error_code`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidParameterValue => "INVALID_PARAMETER_VALUE",
+            ErrorCode::ResourceAlreadyExists => "RESOURCE_ALREADY_EXISTS",
+            ErrorCode::ResourceDoesNotExist => "RESOURCE_DOES_NOT_EXIST",
+            ErrorCode::InvalidState => "INVALID_STATE",
+        }
+    }
+}
+
+/// Why a tracking request was refused; nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct TrackingError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+fn refuse<T>(code: ErrorCode, message: String) -> Result<T, TrackingError> {
+    Err(TrackingError { code, message })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LifecycleStage {
+    Active,
+    Deleted,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunStatus {
+    Running,
+    Scheduled,
+    Finished,
+    Failed,
+    Killed,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "RUNNING",
+            RunStatus::Scheduled => "SCHEDULED",
+            RunStatus::Finished => "FINISHED",
+            RunStatus::Failed => "FAILED",
+            RunStatus::Killed => "KILLED",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<RunStatus, TrackingError> {
+        Ok(match text {
+            "RUNNING" => RunStatus::Running,
+            "SCHEDULED" => RunStatus::Scheduled,
+            "FINISHED" => RunStatus::Finished,
+            "FAILED" => RunStatus::Failed,
+            "KILLED" => RunStatus::Killed,
+            other => {
+                return refuse(
+                    ErrorCode::InvalidParameterValue,
+                    format!(
+                        "run status '{other}' is not known; expected RUNNING, SCHEDULED, FINISHED, FAILED or KILLED"
+                    ),
+                );
+            }
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Experiment {
+    pub id: String,
+    pub name: String,
+    pub artifact_location: String,
+    pub lifecycle_stage: LifecycleStage,
+    pub tags: OrdMap<String, String>,
+    pub creation_time_ms: i64,
+    pub last_update_time_ms: i64,
+}
+
+/// One logged value of a metric.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MetricPoint {
+    pub value: f64,
+    pub timestamp_ms: i64,
+    pub step: i64,
+}
+
+impl MetricPoint {
+    /// Whether this point supersedes `other` as the latest value: MLflow orders by step, then timestamp,
+    /// then value.
+    fn supersedes(&self, other: &MetricPoint) -> bool {
+        (self.step, self.timestamp_ms)
+            .cmp(&(other.step, other.timestamp_ms))
+            .then(self.value.total_cmp(&other.value))
+            != std::cmp::Ordering::Less
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Run {
+    pub id: String,
+    pub experiment_id: String,
+    pub name: String,
+    pub user_id: String,
+    pub status: RunStatus,
+    pub start_time_ms: i64,
+    pub end_time_ms: Option<i64>,
+    pub lifecycle_stage: LifecycleStage,
+    pub artifact_uri: String,
+    pub params: OrdMap<String, String>,
+    pub tags: OrdMap<String, String>,
+    pub metrics: OrdMap<String, Vector<MetricPoint>>,
+    pub latest: OrdMap<String, MetricPoint>,
+}
+
+impl SearchableRun for Run {
+    fn metric(&self, key: &str) -> Option<f64> {
+        self.latest.get(key).map(|point| point.value)
+    }
+
+    fn param(&self, key: &str) -> Option<&str> {
+        self.params.get(key).map(String::as_str)
+    }
+
+    fn tag(&self, key: &str) -> Option<&str> {
+        self.tags.get(key).map(String::as_str)
+    }
+
+    fn text_attribute(&self, attribute: TextAttribute) -> Option<&str> {
+        Some(match attribute {
+            TextAttribute::RunId => &self.id,
+            TextAttribute::RunName => &self.name,
+            TextAttribute::Status => self.status.as_str(),
+            TextAttribute::ArtifactUri => &self.artifact_uri,
+            TextAttribute::UserId => &self.user_id,
+        })
+    }
+
+    fn time_attribute(&self, attribute: TimeAttribute) -> Option<i64> {
+        match attribute {
+            TimeAttribute::StartTime => Some(self.start_time_ms),
+            TimeAttribute::EndTime => self.end_time_ms,
+        }
+    }
+}
+
+/// What a batch logs to a run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LogBatch {
+    pub metrics: Vec<(String, MetricPoint)>,
+    pub params: Vec<(String, String)>,
+    pub tags: Vec<(String, String)>,
+}
+
+/// Which runs a search sees by lifecycle stage (MLflow's `run_view_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ViewType {
+    #[default]
+    ActiveOnly,
+    DeletedOnly,
+    All,
+}
+
+impl ViewType {
+    fn shows(self, stage: LifecycleStage) -> bool {
+        match self {
+            ViewType::ActiveOnly => stage == LifecycleStage::Active,
+            ViewType::DeletedOnly => stage == LifecycleStage::Deleted,
+            ViewType::All => true,
+        }
+    }
+}
+
+/// A search for runs.
+#[derive(Debug, Clone, Default)]
+pub struct RunSearch {
+    pub experiment_ids: Vec<String>,
+    pub filter: Filter,
+    pub order_by: Vec<Order>,
+    pub view: ViewType,
+    pub max_results: usize,
+    /// Where the previous page ended (the `next_page_token` it returned).
+    pub page_token: Option<String>,
+}
+
+/// One page of a search, and the token of the next when there is one.
+#[derive(Debug, Clone)]
+pub struct RunPage {
+    pub runs: Vec<Run>,
+    pub next_page_token: Option<String>,
+}
+
+fn check_key(key: &str, what: &str) -> Result<(), TrackingError> {
+    if key.is_empty() || key.chars().count() > KEY_CHARS_MAX {
+        return refuse(
+            ErrorCode::InvalidParameterValue,
+            format!("{what} key '{key}' must have 1 to {KEY_CHARS_MAX} characters"),
+        );
+    }
+    // MLflow's rule: letters, digits, and _ - . space / (keys become file names in its file store).
+    if let Some(bad) = key
+        .chars()
+        .find(|character| !(character.is_alphanumeric() || "_-. /".contains(*character)))
+    {
+        return refuse(
+            ErrorCode::InvalidParameterValue,
+            format!("{what} key '{key}' contains '{bad}'; expected letters, digits, spaces and _ - . /"),
+        );
+    }
+    if key.split('/').any(|part| part == ".." || part == ".") || key.starts_with('/') {
+        return refuse(
+            ErrorCode::InvalidParameterValue,
+            format!("{what} key '{key}' is not a relative path without '.' or '..' parts"),
+        );
+    }
+    Ok(())
+}
+
+fn check_value(value: &str, limit: usize, what: &str, key: &str) -> Result<(), TrackingError> {
+    if value.chars().count() > limit {
+        return refuse(
+            ErrorCode::InvalidParameterValue,
+            format!(
+                "{what} '{key}' has a value of {} characters; at most {limit} are allowed",
+                value.chars().count()
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// Experiments and runs, as the coordinator replicates them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tracking {
+    experiments: OrdMap<String, Experiment>,
+    names: OrdMap<String, String>,
+    runs: OrdMap<String, Run>,
+    next_experiment: u64,
+    artifact_root: String,
+}
+
+impl Tracking {
+    /// A store with only the Default experiment; artifacts live under `artifact_root` (a URI).
+    pub fn new(artifact_root: &str, now_ms: i64) -> Tracking {
+        let artifact_root = artifact_root.trim_end_matches('/').to_string();
+        let default = Experiment {
+            id: DEFAULT_EXPERIMENT_ID.into(),
+            name: "Default".into(),
+            artifact_location: format!("{artifact_root}/{DEFAULT_EXPERIMENT_ID}"),
+            lifecycle_stage: LifecycleStage::Active,
+            tags: OrdMap::new(),
+            creation_time_ms: now_ms,
+            last_update_time_ms: now_ms,
+        };
+        Tracking {
+            experiments: OrdMap::unit(default.id.clone(), default.clone()),
+            names: OrdMap::unit(default.name, default.id),
+            runs: OrdMap::new(),
+            next_experiment: 1,
+            artifact_root,
+        }
+    }
+
+    pub fn experiment(&self, id: &str) -> Result<&Experiment, TrackingError> {
+        self.experiments.get(id).ok_or_else(|| TrackingError {
+            code: ErrorCode::ResourceDoesNotExist,
+            message: format!("no experiment has id '{id}'"),
+        })
+    }
+
+    pub fn experiment_by_name(&self, name: &str) -> Result<&Experiment, TrackingError> {
+        match self.names.get(name) {
+            Some(id) => self.experiment(id),
+            None => refuse(
+                ErrorCode::ResourceDoesNotExist,
+                format!("no experiment is named '{name}'"),
+            ),
+        }
+    }
+
+    pub fn experiments(&self) -> impl Iterator<Item = &Experiment> {
+        self.experiments.values()
+    }
+
+    pub fn run(&self, id: &str) -> Result<&Run, TrackingError> {
+        self.runs.get(id).ok_or_else(|| TrackingError {
+            code: ErrorCode::ResourceDoesNotExist,
+            message: format!("no run has id '{id}'"),
+        })
+    }
+
+    fn active_experiment(&self, id: &str) -> Result<&Experiment, TrackingError> {
+        let experiment = self.experiment(id)?;
+        if experiment.lifecycle_stage != LifecycleStage::Active {
+            return refuse(
+                ErrorCode::InvalidState,
+                format!("experiment '{}' ({id}) is deleted; restore it first", experiment.name),
+            );
+        }
+        Ok(experiment)
+    }
+
+    fn active_run(&self, id: &str) -> Result<&Run, TrackingError> {
+        let run = self.run(id)?;
+        if run.lifecycle_stage != LifecycleStage::Active {
+            return refuse(
+                ErrorCode::InvalidState,
+                format!("run '{id}' is deleted; restore it first"),
+            );
+        }
+        Ok(run)
+    }
+
+    /// Creates an experiment named `name`; returns its id. Ids count up from 1 ("0" is Default).
+    pub fn create_experiment(
+        &mut self,
+        name: &str,
+        artifact_location: Option<&str>,
+        tags: &[(String, String)],
+        now_ms: i64,
+    ) -> Result<String, TrackingError> {
+        if name.trim().is_empty() {
+            return refuse(
+                ErrorCode::InvalidParameterValue,
+                "an experiment needs a non-empty name".into(),
+            );
+        }
+        if let Some(id) = self.names.get(name) {
+            return refuse(
+                ErrorCode::ResourceAlreadyExists,
+                format!("experiment '{name}' already exists (id {id}); names are unique, deleted experiments included"),
+            );
+        }
+        for (key, value) in tags {
+            check_key(key, "tag")?;
+            check_value(value, TAG_VALUE_CHARS_MAX, "tag", key)?;
+        }
+        let id = self.next_experiment.to_string();
+        let experiment = Experiment {
+            id: id.clone(),
+            name: name.to_string(),
+            artifact_location: artifact_location
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("{}/{id}", self.artifact_root)),
+            lifecycle_stage: LifecycleStage::Active,
+            tags: tags.iter().cloned().collect(),
+            creation_time_ms: now_ms,
+            last_update_time_ms: now_ms,
+        };
+        self.next_experiment += 1;
+        self.names.insert(name.to_string(), id.clone());
+        self.experiments.insert(id.clone(), experiment);
+        Ok(id)
+    }
+
+    pub fn rename_experiment(&mut self, id: &str, new_name: &str, now_ms: i64) -> Result<(), TrackingError> {
+        let experiment = self.active_experiment(id)?.clone();
+        if new_name.trim().is_empty() {
+            return refuse(
+                ErrorCode::InvalidParameterValue,
+                "an experiment needs a non-empty name".into(),
+            );
+        }
+        if experiment.name == new_name {
+            return Ok(());
+        }
+        if self.names.contains_key(new_name) {
+            return refuse(
+                ErrorCode::ResourceAlreadyExists,
+                format!("experiment '{new_name}' already exists"),
+            );
+        }
+        self.names.remove(&experiment.name);
+        self.names.insert(new_name.to_string(), id.to_string());
+        self.experiments.insert(
+            id.to_string(),
+            Experiment {
+                name: new_name.to_string(),
+                last_update_time_ms: now_ms,
+                ..experiment
+            },
+        );
+        Ok(())
+    }
+
+    /// Deletes (`deleted`) or restores an experiment; its runs follow it.
+    pub fn set_experiment_stage(&mut self, id: &str, deleted: bool, now_ms: i64) -> Result<(), TrackingError> {
+        let experiment = self.experiment(id)?.clone();
+        if deleted && id == DEFAULT_EXPERIMENT_ID {
+            return refuse(
+                ErrorCode::InvalidParameterValue,
+                "the Default experiment cannot be deleted".into(),
+            );
+        }
+        let stage = if deleted {
+            LifecycleStage::Deleted
+        } else {
+            LifecycleStage::Active
+        };
+        let run_ids: Vec<String> = self
+            .runs
+            .values()
+            .filter(|run| run.experiment_id == id)
+            .map(|run| run.id.clone())
+            .collect();
+        for run_id in run_ids {
+            let run = self.runs[&run_id].clone();
+            self.runs.insert(
+                run_id,
+                Run {
+                    lifecycle_stage: stage,
+                    ..run
+                },
+            );
+        }
+        self.experiments.insert(
+            id.to_string(),
+            Experiment {
+                lifecycle_stage: stage,
+                last_update_time_ms: now_ms,
+                ..experiment
+            },
+        );
+        Ok(())
+    }
+
+    /// Creates run `run_id` (chosen by the proposer: 32 hex digits, as MLflow's) in an active experiment.
+    pub fn create_run(
+        &mut self,
+        run_id: &str,
+        experiment_id: &str,
+        name: &str,
+        user_id: &str,
+        start_time_ms: i64,
+        tags: &[(String, String)],
+    ) -> Result<&Run, TrackingError> {
+        if run_id.len() != 32 || !run_id.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+            return refuse(
+                ErrorCode::InvalidParameterValue,
+                format!("run id '{run_id}' is not 32 hex digits"),
+            );
+        }
+        if self.runs.contains_key(run_id) {
+            return refuse(
+                ErrorCode::ResourceAlreadyExists,
+                format!("run '{run_id}' already exists"),
+            );
+        }
+        let experiment = self.active_experiment(experiment_id)?;
+        for (key, value) in tags {
+            check_key(key, "tag")?;
+            check_value(value, TAG_VALUE_CHARS_MAX, "tag", key)?;
+        }
+        let mut tags: OrdMap<String, String> = tags.iter().cloned().collect();
+        // MLflow keeps the run's name in a tag as well, and takes the tag when no name is given.
+        let name = if name.is_empty() {
+            tags.get("mlflow.runName").cloned().unwrap_or_default()
+        } else {
+            name.to_string()
+        };
+        if !name.is_empty() {
+            tags.insert("mlflow.runName".into(), name.clone());
+        }
+        let run = Run {
+            id: run_id.to_string(),
+            experiment_id: experiment_id.to_string(),
+            name,
+            user_id: user_id.to_string(),
+            status: RunStatus::Running,
+            start_time_ms,
+            end_time_ms: None,
+            lifecycle_stage: LifecycleStage::Active,
+            artifact_uri: format!("{}/{run_id}/artifacts", experiment.artifact_location),
+            params: OrdMap::new(),
+            tags,
+            metrics: OrdMap::new(),
+            latest: OrdMap::new(),
+        };
+        self.runs.insert(run_id.to_string(), run);
+        Ok(&self.runs[run_id])
+    }
+
+    /// Logs metrics, params and tags to an active run, all or nothing.
+    pub fn log_batch(&mut self, run_id: &str, batch: &LogBatch) -> Result<(), TrackingError> {
+        let run = self.active_run(run_id)?;
+        let too_many = |what: &str, count: usize, limit: usize| {
+            refuse::<()>(
+                ErrorCode::InvalidParameterValue,
+                format!("a batch of {count} {what} is too large; at most {limit} per batch"),
+            )
+        };
+        if batch.metrics.len() > BATCH_METRICS_MAX {
+            return too_many("metrics", batch.metrics.len(), BATCH_METRICS_MAX);
+        }
+        if batch.params.len() > BATCH_PARAMS_MAX {
+            return too_many("params", batch.params.len(), BATCH_PARAMS_MAX);
+        }
+        if batch.tags.len() > BATCH_TAGS_MAX {
+            return too_many("tags", batch.tags.len(), BATCH_TAGS_MAX);
+        }
+        // Any f64 is a metric value, NaN and infinities included (MLflow stores them too).
+        for (key, _) in &batch.metrics {
+            check_key(key, "metric")?;
+        }
+        let mut params_seen: OrdMap<&str, &str> = OrdMap::new();
+        for (key, value) in &batch.params {
+            check_key(key, "param")?;
+            check_value(value, PARAM_VALUE_CHARS_MAX, "param", key)?;
+            let earlier = run
+                .params
+                .get(key)
+                .map(String::as_str)
+                .or_else(|| params_seen.get(key.as_str()).copied());
+            if let Some(earlier) = earlier.filter(|earlier| earlier != value) {
+                return refuse(
+                    ErrorCode::InvalidParameterValue,
+                    format!(
+                        "param '{key}' of run {run_id} is already '{earlier}'; a param cannot change value (log a new run, or use a tag or a metric)"
+                    ),
+                );
+            }
+            params_seen.insert(key, value);
+        }
+        for (key, value) in &batch.tags {
+            check_key(key, "tag")?;
+            check_value(value, TAG_VALUE_CHARS_MAX, "tag", key)?;
+        }
+        let mut run = run.clone();
+        for (key, point) in &batch.metrics {
+            let mut history = run.metrics.get(key).cloned().unwrap_or_default();
+            history.push_back(*point);
+            run.metrics.insert(key.clone(), history);
+            if run.latest.get(key).is_none_or(|latest| point.supersedes(latest)) {
+                run.latest.insert(key.clone(), *point);
+            }
+        }
+        for (key, value) in &batch.params {
+            run.params.insert(key.clone(), value.clone());
+        }
+        for (key, value) in &batch.tags {
+            if key == "mlflow.runName" {
+                run.name = value.clone();
+            }
+            run.tags.insert(key.clone(), value.clone());
+        }
+        self.runs.insert(run_id.to_string(), run);
+        Ok(())
+    }
+
+    pub fn delete_tag(&mut self, run_id: &str, key: &str) -> Result<(), TrackingError> {
+        let run = self.active_run(run_id)?;
+        if !run.tags.contains_key(key) {
+            return refuse(
+                ErrorCode::ResourceDoesNotExist,
+                format!("run {run_id} has no tag '{key}'"),
+            );
+        }
+        let mut run = run.clone();
+        run.tags.remove(key);
+        self.runs.insert(run_id.to_string(), run);
+        Ok(())
+    }
+
+    /// Sets a run's status, end time and name (each when given).
+    pub fn update_run(
+        &mut self,
+        run_id: &str,
+        status: Option<RunStatus>,
+        end_time_ms: Option<i64>,
+        name: Option<&str>,
+    ) -> Result<&Run, TrackingError> {
+        let mut run = self.active_run(run_id)?.clone();
+        if let Some(status) = status {
+            run.status = status;
+        }
+        if let Some(end) = end_time_ms {
+            if end < run.start_time_ms {
+                return refuse(
+                    ErrorCode::InvalidParameterValue,
+                    format!("end time {end} is before the run's start time {}", run.start_time_ms),
+                );
+            }
+            run.end_time_ms = Some(end);
+        }
+        if let Some(name) = name.filter(|name| !name.is_empty()) {
+            run.name = name.to_string();
+            run.tags.insert("mlflow.runName".into(), name.to_string());
+        }
+        self.runs.insert(run_id.to_string(), run);
+        Ok(&self.runs[run_id])
+    }
+
+    /// Deletes (`deleted`) or restores a run.
+    pub fn set_run_stage(&mut self, run_id: &str, deleted: bool) -> Result<(), TrackingError> {
+        let run = self.run(run_id)?.clone();
+        if !deleted {
+            self.active_experiment(&run.experiment_id)?;
+        }
+        let lifecycle_stage = if deleted {
+            LifecycleStage::Deleted
+        } else {
+            LifecycleStage::Active
+        };
+        self.runs.insert(run_id.to_string(), Run { lifecycle_stage, ..run });
+        Ok(())
+    }
+
+    /// Every logged value of a run's metric, in the order logged.
+    pub fn metric_history(&self, run_id: &str, key: &str) -> Result<&Vector<MetricPoint>, TrackingError> {
+        let run = self.run(run_id)?;
+        run.metrics.get(key).ok_or_else(|| TrackingError {
+            code: ErrorCode::ResourceDoesNotExist,
+            message: format!("run {run_id} has no metric '{key}'"),
+        })
+    }
+
+    /// One page of the runs of `search.experiment_ids` that match its filter, in its order. The page token
+    /// is the number of runs already returned.
+    pub fn search_runs(&self, search: &RunSearch) -> Result<RunPage, TrackingError> {
+        if search.experiment_ids.is_empty() {
+            return refuse(
+                ErrorCode::InvalidParameterValue,
+                "a run search needs at least one experiment id".into(),
+            );
+        }
+        for id in &search.experiment_ids {
+            self.experiment(id)?;
+        }
+        if search.max_results == 0 || search.max_results > SEARCH_RESULTS_MAX {
+            return refuse(
+                ErrorCode::InvalidParameterValue,
+                format!(
+                    "max_results {} is out of range; expected 1 to {SEARCH_RESULTS_MAX}",
+                    search.max_results
+                ),
+            );
+        }
+        let offset = match &search.page_token {
+            None => 0,
+            Some(token) => token.parse::<usize>().map_err(|_| TrackingError {
+                code: ErrorCode::InvalidParameterValue,
+                message: format!("page token '{token}' is not one this server issued"),
+            })?,
+        };
+        let mut runs: Vec<&Run> = self
+            .runs
+            .values()
+            .filter(|run| {
+                search.experiment_ids.contains(&run.experiment_id)
+                    && search.view.shows(run.lifecycle_stage)
+                    && search.filter.matches(*run)
+            })
+            .collect();
+        runs.sort_by(|a, b| compare(&search.order_by, *a, *b));
+        let end = (offset + search.max_results).min(runs.len());
+        let page: Vec<Run> = runs
+            .get(offset..end)
+            .unwrap_or_default()
+            .iter()
+            .map(|run| (*run).clone())
+            .collect();
+        Ok(RunPage {
+            runs: page,
+            next_page_token: (end < runs.len()).then(|| end.to_string()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
