@@ -22,12 +22,13 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::{AppliedObject, Catalog, CatalogObject, ObjectDraft};
 use crate::error::CoordinatorError;
 use crate::spec::{JobSpec, ResourceSpec};
+use crate::tracking::{Tracking, TrackingCommand, TrackingError, TrackingOutcome};
 
 pub type JobId = u64;
 pub type NodeId = u64;
 
 /// Bumped whenever the snapshot layout changes.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 4;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 5;
 /// Most metrics or artifacts one job keeps, and the longest name or location, so reports cannot bloat the
 /// replicated state.
 pub const JOB_METRICS_MAX: usize = 64;
@@ -459,6 +460,11 @@ pub enum Command {
         replace: bool,
         now_ms: i64,
     },
+    /// A write to experiment tracking (see [`crate::tracking`]).
+    Track {
+        command: TrackingCommand,
+        now_ms: i64,
+    },
 }
 
 /// What applying a command produced, sent back to the client that proposed it.
@@ -479,6 +485,8 @@ pub enum CommandResult {
     Batch(Vec<CommandResult>),
     Rejected(CoordinatorError),
     CatalogApplied(Vec<AppliedObject>),
+    /// A tracking write's outcome, or why it was refused (with MLflow's error code).
+    Tracked(Result<TrackingOutcome, TrackingError>),
 }
 
 /// Reads, served after ReadIndex confirms this node has applied everything committed before the read.
@@ -530,6 +538,8 @@ pub struct StateMachine {
     queue: imbl::OrdSet<(i64, JobId)>,
     /// Versioned documents of other services (feature-store definitions).
     catalog: Catalog,
+    /// Experiments and runs.
+    tracking: Tracking,
 }
 
 fn queue_key(job: &Job) -> (i64, JobId) {
@@ -686,6 +696,7 @@ impl StateMachine {
                 Ok(applied) => CommandResult::CatalogApplied(applied),
                 Err(error) => CommandResult::Rejected(error),
             },
+            Command::Track { command, now_ms } => CommandResult::Tracked(self.tracking.apply(command, now_ms)),
             Command::Batch(commands) => CommandResult::Batch(
                 commands
                     .into_iter()
@@ -1125,6 +1136,11 @@ impl StateMachine {
         }
     }
 
+    /// Experiments and runs.
+    pub fn tracking(&self) -> &Tracking {
+        &self.tracking
+    }
+
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
     }
@@ -1194,6 +1210,10 @@ impl StateMachine {
             let (_, state): (u32, version3::StateMachine) = decode(bytes, "version 3 state machine snapshot")?;
             return Ok(state.upgrade());
         }
+        if version == 4 {
+            let (_, state): (u32, version4::StateMachine) = decode(bytes, "version 4 state machine snapshot")?;
+            return Ok(state.upgrade());
+        }
         if version != SNAPSHOT_FORMAT_VERSION {
             return Err(CoordinatorError::Storage(format!(
                 "snapshot format version {version} is not supported; this build reads versions 1 to {SNAPSHOT_FORMAT_VERSION}"
@@ -1201,6 +1221,41 @@ impl StateMachine {
         }
         let (_, state): (u32, StateMachine) = decode(bytes, "state machine snapshot")?;
         Ok(state)
+    }
+}
+
+/// Snapshot format 4 (jobs, workers and the catalog; no tracking).
+mod version4 {
+    use super::*;
+
+    #[derive(Deserialize)]
+    pub(super) struct StateMachine {
+        jobs: imbl::OrdMap<JobId, Job>,
+        idempotency_keys: imbl::OrdMap<String, JobId>,
+        next_job_id: JobId,
+        members: BTreeMap<NodeId, MemberRecord>,
+        workers: imbl::OrdMap<WorkerId, Worker>,
+        worker_uids: imbl::OrdMap<String, WorkerId>,
+        next_worker_id: WorkerId,
+        queue: imbl::OrdSet<(i64, JobId)>,
+        catalog: Catalog,
+    }
+
+    impl StateMachine {
+        pub(super) fn upgrade(self) -> super::StateMachine {
+            super::StateMachine {
+                jobs: self.jobs,
+                idempotency_keys: self.idempotency_keys,
+                next_job_id: self.next_job_id,
+                members: self.members,
+                workers: self.workers,
+                worker_uids: self.worker_uids,
+                next_worker_id: self.next_worker_id,
+                queue: self.queue,
+                catalog: self.catalog,
+                tracking: Tracking::default(),
+            }
+        }
     }
 }
 
@@ -1232,6 +1287,7 @@ mod version3 {
                 next_worker_id: self.next_worker_id,
                 queue: self.queue,
                 catalog: Catalog::default(),
+                tracking: Tracking::default(),
             }
         }
     }
@@ -1302,6 +1358,7 @@ mod version2 {
                 next_worker_id: self.next_worker_id,
                 queue: self.queue.into_iter().collect(),
                 catalog: Catalog::default(),
+                tracking: Tracking::default(),
             }
         }
     }
@@ -1821,6 +1878,97 @@ mod tests {
         assert_eq!(objects.len(), 1);
         let contents: Vec<&str> = objects[0].versions.iter().map(|v| v.content.as_str()).collect();
         assert_eq!(contents, ["a", "b"]);
+    }
+
+    #[test]
+    fn a_version_4_snapshot_is_upgraded_with_empty_tracking() {
+        // Format 4 is format 5 without tracking.
+        let mut state = StateMachine::default();
+        register(&mut state, "a", 2);
+        apply(&mut state, submit("k1", 1));
+        let body = (
+            &state.jobs,
+            &state.idempotency_keys,
+            state.next_job_id,
+            &state.members,
+            &state.workers,
+            &state.worker_uids,
+            state.next_worker_id,
+            &state.queue,
+            &state.catalog,
+        );
+        let bytes = encode(&(4u32, body)).unwrap();
+        assert_eq!(StateMachine::from_snapshot(&bytes).unwrap(), state);
+    }
+
+    #[test]
+    fn tracking_writes_are_replicated_commands_and_survive_snapshots() {
+        use crate::tracking::{LogBatch, MetricPoint, TrackingCommand, TrackingOutcome};
+        let mut state = StateMachine::default();
+        let root = "file:///data/artifacts".to_string();
+        let track = |command| Command::Track { command, now_ms: 10 };
+        let run_id = format!("{:032x}", 1);
+        let created = apply(
+            &mut state,
+            track(TrackingCommand::CreateRun {
+                run_id: run_id.clone(),
+                experiment_id: "0".into(),
+                name: "first".into(),
+                user_id: "ada".into(),
+                start_time_ms: 10,
+                tags: Vec::new(),
+                artifact_root: root.clone(),
+            }),
+        );
+        let CommandResult::Tracked(Ok(TrackingOutcome::Run(run))) = created else {
+            panic!("{created:?}")
+        };
+        assert_eq!(run.artifact_uri, format!("file:///data/artifacts/0/{run_id}/artifacts"));
+        let logged = apply(
+            &mut state,
+            track(TrackingCommand::LogBatch {
+                run_id: run_id.clone(),
+                batch: LogBatch {
+                    metrics: vec![(
+                        "loss".into(),
+                        MetricPoint {
+                            value: 0.5,
+                            timestamp_ms: 11,
+                            step: 1,
+                        },
+                    )],
+                    params: vec![("lr".into(), "0.1".into())],
+                    tags: Vec::new(),
+                },
+                artifact_root: root.clone(),
+            }),
+        );
+        assert!(
+            matches!(logged, CommandResult::Tracked(Ok(TrackingOutcome::Done))),
+            "{logged:?}"
+        );
+
+        // A refused write changes nothing; on an empty store that includes the Default experiment.
+        let mut empty = StateMachine::default();
+        let refused = apply(
+            &mut empty,
+            track(TrackingCommand::SetRunStage {
+                run_id: "nope".into(),
+                deleted: true,
+                artifact_root: root.clone(),
+            }),
+        );
+        let CommandResult::Tracked(Err(error)) = refused else {
+            panic!("{refused:?}")
+        };
+        assert_eq!(error.code, crate::tracking::ErrorCode::ResourceDoesNotExist);
+        assert_eq!(empty, StateMachine::default());
+
+        let restored = StateMachine::from_snapshot(&state.to_snapshot().unwrap()).unwrap();
+        assert_eq!(restored, state);
+        let history = restored.tracking().metric_history(&run_id, "loss").unwrap();
+        assert_eq!(history.iter().map(|point| point.value).collect::<Vec<_>>(), [0.5]);
+        assert_eq!(restored.tracking().run(&run_id).unwrap().params["lr"], "0.1");
     }
 
     #[test]

@@ -237,6 +237,83 @@ pub struct RunPage {
     pub next_page_token: Option<String>,
 }
 
+/// A replicated write to the tracking store. Ids and times are chosen by the proposer, so every replica
+/// applies the same change; `artifact_root` is the proposer's configured root, used only for the Default
+/// experiment on the first write and for experiments created without a location.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TrackingCommand {
+    CreateExperiment {
+        name: String,
+        artifact_location: Option<String>,
+        tags: Vec<(String, String)>,
+        artifact_root: String,
+    },
+    RenameExperiment {
+        id: String,
+        name: String,
+        artifact_root: String,
+    },
+    SetExperimentStage {
+        id: String,
+        deleted: bool,
+        artifact_root: String,
+    },
+    CreateRun {
+        run_id: String,
+        experiment_id: String,
+        name: String,
+        user_id: String,
+        start_time_ms: i64,
+        tags: Vec<(String, String)>,
+        artifact_root: String,
+    },
+    LogBatch {
+        run_id: String,
+        batch: LogBatch,
+        artifact_root: String,
+    },
+    DeleteTag {
+        run_id: String,
+        key: String,
+        artifact_root: String,
+    },
+    UpdateRun {
+        run_id: String,
+        status: Option<RunStatus>,
+        end_time_ms: Option<i64>,
+        name: Option<String>,
+        artifact_root: String,
+    },
+    SetRunStage {
+        run_id: String,
+        deleted: bool,
+        artifact_root: String,
+    },
+}
+
+impl TrackingCommand {
+    fn artifact_root(&self) -> &str {
+        match self {
+            TrackingCommand::CreateExperiment { artifact_root, .. }
+            | TrackingCommand::RenameExperiment { artifact_root, .. }
+            | TrackingCommand::SetExperimentStage { artifact_root, .. }
+            | TrackingCommand::CreateRun { artifact_root, .. }
+            | TrackingCommand::LogBatch { artifact_root, .. }
+            | TrackingCommand::DeleteTag { artifact_root, .. }
+            | TrackingCommand::UpdateRun { artifact_root, .. }
+            | TrackingCommand::SetRunStage { artifact_root, .. } => artifact_root,
+        }
+    }
+}
+
+/// What a tracking command produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TrackingOutcome {
+    Experiment(Experiment),
+    Run(Run),
+    Done,
+}
+
 fn check_key(key: &str, what: &str) -> Result<(), TrackingError> {
     if key.is_empty() || key.chars().count() > KEY_CHARS_MAX {
         return refuse(
@@ -276,35 +353,118 @@ fn check_value(value: &str, limit: usize, what: &str, key: &str) -> Result<(), T
     Ok(())
 }
 
-/// Experiments and runs, as the coordinator replicates them.
+/// Experiments and runs, as the coordinator replicates them. Empty until the first write, which creates
+/// the Default experiment under the artifact root its proposer was configured with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Tracking {
     experiments: OrdMap<String, Experiment>,
     names: OrdMap<String, String>,
     runs: OrdMap<String, Run>,
     next_experiment: u64,
-    artifact_root: String,
+}
+
+impl Default for Tracking {
+    fn default() -> Tracking {
+        Tracking {
+            experiments: OrdMap::new(),
+            names: OrdMap::new(),
+            runs: OrdMap::new(),
+            next_experiment: 1,
+        }
+    }
 }
 
 impl Tracking {
     /// A store with only the Default experiment; artifacts live under `artifact_root` (a URI).
     pub fn new(artifact_root: &str, now_ms: i64) -> Tracking {
-        let artifact_root = artifact_root.trim_end_matches('/').to_string();
+        let mut tracking = Tracking::default();
+        tracking.ensure_default_experiment(artifact_root, now_ms);
+        tracking
+    }
+
+    /// Creates the Default experiment ("0") under `artifact_root` unless it exists.
+    pub fn ensure_default_experiment(&mut self, artifact_root: &str, now_ms: i64) {
+        if self.experiments.contains_key(DEFAULT_EXPERIMENT_ID) {
+            return;
+        }
         let default = Experiment {
             id: DEFAULT_EXPERIMENT_ID.into(),
             name: "Default".into(),
-            artifact_location: format!("{artifact_root}/{DEFAULT_EXPERIMENT_ID}"),
+            artifact_location: format!("{}/{DEFAULT_EXPERIMENT_ID}", artifact_root.trim_end_matches('/')),
             lifecycle_stage: LifecycleStage::Active,
             tags: OrdMap::new(),
             creation_time_ms: now_ms,
             last_update_time_ms: now_ms,
         };
-        Tracking {
-            experiments: OrdMap::unit(default.id.clone(), default.clone()),
-            names: OrdMap::unit(default.name, default.id),
-            runs: OrdMap::new(),
-            next_experiment: 1,
-            artifact_root,
+        self.names.insert(default.name.clone(), default.id.clone());
+        self.experiments.insert(default.id.clone(), default);
+    }
+
+    /// Applies one replicated tracking command (see [`TrackingCommand`]); the Default experiment is made
+    /// first if this is the first write.
+    pub fn apply(&mut self, command: TrackingCommand, now_ms: i64) -> Result<TrackingOutcome, TrackingError> {
+        // A refused command changes nothing, not even the Default experiment (the clone shares structure).
+        let before = self.clone();
+        self.ensure_default_experiment(command.artifact_root(), now_ms);
+        let result = self.apply_checked(command, now_ms);
+        if result.is_err() {
+            *self = before;
+        }
+        result
+    }
+
+    fn apply_checked(&mut self, command: TrackingCommand, now_ms: i64) -> Result<TrackingOutcome, TrackingError> {
+        match command {
+            TrackingCommand::CreateExperiment {
+                name,
+                artifact_location,
+                tags,
+                artifact_root,
+            } => {
+                let id = self.create_experiment(&name, artifact_location.as_deref(), &artifact_root, &tags, now_ms)?;
+                Ok(TrackingOutcome::Experiment(self.experiment(&id)?.clone()))
+            }
+            TrackingCommand::RenameExperiment { id, name, .. } => {
+                self.rename_experiment(&id, &name, now_ms)?;
+                Ok(TrackingOutcome::Experiment(self.experiment(&id)?.clone()))
+            }
+            TrackingCommand::SetExperimentStage { id, deleted, .. } => {
+                self.set_experiment_stage(&id, deleted, now_ms)?;
+                Ok(TrackingOutcome::Experiment(self.experiment(&id)?.clone()))
+            }
+            TrackingCommand::CreateRun {
+                run_id,
+                experiment_id,
+                name,
+                user_id,
+                start_time_ms,
+                tags,
+                ..
+            } => Ok(TrackingOutcome::Run(
+                self.create_run(&run_id, &experiment_id, &name, &user_id, start_time_ms, &tags)?
+                    .clone(),
+            )),
+            TrackingCommand::LogBatch { run_id, batch, .. } => {
+                self.log_batch(&run_id, &batch)?;
+                Ok(TrackingOutcome::Done)
+            }
+            TrackingCommand::DeleteTag { run_id, key, .. } => {
+                self.delete_tag(&run_id, &key)?;
+                Ok(TrackingOutcome::Done)
+            }
+            TrackingCommand::UpdateRun {
+                run_id,
+                status,
+                end_time_ms,
+                name,
+                ..
+            } => Ok(TrackingOutcome::Run(
+                self.update_run(&run_id, status, end_time_ms, name.as_deref())?.clone(),
+            )),
+            TrackingCommand::SetRunStage { run_id, deleted, .. } => {
+                self.set_run_stage(&run_id, deleted)?;
+                Ok(TrackingOutcome::Run(self.run(&run_id)?.clone()))
+            }
         }
     }
 
@@ -363,6 +523,7 @@ impl Tracking {
         &mut self,
         name: &str,
         artifact_location: Option<&str>,
+        artifact_root: &str,
         tags: &[(String, String)],
         now_ms: i64,
     ) -> Result<String, TrackingError> {
@@ -388,7 +549,7 @@ impl Tracking {
             name: name.to_string(),
             artifact_location: artifact_location
                 .map(str::to_string)
-                .unwrap_or_else(|| format!("{}/{id}", self.artifact_root)),
+                .unwrap_or_else(|| format!("{}/{id}", artifact_root.trim_end_matches('/'))),
             lifecycle_stage: LifecycleStage::Active,
             tags: tags.iter().cloned().collect(),
             creation_time_ms: now_ms,

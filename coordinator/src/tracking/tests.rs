@@ -47,23 +47,33 @@ fn experiments_have_unique_names_and_the_default_always_exists() {
         tracking.experiment("0").unwrap().artifact_location,
         "file:///artifacts/0"
     );
-    let digits = tracking.create_experiment("digits", None, &[], 2_000).unwrap();
+    let digits = tracking
+        .create_experiment("digits", None, "file:///artifacts", &[], 2_000)
+        .unwrap();
     assert_eq!(digits, "1");
-    let error = tracking.create_experiment("digits", None, &[], 3_000).unwrap_err();
+    let error = tracking
+        .create_experiment("digits", None, "file:///artifacts", &[], 3_000)
+        .unwrap_err();
     assert_eq!(error.code, ErrorCode::ResourceAlreadyExists);
     assert!(
         error.message.contains("experiment 'digits' already exists (id 1)"),
         "{error}"
     );
     assert_eq!(
-        tracking.create_experiment(" ", None, &[], 0).unwrap_err().code,
+        tracking
+            .create_experiment(" ", None, "file:///artifacts", &[], 0)
+            .unwrap_err()
+            .code,
         ErrorCode::InvalidParameterValue
     );
 
     // Deleted names stay taken; a deleted experiment takes no runs until restored.
     tracking.set_experiment_stage(&digits, true, 4_000).unwrap();
     assert_eq!(
-        tracking.create_experiment("digits", None, &[], 5_000).unwrap_err().code,
+        tracking
+            .create_experiment("digits", None, "file:///artifacts", &[], 5_000)
+            .unwrap_err()
+            .code,
         ErrorCode::ResourceAlreadyExists
     );
     let error = tracking
@@ -217,7 +227,7 @@ fn runs_log_batches_all_or_nothing_and_keep_metric_histories() {
 #[test]
 fn searches_filter_order_and_page_through_runs() {
     let mut tracking = Tracking::new("file:///a", 0);
-    let other = tracking.create_experiment("other", None, &[], 0).unwrap();
+    let other = tracking.create_experiment("other", None, "file:///a", &[], 0).unwrap();
     for n in 0..7u32 {
         let experiment = if n == 6 { other.as_str() } else { "0" };
         tracking
