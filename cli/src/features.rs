@@ -500,15 +500,30 @@ pub async fn run(command: FeaturesCommand, target: Target, featurestore: String)
             if registered.definitions.services.is_empty() && definitions.is_none() {
                 bail!("no feature service is applied to the cluster; run kiln features apply FILE first");
             }
-            let set = write_training_set(
+            // A spinner with the rows joined so far, on a terminal only (indicatif hides it elsewhere).
+            let progress = indicatif::ProgressBar::new_spinner();
+            progress.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} joining: {pos} rows written ({per_sec}, {elapsed})")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            if json {
+                progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            } else {
+                // It turns while the views are read and indexed, before the first rows are written.
+                progress.enable_steady_tick(std::time::Duration::from_millis(120));
+            }
+            let built = write_training_set(
                 &registered.definitions,
                 &service,
                 &entities,
                 &event_timestamp,
                 Path::new("/"),
                 &out,
+                &mut |rows| progress.set_position(rows as u64),
             )
-            .await?;
+            .await;
+            progress.finish_and_clear();
+            let set = built?;
             let summary = json!({
                 "out": out.display().to_string(),
                 "rows": set.rows,

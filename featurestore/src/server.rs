@@ -570,6 +570,7 @@ impl FeatureServer {
             event_timestamp,
             &self.inner.data_dir,
             &building,
+            &mut |_| {},
         )
         .await?;
         let manifest = directory.join(format!("{}.json", set.content_hash));

@@ -219,7 +219,8 @@ pub async fn training_set(
 }
 
 /// Builds a training set (as [`training_set`]) from the entity rows in file `entities` into the Parquet
-/// file `out`, durably: `out` appears only once every row is written and fsynced.
+/// file `out`, durably: `out` appears only once every row is written and fsynced. `progress` hears the
+/// number of rows written so far after each chunk.
 pub async fn write_training_set(
     definitions: &Definitions,
     service_name: &str,
@@ -227,10 +228,12 @@ pub async fn write_training_set(
     event_timestamp: &str,
     base: &Path,
     out: &Path,
+    progress: &mut (dyn FnMut(usize) + Send),
 ) -> Result<TrainingSet, FeatureStoreError> {
     let stream = read_file_stream(entities).await?;
     let temporary = out.with_extension("parquet.tmp");
     let mut writer: Option<ArrowWriter<std::fs::File>> = None;
+    let mut written = 0;
     let built = training_set(definitions, service_name, stream, event_timestamp, base, &mut |chunk| {
         if writer.is_none() {
             writer = Some(parquet_writer(&temporary, chunk.schema())?);
@@ -239,7 +242,10 @@ pub async fn write_training_set(
             .as_mut()
             .expect("created above")
             .write(chunk)
-            .map_err(|error| storage_error(&temporary, &error))
+            .map_err(|error| storage_error(&temporary, &error))?;
+        written += chunk.num_rows();
+        progress(written);
+        Ok(())
     })
     .await;
     let set = match built {
@@ -564,6 +570,7 @@ features = ["rates"]
         let out = directory.path().join("set.parquet");
         let entity_file = directory.path().join("entities.parquet");
         write_parquet(&entity_file, &entities).unwrap();
+        let mut reported = Vec::new();
         let written = write_training_set(
             &definitions,
             "rates",
@@ -571,10 +578,12 @@ features = ["rates"]
             "event_timestamp",
             directory.path(),
             &out,
+            &mut |rows| reported.push(rows),
         )
         .await
         .unwrap();
         assert_eq!(written.rows, 150_000);
+        assert_eq!(reported, [CHUNK_ROWS, 2 * CHUNK_ROWS, 150_000]);
         let read = read_file(&out).await.unwrap();
         assert_eq!(read.iter().map(RecordBatch::num_rows).sum::<usize>(), 150_000);
         assert!(!out.with_extension("parquet.tmp").exists());
