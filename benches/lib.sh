@@ -23,7 +23,8 @@ trap cleanup EXIT
 # KILN_COORDINATOR. Extra environment for it (RAYON_NUM_THREADS=1, say) goes in UP_ENV.
 kiln_up() {
   local api="127.0.0.1:$(free_port)" raft="127.0.0.1:$(free_port)"
-  env ${UP_ENV:-} "$KILN" up "$@" --data-dir "$WORK/data" --listen "$api" --raft-listen "$raft" >"$WORK/up.log" 2>&1 &
+  env ${UP_ENV:-} "$KILN" up "$@" --data-dir "$WORK/data" --listen "$api" --raft-listen "$raft" \
+    --tracking-listen "127.0.0.1:$(free_port)" >"$WORK/up.log" 2>&1 &
   UP_PID=$!
   for _ in $(seq $((START_TIMEOUT_S * 10))); do
     grep -q "kiln is up" "$WORK/up.log" 2>/dev/null && break

@@ -147,7 +147,19 @@ struct CoordinatorArgs {
     #[arg(long, default_value_t = 10)]
     request_timeout: u64,
     #[command(flatten)]
+    tracking: TrackingArgs,
+    #[command(flatten)]
     scheduling: SchedulingArgs,
+}
+
+#[derive(Args, Clone)]
+struct TrackingArgs {
+    /// Where the MLflow Tracking REST API listens (MLFLOW_TRACKING_URI=http://ADDR); not served when absent.
+    #[arg(long)]
+    tracking_listen: Option<SocketAddr>,
+    /// Where runs' artifacts live, as a URI (default: file://DATA_DIR/artifacts).
+    #[arg(long, default_value = "")]
+    artifact_root: String,
 }
 
 #[derive(Args, Clone)]
@@ -235,6 +247,12 @@ struct UpArgs {
     /// The embedded feature server's Arrow Flight address (its data under DATA_DIR/featurestore).
     #[arg(long, default_value = "127.0.0.1:7072")]
     featurestore_listen: SocketAddr,
+    /// Where the MLflow Tracking REST API listens (MLFLOW_TRACKING_URI=http://ADDR).
+    #[arg(long, default_value = "127.0.0.1:7080")]
+    tracking_listen: SocketAddr,
+    /// Where runs' artifacts live, as a URI (default: file://DATA_DIR/artifacts).
+    #[arg(long, default_value = "")]
+    artifact_root: String,
     #[command(flatten)]
     scheduling: SchedulingArgs,
 }
@@ -392,12 +410,17 @@ async fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
     config.node.snapshot_interval_entries = args.snapshot_interval.max(1);
     config.tick_interval = Duration::from_millis(args.tick_ms.max(1));
     config.request_timeout = Duration::from_secs(args.request_timeout.max(1));
+    config.tracking_listen = args.tracking.tracking_listen;
+    config.artifact_root = args.tracking.artifact_root;
     args.scheduling.apply(&mut config);
     let coordinator = Coordinator::start(config).await?;
     println!(
         "coordinator {} serving clients on {} and peers on {}",
         coordinator.node_id, coordinator.api_addr, coordinator.raft_addr
     );
+    if let Some(addr) = coordinator.tracking_addr {
+        println!("  MLflow tracking API on http://{addr}");
+    }
     tokio::spawn(shutdown_on_signal(coordinator.shutdown_token()));
     coordinator.wait().await?;
     Ok(())
@@ -408,6 +431,8 @@ async fn run_up(args: UpArgs) -> Result<()> {
     config.api_listen = args.listen;
     config.raft_listen = args.raft_listen;
     config.peers.insert(1, args.raft_listen.to_string());
+    config.tracking_listen = Some(args.tracking_listen);
+    config.artifact_root = args.artifact_root.clone();
     args.scheduling.apply(&mut config);
     let coordinator = Coordinator::start(config).await?;
     let mut workers = Vec::new();
@@ -451,6 +476,9 @@ async fn run_up(args: UpArgs) -> Result<()> {
         coordinator.api_addr, coordinator.api_addr
     );
     println!("  raft peers       {}", coordinator.raft_addr);
+    if let Some(addr) = coordinator.tracking_addr {
+        println!("  MLflow tracking  http://{addr}   (MLFLOW_TRACKING_URI=http://{addr})");
+    }
     println!(
         "  feature server   {}   (Arrow Flight: grpc://{})",
         features.address, features.address

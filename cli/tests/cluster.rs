@@ -314,6 +314,8 @@ async fn up_runs_a_single_node_cluster_that_survives_a_restart() {
                 &raft,
                 "--featurestore-listen",
                 "127.0.0.1:0",
+                "--tracking-listen",
+                "127.0.0.1:0",
             ])
             .arg("--data-dir")
             .arg(&data)

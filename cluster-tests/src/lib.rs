@@ -25,6 +25,8 @@ pub struct Member {
     pub id: u64,
     pub api_addr: String,
     pub raft_addr: String,
+    /// Where the member serves the MLflow tracking API when the cluster's `tracking` is set.
+    pub tracking_addr: String,
     child: Option<Child>,
     /// Founding members start with `--peers`; later ones with `--join`.
     founding: bool,
@@ -44,6 +46,8 @@ pub struct Cluster {
     pub workers: BTreeMap<u32, WorkerProcess>,
     /// Extra flags for every coordinator (for example `--snapshot-interval 50`).
     pub extra_args: Vec<String>,
+    /// Every coordinator serves the MLflow tracking API on its `tracking_addr`.
+    pub tracking: bool,
 }
 
 impl Cluster {
@@ -55,6 +59,7 @@ impl Cluster {
             members: BTreeMap::new(),
             workers: BTreeMap::new(),
             extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
+            tracking: false,
         };
         for id in 1..=founders {
             cluster.plan(id, true);
@@ -68,6 +73,7 @@ impl Cluster {
             id,
             api_addr: format!("127.0.0.1:{}", free_port()),
             raft_addr: format!("127.0.0.1:{}", free_port()),
+            tracking_addr: format!("127.0.0.1:{}", free_port()),
             child: None,
             founding,
         };
@@ -116,6 +122,9 @@ impl Cluster {
             .env("KILN_LOG", "info,raft=info")
             .stdout(Stdio::null())
             .stderr(log);
+        if self.tracking {
+            command.args(["--tracking-listen", &member.tracking_addr]);
+        }
         if member.founding {
             command.args(["--peers", &peers]);
         } else {

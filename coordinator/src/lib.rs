@@ -14,7 +14,8 @@
 //!
 //! Module map: [`spec`] parses job TOML; [`catalog`] keeps other services' versioned documents; [`search`]
 //! parses and evaluates MLflow's run search language; [`tracking`] holds experiments and runs with MLflow's
-//! rules, replicated through [`state`]'s `Track` command (no API serves it yet); [`state`] is the deterministic state machine; [`scheduler`] the
+//! rules, replicated through [`state`]'s `Track` command and served as MLflow's REST API by
+//! `server::mlflow`; [`state`] is the deterministic state machine; [`scheduler`] the
 //! pure placement function the leader runs; [`storage`] the
 //! durable raft log; [`node`] the sans-IO consensus node; [`server`] the event loop, peer transport and
 //! gRPC services; [`client`] the failover client the CLI and tests use.

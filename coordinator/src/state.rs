@@ -397,6 +397,8 @@ pub enum Request {
         objects: Vec<ObjectDraft>,
         replace: bool,
     },
+    /// A write to experiment tracking.
+    Track(TrackingCommand),
 }
 
 /// An entry of the Raft log. Carries everything apply needs.
@@ -510,6 +512,8 @@ pub enum Query {
         include_deleted: bool,
         include_history: bool,
     },
+    /// The tracking store as applied (a cheap, structure-sharing copy).
+    Tracking,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -519,6 +523,7 @@ pub enum QueryResult {
     Workers(Vec<Worker>),
     Rejected(CoordinatorError),
     Catalog(Vec<CatalogObject>),
+    Tracking(Box<Tracking>),
 }
 
 /// The replicated state. Its maps are persistent (`imbl`): a clone shares structure and costs next to
@@ -1118,6 +1123,7 @@ impl StateMachine {
                 include_deleted,
                 include_history,
             } => QueryResult::Catalog(self.catalog.list(namespace, *include_deleted, *include_history)),
+            Query::Tracking => QueryResult::Tracking(Box::new(self.tracking.clone())),
             Query::GetWorker { id } => match self.workers.get(id) {
                 Some(worker) => QueryResult::Workers(vec![worker.clone()]),
                 None => QueryResult::Rejected(CoordinatorError::NotFound(format!(

@@ -55,6 +55,7 @@ use crate::storage::{Databases, LogStore};
 
 mod catalog;
 mod event_loop;
+mod mlflow;
 mod services;
 mod transport;
 mod workers;
@@ -115,6 +116,10 @@ pub struct CoordinatorConfig {
     /// A worker not heard from for this long is declared lost.
     pub worker_lease: Duration,
     pub scheduler: SchedulerConfig,
+    /// Where the MLflow Tracking REST API listens (`None`: not served). Port 0 picks a free port.
+    pub tracking_listen: Option<SocketAddr>,
+    /// Where runs' artifacts live (a URI); experiments created here put theirs under it.
+    pub artifact_root: String,
 }
 
 impl CoordinatorConfig {
@@ -130,6 +135,8 @@ impl CoordinatorConfig {
             request_timeout: Duration::from_secs(10),
             worker_lease: Duration::from_secs(5),
             scheduler: SchedulerConfig::default(),
+            tracking_listen: None,
+            artifact_root: String::new(),
         }
     }
 
@@ -196,6 +203,8 @@ pub struct Coordinator {
     pub node_id: NodeId,
     pub api_addr: SocketAddr,
     pub raft_addr: SocketAddr,
+    /// Where the MLflow Tracking REST API answers, when it is served.
+    pub tracking_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     servers: tokio::task::JoinSet<Result<(), tonic::transport::Error>>,
     event_loop: Option<std::thread::JoinHandle<Result<(), CoordinatorError>>>,
@@ -337,6 +346,29 @@ impl Coordinator {
             .add_service(CatalogServiceServer::new(shared.clone()))
             .serve_with_incoming_shutdown(incoming(api_listener), shutdown.clone().cancelled_owned());
         servers.spawn(api);
+        let tracking_addr = match config.tracking_listen {
+            None => None,
+            Some(listen) => {
+                let listener = tokio::net::TcpListener::bind(listen).await.map_err(|error| {
+                    CoordinatorError::InvalidArgument(format!("cannot listen for the MLflow API on {listen}: {error}"))
+                })?;
+                let addr = listener
+                    .local_addr()
+                    .map_err(|error| CoordinatorError::Internal(error.to_string()))?;
+                let artifact_root = if config.artifact_root.is_empty() {
+                    format!("file://{}", config.data_dir.join("artifacts").display())
+                } else {
+                    config.artifact_root.clone()
+                };
+                let routes = tonic::service::Routes::from(mlflow::router(shared.clone(), artifact_root));
+                let server = tonic::transport::Server::builder()
+                    .accept_http1(true)
+                    .add_routes(routes)
+                    .serve_with_incoming_shutdown(incoming(listener), shutdown.clone().cancelled_owned());
+                servers.spawn(server);
+                Some(addr)
+            }
+        };
         let peer = tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(
@@ -351,6 +383,7 @@ impl Coordinator {
             node_id: id,
             api_addr,
             raft_addr,
+            tracking_addr,
             shutdown,
             servers,
             event_loop: Some(event_loop),

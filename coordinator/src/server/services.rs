@@ -32,6 +32,8 @@ pub enum WriteOutcome {
     CatalogApplied {
         objects: Vec<crate::catalog::AppliedObject>,
     },
+    /// A tracking write's outcome, or MLflow's reason for refusing it.
+    Tracked(Result<crate::tracking::TrackingOutcome, crate::tracking::TrackingError>),
 }
 
 /// What the gRPC handlers share: a way to reach the loop, and to reach peers.
@@ -242,6 +244,18 @@ impl Shared {
                 }
             }
             Request::WorkerLeases => self.worker_leases().await,
+            Request::Track(command) => match self
+                .propose(Command::Track {
+                    command,
+                    now_ms: now_ms(),
+                })
+                .await?
+            {
+                CommandResult::Tracked(result) => Ok(WriteOutcome::Tracked(result)),
+                other => Err(CoordinatorError::Internal(format!(
+                    "unexpected tracking result {other:?}"
+                ))),
+            },
             Request::ApplyCatalog {
                 namespace,
                 objects,

@@ -1,0 +1,209 @@
+//! Experiment tracking as MLflow users run it: the stock `mlflow` client against the MLflow REST API that
+//! every coordinator serves, on a three-node cluster, through a follower and across the loss of the
+//! leader; and the API's errors over plain HTTP.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use kiln_cluster_tests::Cluster;
+
+const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+
+/// The Python interpreter of the virtual environment `.ci/run` prepares (mlflow-skinny among others).
+fn stock_python() -> Option<String> {
+    match std::env::var("KILN_PYTHON") {
+        Ok(python) if !python.is_empty() => Some(python),
+        _ => {
+            assert!(
+                std::env::var("CI").is_err(),
+                "KILN_PYTHON is not set; .ci/run sets it to its virtual environment's python"
+            );
+            eprintln!("skipped: KILN_PYTHON is not set (.ci/run sets it)");
+            None
+        }
+    }
+}
+
+fn mlflow(python: &str, mode: &str, address: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/mlflow_client.py");
+    let output = Command::new(python)
+        .arg(&script)
+        .arg(mode)
+        .arg(format!("http://{address}"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{mode}: {stdout}{stderr}");
+    assert!(
+        stdout.trim_end().ends_with("all mlflow checks passed"),
+        "{mode}: {stdout}"
+    );
+}
+
+async fn three_nodes() -> (Cluster, u64) {
+    let mut cluster = Cluster::new(Path::new(KILN), 3, &[]).unwrap();
+    cluster.tracking = true;
+    cluster.start_all().unwrap();
+    let leader = cluster.wait_for_leader(None, Duration::from_secs(20)).await.unwrap();
+    (cluster, leader)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stock_mlflow_client_logs_through_a_follower_and_reads_back_after_the_leader_dies() {
+    let Some(python) = stock_python() else { return };
+    let (mut cluster, leader) = three_nodes().await;
+    let follower = *cluster.members.keys().find(|id| **id != leader).unwrap();
+    mlflow(&python, "log", &cluster.members[&follower].tracking_addr.clone());
+
+    cluster.kill(leader).unwrap();
+    cluster
+        .wait_for_leader(Some(leader), Duration::from_secs(20))
+        .await
+        .unwrap();
+    let survivor = *cluster
+        .members
+        .keys()
+        .find(|id| **id != leader && **id != follower)
+        .unwrap();
+    mlflow(&python, "check", &cluster.members[&survivor].tracking_addr.clone());
+    cluster.kill_all().unwrap();
+}
+
+/// One HTTP/1.1 request; the status and the JSON body.
+fn http(address: &str, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let json = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    (status, serde_json::from_str(json).unwrap_or(serde_json::Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rest_api_answers_mlflow_error_codes_that_name_the_problem() {
+    let (mut cluster, leader) = three_nodes().await;
+    let address = cluster.members[&leader].tracking_addr.clone();
+    let api = "/api/2.0/mlflow";
+    let (status, body) = http(
+        &address,
+        "POST",
+        &format!("{api}/experiments/create"),
+        r#"{"name": "e"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let experiment = body["experiment_id"].as_str().unwrap().to_string();
+    let cases = [
+        (
+            "GET",
+            format!("{api}/runs/get?run_id={}", "0".repeat(32)),
+            String::new(),
+            404,
+            "RESOURCE_DOES_NOT_EXIST",
+            "no run has id",
+        ),
+        (
+            "POST",
+            format!("{api}/experiments/create"),
+            r#"{"name": "e"}"#.into(),
+            400,
+            "RESOURCE_ALREADY_EXISTS",
+            "already exists",
+        ),
+        (
+            "POST",
+            format!("{api}/experiments/create"),
+            "{}".into(),
+            400,
+            "INVALID_PARAMETER_VALUE",
+            "'name' is missing",
+        ),
+        (
+            "POST",
+            format!("{api}/experiments/create"),
+            "[1]".into(),
+            400,
+            "INVALID_PARAMETER_VALUE",
+            "expected a JSON object",
+        ),
+        (
+            "POST",
+            format!("{api}/runs/create"),
+            r#"{"experiment_id": "42"}"#.into(),
+            404,
+            "RESOURCE_DOES_NOT_EXIST",
+            "no experiment has id '42'",
+        ),
+        (
+            "POST",
+            format!("{api}/runs/search"),
+            format!(r#"{{"experiment_ids": ["{experiment}"], "filter": "metrics.a > 'x'"}}"#),
+            400,
+            "INVALID_PARAMETER_VALUE",
+            "expected a number",
+        ),
+        (
+            "POST",
+            format!("{api}/runs/update"),
+            format!(r#"{{"run_id": "{}", "status": "DONE"}}"#, "0".repeat(32)),
+            400,
+            "INVALID_PARAMETER_VALUE",
+            "expected RUNNING, SCHEDULED, FINISHED, FAILED or KILLED",
+        ),
+        (
+            "GET",
+            format!("{api}/model-versions/get"),
+            String::new(),
+            404,
+            "ENDPOINT_NOT_FOUND",
+            "is not an MLflow REST endpoint",
+        ),
+    ];
+    for (method, path, body, expected_status, code, words) in cases {
+        let (status, answer) = http(&address, method, &path, &body);
+        assert_eq!(status, expected_status, "{method} {path}: {answer}");
+        assert_eq!(answer["error_code"], code, "{method} {path}: {answer}");
+        let message = answer["message"].as_str().unwrap_or_default();
+        assert!(message.contains(words), "{method} {path}: {message}");
+    }
+    // A run in the new experiment, logged with a batch and read back with its history.
+    let (status, created) = http(
+        &address,
+        "POST",
+        &format!("{api}/runs/create"),
+        &format!(r#"{{"experiment_id": "{experiment}", "start_time": "5"}}"#),
+    );
+    assert_eq!(status, 200, "{created}");
+    let run = created["run"]["info"]["run_id"].as_str().unwrap().to_string();
+    assert_eq!(created["run"]["info"]["start_time"], 5);
+    let batch = format!(
+        r#"{{"run_id": "{run}", "metrics": [{{"key": "m", "value": 1.5, "timestamp": 7, "step": 2}}, {{"key": "m", "value": "NaN", "timestamp": 8, "step": 3}}], "params": [{{"key": "p", "value": "v"}}]}}"#
+    );
+    let (status, answer) = http(&address, "POST", &format!("{api}/runs/log-batch"), &batch);
+    assert_eq!(status, 200, "{answer}");
+    let (_, history) = http(
+        &address,
+        "GET",
+        &format!("{api}/metrics/get-history?run_id={run}&metric_key=m"),
+        "",
+    );
+    assert_eq!(history["metrics"][0]["value"], 1.5, "{history}");
+    assert_eq!(history["metrics"][1]["value"], "NaN", "{history}");
+    let (_, empty) = http(
+        &address,
+        "GET",
+        &format!("{api}/metrics/get-history?run_id={run}&metric_key=none"),
+        "",
+    );
+    assert_eq!(empty["metrics"], serde_json::json!([]), "{empty}");
+    cluster.kill_all().unwrap();
+}
