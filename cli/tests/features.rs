@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use kiln_cluster_tests::Cluster;
+use kiln_cluster_tests::{Cluster, stock_python};
 
 const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 
@@ -454,21 +454,6 @@ async fn the_feature_server_serves_what_was_applied_and_keeps_its_online_store_a
     let again = json_of(&server.features(&cluster, &lookup, Duration::from_secs(20)));
     assert_eq!(again, found);
     server.stop();
-}
-
-/// The Python interpreter of the virtual environment `.ci/run` prepares (pyarrow, adbc-driver-flightsql).
-fn stock_python() -> Option<String> {
-    match std::env::var("KILN_PYTHON") {
-        Ok(python) if !python.is_empty() => Some(python),
-        _ => {
-            assert!(
-                std::env::var("CI").is_err(),
-                "KILN_PYTHON is not set; .ci/run sets it to its virtual environment's python"
-            );
-            eprintln!("skipped: KILN_PYTHON is not set (.ci/run sets it)");
-            None
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

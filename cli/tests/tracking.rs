@@ -6,24 +6,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use kiln_cluster_tests::Cluster;
+use kiln_cluster_tests::{Cluster, stock_python};
 
 const KILN: &str = env!("CARGO_BIN_EXE_kiln");
-
-/// The Python interpreter of the virtual environment `.ci/run` prepares (mlflow-skinny among others).
-fn stock_python() -> Option<String> {
-    match std::env::var("KILN_PYTHON") {
-        Ok(python) if !python.is_empty() => Some(python),
-        _ => {
-            assert!(
-                std::env::var("CI").is_err(),
-                "KILN_PYTHON is not set; .ci/run sets it to its virtual environment's python"
-            );
-            eprintln!("skipped: KILN_PYTHON is not set (.ci/run sets it)");
-            None
-        }
-    }
-}
 
 fn mlflow(python: &str, mode: &str, address: &str) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/mlflow_client.py");

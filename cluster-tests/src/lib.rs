@@ -368,3 +368,20 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// The Python interpreter of the virtual environment `.ci/run` prepares with the stock clients the tests
+/// drive (pyarrow, adbc-driver-flightsql, mlflow-skinny, moto). `None` outside CI when `KILN_PYTHON` is
+/// unset, so a developer's `cargo test` skips those tests; under CI its absence fails the test.
+pub fn stock_python() -> Option<String> {
+    match std::env::var("KILN_PYTHON") {
+        Ok(python) if !python.is_empty() => Some(python),
+        _ => {
+            assert!(
+                std::env::var("CI").is_err(),
+                "KILN_PYTHON is not set; .ci/run sets it to its virtual environment's python"
+            );
+            eprintln!("skipped: KILN_PYTHON is not set (.ci/run sets it)");
+            None
+        }
+    }
+}

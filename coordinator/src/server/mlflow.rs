@@ -382,6 +382,23 @@ impl Tracker {
     }
 }
 
+/// A write whose answer is empty: the command built from the request's fields (and this node's artifact
+/// root), applied through Raft.
+async fn write_only(
+    tracker: Tracker,
+    body: Bytes,
+    command: impl FnOnce(&Fields, String) -> Result<TrackingCommand, Failure>,
+) -> Response {
+    respond(
+        async {
+            let fields = Fields(body_of(&body)?);
+            tracker.write(command(&fields, tracker.artifact_root.clone())?).await?;
+            Ok(json!({}))
+        }
+        .await,
+    )
+}
+
 async fn create_experiment(State(tracker): State<Tracker>, body: Bytes) -> Response {
     respond(
         async {
@@ -482,37 +499,25 @@ async fn experiments_page(tracker: &Tracker, fields: Fields) -> Result<Value, Fa
 }
 
 async fn update_experiment(State(tracker): State<Tracker>, body: Bytes) -> Response {
-    respond(
-        async {
-            let fields = Fields(body_of(&body)?);
-            tracker
-                .write(TrackingCommand::RenameExperiment {
-                    id: fields.required_text("experiment_id")?,
-                    name: fields.required_text("new_name")?,
-                    artifact_root: tracker.artifact_root.clone(),
-                })
-                .await?;
-            Ok(json!({}))
-        }
-        .await,
-    )
+    write_only(tracker, body, |fields, artifact_root| {
+        Ok(TrackingCommand::RenameExperiment {
+            id: fields.required_text("experiment_id")?,
+            name: fields.required_text("new_name")?,
+            artifact_root,
+        })
+    })
+    .await
 }
 
 async fn experiment_stage(tracker: Tracker, body: Bytes, deleted: bool) -> Response {
-    respond(
-        async {
-            let fields = Fields(body_of(&body)?);
-            tracker
-                .write(TrackingCommand::SetExperimentStage {
-                    id: fields.required_text("experiment_id")?,
-                    deleted,
-                    artifact_root: tracker.artifact_root.clone(),
-                })
-                .await?;
-            Ok(json!({}))
-        }
-        .await,
-    )
+    write_only(tracker, body, |fields, artifact_root| {
+        Ok(TrackingCommand::SetExperimentStage {
+            id: fields.required_text("experiment_id")?,
+            deleted,
+            artifact_root,
+        })
+    })
+    .await
 }
 
 async fn delete_experiment(State(tracker): State<Tracker>, body: Bytes) -> Response {
@@ -592,20 +597,14 @@ async fn update_run(State(tracker): State<Tracker>, body: Bytes) -> Response {
 }
 
 async fn run_stage(tracker: Tracker, body: Bytes, deleted: bool) -> Response {
-    respond(
-        async {
-            let fields = Fields(body_of(&body)?);
-            tracker
-                .write(TrackingCommand::SetRunStage {
-                    run_id: fields.run_id()?,
-                    deleted,
-                    artifact_root: tracker.artifact_root.clone(),
-                })
-                .await?;
-            Ok(json!({}))
-        }
-        .await,
-    )
+    write_only(tracker, body, |fields, artifact_root| {
+        Ok(TrackingCommand::SetRunStage {
+            run_id: fields.run_id()?,
+            deleted,
+            artifact_root,
+        })
+    })
+    .await
 }
 
 async fn delete_run(State(tracker): State<Tracker>, body: Bytes) -> Response {
@@ -616,15 +615,13 @@ async fn restore_run(State(tracker): State<Tracker>, body: Bytes) -> Response {
     run_stage(tracker, body, false).await
 }
 
-async fn log(tracker: &Tracker, run_id: String, batch: LogBatch) -> Result<Value, Failure> {
-    tracker
-        .write(TrackingCommand::LogBatch {
-            run_id,
-            batch,
-            artifact_root: tracker.artifact_root.clone(),
-        })
-        .await?;
-    Ok(json!({}))
+/// A log-batch command for the request's run.
+fn logged(fields: &Fields, batch: LogBatch, artifact_root: String) -> Result<TrackingCommand, Failure> {
+    Ok(TrackingCommand::LogBatch {
+        run_id: fields.run_id()?,
+        batch,
+        artifact_root,
+    })
 }
 
 fn metric_point(fields: &Fields) -> Result<(String, MetricPoint), Failure> {
@@ -643,85 +640,67 @@ fn metric_point(fields: &Fields) -> Result<(String, MetricPoint), Failure> {
 }
 
 async fn log_metric(State(tracker): State<Tracker>, body: Bytes) -> Response {
-    respond(
-        async {
-            let fields = Fields(body_of(&body)?);
-            let batch = LogBatch {
-                metrics: vec![metric_point(&fields)?],
-                ..LogBatch::default()
-            };
-            log(&tracker, fields.run_id()?, batch).await
-        }
-        .await,
-    )
+    write_only(tracker, body, |fields, artifact_root| {
+        let batch = LogBatch {
+            metrics: vec![metric_point(fields)?],
+            ..LogBatch::default()
+        };
+        logged(fields, batch, artifact_root)
+    })
+    .await
 }
 
 async fn log_parameter(State(tracker): State<Tracker>, body: Bytes) -> Response {
-    respond(
-        async {
-            let fields = Fields(body_of(&body)?);
-            let batch = LogBatch {
-                params: vec![(fields.required_text("key")?, fields.text("value")?.unwrap_or_default())],
-                ..LogBatch::default()
-            };
-            log(&tracker, fields.run_id()?, batch).await
-        }
-        .await,
-    )
+    write_only(tracker, body, |fields, artifact_root| {
+        let batch = LogBatch {
+            params: vec![(fields.required_text("key")?, fields.text("value")?.unwrap_or_default())],
+            ..LogBatch::default()
+        };
+        logged(fields, batch, artifact_root)
+    })
+    .await
 }
 
 async fn set_tag(State(tracker): State<Tracker>, body: Bytes) -> Response {
-    respond(
-        async {
-            let fields = Fields(body_of(&body)?);
-            let batch = LogBatch {
-                tags: vec![(fields.required_text("key")?, fields.text("value")?.unwrap_or_default())],
-                ..LogBatch::default()
-            };
-            log(&tracker, fields.run_id()?, batch).await
-        }
-        .await,
-    )
+    write_only(tracker, body, |fields, artifact_root| {
+        let batch = LogBatch {
+            tags: vec![(fields.required_text("key")?, fields.text("value")?.unwrap_or_default())],
+            ..LogBatch::default()
+        };
+        logged(fields, batch, artifact_root)
+    })
+    .await
 }
 
 async fn delete_tag(State(tracker): State<Tracker>, body: Bytes) -> Response {
-    respond(
-        async {
-            let fields = Fields(body_of(&body)?);
-            tracker
-                .write(TrackingCommand::DeleteTag {
-                    run_id: fields.run_id()?,
-                    key: fields.required_text("key")?,
-                    artifact_root: tracker.artifact_root.clone(),
-                })
-                .await?;
-            Ok(json!({}))
-        }
-        .await,
-    )
+    write_only(tracker, body, |fields, artifact_root| {
+        Ok(TrackingCommand::DeleteTag {
+            run_id: fields.run_id()?,
+            key: fields.required_text("key")?,
+            artifact_root,
+        })
+    })
+    .await
 }
 
 async fn log_batch(State(tracker): State<Tracker>, body: Bytes) -> Response {
-    respond(
-        async {
-            let fields = Fields(body_of(&body)?);
-            let metrics = match fields.0.get("metrics") {
-                None | Some(Value::Null) => Vec::new(),
-                Some(Value::Array(items)) => items
-                    .iter()
-                    .map(|item| metric_point(&Fields(item.as_object().cloned().unwrap_or_default())))
-                    .collect::<Result<_, _>>()?,
-                Some(other) => return Err(invalid(format!("'metrics' is {other}; expected a list of metrics"))),
-            };
-            let batch = LogBatch {
-                metrics,
-                params: fields.pairs("params")?,
-                tags: fields.pairs("tags")?,
-            };
-            log(&tracker, fields.run_id()?, batch).await
-        }
-        .await,
-    )
+    write_only(tracker, body, |fields, artifact_root| {
+        let metrics = match fields.0.get("metrics") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|item| metric_point(&Fields(item.as_object().cloned().unwrap_or_default())))
+                .collect::<Result<_, _>>()?,
+            Some(other) => return Err(invalid(format!("'metrics' is {other}; expected a list of metrics"))),
+        };
+        let batch = LogBatch {
+            metrics,
+            params: fields.pairs("params")?,
+            tags: fields.pairs("tags")?,
+        };
+        logged(fields, batch, artifact_root)
+    })
+    .await
 }
 
 async fn search_runs(State(tracker): State<Tracker>, body: Bytes) -> Response {
