@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use kiln_cluster_tests::{Cluster, stock_python};
+use kiln_cluster_tests::{Cluster, http_json as http, stock_python};
 
 const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 
@@ -54,24 +54,6 @@ async fn the_stock_mlflow_client_logs_through_a_follower_and_reads_back_after_th
         .unwrap();
     mlflow(&python, "check", &cluster.members[&survivor].tracking_addr.clone());
     cluster.kill_all().unwrap();
-}
-
-/// One HTTP/1.1 request; the status and the JSON body.
-fn http(address: &str, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response[9..12].parse().unwrap();
-    let json = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
-    (status, serde_json::from_str(json).unwrap_or(serde_json::Value::Null))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

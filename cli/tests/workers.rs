@@ -72,6 +72,7 @@ fn job_spec(name: &str, command: &str, args: &[&str], ranks: u32, cpus: u32, max
 /// so each one's id is known. Returns the cluster and the ids of worker 1 and worker 2.
 async fn cluster_with_workers(cpus: [u32; 2]) -> (Cluster, [u64; 2]) {
     let mut cluster = Cluster::new(Path::new(KILN), 3, COORDINATOR_ARGS).unwrap();
+    cluster.tracking = true;
     cluster.start_all().unwrap();
     cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
     let mut ids = [0; 2];
@@ -1143,6 +1144,40 @@ async fn the_digits_mlp_trains_data_parallel_across_two_workers() {
             .contains(&format!("job-{id}")),
         "{shown}"
     );
+    // The job is also an MLflow run, without a line of user code: its hyperparameters, every epoch's
+    // metrics, and its end.
+    let tracking = cluster.members.values().next().unwrap().tracking_addr.clone();
+    let (status, run) = kiln_cluster_tests::http_json(
+        &tracking,
+        "GET",
+        &format!("/api/2.0/mlflow/runs/get?run_id={id:032x}"),
+        "",
+    );
+    assert_eq!(status, 200, "{run}");
+    assert_eq!(run["run"]["info"]["status"], "FINISHED", "{run}");
+    assert_eq!(run["run"]["info"]["run_name"], "digits-mlp", "{run}");
+    let params = &run["run"]["data"]["params"];
+    assert!(
+        params
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|param| param["key"] == "learning_rate" && param["value"] == "0.001"),
+        "{run}"
+    );
+    let (_, history) = kiln_cluster_tests::http_json(
+        &tracking,
+        "GET",
+        &format!("/api/2.0/mlflow/metrics/get-history?run_id={id:032x}&metric_key=validation_accuracy"),
+        "",
+    );
+    let epochs: BTreeSet<i64> = history["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|point| point["step"].as_i64().unwrap())
+        .collect();
+    assert_eq!(epochs, (1..=30).collect(), "{history}");
 }
 
 /// Writes the digits as a snappy-compressed Parquet file: the pixels as Int32 columns, the label as Int64.

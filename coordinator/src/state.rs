@@ -547,6 +547,26 @@ pub struct StateMachine {
     tracking: Tracking,
 }
 
+/// A train job's hyperparameters as its run's params.
+fn train_params(spec: &JobSpec) -> Vec<(String, String)> {
+    let mut params = vec![("workers".to_string(), spec.resources.workers.to_string())];
+    if let Some(train) = &spec.train {
+        params.push(("model".into(), train.model.clone()));
+        let optional = [
+            ("epochs", train.epochs.map(|value| value.to_string())),
+            ("batch_size", train.batch_size.map(|value| value.to_string())),
+            ("learning_rate", train.learning_rate.clone()),
+            ("seed", train.seed.map(|value| value.to_string())),
+        ];
+        params.extend(
+            optional
+                .into_iter()
+                .filter_map(|(key, value)| Some((key.to_string(), value?))),
+        );
+    }
+    params
+}
+
 fn queue_key(job: &Job) -> (i64, JobId) {
     (-i64::from(job.spec.priority), job.id)
 }
@@ -575,6 +595,23 @@ pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Resul
 impl StateMachine {
     /// Applies one committed command. Jobs it changed are appended to `changed` (for watchers).
     pub fn apply(&mut self, command: Command, changed: &mut Vec<Job>) -> CommandResult {
+        let before = changed.len();
+        let result = self.apply_command(command, changed);
+        // A train job that ended ends its run with it.
+        for job in &changed[before..] {
+            let status = match job.state {
+                JobState::Succeeded => crate::tracking::RunStatus::Finished,
+                JobState::Failed => crate::tracking::RunStatus::Failed,
+                JobState::Cancelled => crate::tracking::RunStatus::Killed,
+                _ => continue,
+            };
+            let end = job.finished_at_ms.unwrap_or(job.updated_at_ms);
+            self.tracking.finish_job_run(job.id, status, end);
+        }
+        result
+    }
+
+    fn apply_command(&mut self, command: Command, changed: &mut Vec<Job>) -> CommandResult {
         match command {
             Command::SubmitJob {
                 spec,
@@ -612,6 +649,10 @@ impl StateMachine {
                 }
                 self.queue.insert(queue_key(&job));
                 self.jobs.insert(job.id, job.clone());
+                if job.spec.kind == crate::spec::JobKind::Train {
+                    self.tracking
+                        .start_job_run(job.id, &job.spec.name, &train_params(&job.spec), now_ms);
+                }
                 changed.push(job.clone());
                 CommandResult::Submitted { job, created: true }
             }
@@ -678,7 +719,7 @@ impl StateMachine {
                     )));
                 }
                 let mut merged_metrics = record.metrics.clone();
-                merged_metrics.extend(metrics);
+                merged_metrics.extend(metrics.clone());
                 let mut merged_artifacts = record.artifacts.clone();
                 merged_artifacts.extend(artifacts);
                 if merged_metrics.len() > JOB_METRICS_MAX || merged_artifacts.len() > JOB_METRICS_MAX {
@@ -690,6 +731,7 @@ impl StateMachine {
                 record.artifacts = merged_artifacts;
                 record.updated_at_ms = now_ms;
                 changed.push(record.clone());
+                self.tracking.log_job_metrics(job, &metrics, now_ms);
                 CommandResult::Done
             }
             Command::ApplyCatalog {
@@ -705,7 +747,7 @@ impl StateMachine {
             Command::Batch(commands) => CommandResult::Batch(
                 commands
                     .into_iter()
-                    .map(|command| self.apply(command, changed))
+                    .map(|command| self.apply_command(command, changed))
                     .collect(),
             ),
         }
@@ -1975,6 +2017,60 @@ mod tests {
         let history = restored.tracking().metric_history(&run_id, "loss").unwrap();
         assert_eq!(history.iter().map(|point| point.value).collect::<Vec<_>>(), [0.5]);
         assert_eq!(restored.tracking().run(&run_id).unwrap().params["lr"], "0.1");
+    }
+
+    #[test]
+    fn a_train_job_gets_a_tracking_run_that_follows_its_metrics_and_its_end() {
+        use crate::tracking::{RunStatus, Tracking};
+        let mut state = StateMachine::default();
+        let worker = register(&mut state, "a", 2);
+        let spec = "name = \"digits\"\nkind = \"train\"\n[train]\nmodel = \"mlp\"\ndataset = \"d.csv\"\nlabel = \"y\"\nepochs = 2\nlearning_rate = 0.01\n[resources]\nworkers = 1\ncpus = 1\n";
+        apply(&mut state, submit_spec("k", 1, spec));
+        // A command job gets no run.
+        apply(&mut state, submit("k2", 1));
+        assert!(state.tracking().run(&Tracking::job_run_id(2)).is_err());
+        let run_id = Tracking::job_run_id(1);
+        let run = state.tracking().run(&run_id).unwrap().clone();
+        assert_eq!(
+            (run.name.as_str(), run.experiment_id.as_str(), run.status),
+            ("digits", "0", RunStatus::Running)
+        );
+        assert_eq!(run.tags["kiln.job_id"], "1");
+        assert_eq!(run.params["learning_rate"], "0.01");
+        assert_eq!(run.params["epochs"], "2");
+        assert_eq!(state.tracking().experiment("0").unwrap().artifact_location, "");
+
+        start(&mut state, 1, 1, vec![worker]);
+        for (epoch, loss) in [(1.0, 0.9), (2.0, 0.4)] {
+            let report = Command::RecordMetrics {
+                job: 1,
+                attempt: 1,
+                metrics: [("epoch".to_string(), epoch), ("loss".to_string(), loss)].into(),
+                artifacts: BTreeMap::new(),
+                now_ms: 10,
+            };
+            assert!(matches!(apply(&mut state, report), CommandResult::Done));
+        }
+        let history = state.tracking().metric_history(&run_id, "loss").unwrap();
+        let points: Vec<(i64, f64)> = history.iter().map(|point| (point.step, point.value)).collect();
+        assert_eq!(points, [(1, 0.9), (2, 0.4)]);
+
+        finish(&mut state, 1, 1, 0, worker, 0);
+        let run = state.tracking().run(&run_id).unwrap();
+        assert_eq!(run.status, RunStatus::Finished);
+        assert_eq!(run.end_time_ms, state.job(1).unwrap().finished_at_ms);
+
+        // The first write that carries a root gives the Default experiment its location.
+        let command = crate::tracking::TrackingCommand::SetRunStage {
+            run_id: run_id.clone(),
+            deleted: false,
+            artifact_root: "file:///a".into(),
+        };
+        apply(&mut state, Command::Track { command, now_ms: 20 });
+        assert_eq!(
+            state.tracking().experiment("0").unwrap().artifact_location,
+            "file:///a/0"
+        );
     }
 
     #[test]

@@ -382,9 +382,31 @@ impl Tracking {
         tracking
     }
 
-    /// Creates the Default experiment ("0") under `artifact_root` unless it exists.
+    /// Creates the Default experiment ("0") under `artifact_root` unless it exists. One made by a job's run
+    /// before any write carried a root has no location until a write brings one.
     pub fn ensure_default_experiment(&mut self, artifact_root: &str, now_ms: i64) {
-        if self.experiments.contains_key(DEFAULT_EXPERIMENT_ID) {
+        if let Some(default) = self.experiments.get(DEFAULT_EXPERIMENT_ID) {
+            if default.artifact_location.is_empty() && !artifact_root.is_empty() {
+                let located = Experiment {
+                    artifact_location: format!("{}/{DEFAULT_EXPERIMENT_ID}", artifact_root.trim_end_matches('/')),
+                    ..default.clone()
+                };
+                self.experiments.insert(DEFAULT_EXPERIMENT_ID.into(), located);
+            }
+            return;
+        }
+        if artifact_root.is_empty() {
+            let default = Experiment {
+                id: DEFAULT_EXPERIMENT_ID.into(),
+                name: "Default".into(),
+                artifact_location: String::new(),
+                lifecycle_stage: LifecycleStage::Active,
+                tags: OrdMap::new(),
+                creation_time_ms: now_ms,
+                last_update_time_ms: now_ms,
+            };
+            self.names.insert(default.name.clone(), default.id.clone());
+            self.experiments.insert(default.id.clone(), default);
             return;
         }
         let default = Experiment {
@@ -398,6 +420,81 @@ impl Tracking {
         };
         self.names.insert(default.name.clone(), default.id.clone());
         self.experiments.insert(default.id.clone(), default);
+    }
+
+    /// The run of Kiln job `job`: 32 hex digits that no MLflow client's run can have (theirs start with the
+    /// time).
+    pub fn job_run_id(job: u64) -> String {
+        format!("{job:032x}")
+    }
+
+    /// Starts the run of a train job in the Default experiment, with the job's hyperparameters as params
+    /// and its id as tag `kiln.job_id`. Part of applying the job's submission: deterministic, and a no-op
+    /// if the run exists.
+    pub fn start_job_run(&mut self, job: u64, name: &str, params: &[(String, String)], now_ms: i64) {
+        let run_id = Tracking::job_run_id(job);
+        if self.runs.contains_key(&run_id) {
+            return;
+        }
+        self.ensure_default_experiment("", now_ms);
+        let tags = [("kiln.job_id".to_string(), job.to_string())];
+        if self
+            .create_run(&run_id, DEFAULT_EXPERIMENT_ID, name, "kiln", now_ms, &tags)
+            .is_ok()
+        {
+            let batch = LogBatch {
+                params: params.to_vec(),
+                ..LogBatch::default()
+            };
+            // Keys a job spec allows are valid params; a refused batch leaves the run without them.
+            let _ = self.log_batch(&run_id, &batch);
+        }
+    }
+
+    /// Logs a train job's reported metrics into its run (if it has one), at the reported `step` (or `epoch`).
+    /// Metrics whose names MLflow would refuse are left out.
+    pub fn log_job_metrics(&mut self, job: u64, metrics: &std::collections::BTreeMap<String, f64>, now_ms: i64) {
+        let run_id = Tracking::job_run_id(job);
+        if !self
+            .runs
+            .get(&run_id)
+            .is_some_and(|run| run.lifecycle_stage == LifecycleStage::Active)
+        {
+            return;
+        }
+        let step = metrics
+            .get("step")
+            .or_else(|| metrics.get("epoch"))
+            .copied()
+            .unwrap_or(0.0) as i64;
+        let batch = LogBatch {
+            metrics: metrics
+                .iter()
+                .filter(|(key, _)| check_key(key, "metric").is_ok())
+                .map(|(key, value)| {
+                    let point = MetricPoint {
+                        value: *value,
+                        timestamp_ms: now_ms,
+                        step,
+                    };
+                    (key.clone(), point)
+                })
+                .collect(),
+            ..LogBatch::default()
+        };
+        let _ = self.log_batch(&run_id, &batch);
+    }
+
+    /// Ends a job's run (if it has one and it is still running) with the job's outcome.
+    pub fn finish_job_run(&mut self, job: u64, status: RunStatus, end_ms: i64) {
+        let run_id = Tracking::job_run_id(job);
+        if self
+            .runs
+            .get(&run_id)
+            .is_some_and(|run| run.status == RunStatus::Running)
+        {
+            let _ = self.update_run(&run_id, Some(status), Some(end_ms), None);
+        }
     }
 
     /// Applies one replicated tracking command (see [`TrackingCommand`]); the Default experiment is made
@@ -678,7 +775,12 @@ impl Tracking {
             start_time_ms,
             end_time_ms: None,
             lifecycle_stage: LifecycleStage::Active,
-            artifact_uri: format!("{}/{run_id}/artifacts", experiment.artifact_location),
+            // A job's run made before the Default experiment had a location has none either.
+            artifact_uri: if experiment.artifact_location.is_empty() {
+                String::new()
+            } else {
+                format!("{}/{run_id}/artifacts", experiment.artifact_location)
+            },
             params: OrdMap::new(),
             tags,
             metrics: OrdMap::new(),
