@@ -7,6 +7,7 @@ mod demo;
 mod features;
 mod featureserver;
 mod output;
+mod runs;
 mod task;
 
 /// mimalloc for the whole binary: a DoGet of a wide table allocates megabytes per batch, and glibc maps
@@ -115,6 +116,14 @@ enum Command {
     },
     /// Run a feature server: Arrow Flight over the feature definitions the cluster holds.
     Featurestore(featureserver::FeatureServerArgs),
+    /// Experiment runs (train jobs' and MLflow clients'): list, show, compare.
+    Runs {
+        #[command(subcommand)]
+        command: runs::RunsCommand,
+        /// A coordinator's MLflow tracking API (kiln up serves one on 127.0.0.1:7080).
+        #[arg(long, global = true, env = "KILN_TRACKING", default_value = "127.0.0.1:7080")]
+        tracking: String,
+    },
 }
 
 #[derive(Args)]
@@ -806,6 +815,7 @@ async fn run(cli: Cli) -> Result<()> {
             featurestore,
         } => features::run(command, target, featurestore).await,
         Command::Featurestore(args) => featureserver::run(args).await,
+        Command::Runs { command, tracking } => runs::run(command, &tracking).await,
     }
 }
 

@@ -40,7 +40,71 @@ async fn the_stock_mlflow_client_logs_through_a_follower_and_reads_back_after_th
     let Some(python) = stock_python() else { return };
     let (mut cluster, leader) = three_nodes().await;
     let follower = *cluster.members.keys().find(|id| **id != leader).unwrap();
-    mlflow(&python, "log", &cluster.members[&follower].tracking_addr.clone());
+    let follower_tracking = cluster.members[&follower].tracking_addr.clone();
+    mlflow(&python, "log", &follower_tracking);
+
+    // The same runs through the CLI: listed (newest first), shown, compared.
+    let kiln = |args: &[&str]| {
+        let output = Command::new(KILN)
+            .args(args)
+            .args(["--tracking", &follower_tracking])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+        assert!(
+            output.status.success(),
+            "{args:?}: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    };
+    let listed: serde_json::Value =
+        serde_json::from_str(&kiln(&["runs", "list", "--experiment", "digits", "--json"])).unwrap();
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| run["info"]["run_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["lr-0.3", "lr-0.1"]);
+    let ids: Vec<String> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| run["info"]["run_id"].as_str().unwrap().to_string())
+        .collect();
+    let filtered = kiln(&[
+        "runs",
+        "list",
+        "--experiment",
+        "digits",
+        "--filter",
+        "metrics.accuracy > 0.9",
+    ]);
+    assert!(
+        filtered.contains("lr-0.1") && !filtered.contains("lr-0.3"),
+        "{filtered}"
+    );
+    let shown = kiln(&["runs", "show", &ids[1]]);
+    assert!(
+        shown.contains("FINISHED") && shown.contains("accuracy") && shown.contains("0.9300"),
+        "{shown}"
+    );
+    let compared: serde_json::Value =
+        serde_json::from_str(&kiln(&["runs", "compare", &ids[0], &ids[1], "--json"])).unwrap();
+    assert_eq!(compared[0]["params"]["lr"], "0.3", "{compared}");
+    assert_eq!(compared[1]["metrics"]["accuracy"], 0.93, "{compared}");
+    let table = kiln(&["runs", "compare", &ids[0], &ids[1]]);
+    assert!(table.contains("param lr") && table.contains("metric loss"), "{table}");
+    let output = Command::new(KILN)
+        .args(["runs", "list", "--experiment", "nope", "--tracking", &follower_tracking])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("no experiment is named 'nope'"),
+        "{stderr}"
+    );
 
     cluster.kill(leader).unwrap();
     cluster

@@ -1,0 +1,318 @@
+//! `kiln runs list | show | compare`: experiment runs (train jobs' and any MLflow client's) as the
+//! coordinators' MLflow tracking API serves them, as tables or `--json`.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use serde_json::{Value, json};
+
+use crate::output::print_table;
+
+#[derive(Subcommand)]
+pub enum RunsCommand {
+    /// Runs, newest first: one experiment's (by name), or every active experiment's.
+    List {
+        #[arg(long)]
+        experiment: Option<String>,
+        /// MLflow's search filter, e.g. "metrics.validation_accuracy > 0.9 and params.model = 'mlp'".
+        #[arg(long, default_value = "")]
+        filter: String,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One run: its status, times, params, latest metrics and tags.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Runs side by side: every param and latest metric any of them has.
+    Compare {
+        #[arg(required = true, num_args = 2..)]
+        ids: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The MLflow tracking API of a coordinator, over HTTP.
+struct Api {
+    client: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    fn new(address: &str) -> Result<Api> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Api {
+            client,
+            base: format!("http://{address}/api/2.0/mlflow"),
+        })
+    }
+
+    async fn call(&self, request: reqwest::RequestBuilder, what: &str) -> Result<Value> {
+        let response = request.send().await.with_context(|| {
+            format!(
+                "no MLflow tracking API answers at {} (kiln up serves one on 127.0.0.1:7080; --tracking)",
+                self.base
+            )
+        })?;
+        let status = response.status();
+        let body: Value = response
+            .json()
+            .await
+            .with_context(|| format!("{what}: the answer is not JSON"))?;
+        if !status.is_success() {
+            bail!(
+                "{what}: {} ({})",
+                body["message"].as_str().unwrap_or("no message"),
+                body["error_code"].as_str().unwrap_or(status.as_str())
+            );
+        }
+        Ok(body)
+    }
+
+    async fn get(&self, path: &str, query: &[(&str, &str)], what: &str) -> Result<Value> {
+        self.call(self.client.get(format!("{}/{path}", self.base)).query(query), what)
+            .await
+    }
+
+    async fn post(&self, path: &str, body: Value, what: &str) -> Result<Value> {
+        self.call(self.client.post(format!("{}/{path}", self.base)).json(&body), what)
+            .await
+    }
+
+    async fn run(&self, id: &str) -> Result<Value> {
+        Ok(self.get("runs/get", &[("run_id", id)], &format!("run {id}")).await?["run"].take())
+    }
+}
+
+/// The `key`/`value` pairs of a run's params, metrics or tags.
+fn pairs(run: &Value, field: &str) -> Vec<(String, Value)> {
+    run["data"][field]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|item| {
+                    (
+                        item["key"].as_str().unwrap_or_default().to_string(),
+                        item["value"].clone(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        Value::Number(number) => match number.as_f64() {
+            Some(float) if number.is_f64() => format!("{float:.4}"),
+            _ => number.to_string(),
+        },
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn when(millis: &Value) -> String {
+    match millis.as_i64().and_then(|millis| u64::try_from(millis).ok()) {
+        Some(millis) => {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(millis)).to_string()
+        }
+        None => "-".into(),
+    }
+}
+
+fn duration(info: &Value) -> String {
+    match (info["start_time"].as_i64(), info["end_time"].as_i64()) {
+        (Some(start), Some(end)) => format!("{:.1}s", (end - start) as f64 / 1000.0),
+        _ => "-".into(),
+    }
+}
+
+pub async fn run(command: RunsCommand, tracking: &str) -> Result<()> {
+    let api = Api::new(tracking)?;
+    match command {
+        RunsCommand::List {
+            experiment,
+            filter,
+            limit,
+            json,
+        } => {
+            let experiment_ids: Vec<String> = match &experiment {
+                Some(name) => {
+                    let found = api
+                        .get(
+                            "experiments/get-by-name",
+                            &[("experiment_name", name)],
+                            &format!("experiment '{name}'"),
+                        )
+                        .await?;
+                    vec![
+                        found["experiment"]["experiment_id"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                    ]
+                }
+                None => api
+                    .post("experiments/search", json!({ "max_results": 1000 }), "the experiments")
+                    .await?["experiments"]
+                    .as_array()
+                    .map(|all| {
+                        all.iter()
+                            .filter_map(|e| e["experiment_id"].as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            };
+            if experiment_ids.is_empty() {
+                if json {
+                    println!("[]");
+                } else {
+                    println!("no runs yet");
+                }
+                return Ok(());
+            }
+            let body = json!({
+                "experiment_ids": experiment_ids,
+                "filter": filter,
+                "max_results": limit.max(1),
+                "order_by": ["attributes.start_time DESC"],
+            });
+            let found = api.post("runs/search", body, "the run search").await?;
+            let runs = found["runs"].as_array().cloned().unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&runs)?);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = runs
+                .iter()
+                .map(|run| {
+                    let info = &run["info"];
+                    let metrics: Vec<String> = pairs(run, "metrics")
+                        .into_iter()
+                        .filter(|(key, _)| !matches!(key.as_str(), "step" | "epoch"))
+                        .take(3)
+                        .map(|(key, value)| format!("{key}={}", text(&value)))
+                        .collect();
+                    vec![
+                        text(&info["run_id"]),
+                        text(&info["run_name"]),
+                        text(&info["experiment_id"]),
+                        text(&info["status"]),
+                        when(&info["start_time"]),
+                        duration(info),
+                        metrics.join(" "),
+                    ]
+                })
+                .collect();
+            print_table(
+                &[
+                    "RUN ID",
+                    "NAME",
+                    "EXPERIMENT",
+                    "STATUS",
+                    "STARTED",
+                    "DURATION",
+                    "METRICS",
+                ],
+                &rows,
+            );
+            Ok(())
+        }
+        RunsCommand::Show { id, json } => {
+            let run = api.run(&id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&run)?);
+                return Ok(());
+            }
+            let info = &run["info"];
+            println!("run {} ({})", text(&info["run_id"]), text(&info["run_name"]));
+            println!("  experiment  {}", text(&info["experiment_id"]));
+            println!("  status      {}", text(&info["status"]));
+            println!("  started     {}", when(&info["start_time"]));
+            println!("  duration    {}", duration(info));
+            println!("  artifacts   {}", text(&info["artifact_uri"]));
+            for (title, field) in [("params", "params"), ("metrics (latest)", "metrics"), ("tags", "tags")] {
+                let entries = pairs(&run, field);
+                if entries.is_empty() {
+                    continue;
+                }
+                println!("{title}:");
+                let width = entries.iter().map(|(key, _)| key.chars().count()).max().unwrap_or(0);
+                for (key, value) in &entries {
+                    println!("  {key:<width$}  {}", text(value));
+                }
+            }
+            Ok(())
+        }
+        RunsCommand::Compare { ids, json } => {
+            let mut runs = Vec::new();
+            for id in &ids {
+                runs.push(api.run(id).await?);
+            }
+            let keys = |field: &str| -> BTreeSet<String> {
+                runs.iter()
+                    .flat_map(|run| pairs(run, field).into_iter().map(|(key, _)| key))
+                    .collect()
+            };
+            let (params, metrics) = (keys("params"), keys("metrics"));
+            let value_of = |run: &Value, field: &str, key: &str| {
+                pairs(run, field)
+                    .into_iter()
+                    .find(|(name, _)| name == key)
+                    .map_or(Value::Null, |(_, value)| value)
+            };
+            if json {
+                let table: Vec<Value> = runs
+                    .iter()
+                    .map(|run| {
+                        let section = |field: &str, names: &BTreeSet<String>| -> serde_json::Map<String, Value> {
+                            names
+                                .iter()
+                                .map(|key| (key.clone(), value_of(run, field, key)))
+                                .collect()
+                        };
+                        json!({
+                            "run_id": run["info"]["run_id"],
+                            "run_name": run["info"]["run_name"],
+                            "status": run["info"]["status"],
+                            "params": section("params", &params),
+                            "metrics": section("metrics", &metrics),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&table)?);
+                return Ok(());
+            }
+            let mut headers = vec!["".to_string()];
+            headers.extend(runs.iter().map(|run| text(&run["info"]["run_name"])));
+            let mut rows = vec![{
+                let mut row = vec!["run id".to_string()];
+                row.extend(runs.iter().map(|run| text(&run["info"]["run_id"])));
+                row
+            }];
+            for (field, label, names) in [("params", "param", &params), ("metrics", "metric", &metrics)] {
+                for key in names {
+                    let mut row = vec![format!("{label} {key}")];
+                    row.extend(runs.iter().map(|run| text(&value_of(run, field, key))));
+                    rows.push(row);
+                }
+            }
+            let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+            print_table(&headers, &rows);
+            Ok(())
+        }
+    }
+}
