@@ -271,6 +271,8 @@ fn tokenize(text: &str) -> Result<Vec<Token>, SearchError> {
 struct Parser {
     tokens: Vec<Token>,
     at: usize,
+    /// Keys name an experiment's fields (MLflow's experiment search) rather than a run's.
+    experiments: bool,
 }
 
 impl Parser {
@@ -294,6 +296,9 @@ impl Parser {
                 ));
             }
         };
+        if self.experiments {
+            return self.experiment_key(word);
+        }
         let (entity, name) = match word.split_once('.') {
             Some((entity, "")) => {
                 // `metrics.` followed by a quoted name.
@@ -328,6 +333,34 @@ impl Parser {
             },
             other => error(format!(
                 "'{other}' is not something a run has; expected metrics, params, tags or attributes before the '.'"
+            )),
+        }
+    }
+
+    /// A key of MLflow's experiment search: `name`, `creation_time`, `last_update_time`, `experiment_id`
+    /// (bare or after `attributes.`), or `tags.KEY`. They map onto the run keys an experiment answers.
+    fn experiment_key(&mut self, word: String) -> Result<Key, SearchError> {
+        let (entity, name) = match word.split_once('.') {
+            Some((entity, "")) => match self.next("a quoted key name")? {
+                Token::Backticked(name) | Token::Quoted(name) => (entity.to_ascii_lowercase(), name),
+                other => return error(format!("{} is not a key name; expected `name`", other.describe())),
+            },
+            Some((entity, name)) => (entity.to_ascii_lowercase(), name.to_string()),
+            None => ("attributes".to_string(), word.clone()),
+        };
+        match entity.as_str() {
+            "tags" | "tag" => Ok(Key::Tag(name)),
+            "attributes" | "attribute" | "attr" => match name.as_str() {
+                "name" => Ok(Key::Text(TextAttribute::RunName)),
+                "experiment_id" => Ok(Key::Text(TextAttribute::RunId)),
+                "creation_time" => Ok(Key::Time(TimeAttribute::StartTime)),
+                "last_update_time" => Ok(Key::Time(TimeAttribute::EndTime)),
+                other => error(format!(
+                    "experiments cannot be searched by '{other}'; expected name, experiment_id, creation_time, last_update_time or tags.KEY"
+                )),
+            },
+            other => error(format!(
+                "experiments have no '{other}'; expected name, experiment_id, creation_time, last_update_time or tags.KEY"
             )),
         }
     }
@@ -419,9 +452,20 @@ fn describe_key(key: &Key) -> String {
 impl Filter {
     /// Parses a filter; an empty (or blank) one matches every run.
     pub fn parse(text: &str) -> Result<Filter, SearchError> {
+        Filter::parse_with(text, false)
+    }
+
+    /// Parses a filter of MLflow's experiment search (`name LIKE 'digits%' AND tags.team = 'vision'`),
+    /// to evaluate against experiments through [`SearchableRun`] (see [`Key`] for the mapping).
+    pub fn parse_experiments(text: &str) -> Result<Filter, SearchError> {
+        Filter::parse_with(text, true)
+    }
+
+    fn parse_with(text: &str, experiments: bool) -> Result<Filter, SearchError> {
         let mut parser = Parser {
             tokens: tokenize(text)?,
             at: 0,
+            experiments,
         };
         let mut clauses = Vec::new();
         while parser.peek().is_some() {
@@ -520,9 +564,19 @@ pub fn like(text: &str, pattern: &str, ignore_case: bool) -> bool {
 impl Order {
     /// Parses one `order_by` entry: a key, then ASC (the default) or DESC.
     pub fn parse(text: &str) -> Result<Order, SearchError> {
+        Order::parse_with(text, false)
+    }
+
+    /// Parses one `order_by` entry of MLflow's experiment search (`name`, `creation_time`, …).
+    pub fn parse_experiments(text: &str) -> Result<Order, SearchError> {
+        Order::parse_with(text, true)
+    }
+
+    fn parse_with(text: &str, experiments: bool) -> Result<Order, SearchError> {
         let mut parser = Parser {
             tokens: tokenize(text)?,
             at: 0,
+            experiments,
         };
         let key = parser.key()?;
         let ascending = match parser.peek() {

@@ -191,6 +191,37 @@ impl SearchableRun for Run {
     }
 }
 
+/// An experiment as MLflow's experiment search sees it, through the run keys: `name` is the run-name slot,
+/// `experiment_id` the run-id slot, `creation_time` and `last_update_time` the start and end times.
+impl SearchableRun for Experiment {
+    fn metric(&self, _key: &str) -> Option<f64> {
+        None
+    }
+
+    fn param(&self, _key: &str) -> Option<&str> {
+        None
+    }
+
+    fn tag(&self, key: &str) -> Option<&str> {
+        self.tags.get(key).map(String::as_str)
+    }
+
+    fn text_attribute(&self, attribute: TextAttribute) -> Option<&str> {
+        match attribute {
+            TextAttribute::RunName => Some(&self.name),
+            TextAttribute::RunId => Some(&self.id),
+            _ => None,
+        }
+    }
+
+    fn time_attribute(&self, attribute: TimeAttribute) -> Option<i64> {
+        Some(match attribute {
+            TimeAttribute::StartTime => self.creation_time_ms,
+            TimeAttribute::EndTime => self.last_update_time_ms,
+        })
+    }
+}
+
 /// What a batch logs to a run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LogBatch {

@@ -83,6 +83,11 @@ elif mode == "check":
         "expected metrics.accuracy",
     )
     assert mlflow.get_experiment_by_name("nope") is None
+    mlflow.create_experiment("digits-asha", tags={"team": "vision"})
+    named = [e.name for e in mlflow.search_experiments(filter_string="name LIKE 'digits%'", order_by=["name DESC"])]
+    assert named == ["digits-asha", "digits"], named
+    tagged = [e.name for e in mlflow.search_experiments(filter_string="tags.team = 'vision'")]
+    assert tagged == ["digits-asha"], tagged
     print("all mlflow checks passed")
 
 else:

@@ -185,3 +185,60 @@ proptest! {
         prop_assert_eq!(like(&text, &pattern, false), like_reference(&text_chars, &pattern_chars));
     }
 }
+
+#[test]
+fn experiment_searches_take_mlflows_experiment_keys() {
+    #[derive(Debug)]
+    struct Experiment(&'static str, &'static str, i64, Option<&'static str>);
+    impl SearchableRun for Experiment {
+        fn metric(&self, _: &str) -> Option<f64> {
+            None
+        }
+        fn param(&self, _: &str) -> Option<&str> {
+            None
+        }
+        fn tag(&self, key: &str) -> Option<&str> {
+            (key == "team").then_some(self.3).flatten()
+        }
+        fn text_attribute(&self, attribute: TextAttribute) -> Option<&str> {
+            match attribute {
+                TextAttribute::RunName => Some(self.1),
+                TextAttribute::RunId => Some(self.0),
+                _ => None,
+            }
+        }
+        fn time_attribute(&self, attribute: TimeAttribute) -> Option<i64> {
+            (attribute == TimeAttribute::StartTime).then_some(self.2)
+        }
+    }
+    let experiments = [
+        Experiment("0", "Default", 1, None),
+        Experiment("1", "digits", 2, Some("vision")),
+        Experiment("2", "digits-asha", 3, Some("vision")),
+    ];
+    let found = |filter: &str, order: &[&str]| -> Vec<&str> {
+        let filter = Filter::parse_experiments(filter).unwrap();
+        let orders: Vec<Order> = order
+            .iter()
+            .map(|text| Order::parse_experiments(text).unwrap())
+            .collect();
+        let mut matched: Vec<&Experiment> = experiments.iter().filter(|e| filter.matches(*e)).collect();
+        matched.sort_by(|a, b| compare(&orders, *a, *b));
+        matched.into_iter().map(|experiment| experiment.1).collect()
+    };
+    assert_eq!(found("name LIKE 'digits%'", &["name ASC"]), ["digits", "digits-asha"]);
+    assert_eq!(found("attribute.name = 'digits'", &[]), ["digits"]);
+    assert_eq!(
+        found("tags.team = 'vision' and creation_time > 2", &[]),
+        ["digits-asha"]
+    );
+    assert_eq!(found("", &[]), ["digits-asha", "digits", "Default"]);
+    assert_eq!(
+        found("experiment_id IN ('0', '2')", &["creation_time"]),
+        ["Default", "digits-asha"]
+    );
+    let error = Filter::parse_experiments("metrics.loss > 1").unwrap_err().to_string();
+    assert!(error.contains("experiments have no 'metrics'"), "{error}");
+    let error = Filter::parse_experiments("status = 'x'").unwrap_err().to_string();
+    assert!(error.contains("experiments cannot be searched by 'status'"), "{error}");
+}

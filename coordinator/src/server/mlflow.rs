@@ -14,7 +14,7 @@
 //! after a ReadIndex, so a client reads its own writes on any node. Errors are MLflow's:
 //! `{"error_code": "RESOURCE_DOES_NOT_EXIST", "message": …}` with 404, other codes with 400, and the
 //! message names the field and what was expected. Left for later (issue 6): the model registry, artifact
-//! upload and download, and filters on experiment search.
+//! upload and download.
 
 use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
@@ -461,11 +461,13 @@ async fn search_experiments(State(tracker): State<Tracker>, body: Bytes) -> Resp
 }
 
 async fn experiments_page(tracker: &Tracker, fields: Fields) -> Result<Value, Failure> {
-    if fields.text("filter")?.is_some_and(|filter| !filter.trim().is_empty()) {
-        return Err(invalid(
-            "filtering experiments is not supported yet; search without 'filter' (or get one by name)".into(),
-        ));
-    }
+    let filter = Filter::parse_experiments(&fields.text("filter")?.unwrap_or_default())
+        .map_err(|error| invalid(format!("'filter': {error}")))?;
+    let order_by: Vec<Order> = fields
+        .strings("order_by")?
+        .iter()
+        .map(|text| Order::parse_experiments(text).map_err(|error| invalid(format!("'order_by': {error}"))))
+        .collect::<Result<_, _>>()?;
     let view = fields.view_type("view_type")?;
     let max_results = fields.max_results()?;
     let offset = match fields.text("page_token")? {
@@ -476,14 +478,17 @@ async fn experiments_page(tracker: &Tracker, fields: Fields) -> Result<Value, Fa
             .map_err(|_| invalid(format!("page token '{token}' is not one this server issued")))?,
     };
     let tracking = tracker.read().await?;
-    let shown: Vec<&Experiment> = tracking
+    let mut shown: Vec<&Experiment> = tracking
         .experiments()
         .filter(|experiment| match view {
             ViewType::ActiveOnly => experiment.lifecycle_stage == LifecycleStage::Active,
             ViewType::DeletedOnly => experiment.lifecycle_stage == LifecycleStage::Deleted,
             ViewType::All => true,
         })
+        .filter(|experiment| filter.matches(*experiment))
         .collect();
+    // Newest first unless ordered otherwise (creation time, then id, as for runs).
+    shown.sort_by(|a, b| crate::search::compare(&order_by, *a, *b));
     let end = (offset + max_results).min(shown.len());
     let page: Vec<Value> = shown
         .get(offset..end)
