@@ -276,6 +276,14 @@ struct Parser {
 }
 
 impl Parser {
+    fn new(text: &str, experiments: bool) -> Result<Parser, SearchError> {
+        Ok(Parser {
+            tokens: tokenize(text)?,
+            at: 0,
+            experiments,
+        })
+    }
+
     fn peek(&self) -> Option<&Token> {
         self.tokens.get(self.at)
     }
@@ -456,17 +464,14 @@ impl Filter {
     }
 
     /// Parses a filter of MLflow's experiment search (`name LIKE 'digits%' AND tags.team = 'vision'`),
-    /// to evaluate against experiments through [`SearchableRun`] (see [`Key`] for the mapping).
+    /// to evaluate against experiments through [`SearchableRun`] (the tracking store's `Experiment` maps its
+    /// fields onto the run keys).
     pub fn parse_experiments(text: &str) -> Result<Filter, SearchError> {
         Filter::parse_with(text, true)
     }
 
     fn parse_with(text: &str, experiments: bool) -> Result<Filter, SearchError> {
-        let mut parser = Parser {
-            tokens: tokenize(text)?,
-            at: 0,
-            experiments,
-        };
+        let mut parser = Parser::new(text, experiments)?;
         let mut clauses = Vec::new();
         while parser.peek().is_some() {
             clauses.push(parser.clause()?);
@@ -573,11 +578,7 @@ impl Order {
     }
 
     fn parse_with(text: &str, experiments: bool) -> Result<Order, SearchError> {
-        let mut parser = Parser {
-            tokens: tokenize(text)?,
-            at: 0,
-            experiments,
-        };
+        let mut parser = Parser::new(text, experiments)?;
         let key = parser.key()?;
         let ascending = match parser.peek() {
             None => true,

@@ -261,6 +261,16 @@ pub struct RunSearch {
     pub page_token: Option<String>,
 }
 
+/// A search for experiments (MLflow's `experiments/search`).
+#[derive(Debug, Clone, Default)]
+pub struct ExperimentSearch {
+    pub filter: Filter,
+    pub order_by: Vec<Order>,
+    pub view: ViewType,
+    pub max_results: usize,
+    pub page_token: Option<String>,
+}
+
 /// One page of a search, and the token of the next when there is one.
 #[derive(Debug, Clone)]
 pub struct RunPage {
@@ -416,38 +426,26 @@ impl Tracking {
     /// Creates the Default experiment ("0") under `artifact_root` unless it exists. One made by a job's run
     /// before any write carried a root has no location until a write brings one.
     pub fn ensure_default_experiment(&mut self, artifact_root: &str, now_ms: i64) {
-        if let Some(default) = self.experiments.get(DEFAULT_EXPERIMENT_ID) {
-            if default.artifact_location.is_empty() && !artifact_root.is_empty() {
-                let located = Experiment {
-                    artifact_location: format!("{}/{DEFAULT_EXPERIMENT_ID}", artifact_root.trim_end_matches('/')),
-                    ..default.clone()
-                };
-                self.experiments.insert(DEFAULT_EXPERIMENT_ID.into(), located);
-            }
-            return;
-        }
-        if artifact_root.is_empty() {
-            let default = Experiment {
+        let location = if artifact_root.is_empty() {
+            String::new()
+        } else {
+            format!("{}/{DEFAULT_EXPERIMENT_ID}", artifact_root.trim_end_matches('/'))
+        };
+        let default = match self.experiments.get(DEFAULT_EXPERIMENT_ID) {
+            Some(default) if default.artifact_location.is_empty() && !location.is_empty() => Experiment {
+                artifact_location: location,
+                ..default.clone()
+            },
+            Some(_) => return,
+            None => Experiment {
                 id: DEFAULT_EXPERIMENT_ID.into(),
                 name: "Default".into(),
-                artifact_location: String::new(),
+                artifact_location: location,
                 lifecycle_stage: LifecycleStage::Active,
                 tags: OrdMap::new(),
                 creation_time_ms: now_ms,
                 last_update_time_ms: now_ms,
-            };
-            self.names.insert(default.name.clone(), default.id.clone());
-            self.experiments.insert(default.id.clone(), default);
-            return;
-        }
-        let default = Experiment {
-            id: DEFAULT_EXPERIMENT_ID.into(),
-            name: "Default".into(),
-            artifact_location: format!("{}/{DEFAULT_EXPERIMENT_ID}", artifact_root.trim_end_matches('/')),
-            lifecycle_stage: LifecycleStage::Active,
-            tags: OrdMap::new(),
-            creation_time_ms: now_ms,
-            last_update_time_ms: now_ms,
+            },
         };
         self.names.insert(default.name.clone(), default.id.clone());
         self.experiments.insert(default.id.clone(), default);
@@ -967,22 +965,6 @@ impl Tracking {
         for id in &search.experiment_ids {
             self.experiment(id)?;
         }
-        if search.max_results == 0 || search.max_results > SEARCH_RESULTS_MAX {
-            return refuse(
-                ErrorCode::InvalidParameterValue,
-                format!(
-                    "max_results {} is out of range; expected 1 to {SEARCH_RESULTS_MAX}",
-                    search.max_results
-                ),
-            );
-        }
-        let offset = match &search.page_token {
-            None => 0,
-            Some(token) => token.parse::<usize>().map_err(|_| TrackingError {
-                code: ErrorCode::InvalidParameterValue,
-                message: format!("page token '{token}' is not one this server issued"),
-            })?,
-        };
         let mut runs: Vec<&Run> = self
             .runs
             .values()
@@ -993,18 +975,54 @@ impl Tracking {
             })
             .collect();
         runs.sort_by(|a, b| compare(&search.order_by, *a, *b));
-        let end = (offset + search.max_results).min(runs.len());
-        let page: Vec<Run> = runs
-            .get(offset..end)
-            .unwrap_or_default()
-            .iter()
-            .map(|run| (*run).clone())
-            .collect();
-        Ok(RunPage {
-            runs: page,
-            next_page_token: (end < runs.len()).then(|| end.to_string()),
-        })
+        let (runs, next_page_token) = page(runs, search.max_results, search.page_token.as_deref())?;
+        Ok(RunPage { runs, next_page_token })
     }
+
+    /// One page of the experiments that `search` shows and its filter matches, in its order (newest first
+    /// by default), and the token of the next page when there is one.
+    pub fn search_experiments(
+        &self,
+        search: &ExperimentSearch,
+    ) -> Result<(Vec<Experiment>, Option<String>), TrackingError> {
+        let mut experiments: Vec<&Experiment> = self
+            .experiments
+            .values()
+            .filter(|experiment| search.view.shows(experiment.lifecycle_stage) && search.filter.matches(*experiment))
+            .collect();
+        experiments.sort_by(|a, b| compare(&search.order_by, *a, *b));
+        page(experiments, search.max_results, search.page_token.as_deref())
+    }
+}
+
+/// Items `[token, token + max_results)` of `items` (the token is the count already returned), and the next
+/// page's token when items remain.
+fn page<T: Clone>(
+    items: Vec<&T>,
+    max_results: usize,
+    token: Option<&str>,
+) -> Result<(Vec<T>, Option<String>), TrackingError> {
+    if max_results == 0 || max_results > SEARCH_RESULTS_MAX {
+        return refuse(
+            ErrorCode::InvalidParameterValue,
+            format!("max_results {max_results} is out of range; expected 1 to {SEARCH_RESULTS_MAX}"),
+        );
+    }
+    let offset = match token {
+        None => 0,
+        Some(token) => token.parse::<usize>().map_err(|_| TrackingError {
+            code: ErrorCode::InvalidParameterValue,
+            message: format!("page token '{token}' is not one this server issued"),
+        })?,
+    };
+    let end = offset.saturating_add(max_results).min(items.len());
+    let page = items
+        .get(offset..end)
+        .unwrap_or_default()
+        .iter()
+        .map(|item| (*item).clone())
+        .collect();
+    Ok((page, (end < items.len()).then(|| end.to_string())))
 }
 
 #[cfg(test)]

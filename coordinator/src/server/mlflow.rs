@@ -26,8 +26,8 @@ use serde_json::{Value, json};
 use super::*;
 use crate::search::{Filter, Order};
 use crate::tracking::{
-    ErrorCode, Experiment, LifecycleStage, LogBatch, MetricPoint, Run, RunSearch, RunStatus, Tracking, TrackingCommand,
-    TrackingError, TrackingOutcome, ViewType,
+    ErrorCode, Experiment, ExperimentSearch, LifecycleStage, LogBatch, MetricPoint, Run, RunSearch, RunStatus,
+    Tracking, TrackingCommand, TrackingError, TrackingOutcome, ViewType,
 };
 
 /// The most bytes one request body may carry (a log-batch at MLflow's limits fits easily).
@@ -468,37 +468,17 @@ async fn experiments_page(tracker: &Tracker, fields: Fields) -> Result<Value, Fa
         .iter()
         .map(|text| Order::parse_experiments(text).map_err(|error| invalid(format!("'order_by': {error}"))))
         .collect::<Result<_, _>>()?;
-    let view = fields.view_type("view_type")?;
-    let max_results = fields.max_results()?;
-    let offset = match fields.text("page_token")? {
-        None => 0,
-        Some(token) if token.is_empty() => 0,
-        Some(token) => token
-            .parse::<usize>()
-            .map_err(|_| invalid(format!("page token '{token}' is not one this server issued")))?,
+    let search = ExperimentSearch {
+        filter,
+        order_by,
+        view: fields.view_type("view_type")?,
+        max_results: fields.max_results()?,
+        page_token: fields.text("page_token")?.filter(|token| !token.is_empty()),
     };
-    let tracking = tracker.read().await?;
-    let mut shown: Vec<&Experiment> = tracking
-        .experiments()
-        .filter(|experiment| match view {
-            ViewType::ActiveOnly => experiment.lifecycle_stage == LifecycleStage::Active,
-            ViewType::DeletedOnly => experiment.lifecycle_stage == LifecycleStage::Deleted,
-            ViewType::All => true,
-        })
-        .filter(|experiment| filter.matches(*experiment))
-        .collect();
-    // Newest first unless ordered otherwise (creation time, then id, as for runs).
-    shown.sort_by(|a, b| crate::search::compare(&order_by, *a, *b));
-    let end = (offset + max_results).min(shown.len());
-    let page: Vec<Value> = shown
-        .get(offset..end)
-        .unwrap_or_default()
-        .iter()
-        .map(|e| experiment_json(e))
-        .collect();
-    let mut answer = json!({ "experiments": page });
-    if end < shown.len() {
-        answer["next_page_token"] = Value::from(end.to_string());
+    let (experiments, next_page_token) = tracker.read().await?.search_experiments(&search)?;
+    let mut answer = json!({ "experiments": experiments.iter().map(experiment_json).collect::<Vec<_>>() });
+    if let Some(token) = next_page_token {
+        answer["next_page_token"] = Value::from(token);
     }
     Ok(answer)
 }
