@@ -51,7 +51,7 @@ use crate::FeatureStoreError;
 use crate::definitions::{FeatureRef, FeatureType, FeatureView, check_schema, push_directory, view_frame};
 use crate::online::{OnlineStore, Value, materialize};
 use crate::registry::Registered;
-use crate::training::{publish, write_parquet, write_training_set};
+use crate::training::{publish, rename_durably, write_parquet, write_training_set};
 
 /// The most bytes one DoPut may carry; a larger push is refused whole.
 pub const PUSH_BYTES_MAX: usize = 256 << 20;
@@ -583,7 +583,8 @@ impl FeatureServer {
             let _ = std::fs::remove_file(&building);
             return Ok(built);
         }
-        publish(&building, &directory.join(format!("{}.parquet", set.content_hash)))?;
+        // write_training_set made the file durable; only its final name is new.
+        rename_durably(&building, &directory.join(format!("{}.parquet", set.content_hash)))?;
         let views: Vec<serde_json::Value> = set
             .views
             .iter()

@@ -302,14 +302,19 @@ fn parquet_writer(path: &Path, schema: SchemaRef) -> Result<ArrowWriter<std::fs:
     ArrowWriter::try_new(file, schema, Some(properties)).map_err(|error| storage_error(path, &error))
 }
 
-/// Makes the finished file `temporary` durable under the name `path`: its bytes fsynced, renamed, and the
-/// directory fsynced.
+/// Makes the finished file `temporary` durable under the name `path`: its bytes fsynced, then
+/// [`rename_durably`].
 pub fn publish(temporary: &Path, path: &Path) -> Result<(), FeatureStoreError> {
     std::fs::File::open(temporary)
         .and_then(|file| file.sync_all())
         .map_err(|error| storage_error(path, &error))?;
-    std::fs::rename(temporary, path).map_err(|error| storage_error(path, &error))?;
-    sync_directory_of(path)
+    rename_durably(temporary, path)
+}
+
+/// Renames a file whose bytes are already durable, and fsyncs the directory so the new name is too.
+pub fn rename_durably(from: &Path, to: &Path) -> Result<(), FeatureStoreError> {
+    std::fs::rename(from, to).map_err(|error| storage_error(to, &error))?;
+    sync_directory_of(to)
 }
 
 /// Fsyncs the directory holding `path`, so a rename into it survives a crash.
