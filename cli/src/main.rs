@@ -1,11 +1,13 @@
 //! `kiln`: the one binary. `main` parses the command line, runs the command, and reports its error.
 
+mod artifacts;
 mod bench;
 mod bench_jobs;
 mod bench_lookup;
 mod demo;
 mod features;
 mod featureserver;
+mod models;
 mod output;
 mod runs;
 mod task;
@@ -124,6 +126,22 @@ enum Command {
         #[arg(long, global = true, env = "KILN_TRACKING", default_value = "127.0.0.1:7080")]
         tracking: String,
     },
+    /// The model registry: registered models, their versions and aliases (list, show, alias, register).
+    Models {
+        #[command(subcommand)]
+        command: models::ModelsCommand,
+        /// A coordinator's MLflow API (kiln up serves one on 127.0.0.1:7080).
+        #[arg(long, global = true, env = "KILN_TRACKING", default_value = "127.0.0.1:7080")]
+        tracking: String,
+    },
+    /// A run's artifacts (list, get, put), streamed and checked against their SHA-256.
+    Artifacts {
+        #[command(subcommand)]
+        command: artifacts::ArtifactsCommand,
+        /// A coordinator's MLflow API (kiln up serves one on 127.0.0.1:7080).
+        #[arg(long, global = true, env = "KILN_TRACKING", default_value = "127.0.0.1:7080")]
+        tracking: String,
+    },
 }
 
 #[derive(Args)]
@@ -166,9 +184,13 @@ struct TrackingArgs {
     /// Where the MLflow Tracking REST API listens (MLFLOW_TRACKING_URI=http://ADDR); not served when absent.
     #[arg(long)]
     tracking_listen: Option<SocketAddr>,
-    /// Where runs' artifacts live, as a URI (default: file://DATA_DIR/artifacts).
+    /// Where the artifact proxy keeps artifacts: a directory, file:///DIR or s3://BUCKET[/PREFIX] (default:
+    /// DATA_DIR/artifacts). Several coordinators need one shared root.
     #[arg(long, default_value = "")]
     artifact_root: String,
+    /// The most bytes one artifact may have; a larger upload is refused and leaves nothing.
+    #[arg(long, default_value_t = kiln_coordinator::server::DEFAULT_ARTIFACT_MAX_BYTES)]
+    artifact_max_bytes: u64,
 }
 
 #[derive(Args, Clone)]
@@ -221,6 +243,10 @@ struct WorkerArgs {
     /// worker resumes (default: DATA-DIR/artifacts).
     #[arg(long)]
     artifact_dir: Option<PathBuf>,
+    /// The coordinators' MLflow APIs (HOST:PORT[,…]), handed to tasks: train jobs upload their model to
+    /// their run and register it; any task's mlflow client logs to the first (MLFLOW_TRACKING_URI).
+    #[arg(long, env = "KILN_TRACKING")]
+    tracking: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -259,7 +285,8 @@ struct UpArgs {
     /// Where the MLflow Tracking REST API listens (MLFLOW_TRACKING_URI=http://ADDR).
     #[arg(long, default_value = "127.0.0.1:7080")]
     tracking_listen: SocketAddr,
-    /// Where runs' artifacts live, as a URI (default: file://DATA_DIR/artifacts).
+    /// Where the artifact proxy keeps artifacts: a directory, file:///DIR or s3://BUCKET[/PREFIX] (default:
+    /// DATA_DIR/artifacts).
     #[arg(long, default_value = "")]
     artifact_root: String,
     #[command(flatten)]
@@ -421,6 +448,7 @@ async fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
     config.request_timeout = Duration::from_secs(args.request_timeout.max(1));
     config.tracking_listen = args.tracking.tracking_listen;
     config.artifact_root = args.tracking.artifact_root;
+    config.artifact_max_bytes = args.tracking.artifact_max_bytes;
     args.scheduling.apply(&mut config);
     let coordinator = Coordinator::start(config).await?;
     println!(
@@ -455,6 +483,7 @@ async fn run_up(args: UpArgs) -> Result<()> {
         }
         // One artifact directory for every embedded worker: a restarted attempt resumes anywhere.
         worker_config.artifact_dir = Some(args.data_dir.join("artifacts"));
+        worker_config.tracking = coordinator.tracking_addr.map(|address| address.to_string());
         let mut worker = Worker::start(worker_config).await?;
         let id = worker
             .registered()
@@ -530,6 +559,7 @@ async fn run_worker(args: WorkerArgs) -> Result<()> {
         .map_err(|message| anyhow::anyhow!("--task-ports: {message}"))?;
     config.kill_grace = Duration::from_secs(args.kill_grace);
     config.artifact_dir = args.artifact_dir;
+    config.tracking = args.tracking;
     let mut worker = Worker::start(config).await?;
     println!(
         "worker serving logs on {}; registering with {}",
@@ -816,6 +846,8 @@ async fn run(cli: Cli) -> Result<()> {
         } => features::run(command, target, featurestore).await,
         Command::Featurestore(args) => featureserver::run(args).await,
         Command::Runs { command, tracking } => runs::run(command, &tracking).await,
+        Command::Models { command, tracking } => models::run(command, &tracking).await,
+        Command::Artifacts { command, tracking } => artifacts::run(command, &tracking).await,
     }
 }
 

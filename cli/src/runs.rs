@@ -39,59 +39,82 @@ pub enum RunsCommand {
     },
 }
 
-/// The MLflow tracking API of a coordinator, over HTTP.
-struct Api {
-    client: reqwest::Client,
-    base: String,
+/// The MLflow tracking API of a coordinator, over HTTP (`kiln runs`, `kiln models`, `kiln artifacts`).
+pub(crate) struct Api {
+    pub(crate) client: reqwest::Client,
+    /// `http://HOST:PORT`.
+    pub(crate) host: String,
 }
 
 impl Api {
-    fn new(address: &str) -> Result<Api> {
+    pub(crate) fn new(address: &str) -> Result<Api> {
+        // No overall timeout: artifact transfers stream for as long as they need; connecting is bounded.
         let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(10))
             .build()
             .context("building the HTTP client")?;
         Ok(Api {
             client,
-            base: format!("http://{address}/api/2.0/mlflow"),
+            host: format!("http://{}", address.trim_start_matches("http://").trim_end_matches('/')),
         })
     }
 
-    async fn call(&self, request: reqwest::RequestBuilder, what: &str) -> Result<Value> {
-        let response = request.send().await.with_context(|| {
-            format!(
-                "no MLflow tracking API answers at {} (kiln up serves one on 127.0.0.1:7080; --tracking)",
-                self.base
-            )
-        })?;
-        let status = response.status();
-        let body: Value = response
-            .json()
-            .await
-            .with_context(|| format!("{what}: the answer is not JSON"))?;
-        if !status.is_success() {
-            bail!(
-                "{what}: {} ({})",
-                body["message"].as_str().unwrap_or("no message"),
-                body["error_code"].as_str().unwrap_or(status.as_str())
-            );
-        }
-        Ok(body)
+    pub(crate) fn unreachable(&self) -> String {
+        format!(
+            "no MLflow tracking API answers at {} (kiln up serves one on 127.0.0.1:7080; --tracking)",
+            self.host
+        )
     }
 
-    async fn get(&self, path: &str, query: &[(&str, &str)], what: &str) -> Result<Value> {
-        self.call(self.client.get(format!("{}/{path}", self.base)).query(query), what)
+    pub(crate) async fn call(&self, request: reqwest::RequestBuilder, what: &str) -> Result<Value> {
+        let response = request
+            .timeout(Duration::from_secs(30))
+            .send()
             .await
+            .with_context(|| self.unreachable())?;
+        answer(response, what).await
     }
 
-    async fn post(&self, path: &str, body: Value, what: &str) -> Result<Value> {
-        self.call(self.client.post(format!("{}/{path}", self.base)).json(&body), what)
-            .await
+    pub(crate) async fn get(&self, path: &str, query: &[(&str, &str)], what: &str) -> Result<Value> {
+        self.call(
+            self.client
+                .get(format!("{}/api/2.0/mlflow/{path}", self.host))
+                .query(query),
+            what,
+        )
+        .await
     }
 
-    async fn run(&self, id: &str) -> Result<Value> {
+    pub(crate) async fn post(&self, path: &str, body: Value, what: &str) -> Result<Value> {
+        self.call(
+            self.client
+                .post(format!("{}/api/2.0/mlflow/{path}", self.host))
+                .json(&body),
+            what,
+        )
+        .await
+    }
+
+    pub(crate) async fn run(&self, id: &str) -> Result<Value> {
         Ok(self.get("runs/get", &[("run_id", id)], &format!("run {id}")).await?["run"].take())
     }
+}
+
+/// A response's JSON body, or its MLflow error as an error.
+pub(crate) async fn answer(response: reqwest::Response, what: &str) -> Result<Value> {
+    let status = response.status();
+    let body: Value = response
+        .json()
+        .await
+        .with_context(|| format!("{what}: the answer is not JSON"))?;
+    if !status.is_success() {
+        bail!(
+            "{what}: {} ({})",
+            body["message"].as_str().unwrap_or("no message"),
+            body["error_code"].as_str().unwrap_or(status.as_str())
+        );
+    }
+    Ok(body)
 }
 
 /// The `key`/`value` pairs of a run's params, metrics or tags.
@@ -112,7 +135,7 @@ fn pairs(run: &Value, field: &str) -> Vec<(String, Value)> {
         .unwrap_or_default()
 }
 
-fn text(value: &Value) -> String {
+pub(crate) fn text(value: &Value) -> String {
     match value {
         Value::String(text) => text.clone(),
         Value::Number(number) => match number.as_f64() {
@@ -124,7 +147,7 @@ fn text(value: &Value) -> String {
     }
 }
 
-fn when(millis: &Value) -> String {
+pub(crate) fn when(millis: &Value) -> String {
     match millis.as_i64().and_then(|millis| u64::try_from(millis).ok()) {
         Some(millis) => {
             humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(millis)).to_string()

@@ -379,6 +379,12 @@ async fn train(args: TrainArgs) -> Result<()> {
         let _ = reports.try_send((Default::default(), artifacts));
     }
     let epoch_reports = reports.clone();
+    let register = options.register.clone();
+    let checkpoint_directory = config
+        .checkpoint
+        .as_ref()
+        .map(|checkpoint| checkpoint.directory.clone());
+    let model_directory = std::path::Path::new(&run_directory).join("model");
     let finished = tokio::task::spawn_blocking(move || -> Result<()> {
         let report = |progress: trainer::Progress<'_>| {
             if rank != 0 {
@@ -461,7 +467,126 @@ async fn train(args: TrainArgs) -> Result<()> {
     if let Some(reporter) = reporter {
         let _ = tokio::time::timeout(Duration::from_secs(10), reporter).await;
     }
-    finished
+    finished?;
+    if rank == 0
+        && let Ok(tracking) = std::env::var("KILN_TRACKING")
+    {
+        let published = Published {
+            run_id: kiln_coordinator::tracking::Tracking::job_run_id(job_id),
+            model: &model_directory,
+            checkpoints: checkpoint_directory.as_deref(),
+            register: register.as_deref(),
+        };
+        published.publish(&tracking).await?;
+    }
+    Ok(())
+}
+
+/// What rank 0 of a train job hands to the cluster's MLflow API when it is done: the model (and the last
+/// checkpoint) as artifacts of the job's run, and with `train.register` a new version of that registered
+/// model whose source is the uploaded model.
+struct Published<'a> {
+    run_id: String,
+    model: &'a std::path::Path,
+    checkpoints: Option<&'a std::path::Path>,
+    register: Option<&'a str>,
+}
+
+impl Published<'_> {
+    /// Tries each address of `tracking` (a comma-separated list) in turn, for a few rounds, so a coordinator
+    /// failing over does not lose the model. Every step is safe to repeat.
+    async fn publish(&self, tracking: &str) -> Result<()> {
+        let addresses: Vec<&str> = tracking
+            .split(',')
+            .map(str::trim)
+            .filter(|address| !address.is_empty())
+            .collect();
+        let mut failure = anyhow::anyhow!("KILN_TRACKING names no address");
+        for round in 0..5 {
+            if round > 0 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            for address in &addresses {
+                match self.publish_through(address).await {
+                    Ok(()) => return Ok(()),
+                    Err(error) => {
+                        eprintln!("publishing the model through {address}: {error:#}");
+                        failure = error;
+                    }
+                }
+            }
+        }
+        Err(failure.context(format!("the model of run {} could not be published", self.run_id)))
+    }
+
+    async fn publish_through(&self, address: &str) -> Result<()> {
+        let api = crate::runs::Api::new(address)?;
+        let root = crate::artifacts::run_root(&api, &self.run_id).await?;
+        let mut uploaded = 0;
+        for (directory, prefix) in [(Some(self.model), "model"), (self.checkpoints, "checkpoints")] {
+            let Some(directory) = directory else { continue };
+            let Ok(entries) = std::fs::read_dir(directory) else {
+                continue;
+            };
+            for entry in entries {
+                let entry = entry?;
+                if !entry.file_type()?.is_file() {
+                    continue;
+                }
+                let name = entry.file_name().to_string_lossy().into_owned();
+                crate::artifacts::upload(&api, &entry.path(), &format!("{root}/{prefix}/{name}")).await?;
+                uploaded += 1;
+            }
+        }
+        println!("{uploaded} files uploaded to the artifacts of run {}", self.run_id);
+        let Some(name) = self.register else {
+            return Ok(());
+        };
+        let what = format!("registered model '{name}'");
+        let source = format!("mlflow-artifacts:/{root}/model");
+        // A retried publish finds the version it made before instead of making a second.
+        let filter = format!("name = '{}' AND run_id = '{}'", name.replace('\'', "\\'"), self.run_id);
+        let existing = api
+            .get("model-versions/search", &[("filter", filter.as_str())], &what)
+            .await?;
+        if let Some(version) = existing["model_versions"]
+            .as_array()
+            .and_then(|versions| versions.iter().find(|version| version["source"] == source.as_str()))
+        {
+            println!(
+                "{name} version {} already holds this model",
+                crate::runs::text(&version["version"])
+            );
+            return Ok(());
+        }
+        if api
+            .get("registered-models/get", &[("name", name)], &what)
+            .await
+            .is_err()
+        {
+            let created = api
+                .post("registered-models/create", serde_json::json!({ "name": name }), &what)
+                .await;
+            // Another publisher may have made it meanwhile; the version below needs it either way.
+            if let Err(error) = created
+                && !error.to_string().contains("RESOURCE_ALREADY_EXISTS")
+            {
+                return Err(error);
+            }
+        }
+        let body = serde_json::json!({
+            "name": name,
+            "source": source,
+            "run_id": self.run_id,
+            "description": "registered by the train job on success",
+        });
+        let created = api.post("model-versions/create", body, &what).await?;
+        println!(
+            "registered {name} version {}",
+            crate::runs::text(&created["model_version"]["version"])
+        );
+        Ok(())
+    }
 }
 
 /// A rank's group as it leaves the async side: the TCP ring, or for GPU ranks an invitation to NCCL (whose

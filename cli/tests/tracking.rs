@@ -27,8 +27,8 @@ fn mlflow(python: &str, mode: &str, address: &str) {
     );
 }
 
-async fn three_nodes() -> (Cluster, u64) {
-    let mut cluster = Cluster::new(Path::new(KILN), 3, &[]).unwrap();
+async fn three_nodes(extra_args: &[&str]) -> (Cluster, u64) {
+    let mut cluster = Cluster::new(Path::new(KILN), 3, extra_args).unwrap();
     cluster.tracking = true;
     cluster.start_all().unwrap();
     let leader = cluster.wait_for_leader(None, Duration::from_secs(20)).await.unwrap();
@@ -38,7 +38,7 @@ async fn three_nodes() -> (Cluster, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stock_mlflow_client_logs_through_a_follower_and_reads_back_after_the_leader_dies() {
     let Some(python) = stock_python() else { return };
-    let (mut cluster, leader) = three_nodes().await;
+    let (mut cluster, leader) = three_nodes(&[]).await;
     let follower = *cluster.members.keys().find(|id| **id != leader).unwrap();
     let follower_tracking = cluster.members[&follower].tracking_addr.clone();
     mlflow(&python, "log", &follower_tracking);
@@ -96,6 +96,67 @@ async fn the_stock_mlflow_client_logs_through_a_follower_and_reads_back_after_th
     assert_eq!(compared[1]["metrics"]["accuracy"], 0.93, "{compared}");
     let table = kiln(&["runs", "compare", &ids[0], &ids[1]]);
     assert!(table.contains("param lr") && table.contains("metric loss"), "{table}");
+
+    // The artifacts the client logged, listed with their hashes and downloaded with the hash checked.
+    let artifacts: serde_json::Value = serde_json::from_str(&kiln(&["artifacts", "list", &ids[1], "--json"])).unwrap();
+    let paths: Vec<&str> = artifacts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|file| file["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        ["model/config.json", "model/weights.bin", "notes.txt"],
+        "{artifacts}"
+    );
+    let weights: Vec<u8> = (0..=255u8).cycle().take(256 * 4096).collect();
+    let expected_sha = sha256_hex(&weights);
+    assert_eq!(artifacts[1]["sha256"], expected_sha.as_str(), "{artifacts}");
+    assert_eq!(artifacts[1]["size"], 1_048_576, "{artifacts}");
+    let scratch = tempfile::tempdir().unwrap();
+    let out = scratch.path().join("weights.bin");
+    let got = kiln(&[
+        "artifacts",
+        "get",
+        &ids[1],
+        "model/weights.bin",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(got.contains(&expected_sha), "{got}");
+    assert_eq!(std::fs::read(&out).unwrap(), weights);
+    let upload = scratch.path().join("extra.txt");
+    std::fs::write(&upload, "more").unwrap();
+    kiln(&[
+        "artifacts",
+        "put",
+        &ids[1],
+        upload.to_str().unwrap(),
+        "--path",
+        "extras",
+    ]);
+    let listed = kiln(&["artifacts", "list", &ids[1], "--path", "extras"]);
+    assert!(
+        listed.contains("extras/extra.txt") && listed.contains(&sha256_hex(b"more")),
+        "{listed}"
+    );
+
+    // The registry the client filled, through `kiln models`.
+    let models: serde_json::Value = serde_json::from_str(&kiln(&["models", "list", "--json"])).unwrap();
+    assert_eq!(models[0]["name"], "digits-mlp", "{models}");
+    assert_eq!(models[0]["aliases"][0]["alias"], "champion", "{models}");
+    let shown = kiln(&["models", "show", "digits-mlp"]);
+    assert!(shown.contains("champion") && shown.contains(&ids[1]), "{shown}");
+    kiln(&["models", "alias", "digits-mlp", "1", "challenger"]);
+    let shown: serde_json::Value = serde_json::from_str(&kiln(&["models", "show", "digits-mlp", "--json"])).unwrap();
+    assert_eq!(
+        shown["versions"][0]["aliases"],
+        serde_json::json!(["challenger", "champion"]),
+        "{shown}"
+    );
+    // The version keeps the run's metrics as they were when it was registered.
+    assert_eq!(shown["versions"][0]["kiln_metrics"]["accuracy"], 0.93, "{shown}");
     let output = Command::new(KILN)
         .args(["runs", "list", "--experiment", "nope", "--tracking", &follower_tracking])
         .output()
@@ -122,7 +183,7 @@ async fn the_stock_mlflow_client_logs_through_a_follower_and_reads_back_after_th
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rest_api_answers_mlflow_error_codes_that_name_the_problem() {
-    let (mut cluster, leader) = three_nodes().await;
+    let (mut cluster, leader) = three_nodes(&["--artifact-max-bytes", "4096"]).await;
     let address = cluster.members[&leader].tracking_addr.clone();
     let api = "/api/2.0/mlflow";
     let (status, body) = http(
@@ -192,11 +253,51 @@ async fn the_rest_api_answers_mlflow_error_codes_that_name_the_problem() {
         ),
         (
             "GET",
-            format!("{api}/model-versions/get"),
+            format!("{api}/model-versions/get?name=nope&version=1"),
+            String::new(),
+            404,
+            "RESOURCE_DOES_NOT_EXIST",
+            "no registered model is named 'nope'",
+        ),
+        (
+            "GET",
+            format!("{api}/model-versions/get?name=nope&version=one"),
+            String::new(),
+            400,
+            "INVALID_PARAMETER_VALUE",
+            "expected a version number",
+        ),
+        (
+            "GET",
+            format!("{api}/nothing/here"),
             String::new(),
             404,
             "ENDPOINT_NOT_FOUND",
             "is not an MLflow REST endpoint",
+        ),
+        (
+            "PUT",
+            "/api/2.0/mlflow-artifacts/artifacts/1/r/artifacts/../../escape".into(),
+            "x".into(),
+            400,
+            "INVALID_PARAMETER_VALUE",
+            "has an empty, '.' or '..' part",
+        ),
+        (
+            "PUT",
+            "/api/2.0/mlflow-artifacts/artifacts/1/r/artifacts/big.bin".into(),
+            "x".repeat(5000),
+            413,
+            "RESOURCE_EXHAUSTED",
+            "passed 4096 bytes, the most one artifact may have",
+        ),
+        (
+            "GET",
+            "/api/2.0/mlflow-artifacts/artifacts/1/r/artifacts/big.bin".into(),
+            String::new(),
+            404,
+            "RESOURCE_DOES_NOT_EXIST",
+            "does not exist",
         ),
     ];
     for (method, path, body, expected_status, code, words) in cases {
@@ -236,5 +337,94 @@ async fn the_rest_api_answers_mlflow_error_codes_that_name_the_problem() {
         "",
     );
     assert_eq!(empty["metrics"], serde_json::json!([]), "{empty}");
+    // A metric with a NaN step is refused whole: nothing of the batch is logged.
+    let batch = format!(
+        r#"{{"run_id": "{run}", "metrics": [{{"key": "n", "value": 1, "timestamp": 9, "step": 4}}, {{"key": "n", "value": 2, "timestamp": 9, "step": "NaN"}}]}}"#
+    );
+    let (status, answer) = http(&address, "POST", &format!("{api}/runs/log-batch"), &batch);
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("'step' is 'NaN'; expected an integer"),
+        "{answer}"
+    );
+    let (_, none) = http(
+        &address,
+        "GET",
+        &format!("{api}/metrics/get-history?run_id={run}&metric_key=n"),
+        "",
+    );
+    assert_eq!(none["metrics"], serde_json::json!([]), "{none}");
+
+    // Uploads that go wrong half way leave nothing behind: one cut off by its client, one that streams
+    // (chunked, so no length up front) past the limit.
+    let artifacts = "/api/2.0/mlflow-artifacts/artifacts";
+    let upload = |path: &str, head: &str, body: &[u8]| {
+        use std::io::Write;
+        let mut stream = std::net::TcpStream::connect(&address).unwrap();
+        write!(
+            stream,
+            "PUT {artifacts}/{path} HTTP/1.1\r\nHost: {address}\r\n{head}\r\n"
+        )
+        .unwrap();
+        stream.write_all(body).unwrap();
+        stream
+    };
+    let cut_off = upload("1/r/artifacts/cut.bin", "Content-Length: 3000\r\n", &[7u8; 1500]);
+    std::thread::sleep(Duration::from_millis(200));
+    drop(cut_off);
+    let mut chunked = Vec::new();
+    for _ in 0..5 {
+        chunked.extend_from_slice(b"3e8\r\n");
+        chunked.extend_from_slice(&[1u8; 1000]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let mut streamed = upload(
+        "1/r/artifacts/streamed.bin",
+        "Transfer-Encoding: chunked\r\nConnection: close\r\n",
+        &chunked,
+    );
+    let mut response = String::new();
+    std::io::Read::read_to_string(&mut streamed, &mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(response.contains("nothing was stored"), "{response}");
+    // A small one that completes is listed, with its hash.
+    let (status, answer) = http(&address, "PUT", &format!("{artifacts}/1/r/artifacts/ok.txt"), "fine");
+    assert_eq!(status, 200, "{answer}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, listed) = http(&address, "GET", &format!("{artifacts}?path=1/r/artifacts"), "");
+        assert_eq!(status, 200, "{listed}");
+        let files: Vec<&str> = listed["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|file| file["path"].as_str().unwrap())
+            .collect();
+        if files == ["ok.txt"] {
+            assert_eq!(
+                listed["files"][0]["kiln_sha256"],
+                sha256_hex(b"fine").as_str(),
+                "{listed}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "half-written uploads are visible: {listed}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     cluster.kill_all().unwrap();
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }

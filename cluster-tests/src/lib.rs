@@ -123,7 +123,11 @@ impl Cluster {
             .stdout(Stdio::null())
             .stderr(log);
         if self.tracking {
-            command.args(["--tracking-listen", &member.tracking_addr]);
+            // One artifact root for every coordinator, as a real cluster shares S3 or a mounted directory.
+            command
+                .args(["--tracking-listen", &member.tracking_addr])
+                .arg("--artifact-root")
+                .arg(self.directory.path().join("artifacts"));
         }
         if member.founding {
             command.args(["--peers", &peers]);
@@ -190,9 +194,19 @@ impl Cluster {
         if self.workers.get(&index).is_some_and(|worker| worker.child.is_some()) {
             bail!("worker {index} is already running");
         }
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        command
             .arg("worker")
-            .args(["--coordinator", &coordinators, "--cpus", &cpus.to_string()])
+            .args(["--coordinator", &coordinators, "--cpus", &cpus.to_string()]);
+        if self.tracking {
+            let tracking: Vec<&str> = self
+                .members
+                .values()
+                .map(|member| member.tracking_addr.as_str())
+                .collect();
+            command.args(["--tracking", &tracking.join(",")]);
+        }
+        let child = command
             .arg("--data-dir")
             .arg(&data_dir)
             .args(["--kill-grace", "2"])

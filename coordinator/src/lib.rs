@@ -26,10 +26,12 @@
 //! Left out for now: the scheduler, workers and everything past jobs; those issues extend the state
 //! machine with new commands (and bump the snapshot format version).
 
+pub mod artifacts;
 pub mod catalog;
 pub mod client;
 pub mod error;
 pub mod node;
+pub mod registry;
 pub mod scheduler;
 pub mod search;
 pub mod server;

@@ -137,6 +137,9 @@ pub enum Clause {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Filter {
     pub clauses: Vec<Clause>,
+    /// A tag that is absent satisfies `!=` (MLflow's registry rule, on which its client's
+    /// `tags.mlflow.prompt.is_prompt != 'true'` relies); for runs it never matches.
+    pub missing_tag_differs: bool,
 }
 
 /// One key of an ordering.
@@ -271,16 +274,82 @@ fn tokenize(text: &str) -> Result<Vec<Token>, SearchError> {
 struct Parser {
     tokens: Vec<Token>,
     at: usize,
-    /// Keys name an experiment's fields (MLflow's experiment search) rather than a run's.
-    experiments: bool,
+    /// What the keys name.
+    subject: Subject,
+}
+
+/// What a search is over: each has its own keys, mapped onto the run keys of [`SearchableRun`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    Runs,
+    /// `name`, `experiment_id`, `creation_time`, `last_update_time`, `tags.KEY`.
+    Experiments,
+    /// `name`, `creation_timestamp`, `last_updated_timestamp`, `tags.KEY`.
+    RegisteredModels,
+    /// `name`, `run_id`, `source_path`, `version_number` (a number), the two timestamps, `tags.KEY`.
+    ModelVersions,
+    /// MLflow 3's logged models: `name`, `source_run_id`, `model_id`, `creation_timestamp`,
+    /// `last_updated_timestamp`, `tags.KEY`.
+    LoggedModels,
+}
+
+impl Subject {
+    /// The key an attribute name stands for, if this subject has it.
+    fn attribute(self, name: &str) -> Option<Key> {
+        let time = |attribute| Some(Key::Time(attribute));
+        match (self, name) {
+            (Subject::Experiments, "name") => Some(Key::Text(TextAttribute::RunName)),
+            (Subject::Experiments, "experiment_id") => Some(Key::Text(TextAttribute::RunId)),
+            (Subject::Experiments, "creation_time") => time(TimeAttribute::StartTime),
+            (Subject::Experiments, "last_update_time") => time(TimeAttribute::EndTime),
+            (Subject::RegisteredModels | Subject::ModelVersions, "name") => Some(Key::Text(TextAttribute::RunName)),
+            (Subject::RegisteredModels | Subject::ModelVersions, "creation_timestamp") => {
+                time(TimeAttribute::StartTime)
+            }
+            (Subject::RegisteredModels | Subject::ModelVersions, "last_updated_timestamp" | "timestamp") => {
+                time(TimeAttribute::EndTime)
+            }
+            (Subject::ModelVersions, "run_id") => Some(Key::Text(TextAttribute::RunId)),
+            (Subject::ModelVersions, "source_path" | "source") => Some(Key::Text(TextAttribute::ArtifactUri)),
+            (Subject::ModelVersions, "version_number") => Some(Key::Metric("version_number".into())),
+            (Subject::LoggedModels, "name") => Some(Key::Text(TextAttribute::RunName)),
+            (Subject::LoggedModels, "source_run_id") => Some(Key::Text(TextAttribute::RunId)),
+            (Subject::LoggedModels, "model_id") => Some(Key::Text(TextAttribute::ArtifactUri)),
+            (Subject::LoggedModels, "creation_timestamp" | "creation_time") => time(TimeAttribute::StartTime),
+            (Subject::LoggedModels, "last_updated_timestamp") => time(TimeAttribute::EndTime),
+            _ => None,
+        }
+    }
+
+    fn describe(self) -> (&'static str, &'static str) {
+        match self {
+            Subject::Runs => ("runs", "metrics.KEY, params.KEY, tags.KEY or attributes.NAME"),
+            Subject::Experiments => (
+                "experiments",
+                "name, experiment_id, creation_time, last_update_time or tags.KEY",
+            ),
+            Subject::RegisteredModels => (
+                "registered models",
+                "name, creation_timestamp, last_updated_timestamp or tags.KEY",
+            ),
+            Subject::LoggedModels => (
+                "logged models",
+                "name, source_run_id, model_id, creation_timestamp, last_updated_timestamp or tags.KEY",
+            ),
+            Subject::ModelVersions => (
+                "model versions",
+                "name, run_id, source_path, version_number, creation_timestamp, last_updated_timestamp or tags.KEY",
+            ),
+        }
+    }
 }
 
 impl Parser {
-    fn new(text: &str, experiments: bool) -> Result<Parser, SearchError> {
+    fn new(text: &str, subject: Subject) -> Result<Parser, SearchError> {
         Ok(Parser {
             tokens: tokenize(text)?,
             at: 0,
-            experiments,
+            subject,
         })
     }
 
@@ -304,8 +373,8 @@ impl Parser {
                 ));
             }
         };
-        if self.experiments {
-            return self.experiment_key(word);
+        if self.subject != Subject::Runs {
+            return self.subject_key(word);
         }
         let (entity, name) = match word.split_once('.') {
             Some((entity, "")) => {
@@ -345,9 +414,9 @@ impl Parser {
         }
     }
 
-    /// A key of MLflow's experiment search: `name`, `creation_time`, `last_update_time`, `experiment_id`
-    /// (bare or after `attributes.`), or `tags.KEY`. They map onto the run keys an experiment answers.
-    fn experiment_key(&mut self, word: String) -> Result<Key, SearchError> {
+    /// A key of a search that is not over runs: an attribute (bare or after `attributes.`) of the subject,
+    /// or `tags.KEY`, mapped onto the run keys its items answer.
+    fn subject_key(&mut self, word: String) -> Result<Key, SearchError> {
         let (entity, name) = match word.split_once('.') {
             Some((entity, "")) => match self.next("a quoted key name")? {
                 Token::Backticked(name) | Token::Quoted(name) => (entity.to_ascii_lowercase(), name),
@@ -356,20 +425,14 @@ impl Parser {
             Some((entity, name)) => (entity.to_ascii_lowercase(), name.to_string()),
             None => ("attributes".to_string(), word.clone()),
         };
+        let (what, expected) = self.subject.describe();
         match entity.as_str() {
             "tags" | "tag" => Ok(Key::Tag(name)),
-            "attributes" | "attribute" | "attr" => match name.as_str() {
-                "name" => Ok(Key::Text(TextAttribute::RunName)),
-                "experiment_id" => Ok(Key::Text(TextAttribute::RunId)),
-                "creation_time" => Ok(Key::Time(TimeAttribute::StartTime)),
-                "last_update_time" => Ok(Key::Time(TimeAttribute::EndTime)),
-                other => error(format!(
-                    "experiments cannot be searched by '{other}'; expected name, experiment_id, creation_time, last_update_time or tags.KEY"
-                )),
-            },
-            other => error(format!(
-                "experiments have no '{other}'; expected name, experiment_id, creation_time, last_update_time or tags.KEY"
-            )),
+            "attributes" | "attribute" | "attr" => self
+                .subject
+                .attribute(&name)
+                .ok_or_else(|| SearchError(format!("{what} cannot be searched by '{name}'; expected {expected}"))),
+            other => error(format!("{what} have no '{other}'; expected {expected}")),
         }
     }
 
@@ -460,18 +523,19 @@ fn describe_key(key: &Key) -> String {
 impl Filter {
     /// Parses a filter; an empty (or blank) one matches every run.
     pub fn parse(text: &str) -> Result<Filter, SearchError> {
-        Filter::parse_with(text, false)
+        Filter::parse_for(text, Subject::Runs)
     }
 
     /// Parses a filter of MLflow's experiment search (`name LIKE 'digits%' AND tags.team = 'vision'`),
     /// to evaluate against experiments through [`SearchableRun`] (the tracking store's `Experiment` maps its
     /// fields onto the run keys).
     pub fn parse_experiments(text: &str) -> Result<Filter, SearchError> {
-        Filter::parse_with(text, true)
+        Filter::parse_for(text, Subject::Experiments)
     }
 
-    fn parse_with(text: &str, experiments: bool) -> Result<Filter, SearchError> {
-        let mut parser = Parser::new(text, experiments)?;
+    /// Parses a filter of the search over `subject`.
+    pub fn parse_for(text: &str, subject: Subject) -> Result<Filter, SearchError> {
+        let mut parser = Parser::new(text, subject)?;
         let mut clauses = Vec::new();
         while parser.peek().is_some() {
             clauses.push(parser.clause()?);
@@ -494,12 +558,25 @@ impl Filter {
                 }
             }
         }
-        Ok(Filter { clauses })
+        Ok(Filter {
+            clauses,
+            missing_tag_differs: matches!(
+                subject,
+                Subject::RegisteredModels | Subject::ModelVersions | Subject::LoggedModels
+            ),
+        })
     }
 
     /// Whether `run` satisfies every clause.
     pub fn matches(&self, run: &impl SearchableRun) -> bool {
-        self.clauses.iter().all(|clause| clause_holds(clause, run))
+        self.clauses.iter().all(|clause| match clause {
+            Clause::Text {
+                key: Key::Tag(name),
+                comparator: Comparator::NotEqual,
+                ..
+            } if self.missing_tag_differs && run.tag(name).is_none() => true,
+            clause => clause_holds(clause, run),
+        })
     }
 }
 
@@ -569,16 +646,17 @@ pub fn like(text: &str, pattern: &str, ignore_case: bool) -> bool {
 impl Order {
     /// Parses one `order_by` entry: a key, then ASC (the default) or DESC.
     pub fn parse(text: &str) -> Result<Order, SearchError> {
-        Order::parse_with(text, false)
+        Order::parse_for(text, Subject::Runs)
     }
 
     /// Parses one `order_by` entry of MLflow's experiment search (`name`, `creation_time`, …).
     pub fn parse_experiments(text: &str) -> Result<Order, SearchError> {
-        Order::parse_with(text, true)
+        Order::parse_for(text, Subject::Experiments)
     }
 
-    fn parse_with(text: &str, experiments: bool) -> Result<Order, SearchError> {
-        let mut parser = Parser::new(text, experiments)?;
+    /// Parses one `order_by` entry of the search over `subject`.
+    pub fn parse_for(text: &str, subject: Subject) -> Result<Order, SearchError> {
+        let mut parser = Parser::new(text, subject)?;
         let key = parser.key()?;
         let ascending = match parser.peek() {
             None => true,

@@ -162,6 +162,7 @@ struct RawTrain {
     momentum: Option<Spanned<f64>>,
     weight_decay: Option<Spanned<f64>>,
     log_every_steps: Option<u32>,
+    register: Option<Spanned<String>>,
 }
 
 /// Built-in models the trainer knows.
@@ -203,6 +204,8 @@ pub struct TrainOptions {
     pub weight_decay: f64,
     /// Report the training loss and throughput every this many steps (0: per epoch only).
     pub log_every_steps: u32,
+    /// Register the trained model under this name in the model registry when the job succeeds.
+    pub register: Option<String>,
 }
 
 /// Parses a train job's spec into its [`TrainOptions`] (and checks it like [`parse_job_spec`]).
@@ -240,6 +243,7 @@ pub fn parse_train_options(source_name: &str, text: &str) -> Result<TrainOptions
         momentum: train.momentum.map_or(0.0, Spanned::into_inner),
         weight_decay: train.weight_decay.map_or(0.0, Spanned::into_inner),
         log_every_steps: train.log_every_steps.unwrap_or(50),
+        register: train.register.map(Spanned::into_inner),
     })
 }
 
@@ -456,6 +460,17 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
                 return Err(error_at(
                     momentum.span().start,
                     "field 'train.momentum' is for optimizer = \"sgd\"; Adam keeps its own moments (beta1 0.9)".into(),
+                ));
+            }
+            if let Some(name) = &train.register
+                && (name.get_ref().trim().is_empty() || name.get_ref().contains(['/', ':']))
+            {
+                return Err(error_at(
+                    name.span().start,
+                    format!(
+                        "field 'train.register' is '{}'; expected a registered model name without '/' or ':', such as \"digits\"",
+                        name.get_ref()
+                    ),
                 ));
             }
             if let Some(optimizer) = &train.optimizer

@@ -28,7 +28,7 @@ pub type JobId = u64;
 pub type NodeId = u64;
 
 /// Bumped whenever the snapshot layout changes.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 5;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 6;
 /// Most metrics or artifacts one job keeps, and the longest name or location, so reports cannot bloat the
 /// replicated state.
 pub const JOB_METRICS_MAX: usize = 64;
@@ -1262,6 +1262,10 @@ impl StateMachine {
             let (_, state): (u32, version4::StateMachine) = decode(bytes, "version 4 state machine snapshot")?;
             return Ok(state.upgrade());
         }
+        if version == 5 {
+            let (_, state): (u32, version5::StateMachine) = decode(bytes, "version 5 state machine snapshot")?;
+            return Ok(state.upgrade());
+        }
         if version != SNAPSHOT_FORMAT_VERSION {
             return Err(CoordinatorError::Storage(format!(
                 "snapshot format version {version} is not supported; this build reads versions 1 to {SNAPSHOT_FORMAT_VERSION}"
@@ -1269,6 +1273,42 @@ impl StateMachine {
         }
         let (_, state): (u32, StateMachine) = decode(bytes, "state machine snapshot")?;
         Ok(state)
+    }
+}
+
+/// Snapshot format 5 (tracking without the model registry).
+mod version5 {
+    use super::*;
+
+    #[derive(Deserialize)]
+    pub(super) struct StateMachine {
+        jobs: imbl::OrdMap<JobId, Job>,
+        idempotency_keys: imbl::OrdMap<String, JobId>,
+        next_job_id: JobId,
+        members: BTreeMap<NodeId, MemberRecord>,
+        workers: imbl::OrdMap<WorkerId, Worker>,
+        worker_uids: imbl::OrdMap<String, WorkerId>,
+        next_worker_id: WorkerId,
+        queue: imbl::OrdSet<(i64, JobId)>,
+        catalog: Catalog,
+        tracking: crate::tracking::version5::Tracking,
+    }
+
+    impl StateMachine {
+        pub(super) fn upgrade(self) -> super::StateMachine {
+            super::StateMachine {
+                jobs: self.jobs,
+                idempotency_keys: self.idempotency_keys,
+                next_job_id: self.next_job_id,
+                members: self.members,
+                workers: self.workers,
+                worker_uids: self.worker_uids,
+                next_worker_id: self.next_worker_id,
+                queue: self.queue,
+                catalog: self.catalog,
+                tracking: self.tracking.upgrade(),
+            }
+        }
     }
 }
 
@@ -1950,6 +1990,31 @@ mod tests {
     }
 
     #[test]
+    fn a_version_5_snapshot_is_upgraded_with_an_empty_registry() {
+        use crate::tracking::TrackingCommand;
+        // Format 5 is format 6 without the registry, the artifact table and the logged models, the last
+        // fields of the tracking store.
+        let mut state = StateMachine::default();
+        apply(&mut state, submit("k1", 1));
+        let command = TrackingCommand::CreateExperiment {
+            name: "digits".into(),
+            artifact_location: None,
+            tags: vec![("team".into(), "vision".into())],
+            artifact_root: "file:///a".into(),
+        };
+        apply(&mut state, Command::Track { command, now_ms: 5 });
+        assert!(state.tracking().experiment_by_name("digits").is_ok());
+        let current = state.to_snapshot().unwrap();
+        // An empty registry, artifact table and logged-model table encode as one length byte (0 entries)
+        // each, at the very end.
+        assert_eq!(current[current.len() - 3..], [0u8, 0u8, 0u8]);
+        let mut bytes = encode(&(5u32, ())).unwrap();
+        let header = bytes.len();
+        bytes.extend_from_slice(&current[header..current.len() - 3]);
+        assert_eq!(StateMachine::from_snapshot(&bytes).unwrap(), state);
+    }
+
+    #[test]
     fn tracking_writes_are_replicated_commands_and_survive_snapshots() {
         use crate::tracking::{LogBatch, MetricPoint, TrackingCommand, TrackingOutcome};
         let mut state = StateMachine::default();
@@ -2038,7 +2103,12 @@ mod tests {
         assert_eq!(run.tags["kiln.job_id"], "1");
         assert_eq!(run.params["learning_rate"], "0.01");
         assert_eq!(run.params["epochs"], "2");
-        assert_eq!(state.tracking().experiment("0").unwrap().artifact_location, "");
+        // Its artifacts go through the artifact proxy, like every experiment's made here.
+        assert_eq!(
+            state.tracking().experiment("0").unwrap().artifact_location,
+            "mlflow-artifacts:/0"
+        );
+        assert_eq!(run.artifact_uri, format!("mlflow-artifacts:/0/{run_id}/artifacts"));
 
         start(&mut state, 1, 1, vec![worker]);
         for (epoch, loss) in [(1.0, 0.9), (2.0, 0.4)] {
@@ -2059,18 +2129,6 @@ mod tests {
         let run = state.tracking().run(&run_id).unwrap();
         assert_eq!(run.status, RunStatus::Finished);
         assert_eq!(run.end_time_ms, state.job(1).unwrap().finished_at_ms);
-
-        // The first write that carries a root gives the Default experiment its location.
-        let command = crate::tracking::TrackingCommand::SetRunStage {
-            run_id: run_id.clone(),
-            deleted: false,
-            artifact_root: "file:///a".into(),
-        };
-        apply(&mut state, Command::Track { command, now_ms: 20 });
-        assert_eq!(
-            state.tracking().experiment("0").unwrap().artifact_location,
-            "file:///a/0"
-        );
     }
 
     #[test]

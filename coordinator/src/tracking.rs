@@ -23,7 +23,11 @@
 use imbl::{OrdMap, Vector};
 use serde::{Deserialize, Serialize};
 
+use crate::registry::{Registry, RegistryCommand, RegistryOutcome};
+
+mod logged;
 use crate::search::{Filter, Order, SearchableRun, TextAttribute, TimeAttribute, compare};
+pub use logged::{LoggedModel, LoggedModelCommand, LoggedModelSearch, LoggedModelStatus};
 
 const KEY_CHARS_MAX: usize = 250;
 const PARAM_VALUE_CHARS_MAX: usize = 6_000;
@@ -34,6 +38,9 @@ const BATCH_TAGS_MAX: usize = 100;
 /// The most runs one search page returns (MLflow's limit).
 pub const SEARCH_RESULTS_MAX: usize = 50_000;
 pub const DEFAULT_EXPERIMENT_ID: &str = "0";
+/// The artifact root experiments record: MLflow's proxied scheme, which clients resolve against the tracking
+/// server they talk to (`mlflow-artifacts:/1/RUN/artifacts` is `/api/2.0/mlflow-artifacts/artifacts/1/RUN/…`).
+pub const PROXIED_ARTIFACT_ROOT: &str = "mlflow-artifacts:";
 
 /// MLflow's error codes, which its REST API returns and its client understands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -330,6 +337,26 @@ pub enum TrackingCommand {
         deleted: bool,
         artifact_root: String,
     },
+    /// An artifact was stored at `path` (written after its bytes are durable in the artifact store).
+    RecordArtifact {
+        path: String,
+        size: u64,
+        sha256: String,
+        artifact_root: String,
+    },
+    /// Artifacts were deleted.
+    ForgetArtifacts { paths: Vec<String>, artifact_root: String },
+    /// A write to MLflow 3's logged models.
+    LogModel {
+        command: LoggedModelCommand,
+        artifact_root: String,
+    },
+    /// A write to the model registry, by `user_id`.
+    Register {
+        command: RegistryCommand,
+        user_id: String,
+        artifact_root: String,
+    },
 }
 
 impl TrackingCommand {
@@ -342,7 +369,11 @@ impl TrackingCommand {
             | TrackingCommand::LogBatch { artifact_root, .. }
             | TrackingCommand::DeleteTag { artifact_root, .. }
             | TrackingCommand::UpdateRun { artifact_root, .. }
-            | TrackingCommand::SetRunStage { artifact_root, .. } => artifact_root,
+            | TrackingCommand::SetRunStage { artifact_root, .. }
+            | TrackingCommand::Register { artifact_root, .. }
+            | TrackingCommand::RecordArtifact { artifact_root, .. }
+            | TrackingCommand::LogModel { artifact_root, .. }
+            | TrackingCommand::ForgetArtifacts { artifact_root, .. } => artifact_root,
         }
     }
 }
@@ -352,6 +383,8 @@ impl TrackingCommand {
 pub enum TrackingOutcome {
     Experiment(Experiment),
     Run(Run),
+    Registered(RegistryOutcome),
+    LoggedModel(LoggedModel),
     Done,
 }
 
@@ -402,6 +435,19 @@ pub struct Tracking {
     names: OrdMap<String, String>,
     runs: OrdMap<String, Run>,
     next_experiment: u64,
+    registry: Registry,
+    /// What was stored at each artifact path (`1/RUN/artifacts/model/weights.bin`), as its upload measured.
+    artifacts: OrdMap<String, ArtifactRecord>,
+    /// MLflow 3's logged models by id.
+    logged_models: OrdMap<String, LoggedModel>,
+}
+
+/// An artifact as stored: its size and SHA-256, so a download can be checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactRecord {
+    pub size: u64,
+    pub sha256: String,
+    pub stored_ms: i64,
 }
 
 impl Default for Tracking {
@@ -411,6 +457,36 @@ impl Default for Tracking {
             names: OrdMap::new(),
             runs: OrdMap::new(),
             next_experiment: 1,
+            registry: Registry::default(),
+            artifacts: OrdMap::new(),
+            logged_models: OrdMap::new(),
+        }
+    }
+}
+
+/// The tracking store of snapshot format 5: no registry.
+pub(crate) mod version5 {
+    use super::*;
+
+    #[derive(Deserialize)]
+    pub(crate) struct Tracking {
+        experiments: OrdMap<String, Experiment>,
+        names: OrdMap<String, String>,
+        runs: OrdMap<String, Run>,
+        next_experiment: u64,
+    }
+
+    impl Tracking {
+        pub(crate) fn upgrade(self) -> super::Tracking {
+            super::Tracking {
+                experiments: self.experiments,
+                names: self.names,
+                runs: self.runs,
+                next_experiment: self.next_experiment,
+                registry: Registry::default(),
+                artifacts: OrdMap::new(),
+                logged_models: OrdMap::new(),
+            }
         }
     }
 }
@@ -465,7 +541,7 @@ impl Tracking {
         if self.runs.contains_key(&run_id) {
             return;
         }
-        self.ensure_default_experiment("", now_ms);
+        self.ensure_default_experiment(PROXIED_ARTIFACT_ROOT, now_ms);
         let tags = [("kiln.job_id".to_string(), job.to_string())];
         if self
             .create_run(&run_id, DEFAULT_EXPERIMENT_ID, name, "kiln", now_ms, &tags)
@@ -591,7 +667,49 @@ impl Tracking {
                 self.set_run_stage(&run_id, deleted)?;
                 Ok(TrackingOutcome::Run(self.run(&run_id)?.clone()))
             }
+            TrackingCommand::LogModel { command, .. } => Ok(match self.apply_logged_model(command, now_ms)? {
+                Some(model) => TrackingOutcome::LoggedModel(model),
+                None => TrackingOutcome::Done,
+            }),
+            TrackingCommand::RecordArtifact { path, size, sha256, .. } => {
+                let record = ArtifactRecord {
+                    size,
+                    sha256,
+                    stored_ms: now_ms,
+                };
+                self.artifacts.insert(path, record);
+                Ok(TrackingOutcome::Done)
+            }
+            TrackingCommand::ForgetArtifacts { paths, .. } => {
+                for path in paths {
+                    self.artifacts.remove(&path);
+                }
+                Ok(TrackingOutcome::Done)
+            }
+            TrackingCommand::Register { command, user_id, .. } => {
+                let runs = &self.runs;
+                let run_metrics = |run_id: &str| {
+                    runs.get(run_id).map(|run| {
+                        run.latest
+                            .iter()
+                            .map(|(key, point)| (key.clone(), point.value))
+                            .collect()
+                    })
+                };
+                let outcome = self.registry.apply(command, &user_id, now_ms, run_metrics)?;
+                Ok(TrackingOutcome::Registered(outcome))
+            }
         }
+    }
+
+    /// The model registry.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// What was stored at artifact `path`, if its upload was recorded.
+    pub fn artifact(&self, path: &str) -> Option<&ArtifactRecord> {
+        self.artifacts.get(path)
     }
 
     pub fn experiment(&self, id: &str) -> Result<&Experiment, TrackingError> {
@@ -997,7 +1115,7 @@ impl Tracking {
 
 /// Items `[token, token + max_results)` of `items` (the token is the count already returned), and the next
 /// page's token when items remain.
-fn page<T: Clone>(
+pub(crate) fn page<T: Clone>(
     items: Vec<&T>,
     max_results: usize,
     token: Option<&str>,

@@ -145,6 +145,8 @@ impl Worker {
                 .clone()
                 .unwrap_or_else(|| config.data_dir.join("artifacts")),
         );
+        let mut executor = executor;
+        executor.tracking = config.tracking.clone();
         executor.kill_leftovers();
         let logs = LogServer {
             data_dir: config.data_dir.clone(),

@@ -91,6 +91,8 @@ pub(crate) struct Executor {
     /// Where the worker was started: relative dataset paths of train jobs are resolved against it.
     worker_directory: PathBuf,
     artifact_dir: PathBuf,
+    /// A coordinator's MLflow API, for tasks (`MLFLOW_TRACKING_URI`, `KILN_TRACKING`).
+    pub(crate) tracking: Option<String>,
 }
 
 fn signal_group(process_group: i32, signal: rustix::process::Signal) {
@@ -123,6 +125,7 @@ impl Executor {
             host,
             worker_directory: std::env::current_dir().unwrap_or_default(),
             artifact_dir,
+            tracking: None,
         }
     }
 
@@ -306,6 +309,12 @@ impl Executor {
                 rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
                     .map_err(std::io::Error::from)
             });
+        }
+        if let Some(tracking) = &self.tracking {
+            command.env("KILN_TRACKING", tracking).env(
+                "MLFLOW_TRACKING_URI",
+                format!("http://{}", tracking.split(',').next().unwrap_or_default().trim()),
+            );
         }
         let gpus: Vec<u32> = self.free_gpus.drain(..wanted_gpus).collect();
         // Always set: a task that was given no GPU must not inherit the worker's own view of the devices and

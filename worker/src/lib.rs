@@ -69,6 +69,10 @@ pub struct WorkerConfig {
     /// Where train tasks keep checkpoints (`JOB/checkpoints` below it). A later attempt may run on
     /// another worker, so point every worker at the same shared directory; default `DATA/artifacts`.
     pub artifact_dir: Option<PathBuf>,
+    /// The coordinators' MLflow APIs (`HOST:PORT[,HOST:PORT…]`), handed to tasks as `KILN_TRACKING` and the
+    /// first as `MLFLOW_TRACKING_URI`: train tasks upload their model to their run and register it there,
+    /// and any task's `mlflow` client logs to the cluster.
+    pub tracking: Option<String>,
 }
 
 impl WorkerConfig {
@@ -84,6 +88,7 @@ impl WorkerConfig {
             task_ports: (29500, 29999),
             kill_grace: Duration::from_secs(5),
             artifact_dir: None,
+            tracking: None,
         }
     }
 

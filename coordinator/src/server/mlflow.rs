@@ -13,8 +13,7 @@
 //! Writes go through Raft like any command (a follower forwards them to the leader); reads see the state
 //! after a ReadIndex, so a client reads its own writes on any node. Errors are MLflow's:
 //! `{"error_code": "RESOURCE_DOES_NOT_EXIST", "message": …}` with 404, other codes with 400, and the
-//! message names the field and what was expected. Left for later (issue 6): the model registry, artifact
-//! upload and download.
+//! message names the field and what was expected. The Model Registry's endpoints are in [`registry`].
 
 use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
@@ -35,13 +34,19 @@ const BODY_BYTES_MAX: usize = 16 << 20;
 /// Runs per search page when the client does not say (MLflow's default).
 const DEFAULT_MAX_RESULTS: usize = 1000;
 
+mod artifacts;
+mod logged;
+mod registry;
+
 #[derive(Clone)]
 pub(super) struct Tracker {
     shared: Shared,
+    /// The root experiments created here record ([`crate::tracking::PROXIED_ARTIFACT_ROOT`]).
     artifact_root: String,
+    artifacts: Arc<crate::artifacts::ArtifactStore>,
 }
 
-pub(super) fn router(shared: Shared, artifact_root: String) -> axum::Router {
+pub(super) fn router(shared: Shared, artifacts: Arc<crate::artifacts::ArtifactStore>) -> axum::Router {
     let api = |path: &str| format!("/api/2.0/mlflow/{path}");
     axum::Router::new()
         .route(&api("experiments/create"), post(create_experiment))
@@ -67,9 +72,17 @@ pub(super) fn router(shared: Shared, artifact_root: String) -> axum::Router {
         .route(&api("runs/search"), post(search_runs))
         .route(&api("metrics/get-history"), get(metric_history))
         .route("/health", get(|| async { "OK" }))
+        .merge(registry::routes())
+        .merge(logged::routes())
         .fallback(fallback)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
-        .with_state(Tracker { shared, artifact_root })
+        // Artifact uploads stream past the JSON body limit (theirs is the store's).
+        .merge(artifacts::routes())
+        .with_state(Tracker {
+            shared,
+            artifact_root: crate::tracking::PROXIED_ARTIFACT_ROOT.to_string(),
+            artifacts,
+        })
 }
 
 /// Why a request failed, as MLflow reports it.
@@ -155,11 +168,21 @@ fn body_of(bytes: &Bytes) -> Result<serde_json::Map<String, Value>, Failure> {
     }
 }
 
-/// A query string as fields (values as JSON strings, as protobuf's JSON mapping reads them).
+/// A query string as fields (values as JSON strings, as protobuf's JSON mapping reads them; a key given
+/// more than once, as a repeated field is sent, becomes a list).
 fn query_of(query: Option<String>) -> serde_json::Map<String, Value> {
-    form_urlencoded::parse(query.unwrap_or_default().as_bytes())
-        .map(|(key, value)| (key.into_owned(), Value::String(value.into_owned())))
-        .collect()
+    let mut fields = serde_json::Map::new();
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        let value = Value::String(value.into_owned());
+        match fields.get_mut(key.as_ref()) {
+            None => {
+                fields.insert(key.into_owned(), value);
+            }
+            Some(Value::Array(values)) => values.push(value),
+            Some(first) => *first = Value::Array(vec![first.take(), value]),
+        }
+    }
+    fields
 }
 
 struct Fields(serde_json::Map<String, Value>);

@@ -79,6 +79,8 @@ const PEER_MESSAGE_BYTES_MAX: usize = 512 << 20;
 /// How long a learner may take to catch up before `cluster add` gives up on promoting it.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most bytes one artifact may have unless configured otherwise (10 GiB).
+pub const DEFAULT_ARTIFACT_MAX_BYTES: u64 = 10 << 30;
 /// Batches queued on one peer stream; beyond this they are dropped (raft-rs resends).
 const STREAM_BUFFER_BATCHES: usize = 256;
 /// Worker stream messages and reports waiting for the leader's worker hub; beyond this workers wait.
@@ -118,8 +120,11 @@ pub struct CoordinatorConfig {
     pub scheduler: SchedulerConfig,
     /// Where the MLflow Tracking REST API listens (`None`: not served). Port 0 picks a free port.
     pub tracking_listen: Option<SocketAddr>,
-    /// Where runs' artifacts live (a URI); experiments created here put theirs under it.
+    /// Where the artifact proxy keeps artifacts' bytes: a directory, `file:///DIR` or `s3://BUCKET[/PREFIX]`
+    /// (empty: `DATA_DIR/artifacts`). Shared storage when there are several coordinators.
     pub artifact_root: String,
+    /// The most bytes one artifact may have.
+    pub artifact_max_bytes: u64,
 }
 
 impl CoordinatorConfig {
@@ -137,6 +142,7 @@ impl CoordinatorConfig {
             scheduler: SchedulerConfig::default(),
             tracking_listen: None,
             artifact_root: String::new(),
+            artifact_max_bytes: DEFAULT_ARTIFACT_MAX_BYTES,
         }
     }
 
@@ -356,11 +362,13 @@ impl Coordinator {
                     .local_addr()
                     .map_err(|error| CoordinatorError::Internal(error.to_string()))?;
                 let artifact_root = if config.artifact_root.is_empty() {
-                    format!("file://{}", config.data_dir.join("artifacts").display())
+                    config.data_dir.join("artifacts").display().to_string()
                 } else {
                     config.artifact_root.clone()
                 };
-                let routes = tonic::service::Routes::from(mlflow::router(shared.clone(), artifact_root));
+                let artifacts = crate::artifacts::ArtifactStore::open(&artifact_root, config.artifact_max_bytes)
+                    .map_err(|error| CoordinatorError::InvalidArgument(error.to_string()))?;
+                let routes = tonic::service::Routes::from(mlflow::router(shared.clone(), Arc::new(artifacts)));
                 let server = tonic::transport::Server::builder()
                     .accept_http1(true)
                     .add_routes(routes)
