@@ -1178,6 +1178,84 @@ async fn the_digits_mlp_trains_data_parallel_across_two_workers() {
         .map(|point| point["step"].as_i64().unwrap())
         .collect();
     assert_eq!(epochs, (1..=30).collect(), "{history}");
+
+    // Its model and last checkpoint are artifacts of the run, with the hashes of what rank 0 wrote, and
+    // the model is version 1 of registered model "digits" (the spec's train.register).
+    let run_id = format!("{id:032x}");
+    let with_tracking = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--tracking", tracking.as_str()]);
+        all.iter().map(|arg| arg.to_string()).collect::<Vec<_>>()
+    };
+    let listed = kiln_strings(&cluster, &with_tracking(&["artifacts", "list", &run_id, "--json"])).await;
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let sha_of = |path: &str| {
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|file| file["path"] == path)
+            .unwrap_or_else(|| panic!("no artifact {path}: {listed}"))["sha256"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let weights = std::fs::read(model.join("weights.bin")).unwrap();
+    assert_eq!(sha_of("model/weights.bin"), sha256_hex(&weights));
+    assert_eq!(
+        sha_of("model/model.json"),
+        sha256_hex(&std::fs::read(model.join("model.json")).unwrap())
+    );
+    sha_of("checkpoints/checkpoint.json");
+    let out = directory.path().join("downloaded.bin");
+    kiln_strings(
+        &cluster,
+        &with_tracking(&[
+            "artifacts",
+            "get",
+            &run_id,
+            "model/weights.bin",
+            "--out",
+            out.to_str().unwrap(),
+        ]),
+    )
+    .await;
+    assert_eq!(std::fs::read(&out).unwrap(), weights);
+    let registered = kiln_strings(&cluster, &with_tracking(&["models", "show", "digits", "--json"])).await;
+    let registered: serde_json::Value = serde_json::from_str(&registered).unwrap();
+    let version = &registered["versions"][0];
+    assert_eq!(version["version"], "1", "{registered}");
+    assert_eq!(version["run_id"], run_id.as_str(), "{registered}");
+    assert_eq!(
+        version["source"],
+        format!("mlflow-artifacts:/0/{run_id}/artifacts/model"),
+        "{registered}"
+    );
+    assert!(
+        version["kiln_metrics"]["validation_accuracy"].as_f64().unwrap() >= 0.95,
+        "the run's metrics when it was registered: {registered}"
+    );
+}
+
+/// `kiln ARGS` must succeed; its standard output.
+async fn kiln_strings(cluster: &Cluster, args: &[String]) -> String {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = kiln(cluster, &args).await;
+    assert!(
+        output.status.success(),
+        "kiln {args:?}: {}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    stdout(&output)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 /// Writes the digits as a snappy-compressed Parquet file: the pixels as Int32 columns, the label as Int64.
