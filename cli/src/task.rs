@@ -358,7 +358,8 @@ async fn train(args: TrainArgs) -> Result<()> {
     let run_directory = std::env::var("KILN_RUN_DIR").unwrap_or_else(|_| ".".into());
     let (job_id, attempt, rank) = (environment.job, environment.attempt, environment.rank);
     // Rank 0 reports each epoch's metrics, the loss every `log_every_steps` steps and the artifacts to the
-    // cluster through one queue; only step reports are dropped when it is full.
+    // cluster through one queue. Whatever is queued while a report is in flight goes in the next, so
+    // reporting keeps up with training; reports are numbered, so a retry after a failover logs nothing twice.
     let (reports, mut pending) = tokio::sync::mpsc::channel::<Report>(REPORTS_QUEUED_MAX);
     let reporter = (rank == 0).then(|| {
         let coordinators = environment.coordinators.join(",");
@@ -366,9 +367,13 @@ async fn train(args: TrainArgs) -> Result<()> {
             let Ok(mut client) = kiln_coordinator::client::Client::new(&coordinators) else {
                 return;
             };
-            client.retry_deadline = Duration::from_secs(10);
-            while let Some((metrics, artifacts)) = pending.recv().await {
-                if let Err(status) = client.report_metrics(job_id, attempt, metrics, artifacts).await {
+            client.retry_deadline = Duration::from_secs(30);
+            let mut sequence = 0;
+            let mut queued = Vec::new();
+            while pending.recv_many(&mut queued, REPORTS_PER_BATCH_MAX).await > 0 {
+                sequence += 1;
+                let request = Report::batch(job_id, attempt, sequence, queued.drain(..));
+                if let Err(status) = client.report_metrics(request).await {
                     eprintln!("metrics not recorded: {}", status.message());
                 }
             }
@@ -376,7 +381,10 @@ async fn train(args: TrainArgs) -> Result<()> {
     });
     if let Some(checkpoint) = &config.checkpoint {
         let artifacts = [("checkpoints".to_string(), checkpoint.directory.display().to_string())].into();
-        let _ = reports.try_send((Default::default(), artifacts));
+        let _ = reports.try_send(Report {
+            artifacts,
+            ..Report::default()
+        });
     }
     let epoch_reports = reports.clone();
     let register = options.register.clone();
@@ -391,14 +399,14 @@ async fn train(args: TrainArgs) -> Result<()> {
                 return;
             }
             match progress {
-                // Step reports may be dropped when the queue is full: the next one carries newer values.
+                // Step reports are dropped only if the queue is full (the cluster unreachable for a long while).
                 trainer::Progress::Step(metrics) => {
                     let values = [
                         ("step".to_string(), metrics.step as f64),
                         ("train_loss".to_string(), metrics.loss),
                         ("step_samples_per_second".to_string(), metrics.samples_per_second),
                     ];
-                    let _ = epoch_reports.try_send((values.into(), Default::default()));
+                    let _ = epoch_reports.try_send(Report::measured(values.into(), metrics.step as i64));
                 }
                 // Epoch reports wait for room, so the final metrics always reach the cluster.
                 trainer::Progress::Epoch(metrics) => {
@@ -408,7 +416,7 @@ async fn train(args: TrainArgs) -> Result<()> {
                         (format!("validation_{}", metrics.validation_name), metrics.validation),
                         ("samples_per_second".to_string(), metrics.samples_per_second),
                     ];
-                    let _ = epoch_reports.blocking_send((values.into(), Default::default()));
+                    let _ = epoch_reports.blocking_send(Report::measured(values.into(), i64::from(metrics.epoch)));
                 }
             }
         };
@@ -458,7 +466,10 @@ async fn train(args: TrainArgs) -> Result<()> {
             std::fs::write(directory.join("model.json"), serde_json::to_string_pretty(&manifest)?)?;
             println!("model saved to {}", directory.display());
             let artifacts = [("model".to_string(), directory.display().to_string())].into();
-            let _ = reports.blocking_send((Default::default(), artifacts));
+            let _ = reports.blocking_send(Report {
+                artifacts,
+                ..Report::default()
+            });
         }
         Ok(())
     })
@@ -633,10 +644,65 @@ impl Group {
     }
 }
 
-/// Metrics and artifact locations on their way to the coordinator.
-type Report = (
-    std::collections::HashMap<String, f64>,
-    std::collections::HashMap<String, String>,
-);
-/// Reports waiting to be sent at most.
-const REPORTS_QUEUED_MAX: usize = 64;
+/// Metrics measured at one step (or epoch), or artifact locations, on their way to the coordinator.
+#[derive(Default)]
+struct Report {
+    metrics: std::collections::HashMap<String, f64>,
+    /// The step the metrics were measured at; each becomes a point of the run's history there.
+    step: Option<i64>,
+    timestamp_ms: i64,
+    artifacts: std::collections::HashMap<String, String>,
+}
+
+impl Report {
+    fn measured(metrics: std::collections::HashMap<String, f64>, step: i64) -> Report {
+        let timestamp_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_millis() as i64);
+        Report {
+            metrics,
+            step: Some(step),
+            timestamp_ms,
+            artifacts: Default::default(),
+        }
+    }
+
+    /// Queued reports as one request: every measured value as a point, the latest of each metric, every
+    /// artifact location.
+    fn batch(
+        job_id: u64,
+        attempt: u32,
+        sequence: u64,
+        reports: impl Iterator<Item = Report>,
+    ) -> kiln_proto::ReportMetricsRequest {
+        let mut request = kiln_proto::ReportMetricsRequest {
+            job_id,
+            attempt,
+            sequence,
+            ..Default::default()
+        };
+        for report in reports {
+            if let Some(step) = report.step {
+                let mut measured: Vec<(&String, &f64)> = report.metrics.iter().collect();
+                measured.sort_by(|a, b| a.0.cmp(b.0));
+                request
+                    .points
+                    .extend(measured.into_iter().map(|(key, value)| kiln_proto::MetricPoint {
+                        key: key.clone(),
+                        value: *value,
+                        step,
+                        timestamp_ms: report.timestamp_ms,
+                    }));
+            }
+            request.metrics.extend(report.metrics);
+            request.artifacts.extend(report.artifacts);
+        }
+        request
+    }
+}
+
+/// Reports waiting to be sent at most: minutes of step reports, so none is dropped while a coordinator
+/// fails over.
+const REPORTS_QUEUED_MAX: usize = 65_536;
+/// Reports one request carries at most (each has a handful of metrics; a request holds 10,000 points).
+const REPORTS_PER_BATCH_MAX: usize = 1_000;

@@ -1237,6 +1237,83 @@ async fn the_digits_mlp_trains_data_parallel_across_two_workers() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_train_jobs_metric_history_survives_the_leader_dying_mid_run_without_losing_or_repeating_a_point() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (mut cluster, _) = cluster_with_workers([1, 1]).await;
+    let directory = tempfile::tempdir().unwrap();
+    let epochs = 120;
+    let spec = digits_spec()
+        .replace("epochs = 30", &format!("epochs = {epochs}\nlog_every_steps = 4"))
+        .replace("register = \"digits\"\n", "");
+    let id = submit_file(&cluster, directory.path(), "digits-long.toml", &spec).await;
+    let tracking: Vec<String> = cluster
+        .members
+        .values()
+        .map(|member| member.tracking_addr.clone())
+        .collect();
+    let history = |address: &str, key: &str| -> Vec<(i64, String)> {
+        let (_, answer) = kiln_cluster_tests::http_json(
+            address,
+            "GET",
+            &format!("/api/2.0/mlflow/metrics/get-history?run_id={id:032x}&metric_key={key}"),
+            "",
+        );
+        answer["metrics"]
+            .as_array()
+            .map(|points| {
+                points
+                    .iter()
+                    .map(|point| (point["step"].as_i64().unwrap(), point["value"].to_string()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // Kill the leader once a few epochs are in the run, while rank 0 keeps reporting.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while history(&tracking[0], "validation_accuracy").len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no epoch reached the run\n{}",
+            context(&cluster, Some(id))
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let leader = cluster.wait_for_leader(None, Duration::from_secs(5)).await.unwrap();
+    cluster.kill(leader).unwrap();
+    let survivor = cluster
+        .members
+        .values()
+        .find(|member| member.id != leader)
+        .unwrap()
+        .tracking_addr
+        .clone();
+    let reported_before = history(&survivor, "validation_accuracy").len();
+    assert!(
+        reported_before < epochs,
+        "the job ended before the leader died; make it longer"
+    );
+    wait_succeeded(&cluster, id, "300s").await;
+    let job = cluster.client().unwrap().get_job(id).await.unwrap();
+    assert_eq!(job.attempts.len(), 1, "the attempt went on through the failover");
+    let epochs_logged: Vec<i64> = history(&survivor, "validation_accuracy")
+        .into_iter()
+        .map(|(step, _)| step)
+        .collect();
+    assert_eq!(
+        epochs_logged,
+        (1..=epochs as i64).collect::<Vec<_>>(),
+        "every epoch once, in order"
+    );
+    // 1,437 training rows in batches of 128 make 12 steps an epoch; the loss is reported every 4th step.
+    let steps: Vec<i64> = history(&survivor, "train_loss")
+        .into_iter()
+        .map(|(step, _)| step)
+        .collect();
+    let expected: Vec<i64> = (1..=(epochs as i64 * 12)).filter(|step| step % 4 == 0).collect();
+    assert_eq!(steps, expected, "every reported step once, none lost, none repeated");
+}
+
 /// `kiln ARGS` must succeed; its standard output.
 async fn kiln_strings(cluster: &Cluster, args: &[String]) -> String {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

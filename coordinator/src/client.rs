@@ -283,19 +283,8 @@ impl Client {
         .await
     }
 
-    pub async fn report_metrics(
-        &mut self,
-        job_id: u64,
-        attempt: u32,
-        metrics: std::collections::HashMap<String, f64>,
-        artifacts: std::collections::HashMap<String, String>,
-    ) -> Result<(), Status> {
-        let request = pb::ReportMetricsRequest {
-            job_id,
-            attempt,
-            metrics,
-            artifacts,
-        };
+    /// Sends one report; `request.sequence` (1, 2, … per attempt) makes its retries harmless.
+    pub async fn report_metrics(&mut self, request: pb::ReportMetricsRequest) -> Result<(), Status> {
         self.call(|channel| {
             let request = request.clone();
             async move {

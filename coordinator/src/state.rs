@@ -384,12 +384,7 @@ pub enum Request {
         id: NodeId,
     },
     RegisterWorker(WorkerRegistration),
-    ReportMetrics {
-        job: JobId,
-        attempt: u32,
-        metrics: BTreeMap<String, f64>,
-        artifacts: BTreeMap<String, String>,
-    },
+    ReportMetrics(Report),
     /// The leader's in-memory lease table (last heartbeat per worker); answered by the leader only.
     WorkerLeases,
     ApplyCatalog {
@@ -467,6 +462,22 @@ pub enum Command {
         command: TrackingCommand,
         now_ms: i64,
     },
+    /// A numbered report of a running attempt: like `RecordMetrics`, and its points are logged to the job's
+    /// run once however often it is retried.
+    RecordReport(Report),
+}
+
+/// What a rank reports: the latest metrics and artifact locations, and the points measured since its
+/// previous report, numbered per attempt (`sequence` 0: not numbered).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub job: JobId,
+    pub attempt: u32,
+    pub sequence: u64,
+    pub metrics: BTreeMap<String, f64>,
+    pub points: Vec<(String, crate::tracking::MetricPoint)>,
+    pub artifacts: BTreeMap<String, String>,
+    pub now_ms: i64,
 }
 
 /// What applying a command produced, sent back to the client that proposed it.
@@ -705,35 +716,19 @@ impl StateMachine {
                 metrics,
                 artifacts,
                 now_ms,
-            } => {
-                let Some(record) = self.jobs.get_mut(&job) else {
-                    return CommandResult::Rejected(CoordinatorError::NotFound(format!("job {job} does not exist")));
-                };
-                let current = record
-                    .attempts
-                    .last()
-                    .is_some_and(|last| last.number == attempt && last.state == AttemptState::Running);
-                if !current {
-                    return CommandResult::Rejected(CoordinatorError::FailedPrecondition(format!(
-                        "job {job} attempt {attempt} is not running; its metrics are not recorded"
-                    )));
-                }
-                let mut merged_metrics = record.metrics.clone();
-                merged_metrics.extend(metrics.clone());
-                let mut merged_artifacts = record.artifacts.clone();
-                merged_artifacts.extend(artifacts);
-                if merged_metrics.len() > JOB_METRICS_MAX || merged_artifacts.len() > JOB_METRICS_MAX {
-                    return CommandResult::Rejected(CoordinatorError::InvalidArgument(format!(
-                        "job {job} would keep more than {JOB_METRICS_MAX} metrics or artifacts"
-                    )));
-                }
-                record.metrics = merged_metrics;
-                record.artifacts = merged_artifacts;
-                record.updated_at_ms = now_ms;
-                changed.push(record.clone());
-                self.tracking.log_job_metrics(job, &metrics, now_ms);
-                CommandResult::Done
-            }
+            } => self.record_report(
+                Report {
+                    job,
+                    attempt,
+                    sequence: 0,
+                    metrics,
+                    points: Vec::new(),
+                    artifacts,
+                    now_ms,
+                },
+                changed,
+            ),
+            Command::RecordReport(report) => self.record_report(report, changed),
             Command::ApplyCatalog {
                 namespace,
                 objects,
@@ -751,6 +746,56 @@ impl StateMachine {
                     .collect(),
             ),
         }
+    }
+
+    /// Records a running attempt's report: its latest metrics and artifact locations on the job, its points
+    /// (or, unnumbered, its metrics at their step) in the job's run. A numbered report at or below the last
+    /// one applied for its attempt is a retry: it changes nothing and succeeds.
+    fn record_report(&mut self, report: Report, changed: &mut Vec<Job>) -> CommandResult {
+        let Report {
+            job,
+            attempt,
+            sequence,
+            metrics,
+            points,
+            artifacts,
+            now_ms,
+        } = report;
+        let Some(record) = self.jobs.get_mut(&job) else {
+            return CommandResult::Rejected(CoordinatorError::NotFound(format!("job {job} does not exist")));
+        };
+        let current = record
+            .attempts
+            .last()
+            .is_some_and(|last| last.number == attempt && last.state == AttemptState::Running);
+        if !current {
+            return CommandResult::Rejected(CoordinatorError::FailedPrecondition(format!(
+                "job {job} attempt {attempt} is not running; its metrics are not recorded"
+            )));
+        }
+        if self.tracking.job_report_applied(job, attempt, sequence) {
+            return CommandResult::Done;
+        }
+        let mut merged_metrics = record.metrics.clone();
+        merged_metrics.extend(metrics.clone());
+        let mut merged_artifacts = record.artifacts.clone();
+        merged_artifacts.extend(artifacts);
+        if merged_metrics.len() > JOB_METRICS_MAX || merged_artifacts.len() > JOB_METRICS_MAX {
+            return CommandResult::Rejected(CoordinatorError::InvalidArgument(format!(
+                "job {job} would keep more than {JOB_METRICS_MAX} metrics or artifacts"
+            )));
+        }
+        record.metrics = merged_metrics;
+        record.artifacts = merged_artifacts;
+        record.updated_at_ms = now_ms;
+        changed.push(record.clone());
+        self.tracking.note_job_report(job, attempt, sequence);
+        if points.is_empty() {
+            self.tracking.log_job_metrics(job, &metrics, now_ms);
+        } else {
+            self.tracking.log_job_points(job, points);
+        }
+        CommandResult::Done
     }
 
     /// A job whose gang could never be placed, even on an idle cluster, is refused at submission. With
@@ -1992,8 +2037,8 @@ mod tests {
     #[test]
     fn a_version_5_snapshot_is_upgraded_with_an_empty_registry() {
         use crate::tracking::TrackingCommand;
-        // Format 5 is format 6 without the registry, the artifact table and the logged models, the last
-        // fields of the tracking store.
+        // Format 5 is format 6 without the registry, the artifact table, the logged models and the report
+        // table, the last fields of the tracking store.
         let mut state = StateMachine::default();
         apply(&mut state, submit("k1", 1));
         let command = TrackingCommand::CreateExperiment {
@@ -2005,12 +2050,12 @@ mod tests {
         apply(&mut state, Command::Track { command, now_ms: 5 });
         assert!(state.tracking().experiment_by_name("digits").is_ok());
         let current = state.to_snapshot().unwrap();
-        // An empty registry, artifact table and logged-model table encode as one length byte (0 entries)
-        // each, at the very end.
-        assert_eq!(current[current.len() - 3..], [0u8, 0u8, 0u8]);
+        // An empty registry, artifact table, logged-model table and report table encode as one length byte
+        // (0 entries) each, at the very end.
+        assert_eq!(current[current.len() - 4..], [0u8; 4]);
         let mut bytes = encode(&(5u32, ())).unwrap();
         let header = bytes.len();
-        bytes.extend_from_slice(&current[header..current.len() - 3]);
+        bytes.extend_from_slice(&current[header..current.len() - 4]);
         assert_eq!(StateMachine::from_snapshot(&bytes).unwrap(), state);
     }
 
@@ -2082,6 +2127,62 @@ mod tests {
         let history = restored.tracking().metric_history(&run_id, "loss").unwrap();
         assert_eq!(history.iter().map(|point| point.value).collect::<Vec<_>>(), [0.5]);
         assert_eq!(restored.tracking().run(&run_id).unwrap().params["lr"], "0.1");
+    }
+
+    #[test]
+    fn a_numbered_report_logs_its_points_once_however_often_it_is_retried() {
+        use crate::tracking::{MetricPoint, Tracking};
+        let mut state = StateMachine::default();
+        let worker = register(&mut state, "a", 2);
+        let spec = "name = \"digits\"\nkind = \"train\"\n[train]\nmodel = \"mlp\"\ndataset = \"d.csv\"\nlabel = \"y\"\n[resources]\nworkers = 1\ncpus = 1\n";
+        apply(&mut state, submit_spec("k", 1, spec));
+        start(&mut state, 1, 1, vec![worker]);
+        let point = |value: f64, step: i64| {
+            (
+                "train_loss".to_string(),
+                MetricPoint {
+                    value,
+                    timestamp_ms: 5,
+                    step,
+                },
+            )
+        };
+        let report = |attempt: u32, sequence: u64, points: Vec<(String, MetricPoint)>| {
+            Command::RecordReport(Report {
+                job: 1,
+                attempt,
+                sequence,
+                metrics: [("train_loss".to_string(), points.last().unwrap().1.value)].into(),
+                points,
+                artifacts: BTreeMap::new(),
+                now_ms: 7,
+            })
+        };
+        // Three steps in one batch, then the next batch; the first is retried after both (a failover).
+        let first = report(1, 1, vec![point(0.9, 10), point(0.8, 20), point(0.7, 30)]);
+        assert!(matches!(apply(&mut state, first.clone()), CommandResult::Done));
+        assert!(matches!(
+            apply(&mut state, report(1, 2, vec![point(0.6, 40)])),
+            CommandResult::Done
+        ));
+        assert!(
+            matches!(apply(&mut state, first), CommandResult::Done),
+            "a retry succeeds"
+        );
+        let history = state
+            .tracking()
+            .metric_history(&Tracking::job_run_id(1), "train_loss")
+            .unwrap();
+        let steps: Vec<(i64, f64)> = history.iter().map(|point| (point.step, point.value)).collect();
+        assert_eq!(steps, [(10, 0.9), (20, 0.8), (30, 0.7), (40, 0.6)]);
+        assert_eq!(
+            state.job(1).unwrap().metrics["train_loss"],
+            0.6,
+            "the retry did not roll the latest back"
+        );
+        // A report of an attempt that is not running is refused, numbered or not.
+        let stale = report(2, 1, vec![point(0.1, 50)]);
+        assert!(matches!(apply(&mut state, stale), CommandResult::Rejected(_)));
     }
 
     #[test]

@@ -440,6 +440,8 @@ pub struct Tracking {
     artifacts: OrdMap<String, ArtifactRecord>,
     /// MLflow 3's logged models by id.
     logged_models: OrdMap<String, LoggedModel>,
+    /// The last numbered report applied per job: (attempt, sequence).
+    job_reports: OrdMap<u64, (u32, u64)>,
 }
 
 /// An artifact as stored: its size and SHA-256, so a download can be checked.
@@ -460,6 +462,7 @@ impl Default for Tracking {
             registry: Registry::default(),
             artifacts: OrdMap::new(),
             logged_models: OrdMap::new(),
+            job_reports: OrdMap::new(),
         }
     }
 }
@@ -486,6 +489,7 @@ pub(crate) mod version5 {
                 registry: Registry::default(),
                 artifacts: OrdMap::new(),
                 logged_models: OrdMap::new(),
+                job_reports: OrdMap::new(),
             }
         }
     }
@@ -588,6 +592,47 @@ impl Tracking {
             ..LogBatch::default()
         };
         let _ = self.log_batch(&run_id, &batch);
+    }
+
+    /// Whether report `sequence` of `attempt` of `job` was applied already (a retry); never for 0.
+    pub fn job_report_applied(&self, job: u64, attempt: u32, sequence: u64) -> bool {
+        sequence != 0
+            && self
+                .job_reports
+                .get(&job)
+                .is_some_and(|last| *last >= (attempt, sequence))
+    }
+
+    /// Remembers report `sequence` of `attempt` of `job` as applied.
+    pub fn note_job_report(&mut self, job: u64, attempt: u32, sequence: u64) {
+        if sequence != 0 {
+            self.job_reports.insert(job, (attempt, sequence));
+        }
+    }
+
+    /// Logs a train job's metric points, each at its own step, into its run (if it has one). Points whose
+    /// names MLflow would refuse are left out.
+    pub fn log_job_points(&mut self, job: u64, points: Vec<(String, MetricPoint)>) {
+        let run_id = Tracking::job_run_id(job);
+        if !self
+            .runs
+            .get(&run_id)
+            .is_some_and(|run| run.lifecycle_stage == LifecycleStage::Active)
+        {
+            return;
+        }
+        // One batch per MLflow's limit, so a large report is logged whole.
+        let points: Vec<(String, MetricPoint)> = points
+            .into_iter()
+            .filter(|(key, _)| check_key(key, "metric").is_ok())
+            .collect();
+        for chunk in points.chunks(BATCH_METRICS_MAX) {
+            let batch = LogBatch {
+                metrics: chunk.to_vec(),
+                ..LogBatch::default()
+            };
+            let _ = self.log_batch(&run_id, &batch);
+        }
     }
 
     /// Ends a job's run (if it has one and it is still running) with the job's outcome.

@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// The most metric points one report may carry (a report is one Raft entry).
+const REPORT_POINTS_MAX: usize = 10_000;
+
 /// What a write produced, as it travels back from the leader to the node the client called.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum WriteOutcome {
@@ -261,19 +264,11 @@ impl Shared {
                 objects,
                 replace,
             } => self.apply_catalog(namespace, objects, replace).await,
-            Request::ReportMetrics {
-                job,
-                attempt,
-                metrics,
-                artifacts,
-            } => {
-                self.propose(Command::RecordMetrics {
-                    job,
-                    attempt,
-                    metrics,
-                    artifacts,
+            Request::ReportMetrics(report) => {
+                self.propose(Command::RecordReport(crate::state::Report {
                     now_ms: now_ms(),
-                })
+                    ..report
+                }))
                 .await?;
                 Ok(WriteOutcome::Recorded)
             }
@@ -580,6 +575,23 @@ impl JobService for Shared {
                 )));
             }
         }
+        if request.points.len() > REPORT_POINTS_MAX {
+            return Err(Status::invalid_argument(format!(
+                "{} metric points in one report; at most {REPORT_POINTS_MAX} (send the rest in the next)",
+                request.points.len()
+            )));
+        }
+        if let Some(point) = request
+            .points
+            .iter()
+            .find(|point| point.key.is_empty() || point.key.len() > crate::state::METRIC_TEXT_LENGTH_MAX)
+        {
+            return Err(Status::invalid_argument(format!(
+                "metric point {:?} has no valid name; expected 1 to {} bytes",
+                point.key,
+                crate::state::METRIC_TEXT_LENGTH_MAX
+            )));
+        }
         for (name, location) in &request.artifacts {
             let limit = crate::state::METRIC_TEXT_LENGTH_MAX;
             if name.is_empty() || name.len() > limit || location.len() > limit {
@@ -588,12 +600,27 @@ impl JobService for Shared {
                 )));
             }
         }
-        self.execute(Request::ReportMetrics {
+        let points = request
+            .points
+            .into_iter()
+            .map(|point| {
+                let value = crate::tracking::MetricPoint {
+                    value: point.value,
+                    timestamp_ms: point.timestamp_ms,
+                    step: point.step,
+                };
+                (point.key, value)
+            })
+            .collect();
+        self.execute(Request::ReportMetrics(crate::state::Report {
             job: request.job_id,
             attempt: request.attempt,
+            sequence: request.sequence,
             metrics: request.metrics.into_iter().collect(),
+            points,
             artifacts: request.artifacts.into_iter().collect(),
-        })
+            now_ms: 0,
+        }))
         .await?;
         Ok(Response::new(pb::ReportMetricsResponse {}))
     }
