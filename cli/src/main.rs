@@ -7,6 +7,7 @@ mod bench_lookup;
 mod demo;
 mod features;
 mod featureserver;
+mod lineage;
 mod models;
 mod output;
 mod runs;
@@ -134,6 +135,8 @@ enum Command {
         #[arg(long, global = true, env = "KILN_TRACKING", default_value = "127.0.0.1:7080")]
         tracking: String,
     },
+    /// What a model version, dataset or run came from and what came of it (text, dot or json).
+    Lineage(lineage::LineageArgs),
     /// A run's artifacts (list, get, put), streamed and checked against their SHA-256.
     Artifacts {
         #[command(subcommand)]
@@ -848,6 +851,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Runs { command, tracking } => runs::run(command, &tracking).await,
         Command::Models { command, tracking } => models::run(command, &tracking).await,
         Command::Artifacts { command, tracking } => artifacts::run(command, &tracking).await,
+        Command::Lineage(args) => lineage::run(args).await,
     }
 }
 

@@ -230,7 +230,7 @@ impl FeatureDataset {
         resolve: &impl Fn(std::path::PathBuf) -> std::path::PathBuf,
         rank: u32,
         world: u32,
-    ) -> Result<std::path::PathBuf> {
+    ) -> Result<(std::path::PathBuf, Option<serde_json::Value>)> {
         use kiln_featurestore::arrow::compute::concat_batches;
         let entities = std::path::absolute(resolve(self.entities.clone()))?;
         let entity_columns = kiln_featurestore::training::file_columns(&entities).await?;
@@ -243,6 +243,12 @@ impl FeatureDataset {
         };
         let mut client = crate::featureserver::connect(&self.server).await?;
         let batches = crate::featureserver::fetch(&mut client, &command).await?;
+        // Now that the set is built, the server says which dataset version it is.
+        let manifest = client
+            .get_flight_info(arrow_flight::FlightDescriptor::new_cmd(command.to_bytes()))
+            .await
+            .ok()
+            .and_then(|info| serde_json::from_slice::<serde_json::Value>(&info.app_metadata).ok());
         let Some(first) = batches.first() else {
             bail!(
                 "feature service '{}' gave no rows for {}",
@@ -275,8 +281,96 @@ impl FeatureDataset {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        Ok(path)
+        Ok((path, manifest))
     }
+
+    /// The training set as a dataset input of the job's run: its content hash, where it came from, and
+    /// the feature view versions it joined (for lineage).
+    fn input(&self, manifest: &serde_json::Value) -> Option<serde_json::Value> {
+        let digest = manifest["content_hash"].as_str()?;
+        let views: Vec<String> = manifest["feature_views"]
+            .as_array()
+            .map(|views| {
+                views
+                    .iter()
+                    .map(|view| {
+                        let name = view["name"].as_str().unwrap_or_default();
+                        match view["version"].as_u64() {
+                            Some(version) => format!("{name}@{version}"),
+                            None => name.to_string(),
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let source = serde_json::json!({
+            "service": self.service,
+            "entities": manifest["entities"],
+            "event_timestamp": manifest["event_timestamp"],
+            "server": self.server,
+        });
+        Some(serde_json::json!({
+            "dataset": {
+                "name": format!("{} training set", self.service),
+                "digest": digest,
+                "source_type": "kiln-feature-service",
+                "source": source.to_string(),
+                "profile": serde_json::json!({ "rows": manifest["rows"] }).to_string(),
+            },
+            "tags": [
+                { "key": "mlflow.data.context", "value": "training" },
+                { "key": kiln_coordinator::lineage::FEATURE_VIEWS_TAG, "value": views.join(",") },
+            ],
+        }))
+    }
+}
+
+/// A dataset file as a dataset input of the job's run: its SHA-256 and path.
+fn file_input(path: &std::path::Path) -> Result<serde_json::Value> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let mut file = std::fs::File::open(path)?;
+    std::io::copy(&mut file, &mut hasher)?;
+    let digest: String = hasher.finalize().iter().map(|byte| format!("{byte:02x}")).collect();
+    Ok(serde_json::json!({
+        "dataset": {
+            "name": path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default(),
+            "digest": digest,
+            "source_type": "local",
+            "source": serde_json::json!({ "uri": path.display().to_string() }).to_string(),
+        },
+        "tags": [{ "key": "mlflow.data.context", "value": "training" }],
+    }))
+}
+
+/// Runs `step` against each address of `tracking` (a comma-separated list) in turn, for a few rounds, so a
+/// coordinator failing over does not lose what a task hands the cluster. `step` must be safe to repeat.
+async fn through_tracking<F, Fut>(tracking: &str, what: &str, step: F) -> Result<()>
+where
+    F: Fn(crate::runs::Api) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let addresses: Vec<&str> = tracking
+        .split(',')
+        .map(str::trim)
+        .filter(|address| !address.is_empty())
+        .collect();
+    let mut failure = anyhow::anyhow!("KILN_TRACKING names no address");
+    for round in 0..5 {
+        if round > 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        for address in &addresses {
+            match step(crate::runs::Api::new(address)?).await {
+                Ok(()) => return Ok(()),
+                Err(error) => {
+                    eprintln!("{what} through {address}: {error:#}");
+                    failure = error;
+                }
+            }
+        }
+    }
+    Err(failure.context(format!("{what} failed")))
 }
 
 async fn train(args: TrainArgs) -> Result<()> {
@@ -291,13 +385,22 @@ async fn train(args: TrainArgs) -> Result<()> {
     };
     // A training set from the feature store is fetched in shards, one per rank; a file is read whole by
     // every rank.
-    let (dataset_path, sharded) = match FeatureDataset::parse(&options.dataset)? {
+    let (dataset_path, sharded, input) = match FeatureDataset::parse(&options.dataset)? {
         Some(features) => {
             let (rank, world) = (environment.rank, environment.world_size);
-            let path = features.fetch(&options.label, &worker_relative, rank, world).await?;
-            (path, world > 1)
+            let (path, manifest) = features.fetch(&options.label, &worker_relative, rank, world).await?;
+            let input = manifest.as_ref().and_then(|manifest| features.input(manifest));
+            (path, world > 1, input)
         }
-        None => (worker_relative(std::path::PathBuf::from(&options.dataset)), false),
+        None => {
+            let path = worker_relative(std::path::PathBuf::from(&options.dataset));
+            let input = if environment.rank == 0 {
+                file_input(&path).ok()
+            } else {
+                None
+            };
+            (path, false, input)
+        }
     };
     let task = if options.task == "regression" {
         trainer::Task::Regression
@@ -305,6 +408,22 @@ async fn train(args: TrainArgs) -> Result<()> {
         trainer::Task::Classification
     };
     let dataset = trainer::load_dataset(&dataset_path, &options.label, task)?;
+    // Rank 0 records what the run trains on (the training set's dataset version, or the file's hash), for
+    // lineage, before it starts.
+    if environment.rank == 0
+        && let (Some(input), Ok(tracking)) = (&input, std::env::var("KILN_TRACKING"))
+    {
+        let run_id = kiln_coordinator::tracking::Tracking::job_run_id(environment.job);
+        let body = serde_json::json!({ "run_id": run_id, "datasets": [input] });
+        through_tracking(&tracking, "recording the run's training data", |api| {
+            let body = body.clone();
+            async move {
+                api.post("runs/log-inputs", body, "the run's inputs").await?;
+                Ok(())
+            }
+        })
+        .await?;
+    }
     println!(
         "rank {} of {}: {} rows, {} features, {} classes from {}",
         environment.rank,
@@ -507,31 +626,11 @@ impl Published<'_> {
     /// Tries each address of `tracking` (a comma-separated list) in turn, for a few rounds, so a coordinator
     /// failing over does not lose the model. Every step is safe to repeat.
     async fn publish(&self, tracking: &str) -> Result<()> {
-        let addresses: Vec<&str> = tracking
-            .split(',')
-            .map(str::trim)
-            .filter(|address| !address.is_empty())
-            .collect();
-        let mut failure = anyhow::anyhow!("KILN_TRACKING names no address");
-        for round in 0..5 {
-            if round > 0 {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            for address in &addresses {
-                match self.publish_through(address).await {
-                    Ok(()) => return Ok(()),
-                    Err(error) => {
-                        eprintln!("publishing the model through {address}: {error:#}");
-                        failure = error;
-                    }
-                }
-            }
-        }
-        Err(failure.context(format!("the model of run {} could not be published", self.run_id)))
+        let what = format!("publishing the model of run {}", self.run_id);
+        through_tracking(tracking, &what, |api| self.publish_through(api)).await
     }
 
-    async fn publish_through(&self, address: &str) -> Result<()> {
-        let api = crate::runs::Api::new(address)?;
+    async fn publish_through(&self, api: crate::runs::Api) -> Result<()> {
         let root = crate::artifacts::run_root(&api, &self.run_id).await?;
         let mut uploaded = 0;
         for (directory, prefix) in [(Some(self.model), "model"), (self.checkpoints, "checkpoints")] {

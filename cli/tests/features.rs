@@ -592,6 +592,7 @@ cpus = 1
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_digits_example_trains_from_the_feature_store_with_each_rank_fetching_its_shard() {
     let mut cluster = Cluster::new(Path::new(KILN), 1, &[]).unwrap();
+    cluster.tracking = true;
     cluster.start_all().unwrap();
     cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
     cluster.start_worker(1, 1, &[]).unwrap();
@@ -642,6 +643,105 @@ async fn the_digits_example_trains_from_the_feature_store_with_each_rank_fetchin
     assert!(accuracy >= 0.95, "validation accuracy {accuracy}\n{logs}");
     // Both ranks asked for the same set at once; the server built it once and neither failed.
     assert_eq!(shown["attempts"].as_array().unwrap().len(), 1, "{shown:#}");
+
+    // The job's run: its params, a validation accuracy per epoch, its model as an artifact that downloads
+    // with the recorded hash, registered as digits v1; and the lineage from that version back to the
+    // training set's dataset version and the feature view versions it joined.
+    let tracking = cluster.members[&1].tracking_addr.clone();
+    let job: u64 = id.parse().unwrap();
+    let run_id = format!("{job:032x}");
+    let kiln = |args: &[&str]| -> String {
+        let output = cluster.cli(&[args, &["--tracking", &tracking]].concat()).unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+    let run: serde_json::Value = serde_json::from_str(&kiln(&["runs", "show", &run_id, "--json"])).unwrap();
+    let params = run["data"]["params"].to_string();
+    assert!(
+        params.contains("\"learning_rate\"") && params.contains("\"epochs\""),
+        "{run:#}"
+    );
+    let (_, history) = kiln_cluster_tests::http_json(
+        &tracking,
+        "GET",
+        &format!("/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=validation_accuracy"),
+        "",
+    );
+    assert_eq!(history["metrics"].as_array().unwrap().len(), 30, "{history}");
+    let dataset = &run["inputs"]["dataset_inputs"][0]["dataset"];
+    assert_eq!(dataset["source_type"], "kiln-feature-service", "{run:#}");
+    let digest = dataset["digest"].as_str().unwrap().to_string();
+    let listed: serde_json::Value = serde_json::from_str(&kiln(&["artifacts", "list", &run_id, "--json"])).unwrap();
+    let weights = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|file| file["path"] == "model/weights.bin")
+        .unwrap_or_else(|| panic!("no model artifact: {listed:#}"));
+    let out = directory.path().join("weights.bin");
+    let got = kiln(&[
+        "artifacts",
+        "get",
+        &run_id,
+        "model/weights.bin",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(got.contains(weights["sha256"].as_str().unwrap()), "{got}");
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().len(),
+        weights["size"].as_u64().unwrap()
+    );
+
+    let lineage: serde_json::Value = serde_json::from_str(&kiln(&[
+        "lineage",
+        "models:/digits/1",
+        "--upstream",
+        "--format",
+        "json",
+    ]))
+    .unwrap();
+    let nodes: Vec<&str> = lineage["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|node| node["id"].as_str().unwrap())
+        .collect();
+    for expected in [
+        "model:digits/1".to_string(),
+        format!("run:{run_id}"),
+        format!("artifact:0/{run_id}/artifacts/model"),
+        format!("dataset:{digest}"),
+        "view:digit_pixels@1".to_string(),
+    ] {
+        assert!(
+            nodes.contains(&expected.as_str()),
+            "{expected} missing from {lineage:#}"
+        );
+    }
+    let run_node = lineage["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|node| node["kind"] == "run")
+        .unwrap();
+    assert_eq!(run_node["attributes"]["param.learning_rate"], "0.001", "{run_node}");
+    // The dataset, named by a prefix of its digest, answers which runs and models used it.
+    let downstream = kiln(&["lineage", &digest[..12], "--downstream"]);
+    assert!(
+        downstream.contains("model digits v1") && downstream.contains("run digits-features"),
+        "{downstream}"
+    );
+    let dot = kiln(&["lineage", "models:/digits/1", "--format", "dot"]);
+    assert!(
+        dot.contains(&format!("\"dataset:{digest}\" -> \"run:{run_id}\";")),
+        "{dot}"
+    );
     server.stop();
 }
 

@@ -30,6 +30,7 @@ pub mod artifacts;
 pub mod catalog;
 pub mod client;
 pub mod error;
+pub mod lineage;
 pub mod node;
 pub mod registry;
 pub mod scheduler;

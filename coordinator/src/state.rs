@@ -2037,8 +2037,7 @@ mod tests {
     #[test]
     fn a_version_5_snapshot_is_upgraded_with_an_empty_registry() {
         use crate::tracking::TrackingCommand;
-        // Format 5 is format 6 without the registry, the artifact table, the logged models and the report
-        // table, the last fields of the tracking store.
+        // Format 5 is format 6 without the tables it added to the tracking store, its last fields.
         let mut state = StateMachine::default();
         apply(&mut state, submit("k1", 1));
         let command = TrackingCommand::CreateExperiment {
@@ -2050,12 +2049,13 @@ mod tests {
         apply(&mut state, Command::Track { command, now_ms: 5 });
         assert!(state.tracking().experiment_by_name("digits").is_ok());
         let current = state.to_snapshot().unwrap();
-        // An empty registry, artifact table, logged-model table and report table encode as one length byte
-        // (0 entries) each, at the very end.
-        assert_eq!(current[current.len() - 4..], [0u8; 4]);
+        // The tables format 6 added to the tracking store, empty, encode as one length byte (0 entries)
+        // each at the very end: the registry, artifacts, logged models, job reports, datasets, run inputs.
+        let added = 6;
+        assert_eq!(current[current.len() - added..], [0u8; 6]);
         let mut bytes = encode(&(5u32, ())).unwrap();
         let header = bytes.len();
-        bytes.extend_from_slice(&current[header..current.len() - 4]);
+        bytes.extend_from_slice(&current[header..current.len() - added]);
         assert_eq!(StateMachine::from_snapshot(&bytes).unwrap(), state);
     }
 

@@ -35,6 +35,8 @@ const TAG_VALUE_CHARS_MAX: usize = 8_000;
 const BATCH_METRICS_MAX: usize = 1_000;
 const BATCH_PARAMS_MAX: usize = 100;
 const BATCH_TAGS_MAX: usize = 100;
+/// A dataset's source, schema and profile (JSON texts) at most.
+const DATASET_TEXT_CHARS_MAX: usize = 1 << 20;
 /// The most runs one search page returns (MLflow's limit).
 pub const SEARCH_RESULTS_MAX: usize = 50_000;
 pub const DEFAULT_EXPERIMENT_ID: &str = "0";
@@ -346,6 +348,12 @@ pub enum TrackingCommand {
     },
     /// Artifacts were deleted.
     ForgetArtifacts { paths: Vec<String>, artifact_root: String },
+    /// Datasets a run used (MLflow's `log-inputs`); an input already logged is not repeated.
+    LogInputs {
+        run_id: String,
+        inputs: Vec<DatasetInput>,
+        artifact_root: String,
+    },
     /// A write to MLflow 3's logged models.
     LogModel {
         command: LoggedModelCommand,
@@ -373,6 +381,7 @@ impl TrackingCommand {
             | TrackingCommand::Register { artifact_root, .. }
             | TrackingCommand::RecordArtifact { artifact_root, .. }
             | TrackingCommand::LogModel { artifact_root, .. }
+            | TrackingCommand::LogInputs { artifact_root, .. }
             | TrackingCommand::ForgetArtifacts { artifact_root, .. } => artifact_root,
         }
     }
@@ -442,6 +451,28 @@ pub struct Tracking {
     logged_models: OrdMap<String, LoggedModel>,
     /// The last numbered report applied per job: (attempt, sequence).
     job_reports: OrdMap<u64, (u32, u64)>,
+    /// Datasets runs used, by digest (a feature service's training set: its content hash).
+    datasets: OrdMap<String, Dataset>,
+    /// Each run's inputs, as MLflow's `log-inputs` records them: (dataset digest, tags).
+    run_inputs: OrdMap<String, Vector<(String, OrdMap<String, String>)>>,
+}
+
+/// A dataset a run used (MLflow's `Dataset`): what it is called, its digest, and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dataset {
+    pub name: String,
+    pub digest: String,
+    pub source_type: String,
+    pub source: String,
+    pub schema: String,
+    pub profile: String,
+}
+
+/// A dataset given as a run's input, with the input's tags (`mlflow.data.context`: training, …).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatasetInput {
+    pub dataset: Dataset,
+    pub tags: Vec<(String, String)>,
 }
 
 /// An artifact as stored: its size and SHA-256, so a download can be checked.
@@ -463,6 +494,8 @@ impl Default for Tracking {
             artifacts: OrdMap::new(),
             logged_models: OrdMap::new(),
             job_reports: OrdMap::new(),
+            datasets: OrdMap::new(),
+            run_inputs: OrdMap::new(),
         }
     }
 }
@@ -490,6 +523,8 @@ pub(crate) mod version5 {
                 artifacts: OrdMap::new(),
                 logged_models: OrdMap::new(),
                 job_reports: OrdMap::new(),
+                datasets: OrdMap::new(),
+                run_inputs: OrdMap::new(),
             }
         }
     }
@@ -712,6 +747,10 @@ impl Tracking {
                 self.set_run_stage(&run_id, deleted)?;
                 Ok(TrackingOutcome::Run(self.run(&run_id)?.clone()))
             }
+            TrackingCommand::LogInputs { run_id, inputs, .. } => {
+                self.log_inputs(&run_id, inputs)?;
+                Ok(TrackingOutcome::Done)
+            }
             TrackingCommand::LogModel { command, .. } => Ok(match self.apply_logged_model(command, now_ms)? {
                 Some(model) => TrackingOutcome::LoggedModel(model),
                 None => TrackingOutcome::Done,
@@ -750,6 +789,81 @@ impl Tracking {
     /// The model registry.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Records datasets as inputs of an active run. A dataset is known by its digest; logging the same
+    /// dataset with the same tags again changes nothing.
+    pub fn log_inputs(&mut self, run_id: &str, inputs: Vec<DatasetInput>) -> Result<(), TrackingError> {
+        self.active_run(run_id)?;
+        for input in &inputs {
+            let dataset = &input.dataset;
+            if dataset.name.is_empty() || dataset.digest.is_empty() {
+                return refuse(
+                    ErrorCode::InvalidParameterValue,
+                    "a dataset input needs a name and a digest".into(),
+                );
+            }
+            check_value(&dataset.name, KEY_CHARS_MAX, "dataset", "name")?;
+            check_value(&dataset.digest, KEY_CHARS_MAX, "dataset", "digest")?;
+            for (text, what) in [
+                (&dataset.source, "source"),
+                (&dataset.schema, "schema"),
+                (&dataset.profile, "profile"),
+            ] {
+                check_value(text, DATASET_TEXT_CHARS_MAX, "dataset", what)?;
+            }
+            for (key, value) in &input.tags {
+                check_key(key, "input tag")?;
+                check_value(value, TAG_VALUE_CHARS_MAX, "input tag", key)?;
+            }
+        }
+        let mut logged = self.run_inputs.get(run_id).cloned().unwrap_or_default();
+        for input in inputs {
+            let entry = (input.dataset.digest.clone(), input.tags.into_iter().collect());
+            if !logged.contains(&entry) {
+                logged.push_back(entry);
+            }
+            self.datasets.insert(input.dataset.digest.clone(), input.dataset);
+        }
+        self.run_inputs.insert(run_id.to_string(), logged);
+        Ok(())
+    }
+
+    /// The datasets run `run_id` used, with each input's tags.
+    pub fn inputs_of(&self, run_id: &str) -> Vec<(&Dataset, &OrdMap<String, String>)> {
+        self.run_inputs
+            .get(run_id)
+            .map(|inputs| {
+                inputs
+                    .iter()
+                    .filter_map(|(digest, tags)| Some((self.datasets.get(digest)?, tags)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Every run and the datasets it used.
+    pub fn all_inputs(&self) -> impl Iterator<Item = (&String, &Vector<(String, OrdMap<String, String>)>)> {
+        self.run_inputs.iter()
+    }
+
+    pub fn dataset(&self, digest: &str) -> Option<&Dataset> {
+        self.datasets.get(digest)
+    }
+
+    /// Every recorded artifact path and what was stored there.
+    pub fn artifacts(&self) -> impl Iterator<Item = (&String, &ArtifactRecord)> {
+        self.artifacts.iter()
+    }
+
+    /// Every logged model.
+    pub fn logged_models(&self) -> impl Iterator<Item = &LoggedModel> {
+        self.logged_models.values()
+    }
+
+    /// Every run.
+    pub fn runs(&self) -> impl Iterator<Item = &Run> {
+        self.runs.values()
     }
 
     /// What was stored at artifact `path`, if its upload was recorded.

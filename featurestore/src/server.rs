@@ -860,11 +860,31 @@ impl FeatureServer {
 
     async fn flight_info(&self, descriptor: FlightDescriptor, command: &FlightCommand) -> Result<FlightInfo, Status> {
         let schema = self.schema(command).await.map_err(status)?;
-        let info = FlightInfo::new()
+        let mut info = FlightInfo::new()
             .try_with_schema(&schema)
             .map_err(|error| Status::internal(error.to_string()))?
             .with_descriptor(descriptor)
             .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(command.to_bytes())));
+        // A training set already built says which dataset version it is: its manifest (content hash, view
+        // versions, entity source), so a trainer can record its lineage.
+        if let FlightCommand::TrainingSet {
+            service,
+            entities,
+            event_timestamp,
+            ..
+        } = command
+        {
+            let registered = self.registered();
+            let key = self
+                .training_set_key(&registered, service, entities, event_timestamp)
+                .await;
+            if let Some(set) = self.computed(&key) {
+                let manifest = self.datasets_directory().join(format!("{}.json", set.content_hash));
+                if let Ok(bytes) = std::fs::read(&manifest) {
+                    info = info.with_total_records(set.rows as i64).with_app_metadata(bytes);
+                }
+            }
+        }
         Ok(info)
     }
 

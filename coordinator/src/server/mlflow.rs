@@ -35,6 +35,7 @@ const BODY_BYTES_MAX: usize = 16 << 20;
 const DEFAULT_MAX_RESULTS: usize = 1000;
 
 mod artifacts;
+mod lineage;
 mod logged;
 mod registry;
 
@@ -70,10 +71,12 @@ pub(super) fn router(shared: Shared, artifacts: Arc<crate::artifacts::ArtifactSt
         .route(&api("runs/delete-tag"), post(delete_tag))
         .route(&api("runs/log-batch"), post(log_batch))
         .route(&api("runs/search"), post(search_runs))
+        .route(&api("runs/log-inputs"), post(log_inputs))
         .route(&api("metrics/get-history"), get(metric_history))
         .route("/health", get(|| async { "OK" }))
         .merge(registry::routes())
         .merge(logged::routes())
+        .merge(lineage::routes())
         .fallback(fallback)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
         // Artifact uploads stream past the JSON body limit (theirs is the store's).
@@ -370,6 +373,32 @@ fn run_json(run: &Run) -> Value {
     })
 }
 
+/// A run with the datasets it used (`inputs.dataset_inputs`).
+fn run_with_inputs(tracking: &Tracking, run: &Run) -> Value {
+    let mut answer = run_json(run);
+    let inputs: Vec<Value> = tracking
+        .inputs_of(&run.id)
+        .into_iter()
+        .map(|(dataset, tags)| {
+            json!({
+                "dataset": {
+                    "name": dataset.name,
+                    "digest": dataset.digest,
+                    "source_type": dataset.source_type,
+                    "source": dataset.source,
+                    "schema": dataset.schema,
+                    "profile": dataset.profile,
+                },
+                "tags": pairs_json(tags.iter()),
+            })
+        })
+        .collect();
+    if !inputs.is_empty() {
+        answer["inputs"] = json!({ "dataset_inputs": inputs });
+    }
+    answer
+}
+
 fn now_millis() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -575,7 +604,7 @@ async fn get_run(State(tracker): State<Tracker>, RawQuery(query): RawQuery) -> R
         async {
             let id = Fields(query_of(query)).run_id()?;
             let tracking = tracker.read().await?;
-            Ok(json!({ "run": run_json(tracking.run(&id)?) }))
+            Ok(json!({ "run": run_with_inputs(&tracking, tracking.run(&id)?) }))
         }
         .await,
     )
@@ -711,6 +740,51 @@ async fn log_batch(State(tracker): State<Tracker>, body: Bytes) -> Response {
     .await
 }
 
+async fn log_inputs(State(tracker): State<Tracker>, body: Bytes) -> Response {
+    write_only(tracker, body, |fields, artifact_root| {
+        let items = match fields.0.get("datasets") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items.clone(),
+            Some(other) => {
+                return Err(invalid(format!(
+                    "'datasets' is {other}; expected a list of dataset inputs"
+                )));
+            }
+        };
+        let inputs = items
+            .iter()
+            .map(|item| {
+                let input = Fields(item.as_object().cloned().unwrap_or_default());
+                let dataset = Fields(
+                    input
+                        .0
+                        .get("dataset")
+                        .and_then(Value::as_object)
+                        .cloned()
+                        .unwrap_or_default(),
+                );
+                Ok(crate::tracking::DatasetInput {
+                    dataset: crate::tracking::Dataset {
+                        name: dataset.required_text("name")?,
+                        digest: dataset.required_text("digest")?,
+                        source_type: dataset.text("source_type")?.unwrap_or_default(),
+                        source: dataset.text("source")?.unwrap_or_default(),
+                        schema: dataset.text("schema")?.unwrap_or_default(),
+                        profile: dataset.text("profile")?.unwrap_or_default(),
+                    },
+                    tags: input.pairs("tags")?,
+                })
+            })
+            .collect::<Result<Vec<_>, Failure>>()?;
+        Ok(TrackingCommand::LogInputs {
+            run_id: fields.run_id()?,
+            inputs,
+            artifact_root,
+        })
+    })
+    .await
+}
+
 async fn search_runs(State(tracker): State<Tracker>, body: Bytes) -> Response {
     respond(
         async {
@@ -730,8 +804,10 @@ async fn search_runs(State(tracker): State<Tracker>, body: Bytes) -> Response {
                 max_results: fields.max_results()?,
                 page_token: fields.text("page_token")?.filter(|token| !token.is_empty()),
             };
-            let page = tracker.read().await?.search_runs(&search)?;
-            let mut answer = json!({ "runs": page.runs.iter().map(run_json).collect::<Vec<_>>() });
+            let tracking = tracker.read().await?;
+            let page = tracking.search_runs(&search)?;
+            let runs: Vec<Value> = page.runs.iter().map(|run| run_with_inputs(&tracking, run)).collect();
+            let mut answer = json!({ "runs": runs });
             if let Some(token) = page.next_page_token {
                 answer["next_page_token"] = Value::from(token);
             }
