@@ -454,8 +454,11 @@ pub struct Tracking {
     /// Datasets runs used, by digest (a feature service's training set: its content hash).
     datasets: OrdMap<String, Dataset>,
     /// Each run's inputs, as MLflow's `log-inputs` records them: (dataset digest, tags).
-    run_inputs: OrdMap<String, Vector<(String, OrdMap<String, String>)>>,
+    run_inputs: OrdMap<String, Vector<RunInput>>,
 }
+
+/// One input of a run: the dataset's digest and the input's tags.
+pub type RunInput = (String, OrdMap<String, String>);
 
 /// A dataset a run used (MLflow's `Dataset`): what it is called, its digest, and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -843,7 +846,7 @@ impl Tracking {
     }
 
     /// Every run and the datasets it used.
-    pub fn all_inputs(&self) -> impl Iterator<Item = (&String, &Vector<(String, OrdMap<String, String>)>)> {
+    pub fn all_inputs(&self) -> impl Iterator<Item = (&String, &Vector<RunInput>)> {
         self.run_inputs.iter()
     }
 
