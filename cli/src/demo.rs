@@ -1,11 +1,12 @@
 //! `kiln demo`: the whole flow this build supports, end to end, on an embedded cluster of three
 //! coordinators and two workers.
 //!
-//! Later issues extend it (features, tracking, serving). Today it shows the spine: a replicated
-//! coordinator that accepts jobs on any node, refuses bad specs, de-duplicates retries, gang-schedules a
-//! 2-rank job onto workers that run it with the torchrun environment, cancels a running job on every
-//! worker, trains the built-in MLP on the UCI digits with 2 data-parallel ranks, and keeps every
-//! acknowledged job — and the workers — through the loss of its leader.
+//! Later issues extend it (serving). Today it shows: a replicated coordinator that accepts jobs on any
+//! node, refuses bad specs, de-duplicates retries, gang-schedules a 2-rank job onto workers that run it with
+//! the torchrun environment, cancels a running job on every worker, trains the built-in MLP on the UCI
+//! digits with 2 data-parallel ranks (a tracked run, its model registered), trains it again from the
+//! feature store and prints the new version's lineage, and keeps every acknowledged job — and the
+//! workers — through the loss of its leader.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -30,6 +31,19 @@ const EXAMPLES: [(&str, &str); 2] = [
     ),
 ];
 const DIGITS_JOB: &str = include_str!("../../examples/jobs/digits-mlp.toml");
+const DIGITS_FEATURES_JOB: &str = include_str!("../../examples/jobs/digits-features.toml");
+/// The digits feature definitions and their data, written under the demo's directory.
+const DIGITS_FEATURES: [(&str, &str); 3] = [
+    ("digits.toml", include_str!("../../examples/features/digits.toml")),
+    (
+        "data/digits_pixels.csv",
+        include_str!("../../examples/features/data/digits_pixels.csv"),
+    ),
+    (
+        "data/digits_labels.csv",
+        include_str!("../../examples/features/data/digits_labels.csv"),
+    ),
+];
 const DIGITS_DATA: &str = include_str!("../../examples/data/digits.csv");
 /// A job that runs until cancelled, to show a cancel reaching every rank.
 const LONG_JOB: &str =
@@ -53,6 +67,9 @@ async fn start_node(id: u64, peers: &[(u64, String, String)], root: &std::path::
     config.api_listen = api.parse()?;
     config.raft_listen = raft.parse()?;
     config.peers = peers.iter().map(|(peer, raft, _)| (*peer, raft.clone())).collect();
+    // Every coordinator serves the MLflow API; they share one artifact store.
+    config.tracking_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.artifact_root = root.join("artifact-store").display().to_string();
     Ok(Coordinator::start(config).await?)
 }
 
@@ -93,6 +110,15 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         nodes.push(Some(start_node(*id, &peers, &root).await?));
     }
     let all: Vec<String> = peers.iter().map(|(_, _, api)| api.clone()).collect();
+    let trackers: Vec<String> = nodes
+        .iter()
+        .flatten()
+        .filter_map(|node| node.tracking_addr.map(|address| address.to_string()))
+        .collect();
+    let tracking = trackers
+        .first()
+        .cloned()
+        .context("no coordinator serves the MLflow API")?;
     let mut client = Client::new(&all.join(","))?;
     let started = Instant::now();
     let leader = wait_for_leader(&mut client, None).await?;
@@ -112,6 +138,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         config.cpus = 2;
         config.kill_grace = Duration::from_secs(2);
         config.artifact_dir = Some(root.join("artifacts"));
+        config.tracking = Some(trackers.join(","));
         let mut worker = Worker::start(config).await?;
         let id = tokio::time::timeout(Duration::from_secs(15), worker.registered())
             .await
@@ -268,8 +295,104 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         println!("{summary}");
     }
 
+    println!("the run of job {}, and the model it registered:", digits.id);
+    crate::runs::run(
+        crate::runs::RunsCommand::List {
+            experiment: None,
+            filter: String::new(),
+            limit: 1,
+            json: false,
+        },
+        &tracking,
+    )
+    .await?;
+
     step(
         9,
+        "define the digits as features, train the same model with 2 ranks from the feature store, register it as the next version, and trace it back",
+    );
+    let features = root.join("features");
+    for (name, text) in DIGITS_FEATURES {
+        let path = features.join(name);
+        std::fs::create_dir_all(path.parent().expect("a parent"))?;
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let (_, applied) = crate::features::apply(&mut client, &[features.join("digits.toml")]).await?;
+    println!(
+        "applied {} feature definitions (entity, source, view, service)",
+        applied.len()
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let feature_server = crate::featureserver::start(
+        &all.join(","),
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        root.join("featurestore"),
+        Duration::from_millis(200),
+        shutdown.clone(),
+    )
+    .await?;
+    println!("feature server on grpc://{}", feature_server.address);
+    // The server follows the definitions; wait until it serves the new view.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut flight = crate::featureserver::connect(&feature_server.address.to_string()).await?;
+        let listed: Vec<_> = futures::TryStreamExt::try_collect(flight.list_flights(Vec::<u8>::new()).await?).await?;
+        if listed.iter().any(|info| {
+            info.flight_descriptor
+                .as_ref()
+                .is_some_and(|d| d.path.iter().any(|p| p == "digit_pixels"))
+        }) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the feature server did not take up the definitions within 15 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let spec = DIGITS_FEATURES_JOB.replace(
+        "entities=examples/features/data/digits_labels.csv",
+        &format!(
+            "entities={}&server={}",
+            features.join("data/digits_labels.csv").display(),
+            feature_server.address
+        ),
+    );
+    let from_features = client
+        .submit(&spec, "examples/jobs/digits-features.toml", &new_idempotency_key())
+        .await
+        .map_err(output::status_error)?
+        .job
+        .context("no job returned")?;
+    let trained = tokio::time::timeout(Duration::from_secs(300), client.wait_job(from_features.id))
+        .await
+        .context("training from the feature store did not finish within 300 s")?
+        .map_err(output::status_error)?;
+    println!(
+        "job {} {}: {}",
+        trained.id,
+        output::state_label(trained.state),
+        trained.message
+    );
+    if trained.state != pb::JobState::Succeeded as i32 {
+        bail!("the training job from the feature store did not succeed");
+    }
+    crate::models::run(
+        crate::models::ModelsCommand::Show {
+            name: "digits".into(),
+            json: false,
+        },
+        &tracking,
+    )
+    .await?;
+    println!(
+        "
+where version 2 came from (kiln lineage models:/digits/2 --upstream):"
+    );
+    crate::lineage::show(&tracking, "models:/digits/2", "upstream", crate::lineage::Format::Text).await?;
+    shutdown.cancel();
+
+    step(
+        10,
         "stop the leader; the survivors elect a new one, keep every job, and the workers follow it",
     );
     let index = peers
@@ -287,10 +410,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     );
     let jobs = client.list_jobs(Vec::new(), 0).await?;
     println!("{} jobs still present on the new leader's side", jobs.len());
-    if jobs.len() != EXAMPLES.len() + 2 {
+    if jobs.len() != EXAMPLES.len() + 3 {
         bail!(
             "expected {} jobs after failover, found {}",
-            EXAMPLES.len() + 2,
+            EXAMPLES.len() + 3,
             jobs.len()
         );
     }
@@ -314,7 +437,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             .map_or(0, |task| task.worker_id)
     );
 
-    step(10, "restart the stopped node from its data directory; it catches up");
+    step(11, "restart the stopped node from its data directory; it catches up");
     nodes[index] = Some(start_node(leader, &peers, &root).await?);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -336,9 +459,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
 
     println!(
-        "\nsummary: 3 coordinators and 2 workers; {} jobs ran (a 2-rank command job and a 2-rank training run among them), 1 retry de-duplicated, 1 bad spec refused, 1 running job cancelled on every rank, leader lost and replaced, nothing lost.",
-        EXAMPLES.len() + 2
+        "\nsummary: 3 coordinators and 2 workers; {} jobs ran (a 2-rank command job and two 2-rank training runs among them, one from the feature store), 2 model versions registered with their lineage, 1 retry de-duplicated, 1 bad spec refused, 1 running job cancelled on every rank, leader lost and replaced, nothing lost.",
+        EXAMPLES.len() + 3
     );
+    println!("The MLflow API (runs, models, artifacts, lineage) was served on http://{tracking}.");
     println!(
         "Next: `kiln up --workers 2` for a cluster that stays up, then `kiln submit examples/jobs/ddp-hello.toml`."
     );

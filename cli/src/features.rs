@@ -136,6 +136,28 @@ fn definition_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 
 /// Reads, checks and merges the definitions files `paths` name (each file complete in itself); a name
 /// defined in two files is refused, naming both.
+/// Checks the definitions in `paths` (files or directories) and applies them as the cluster's whole set;
+/// returns the files read and what each object became.
+pub(crate) async fn apply(
+    client: &mut kiln_coordinator::client::Client,
+    paths: &[PathBuf],
+) -> Result<(String, Vec<pb::AppliedCatalogObject>)> {
+    let (definitions, files) = load_checked_all(paths).await?;
+    let drafts: Vec<pb::CatalogDraft> = registry::to_entries(&definitions)
+        .into_iter()
+        .map(|entry| pb::CatalogDraft {
+            kind: entry.kind,
+            name: entry.name,
+            content: entry.content,
+        })
+        .collect();
+    let applied = client
+        .apply_catalog(registry::NAMESPACE, drafts, true)
+        .await
+        .map_err(status_error)?;
+    Ok((files, applied))
+}
+
 async fn load_checked_all(paths: &[PathBuf]) -> Result<(Definitions, String)> {
     let files = definition_files(paths)?;
     let mut merged = Definitions::default();
@@ -451,20 +473,7 @@ pub async fn run(command: FeaturesCommand, target: Target, featurestore: String)
             Ok(())
         }
         FeaturesCommand::Apply { paths, json } => {
-            let (definitions, files) = load_checked_all(&paths).await?;
-            let drafts: Vec<pb::CatalogDraft> = registry::to_entries(&definitions)
-                .into_iter()
-                .map(|entry| pb::CatalogDraft {
-                    kind: entry.kind,
-                    name: entry.name,
-                    content: entry.content,
-                })
-                .collect();
-            let applied = target
-                .client()?
-                .apply_catalog(registry::NAMESPACE, drafts, true)
-                .await
-                .map_err(status_error)?;
+            let (files, applied) = apply(&mut target.client()?, &paths).await?;
             print_applied(&files, &applied, json);
             Ok(())
         }

@@ -37,11 +37,23 @@ pub struct LineageArgs {
 }
 
 pub async fn run(args: LineageArgs) -> Result<()> {
-    let api = Api::new(&args.tracking)?;
     let direction = match (args.upstream, args.downstream) {
         (true, _) => "upstream",
         (_, true) => "downstream",
         _ => "both",
+    };
+    show(&args.tracking, &args.name, direction, args.format).await
+}
+
+/// Prints the lineage of `name` (see [`LineageArgs`]) in `direction`: upstream, downstream or both.
+pub async fn show(tracking: &str, name: &str, direction: &str, format: Format) -> Result<()> {
+    let api = Api::new(tracking)?;
+    let args = LineageArgs {
+        name: name.to_string(),
+        upstream: false,
+        downstream: false,
+        format,
+        tracking: tracking.to_string(),
     };
     let format = match args.format {
         Format::Dot => "dot",
@@ -102,16 +114,30 @@ fn tree(graph: &Value, direction: &str) -> String {
             return id.to_string();
         };
         let mut text = node["label"].as_str().unwrap_or(id).to_string();
-        let attributes: Vec<String> = node["attributes"]
-            .as_object()
-            .map(|attributes| {
-                attributes
-                    .iter()
-                    .filter(|(key, _)| key.starts_with("param.") || key.starts_with("metric.") || *key == "aliases")
-                    .map(|(key, value)| format!("{key}={}", value.as_str().unwrap_or_default()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let attributes = node["attributes"].as_object().cloned().unwrap_or_default();
+        let pick = |prefix: &str, numeric: bool| -> Vec<(String, Value)> {
+            attributes
+                .iter()
+                .filter_map(|(key, value)| {
+                    let name = key.strip_prefix(prefix)?;
+                    // Metrics travel as text; shown as numbers, rounded.
+                    let value = value
+                        .as_str()
+                        .and_then(|text| text.parse::<f64>().ok())
+                        .filter(|_| numeric)
+                        .map_or_else(|| value.clone(), Value::from);
+                    Some((name.to_string(), value))
+                })
+                .collect()
+        };
+        let mut attributes: Vec<String> = crate::runs::headline_metrics(pick("metric.", true), 2)
+            .into_iter()
+            .chain(pick("param.", false))
+            .map(|(key, value)| format!("{key}={}", crate::runs::text(&value)))
+            .collect();
+        if let Some(aliases) = node["attributes"]["aliases"].as_str() {
+            attributes.push(format!("@{aliases}"));
+        }
         if !attributes.is_empty() {
             text.push_str(&format!("  [{}]", attributes.join(" ")));
         }

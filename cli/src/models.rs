@@ -53,17 +53,15 @@ fn aliases(model: &Value) -> String {
 }
 
 fn metrics(version: &Value) -> String {
-    version["kiln_metrics"]
+    let all: Vec<(String, Value)> = version["kiln_metrics"]
         .as_object()
-        .map(|all| {
-            all.iter()
-                .filter(|(key, _)| !matches!(key.as_str(), "step" | "epoch"))
-                .take(3)
-                .map(|(key, value)| format!("{key}={}", text(value)))
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_default()
+        .map(|all| all.iter().map(|(key, value)| (key.clone(), value.clone())).collect())
+        .unwrap_or_default();
+    crate::runs::headline_metrics(all, 3)
+        .into_iter()
+        .map(|(key, value)| format!("{key}={}", text(&value)))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 pub async fn run(command: ModelsCommand, tracking: &str) -> Result<()> {

@@ -135,6 +135,27 @@ fn pairs(run: &Value, field: &str) -> Vec<(String, Value)> {
         .unwrap_or_default()
 }
 
+/// The metrics worth a glance, at most `count`: validation metrics first, then losses, then the rest;
+/// counters and throughputs (`step`, `epoch`, `*_per_second`) left out.
+pub(crate) fn headline_metrics(metrics: Vec<(String, Value)>, count: usize) -> Vec<(String, Value)> {
+    let rank = |key: &str| {
+        if key.starts_with("validation_") {
+            0
+        } else if key.contains("loss") {
+            1
+        } else {
+            2
+        }
+    };
+    let mut kept: Vec<(String, Value)> = metrics
+        .into_iter()
+        .filter(|(key, _)| !matches!(key.as_str(), "step" | "epoch") && !key.ends_with("_per_second"))
+        .collect();
+    kept.sort_by(|a, b| rank(&a.0).cmp(&rank(&b.0)).then_with(|| a.0.cmp(&b.0)));
+    kept.truncate(count);
+    kept
+}
+
 pub(crate) fn text(value: &Value) -> String {
     match value {
         Value::String(text) => text.clone(),
@@ -223,10 +244,8 @@ pub async fn run(command: RunsCommand, tracking: &str) -> Result<()> {
                 .iter()
                 .map(|run| {
                     let info = &run["info"];
-                    let metrics: Vec<String> = pairs(run, "metrics")
+                    let metrics: Vec<String> = headline_metrics(pairs(run, "metrics"), 3)
                         .into_iter()
-                        .filter(|(key, _)| !matches!(key.as_str(), "step" | "epoch"))
-                        .take(3)
                         .map(|(key, value)| format!("{key}={}", text(&value)))
                         .collect();
                     vec![

@@ -26,6 +26,18 @@ use crate::tracking::{ErrorCode, PROXIED_ARTIFACT_ROOT, Tracking, TrackingError}
 /// `driver_hourly_stats@2,driver_daily@1`.
 pub const FEATURE_VIEWS_TAG: &str = "kiln.feature_views";
 
+/// How a run is called in labels: its name and its job (`digits-mlp (job 4)`), or its name and the start
+/// of its id.
+fn run_title(run: &crate::tracking::Run) -> String {
+    let short = &run.id[..8.min(run.id.len())];
+    match (run.name.is_empty(), run.tags.get("kiln.job_id")) {
+        (false, Some(job)) => format!("{} (job {job})", run.name),
+        (false, None) => format!("{} ({short})", run.name),
+        (true, Some(job)) => format!("of job {job}"),
+        (true, None) => short.to_string(),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
@@ -114,11 +126,7 @@ impl Graph {
             if let Some(job) = run.tags.get("kiln.job_id") {
                 attributes.insert("job".into(), job.clone());
             }
-            let label = if run.name.is_empty() {
-                format!("run {}", &run.id[..8.min(run.id.len())])
-            } else {
-                format!("run {} ({})", run.name, &run.id[..8.min(run.id.len())])
-            };
+            let label = format!("run {}", run_title(run));
             graph.node(format!("run:{}", run.id), Kind::Run, label, attributes);
         }
         // Inputs: datasets, and the feature view versions a training set joined.
@@ -174,6 +182,7 @@ impl Graph {
                 Some((format!("{}/", prefix.trim_start_matches('/')), run.id.clone()))
             })
             .collect();
+        let titles: BTreeMap<&str, String> = tracking.runs().map(|run| (run.id.as_str(), run_title(run))).collect();
         for (path, record) in tracking.artifacts() {
             let Some((prefix, run_id)) = runs_by_prefix
                 .range(..=path.clone())
@@ -188,7 +197,10 @@ impl Graph {
             let node = graph.node(
                 id,
                 Kind::Artifact,
-                format!("{entry} of run {}", &run_id[..8.min(run_id.len())]),
+                format!(
+                    "{entry} of run {}",
+                    titles.get(run_id.as_str()).map_or(run_id.as_str(), String::as_str)
+                ),
                 BTreeMap::new(),
             );
             if let Some(artifact) = graph.nodes.get_mut(&node) {
