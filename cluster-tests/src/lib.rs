@@ -400,6 +400,60 @@ pub fn stock_python() -> Option<String> {
     }
 }
 
+/// Headless Chromium for the dashboard tests: `KILN_CHROMIUM`, else `chromium` on the PATH (Debian's,
+/// which `.ci/run` installs). `None` outside CI when neither is there, so a developer's `cargo test` skips
+/// those tests; under CI its absence fails the test.
+pub fn chromium() -> Option<String> {
+    if let Ok(path) = std::env::var("KILN_CHROMIUM")
+        && !path.is_empty()
+    {
+        return Some(path);
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|directory| directory.join("chromium"))
+            .find(|candidate| candidate.is_file())
+    });
+    match found {
+        Some(path) => Some(path.display().to_string()),
+        None => {
+            assert!(
+                std::env::var("CI").is_err(),
+                "no chromium: .ci/run installs Debian's chromium (or set KILN_CHROMIUM)"
+            );
+            eprintln!("skipped: no chromium on the PATH and KILN_CHROMIUM is not set");
+            None
+        }
+    }
+}
+
+/// Loads `url` in headless Chromium; the DOM it ends with, and what the page wrote to the console (each
+/// line Chromium logs as `CONSOLE`).
+pub fn load_page(chromium: &str, url: &str) -> (String, Vec<String>) {
+    let profile = tempfile::tempdir().unwrap();
+    let output = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--enable-logging=stderr",
+            "--v=0",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(["--virtual-time-budget=3000", "--dump-dom", url])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "chromium could not load {url}: {stderr}");
+    let console = stderr
+        .lines()
+        .filter(|line| line.contains(":CONSOLE"))
+        .map(str::to_string)
+        .collect();
+    (String::from_utf8_lossy(&output.stdout).into_owned(), console)
+}
+
 /// One HTTP/1.1 request to `address` (a JSON body, or none); the status and the JSON body (null when the
 /// body is not JSON).
 pub fn http_json(address: &str, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {

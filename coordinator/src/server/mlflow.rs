@@ -35,6 +35,7 @@ const BODY_BYTES_MAX: usize = 16 << 20;
 const DEFAULT_MAX_RESULTS: usize = 1000;
 
 mod artifacts;
+mod dashboard;
 mod lineage;
 mod logged;
 mod registry;
@@ -77,6 +78,7 @@ pub(super) fn router(shared: Shared, artifacts: Arc<crate::artifacts::ArtifactSt
         .merge(registry::routes())
         .merge(logged::routes())
         .merge(lineage::routes())
+        .merge(dashboard::routes())
         .fallback(fallback)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
         // Artifact uploads stream past the JSON body limit (theirs is the store's).

@@ -709,7 +709,7 @@ impl Shared {
         }
     }
 
-    async fn cluster_status(&self) -> Result<pb::ClusterStatus, CoordinatorError> {
+    pub(super) async fn cluster_status(&self) -> Result<pb::ClusterStatus, CoordinatorError> {
         let local = self.status().await?;
         let mut ids: Vec<NodeId> = local.voters.iter().chain(local.learners.iter()).copied().collect();
         ids.sort_unstable();
