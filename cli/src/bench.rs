@@ -3,6 +3,9 @@
 //!
 //! Suite `lookup`: sequential online lookups against a feature server over Flight (see [`crate::bench_lookup`]).
 //!
+//! Suite `tracking`: log-batch throughput, run creation and run-search latency against any MLflow tracking
+//! server's REST API, Kiln's or MLflow's own (see [`crate::bench_tracking`]).
+//!
 //! Suite `doget`: the throughput of whole DoGets of one Flight ticket (`--ticket`, a feature command as JSON)
 //! read and decoded by a Rust client, in GB/s of Arrow buffers.
 //!
@@ -44,7 +47,8 @@ impl BenchTarget {
 #[derive(Args)]
 pub struct BenchArgs {
     /// The suite to run: raft (coordinator commits against etcd), jobs (jobs through workers), lookup
-    /// (online feature lookups against a feature server) or doget (DoGet throughput from a feature server).
+    /// (online feature lookups against a feature server), doget (DoGet throughput from a feature server)
+    /// or tracking (an MLflow tracking server's log-batch and search, Kiln's or MLflow's).
     suite: String,
     /// Kiln coordinator addresses (the leader is found and loaded directly).
     #[arg(long, env = "KILN_COORDINATOR", default_value = "127.0.0.1:7070")]
@@ -94,6 +98,18 @@ pub struct BenchArgs {
     /// say) or any Flight server's ticket.
     #[arg(long, default_value = "")]
     ticket: String,
+    /// Suite tracking: an MLflow tracking server's HTTP address (Kiln's, or `mlflow server`'s).
+    #[arg(long, env = "KILN_TRACKING", default_value = "127.0.0.1:7080")]
+    tracking: String,
+    /// Suite tracking: metric points per log-batch (MLflow allows 1,000).
+    #[arg(long, default_value_t = 1000)]
+    batch_points: usize,
+    /// Suite tracking: runs created, each with a param and a metric, before the searches.
+    #[arg(long, default_value_t = 100_000)]
+    runs: usize,
+    /// Suite tracking: sequential run searches measured.
+    #[arg(long, default_value_t = 200)]
+    searches: usize,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -338,6 +354,53 @@ async fn run_lookup_suite(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+async fn run_tracking_suite(args: &BenchArgs) -> Result<()> {
+    let clients = args.clients.first().copied().unwrap_or(1);
+    let result = crate::bench_tracking::run(
+        &args.tracking,
+        clients,
+        args.requests,
+        args.batch_points,
+        args.runs,
+        args.searches,
+        args.max_seconds,
+    )
+    .await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        crate::output::print_table(
+            &[
+                "SERVER",
+                "CLIENTS",
+                "LOG POINTS/S",
+                "BATCH P50 MS",
+                "BATCH P99 MS",
+                "RUNS",
+                "RUNS/S",
+                "SEARCH P50 MS",
+                "SEARCH P99 MS",
+            ],
+            &[vec![
+                result.server.clone(),
+                result.clients.to_string(),
+                format!("{:.0}", result.log_points_per_second),
+                format!("{:.2}", result.log_batch_p50_ms),
+                format!("{:.2}", result.log_batch_p99_ms),
+                result.runs.to_string(),
+                format!("{:.0}", result.runs_per_second),
+                format!("{:.2}", result.search_p50_ms),
+                format!("{:.2}", result.search_p99_ms),
+            ]],
+        );
+    }
+    if let Some(path) = &args.out {
+        std::fs::write(path, serde_json::to_string_pretty(&result)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 async fn run_doget_suite(args: &BenchArgs) -> Result<()> {
     if args.ticket.is_empty() {
         bail!("suite doget needs --ticket, a feature command as JSON such as '{{\"view\": {{\"name\": \"V\"}}}}'");
@@ -379,9 +442,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if args.suite == "lookup" {
         return run_lookup_suite(&args).await;
     }
+    if args.suite == "tracking" {
+        return run_tracking_suite(&args).await;
+    }
     if args.suite != "raft" {
         bail!(
-            "benchmark suite '{}' is not known; available: raft, jobs, lookup, doget",
+            "benchmark suite '{}' is not known; available: raft, jobs, lookup, doget, tracking",
             args.suite
         );
     }

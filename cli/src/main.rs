@@ -4,6 +4,7 @@ mod artifacts;
 mod bench;
 mod bench_jobs;
 mod bench_lookup;
+mod bench_tracking;
 mod demo;
 mod features;
 mod featureserver;
@@ -484,8 +485,9 @@ async fn run_up(args: UpArgs) -> Result<()> {
         if let Some(cpus) = args.worker_cpus {
             worker_config.cpus = cpus;
         }
-        // One artifact directory for every embedded worker: a restarted attempt resumes anywhere.
-        worker_config.artifact_dir = Some(args.data_dir.join("artifacts"));
+        // One checkpoint directory for every embedded worker: a restarted attempt resumes anywhere. (The
+        // artifact proxy's store is DATA_DIR/artifacts; checkpoints reach it as run artifacts at the end.)
+        worker_config.artifact_dir = Some(args.data_dir.join("checkpoints"));
         worker_config.tracking = coordinator.tracking_addr.map(|address| address.to_string());
         let mut worker = Worker::start(worker_config).await?;
         let id = worker

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use kiln_cluster_tests::{Cluster, stock_python};
+use kiln_cluster_tests::{Cluster, S3Server, stock_python};
 
 const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 
@@ -743,63 +743,6 @@ async fn the_digits_example_trains_from_the_feature_store_with_each_rank_fetchin
         "{dot}"
     );
     server.stop();
-}
-
-/// An S3-compatible server on loopback for the object-store tests: moto's, from the `.ci/run` virtual
-/// environment, stopped (by its process id) when dropped.
-struct S3Server {
-    child: std::process::Child,
-    endpoint: String,
-}
-
-impl S3Server {
-    fn start(python: &str) -> S3Server {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        drop(listener);
-        let child = Command::new(python)
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let endpoint = format!("http://127.0.0.1:{port}");
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "moto's S3 server did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        S3Server { child, endpoint }
-    }
-
-    /// Creates `bucket` and uploads `file` as `key`, with boto3 (installed with moto).
-    fn upload(&self, python: &str, bucket: &str, key: &str, file: &Path) {
-        let script = format!(
-            "import boto3\ns3 = boto3.client('s3', endpoint_url='{}', aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\ns3.create_bucket(Bucket='{bucket}')\ns3.upload_file(r'{}', '{bucket}', '{key}')\n",
-            self.endpoint,
-            file.display()
-        );
-        let output = Command::new(python).args(["-c", &script]).output().unwrap();
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    }
-
-    /// `object_store`'s standard S3 environment, pointed at this server.
-    fn environment(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AWS_ENDPOINT", self.endpoint.clone()),
-            ("AWS_ALLOW_HTTP", "true".into()),
-            ("AWS_ACCESS_KEY_ID", "test".into()),
-            ("AWS_SECRET_ACCESS_KEY", "test".into()),
-            ("AWS_REGION", "us-east-1".into()),
-        ]
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

@@ -48,6 +48,10 @@ pub struct Cluster {
     pub extra_args: Vec<String>,
     /// Every coordinator serves the MLflow tracking API on its `tracking_addr`.
     pub tracking: bool,
+    /// With `tracking`, where the coordinators keep artifacts (default: one directory they share).
+    pub artifact_root: Option<String>,
+    /// Extra environment for every coordinator (an object store's credentials, say).
+    pub env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -60,6 +64,8 @@ impl Cluster {
             workers: BTreeMap::new(),
             extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
             tracking: false,
+            artifact_root: None,
+            env: Vec::new(),
         };
         for id in 1..=founders {
             cluster.plan(id, true);
@@ -124,11 +130,15 @@ impl Cluster {
             .stderr(log);
         if self.tracking {
             // One artifact root for every coordinator, as a real cluster shares S3 or a mounted directory.
+            let root = self
+                .artifact_root
+                .clone()
+                .unwrap_or_else(|| self.directory.path().join("artifacts").display().to_string());
             command
                 .args(["--tracking-listen", &member.tracking_addr])
-                .arg("--artifact-root")
-                .arg(self.directory.path().join("artifacts"));
+                .args(["--artifact-root", &root]);
         }
+        command.envs(self.env.iter().map(|(key, value)| (key, value)));
         if member.founding {
             command.args(["--peers", &peers]);
         } else {
@@ -471,4 +481,71 @@ pub fn http_json(address: &str, method: &str, path: &str, body: &str) -> (u16, s
     let status = response[9..12].parse().unwrap();
     let json = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
     (status, serde_json::from_str(json).unwrap_or(serde_json::Value::Null))
+}
+
+/// An S3-compatible server on loopback for the object-store tests: moto's, from the `.ci/run` virtual
+/// environment, stopped (by its process id) when dropped.
+pub struct S3Server {
+    child: std::process::Child,
+    pub endpoint: String,
+}
+
+impl S3Server {
+    pub fn start(python: &str) -> S3Server {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let child = Command::new(python)
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "moto's S3 server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        S3Server { child, endpoint }
+    }
+
+    /// Creates `bucket` and uploads `file` as `key`, with boto3 (installed with moto).
+    pub fn upload(&self, python: &str, bucket: &str, key: &str, file: &Path) {
+        let script = format!(
+            "import boto3\ns3 = boto3.client('s3', endpoint_url='{}', aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\ns3.create_bucket(Bucket='{bucket}')\ns3.upload_file(r'{}', '{bucket}', '{key}')\n",
+            self.endpoint,
+            file.display()
+        );
+        let output = Command::new(python).args(["-c", &script]).output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    }
+
+    /// Creates an empty `bucket`, with boto3.
+    pub fn create_bucket(&self, python: &str, bucket: &str) {
+        let script = format!(
+            "import boto3\ns3 = boto3.client('s3', endpoint_url='{}', aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\ns3.create_bucket(Bucket='{bucket}')\n",
+            self.endpoint
+        );
+        let output = Command::new(python).args(["-c", &script]).output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    }
+
+    /// `object_store`'s standard S3 environment, pointed at this server.
+    pub fn environment(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT", self.endpoint.clone()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -647,7 +647,7 @@ impl Registry {
             .collect();
         // The map is already in name order; a stable sort keeps it among equals.
         if !search.order_by.is_empty() {
-            models.sort_by(|a, b| compare(&search.order_by, *a, *b));
+            crate::search::sort(&search.order_by, &mut models);
         }
         crate::tracking::page(models, search.max_results, search.page_token.as_deref())
     }

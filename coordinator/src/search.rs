@@ -703,6 +703,49 @@ pub fn compare(orders: &[Order], a: &impl SearchableRun, b: &impl SearchableRun)
         })
 }
 
+/// One item's value of one order key, read once.
+enum SortValue<'a> {
+    Number(Option<f64>),
+    Text(Option<&'a str>),
+}
+
+/// Sorts `items` as [`compare`] orders them, reading each item's keys once instead of at every comparison
+/// (a search over 100,000 runs sorts thousands of matches; each read is a map lookup).
+pub fn sort<'a, T: SearchableRun>(orders: &[Order], items: &mut Vec<&'a T>) {
+    let mut keyed: Vec<(Vec<SortValue<'a>>, Option<i64>, Option<&'a str>, &'a T)> = items
+        .drain(..)
+        .map(|item| {
+            let values = orders
+                .iter()
+                .map(|order| match &order.key {
+                    Key::Metric(_) | Key::Time(_) => SortValue::Number(number_of(&order.key, item)),
+                    key => SortValue::Text(text_of(key, item)),
+                })
+                .collect();
+            (
+                values,
+                item.time_attribute(TimeAttribute::StartTime),
+                item.text_attribute(TextAttribute::RunId),
+                item,
+            )
+        })
+        .collect();
+    keyed.sort_by(|a, b| {
+        for ((order, x), y) in orders.iter().zip(&a.0).zip(&b.0) {
+            let ordering = match (x, y) {
+                (SortValue::Number(x), SortValue::Number(y)) => compare_present(*x, *y, order, |x, y| x.total_cmp(y)),
+                (SortValue::Text(x), SortValue::Text(y)) => compare_present(*x, *y, order, |x, y| x.cmp(y)),
+                _ => Ordering::Equal,
+            };
+            if ordering != Ordering::Equal {
+                return ordering;
+            }
+        }
+        b.1.cmp(&a.1).then_with(|| a.2.cmp(&b.2))
+    });
+    items.extend(keyed.into_iter().map(|(_, _, _, item)| item));
+}
+
 fn compare_present<T>(a: Option<T>, b: Option<T>, order: &Order, compare: impl Fn(&T, &T) -> Ordering) -> Ordering {
     match (a, b) {
         (Some(a), Some(b)) => {

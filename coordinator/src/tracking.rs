@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::registry::{Registry, RegistryCommand, RegistryOutcome};
 
 mod logged;
-use crate::search::{Filter, Order, SearchableRun, TextAttribute, TimeAttribute, compare};
+use crate::search::{Filter, Order, SearchableRun, TextAttribute, TimeAttribute};
 pub use logged::{LoggedModel, LoggedModelCommand, LoggedModelSearch, LoggedModelStatus};
 
 const KEY_CHARS_MAX: usize = 250;
@@ -1254,7 +1254,7 @@ impl Tracking {
                     && search.filter.matches(*run)
             })
             .collect();
-        runs.sort_by(|a, b| compare(&search.order_by, *a, *b));
+        crate::search::sort(&search.order_by, &mut runs);
         let (runs, next_page_token) = page(runs, search.max_results, search.page_token.as_deref())?;
         Ok(RunPage { runs, next_page_token })
     }
@@ -1270,7 +1270,7 @@ impl Tracking {
             .values()
             .filter(|experiment| search.view.shows(experiment.lifecycle_stage) && search.filter.matches(*experiment))
             .collect();
-        experiments.sort_by(|a, b| compare(&search.order_by, *a, *b));
+        crate::search::sort(&search.order_by, &mut experiments);
         page(experiments, search.max_results, search.page_token.as_deref())
     }
 }

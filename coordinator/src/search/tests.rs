@@ -142,9 +142,15 @@ fn bad_filters_name_what_is_wrong() {
 
 fn ordered(orders: &[&str]) -> Vec<String> {
     let orders: Vec<Order> = orders.iter().map(|text| Order::parse(text).unwrap()).collect();
-    let mut runs = runs();
+    let all = runs();
+    let mut keyed: Vec<&_> = all.iter().collect();
+    sort(&orders, &mut keyed);
+    let mut runs = all.clone();
     runs.sort_by(|a, b| compare(&orders, a, b));
-    runs.into_iter().map(|run| run.id).collect()
+    let ids: Vec<String> = runs.into_iter().map(|run| run.id).collect();
+    let keyed: Vec<String> = keyed.into_iter().map(|run| run.id.clone()).collect();
+    assert_eq!(keyed, ids, "sort reads each key once and orders as compare does");
+    ids
 }
 
 #[test]

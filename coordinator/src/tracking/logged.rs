@@ -8,7 +8,7 @@ use imbl::OrdMap;
 use serde::{Deserialize, Serialize};
 
 use super::{ErrorCode, Tracking, TrackingError, check_key, check_value, refuse};
-use crate::search::{Filter, Order, SearchableRun, TextAttribute, TimeAttribute, compare};
+use crate::search::{Filter, Order, SearchableRun, TextAttribute, TimeAttribute};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LoggedModelStatus {
@@ -274,7 +274,7 @@ impl Tracking {
                     && search.filter.matches(*model)
             })
             .collect();
-        models.sort_by(|a, b| compare(&search.order_by, *a, *b));
+        crate::search::sort(&search.order_by, &mut models);
         super::page(models, search.max_results, search.page_token.as_deref())
     }
 }
