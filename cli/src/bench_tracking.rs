@@ -195,8 +195,9 @@ pub async fn run(
                 }
                 let mut state = index as u64 ^ 0x5EED;
                 let accuracy = (next(&mut state) % 1_000_000) as f64 / 1_000_000.0;
-                let lr = ["0.001", "0.002", "0.003", "0.005", "0.01", "0.02", "0.03", "0.05", "0.1", "0.2"]
-                    [(next(&mut state) % 10) as usize];
+                let lr = [
+                    "0.001", "0.002", "0.003", "0.005", "0.01", "0.02", "0.03", "0.05", "0.1", "0.2",
+                ][(next(&mut state) % 10) as usize];
                 let run_id = create_run(&api, &experiment, &format!("run-{index}")).await?;
                 let body = json!({
                     "run_id": run_id,

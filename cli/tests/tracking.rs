@@ -439,20 +439,34 @@ async fn artifacts_can_live_in_an_s3_bucket() {
     let address = cluster.members[&1].tracking_addr.clone();
     let artifacts = "/api/2.0/mlflow-artifacts/artifacts";
     let body = "x".repeat(10_000);
-    let (status, answer) = http(&address, "PUT", &format!("{artifacts}/0/r/artifacts/model/w.bin"), &body);
+    let (status, answer) = http(
+        &address,
+        "PUT",
+        &format!("{artifacts}/0/r/artifacts/model/w.bin"),
+        &body,
+    );
     assert_eq!(status, 200, "{answer}");
     let (status, listed) = http(&address, "GET", &format!("{artifacts}?path=0/r/artifacts/model"), "");
     assert_eq!(status, 200, "{listed}");
     assert_eq!(listed["files"][0]["path"], "w.bin", "{listed}");
     assert_eq!(listed["files"][0]["file_size"], 10_000, "{listed}");
-    assert_eq!(listed["files"][0]["kiln_sha256"], sha256_hex(body.as_bytes()).as_str(), "{listed}");
+    assert_eq!(
+        listed["files"][0]["kiln_sha256"],
+        sha256_hex(body.as_bytes()).as_str(),
+        "{listed}"
+    );
     // The object is in the bucket under the root's prefix, as any S3 client sees it.
     let script = format!(
         "import boto3\ns3 = boto3.client('s3', endpoint_url='{}', aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\nprint(s3.get_object(Bucket='kiln-artifacts', Key='cluster-a/0/r/artifacts/model/w.bin')['ContentLength'])\n",
         s3.endpoint
     );
     let output = Command::new(&python).args(["-c", &script]).output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "10000", "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "10000",
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let (status, _) = http(&address, "DELETE", &format!("{artifacts}/0/r/artifacts/model"), "");
     assert_eq!(status, 200);
     let (status, gone) = http(&address, "GET", &format!("{artifacts}/0/r/artifacts/model/w.bin"), "");

@@ -709,10 +709,13 @@ enum SortValue<'a> {
     Text(Option<&'a str>),
 }
 
+/// An item with its order keys, then its start time and id (the tie-breaks).
+type Keyed<'a, T> = (Vec<SortValue<'a>>, Option<i64>, Option<&'a str>, &'a T);
+
 /// Sorts `items` as [`compare`] orders them, reading each item's keys once instead of at every comparison
 /// (a search over 100,000 runs sorts thousands of matches; each read is a map lookup).
 pub fn sort<'a, T: SearchableRun>(orders: &[Order], items: &mut Vec<&'a T>) {
-    let mut keyed: Vec<(Vec<SortValue<'a>>, Option<i64>, Option<&'a str>, &'a T)> = items
+    let mut keyed: Vec<Keyed<'a, T>> = items
         .drain(..)
         .map(|item| {
             let values = orders
