@@ -89,6 +89,30 @@ async fn wait_for_leader(client: &mut Client, not: Option<u64>) -> Result<u64> {
     }
 }
 
+/// Submits a train job and waits for it (5 minutes at most); it must succeed.
+async fn train(client: &mut Client, spec: &str, source: &str) -> Result<pb::Job> {
+    let job = client
+        .submit(spec, source, &new_idempotency_key())
+        .await
+        .map_err(output::status_error)?
+        .job
+        .context("no job returned")?;
+    let trained = tokio::time::timeout(Duration::from_secs(300), client.wait_job(job.id))
+        .await
+        .with_context(|| format!("{source} did not finish training within 300 s"))?
+        .map_err(output::status_error)?;
+    println!(
+        "job {} {}: {}",
+        trained.id,
+        output::state_label(trained.state),
+        trained.message
+    );
+    if trained.state != pb::JobState::Succeeded as i32 {
+        bail!("the training job of {source} did not succeed");
+    }
+    Ok(trained)
+}
+
 fn step(number: u32, text: &str) {
     println!("\n── {number}. {text}");
 }
@@ -267,25 +291,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         "dataset = \"examples/data/digits.csv\"",
         &format!("dataset = {:?}", dataset.display().to_string()),
     );
-    let digits = client
-        .submit(&spec, "examples/jobs/digits-mlp.toml", &new_idempotency_key())
-        .await
-        .map_err(output::status_error)?
-        .job
-        .context("no job returned")?;
-    let trained = tokio::time::timeout(Duration::from_secs(300), client.wait_job(digits.id))
-        .await
-        .context("training did not finish within 300 s")?
-        .map_err(output::status_error)?;
-    println!(
-        "job {} {}: {}",
-        trained.id,
-        output::state_label(trained.state),
-        trained.message
-    );
-    if trained.state != pb::JobState::Succeeded as i32 {
-        bail!("the training job did not succeed");
-    }
+    let digits = train(&mut client, &spec, "examples/jobs/digits-mlp.toml").await?;
     for rank in 0..2 {
         let logs = crate::task_logs_text(&mut client, digits.id, rank).await?;
         let summary = logs
@@ -357,25 +363,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             feature_server.address
         ),
     );
-    let from_features = client
-        .submit(&spec, "examples/jobs/digits-features.toml", &new_idempotency_key())
-        .await
-        .map_err(output::status_error)?
-        .job
-        .context("no job returned")?;
-    let trained = tokio::time::timeout(Duration::from_secs(300), client.wait_job(from_features.id))
-        .await
-        .context("training from the feature store did not finish within 300 s")?
-        .map_err(output::status_error)?;
-    println!(
-        "job {} {}: {}",
-        trained.id,
-        output::state_label(trained.state),
-        trained.message
-    );
-    if trained.state != pb::JobState::Succeeded as i32 {
-        bail!("the training job from the feature store did not succeed");
-    }
+    train(&mut client, &spec, "examples/jobs/digits-features.toml").await?;
     crate::models::run(
         crate::models::ModelsCommand::Show {
             name: "digits".into(),
@@ -389,6 +377,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 where version 2 came from (kiln lineage models:/digits/2 --upstream):"
     );
     crate::lineage::show(&tracking, "models:/digits/2", "upstream", crate::lineage::Format::Text).await?;
+    println!(
+        "\nthe dashboard, while the demo runs: http://{tracking}/ (this model: http://{tracking}/models/digits; its lineage drawn: http://{tracking}/lineage?id=models%3A%2Fdigits%2F2)"
+    );
     shutdown.cancel();
 
     step(
@@ -462,7 +453,7 @@ where version 2 came from (kiln lineage models:/digits/2 --upstream):"
         "\nsummary: 3 coordinators and 2 workers; {} jobs ran (a 2-rank command job and two 2-rank training runs among them, one from the feature store), 2 model versions registered with their lineage, 1 retry de-duplicated, 1 bad spec refused, 1 running job cancelled on every rank, leader lost and replaced, nothing lost.",
         EXAMPLES.len() + 3
     );
-    println!("The MLflow API (runs, models, artifacts, lineage) was served on http://{tracking}.");
+    println!("The MLflow API (runs, models, artifacts, lineage) and the dashboard were served on http://{tracking}/.");
     println!(
         "Next: `kiln up --workers 2` for a cluster that stays up, then `kiln submit examples/jobs/ddp-hello.toml`."
     );

@@ -598,17 +598,21 @@ impl Tracking {
         }
     }
 
+    /// The run of job `job`, when it has one that takes writes.
+    fn active_job_run(&self, job: u64) -> Option<String> {
+        let run_id = Tracking::job_run_id(job);
+        self.runs
+            .get(&run_id)
+            .is_some_and(|run| run.lifecycle_stage == LifecycleStage::Active)
+            .then_some(run_id)
+    }
+
     /// Logs a train job's reported metrics into its run (if it has one), at the reported `step` (or `epoch`).
     /// Metrics whose names MLflow would refuse are left out.
     pub fn log_job_metrics(&mut self, job: u64, metrics: &std::collections::BTreeMap<String, f64>, now_ms: i64) {
-        let run_id = Tracking::job_run_id(job);
-        if !self
-            .runs
-            .get(&run_id)
-            .is_some_and(|run| run.lifecycle_stage == LifecycleStage::Active)
-        {
+        let Some(run_id) = self.active_job_run(job) else {
             return;
-        }
+        };
         let step = metrics
             .get("step")
             .or_else(|| metrics.get("epoch"))
@@ -651,14 +655,9 @@ impl Tracking {
     /// Logs a train job's metric points, each at its own step, into its run (if it has one). Points whose
     /// names MLflow would refuse are left out.
     pub fn log_job_points(&mut self, job: u64, points: Vec<(String, MetricPoint)>) {
-        let run_id = Tracking::job_run_id(job);
-        if !self
-            .runs
-            .get(&run_id)
-            .is_some_and(|run| run.lifecycle_stage == LifecycleStage::Active)
-        {
+        let Some(run_id) = self.active_job_run(job) else {
             return;
-        }
+        };
         // One batch per MLflow's limit, so a large report is logged whole.
         let points: Vec<(String, MetricPoint)> = points
             .into_iter()
