@@ -343,6 +343,22 @@ fn check_alias(alias: &str) -> Result<(), TrackingError> {
     Ok(())
 }
 
+/// Removes `key` from `map`, or refuses: `owner` has no such `what`.
+fn remove_named<V: Clone>(
+    map: &mut OrdMap<String, V>,
+    key: &str,
+    owner: &str,
+    what: &str,
+) -> Result<(), TrackingError> {
+    match map.remove(key) {
+        Some(_) => Ok(()),
+        None => refuse(
+            ErrorCode::ResourceDoesNotExist,
+            format!("{owner} has no {what} '{key}'"),
+        ),
+    }
+}
+
 /// Registered models by name.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Registry {
@@ -469,12 +485,7 @@ impl Registry {
             }
             RegistryCommand::DeleteModelTag { name, key } => {
                 let model = self.model_mut(&name)?;
-                if model.tags.remove(&key).is_none() {
-                    return refuse(
-                        ErrorCode::ResourceDoesNotExist,
-                        format!("registered model '{name}' has no tag '{key}'"),
-                    );
-                }
+                remove_named(&mut model.tags, &key, &format!("registered model '{name}'"), "tag")?;
                 model.last_updated_time_ms = now_ms;
                 Ok(RegistryOutcome::Done)
             }
@@ -590,12 +601,8 @@ impl Registry {
             }
             RegistryCommand::DeleteVersionTag { name, version, key } => {
                 let entry = self.version_mut(&name, version)?;
-                if entry.tags.remove(&key).is_none() {
-                    return refuse(
-                        ErrorCode::ResourceDoesNotExist,
-                        format!("version {version} of registered model '{name}' has no tag '{key}'"),
-                    );
-                }
+                let owner = format!("version {version} of registered model '{name}'");
+                remove_named(&mut entry.tags, &key, &owner, "tag")?;
                 entry.last_updated_time_ms = now_ms;
                 Ok(RegistryOutcome::Done)
             }
@@ -609,12 +616,12 @@ impl Registry {
             }
             RegistryCommand::DeleteAlias { name, alias } => {
                 let model = self.model_mut(&name)?;
-                if model.aliases.remove(&alias).is_none() {
-                    return refuse(
-                        ErrorCode::ResourceDoesNotExist,
-                        format!("registered model '{name}' has no alias '{alias}'"),
-                    );
-                }
+                remove_named(
+                    &mut model.aliases,
+                    &alias,
+                    &format!("registered model '{name}'"),
+                    "alias",
+                )?;
                 model.last_updated_time_ms = now_ms;
                 Ok(RegistryOutcome::Done)
             }
