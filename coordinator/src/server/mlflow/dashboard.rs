@@ -206,7 +206,7 @@ async fn overview(State(tracker): State<Tracker>) -> Response {
         async {
             let status = tracker.shared.cluster_status().await?;
             let mut html = format!(
-                "<h2>Cluster</h2><p>leader <b>{}</b>, term {}, commit {}, applied {} (answered by node {})</p><table><tr><th>Node</th><th>Role</th><th>Raft</th><th>API</th><th>Term</th><th>Applied</th><th>Health</th></tr>",
+                "<h2>Members</h2><p>leader <b>{}</b>, term {}, commit {}, applied {} (answered by node {})</p><table><tr><th>Node</th><th>Role</th><th>Raft</th><th>API</th><th>Term</th><th>Applied</th><th>Health</th></tr>",
                 status.leader_id, status.term, status.commit_index, status.applied_index, status.node_id
             );
             for member in &status.members {
