@@ -325,6 +325,20 @@ impl FeatureDataset {
     }
 }
 
+/// The commit checked out in the git work tree that holds `directory`, if it is in one and git is there.
+fn git_commit(directory: &std::path::Path) -> Option<String> {
+    let output = std::process::Command::new("git")
+        .arg("-C")
+        .arg(directory)
+        .args(["rev-parse", "HEAD"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let commit = String::from_utf8(output.stdout).ok()?.trim().to_string();
+    (output.status.success() && commit.len() >= 40 && commit.bytes().all(|byte| byte.is_ascii_hexdigit()))
+        .then_some(commit)
+}
+
 /// A dataset file as a dataset input of the job's run: its SHA-256 and path.
 fn file_input(path: &std::path::Path) -> Result<serde_json::Value> {
     use sha2::Digest;
@@ -409,16 +423,26 @@ async fn train(args: TrainArgs) -> Result<()> {
     };
     let dataset = trainer::load_dataset(&dataset_path, &options.label, task)?;
     // Rank 0 records what the run trains on (the training set's dataset version, or the file's hash), for
-    // lineage, before it starts.
+    // lineage, and the code version (the git commit of the worker's directory, where the job's relative
+    // paths lead), before it starts.
     if environment.rank == 0
-        && let (Some(input), Ok(tracking)) = (&input, std::env::var("KILN_TRACKING"))
+        && let Ok(tracking) = std::env::var("KILN_TRACKING")
     {
         let run_id = kiln_coordinator::tracking::Tracking::job_run_id(environment.job);
-        let body = serde_json::json!({ "run_id": run_id, "datasets": [input] });
-        through_tracking(&tracking, "recording the run's training data", |api| {
-            let body = body.clone();
+        let inputs = input.map(|input| serde_json::json!({ "run_id": run_id, "datasets": [input] }));
+        let commit = std::env::var("KILN_WORKER_CWD")
+            .ok()
+            .and_then(|directory| git_commit(std::path::Path::new(&directory)))
+            .map(|commit| serde_json::json!({ "run_id": run_id, "key": "mlflow.source.git.commit", "value": commit }));
+        through_tracking(&tracking, "recording the run's training data and code version", |api| {
+            let (inputs, commit) = (inputs.clone(), commit.clone());
             async move {
-                api.post("runs/log-inputs", body, "the run's inputs").await?;
+                if let Some(inputs) = inputs {
+                    api.post("runs/log-inputs", inputs, "the run's inputs").await?;
+                }
+                if let Some(commit) = commit {
+                    api.post("runs/set-tag", commit, "the run's code version").await?;
+                }
                 Ok(())
             }
         })

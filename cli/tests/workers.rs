@@ -1178,6 +1178,25 @@ async fn the_digits_mlp_trains_data_parallel_across_two_workers() {
         .map(|point| point["step"].as_i64().unwrap())
         .collect();
     assert_eq!(epochs, (1..=30).collect(), "{history}");
+    // Its code version (the commit of the worker's directory, this repository) and its spec's hash.
+    let tag = |key: &str| {
+        run["run"]["data"]["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|tag| tag["key"] == key)
+            .map(|tag| tag["value"].as_str().unwrap().to_string())
+    };
+    assert_eq!(tag("kiln.spec_sha256"), Some(sha256_hex(spec.as_bytes())), "{run}");
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_string());
+    if let Some(head) = head {
+        assert_eq!(tag("mlflow.source.git.commit"), Some(head), "{run}");
+    }
 
     // Its model and last checkpoint are artifacts of the run, with the hashes of what rank 0 wrote, and
     // the model is version 1 of registered model "digits" (the spec's train.register).

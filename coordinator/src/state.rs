@@ -23,6 +23,7 @@ use crate::catalog::{AppliedObject, Catalog, CatalogObject, ObjectDraft};
 use crate::error::CoordinatorError;
 use crate::spec::{JobSpec, ResourceSpec};
 use crate::tracking::{Tracking, TrackingCommand, TrackingError, TrackingOutcome};
+use sha2::Digest;
 
 pub type JobId = u64;
 pub type NodeId = u64;
@@ -661,8 +662,9 @@ impl StateMachine {
                 self.queue.insert(queue_key(&job));
                 self.jobs.insert(job.id, job.clone());
                 if job.spec.kind == crate::spec::JobKind::Train {
+                    let spec_hash = crate::artifacts::hex(&sha2::Sha256::digest(job.spec_toml.as_bytes()));
                     self.tracking
-                        .start_job_run(job.id, &job.spec.name, &train_params(&job.spec), now_ms);
+                        .start_job_run(job.id, &job.spec.name, &train_params(&job.spec), &spec_hash, now_ms);
                 }
                 changed.push(job.clone());
                 CommandResult::Submitted { job, created: true }

@@ -575,16 +575,20 @@ impl Tracking {
         format!("{job:032x}")
     }
 
-    /// Starts the run of a train job in the Default experiment, with the job's hyperparameters as params
-    /// and its id as tag `kiln.job_id`. Part of applying the job's submission: deterministic, and a no-op
-    /// if the run exists.
-    pub fn start_job_run(&mut self, job: u64, name: &str, params: &[(String, String)], now_ms: i64) {
+    /// Starts the run of a train job in the Default experiment, with the job's hyperparameters as params,
+    /// its id as tag `kiln.job_id` and the SHA-256 of its spec as `kiln.spec_sha256`. Part of applying the
+    /// job's submission: deterministic, and a no-op if the run exists. (The code version, MLflow's
+    /// `mlflow.source.git.commit`, is set by the job's rank 0, which sees its working directory.)
+    pub fn start_job_run(&mut self, job: u64, name: &str, params: &[(String, String)], spec_hash: &str, now_ms: i64) {
         let run_id = Tracking::job_run_id(job);
         if self.runs.contains_key(&run_id) {
             return;
         }
         self.ensure_default_experiment(PROXIED_ARTIFACT_ROOT, now_ms);
-        let tags = [("kiln.job_id".to_string(), job.to_string())];
+        let tags = [
+            ("kiln.job_id".to_string(), job.to_string()),
+            ("kiln.spec_sha256".to_string(), spec_hash.to_string()),
+        ];
         if self
             .create_run(&run_id, DEFAULT_EXPERIMENT_ID, name, "kiln", now_ms, &tags)
             .is_ok()
