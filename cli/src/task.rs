@@ -536,6 +536,32 @@ async fn train(args: TrainArgs) -> Result<()> {
         .as_ref()
         .map(|checkpoint| checkpoint.directory.clone());
     let model_directory = std::path::Path::new(&run_directory).join("model");
+    // What the registry keeps with the model: the training data's profile (rank 0's rows: all of them
+    // from a file, its shard from the feature store), the signature, and what it needs to run.
+    let profile = (rank == 0).then(|| trainer::profile(&dataset, &options.label, PROFILE_BINS));
+    let signature = serde_json::json!({
+        "inputs": dataset.feature_names.iter().map(|name| serde_json::json!({ "name": name, "type": "float" })).collect::<Vec<_>>(),
+        "outputs": [if options.task == "regression" {
+            serde_json::json!({ "name": options.label, "type": "float" })
+        } else {
+            serde_json::json!({ "name": options.label, "type": "long", "classes": dataset.classes })
+        }],
+    });
+    let runtime = serde_json::json!({
+        "format": "kiln-mlp-1",
+        "model": options.model,
+        "framework": "burn",
+        "devices": if cfg!(feature = "burn-cuda") { vec!["cpu", "cuda"] } else { vec!["cpu"] },
+    });
+    // A tag holds 5,000 characters; a wider signature is only in the model's files.
+    let signature_tag = Some(signature.to_string())
+        .filter(|text| text.chars().count() <= 5_000)
+        .unwrap_or_else(|| "model/signature.json".to_string());
+    let version_tags = vec![
+        ("kiln.signature".to_string(), signature_tag),
+        ("kiln.profile".to_string(), "model/profile.json".to_string()),
+        ("kiln.runtime".to_string(), runtime.to_string()),
+    ];
     let finished = tokio::task::spawn_blocking(move || -> Result<()> {
         let report = |progress: trainer::Progress<'_>| {
             if rank != 0 {
@@ -607,6 +633,13 @@ async fn train(args: TrainArgs) -> Result<()> {
                 attempt,
             };
             std::fs::write(directory.join("model.json"), serde_json::to_string_pretty(&manifest)?)?;
+            std::fs::write(
+                directory.join("signature.json"),
+                serde_json::to_string_pretty(&signature)?,
+            )?;
+            if let Some(profile) = &profile {
+                std::fs::write(directory.join("profile.json"), serde_json::to_string_pretty(profile)?)?;
+            }
             println!("model saved to {}", directory.display());
             let artifacts = [("model".to_string(), directory.display().to_string())].into();
             let _ = reports.blocking_send(Report {
@@ -630,6 +663,7 @@ async fn train(args: TrainArgs) -> Result<()> {
             model: &model_directory,
             checkpoints: checkpoint_directory.as_deref(),
             register: register.as_deref(),
+            tags: version_tags,
         };
         published.publish(&tracking).await?;
     }
@@ -644,6 +678,8 @@ struct Published<'a> {
     model: &'a std::path::Path,
     checkpoints: Option<&'a std::path::Path>,
     register: Option<&'a str>,
+    /// Tags of the registered version: its signature, where its data profile is, its runtime needs.
+    tags: Vec<(String, String)>,
 }
 
 impl Published<'_> {
@@ -713,6 +749,11 @@ impl Published<'_> {
             "source": source,
             "run_id": self.run_id,
             "description": "registered by the train job on success",
+            "tags": self
+                .tags
+                .iter()
+                .map(|(key, value)| serde_json::json!({ "key": key, "value": value }))
+                .collect::<Vec<_>>(),
         });
         let created = api.post("model-versions/create", body, &what).await?;
         println!(
@@ -823,6 +864,9 @@ impl Report {
         request
     }
 }
+
+/// Bins of each feature's histogram in the training data profile.
+const PROFILE_BINS: usize = 20;
 
 /// Reports waiting to be sent at most: minutes of step reports, so none is dropped while a coordinator
 /// fails over.

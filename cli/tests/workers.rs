@@ -1254,6 +1254,37 @@ async fn the_digits_mlp_trains_data_parallel_across_two_workers() {
         version["kiln_metrics"]["validation_accuracy"].as_f64().unwrap() >= 0.95,
         "the run's metrics when it was registered: {registered}"
     );
+    // With its signature, runtime needs, and the training data's profile beside the model.
+    let version_tag = |key: &str| -> String {
+        version["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|tag| tag["key"] == key)
+            .unwrap_or_else(|| panic!("no tag {key}: {registered}"))["value"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let signature: serde_json::Value = serde_json::from_str(&version_tag("kiln.signature")).unwrap();
+    assert_eq!(signature["inputs"].as_array().unwrap().len(), 64, "{signature}");
+    assert_eq!(signature["outputs"][0]["classes"], 10, "{signature}");
+    assert!(version_tag("kiln.runtime").contains("\"framework\":\"burn\""));
+    assert_eq!(version_tag("kiln.profile"), "model/profile.json");
+    let profile: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.join("profile.json")).unwrap()).unwrap();
+    sha_of("model/profile.json");
+    let rows = profile["rows"].as_u64().unwrap();
+    assert_eq!(rows, 1797, "rank 0 read the whole file");
+    assert_eq!(profile["features"].as_array().unwrap().len(), 64);
+    let counted: u64 = profile["features"][10]["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|count| count.as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, rows, "every row in one bin");
+    assert_eq!(profile["class_counts"].as_array().unwrap().len(), 10);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -397,3 +397,144 @@ pub fn load_parquet(path: &Path, label: &str, task: Task) -> Result<Dataset, Tra
     }
     finish(path, feature_names, features, labels, targets, task)
 }
+
+/// One feature's statistics over the rows a model was trained on, with a histogram: what drift detection
+/// compares serving traffic against.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeatureProfile {
+    pub name: String,
+    pub count: usize,
+    pub mean: f64,
+    pub std: f64,
+    pub min: f64,
+    pub max: f64,
+    /// `bins + 1` increasing edges from `min` to `max`; the last bin includes `max`.
+    pub edges: Vec<f64>,
+    pub counts: Vec<u64>,
+}
+
+/// The training data profile registered with a model: every feature's statistics and histogram, and the
+/// label's distribution (class counts, or the target's statistics for regression).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataProfile {
+    pub rows: usize,
+    pub features: Vec<FeatureProfile>,
+    pub label: FeatureProfile,
+    /// Rows per class (classification; empty for regression).
+    pub class_counts: Vec<u64>,
+}
+
+fn feature_profile(name: &str, values: impl Iterator<Item = f64> + Clone, bins: usize) -> FeatureProfile {
+    let (mut count, mut sum, mut min, mut max) = (0usize, 0.0, f64::INFINITY, f64::NEG_INFINITY);
+    for value in values.clone().filter(|value| value.is_finite()) {
+        count += 1;
+        sum += value;
+        min = min.min(value);
+        max = max.max(value);
+    }
+    if count == 0 {
+        return FeatureProfile {
+            name: name.to_string(),
+            count,
+            mean: 0.0,
+            std: 0.0,
+            min: 0.0,
+            max: 0.0,
+            edges: Vec::new(),
+            counts: Vec::new(),
+        };
+    }
+    let mean = sum / count as f64;
+    let variance = values
+        .clone()
+        .filter(|value| value.is_finite())
+        .map(|value| (value - mean) * (value - mean))
+        .sum::<f64>()
+        / count as f64;
+    let bins = bins.max(1);
+    let width = (max - min) / bins as f64;
+    let edges: Vec<f64> = (0..=bins).map(|index| min + width * index as f64).collect();
+    let mut counts = vec![0u64; bins];
+    for value in values.filter(|value| value.is_finite()) {
+        let bin = if width > 0.0 {
+            (((value - min) / width) as usize).min(bins - 1)
+        } else {
+            0
+        };
+        counts[bin] += 1;
+    }
+    FeatureProfile {
+        name: name.to_string(),
+        count,
+        mean,
+        std: variance.sqrt(),
+        min,
+        max,
+        edges,
+        counts,
+    }
+}
+
+/// The profile of `dataset`'s rows, histograms with `bins` equal-width bins.
+pub fn profile(dataset: &Dataset, label: &str, bins: usize) -> DataProfile {
+    let rows = dataset.rows();
+    let features = dataset
+        .feature_names
+        .iter()
+        .enumerate()
+        .map(|(column, name)| {
+            let values = (0..rows).map(move |row| f64::from(dataset.features[row * dataset.columns + column]));
+            feature_profile(name, values, bins)
+        })
+        .collect();
+    let mut class_counts = Vec::new();
+    if dataset.task == Task::Classification {
+        class_counts = vec![0u64; dataset.classes];
+        for label in &dataset.labels {
+            if let Some(count) = class_counts.get_mut(*label as usize) {
+                *count += 1;
+            }
+        }
+    }
+    DataProfile {
+        rows,
+        features,
+        label: feature_profile(label, dataset.targets.iter().map(|value| f64::from(*value)), bins),
+        class_counts,
+    }
+}
+
+#[cfg(test)]
+mod profile_tests {
+    use super::*;
+
+    #[test]
+    fn a_profile_counts_every_row_into_one_bin_and_matches_the_hand_computed_statistics() {
+        let dataset = Dataset {
+            feature_names: vec!["a".into(), "b".into()],
+            // Rows (a, b): (0, 5), (1, 5), (2, 5), (3, 5), (4, 5).
+            features: vec![0.0, 5.0, 1.0, 5.0, 2.0, 5.0, 3.0, 5.0, 4.0, 5.0],
+            labels: vec![0, 1, 1, 2, 1],
+            targets: vec![0.0, 1.0, 1.0, 2.0, 1.0],
+            columns: 2,
+            classes: 3,
+            task: Task::Classification,
+        };
+        let profile = profile(&dataset, "y", 4);
+        assert_eq!(profile.rows, 5);
+        let a = &profile.features[0];
+        assert_eq!((a.count, a.mean, a.min, a.max), (5, 2.0, 0.0, 4.0));
+        assert!((a.std - 2f64.sqrt()).abs() < 1e-12, "population std of 0..4");
+        assert_eq!(a.edges, [0.0, 1.0, 2.0, 3.0, 4.0]);
+        // 4.0 is the maximum: it goes in the last bin, with 3.0.
+        assert_eq!(a.counts, [1, 1, 1, 2]);
+        let b = &profile.features[1];
+        assert_eq!(
+            (b.std, b.counts.iter().sum::<u64>()),
+            (0.0, 5),
+            "a constant feature has one full bin"
+        );
+        assert_eq!(profile.class_counts, [1, 3, 1]);
+        assert_eq!(profile.label.name, "y");
+    }
+}

@@ -40,7 +40,9 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
-pub use data::{Dataset, Normalization, Task, load_csv, load_dataset, load_parquet};
+pub use data::{
+    DataProfile, Dataset, FeatureProfile, Normalization, Task, load_csv, load_dataset, load_parquet, profile,
+};
 pub use model::{Cnn, Mlp, Network};
 
 use crate::collective::{CollectiveError, Communicator, ReduceOp, all_reduce_bucketed};
