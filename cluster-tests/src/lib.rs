@@ -15,6 +15,29 @@ use kiln_proto as pb;
 
 /// A port nobody listens on right now (the kernel picks it; released before use).
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // A port below Linux's ephemeral range (32768 and up), so no outgoing connection of the many the tests
+    // make can take it between this check and the child's bind (port 0 hands out ephemeral ports, and
+    // a test once lost one that way). Each process starts somewhere random and walks on, so parallel test
+    // processes rarely try the same ones.
+    const FIRST: u64 = 20_000;
+    const SPAN: u64 = 12_000;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let seed = *SEED.get_or_init(|| {
+        u64::from(std::process::id()).wrapping_mul(0x9E37_79B9)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |elapsed| elapsed.subsec_nanos().into())
+    });
+    // 7,919 is prime and does not divide SPAN, so the walk visits every port of the span once.
+    for _ in 0..SPAN {
+        let step = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (seed.wrapping_add(step.wrapping_mul(7_919))) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .expect("a free port")
