@@ -489,6 +489,8 @@ async fn run_up(args: UpArgs) -> Result<()> {
         // artifact proxy's store is DATA_DIR/artifacts; checkpoints reach it as run artifacts at the end.)
         worker_config.artifact_dir = Some(args.data_dir.join("checkpoints"));
         worker_config.tracking = coordinator.tracking_addr.map(|address| address.to_string());
+        // Train jobs find the embedded feature server without `&server=` in their dataset.
+        worker_config.featurestore = Some(args.featurestore_listen.to_string());
         let mut worker = Worker::start(worker_config).await?;
         let id = worker
             .registered()

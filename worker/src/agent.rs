@@ -147,6 +147,7 @@ impl Worker {
         );
         let mut executor = executor;
         executor.tracking = config.tracking.clone();
+        executor.featurestore = config.featurestore.clone();
         executor.kill_leftovers();
         let logs = LogServer {
             data_dir: config.data_dir.clone(),

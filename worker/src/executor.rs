@@ -93,6 +93,8 @@ pub(crate) struct Executor {
     artifact_dir: PathBuf,
     /// A coordinator's MLflow API, for tasks (`MLFLOW_TRACKING_URI`, `KILN_TRACKING`).
     pub(crate) tracking: Option<String>,
+    /// A feature server for tasks (`KILN_FEATURESTORE`).
+    pub(crate) featurestore: Option<String>,
 }
 
 fn signal_group(process_group: i32, signal: rustix::process::Signal) {
@@ -126,6 +128,7 @@ impl Executor {
             worker_directory: std::env::current_dir().unwrap_or_default(),
             artifact_dir,
             tracking: None,
+            featurestore: None,
         }
     }
 
@@ -315,6 +318,9 @@ impl Executor {
                 "MLFLOW_TRACKING_URI",
                 format!("http://{}", tracking.split(',').next().unwrap_or_default().trim()),
             );
+        }
+        if let Some(featurestore) = &self.featurestore {
+            command.env("KILN_FEATURESTORE", featurestore);
         }
         let gpus: Vec<u32> = self.free_gpus.drain(..wanted_gpus).collect();
         // Always set: a task that was given no GPU must not inherit the worker's own view of the devices and

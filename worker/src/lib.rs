@@ -73,6 +73,8 @@ pub struct WorkerConfig {
     /// first as `MLFLOW_TRACKING_URI`: train tasks upload their model to their run and register it there,
     /// and any task's `mlflow` client logs to the cluster.
     pub tracking: Option<String>,
+    /// The feature server tasks read training sets from when a spec names none (`KILN_FEATURESTORE`).
+    pub featurestore: Option<String>,
 }
 
 impl WorkerConfig {
@@ -89,6 +91,7 @@ impl WorkerConfig {
             kill_grace: Duration::from_secs(5),
             artifact_dir: None,
             tracking: None,
+            featurestore: None,
         }
     }
 
