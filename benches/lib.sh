@@ -50,3 +50,28 @@ python_venv() {
   "$venv/bin/pip" install --quiet --disable-pip-version-check "$@"
   PYTHON="$venv/bin/python"
 }
+
+# start_baseline LOG HEALTH_URL COMMAND…: runs a baseline server (COMMAND, output in LOG) in the background,
+# stops it when the script exits, and waits up to two minutes for HEALTH_URL to answer.
+BASELINE_PID=""
+stop_baseline() {
+  if [ -n "$BASELINE_PID" ]; then
+    kill -TERM "$BASELINE_PID" 2>/dev/null || true
+    wait "$BASELINE_PID" 2>/dev/null || true
+  fi
+}
+start_baseline() {
+  local log="$1" url="$2"
+  shift 2
+  "$@" >"$log" 2>&1 &
+  BASELINE_PID=$!
+  trap 'stop_baseline; cleanup' EXIT
+  for _ in $(seq 1200); do
+    curl -sf "$url" >/dev/null 2>&1 && return 0
+    kill -0 "$BASELINE_PID" 2>/dev/null || { cat "$log"; exit 1; }
+    sleep 0.1
+  done
+  echo "$1 did not answer $url within 120 s"
+  cat "$log"
+  exit 1
+}

@@ -118,15 +118,8 @@ record "feast get_online_features (sqlite)" \
 
 log "online lookups: Feast's feature server (feast serve), $LOOKUPS lookups over HTTP"
 FEAST_PORT=$(free_port)
-"$PYTHON" "$BENCH" feast-serve "$WORK" "$FEAST_PORT" >"$WORK/feast-serve.log" 2>&1 &
-FEAST_PID=$!
-stop_feast() { kill -TERM "$FEAST_PID" 2>/dev/null || true; wait "$FEAST_PID" 2>/dev/null || true; cleanup; }
-trap stop_feast EXIT
-for _ in $(seq 600); do
-  curl -sf "http://127.0.0.1:$FEAST_PORT/health" >/dev/null 2>&1 && break
-  kill -0 "$FEAST_PID" 2>/dev/null || { cat "$WORK/feast-serve.log"; exit 1; }
-  sleep 0.1
-done
+start_baseline "$WORK/feast-serve.log" "http://127.0.0.1:$FEAST_PORT/health" \
+  "$PYTHON" "$BENCH" feast-serve "$WORK" "$FEAST_PORT"
 record "feast feature server over HTTP (feast serve, sqlite)" \
   "$(timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" http "127.0.0.1:$FEAST_PORT" "$LOOKUP_ROWS" "$LOOKUPS")"
 log "done: $OUT_DIR/feast.jsonl"

@@ -56,15 +56,8 @@ WORK="$(mktemp -d)"
 
 log "MLflow: mlflow server on SQLite"
 MLFLOW_PORT=$(free_port)
-"$VENV/bin/mlflow" server --backend-store-uri "sqlite:///$WORK/mlflow.db" --default-artifact-root "$WORK/artifacts" \
-  --host 127.0.0.1 --port "$MLFLOW_PORT" >"$WORK/mlflow.log" 2>&1 &
-MLFLOW_PID=$!
-stop_mlflow() { kill -TERM "$MLFLOW_PID" 2>/dev/null || true; wait "$MLFLOW_PID" 2>/dev/null || true; cleanup; }
-trap stop_mlflow EXIT
-for _ in $(seq 600); do
-  curl -sf "http://127.0.0.1:$MLFLOW_PORT/health" >/dev/null 2>&1 && break
-  kill -0 "$MLFLOW_PID" 2>/dev/null || { cat "$WORK/mlflow.log"; exit 1; }
-  sleep 0.2
-done
+start_baseline "$WORK/mlflow.log" "http://127.0.0.1:$MLFLOW_PORT/health" \
+  "$VENV/bin/mlflow" server --backend-store-uri "sqlite:///$WORK/mlflow.db" --default-artifact-root "$WORK/artifacts" \
+  --host 127.0.0.1 --port "$MLFLOW_PORT"
 record "mlflow server (sqlite)" "$(bench "127.0.0.1:$MLFLOW_PORT" "$MLFLOW_SEARCHES")"
 log "done: $OUT_DIR/mlflow.jsonl"

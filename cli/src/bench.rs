@@ -332,23 +332,31 @@ async fn run_lookup_suite(args: &BenchArgs) -> Result<()> {
         args.max_seconds,
     )
     .await?;
+    report(
+        args,
+        &result,
+        &["SERVICE", "LOOKUPS", "NOT FOUND", "P50 MS", "P99 MS", "MAX MS"],
+        &[vec![
+            result.service.clone(),
+            result.lookups.to_string(),
+            result.not_found.to_string(),
+            format!("{:.3}", result.p50_ms),
+            format!("{:.3}", result.p99_ms),
+            format!("{:.3}", result.max_ms),
+        ]],
+    )
+}
+
+/// Prints one suite's result, as JSON with `--json` or as a table of `headers` and `row`, and writes it to
+/// `--out` when given.
+fn report(args: &BenchArgs, result: &impl Serialize, headers: &[&str], rows: &[Vec<String>]) -> Result<()> {
     if args.json {
-        println!("{}", serde_json::to_string(&result)?);
+        println!("{}", serde_json::to_string(result)?);
     } else {
-        crate::output::print_table(
-            &["SERVICE", "LOOKUPS", "NOT FOUND", "P50 MS", "P99 MS", "MAX MS"],
-            &[vec![
-                result.service.clone(),
-                result.lookups.to_string(),
-                result.not_found.to_string(),
-                format!("{:.3}", result.p50_ms),
-                format!("{:.3}", result.p99_ms),
-                format!("{:.3}", result.max_ms),
-            ]],
-        );
+        crate::output::print_table(headers, rows);
     }
     if let Some(path) = &args.out {
-        std::fs::write(path, serde_json::to_string_pretty(&result)?)
+        std::fs::write(path, serde_json::to_string_pretty(result)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
@@ -366,39 +374,32 @@ async fn run_tracking_suite(args: &BenchArgs) -> Result<()> {
         args.max_seconds,
     )
     .await?;
-    if args.json {
-        println!("{}", serde_json::to_string(&result)?);
-    } else {
-        crate::output::print_table(
-            &[
-                "SERVER",
-                "CLIENTS",
-                "LOG POINTS/S",
-                "BATCH P50 MS",
-                "BATCH P99 MS",
-                "RUNS",
-                "RUNS/S",
-                "SEARCH P50 MS",
-                "SEARCH P99 MS",
-            ],
-            &[vec![
-                result.server.clone(),
-                result.clients.to_string(),
-                format!("{:.0}", result.log_points_per_second),
-                format!("{:.2}", result.log_batch_p50_ms),
-                format!("{:.2}", result.log_batch_p99_ms),
-                result.runs.to_string(),
-                format!("{:.0}", result.runs_per_second),
-                format!("{:.2}", result.search_p50_ms),
-                format!("{:.2}", result.search_p99_ms),
-            ]],
-        );
-    }
-    if let Some(path) = &args.out {
-        std::fs::write(path, serde_json::to_string_pretty(&result)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
+    report(
+        args,
+        &result,
+        &[
+            "SERVER",
+            "CLIENTS",
+            "LOG POINTS/S",
+            "BATCH P50 MS",
+            "BATCH P99 MS",
+            "RUNS",
+            "RUNS/S",
+            "SEARCH P50 MS",
+            "SEARCH P99 MS",
+        ],
+        &[vec![
+            result.server.clone(),
+            result.clients.to_string(),
+            format!("{:.0}", result.log_points_per_second),
+            format!("{:.2}", result.log_batch_p50_ms),
+            format!("{:.2}", result.log_batch_p99_ms),
+            result.runs.to_string(),
+            format!("{:.0}", result.runs_per_second),
+            format!("{:.2}", result.search_p50_ms),
+            format!("{:.2}", result.search_p99_ms),
+        ]],
+    )
 }
 
 async fn run_doget_suite(args: &BenchArgs) -> Result<()> {
@@ -406,30 +407,23 @@ async fn run_doget_suite(args: &BenchArgs) -> Result<()> {
         bail!("suite doget needs --ticket, a feature command as JSON such as '{{\"view\": {{\"name\": \"V\"}}}}'");
     }
     let result = crate::bench_lookup::doget(&args.featurestore, &args.ticket, args.requests, args.max_seconds).await?;
-    if args.json {
-        println!("{}", serde_json::to_string(&result)?);
-    } else {
-        crate::output::print_table(
-            &["ROWS", "BYTES", "DOGETS", "SECONDS", "MEDIAN GB/S"],
-            &[vec![
-                result.rows.to_string(),
-                result.bytes.to_string(),
-                result.seconds.len().to_string(),
-                result
-                    .seconds
-                    .iter()
-                    .map(|seconds| format!("{seconds:.3}"))
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                format!("{:.3}", result.median_gb_per_s),
-            ]],
-        );
-    }
-    if let Some(path) = &args.out {
-        std::fs::write(path, serde_json::to_string_pretty(&result)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
+    report(
+        args,
+        &result,
+        &["ROWS", "BYTES", "DOGETS", "SECONDS", "MEDIAN GB/S"],
+        &[vec![
+            result.rows.to_string(),
+            result.bytes.to_string(),
+            result.seconds.len().to_string(),
+            result
+                .seconds
+                .iter()
+                .map(|seconds| format!("{seconds:.3}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            format!("{:.3}", result.median_gb_per_s),
+        ]],
+    )
 }
 
 pub async fn run(args: BenchArgs) -> Result<()> {

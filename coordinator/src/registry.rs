@@ -270,7 +270,8 @@ pub enum RegistryCommand {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum RegistryOutcome {
     Model(RegisteredModel),
-    Version(ModelVersion),
+    /// A version as applied, with the aliases that point at it.
+    Version(ModelVersion, Vec<String>),
     Done,
 }
 
@@ -535,7 +536,7 @@ impl Registry {
                 model.versions.insert(version.version, version.clone());
                 model.next_version += 1;
                 model.last_updated_time_ms = now_ms;
-                Ok(RegistryOutcome::Version(version))
+                Ok(RegistryOutcome::Version(version, Vec::new()))
             }
             RegistryCommand::UpdateVersion {
                 name,
@@ -546,7 +547,9 @@ impl Registry {
                 let entry = self.version_mut(&name, version)?;
                 entry.description = description;
                 entry.last_updated_time_ms = now_ms;
-                Ok(RegistryOutcome::Version(entry.clone()))
+                let entry = entry.clone();
+                let aliases = self.model(&name)?.aliases_of(version);
+                Ok(RegistryOutcome::Version(entry, aliases))
             }
             RegistryCommand::TransitionStage {
                 name,
@@ -575,7 +578,7 @@ impl Registry {
                 entry.last_updated_time_ms = now_ms;
                 let entry = entry.clone();
                 model.last_updated_time_ms = now_ms;
-                Ok(RegistryOutcome::Version(entry))
+                Ok(RegistryOutcome::Version(entry, model.aliases_of(version)))
             }
             RegistryCommand::DeleteVersion { name, version } => {
                 self.version(&name, version)?;

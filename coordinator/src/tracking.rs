@@ -862,6 +862,14 @@ impl Tracking {
         self.artifacts.iter()
     }
 
+    /// The recorded artifacts whose paths start with `prefix` (a run's `0/RUN/artifacts/`), in path order,
+    /// found by a range of the ordered map rather than a walk of every artifact.
+    pub fn artifacts_under<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a String, &'a ArtifactRecord)> {
+        self.artifacts
+            .range(prefix.to_string()..)
+            .take_while(move |(path, _)| path.starts_with(prefix))
+    }
+
     /// Every logged model.
     pub fn logged_models(&self) -> impl Iterator<Item = &LoggedModel> {
         self.logged_models.values()

@@ -33,7 +33,7 @@ fn create_version(tracking: &mut Tracking, name: &str, run_id: &str, now_ms: i64
         tags: vec![],
     };
     match register(tracking, command, now_ms)? {
-        RegistryOutcome::Version(version) => Ok(version.version),
+        RegistryOutcome::Version(version, _) => Ok(version.version),
         other => panic!("creating a version gave {other:?}"),
     }
 }

@@ -583,14 +583,15 @@ async fn run(State(tracker): State<Tracker>, UrlPath(id): UrlPath<String>) -> Re
                 );
             }
             html.push_str("</table><h2>Artifacts</h2><table>");
+            // Only artifacts behind the proxy were recorded; a run stored elsewhere lists none.
             let prefix = run
                 .artifact_uri
                 .strip_prefix(crate::tracking::PROXIED_ARTIFACT_ROOT)
-                .map(|path| format!("{}/", path.trim_start_matches('/')));
-            for (path, record) in tracking.artifacts() {
-                let Some(relative) = prefix.as_deref().and_then(|prefix| path.strip_prefix(prefix)) else {
-                    continue;
-                };
+                .map(|path| format!("{}/", path.trim_start_matches('/')))
+                .unwrap_or_default();
+            let recorded = tracking.artifacts_under(&prefix).filter(|_| !prefix.is_empty());
+            for (path, record) in recorded {
+                let relative = &path[prefix.len()..];
                 let _ = write!(
                     html,
                     "<tr><td><a href=\"/api/2.0/mlflow-artifacts/artifacts/{}\">{}</a></td><td class=\"num\">{}</td><td class=\"muted\">{}</td></tr>",

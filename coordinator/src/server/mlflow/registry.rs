@@ -185,20 +185,9 @@ async fn registry_write(
             let fields = request_fields(query, &body)?;
             let command = command(&fields)?;
             let user_id = fields.text("user_id")?.unwrap_or_default();
-            let name = match &command {
-                RegistryCommand::RenameModel { new_name, .. } => new_name.clone(),
-                _ => fields.text("name")?.unwrap_or_default(),
-            };
             match tracker.register(command, user_id).await? {
                 RegistryOutcome::Model(model) => Ok(json!({ "registered_model": model_json(&model) })),
-                RegistryOutcome::Version(version) => {
-                    // The aliases as applied: read back, as the command's outcome does not carry the model.
-                    let tracking = tracker.read().await?;
-                    let aliases = tracking
-                        .registry()
-                        .model(&name)
-                        .map(|model| model.aliases_of(version.version))
-                        .unwrap_or_default();
+                RegistryOutcome::Version(version, aliases) => {
                     Ok(json!({ "model_version": version_json(&version, aliases) }))
                 }
                 RegistryOutcome::Done => Ok(json!({})),
