@@ -33,3 +33,19 @@ fn detect() -> u32 {
 fn detect() -> u32 {
     0
 }
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    /// On a machine with a GPU (the GPU check script sets `KILN_REQUIRE_GPU`) the driver must be found and
+    /// report a device; elsewhere detection must answer 0 rather than fail.
+    #[test]
+    fn detection_finds_the_gpus_the_driver_reports() {
+        let gpus = super::detect_gpus();
+        if std::env::var_os("KILN_REQUIRE_GPU").is_some() {
+            assert!(super::cuda_driver_present(), "KILN_REQUIRE_GPU is set, but libcuda cannot be loaded");
+            assert!(gpus > 0, "KILN_REQUIRE_GPU is set, but no GPU was detected");
+        } else if !super::cuda_driver_present() {
+            assert_eq!(gpus, 0);
+        }
+    }
+}
