@@ -334,6 +334,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         root.join("featurestore"),
         Duration::from_millis(200),
+        Some(trackers.join(",")),
         shutdown.clone(),
     )
     .await?;

@@ -1,6 +1,8 @@
 //! `kiln featurestore`: the Arrow Flight feature server (port 7072), fed with the definitions the
-//! coordinator holds, which it re-reads every `--refresh-ms`; `kiln up` embeds one. Also the client side
-//! of `kiln features get|sql|materialize`, which talk to it over Flight.
+//! coordinator holds, which it re-reads every `--refresh-ms`; `kiln up` embeds one. With `--tracking` each
+//! materialization is recorded as a run of the experiment `kiln-materializations`, which lineage shows
+//! between the view version and its online table. Also the client side of `kiln features
+//! get|sql|materialize`, which talk to it over Flight.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,7 +16,8 @@ use futures::TryStreamExt;
 use kiln_coordinator::client::Client;
 use kiln_featurestore::arrow::array::RecordBatch;
 use kiln_featurestore::registry::{self, Applied, Registered, RegistryEntry};
-use kiln_featurestore::server::{FeatureServer, FlightCommand, serve};
+use kiln_featurestore::server::{FeatureServer, FlightCommand, MaterializationRecord, MaterializationRecorder, serve};
+use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -33,6 +36,135 @@ pub struct FeatureServerArgs {
     /// How often the definitions are re-read from the coordinator, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     refresh_ms: u64,
+    /// Coordinators' MLflow tracking APIs (comma-separated), where materializations are recorded for
+    /// lineage. Without it they are only reported to whoever asked for them.
+    #[arg(long, env = "KILN_TRACKING")]
+    tracking: Option<String>,
+}
+
+/// The experiment that holds one run per materialization.
+pub const MATERIALIZATIONS_EXPERIMENT: &str = "kiln-materializations";
+
+/// Records materializations as runs through the tracking APIs at `tracking` (a comma-separated list, tried
+/// in turn). Each record carries a fresh key in the tag `kiln.materialization`, so a retry after a lost
+/// answer finds the run it made instead of making another.
+fn tracking_recorder(tracking: String) -> MaterializationRecorder {
+    Arc::new(move |record: MaterializationRecord| {
+        let tracking = tracking.clone();
+        Box::pin(async move {
+            let key = materialization_key();
+            crate::runs::through_tracking(&tracking, "recording a materialization", |api| {
+                let (record, key) = (record.clone(), key.clone());
+                async move { record_materialization(&api, &record, &key).await }
+            })
+            .await
+            .map_err(|error| format!("{error:#}"))
+        }) as futures::future::BoxFuture<'static, Result<String, String>>
+    })
+}
+
+/// A key no other materialization has: the time in nanoseconds, this process and a count within it.
+fn materialization_key() -> String {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos());
+    let count = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{nanos:x}-{:x}-{count:x}", std::process::id())
+}
+
+/// One try at recording `record` through `api`; every step may be repeated.
+async fn record_materialization(api: &crate::runs::Api, record: &MaterializationRecord, key: &str) -> Result<String> {
+    let what = "the materializations experiment";
+    let experiment = match api
+        .get(
+            "experiments/get-by-name",
+            &[("experiment_name", MATERIALIZATIONS_EXPERIMENT)],
+            what,
+        )
+        .await
+    {
+        Ok(found) => found["experiment"]["experiment_id"].clone(),
+        Err(_) => api
+            .post(
+                "experiments/create",
+                json!({ "name": MATERIALIZATIONS_EXPERIMENT }),
+                what,
+            )
+            .await?["experiment_id"]
+            .clone(),
+    };
+    let experiment = experiment
+        .as_str()
+        .with_context(|| format!("{what} has no id"))?
+        .to_string();
+    let found = api
+        .post(
+            "runs/search",
+            json!({
+                "experiment_ids": [experiment],
+                "filter": format!("tags.`kiln.materialization` = '{key}'"),
+                "max_results": 1,
+            }),
+            "looking for the materialization's run",
+        )
+        .await?;
+    let view = format!("{}@{}", record.view, record.view_version);
+    let run_id = match found["runs"][0]["info"]["run_id"].as_str() {
+        Some(run_id) => run_id.to_string(),
+        None => api
+            .post(
+                "runs/create",
+                json!({
+                    "experiment_id": experiment,
+                    "run_name": format!("materialize {view}"),
+                    "start_time": record.started_ms,
+                    "tags": [
+                        { "key": "kiln.materialization", "value": key },
+                        { "key": kiln_coordinator::lineage::EXECUTION_TAG, "value": kiln_coordinator::lineage::MATERIALIZATION },
+                        { "key": kiln_coordinator::lineage::FEATURE_VIEWS_TAG, "value": view },
+                    ],
+                }),
+                "creating the materialization's run",
+            )
+            .await?["run"]["info"]["run_id"]
+            .as_str()
+            .context("runs/create answered no run id")?
+            .to_string(),
+    };
+    let until = record.until_micros.map_or_else(
+        || "latest".to_string(),
+        |micros| {
+            humantime::format_rfc3339_micros(std::time::UNIX_EPOCH + Duration::from_micros(micros.max(0) as u64))
+                .to_string()
+        },
+    );
+    let params: Vec<Value> = [
+        ("view", record.view.clone()),
+        ("view_version", record.view_version.to_string()),
+        ("source", record.source.clone()),
+        ("source_uri", record.source_uri.clone()),
+        ("until", until),
+        ("rows_read", record.rows_read.to_string()),
+        ("rows_applied", record.rows_applied.to_string()),
+    ]
+    .into_iter()
+    .filter(|(_, value)| !value.is_empty())
+    .map(|(key, value)| json!({ "key": key, "value": value }))
+    .collect();
+    api.post(
+        "runs/log-batch",
+        json!({ "run_id": run_id, "params": params }),
+        "logging the materialization",
+    )
+    .await?;
+    api.post(
+        "runs/update",
+        json!({ "run_id": run_id, "status": "FINISHED", "end_time": record.ended_ms }),
+        "finishing the materialization's run",
+    )
+    .await?;
+    Ok(run_id)
 }
 
 /// The definitions applied to the cluster, with each object's version.
@@ -71,6 +203,7 @@ pub async fn start(
     listen: SocketAddr,
     data_dir: PathBuf,
     refresh: Duration,
+    tracking: Option<String>,
     shutdown: CancellationToken,
 ) -> Result<Running> {
     let mut client = Client::new(coordinator)?;
@@ -84,6 +217,9 @@ pub async fn start(
     };
     let (sender, receiver) = watch::channel(Arc::new(initial));
     let server = FeatureServer::open(data_dir.clone(), receiver)?;
+    if let Some(tracking) = tracking.filter(|tracking| !tracking.trim().is_empty()) {
+        server.record_materializations(tracking_recorder(tracking))?;
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("the feature server cannot listen on {listen}"))?;
@@ -125,6 +261,7 @@ pub async fn run(args: FeatureServerArgs) -> Result<()> {
         args.listen,
         args.data_dir.clone(),
         Duration::from_millis(args.refresh_ms.max(10)),
+        args.tracking.clone(),
         shutdown.clone(),
     )
     .await?;

@@ -21,7 +21,7 @@ pub enum Format {
 #[derive(Args)]
 pub struct LineageArgs {
     /// models:/NAME/VERSION, models:/NAME@ALIAS, a run id, a dataset digest (or a prefix of 8 or more
-    /// characters), job:ID, or a node id such as view:NAME@VERSION.
+    /// characters), job:ID, or a node id such as view:NAME@VERSION or online:VIEW (a view's online table).
     name: String,
     /// Only what it came from.
     #[arg(long, conflicts_with = "downstream")]

@@ -12,6 +12,7 @@ mod lineage;
 mod models;
 mod output;
 mod runs;
+mod sweeps;
 mod task;
 
 /// mimalloc for the whole binary: a DoGet of a wide table allocates megabytes per batch, and glibc maps
@@ -120,6 +121,17 @@ enum Command {
     },
     /// Run a feature server: Arrow Flight over the feature definitions the cluster holds.
     Featurestore(featureserver::FeatureServerArgs),
+    /// Hyperparameter sweeps (submitted with kiln submit, kind = "sweep"): list, show with their trials.
+    Sweeps {
+        #[command(subcommand)]
+        command: sweeps::SweepsCommand,
+        #[command(flatten)]
+        target: Target,
+        /// A coordinator's MLflow API, for the metrics trials log through it (kiln up serves one on
+        /// 127.0.0.1:7080).
+        #[arg(long, global = true, env = "KILN_TRACKING", default_value = "127.0.0.1:7080")]
+        tracking: String,
+    },
     /// Experiment runs (train jobs' and MLflow clients'): list, show, compare.
     Runs {
         #[command(subcommand)]
@@ -188,8 +200,9 @@ struct TrackingArgs {
     /// Where the MLflow Tracking REST API listens (MLFLOW_TRACKING_URI=http://ADDR); not served when absent.
     #[arg(long)]
     tracking_listen: Option<SocketAddr>,
-    /// Where the artifact proxy keeps artifacts: a directory, file:///DIR or s3://BUCKET[/PREFIX] (default:
-    /// DATA_DIR/artifacts). Several coordinators need one shared root.
+    /// Where the artifact proxy keeps artifacts: a directory, file:///DIR, s3://BUCKET[/PREFIX],
+    /// gs://BUCKET[/PREFIX] or az://CONTAINER[/PREFIX], with credentials from each cloud's usual variables
+    /// (default: DATA_DIR/artifacts). Several coordinators need one shared root.
     #[arg(long, default_value = "")]
     artifact_root: String,
     /// The most bytes one artifact may have; a larger upload is refused and leaves nothing.
@@ -289,8 +302,8 @@ struct UpArgs {
     /// Where the MLflow Tracking REST API listens (MLFLOW_TRACKING_URI=http://ADDR).
     #[arg(long, default_value = "127.0.0.1:7080")]
     tracking_listen: SocketAddr,
-    /// Where the artifact proxy keeps artifacts: a directory, file:///DIR or s3://BUCKET[/PREFIX] (default:
-    /// DATA_DIR/artifacts).
+    /// Where the artifact proxy keeps artifacts: a directory, file:///DIR, s3://BUCKET[/PREFIX],
+    /// gs://BUCKET[/PREFIX] or az://CONTAINER[/PREFIX] (default: DATA_DIR/artifacts).
     #[arg(long, default_value = "")]
     artifact_root: String,
     #[command(flatten)]
@@ -509,6 +522,7 @@ async fn run_up(args: UpArgs) -> Result<()> {
         args.featurestore_listen,
         args.data_dir.join("featurestore"),
         Duration::from_secs(1),
+        coordinator.tracking_addr.map(|address| address.to_string()),
         token.clone(),
     )
     .await?;
@@ -853,6 +867,11 @@ async fn run(cli: Cli) -> Result<()> {
         } => features::run(command, target, featurestore).await,
         Command::Featurestore(args) => featureserver::run(args).await,
         Command::Runs { command, tracking } => runs::run(command, &tracking).await,
+        Command::Sweeps {
+            command,
+            target,
+            tracking,
+        } => sweeps::run(command, &mut target.client()?, &tracking).await,
         Command::Models { command, tracking } => models::run(command, &tracking).await,
         Command::Artifacts { command, tracking } => artifacts::run(command, &tracking).await,
         Command::Lineage(args) => lineage::run(args).await,

@@ -100,6 +100,36 @@ impl Api {
     }
 }
 
+/// Runs `step` against each address of `tracking` (a comma-separated list) in turn, for a few rounds, so a
+/// coordinator failing over does not lose what a task hands the cluster. `step` must be safe to repeat.
+pub(crate) async fn through_tracking<T, F, Fut>(tracking: &str, what: &str, step: F) -> Result<T>
+where
+    F: Fn(Api) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let addresses: Vec<&str> = tracking
+        .split(',')
+        .map(str::trim)
+        .filter(|address| !address.is_empty())
+        .collect();
+    let mut failure = anyhow::anyhow!("KILN_TRACKING names no address");
+    for round in 0..5 {
+        if round > 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        for address in &addresses {
+            match step(Api::new(address)?).await {
+                Ok(value) => return Ok(value),
+                Err(error) => {
+                    eprintln!("{what} through {address}: {error:#}");
+                    failure = error;
+                }
+            }
+        }
+    }
+    Err(failure.context(format!("{what} failed")))
+}
+
 /// A response's JSON body, or its MLflow error as an error.
 pub(crate) async fn answer(response: reqwest::Response, what: &str) -> Result<Value> {
     let status = response.status();

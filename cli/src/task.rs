@@ -357,36 +357,6 @@ fn file_input(path: &std::path::Path) -> Result<serde_json::Value> {
     }))
 }
 
-/// Runs `step` against each address of `tracking` (a comma-separated list) in turn, for a few rounds, so a
-/// coordinator failing over does not lose what a task hands the cluster. `step` must be safe to repeat.
-async fn through_tracking<F, Fut>(tracking: &str, what: &str, step: F) -> Result<()>
-where
-    F: Fn(crate::runs::Api) -> Fut,
-    Fut: std::future::Future<Output = Result<()>>,
-{
-    let addresses: Vec<&str> = tracking
-        .split(',')
-        .map(str::trim)
-        .filter(|address| !address.is_empty())
-        .collect();
-    let mut failure = anyhow::anyhow!("KILN_TRACKING names no address");
-    for round in 0..5 {
-        if round > 0 {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        for address in &addresses {
-            match step(crate::runs::Api::new(address)?).await {
-                Ok(()) => return Ok(()),
-                Err(error) => {
-                    eprintln!("{what} through {address}: {error:#}");
-                    failure = error;
-                }
-            }
-        }
-    }
-    Err(failure.context(format!("{what} failed")))
-}
-
 async fn train(args: TrainArgs) -> Result<()> {
     use kiln_worker::trainer::{self, OptimizerKind, TrainConfig};
     let text = std::fs::read_to_string(&args.spec)
@@ -434,7 +404,7 @@ async fn train(args: TrainArgs) -> Result<()> {
             .ok()
             .and_then(|directory| git_commit(std::path::Path::new(&directory)))
             .map(|commit| serde_json::json!({ "run_id": run_id, "key": "mlflow.source.git.commit", "value": commit }));
-        through_tracking(&tracking, "recording the run's training data and code version", |api| {
+        crate::runs::through_tracking(&tracking, "recording the run's training data and code version", |api| {
             let (inputs, commit) = (inputs.clone(), commit.clone());
             async move {
                 if let Some(inputs) = inputs {
@@ -687,7 +657,7 @@ impl Published<'_> {
     /// failing over does not lose the model. Every step is safe to repeat.
     async fn publish(&self, tracking: &str) -> Result<()> {
         let what = format!("publishing the model of run {}", self.run_id);
-        through_tracking(tracking, &what, |api| self.publish_through(api)).await
+        crate::runs::through_tracking(tracking, &what, |api| self.publish_through(api)).await
     }
 
     async fn publish_through(&self, api: crate::runs::Api) -> Result<()> {

@@ -323,9 +323,14 @@ struct FeatureServer {
 impl FeatureServer {
     fn start(cluster: &Cluster, data_dir: &Path) -> FeatureServer {
         let address = format!("127.0.0.1:{}", kiln_cluster_tests::free_port());
-        let child = Command::new(KILN)
+        let mut command = Command::new(KILN);
+        if let Some(tracking) = cluster.tracking_addresses() {
+            command.args(["featurestore", "--tracking", &tracking]);
+        } else {
+            command.arg("featurestore");
+        }
+        let child = command
             .args([
-                "featurestore",
                 "--coordinator",
                 &cluster.addresses(),
                 "--listen",
@@ -742,6 +747,53 @@ async fn the_digits_example_trains_from_the_feature_store_with_each_rank_fetchin
         dot.contains(&format!("\"dataset:{digest}\" -> \"run:{run_id}\";")),
         "{dot}"
     );
+
+    // A materialization is an execution too: the feature server records it as a run, which lineage shows
+    // between the view version and its online table, beside the training set the same version fed.
+    let report = json_of(&server.features(
+        &cluster,
+        &["materialize", "--view", "digit_pixels", "--json"],
+        Duration::from_secs(5),
+    ));
+    assert_eq!(report["views"][0]["rows_applied"], 1797, "{report:#}");
+    let materialization = report["views"][0]["run_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the materialization was not recorded: {report:#}"))
+        .to_string();
+    let recorded: serde_json::Value =
+        serde_json::from_str(&kiln(&["runs", "show", &materialization, "--json"])).unwrap();
+    assert_eq!(recorded["info"]["status"], "FINISHED", "{recorded:#}");
+    assert!(
+        recorded["data"]["params"].to_string().contains("\"rows_applied\""),
+        "{recorded:#}"
+    );
+    let downstream: serde_json::Value = serde_json::from_str(&kiln(&[
+        "lineage",
+        "view:digit_pixels@1",
+        "--downstream",
+        "--format",
+        "json",
+    ]))
+    .unwrap();
+    let nodes: Vec<&str> = downstream["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|node| node["id"].as_str().unwrap())
+        .collect();
+    for expected in [
+        format!("run:{materialization}"),
+        "online:digit_pixels".to_string(),
+        format!("dataset:{digest}"),
+        "model:digits/1".to_string(),
+    ] {
+        assert!(
+            nodes.contains(&expected.as_str()),
+            "{expected} missing from {downstream:#}"
+        );
+    }
+    let text = kiln(&["lineage", "online:digit_pixels", "--upstream"]);
+    assert!(text.contains("materialization of digit_pixels@1"), "{text}");
     server.stop();
 }
 
@@ -837,7 +889,14 @@ fn a_source_in_an_s3_object_store_reads_like_the_local_file() {
             "s3://kiln-features/driver/missing.csv",
             "source 'driver_hourly': reading s3://kiln-features/driver/missing.csv",
         ),
-        ("gs://kiln-features/driver/hourly.csv", "which this build does not read"),
+        (
+            "hdfs://kiln-features/driver/hourly.csv",
+            "which this build does not read",
+        ),
+        (
+            "az://kiln-features/driver/hourly.csv",
+            "source 'driver_hourly': the az:// store for 'kiln-features' cannot be configured",
+        ),
     ] {
         let broken = directory.path().join("broken.toml");
         std::fs::write(

@@ -109,6 +109,18 @@ impl Cluster {
         self.members.insert(id, member);
     }
 
+    /// Every member's MLflow tracking API, comma-separated, when the cluster serves one.
+    pub fn tracking_addresses(&self) -> Option<String> {
+        self.tracking.then(|| {
+            let addresses: Vec<&str> = self
+                .members
+                .values()
+                .map(|member| member.tracking_addr.as_str())
+                .collect();
+            addresses.join(",")
+        })
+    }
+
     pub fn data_dir(&self, id: u64) -> PathBuf {
         self.directory.path().join(format!("node-{id}"))
     }
@@ -231,13 +243,8 @@ impl Cluster {
         command
             .arg("worker")
             .args(["--coordinator", &coordinators, "--cpus", &cpus.to_string()]);
-        if self.tracking {
-            let tracking: Vec<&str> = self
-                .members
-                .values()
-                .map(|member| member.tracking_addr.as_str())
-                .collect();
-            command.args(["--tracking", &tracking.join(",")]);
+        if let Some(tracking) = self.tracking_addresses() {
+            command.args(["--tracking", &tracking]);
         }
         let child = command
             .arg("--data-dir")

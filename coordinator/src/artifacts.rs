@@ -1,5 +1,5 @@
-//! Where artifacts' bytes live: an `object_store` (a local directory by default, `s3://BUCKET/PREFIX` when
-//! configured), behind MLflow's artifact proxy (`/api/2.0/mlflow-artifacts/artifacts/PATH`, served by every
+//! Where artifacts' bytes live: an `object_store` (a local directory by default; `s3://BUCKET/PREFIX`,
+//! `gs://BUCKET/PREFIX` or `az://CONTAINER/PREFIX` when configured), behind MLflow's artifact proxy (`/api/2.0/mlflow-artifacts/artifacts/PATH`, served by every
 //! coordinator). Experiments record `mlflow-artifacts:/ID` as their location and runs
 //! `mlflow-artifacts:/ID/RUN/artifacts`, so clients reach the bytes through any coordinator.
 //!
@@ -104,29 +104,45 @@ impl std::fmt::Debug for ArtifactStore {
 }
 
 impl ArtifactStore {
-    /// Opens the store `root` names: `s3://BUCKET[/PREFIX]` (credentials, region and endpoint from the
-    /// usual `AWS_*` variables), else a local directory (`file:///abs/dir` or a path), created if missing.
+    /// Opens the store `root` names: `s3://BUCKET[/PREFIX]`, `gs://BUCKET[/PREFIX]` or
+    /// `az://CONTAINER[/PREFIX]` (credentials, region and endpoint from each cloud's usual variables:
+    /// `AWS_*`, `GOOGLE_*` such as `GOOGLE_SERVICE_ACCOUNT`, `AZURE_*` such as
+    /// `AZURE_STORAGE_ACCOUNT_NAME`), else a local directory (`file:///abs/dir` or a path), created if
+    /// missing.
     pub fn open(root: &str, max_bytes: u64) -> Result<ArtifactStore, ArtifactError> {
-        let store: Arc<dyn ObjectStore> = if let Some(rest) = root.strip_prefix("s3://") {
+        let cloud = root
+            .split_once("://")
+            .filter(|(scheme, _)| matches!(*scheme, "s3" | "gs" | "az"));
+        let store: Arc<dyn ObjectStore> = if let Some((scheme, rest)) = cloud {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
                 return Err(ArtifactError::InvalidPath(format!(
-                    "artifact root '{root}' names no bucket; expected s3://BUCKET[/PREFIX]"
+                    "artifact root '{root}' names no bucket; expected {scheme}://BUCKET[/PREFIX]"
                 )));
             }
-            let s3 = object_store::aws::AmazonS3Builder::from_env()
-                .with_bucket_name(bucket)
-                .build()
-                .map_err(|error| ArtifactError::Store(format!("opening {root}: {error}")))?;
-            let s3: Arc<dyn ObjectStore> = Arc::new(s3);
+            let built: object_store::Result<Arc<dyn ObjectStore>> = match scheme {
+                "s3" => object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .build()
+                    .map(|store| Arc::new(store) as Arc<dyn ObjectStore>),
+                "gs" => object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(bucket)
+                    .build()
+                    .map(|store| Arc::new(store) as Arc<dyn ObjectStore>),
+                _ => object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_container_name(bucket)
+                    .build()
+                    .map(|store| Arc::new(store) as Arc<dyn ObjectStore>),
+            };
+            let store = built.map_err(|error| ArtifactError::Store(format!("opening {root}: {error}")))?;
             if prefix.trim_matches('/').is_empty() {
-                s3
+                store
             } else {
-                Arc::new(object_store::prefix::PrefixStore::new(s3, prefix.trim_matches('/')))
+                Arc::new(object_store::prefix::PrefixStore::new(store, prefix.trim_matches('/')))
             }
         } else if root.contains("://") && !root.starts_with("file://") {
             return Err(ArtifactError::InvalidPath(format!(
-                "artifact root '{root}' is not supported; expected a directory, file:///DIR or s3://BUCKET[/PREFIX]"
+                "artifact root '{root}' is not supported; expected a directory, file:///DIR, s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or az://CONTAINER[/PREFIX]"
             )));
         } else {
             let directory = root.strip_prefix("file://").unwrap_or(root);
@@ -377,12 +393,29 @@ mod tests {
             assert!(matches!(error, ArtifactError::InvalidPath(_)), "{bad}");
         }
         assert!(check_path("1/run/artifacts/model/model.json").is_ok());
-        let error = ArtifactStore::open("gs://bucket", 1).unwrap_err();
+        let error = ArtifactStore::open("hdfs://namenode/kiln", 1).unwrap_err();
         assert!(
             error
                 .to_string()
-                .contains("expected a directory, file:///DIR or s3://BUCKET"),
+                .contains("expected a directory, file:///DIR, s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or az://"),
             "{error}"
         );
+        let error = ArtifactStore::open("gs:///prefix", 1).unwrap_err();
+        assert!(error.to_string().contains("expected gs://BUCKET[/PREFIX]"), "{error}");
+    }
+
+    /// GCS and Azure roots are opened from each cloud's environment; without an account Azure's cannot be
+    /// configured, and the error says so. (No GCS or Azure endpoint is reachable from CI, so only S3 is
+    /// exercised end to end, through moto, in the cluster tests.)
+    #[test]
+    fn gcs_and_azure_roots_are_configured_from_the_environment() {
+        // Without credentials the GCS client is built; requests would use application default credentials.
+        let gcs = ArtifactStore::open("gs://kiln-artifacts/team", 1).unwrap();
+        assert_eq!(gcs.root, "gs://kiln-artifacts/team");
+        if std::env::var_os("AZURE_STORAGE_ACCOUNT_NAME").is_none() {
+            let error = ArtifactStore::open("az://kiln-artifacts", 1).unwrap_err();
+            assert!(matches!(error, ArtifactError::Store(_)), "{error}");
+            assert!(error.to_string().contains("opening az://kiln-artifacts"), "{error}");
+        }
     }
 }

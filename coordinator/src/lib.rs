@@ -39,6 +39,7 @@ pub mod server;
 pub mod spec;
 pub mod state;
 pub mod storage;
+pub mod sweep;
 pub mod tracking;
 
 pub use error::CoordinatorError;

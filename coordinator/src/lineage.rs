@@ -5,6 +5,10 @@
 //!   view:NAME@VERSION ──► dataset:DIGEST ──► run:ID ──► artifact:PATH ──► model:NAME/VERSION
 //!   (feature view version)  (training set)   (job or     (model, checkpoints)  (registered version)
 //!                                             MLflow run) ──► logged:ID (MLflow 3 logged model)
+//!
+//!   view:NAME@VERSION ──► run:ID ──► online:NAME
+//!                         (a materialization: the feature server records each as a run tagged
+//!                          kiln.execution = materialization)
 //! ```
 //!
 //! - a run's inputs are the datasets logged for it (`log-inputs`; a train job logs its training set, with
@@ -12,7 +16,9 @@
 //! - its outputs are the top-level entries of its artifacts (`model`, `checkpoints`, …), the logged models
 //!   whose source run it is, and the registered versions made from it (through the artifact the version's
 //!   source names, when that is one of the run's);
-//! - runs carry their params, status and times, so a model version answers which hyperparameters made it.
+//! - runs carry their params, status and times, so a model version answers which hyperparameters made it;
+//! - a run's own `kiln.feature_views` tag names views it read directly; a materialization (tag
+//!   `kiln.execution` = `materialization`, param `view`) writes that view's table of the online store.
 //!
 //! [`Graph::around`] walks it upstream (what a node came from), downstream (what came of it) or both.
 
@@ -26,10 +32,32 @@ use crate::tracking::{ErrorCode, PROXIED_ARTIFACT_ROOT, Tracking, TrackingError}
 /// `driver_hourly_stats@2,driver_daily@1`.
 pub const FEATURE_VIEWS_TAG: &str = "kiln.feature_views";
 
+/// The tag that says what kind of Kiln step a run records, when it is not a training run.
+pub const EXECUTION_TAG: &str = "kiln.execution";
+
+/// [`EXECUTION_TAG`]'s value for a materialization (offline store to online store).
+pub const MATERIALIZATION: &str = "materialization";
+
+/// The views named by a `kiln.feature_views` tag: `driver_hourly_stats@2,driver_daily@1`.
+fn views_of(tag: Option<&String>) -> Vec<&str> {
+    tag.map(|views| {
+        views
+            .split(',')
+            .map(str::trim)
+            .filter(|view| !view.is_empty())
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
 /// How a run is called in labels: its name and its job (`digits-mlp (job 4)`), or its name and the start
 /// of its id.
 fn run_title(run: &crate::tracking::Run) -> String {
     let short = &run.id[..8.min(run.id.len())];
+    if run.tags.get(EXECUTION_TAG).is_some_and(|kind| kind == MATERIALIZATION) {
+        let views = views_of(run.tags.get(FEATURE_VIEWS_TAG)).join(", ");
+        return format!("materialization of {views} ({short})");
+    }
     match (run.name.is_empty(), run.tags.get("kiln.job_id")) {
         (false, Some(job)) => format!("{} (job {job})", run.name),
         (false, None) => format!("{} ({short})", run.name),
@@ -44,6 +72,8 @@ pub enum Kind {
     FeatureView,
     Dataset,
     Run,
+    /// A view's table in the online store, written by materializations.
+    OnlineTable,
     Artifact,
     LoggedModel,
     ModelVersion,
@@ -126,8 +156,35 @@ impl Graph {
             if let Some(job) = run.tags.get("kiln.job_id") {
                 attributes.insert("job".into(), job.clone());
             }
-            let label = format!("run {}", run_title(run));
-            graph.node(format!("run:{}", run.id), Kind::Run, label, attributes);
+            let materialization = run.tags.get(EXECUTION_TAG).is_some_and(|kind| kind == MATERIALIZATION);
+            if materialization {
+                attributes.insert("execution".into(), MATERIALIZATION.into());
+            }
+            let label = if materialization {
+                run_title(run)
+            } else {
+                format!("run {}", run_title(run))
+            };
+            let node = graph.node(format!("run:{}", run.id), Kind::Run, label, attributes);
+            // Views the run read itself (not through a training set).
+            for view in views_of(run.tags.get(FEATURE_VIEWS_TAG)) {
+                let view_node = graph.node(
+                    format!("view:{view}"),
+                    Kind::FeatureView,
+                    format!("feature view {view}"),
+                    BTreeMap::new(),
+                );
+                graph.edge(&view_node, &node);
+            }
+            if materialization && let Some(view) = run.params.get("view") {
+                let table = graph.node(
+                    format!("online:{view}"),
+                    Kind::OnlineTable,
+                    format!("online table {view}"),
+                    BTreeMap::new(),
+                );
+                graph.edge(&node, &table);
+            }
         }
         // Inputs: datasets, and the feature view versions a training set joined.
         for (run_id, inputs) in tracking.all_inputs() {
@@ -153,17 +210,7 @@ impl Graph {
                     attributes,
                 );
                 graph.edge(&node, &run);
-                for view in tags
-                    .get(FEATURE_VIEWS_TAG)
-                    .map(|views| {
-                        views
-                            .split(',')
-                            .map(str::trim)
-                            .filter(|view| !view.is_empty())
-                            .collect()
-                    })
-                    .unwrap_or_else(Vec::new)
-                {
+                for view in views_of(tags.get(FEATURE_VIEWS_TAG)) {
                     let view_node = graph.node(
                         format!("view:{view}"),
                         Kind::FeatureView,
@@ -378,6 +425,7 @@ impl Graph {
                 Kind::FeatureView => "note",
                 Kind::Dataset => "cylinder",
                 Kind::Run => "box",
+                Kind::OnlineTable => "box3d",
                 Kind::Artifact => "folder",
                 Kind::LoggedModel => "component",
                 Kind::ModelVersion => "doubleoctagon",

@@ -60,6 +60,9 @@ pub struct JobSpec {
 pub enum JobKind {
     Command,
     Train,
+    /// A hyperparameter sweep (see [`crate::sweep`]): runs no task itself; the leader's sweep controller
+    /// submits its trials as jobs of the template's kind.
+    Sweep,
 }
 
 impl JobKind {
@@ -67,6 +70,7 @@ impl JobKind {
         match self {
             JobKind::Command => "command",
             JobKind::Train => "train",
+            JobKind::Sweep => "sweep",
         }
     }
 }
@@ -129,6 +133,10 @@ struct RawSpec {
     #[serde(default)]
     priority: i32,
     train: Option<Spanned<RawTrain>>,
+    /// A sweep's sections, read by [`crate::sweep::SweepSpec::parse`].
+    sweep: Option<Spanned<toml::Value>>,
+    space: Option<Spanned<toml::Value>>,
+    template: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -355,6 +363,59 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
     }
 
     let kind = *raw.kind.get_ref();
+    if kind == JobKind::Sweep {
+        let misplaced = [
+            ("command", raw.command.as_ref().map(|command| command.span().start)),
+            ("[train]", raw.train.as_ref().map(|train| train.span().start)),
+            (
+                "[resources]",
+                raw.resources.as_ref().map(|resources| resources.span().start),
+            ),
+            (
+                "max_restarts",
+                raw.max_restarts.as_ref().map(|restarts| restarts.span().start),
+            ),
+            ("[env]", raw.env.keys().next().map(|key| key.span().start)),
+        ];
+        if let Some((field, offset)) = misplaced
+            .into_iter()
+            .find_map(|(field, offset)| offset.map(|offset| (field, offset)))
+        {
+            return Err(error_at(
+                offset,
+                format!("{field} is not used by a job of kind \"sweep\"; each trial takes it from [template]"),
+            ));
+        }
+        crate::sweep::SweepSpec::parse(text).map_err(|error| error_at(raw.kind.span().start, error.0))?;
+        return Ok(JobSpec {
+            name: name.clone(),
+            kind,
+            command: String::new(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            resources: ResourceSpec {
+                workers: 0,
+                cpus: 0,
+                gpus: 0,
+                memory_bytes: 0,
+            },
+            max_restarts: 0,
+            priority: raw.priority,
+            train: None,
+        });
+    }
+    for (section, value) in [
+        ("sweep", &raw.sweep),
+        ("space", &raw.space),
+        ("template", &raw.template),
+    ] {
+        if let Some(value) = value {
+            return Err(error_at(
+                value.span().start,
+                format!("section [{section}] is only for jobs of kind \"sweep\""),
+            ));
+        }
+    }
     let command = match (kind, &raw.command) {
         (JobKind::Command, None) => {
             return Err(error_at(
@@ -376,6 +437,7 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
             ));
         }
         (JobKind::Train, None) => String::new(),
+        (JobKind::Sweep, _) => unreachable!("a sweep returned above"),
     };
 
     let train = match (kind, raw.train) {
@@ -391,7 +453,8 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
                 "section [train] is only for jobs of kind \"train\"".into(),
             ));
         }
-        (JobKind::Command, None) => None,
+        (JobKind::Command | JobKind::Sweep, None) => None,
+        (JobKind::Sweep, Some(_)) => unreachable!("a sweep returned above"),
         (JobKind::Train, Some(train)) => {
             let train = train.into_inner();
             if !MODELS.contains(&train.model.get_ref().as_str()) {

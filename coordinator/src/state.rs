@@ -466,6 +466,17 @@ pub enum Command {
     /// A numbered report of a running attempt: like `RecordMetrics`, and its points are logged to the job's
     /// run once however often it is retried.
     RecordReport(Report),
+    /// The sweep controller's verdict on a running sweep: it ended (every trial done) or failed (with the
+    /// reason). The best trial's metrics become the sweep's; with `register`, its model is registered and
+    /// the alias set, once: a repeat finds the sweep ended and changes nothing.
+    FinishSweep {
+        job: JobId,
+        succeeded: bool,
+        message: String,
+        metrics: BTreeMap<String, f64>,
+        register: Option<crate::sweep::Registration>,
+        now_ms: i64,
+    },
 }
 
 /// What a rank reports: the latest metrics and artifact locations, and the points measured since its
@@ -641,11 +652,13 @@ impl StateMachine {
                     return CommandResult::Rejected(CoordinatorError::FailedPrecondition(reason));
                 }
                 self.next_job_id += 1;
+                // A sweep runs no task: it is running from the start, and never queued.
+                let sweep = spec.kind == crate::spec::JobKind::Sweep;
                 let job = Job {
                     id: self.next_job_id,
                     spec,
                     spec_toml,
-                    state: JobState::Queued,
+                    state: if sweep { JobState::Running } else { JobState::Queued },
                     attempts: Vec::new(),
                     submitted_at_ms: now_ms,
                     updated_at_ms: now_ms,
@@ -659,12 +672,33 @@ impl StateMachine {
                 if !idempotency_key.is_empty() {
                     self.idempotency_keys.insert(idempotency_key, job.id);
                 }
-                self.queue.insert(queue_key(&job));
+                if !sweep {
+                    self.queue.insert(queue_key(&job));
+                }
                 self.jobs.insert(job.id, job.clone());
-                if job.spec.kind == crate::spec::JobKind::Train {
+                // Train jobs and sweep trials get a run; a trial's is in its sweep's experiment, with its
+                // parameters.
+                let trial = crate::sweep::trial_of(&job.spec)
+                    .and_then(|(sweep, trial)| Some((self.jobs.get(&sweep)?, sweep, trial)))
+                    .filter(|(sweep, _, _)| sweep.spec.kind == crate::spec::JobKind::Sweep)
+                    .map(|(sweep, id, trial)| (crate::sweep::experiment_name(id, &sweep.spec.name), id, trial));
+                if job.spec.kind == crate::spec::JobKind::Train || trial.is_some() {
                     let spec_hash = crate::artifacts::hex(&sha2::Sha256::digest(job.spec_toml.as_bytes()));
+                    let mut params = train_params(&job.spec);
+                    let mut place = crate::tracking::JobRunPlace::default();
+                    if let Some((experiment, sweep, trial)) = &trial {
+                        for (name, value) in crate::sweep::trial_params(&job.spec) {
+                            params.retain(|(key, _)| *key != name);
+                            params.push((name, value));
+                        }
+                        place.experiment = Some(experiment.clone());
+                        place.tags = vec![
+                            ("kiln.sweep".to_string(), sweep.to_string()),
+                            ("kiln.trial".to_string(), trial.to_string()),
+                        ];
+                    }
                     self.tracking
-                        .start_job_run(job.id, &job.spec.name, &train_params(&job.spec), &spec_hash, now_ms);
+                        .start_job_run(job.id, &job.spec.name, &params, &spec_hash, &place, now_ms);
                 }
                 changed.push(job.clone());
                 CommandResult::Submitted { job, created: true }
@@ -741,6 +775,14 @@ impl StateMachine {
                 Err(error) => CommandResult::Rejected(error),
             },
             Command::Track { command, now_ms } => CommandResult::Tracked(self.tracking.apply(command, now_ms)),
+            Command::FinishSweep {
+                job,
+                succeeded,
+                message,
+                metrics,
+                register,
+                now_ms,
+            } => self.finish_sweep(job, succeeded, message, metrics, register, now_ms, changed),
             Command::Batch(commands) => CommandResult::Batch(
                 commands
                     .into_iter()
@@ -830,6 +872,56 @@ impl StateMachine {
             spec.resources.workers,
             alive.len()
         ))
+    }
+
+    #[allow(clippy::too_many_arguments)] // the fields of Command::FinishSweep
+    fn finish_sweep(
+        &mut self,
+        id: JobId,
+        succeeded: bool,
+        message: String,
+        metrics: BTreeMap<String, f64>,
+        register: Option<crate::sweep::Registration>,
+        now_ms: i64,
+        changed: &mut Vec<Job>,
+    ) -> CommandResult {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return CommandResult::Rejected(CoordinatorError::NotFound(format!("job {id} does not exist")));
+        };
+        if job.spec.kind != crate::spec::JobKind::Sweep {
+            return CommandResult::Rejected(CoordinatorError::FailedPrecondition(format!(
+                "job {id} is a {} job, not a sweep",
+                job.spec.kind.label()
+            )));
+        }
+        if job.state != JobState::Running {
+            return CommandResult::Done;
+        }
+        job.state = if succeeded {
+            JobState::Succeeded
+        } else {
+            JobState::Failed
+        };
+        job.updated_at_ms = now_ms;
+        job.finished_at_ms = Some(now_ms);
+        job.message = message;
+        job.metrics = metrics;
+        if let Some(registration) = register {
+            let outcome = crate::sweep::register_best(&mut self.tracking, &registration, now_ms);
+            if let Some(job) = self.jobs.get_mut(&id) {
+                match outcome {
+                    Ok(version) => {
+                        job.artifacts
+                            .insert("model".into(), format!("models:/{}/{version}", registration.name));
+                    }
+                    Err(error) => job
+                        .message
+                        .push_str(&format!("; the best model was not registered: {error}")),
+                }
+            }
+        }
+        changed.push(self.jobs[&id].clone());
+        CommandResult::Done
     }
 
     fn cancel(&mut self, id: JobId, reason: String, now_ms: i64, changed: &mut Vec<Job>) -> CommandResult {

@@ -387,6 +387,14 @@ impl TrackingCommand {
     }
 }
 
+/// Where a job's run goes (`None`: the Default experiment) and the tags it carries besides the job's.
+/// A sweep's trials go to the sweep's experiment, tagged with the sweep and their number.
+#[derive(Debug, Clone, Default)]
+pub struct JobRunPlace {
+    pub experiment: Option<String>,
+    pub tags: Vec<(String, String)>,
+}
+
 /// What a tracking command produced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum TrackingOutcome {
@@ -579,20 +587,43 @@ impl Tracking {
     /// its id as tag `kiln.job_id` and the SHA-256 of its spec as `kiln.spec_sha256`. Part of applying the
     /// job's submission: deterministic, and a no-op if the run exists. (The code version, MLflow's
     /// `mlflow.source.git.commit`, is set by the job's rank 0, which sees its working directory.)
-    pub fn start_job_run(&mut self, job: u64, name: &str, params: &[(String, String)], spec_hash: &str, now_ms: i64) {
+    pub fn start_job_run(
+        &mut self,
+        job: u64,
+        name: &str,
+        params: &[(String, String)],
+        spec_hash: &str,
+        place: &JobRunPlace,
+        now_ms: i64,
+    ) {
         let run_id = Tracking::job_run_id(job);
         if self.runs.contains_key(&run_id) {
             return;
         }
         self.ensure_default_experiment(PROXIED_ARTIFACT_ROOT, now_ms);
-        let tags = [
+        // A named experiment is made on first use; one deleted meanwhile sends the run to Default.
+        let experiment = match &place.experiment {
+            Some(experiment) => match self.names.get(experiment) {
+                Some(id) => id.clone(),
+                None => self
+                    .create_experiment(experiment, None, PROXIED_ARTIFACT_ROOT, &[], now_ms)
+                    .unwrap_or_else(|_| DEFAULT_EXPERIMENT_ID.to_string()),
+            },
+            None => DEFAULT_EXPERIMENT_ID.to_string(),
+        };
+        let mut tags = vec![
             ("kiln.job_id".to_string(), job.to_string()),
             ("kiln.spec_sha256".to_string(), spec_hash.to_string()),
         ];
-        if self
-            .create_run(&run_id, DEFAULT_EXPERIMENT_ID, name, "kiln", now_ms, &tags)
+        tags.extend(place.tags.iter().cloned());
+        let created = self
+            .create_run(&run_id, &experiment, name, "kiln", now_ms, &tags)
             .is_ok()
-        {
+            || (experiment != DEFAULT_EXPERIMENT_ID
+                && self
+                    .create_run(&run_id, DEFAULT_EXPERIMENT_ID, name, "kiln", now_ms, &tags)
+                    .is_ok());
+        if created {
             let batch = LogBatch {
                 params: params.to_vec(),
                 ..LogBatch::default()

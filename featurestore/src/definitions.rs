@@ -606,37 +606,54 @@ pub fn is_object_url(path: &str) -> bool {
         .is_some_and(|(scheme, _)| !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric()))
 }
 
-/// Makes the store `url` names readable by `context`: `s3://BUCKET/…` through `object_store`'s Amazon S3
-/// client, configured from the standard environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
-/// `AWS_REGION`, `AWS_ENDPOINT` for an S3-compatible store such as MinIO, `AWS_ALLOW_HTTP`, …); `file://`
-/// needs nothing.
+/// Makes the store `url` names readable by `context`, through `object_store`'s clients configured from
+/// each cloud's standard environment: `s3://BUCKET/…` (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+/// `AWS_REGION`, `AWS_ENDPOINT` for an S3-compatible store such as MinIO, `AWS_ALLOW_HTTP`, …),
+/// `gs://BUCKET/…` (`GOOGLE_SERVICE_ACCOUNT`, `GOOGLE_APPLICATION_CREDENTIALS`, …) and
+/// `az://CONTAINER/…` (`AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`, …); `file://` needs
+/// nothing.
 fn register_object_store(context: &SessionContext, name: &str, url: &str) -> Result<(), FeatureStoreError> {
+    use std::sync::Arc;
+
+    use object_store::ObjectStore;
+
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
     let bucket = rest.split('/').next().unwrap_or_default();
-    match scheme {
-        "file" => Ok(()),
-        "s3" | "s3a" => {
-            if bucket.is_empty() || !rest.contains('/') {
-                return Err(FeatureStoreError::InvalidInput(format!(
-                    "source '{name}': {url} names no object; expected s3://BUCKET/KEY"
-                )));
-            }
-            let store = object_store::aws::AmazonS3Builder::from_env()
-                .with_bucket_name(bucket)
-                .build()
-                .map_err(|error| {
-                    FeatureStoreError::InvalidInput(format!(
-                        "source '{name}': the S3 store for bucket '{bucket}' cannot be configured: {error}"
-                    ))
-                })?;
-            let store_url = datafusion::execution::object_store::ObjectStoreUrl::parse(format!("{scheme}://{bucket}"))?;
-            context.register_object_store(store_url.as_ref(), std::sync::Arc::new(store));
-            Ok(())
-        }
-        other => Err(FeatureStoreError::InvalidInput(format!(
-            "source '{name}': {url} is in a '{other}' store, which this build does not read; expected a local path, s3://BUCKET/KEY or file:///PATH"
-        ))),
+    if scheme == "file" {
+        return Ok(());
     }
+    if !matches!(scheme, "s3" | "s3a" | "gs" | "az") {
+        return Err(FeatureStoreError::InvalidInput(format!(
+            "source '{name}': {url} is in a '{scheme}' store, which this build does not read; expected a local path, s3://BUCKET/KEY, gs://BUCKET/KEY, az://CONTAINER/KEY or file:///PATH"
+        )));
+    }
+    if bucket.is_empty() || !rest.contains('/') {
+        return Err(FeatureStoreError::InvalidInput(format!(
+            "source '{name}': {url} names no object; expected {scheme}://BUCKET/KEY"
+        )));
+    }
+    let built: object_store::Result<Arc<dyn ObjectStore>> = match scheme {
+        "gs" => object_store::gcp::GoogleCloudStorageBuilder::from_env()
+            .with_bucket_name(bucket)
+            .build()
+            .map(|store| Arc::new(store) as Arc<dyn ObjectStore>),
+        "az" => object_store::azure::MicrosoftAzureBuilder::from_env()
+            .with_container_name(bucket)
+            .build()
+            .map(|store| Arc::new(store) as Arc<dyn ObjectStore>),
+        _ => object_store::aws::AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .build()
+            .map(|store| Arc::new(store) as Arc<dyn ObjectStore>),
+    };
+    let store = built.map_err(|error| {
+        FeatureStoreError::InvalidInput(format!(
+            "source '{name}': the {scheme}:// store for '{bucket}' cannot be configured: {error}"
+        ))
+    })?;
+    let store_url = datafusion::execution::object_store::ObjectStoreUrl::parse(format!("{scheme}://{bucket}"))?;
+    context.register_object_store(store_url.as_ref(), store);
+    Ok(())
 }
 
 /// A DataFusion context that reads in one partition: a file's rows come in the file's order, and several

@@ -127,8 +127,37 @@ pub struct FeatureServer {
     inner: Arc<Inner>,
 }
 
+/// What one materialization of one view did, for the recorder the binary installs (which makes it a run of
+/// the tracking store, so lineage shows it as an execution between the view version and the online store).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MaterializationRecord {
+    pub view: String,
+    /// The view's version when it ran (its definition as applied to the cluster).
+    pub view_version: u64,
+    /// The view's source, and the file or object it reads.
+    pub source: String,
+    pub source_uri: String,
+    pub until_micros: Option<i64>,
+    pub rows_read: usize,
+    pub rows_applied: usize,
+    pub started_ms: i64,
+    pub ended_ms: i64,
+}
+
+/// Records a materialization somewhere lasting; answers an id for it (a run id) or why it could not.
+pub type MaterializationRecorder =
+    Arc<dyn Fn(MaterializationRecord) -> futures::future::BoxFuture<'static, Result<String, String>> + Send + Sync>;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as i64)
+}
+
 struct Inner {
     registered: watch::Receiver<Arc<Registered>>,
+    /// Where materializations are recorded (none: they are only reported to the caller).
+    recorder: std::sync::OnceLock<MaterializationRecorder>,
     online: OnlineStore,
     data_dir: PathBuf,
     /// One push writes at a time, so files are numbered in acknowledgement order.
@@ -409,6 +438,7 @@ impl FeatureServer {
         Ok(FeatureServer {
             inner: Arc::new(Inner {
                 registered,
+                recorder: std::sync::OnceLock::new(),
                 online,
                 data_dir,
                 push: tokio::sync::Mutex::new(0),
@@ -416,6 +446,14 @@ impl FeatureServer {
                 building: tokio::sync::Mutex::new(()),
             }),
         })
+    }
+
+    /// Has every materialization recorded by `recorder` from now on (once; a second is refused).
+    pub fn record_materializations(&self, recorder: MaterializationRecorder) -> Result<(), FeatureStoreError> {
+        self.inner
+            .recorder
+            .set(recorder)
+            .map_err(|_| FeatureStoreError::InvalidInput("materializations already have a recorder".into()))
     }
 
     /// The gRPC service, ready for `tonic::transport::Server::add_service`.
@@ -908,6 +946,7 @@ impl FeatureServer {
                 report.push(serde_json::json!({"view": view.name, "rows_read": 0, "rows_applied": 0, "push": true}));
                 continue;
             }
+            let started_ms = now_ms();
             let done = materialize(
                 definitions,
                 &view.name,
@@ -916,12 +955,36 @@ impl FeatureServer {
                 until_micros,
             )
             .await?;
-            report.push(serde_json::json!({
+            let mut entry = serde_json::json!({
                 "view": view.name,
                 "rows_read": done.rows_read,
                 "rows_applied": done.rows_applied,
                 "push": false,
-            }));
+            });
+            // The rows are online whatever happens next; a record that fails is reported beside them.
+            if let Some(recorder) = self.inner.recorder.get() {
+                let record = MaterializationRecord {
+                    view: view.name.clone(),
+                    view_version: registered
+                        .version_of(crate::registry::FEATURE_VIEW, &view.name)
+                        .map_or(0, |applied| u64::from(applied.version)),
+                    source: source.name.clone(),
+                    source_uri: match &source.kind {
+                        crate::definitions::SourceKind::File { path } => path.clone(),
+                        crate::definitions::SourceKind::Push => String::new(),
+                    },
+                    until_micros,
+                    rows_read: done.rows_read,
+                    rows_applied: done.rows_applied,
+                    started_ms,
+                    ended_ms: now_ms(),
+                };
+                match recorder(record).await {
+                    Ok(run_id) => entry["run_id"] = run_id.into(),
+                    Err(error) => entry["record_error"] = error.into(),
+                }
+            }
+            report.push(entry);
         }
         Ok(serde_json::json!({ "views": report }))
     }

@@ -104,8 +104,12 @@ fn bench_cuda(c: &mut Criterion) {
     let mut destination = stream.clone_htod(&host).expect("copying the destination to the GPU");
     let mut wire = stream.alloc_zeros::<u16>(elements).expect("allocating the bf16 buffer");
     let (mut first, mut second) = (
-        stream.alloc_zeros::<f32>(elements).expect("allocating the first moment"),
-        stream.alloc_zeros::<f32>(elements).expect("allocating the second moment"),
+        stream
+            .alloc_zeros::<f32>(elements)
+            .expect("allocating the first moment"),
+        stream
+            .alloc_zeros::<f32>(elements)
+            .expect("allocating the second moment"),
     );
     let mut group = c.benchmark_group("cuda");
     group.sample_size(30);

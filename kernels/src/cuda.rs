@@ -276,7 +276,10 @@ mod tests {
         let kernels = match CudaKernels::new(0) {
             Ok(kernels) => kernels,
             Err(KernelError::Unavailable(reason)) => {
-                assert!(std::env::var_os("KILN_REQUIRE_GPU").is_none(), "KILN_REQUIRE_GPU is set: {reason}");
+                assert!(
+                    std::env::var_os("KILN_REQUIRE_GPU").is_none(),
+                    "KILN_REQUIRE_GPU is set: {reason}"
+                );
                 eprintln!("skipped: {reason}");
                 return;
             }

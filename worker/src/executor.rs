@@ -322,6 +322,20 @@ impl Executor {
         if let Some(featurestore) = &self.featurestore {
             command.env("KILN_FEATURESTORE", featurestore);
         }
+        // A sweep's trial: MLflow's client logs into the trial's run (`mlflow.start_run()` resumes
+        // MLFLOW_RUN_ID), and the parameters are also a JSON file for programs that prefer one.
+        if let Some(params) = assign.env.get("KILN_TRIAL_PARAMS") {
+            command.env("MLFLOW_RUN_ID", format!("{:032x}", key.job));
+            let file = dir.join("trial_params.json");
+            match std::fs::write(&file, params) {
+                Ok(()) => {
+                    command.env("KILN_TRIAL_PARAMS_FILE", &file);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, file = %file.display(), "the trial's parameter file was not written")
+                }
+            }
+        }
         let gpus: Vec<u32> = self.free_gpus.drain(..wanted_gpus).collect();
         // Always set: a task that was given no GPU must not inherit the worker's own view of the devices and
         // use GPUs the scheduler counts as free.

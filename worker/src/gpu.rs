@@ -42,7 +42,10 @@ mod tests {
     fn detection_finds_the_gpus_the_driver_reports() {
         let gpus = super::detect_gpus();
         if std::env::var_os("KILN_REQUIRE_GPU").is_some() {
-            assert!(super::cuda_driver_present(), "KILN_REQUIRE_GPU is set, but libcuda cannot be loaded");
+            assert!(
+                super::cuda_driver_present(),
+                "KILN_REQUIRE_GPU is set, but libcuda cannot be loaded"
+            );
             assert!(gpus > 0, "KILN_REQUIRE_GPU is set, but no GPU was detected");
         } else if !super::cuda_driver_present() {
             assert_eq!(gpus, 0);

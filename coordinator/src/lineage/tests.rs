@@ -193,3 +193,68 @@ fn names_that_match_nothing_or_too_much_are_refused() {
             .contains("expected upstream, downstream or both")
     );
 }
+
+#[test]
+fn a_materialization_runs_from_its_view_version_to_the_online_table() {
+    let (mut tracking, run_id, digest) = store();
+    let materialization = format!("{:032x}", 9);
+    let tags = [
+        (EXECUTION_TAG.to_string(), MATERIALIZATION.to_string()),
+        (FEATURE_VIEWS_TAG.to_string(), "digit_pixels@2".to_string()),
+    ];
+    tracking
+        .create_run(&materialization, "0", "materialize digit_pixels@2", "kiln", 7, &tags)
+        .unwrap();
+    let batch = LogBatch {
+        params: vec![
+            ("view".into(), "digit_pixels".into()),
+            ("rows_applied".into(), "1797".into()),
+        ],
+        ..LogBatch::default()
+    };
+    tracking.log_batch(&materialization, &batch).unwrap();
+    let graph = Graph::of(&tracking);
+    let start = graph.resolve(&tracking, "view:digit_pixels@2").unwrap();
+    let downstream = graph.around(&start, Direction::Downstream);
+    let run = &downstream.nodes[&format!("run:{materialization}")];
+    assert_eq!(run.kind, Kind::Run);
+    assert_eq!(run.attributes["execution"], MATERIALIZATION);
+    assert_eq!(run.attributes["param.rows_applied"], "1797");
+    assert!(
+        run.label.starts_with("materialization of digit_pixels@2"),
+        "{}",
+        run.label
+    );
+    assert_eq!(downstream.nodes["online:digit_pixels"].kind, Kind::OnlineTable);
+    // The same view version also fed the training set, and through it the model.
+    for id in [
+        format!("dataset:{digest}"),
+        format!("run:{run_id}"),
+        "model:digits/1".into(),
+    ] {
+        assert!(
+            downstream.nodes.contains_key(&id),
+            "{id} missing: {:?}",
+            ids(&downstream)
+        );
+    }
+    let edges: Vec<(&str, &str)> = downstream
+        .edges
+        .iter()
+        .map(|edge| (edge.from.as_str(), edge.to.as_str()))
+        .collect();
+    let run_node = format!("run:{materialization}");
+    assert!(edges.contains(&("view:digit_pixels@2", run_node.as_str())), "{edges:?}");
+    assert!(edges.contains(&(run_node.as_str(), "online:digit_pixels")), "{edges:?}");
+    // Upstream of the online table: the materialization and the view version, not the training run.
+    let upstream = graph.around("online:digit_pixels", Direction::Upstream);
+    assert_eq!(
+        ids(&upstream),
+        ["online:digit_pixels", run_node.as_str(), "view:digit_pixels@2"]
+    );
+    assert!(
+        upstream
+            .to_dot("online:digit_pixels")
+            .contains("\"view:digit_pixels@2\" -> \"run:")
+    );
+}

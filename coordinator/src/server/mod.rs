@@ -120,8 +120,9 @@ pub struct CoordinatorConfig {
     pub scheduler: SchedulerConfig,
     /// Where the MLflow Tracking REST API listens (`None`: not served). Port 0 picks a free port.
     pub tracking_listen: Option<SocketAddr>,
-    /// Where the artifact proxy keeps artifacts' bytes: a directory, `file:///DIR` or `s3://BUCKET[/PREFIX]`
-    /// (empty: `DATA_DIR/artifacts`). Shared storage when there are several coordinators.
+    /// Where the artifact proxy keeps artifacts' bytes: a directory, `file:///DIR`, `s3://BUCKET[/PREFIX]`,
+    /// `gs://BUCKET[/PREFIX]` or `az://CONTAINER[/PREFIX]` (empty: `DATA_DIR/artifacts`). Shared storage when
+    /// there are several coordinators.
     pub artifact_root: String,
     /// The most bytes one artifact may have.
     pub artifact_max_bytes: u64,

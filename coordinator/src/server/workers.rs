@@ -6,6 +6,7 @@
 //!                                                                               │ proposes Batch[
 //!                                                                               │   TaskFinished…,
 //!                                                                               │   WorkerLost…,
+//!                                                                               │   sweep trials…,
 //!                                                                               │   StartAttempt…]
 //! ```
 //!
@@ -338,6 +339,12 @@ impl Hub {
                     now_ms,
                 });
             }
+        }
+        if commands.len() < BATCH_COMMANDS_MAX {
+            // Sweeps first: their new trials are queued by this batch and scheduled by the next round's.
+            let sweeps = crate::sweep::controller::decide(&view.state, now_ms);
+            let room = BATCH_COMMANDS_MAX - commands.len();
+            commands.extend(sweeps.into_iter().take(room));
         }
         if commands.len() < BATCH_COMMANDS_MAX {
             let decisions = schedule_state(&view.state, now_ms, &self.scheduler);

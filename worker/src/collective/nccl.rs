@@ -279,12 +279,18 @@ mod tests {
     fn gpus_present(gpus: i32) -> bool {
         let required = std::env::var_os("KILN_REQUIRE_GPU").is_some();
         if !is_available() {
-            assert!(!required, "KILN_REQUIRE_GPU is set, but the CUDA driver or libnccl cannot be loaded");
+            assert!(
+                !required,
+                "KILN_REQUIRE_GPU is set, but the CUDA driver or libnccl cannot be loaded"
+            );
             eprintln!("skipped: NCCL is not available here");
             return false;
         }
         let devices = CudaContext::device_count().unwrap_or(0);
-        assert!(!required || devices > 0, "KILN_REQUIRE_GPU is set, but CUDA reports no device");
+        assert!(
+            !required || devices > 0,
+            "KILN_REQUIRE_GPU is set, but CUDA reports no device"
+        );
         if devices < gpus {
             eprintln!("skipped: {devices} GPU(s); the test needs {gpus}");
             return false;

@@ -10,6 +10,7 @@
 //!   /compare?runs=A&runs=B   the runs' metrics overlaid, their params side by side
 //!   /models, /models/NAME    registered models, versions, stages and aliases
 //!   /lineage?id=NAME     the graph around a model version, dataset or run
+//!   /sweeps, /sweeps/ID  sweeps; a sweep's trials, its metric by trial and its parallel coordinates
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -23,7 +24,7 @@ use crate::state::{Job, Worker};
 
 mod svg;
 
-use svg::{PALETTE, Series, escape};
+use svg::{ColumnValue, PALETTE, Series, escape};
 
 /// Lines of each rank's output a job page shows (the end of it).
 const LOG_LINES_SHOWN: usize = 200;
@@ -41,6 +42,8 @@ pub(super) fn routes() -> axum::Router<Tracker> {
         .route("/models", get(models))
         .route("/models/{name}", get(model))
         .route("/lineage", get(lineage))
+        .route("/sweeps", get(sweeps))
+        .route("/sweeps/{id}", get(sweep))
         .route("/favicon.ico", get(favicon))
 }
 
@@ -56,7 +59,7 @@ overflow:auto;max-height:420px;font-size:12px}.state-succeeded,.state-FINISHED,.
 
 fn page(title: &str, body: &str) -> Response {
     let html = format!(
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{} · Kiln</title><style>{STYLE}</style></head><body><header><b>Kiln</b><a href=\"/\">Cluster</a><a href=\"/jobs\">Jobs</a><a href=\"/runs\">Runs</a><a href=\"/models\">Models</a></header><main><h1>{}</h1>{body}</main></body></html>",
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{} · Kiln</title><style>{STYLE}</style></head><body><header><b>Kiln</b><a href=\"/\">Cluster</a><a href=\"/jobs\">Jobs</a><a href=\"/runs\">Runs</a><a href=\"/models\">Models</a><a href=\"/sweeps\">Sweeps</a></header><main><h1>{}</h1>{body}</main></body></html>",
         escape(title),
         escape(title)
     );
@@ -749,6 +752,203 @@ async fn lineage(State(tracker): State<Tracker>, RawQuery(query): RawQuery) -> R
                 svg::lineage(&around, &root, node_link)
             );
             Ok(page("Lineage", &html))
+        }
+        .await,
+    )
+}
+
+/// A sweep's trials (trial number, job) and each one's value of the sweep's metric, from its run or job.
+fn sweep_trials<'a>(
+    jobs: &'a [Job],
+    tracking: &Tracking,
+    sweep: u64,
+    metric: &str,
+) -> Vec<(u64, &'a Job, Option<f64>)> {
+    let mut trials: Vec<(u64, &Job, Option<f64>)> = jobs
+        .iter()
+        .filter_map(|job| {
+            let (of, trial) = crate::sweep::trial_of(&job.spec)?;
+            (of == sweep).then_some((trial, job))
+        })
+        .map(|(trial, job)| {
+            let value = tracking
+                .run(&crate::tracking::Tracking::job_run_id(job.id))
+                .ok()
+                .and_then(|run| run.latest.get(metric).map(|point| point.value))
+                .or_else(|| job.metrics.get(metric).copied());
+            (trial, job, value)
+        })
+        .collect();
+    trials.sort_by_key(|(trial, _, _)| *trial);
+    trials
+}
+
+async fn sweeps(State(tracker): State<Tracker>) -> Response {
+    render(
+        async {
+            let jobs = tracker.jobs().await?;
+            let tracking = tracker.read().await?;
+            let mut html = String::from(
+                "<table><tr><th>ID</th><th>Name</th><th>State</th><th>Algorithm</th><th>Trials</th><th>Best</th><th>Message</th></tr>",
+            );
+            let sweeps: Vec<&Job> = jobs
+                .iter()
+                .rev()
+                .filter(|job| job.spec.kind == crate::spec::JobKind::Sweep)
+                .collect();
+            for sweep in &sweeps {
+                let Ok(spec) = crate::sweep::SweepSpec::parse(&sweep.spec_toml) else {
+                    continue;
+                };
+                let trials = sweep_trials(&jobs, &tracking, sweep.id, &spec.metric);
+                let best = trials
+                    .iter()
+                    .filter_map(|(_, _, value)| *value)
+                    .min_by(|a, b| spec.direction.loss(*a).total_cmp(&spec.direction.loss(*b)));
+                let state = sweep.state.label();
+                let _ = write!(
+                    html,
+                    "<tr><td><a href=\"/sweeps/{}\">{}</a></td><td>{}</td><td class=\"state-{state}\">{state}</td><td>{:?}</td><td class=\"num\">{} / {}</td><td>{} {}</td><td>{}</td></tr>",
+                    sweep.id,
+                    sweep.id,
+                    escape(&sweep.spec.name),
+                    spec.algorithm,
+                    trials.len(),
+                    spec.max_trials,
+                    escape(&spec.metric),
+                    best.map_or("-".to_string(), number),
+                    escape(&sweep.message)
+                );
+            }
+            html.push_str("</table>");
+            Ok(page(&format!("Sweeps ({})", sweeps.len()), &html))
+        }
+        .await,
+    )
+}
+
+async fn sweep(State(tracker): State<Tracker>, UrlPath(id): UrlPath<String>) -> Response {
+    render(
+        async {
+            let id: u64 = id
+                .parse()
+                .map_err(|_| invalid(format!("'{id}' is not a sweep id; expected a number")))?;
+            let jobs = tracker.jobs().await?;
+            let Some(sweep) = jobs
+                .iter()
+                .find(|job| job.id == id && job.spec.kind == crate::spec::JobKind::Sweep)
+            else {
+                return Err(Failure::from(CoordinatorError::NotFound(format!("sweep {id} does not exist"))));
+            };
+            let spec = crate::sweep::SweepSpec::parse(&sweep.spec_toml)
+                .map_err(|error| invalid(format!("sweep {id} cannot be read: {error}")))?;
+            let tracking = tracker.read().await?;
+            let trials = sweep_trials(&jobs, &tracking, id, &spec.metric);
+            let state = sweep.state.label();
+            let mut html = format!(
+                "<p>{} · <span class=\"state-{state}\">{state}</span> · {:?} · {} of {} trials, {} at a time · {:?} {}</p><p>{}</p>",
+                escape(&sweep.spec.name),
+                spec.algorithm,
+                trials.len(),
+                spec.max_trials,
+                spec.parallel,
+                spec.direction,
+                escape(&spec.metric),
+                escape(&sweep.message)
+            );
+            // The metric by trial, and the best so far.
+            let mut best: Option<f64> = None;
+            let mut best_so_far = Vec::new();
+            for (trial, _, value) in &trials {
+                if let Some(value) = value {
+                    if best.is_none_or(|current| spec.direction.loss(*value) < spec.direction.loss(current)) {
+                        best = Some(*value);
+                    }
+                }
+                if let Some(best) = best {
+                    best_so_far.push((*trial as f64, best));
+                }
+            }
+            let values: Vec<(f64, f64)> = trials
+                .iter()
+                .filter_map(|(trial, _, value)| Some((*trial as f64, (*value)?)))
+                .collect();
+            let chart = svg::line_chart(
+                &format!("{} by trial", spec.metric),
+                &[
+                    Series {
+                        name: "trial",
+                        colour: PALETTE[0],
+                        points: values,
+                    },
+                    Series {
+                        name: "best so far",
+                        colour: PALETTE[1],
+                        points: best_so_far,
+                    },
+                ],
+            );
+            // Parallel coordinates: every parameter, then the metric.
+            let names: BTreeSet<String> = trials
+                .iter()
+                .flat_map(|(_, job, _)| crate::sweep::trial_params(&job.spec).into_iter().map(|(name, _)| name))
+                .collect();
+            let params: Vec<crate::sweep::Params> = trials
+                .iter()
+                .map(|(_, job, _)| {
+                    job.spec
+                        .env
+                        .get(crate::sweep::PARAMS_ENV)
+                        .and_then(|json| serde_json::from_str(json).ok())
+                        .unwrap_or_default()
+                })
+                .collect();
+            let mut columns: Vec<(String, Vec<ColumnValue>)> = names
+                .iter()
+                .map(|name| {
+                    let values = params
+                        .iter()
+                        .map(|params| match params.get(name) {
+                            Some(crate::sweep::Value::Text(text)) => ColumnValue::Text(text.clone()),
+                            Some(crate::sweep::Value::Bool(flag)) => ColumnValue::Text(flag.to_string()),
+                            Some(value) => value.as_f64().map_or(ColumnValue::Missing, ColumnValue::Number),
+                            None => ColumnValue::Missing,
+                        })
+                        .collect();
+                    (name.clone(), values)
+                })
+                .collect();
+            columns.push((
+                spec.metric.clone(),
+                trials
+                    .iter()
+                    .map(|(_, _, value)| value.map_or(ColumnValue::Missing, ColumnValue::Number))
+                    .collect(),
+            ));
+            let parallel = svg::parallel_coordinates(
+                "parameters and metric, by trial",
+                &columns,
+                spec.direction == crate::sweep::Direction::Minimize,
+            );
+            let _ = write!(html, "<div class=\"charts\">{chart}{parallel}</div>");
+            html.push_str("<h2>Trials</h2><table><tr><th>Trial</th><th>Job</th><th>State</th><th>Metric</th><th>Epoch</th><th>Parameters</th><th>Message</th></tr>");
+            for ((trial, job, value), params) in trials.iter().zip(&params) {
+                let state = job.state.label();
+                let described: Vec<String> = params.iter().map(|(name, value)| format!("{name}={value}")).collect();
+                let _ = write!(
+                    html,
+                    "<tr><td>{trial}</td><td><a href=\"/jobs/{}\">{}</a></td><td class=\"state-{state}\">{state}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td><td>{}</td></tr>",
+                    job.id,
+                    job.id,
+                    value.map_or("-".to_string(), number),
+                    job.metrics.get("epoch").map_or("-".to_string(), |epoch| number(*epoch)),
+                    escape(&described.join(", ")),
+                    escape(&job.message)
+                );
+            }
+            html.push_str("</table>");
+            let _ = write!(html, "<h2>Spec</h2><pre>{}</pre>", escape(&sweep.spec_toml));
+            Ok(page(&format!("Sweep {id}"), &html))
         }
         .await,
     )

@@ -1,7 +1,7 @@
 //! The dashboard's pictures, drawn on the server as inline SVG: metric charts (one series or several
 //! overlaid), load bars, and the lineage graph laid out in columns by kind.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 
 use crate::lineage::{Graph, Kind};
@@ -190,13 +190,14 @@ pub fn load_bar(used: f64, total: f64, unit: &str) -> String {
     )
 }
 
-/// The lineage graph: one column per kind (feature views, datasets, runs, artifacts, logged models,
-/// versions), nodes linked to their pages, edges drawn left to right with arrowheads; `root` outlined.
+/// The lineage graph: one column per kind (feature views, datasets, runs, online tables, artifacts, logged
+/// models, versions), nodes linked to their pages, edges drawn left to right with arrowheads; `root` outlined.
 pub fn lineage(graph: &Graph, root: &str, link: impl Fn(&str) -> Option<String>) -> String {
     let order = [
         Kind::FeatureView,
         Kind::Dataset,
         Kind::Run,
+        Kind::OnlineTable,
         Kind::Artifact,
         Kind::LoggedModel,
         Kind::ModelVersion,
@@ -251,6 +252,7 @@ pub fn lineage(graph: &Graph, root: &str, link: impl Fn(&str) -> Option<String>)
             Kind::FeatureView => "#e8f4ea",
             Kind::Dataset => "#e6f0fa",
             Kind::Run => "#fff4e0",
+            Kind::OnlineTable => "#e0f5f5",
             Kind::Artifact => "#f2f2f2",
             Kind::LoggedModel => "#f4e9f7",
             Kind::ModelVersion => "#fde8e8",
@@ -329,4 +331,147 @@ mod tests {
         assert_eq!(short(1.5e9), "1.500e9");
         assert!(load_bar(3.0, 4.0, "cpu").contains("width=\"90.0\""));
     }
+}
+
+/// Parallel coordinates: one vertical axis per column, each scaled to its own range (text columns spread
+/// their distinct values evenly), one line per row across them, coloured from dark (best value of the last
+/// column) to pale (worst); `lower_is_better` says which end is best. Missing values break a line.
+pub fn parallel_coordinates(title: &str, columns: &[(String, Vec<ColumnValue>)], lower_is_better: bool) -> String {
+    let rows = columns.first().map_or(0, |(_, values)| values.len());
+    let (width, height) = ((120.0 * columns.len().max(2) as f64).max(480.0), 300.0);
+    let (left, right, top, bottom) = (50.0, 50.0, 48.0, 30.0);
+    let mut svg = format!(
+        "<svg class=\"chart parallel\" xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {width} {height}\" width=\"{width}\" height=\"{height}\" role=\"img\" aria-label=\"{}\">",
+        escape(title)
+    );
+    let _ = write!(
+        svg,
+        "<text x=\"{left}\" y=\"18\" font-size=\"14\" font-weight=\"bold\">{}</text>",
+        escape(title)
+    );
+    if rows == 0 || columns.is_empty() {
+        svg.push_str("<text x=\"50\" y=\"150\" font-size=\"13\" fill=\"#666\">no trials</text></svg>");
+        return svg;
+    }
+    let step = (width - left - right) / (columns.len().max(2) - 1) as f64;
+    // Each column as positions in [0, 1] (0 at the bottom), with the labels of its ends.
+    let scaled: Vec<(Vec<Option<f64>>, String, String)> = columns
+        .iter()
+        .map(|(_, values)| {
+            let texts: BTreeSet<&str> = values
+                .iter()
+                .filter_map(|value| match value {
+                    ColumnValue::Text(text) => Some(text.as_str()),
+                    _ => None,
+                })
+                .collect();
+            let texts: Vec<&str> = texts.into_iter().collect();
+            let numbers: Vec<f64> = values
+                .iter()
+                .filter_map(|value| match value {
+                    ColumnValue::Number(number) if number.is_finite() => Some(*number),
+                    _ => None,
+                })
+                .collect();
+            let (low, high) = numbers
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(low, high), value| {
+                    (low.min(*value), high.max(*value))
+                });
+            let position = |value: &ColumnValue| -> Option<f64> {
+                match value {
+                    ColumnValue::Number(number) if number.is_finite() => {
+                        Some(if high > low { (number - low) / (high - low) } else { 0.5 })
+                    }
+                    ColumnValue::Text(text) => {
+                        let index = texts.iter().position(|known| known == text)?;
+                        Some(if texts.len() > 1 {
+                            index as f64 / (texts.len() - 1) as f64
+                        } else {
+                            0.5
+                        })
+                    }
+                    _ => None,
+                }
+            };
+            let positions = values.iter().map(position).collect();
+            if texts.is_empty() {
+                (positions, short(low), short(high))
+            } else {
+                (positions, texts[0].to_string(), texts[texts.len() - 1].to_string())
+            }
+        })
+        .collect();
+    let y_of = |position: f64| top + (1.0 - position) * (height - top - bottom);
+    // Colour by the last column's rank: best darkest.
+    let last = &scaled[scaled.len() - 1].0;
+    let mut order: Vec<usize> = (0..rows).filter(|row| last[*row].is_some()).collect();
+    order.sort_by(|a, b| {
+        let (a, b) = (last[*a].unwrap_or(0.0), last[*b].unwrap_or(0.0));
+        if lower_is_better {
+            a.total_cmp(&b)
+        } else {
+            b.total_cmp(&a)
+        }
+    });
+    let shade = |row: usize| -> String {
+        let rank = order.iter().position(|candidate| *candidate == row);
+        let share = rank.map_or(1.0, |rank| rank as f64 / order.len().max(1) as f64);
+        let light = (30.0 + 55.0 * share).round();
+        format!("hsl(24, 80%, {light}%)")
+    };
+    // Worst first, so the best lines are drawn on top.
+    let mut drawn: Vec<usize> = (0..rows).filter(|row| last[*row].is_none()).collect();
+    drawn.extend(order.iter().rev());
+    for row in drawn {
+        let mut path = String::new();
+        let mut pen_down = false;
+        for (index, (positions, _, _)) in scaled.iter().enumerate() {
+            match positions[row] {
+                Some(position) => {
+                    let _ = write!(
+                        path,
+                        "{}{:.1} {:.1} ",
+                        if pen_down { "L" } else { "M" },
+                        left + index as f64 * step,
+                        y_of(position)
+                    );
+                    pen_down = true;
+                }
+                None => pen_down = false,
+            }
+        }
+        let _ = write!(
+            svg,
+            "<path class=\"trial\" d=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"1.6\" opacity=\"0.85\"/>",
+            path.trim_end(),
+            shade(row)
+        );
+    }
+    for (index, ((name, _), (_, low, high))) in columns.iter().zip(&scaled).enumerate() {
+        let x = left + index as f64 * step;
+        let _ = write!(
+            svg,
+            "<line x1=\"{x:.1}\" y1=\"{top}\" x2=\"{x:.1}\" y2=\"{:.1}\" stroke=\"#444\"/><text x=\"{x:.1}\" y=\"{:.1}\" font-size=\"12\" text-anchor=\"middle\" font-weight=\"bold\">{}</text><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" fill=\"#555\">{}</text><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" fill=\"#555\">{}</text>",
+            height - bottom,
+            top - 20.0,
+            escape(name),
+            x + 4.0,
+            top + 4.0,
+            escape(high),
+            x + 4.0,
+            height - bottom,
+            escape(low)
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+/// A value in a [`parallel_coordinates`] column.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ColumnValue {
+    Number(f64),
+    Text(String),
+    Missing,
 }

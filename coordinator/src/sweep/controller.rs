@@ -1,0 +1,321 @@
+//! The sweep controller: what the leader proposes for each sweep, decided from the replicated state alone.
+//! It keeps nothing of its own, so a new leader continues every sweep where the old one stopped, and every
+//! proposal is safe to repeat:
+//!
+//! - a new trial is a `SubmitJob` whose idempotency key is `sweep-ID-trial-N`: proposed twice (a lost
+//!   answer, a failover), it is made once, so a sweep never runs more than `max_trials` trials;
+//! - ASHA's and Hyperband's decisions are replayed from the trials' reported metric points, in time order,
+//!   and a trial found below its rung is cancelled (`stopped early…`);
+//! - the end is a `FinishSweep`, applied once.
+//!
+//! Trials are ordinary jobs (`kind` of the template) whose environment names their sweep and number
+//! ([`super::SWEEP_ENV`], [`super::TRIAL_ENV`]); their runs are in the sweep's experiment and hold the metric
+//! the sweep optimizes, whether it came from Kiln's trainer or from the MLflow API.
+
+use std::collections::BTreeMap;
+
+use super::{Decision, Observation, Params, Registration, Scheduler, SweepSpec, trial_of};
+use crate::spec::{JobKind, parse_job_spec};
+use crate::state::{Command, Job, JobState, StateMachine};
+use crate::tracking::{Run, Tracking};
+
+/// The reason a trial cancelled for falling below its rung starts with.
+pub const STOPPED_EARLY: &str = "stopped early";
+
+/// The commands the leader should propose for every sweep now.
+pub fn decide(state: &StateMachine, now_ms: i64) -> Vec<Command> {
+    let mut sweeps = Vec::new();
+    let mut trials: BTreeMap<u64, Vec<(u64, &Job)>> = BTreeMap::new();
+    for job in state.jobs() {
+        if job.spec.kind == JobKind::Sweep {
+            sweeps.push(job);
+        } else if let Some((sweep, trial)) = trial_of(&job.spec) {
+            trials.entry(sweep).or_default().push((trial, job));
+        }
+    }
+    let mut commands = Vec::new();
+    for sweep in sweeps {
+        let mut mine = trials.remove(&sweep.id).unwrap_or_default();
+        mine.sort_by_key(|(trial, _)| *trial);
+        if sweep.state != JobState::Running {
+            // An ended sweep (cancelled, say) stops what it still runs.
+            for (trial, job) in &mine {
+                if !job.state.is_finished() {
+                    commands.push(Command::CancelJob {
+                        id: job.id,
+                        reason: format!("trial {trial} of sweep {}, which {}", sweep.id, sweep.state.label()),
+                        now_ms,
+                    });
+                }
+            }
+            continue;
+        }
+        match SweepSpec::parse(&sweep.spec_toml) {
+            Ok(spec) => commands.extend(decide_sweep(state.tracking(), sweep, &spec, &mine, now_ms)),
+            Err(error) => commands.push(finish(
+                sweep.id,
+                false,
+                format!("the sweep cannot be read: {error}"),
+                now_ms,
+            )),
+        }
+    }
+    commands
+}
+
+fn finish(job: u64, succeeded: bool, message: String, now_ms: i64) -> Command {
+    Command::FinishSweep {
+        job,
+        succeeded,
+        message,
+        metrics: BTreeMap::new(),
+        register: None,
+        now_ms,
+    }
+}
+
+fn run_of<'a>(tracking: &'a Tracking, job: &Job) -> Option<&'a Run> {
+    tracking.run(&Tracking::job_run_id(job.id)).ok()
+}
+
+/// A trial's latest value of the sweep's metric: from its run, else from what its ranks reported.
+fn value_of(tracking: &Tracking, spec: &SweepSpec, job: &Job) -> Option<f64> {
+    run_of(tracking, job)
+        .and_then(|run| run.latest.get(&spec.metric))
+        .map(|point| point.value)
+        .or_else(|| job.metrics.get(&spec.metric).copied())
+        .filter(|value| value.is_finite())
+}
+
+fn params_of(job: &Job) -> Params {
+    job.spec
+        .env
+        .get(super::PARAMS_ENV)
+        .and_then(|json| serde_json::from_str(json).ok())
+        .unwrap_or_default()
+}
+
+fn describe(params: &Params) -> String {
+    params
+        .iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn decide_sweep(
+    tracking: &Tracking,
+    sweep: &Job,
+    spec: &SweepSpec,
+    trials: &[(u64, &Job)],
+    now_ms: i64,
+) -> Vec<Command> {
+    let mut commands = Vec::new();
+    // Early stopping, replayed from every trial's points at the rungs, in the order they were measured.
+    let mut stopping = 0;
+    if spec.algorithm.stops_early() {
+        for (job, reason) in early_stops(tracking, spec, trials) {
+            if !job.state.is_finished() {
+                stopping += 1;
+                commands.push(Command::CancelJob {
+                    id: job.id,
+                    reason,
+                    now_ms,
+                });
+            }
+        }
+    }
+    // A metric the trials never report fails the sweep after the first trial, not silently at the end.
+    if let Some((trial, job)) = trials
+        .iter()
+        .find(|(_, job)| job.state == JobState::Succeeded && value_of(tracking, spec, job).is_none())
+    {
+        let reported: Vec<String> = run_of(tracking, job)
+            .map(|run| run.latest.keys().cloned().collect())
+            .unwrap_or_default();
+        commands.push(finish(
+            sweep.id,
+            false,
+            format!(
+                "trial {trial} (job {}) succeeded without reporting metric '{}'; it reported: {}",
+                job.id,
+                spec.metric,
+                if reported.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    reported.join(", ")
+                }
+            ),
+            now_ms,
+        ));
+        return commands;
+    }
+    let history: Vec<Observation> = trials
+        .iter()
+        .filter(|(_, job)| job.state.is_finished())
+        .map(|(_, job)| Observation {
+            params: params_of(job),
+            value: match job.state {
+                JobState::Succeeded | JobState::Cancelled => value_of(tracking, spec, job),
+                _ => None,
+            },
+        })
+        .collect();
+    let mut active = trials.iter().filter(|(_, job)| !job.state.is_finished()).count();
+    let mut next = trials.last().map_or(0, |(trial, _)| trial + 1);
+    let searcher = spec.algorithm.searcher();
+    let mut exhausted = false;
+    while active < spec.parallel as usize + stopping && next < u64::from(spec.max_trials) {
+        let params = match searcher.suggest(&spec.space, spec.seed, next, spec.direction, &history) {
+            Ok(Some(params)) => params,
+            Ok(None) => {
+                exhausted = true;
+                break;
+            }
+            Err(error) => {
+                commands.push(finish(sweep.id, false, format!("trial {next}: {error}"), now_ms));
+                return commands;
+            }
+        };
+        let text = spec.trial_spec(sweep.id, next, &params);
+        match parse_job_spec(&format!("trial {next} of sweep {}", sweep.id), &text) {
+            Ok(job_spec) => commands.push(Command::SubmitJob {
+                spec: job_spec,
+                spec_toml: text,
+                idempotency_key: format!("sweep-{}-trial-{next}", sweep.id),
+                now_ms,
+            }),
+            Err(error) => {
+                commands.push(finish(sweep.id, false, format!("trial {next}: {error}"), now_ms));
+                return commands;
+            }
+        }
+        active += 1;
+        next += 1;
+    }
+    if active == 0 && (exhausted || next >= u64::from(spec.max_trials)) {
+        commands.push(conclude(tracking, sweep, spec, trials, now_ms));
+    }
+    commands
+}
+
+/// The trials ASHA or Hyperband stops, with the reason, replaying every rung result in time order.
+fn early_stops<'a>(tracking: &Tracking, spec: &SweepSpec, trials: &[(u64, &'a Job)]) -> Vec<(&'a Job, String)> {
+    let scheduler = match spec.algorithm {
+        super::Algorithm::Hyperband => Scheduler::hyperband(spec.min_resource, spec.max_resource, spec.eta),
+        _ => Scheduler::asha(spec.min_resource, spec.max_resource, spec.eta),
+    };
+    let Ok(mut scheduler) = scheduler else {
+        return Vec::new();
+    };
+    // Trial n's bracket is the n-th assignment, whatever order trials report in.
+    let brackets: Vec<usize> = trials.iter().map(|_| scheduler.assign()).collect();
+    let mut events = Vec::new();
+    for (index, (_, job)) in trials.iter().enumerate() {
+        let Some(run) = run_of(tracking, job) else {
+            continue;
+        };
+        let Some(points) = run.metrics.get(&spec.metric) else {
+            continue;
+        };
+        // The resource of a point: the epoch measured at its step when the run has one (train trials log
+        // `epoch` beside their metrics), else the step itself.
+        let epochs: BTreeMap<i64, f64> = run
+            .metrics
+            .get("epoch")
+            .map(|epochs| epochs.iter().map(|point| (point.step, point.value)).collect())
+            .unwrap_or_default();
+        for point in points {
+            let resource = epochs.get(&point.step).map_or(point.step, |epoch| epoch.round() as i64);
+            if resource > 0 {
+                events.push((point.timestamp_ms, index, resource as u64, point.value));
+            }
+        }
+    }
+    events.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let mut stopped: Vec<Option<String>> = vec![None; trials.len()];
+    for (_, index, resource, value) in events {
+        if stopped[index].is_some() {
+            continue;
+        }
+        if scheduler.on_result(brackets[index], resource, spec.direction.loss(value)) == Decision::Stop {
+            stopped[index] = Some(format!(
+                "{STOPPED_EARLY} by {:?} at resource {resource}: {} {value} is not among the best 1/{} at that rung",
+                spec.algorithm, spec.metric, spec.eta
+            ));
+        }
+    }
+    trials
+        .iter()
+        .zip(stopped)
+        .filter_map(|((_, job), reason)| Some((*job, reason?)))
+        .collect()
+}
+
+/// The end of a sweep whose trials are all done: the best succeeded trial, or a failure when none did.
+fn conclude(tracking: &Tracking, sweep: &Job, spec: &SweepSpec, trials: &[(u64, &Job)], now_ms: i64) -> Command {
+    let scored = trials
+        .iter()
+        .filter(|(_, job)| job.state == JobState::Succeeded)
+        .filter_map(|(trial, job)| Some((*trial, *job, value_of(tracking, spec, job)?)));
+    let best = scored.min_by(|a, b| spec.direction.loss(a.2).total_cmp(&spec.direction.loss(b.2)));
+    let stopped = trials
+        .iter()
+        .filter(|(_, job)| job.state == JobState::Cancelled && job.message.starts_with(STOPPED_EARLY))
+        .count();
+    let Some((trial, job, value)) = best else {
+        let failed = trials.iter().filter(|(_, job)| job.state == JobState::Failed).count();
+        return finish(
+            sweep.id,
+            false,
+            format!(
+                "no trial succeeded: {} trials, {failed} failed, {stopped} stopped early",
+                trials.len()
+            ),
+            now_ms,
+        );
+    };
+    let params = params_of(job);
+    let mut metrics: BTreeMap<String, f64> = run_of(tracking, job)
+        .map(|run| {
+            run.latest
+                .iter()
+                .map(|(key, point)| (key.clone(), point.value))
+                .collect()
+        })
+        .unwrap_or_else(|| job.metrics.clone());
+    metrics.insert("best_trial".into(), trial as f64);
+    metrics.insert("best_job".into(), job.id as f64);
+    metrics.insert("trials".into(), trials.len() as f64);
+    metrics.insert("stopped_early".into(), stopped as f64);
+    let register = spec.register.as_ref().and_then(|name| {
+        let run = run_of(tracking, job)?;
+        Some(Registration {
+            name: name.clone(),
+            alias: spec.alias.clone(),
+            run_id: run.id.clone(),
+            source: format!("{}/model", run.artifact_uri.trim_end_matches('/')),
+            description: format!(
+                "the best of sweep {} ({} trials): trial {trial}, {} {value}, {}",
+                sweep.id,
+                trials.len(),
+                spec.metric,
+                describe(&params)
+            ),
+        })
+    });
+    Command::FinishSweep {
+        job: sweep.id,
+        succeeded: true,
+        message: format!(
+            "best of {} trials ({stopped} stopped early): trial {trial} (job {}), {} {value}, with {}",
+            trials.len(),
+            job.id,
+            spec.metric,
+            describe(&params)
+        ),
+        metrics,
+        register,
+        now_ms,
+    }
+}

@@ -1,0 +1,414 @@
+use super::*;
+
+fn space(text: &str) -> Result<Space, SweepError> {
+    let table: toml::Table = toml::from_str(text).expect("valid TOML");
+    Space::from_toml(&table)
+}
+
+const EXAMPLE: &str = r#"
+learning_rate = { log_uniform = [1e-4, 1e-1] }
+dropout = { uniform = [0.0, 0.5] }
+layers = { int = [1, 4] }
+optimizer = { choice = ["adam", { value = "sgd", space = { momentum = { uniform = [0.0, 0.99] } } }] }
+"#;
+
+#[test]
+fn samples_stay_in_their_domains_and_nested_parameters_follow_their_alternative() {
+    let space = space(EXAMPLE).unwrap();
+    let mut sgd = 0;
+    for trial in 0..500 {
+        let params = Searcher::Random
+            .suggest(&space, 7, trial, Direction::Minimize, &[])
+            .unwrap()
+            .unwrap();
+        let rate = params["learning_rate"].as_f64().unwrap();
+        assert!((1e-4..=1e-1).contains(&rate), "{params:?}");
+        assert!((0.0..=0.5).contains(&params["dropout"].as_f64().unwrap()));
+        assert!(matches!(params["layers"], Value::Int(1..=4)), "{params:?}");
+        match &params["optimizer"] {
+            Value::Text(name) if name == "sgd" => {
+                sgd += 1;
+                assert!((0.0..=0.99).contains(&params["momentum"].as_f64().unwrap()));
+            }
+            Value::Text(name) if name == "adam" => assert!(!params.contains_key("momentum"), "{params:?}"),
+            other => panic!("optimizer {other:?}"),
+        }
+    }
+    assert!((150..350).contains(&sgd), "{sgd} of 500 picked sgd");
+    // The same trial of the same sweep draws the same parameters; another seed does not.
+    let again = |seed| {
+        Searcher::Random
+            .suggest(&space, seed, 3, Direction::Minimize, &[])
+            .unwrap()
+    };
+    assert_eq!(again(7), again(7));
+    assert_ne!(again(7), again(8));
+}
+
+#[test]
+fn log_uniform_samples_spread_evenly_over_the_decades() {
+    let space = space("rate = { log_uniform = [1e-4, 1.0] }").unwrap();
+    let mut rng = StdRng::seed_from_u64(1);
+    let below = (0..4000)
+        .filter(|_| space.sample(&mut rng)["rate"].as_f64().unwrap() < 1e-2)
+        .count();
+    // Half the log range lies below 1e-2.
+    assert!((1800..2200).contains(&below), "{below}");
+}
+
+#[test]
+fn a_grid_covers_every_point_exactly_once_then_ends() {
+    let space = space(
+        r#"
+        rate = { log_uniform = [1e-3, 1e-1], steps = 3 }
+        layers = { int = [1, 2] }
+        optimizer = { choice = ["adam", { value = "sgd", space = { momentum = { uniform = [0.0, 0.9], steps = 2 } } }] }
+        "#,
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    for trial in 0.. {
+        match Searcher::Grid
+            .suggest(&space, 0, trial, Direction::Maximize, &[])
+            .unwrap()
+        {
+            Some(params) => seen.push(params),
+            None => break,
+        }
+    }
+    // 3 rates × 2 layer counts × (adam, sgd with 2 momenta) = 18.
+    assert_eq!(seen.len(), 18);
+    for (index, params) in seen.iter().enumerate() {
+        assert!(!seen[..index].contains(params), "{params:?} twice");
+    }
+    let rates: Vec<f64> = seen.iter().map(|params| params["rate"].as_f64().unwrap()).collect();
+    for expected in [1e-3, 1e-2, 1e-1] {
+        assert!(rates.iter().any(|rate| (rate - expected).abs() < 1e-12), "{rates:?}");
+    }
+    assert_eq!(seen.iter().filter(|params| params.contains_key("momentum")).count(), 12);
+}
+
+#[test]
+fn bad_spaces_are_refused_with_what_was_expected() {
+    for (text, expected) in [
+        ("", "the search space is empty"),
+        (
+            "rate = { log_uniform = [0.0, 1.0] }",
+            "includes 0 or less; expected 0 < low < high",
+        ),
+        ("rate = { uniform = [1.0, 1.0] }", "is empty; expected low < high"),
+        ("rate = { uniform = [1.0] }", "expected [LOW, HIGH]"),
+        ("rate = { choice = [] }", "expected at least one alternative"),
+        ("rate = { uniform = [0, 1], int = [0, 1] }", "expected exactly one"),
+        ("rate = { uniform = [0, 1], stride = 2 }", "unknown key 'stride'"),
+        ("rate = 0.1", "expected a table"),
+        ("n = { int = [0.5, 2] }", "expected whole numbers"),
+        (
+            "x = { uniform = [0, 1] }\nopt = { choice = [{ value = \"a\", space = { x = { uniform = [0, 1] } } }] }",
+            "shadows a parameter",
+        ),
+    ] {
+        let error = space(text).unwrap_err();
+        assert!(error.0.contains(expected), "{text}: {error}");
+    }
+    let continuous = space("rate = { uniform = [0, 1] }").unwrap();
+    let error = Searcher::Grid
+        .suggest(&continuous, 0, 0, Direction::Minimize, &[])
+        .unwrap_err();
+    assert!(error.0.contains("give it steps = N"), "{error}");
+}
+
+/// Branin on [-5, 10] × [0, 15]; its minimum is 0.397887.
+fn branin(params: &Params) -> f64 {
+    let (x, y) = (params["x"].as_f64().unwrap(), params["y"].as_f64().unwrap());
+    let (b, c, t) = (
+        5.1 / (4.0 * std::f64::consts::PI.powi(2)),
+        5.0 / std::f64::consts::PI,
+        1.0 / (8.0 * std::f64::consts::PI),
+    );
+    (y - b * x * x + c * x - 6.0).powi(2) + 10.0 * (1.0 - t) * x.cos() + 10.0
+}
+
+/// Hartmann-6 on [0, 1]^6; its minimum is -3.32237.
+fn hartmann6(params: &Params) -> f64 {
+    const ALPHA: [f64; 4] = [1.0, 1.2, 3.0, 3.2];
+    const A: [[f64; 6]; 4] = [
+        [10.0, 3.0, 17.0, 3.5, 1.7, 8.0],
+        [0.05, 10.0, 17.0, 0.1, 8.0, 14.0],
+        [3.0, 3.5, 1.7, 10.0, 17.0, 8.0],
+        [17.0, 8.0, 0.05, 10.0, 0.1, 14.0],
+    ];
+    const P: [[f64; 6]; 4] = [
+        [0.1312, 0.1696, 0.5569, 0.0124, 0.8283, 0.5886],
+        [0.2329, 0.4135, 0.8307, 0.3736, 0.1004, 0.9991],
+        [0.2348, 0.1451, 0.3522, 0.2883, 0.3047, 0.6650],
+        [0.4047, 0.8828, 0.8732, 0.5743, 0.1091, 0.0381],
+    ];
+    let x: Vec<f64> = (0..6)
+        .map(|index| params[&format!("x{index}")].as_f64().unwrap())
+        .collect();
+    -(0..4)
+        .map(|i| ALPHA[i] * (-(0..6).map(|j| A[i][j] * (x[j] - P[i][j]).powi(2)).sum::<f64>()).exp())
+        .sum::<f64>()
+}
+
+/// The best value `searcher` finds in `budget` trials of `objective`, minimizing.
+fn best_after(searcher: Searcher, space: &Space, seed: u64, budget: u64, objective: fn(&Params) -> f64) -> f64 {
+    let mut history = Vec::new();
+    for trial in 0..budget {
+        let params = searcher
+            .suggest(space, seed, trial, Direction::Minimize, &history)
+            .unwrap()
+            .unwrap();
+        let value = objective(&params);
+        history.push(Observation {
+            params,
+            value: Some(value),
+        });
+    }
+    history
+        .iter()
+        .filter_map(|observation| observation.value)
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// The mean regret over 10 seeds of TPE and of random search after `budget` trials.
+fn mean_regrets(space: &Space, budget: u64, objective: fn(&Params) -> f64, minimum: f64) -> (f64, f64) {
+    let mean = |searcher| {
+        (0..10)
+            .map(|seed| best_after(searcher, space, seed, budget, objective) - minimum)
+            .sum::<f64>()
+            / 10.0
+    };
+    (mean(Searcher::Tpe), mean(Searcher::Random))
+}
+
+#[test]
+fn tpe_beats_random_search_on_branin_and_hartmann6() {
+    let branin_space = space("x = { uniform = [-5.0, 10.0] }\ny = { uniform = [0.0, 15.0] }").unwrap();
+    let (tpe, random) = mean_regrets(&branin_space, 50, branin, 0.397887);
+    assert!(
+        tpe < random,
+        "Branin after 50 trials: TPE regret {tpe}, random {random}"
+    );
+    let hartmann_space = space(
+        &(0..6)
+            .map(|index| format!("x{index} = {{ uniform = [0.0, 1.0] }}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap();
+    let (tpe, random) = mean_regrets(&hartmann_space, 60, hartmann6, -3.32237);
+    assert!(
+        tpe < random,
+        "Hartmann-6 after 60 trials: TPE regret {tpe}, random {random}"
+    );
+}
+
+#[test]
+fn tpe_learns_categorical_and_integer_parameters_too() {
+    // The loss is lowest for kind = "b" and n = 7, whatever the noise parameter does.
+    let space = space(
+        r#"
+        kind = { choice = ["a", "b", "c", "d"] }
+        n = { int = [0, 20] }
+        noise = { uniform = [0.0, 1.0] }
+        "#,
+    )
+    .unwrap();
+    let objective = |params: &Params| -> f64 {
+        let kind = if params["kind"] == Value::Text("b".into()) {
+            0.0
+        } else {
+            1.0
+        };
+        let Value::Int(n) = params["n"] else {
+            panic!("n is {:?}", params["n"])
+        };
+        kind + ((n - 7) as f64).abs() / 10.0 + params["noise"].as_f64().unwrap() * 0.05
+    };
+    let mut history = Vec::new();
+    for trial in 0..60 {
+        let params = Searcher::Tpe
+            .suggest(&space, 3, trial, Direction::Maximize, &history)
+            .unwrap()
+            .unwrap();
+        // Maximizing the negated loss is minimizing the loss.
+        history.push(Observation {
+            value: Some(-objective(&params)),
+            params,
+        });
+    }
+    let late = &history[40..];
+    let picked_b = late
+        .iter()
+        .filter(|observation| observation.params["kind"] == Value::Text("b".into()))
+        .count();
+    assert!(
+        picked_b > late.len() / 2,
+        "{picked_b} of {} late trials picked b",
+        late.len()
+    );
+}
+
+#[test]
+fn asha_stops_trials_below_the_best_third_at_each_rung() {
+    let mut bracket = Bracket::new(1, 27, 3).unwrap();
+    assert_eq!(bracket.rungs, [1, 3, 9]);
+    // Between rungs nothing is decided.
+    assert_eq!(bracket.on_result(2, 100.0), Decision::Continue);
+    // The first trial at a rung always goes on; later ones only if among the best ceil(n/3).
+    assert_eq!(bracket.on_result(1, 0.5), Decision::Continue);
+    assert_eq!(bracket.on_result(1, 0.7), Decision::Stop);
+    assert_eq!(bracket.on_result(1, 0.6), Decision::Stop);
+    assert_eq!(bracket.on_result(1, 0.4), Decision::Continue);
+    assert_eq!(bracket.on_result(1, f64::NAN), Decision::Stop);
+    // Rungs keep separate records.
+    assert_eq!(bracket.on_result(3, 0.9), Decision::Continue);
+    assert!(Bracket::new(0, 10, 3).is_err());
+    assert!(Bracket::new(5, 5, 3).is_err());
+    assert!(Bracket::new(1, 10, 1).unwrap_err().0.contains("expected 2 or more"));
+}
+
+/// Learning curves whose final quality is known from the start: ASHA stops most trials early, keeps the
+/// best one to the end, and spends well under the full budget.
+#[test]
+fn asha_keeps_the_best_trial_and_spends_a_fraction_of_the_budget() {
+    let mut scheduler = Scheduler::asha(1, 27, 3).unwrap();
+    let trials = 30u64;
+    let quality = |trial: u64| ((trial * 17 + 5) % trials) as f64 / trials as f64;
+    let (mut spent, mut stopped_early, mut finished) = (0u64, 0, Vec::new());
+    for trial in 0..trials {
+        let bracket = scheduler.assign();
+        let mut epoch = 1;
+        loop {
+            spent += 1;
+            // Loss falls with epochs towards the trial's quality.
+            let loss = quality(trial) + 1.0 / epoch as f64;
+            if scheduler.on_result(bracket, epoch, loss) == Decision::Stop {
+                stopped_early += 1;
+                break;
+            }
+            if epoch == 27 {
+                finished.push(trial);
+                break;
+            }
+            epoch += 1;
+        }
+    }
+    let best = (0..trials).min_by(|a, b| quality(*a).total_cmp(&quality(*b))).unwrap();
+    assert!(
+        finished.contains(&best),
+        "the best trial {best} was stopped; finished {finished:?}"
+    );
+    assert!(stopped_early >= trials / 2, "{stopped_early} of {trials} stopped early");
+    assert!(spent * 10 < trials * 27 * 4, "{spent} trial-epochs of {}", trials * 27);
+}
+
+#[test]
+fn hyperband_spreads_trials_over_brackets_favouring_the_aggressive_ones() {
+    let mut scheduler = Scheduler::hyperband(1, 27, 3).unwrap();
+    let firsts: Vec<u64> = scheduler.brackets.iter().map(|bracket| bracket.rungs[0]).collect();
+    assert_eq!(firsts, [1, 3, 9]);
+    let mut counts = [0; 3];
+    for _ in 0..130 {
+        counts[scheduler.assign()] += 1;
+    }
+    // Weights 9/3, 3/2 and 1/1: 3 : 1.5 : 1.
+    assert!(counts[0] > counts[1] && counts[1] > counts[2], "{counts:?}");
+    assert_eq!(counts.iter().sum::<i32>(), 130);
+    // A trial in bracket 2 is first judged at 9 epochs.
+    assert_eq!(scheduler.on_result(2, 1, 5.0), Decision::Continue);
+    assert_eq!(scheduler.on_result(2, 9, 5.0), Decision::Continue);
+    assert_eq!(scheduler.on_result(2, 9, 6.0), Decision::Stop);
+}
+
+#[test]
+fn the_example_sweeps_parse_and_make_valid_trial_jobs() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sweeps");
+    for name in ["branin-tpe.toml", "digits-asha.toml"] {
+        let text = std::fs::read_to_string(examples.join(name)).unwrap();
+        let spec = SweepSpec::parse(&text).unwrap_or_else(|error| panic!("{name}: {error}"));
+        let job = crate::spec::parse_job_spec(name, &text).unwrap();
+        assert_eq!(job.kind, crate::spec::JobKind::Sweep);
+        for trial in 0..20 {
+            let params = spec
+                .algorithm
+                .searcher()
+                .suggest(&spec.space, spec.seed, trial, spec.direction, &[])
+                .unwrap()
+                .unwrap();
+            let text = spec.trial_spec(41, trial, &params);
+            let job = crate::spec::parse_job_spec("trial", &text).unwrap_or_else(|error| panic!("{text}\n{error}"));
+            assert_eq!(trial_of(&job), Some((41, trial)));
+            assert_eq!(job.name, format!("{}-t{trial}", spec.name));
+            let recorded: Vec<(String, String)> = trial_params(&job);
+            assert_eq!(recorded.len(), params.len(), "{recorded:?}");
+            if let Some(train) = &job.train {
+                // Early stopping trains every trial to the most epochs; the learning rate is the trial's.
+                assert_eq!(train.epochs, Some(27));
+                assert_eq!(
+                    train.learning_rate.as_deref().map(|rate| rate.parse::<f64>().unwrap()),
+                    params["learning_rate"].as_f64()
+                );
+                assert!(!text.contains("register"), "trials register nothing: {text}");
+            } else {
+                assert_eq!(job.env["KILN_PARAM_X"], params["x"].to_string());
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_sweep_settings_are_refused() {
+    let good = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sweeps/digits-asha.toml"),
+    )
+    .unwrap();
+    for (from, to, expected) in [
+        ("max_trials = 24", "max_trials = 0", "expected 1 to"),
+        ("parallel = 2", "parallel = 0", "expected at least 1 trial"),
+        (
+            "min_resource = 3           # epochs\n",
+            "",
+            "needs sweep.min_resource and sweep.max_resource",
+        ),
+        (
+            "max_resource = 27",
+            "max_resource = 1",
+            "expected 0 < min_resource < max_resource",
+        ),
+        ("algorithm = \"asha\"", "algorithm = \"bayes\"", "unknown variant"),
+        (
+            "kind = \"train\"\n\n[template.train]",
+            "kind = \"batch\"\n\n[template.train]",
+            "template.kind",
+        ),
+        (
+            "model = \"mlp\"",
+            "model = \"transformer\"",
+            "the template does not make a valid trial",
+        ),
+        ("[template]", "[templates]", "unknown key 'templates'"),
+    ] {
+        assert!(good.contains(from), "{from}");
+        let text = good.replacen(from, to, 1);
+        let error = SweepSpec::parse(&text).unwrap_err();
+        assert!(error.0.contains(expected), "{to}: {error}");
+        assert!(crate::spec::parse_job_spec("sweep.toml", &text).is_err());
+    }
+    // A sweep's own job takes nothing a trial would.
+    let error = crate::spec::parse_job_spec(
+        "sweep.toml",
+        &good.replace("kind = \"sweep\"", "kind = \"sweep\"\ncommand = \"x\""),
+    )
+    .unwrap_err();
+    assert!(error.message.contains("each trial takes it from [template]"), "{error}");
+    // Sweep sections on another kind of job are refused.
+    let error = crate::spec::parse_job_spec(
+        "job.toml",
+        "name = \"j\"\nkind = \"command\"\ncommand = \"true\"\n[space]\nx = 1",
+    )
+    .unwrap_err();
+    assert!(error.message.contains("only for jobs of kind \"sweep\""), "{error}");
+}
