@@ -149,6 +149,22 @@ async fn a_grid_sweep_of_command_trials_covers_its_grid_once_and_names_the_best(
         ok && listed.contains("branin-tpe") && listed.contains("9/20"),
         "{listed}"
     );
+    // The dashboard's page: the trials, the metric by trial and the parallel coordinates.
+    let address = tracking.split(',').next().unwrap();
+    let (status, html) = kiln_cluster_tests::http_text(address, "GET", &format!("/sweeps/{id}"), "");
+    assert_eq!(status, 200, "{html}");
+    assert!(
+        html.contains("best so far") && html.contains("class=\"chart parallel\""),
+        "{html}"
+    );
+    assert_eq!(html.matches("class=\"trial\"").count(), 9, "one line per trial: {html}");
+    let (status, html) = kiln_cluster_tests::http_text(address, "GET", "/sweeps", "");
+    assert!(
+        status == 200 && html.contains(&format!("href=\"/sweeps/{id}\"")),
+        "{html}"
+    );
+    let (status, _) = kiln_cluster_tests::http_text(address, "GET", "/sweeps/999", "");
+    assert_eq!(status, 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

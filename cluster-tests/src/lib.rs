@@ -497,6 +497,12 @@ pub fn load_page(chromium: &str, url: &str) -> (String, Vec<String>) {
 /// One HTTP/1.1 request to `address` (a JSON body, or none); the status and the JSON body (null when the
 /// body is not JSON).
 pub fn http_json(address: &str, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let (status, text) = http_text(address, method, path, body);
+    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+}
+
+/// One HTTP/1.1 request with a JSON body (empty for none); the status and the body as text.
+pub fn http_text(address: &str, method: &str, path: &str, body: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(address).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -509,8 +515,8 @@ pub fn http_json(address: &str, method: &str, path: &str, body: &str) -> (u16, s
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let status = response[9..12].parse().unwrap();
-    let json = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
-    (status, serde_json::from_str(json).unwrap_or(serde_json::Value::Null))
+    let text = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    (status, text.to_string())
 }
 
 /// An S3-compatible server on loopback for the object-store tests: moto's, from the `.ci/run` virtual

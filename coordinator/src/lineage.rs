@@ -132,6 +132,16 @@ impl Graph {
         id
     }
 
+    /// The node of feature view version `view` (`NAME@VERSION`).
+    fn view(&mut self, view: &str) -> String {
+        self.node(
+            format!("view:{view}"),
+            Kind::FeatureView,
+            format!("feature view {view}"),
+            BTreeMap::new(),
+        )
+    }
+
     fn edge(&mut self, from: &str, to: &str) {
         self.edges.insert(Edge {
             from: from.to_string(),
@@ -168,12 +178,7 @@ impl Graph {
             let node = graph.node(format!("run:{}", run.id), Kind::Run, label, attributes);
             // Views the run read itself (not through a training set).
             for view in views_of(run.tags.get(FEATURE_VIEWS_TAG)) {
-                let view_node = graph.node(
-                    format!("view:{view}"),
-                    Kind::FeatureView,
-                    format!("feature view {view}"),
-                    BTreeMap::new(),
-                );
+                let view_node = graph.view(view);
                 graph.edge(&view_node, &node);
             }
             if materialization && let Some(view) = run.params.get("view") {
@@ -211,12 +216,7 @@ impl Graph {
                 );
                 graph.edge(&node, &run);
                 for view in views_of(tags.get(FEATURE_VIEWS_TAG)) {
-                    let view_node = graph.node(
-                        format!("view:{view}"),
-                        Kind::FeatureView,
-                        format!("feature view {view}"),
-                        BTreeMap::new(),
-                    );
+                    let view_node = graph.view(view);
                     graph.edge(&view_node, &node);
                 }
             }

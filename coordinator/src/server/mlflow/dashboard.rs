@@ -838,7 +838,10 @@ async fn sweep(State(tracker): State<Tracker>, UrlPath(id): UrlPath<String>) -> 
                 .iter()
                 .find(|job| job.id == id && job.spec.kind == crate::spec::JobKind::Sweep)
             else {
-                return Err(Failure::from(CoordinatorError::NotFound(format!("sweep {id} does not exist"))));
+                return Err(Failure::from(crate::tracking::TrackingError {
+                    code: crate::tracking::ErrorCode::ResourceDoesNotExist,
+                    message: format!("sweep {id} does not exist (/sweeps lists them)"),
+                }));
             };
             let spec = crate::sweep::SweepSpec::parse(&sweep.spec_toml)
                 .map_err(|error| invalid(format!("sweep {id} cannot be read: {error}")))?;
@@ -860,10 +863,10 @@ async fn sweep(State(tracker): State<Tracker>, UrlPath(id): UrlPath<String>) -> 
             let mut best: Option<f64> = None;
             let mut best_so_far = Vec::new();
             for (trial, _, value) in &trials {
-                if let Some(value) = value {
-                    if best.is_none_or(|current| spec.direction.loss(*value) < spec.direction.loss(current)) {
-                        best = Some(*value);
-                    }
+                if let Some(value) = value
+                    && best.is_none_or(|current| spec.direction.loss(*value) < spec.direction.loss(current))
+                {
+                    best = Some(*value);
                 }
                 if let Some(best) = best {
                     best_so_far.push((*trial as f64, best));
