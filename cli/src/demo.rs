@@ -5,8 +5,8 @@
 //! node, refuses bad specs, de-duplicates retries, gang-schedules a 2-rank job onto workers that run it with
 //! the torchrun environment, cancels a running job on every worker, trains the built-in MLP on the UCI
 //! digits with 2 data-parallel ranks (a tracked run, its model registered), trains it again from the
-//! feature store and prints the new version's lineage, and keeps every acknowledged job — and the
-//! workers — through the loss of its leader.
+//! feature store and prints the new version's lineage, runs a TPE sweep of command trials, and keeps every
+//! acknowledged job — and the workers — through the loss of its leader.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -45,6 +45,10 @@ const DIGITS_FEATURES: [(&str, &str); 3] = [
     ),
 ];
 const DIGITS_DATA: &str = include_str!("../../examples/data/digits.csv");
+const BRANIN_SWEEP: &str = include_str!("../../examples/sweeps/branin-tpe.toml");
+const BRANIN_SCRIPT: &str = include_str!("../../examples/scripts/branin.py");
+/// Trials of the demo's sweep.
+const SWEEP_TRIALS: usize = 20;
 /// A job that runs until cancelled, to show a cancel reaching every rank.
 const LONG_JOB: &str =
     "name = \"long\"\nkind = \"command\"\ncommand = \"sleep\"\nargs = [\"600\"]\n[resources]\nworkers = 2\ncpus = 1\n";
@@ -385,6 +389,52 @@ where version 2 came from (kiln lineage models:/digits/2 --upstream):"
 
     step(
         10,
+        "a hyperparameter sweep: TPE searches the Branin function (minimum 0.3979) with 20 command trials (10 random, then modelled), 2 at a time, each logging its value through the MLflow API",
+    );
+    let mut sweep_jobs = 0;
+    let python = std::process::Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if python {
+        let script = root.join("branin.py");
+        std::fs::write(&script, BRANIN_SCRIPT).with_context(|| format!("writing {}", script.display()))?;
+        let spec = BRANIN_SWEEP
+            .replace("max_trials = 30", &format!("max_trials = {SWEEP_TRIALS}"))
+            .replace("examples/scripts/branin.py", &script.display().to_string());
+        let sweep = client
+            .submit(&spec, "examples/sweeps/branin-tpe.toml", &new_idempotency_key())
+            .await
+            .map_err(output::status_error)?
+            .job
+            .context("no job returned")?;
+        let done = tokio::time::timeout(Duration::from_secs(180), client.wait_job(sweep.id))
+            .await
+            .context("the sweep did not finish within 180 s")?
+            .map_err(output::status_error)?;
+        crate::sweeps::run(
+            crate::sweeps::SweepsCommand::Show {
+                id: sweep.id,
+                json: false,
+            },
+            &mut client,
+            &tracking,
+        )
+        .await?;
+        if done.state != pb::JobState::Succeeded as i32 {
+            bail!("the sweep {}: {}", output::state_label(done.state), done.message);
+        }
+        println!(
+            "its trials, the value by trial and the parallel coordinates: http://{tracking}/sweeps/{}",
+            sweep.id
+        );
+        sweep_jobs = 1 + SWEEP_TRIALS;
+    } else {
+        println!("skipped: the trials run python3, which this machine does not have");
+    }
+
+    step(
+        11,
         "stop the leader; the survivors elect a new one, keep every job, and the workers follow it",
     );
     let index = peers
@@ -402,10 +452,10 @@ where version 2 came from (kiln lineage models:/digits/2 --upstream):"
     );
     let jobs = client.list_jobs(Vec::new(), 0).await?;
     println!("{} jobs still present on the new leader's side", jobs.len());
-    if jobs.len() != EXAMPLES.len() + 3 {
+    if jobs.len() != EXAMPLES.len() + 3 + sweep_jobs {
         bail!(
             "expected {} jobs after failover, found {}",
-            EXAMPLES.len() + 3,
+            EXAMPLES.len() + 3 + sweep_jobs,
             jobs.len()
         );
     }
@@ -429,7 +479,7 @@ where version 2 came from (kiln lineage models:/digits/2 --upstream):"
             .map_or(0, |task| task.worker_id)
     );
 
-    step(11, "restart the stopped node from its data directory; it catches up");
+    step(12, "restart the stopped node from its data directory; it catches up");
     nodes[index] = Some(start_node(leader, &peers, &root).await?);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -451,8 +501,9 @@ where version 2 came from (kiln lineage models:/digits/2 --upstream):"
     }
 
     println!(
-        "\nsummary: 3 coordinators and 2 workers; {} jobs ran (a 2-rank command job and two 2-rank training runs among them, one from the feature store), 2 model versions registered with their lineage, 1 retry de-duplicated, 1 bad spec refused, 1 running job cancelled on every rank, leader lost and replaced, nothing lost.",
-        EXAMPLES.len() + 3
+        "\nsummary: 3 coordinators and 2 workers; {} jobs ran (a 2-rank command job, two 2-rank training runs, one from the feature store, and a sweep of {} trials among them), 2 model versions registered with their lineage, 1 retry de-duplicated, 1 bad spec refused, 1 running job cancelled on every rank, leader lost and replaced, nothing lost.",
+        EXAMPLES.len() + 3 + sweep_jobs,
+        sweep_jobs.saturating_sub(1)
     );
     println!("The MLflow API (runs, models, artifacts, lineage) and the dashboard were served on http://{tracking}/.");
     println!(

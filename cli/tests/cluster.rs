@@ -296,6 +296,8 @@ fn demo_runs_end_to_end() {
     let text = std::fs::read_to_string(&out).unwrap();
     assert!(status.success(), "{text}");
     assert!(text.contains("nothing lost"), "{text}");
+    // The sweep step ran its trials and named the best one.
+    assert!(text.contains("best of 20 trials"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
