@@ -11,14 +11,31 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchCon
 use crate::{AdamStep, KernelError, SgdStep, check_lengths};
 
 const SOURCE: &str = r#"
+// The elementwise kernels move four elements a thread with 16-byte (float4) or 8-byte (ushort4) loads and
+// stores, then the first n % 4 threads do the tail one element each. Buffers are whole allocations (aligned
+// to 256 bytes), so the vector accesses are aligned.
+
 extern "C" __global__ void add_assign_f32(float* destination, const float* source, unsigned int n) {
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) destination[i] += source[i];
+    unsigned int quads = n / 4;
+    if (i < quads) {
+        float4 d = reinterpret_cast<float4*>(destination)[i];
+        float4 s = reinterpret_cast<const float4*>(source)[i];
+        d.x += s.x; d.y += s.y; d.z += s.z; d.w += s.w;
+        reinterpret_cast<float4*>(destination)[i] = d;
+    }
+    if (i < n % 4) destination[quads * 4 + i] += source[quads * 4 + i];
 }
 
 extern "C" __global__ void scale_f32(float* destination, float factor, unsigned int n) {
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) destination[i] *= factor;
+    unsigned int quads = n / 4;
+    if (i < quads) {
+        float4 d = reinterpret_cast<float4*>(destination)[i];
+        d.x *= factor; d.y *= factor; d.z *= factor; d.w *= factor;
+        reinterpret_cast<float4*>(destination)[i] = d;
+    }
+    if (i < n % 4) destination[quads * 4 + i] *= factor;
 }
 
 __device__ unsigned short bf16_bits(float value) {
@@ -28,19 +45,42 @@ __device__ unsigned short bf16_bits(float value) {
     return (unsigned short)((bits + rounding) >> 16);
 }
 
+__device__ float bf16_value(unsigned short bits) {
+    return __uint_as_float(((unsigned int)bits) << 16);
+}
+
 extern "C" __global__ void f32_to_bf16(const float* source, unsigned short* destination, unsigned int n) {
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) destination[i] = bf16_bits(source[i]);
+    unsigned int quads = n / 4;
+    if (i < quads) {
+        float4 s = reinterpret_cast<const float4*>(source)[i];
+        reinterpret_cast<ushort4*>(destination)[i] =
+            make_ushort4(bf16_bits(s.x), bf16_bits(s.y), bf16_bits(s.z), bf16_bits(s.w));
+    }
+    if (i < n % 4) destination[quads * 4 + i] = bf16_bits(source[quads * 4 + i]);
 }
 
 extern "C" __global__ void bf16_to_f32(const unsigned short* source, float* destination, unsigned int n) {
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) destination[i] = __uint_as_float(((unsigned int)source[i]) << 16);
+    unsigned int quads = n / 4;
+    if (i < quads) {
+        ushort4 s = reinterpret_cast<const ushort4*>(source)[i];
+        reinterpret_cast<float4*>(destination)[i] =
+            make_float4(bf16_value(s.x), bf16_value(s.y), bf16_value(s.z), bf16_value(s.w));
+    }
+    if (i < n % 4) destination[quads * 4 + i] = bf16_value(source[quads * 4 + i]);
 }
 
 extern "C" __global__ void add_assign_bf16(float* destination, const unsigned short* source, unsigned int n) {
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) destination[i] += __uint_as_float(((unsigned int)source[i]) << 16);
+    unsigned int quads = n / 4;
+    if (i < quads) {
+        float4 d = reinterpret_cast<float4*>(destination)[i];
+        ushort4 s = reinterpret_cast<const ushort4*>(source)[i];
+        d.x += bf16_value(s.x); d.y += bf16_value(s.y); d.z += bf16_value(s.z); d.w += bf16_value(s.w);
+        reinterpret_cast<float4*>(destination)[i] = d;
+    }
+    if (i < n % 4) destination[quads * 4 + i] += bf16_value(source[quads * 4 + i]);
 }
 
 extern "C" __global__ void adam_f32(float* parameters, const float* gradients, float* first, float* second,
@@ -87,6 +127,16 @@ fn launch_config(length: usize) -> Result<LaunchConfig, KernelError> {
     let length = u32::try_from(length)
         .map_err(|_| KernelError::Cuda(format!("{length} elements is more than one launch handles (2^32 - 1)")))?;
     Ok(LaunchConfig::for_num_elems(length.max(1)))
+}
+
+/// For the kernels that take four elements a thread: n / 4 threads, and at least the n % 4 of the tail.
+fn launch_config_by_four(length: usize) -> Result<LaunchConfig, KernelError> {
+    let threads = (length / 4).max(length % 4);
+    launch_config(threads).and_then(|config| {
+        u32::try_from(length)
+            .map(|_| config)
+            .map_err(|_| KernelError::Cuda(format!("{length} elements is more than one launch handles (2^32 - 1)")))
+    })
 }
 
 /// Whether the CUDA driver and NVRTC can be loaded here.
@@ -141,8 +191,9 @@ impl CudaKernels {
         launch.arg(destination).arg(source).arg(&count);
         #[allow(unsafe_code)] // a kernel launch: its arguments must match the kernel's signature
         // SAFETY: add_assign_f32(float*, const float*, unsigned int): two device buffers of `count`
-        // elements (checked equal above) and the count; the kernel guards every index with `i < n`.
-        unsafe { launch.launch(launch_config(length)?) }.map_err(cuda_error)?;
+        // elements (checked equal above) and the count; the kernel reads and writes only below n (quads
+        // below n / 4, the tail below n % 4), with vector accesses on the allocations' aligned starts.
+        unsafe { launch.launch(launch_config_by_four(length)?) }.map_err(cuda_error)?;
         Ok(())
     }
 
@@ -155,7 +206,7 @@ impl CudaKernels {
         #[allow(unsafe_code)] // a kernel launch: its arguments must match the kernel's signature
         // SAFETY: scale_f32(float*, float, unsigned int): one device buffer of `count` elements, a float,
         // the count; every index is guarded.
-        unsafe { launch.launch(launch_config(length)?) }.map_err(cuda_error)?;
+        unsafe { launch.launch(launch_config_by_four(length)?) }.map_err(cuda_error)?;
         Ok(())
     }
 
@@ -168,7 +219,7 @@ impl CudaKernels {
         launch.arg(source).arg(destination).arg(&count);
         #[allow(unsafe_code)] // a kernel launch: its arguments must match the kernel's signature
         // SAFETY: f32_to_bf16(const float*, unsigned short*, unsigned int) with equal-length buffers.
-        unsafe { launch.launch(launch_config(length)?) }.map_err(cuda_error)?;
+        unsafe { launch.launch(launch_config_by_four(length)?) }.map_err(cuda_error)?;
         Ok(())
     }
 
@@ -181,7 +232,7 @@ impl CudaKernels {
         launch.arg(source).arg(destination).arg(&count);
         #[allow(unsafe_code)] // a kernel launch: its arguments must match the kernel's signature
         // SAFETY: bf16_to_f32(const unsigned short*, float*, unsigned int) with equal-length buffers.
-        unsafe { launch.launch(launch_config(length)?) }.map_err(cuda_error)?;
+        unsafe { launch.launch(launch_config_by_four(length)?) }.map_err(cuda_error)?;
         Ok(())
     }
 
@@ -198,7 +249,7 @@ impl CudaKernels {
         launch.arg(destination).arg(source).arg(&count);
         #[allow(unsafe_code)] // a kernel launch: its arguments must match the kernel's signature
         // SAFETY: add_assign_bf16(float*, const unsigned short*, unsigned int) with equal-length buffers.
-        unsafe { launch.launch(launch_config(length)?) }.map_err(cuda_error)?;
+        unsafe { launch.launch(launch_config_by_four(length)?) }.map_err(cuda_error)?;
         Ok(())
     }
 
@@ -286,7 +337,8 @@ mod tests {
             Err(error) => panic!("{error}"),
         };
         let stream = kernels.stream().clone();
-        for length in [0usize, 1, 1023, 1024, 1025, 1 << 20] {
+        // Every tail length (n % 4 of 0 to 3), below and above one block.
+        for length in [0usize, 1, 2, 3, 5, 1022, 1023, 1024, 1025, 1 << 20] {
             let a: Vec<f32> = (0..length).map(|index| (index as f32 * 0.37).sin() * 100.0).collect();
             let b: Vec<f32> = (0..length).map(|index| (index as f32 * 0.11).cos() * 10.0).collect();
             let mut expected = a.clone();
