@@ -81,7 +81,7 @@ async fn metric_of(api: Option<&crate::runs::Api>, job: &pb::Job, metric: &str) 
 }
 
 async fn sweep_json(sweep: &pb::Job, trials: &[Trial], api: Option<&crate::runs::Api>) -> Result<Value> {
-    let spec = SweepSpec::parse(&sweep.spec_toml).with_context(|| format!("sweep {} cannot be read", sweep.id))?;
+    let spec = SweepSpec::read(&sweep.spec_toml).with_context(|| format!("sweep {} cannot be read", sweep.id))?;
     let mut listed = Vec::new();
     let mut best: Option<(f64, u64)> = None;
     for trial in trials {

@@ -869,6 +869,15 @@ impl SweepSpec {
     /// Parses and checks a sweep job's TOML: its `[sweep]` settings, its `[space]` and its `[template]`,
     /// which must make a valid job for every kind of point (checked on one sampled point).
     pub fn parse(text: &str) -> Result<SweepSpec, SweepError> {
+        let spec = SweepSpec::read(text)?;
+        spec.check()?;
+        Ok(spec)
+    }
+
+    /// Reads a sweep that [`SweepSpec::parse`] accepted when it was submitted (the controller, the CLI and
+    /// the dashboard read stored sweeps often): its settings and space, without enumerating a grid or
+    /// building a sample trial again.
+    pub fn read(text: &str) -> Result<SweepSpec, SweepError> {
         let table: toml::Table = text
             .parse()
             .map_err(|error: toml::de::Error| SweepError(error.message().to_string()))?;
@@ -929,10 +938,7 @@ impl SweepSpec {
         if raw.algorithm.stops_early() {
             Bracket::new(min_resource, max_resource, raw.eta).map_err(|error| SweepError(format!("sweep: {error}")))?;
         }
-        if raw.algorithm == Algorithm::Grid {
-            space.grid()?;
-        }
-        let spec = SweepSpec {
+        Ok(SweepSpec {
             name,
             algorithm: raw.algorithm,
             metric: raw.metric,
@@ -947,20 +953,28 @@ impl SweepSpec {
             alias: raw.alias.unwrap_or_else(|| "champion".into()),
             space,
             template,
-        };
-        let kind = spec.template.get("kind").and_then(toml::Value::as_str);
+        })
+    }
+
+    /// What only submission needs checking: a grid that can be enumerated, a template of a kind trials can
+    /// be, and a valid trial job made from it (on one sampled point).
+    fn check(&self) -> Result<(), SweepError> {
+        if self.algorithm == Algorithm::Grid {
+            self.space.grid()?;
+        }
+        let kind = self.template.get("kind").and_then(toml::Value::as_str);
         if !matches!(kind, Some("train" | "command")) {
             return refuse(format!(
                 "template.kind is {kind:?}; expected \"train\" or \"command\" (a trial is one such job)"
             ));
         }
-        if spec.register.is_some() && kind != Some("train") {
+        if self.register.is_some() && kind != Some("train") {
             return refuse("sweep.register needs a train template: only train trials make a model to register");
         }
-        let sample = spec.space.sample(&mut trial_rng(spec.seed, 0));
-        crate::spec::parse_job_spec("the sweep's template", &spec.trial_spec(0, 0, &sample))
+        let sample = self.space.sample(&mut trial_rng(self.seed, 0));
+        crate::spec::parse_job_spec("the sweep's template", &self.trial_spec(0, 0, &sample))
             .map_err(|error| SweepError(format!("the template does not make a valid trial: {}", error.message)))?;
-        Ok(spec)
+        Ok(())
     }
 
     /// The TOML of trial `trial` of sweep job `sweep`: the template named `SWEEP-tN`, its parameters in

@@ -50,7 +50,7 @@ pub fn decide(state: &StateMachine, now_ms: i64) -> Vec<Command> {
             }
             continue;
         }
-        match SweepSpec::parse(&sweep.spec_toml) {
+        match SweepSpec::read(&sweep.spec_toml) {
             Ok(spec) => commands.extend(decide_sweep(state.tracking(), sweep, &spec, &mine, now_ms)),
             Err(error) => commands.push(finish(
                 sweep.id,
@@ -78,16 +78,17 @@ fn run_of<'a>(tracking: &'a Tracking, job: &Job) -> Option<&'a Run> {
     tracking.run(&Tracking::job_run_id(job.id)).ok()
 }
 
-/// A trial's latest value of the sweep's metric: from its run, else from what its ranks reported.
-fn value_of(tracking: &Tracking, spec: &SweepSpec, job: &Job) -> Option<f64> {
+/// A trial's latest value of `metric`: from its run, else from what its ranks reported.
+pub fn value_of(tracking: &Tracking, metric: &str, job: &Job) -> Option<f64> {
     run_of(tracking, job)
-        .and_then(|run| run.latest.get(&spec.metric))
+        .and_then(|run| run.latest.get(metric))
         .map(|point| point.value)
-        .or_else(|| job.metrics.get(&spec.metric).copied())
+        .or_else(|| job.metrics.get(metric).copied())
         .filter(|value| value.is_finite())
 }
 
-fn params_of(job: &Job) -> Params {
+/// A trial's parameters, as its spec's environment carries them.
+pub fn params_of(job: &Job) -> Params {
     job.spec
         .env
         .get(super::PARAMS_ENV)
@@ -128,7 +129,7 @@ fn decide_sweep(
     // A metric the trials never report fails the sweep after the first trial, not silently at the end.
     if let Some((trial, job)) = trials
         .iter()
-        .find(|(_, job)| job.state == JobState::Succeeded && value_of(tracking, spec, job).is_none())
+        .find(|(_, job)| job.state == JobState::Succeeded && value_of(tracking, &spec.metric, job).is_none())
     {
         let reported: Vec<String> = run_of(tracking, job)
             .map(|run| run.latest.keys().cloned().collect())
@@ -156,7 +157,7 @@ fn decide_sweep(
         .map(|(_, job)| Observation {
             params: params_of(job),
             value: match job.state {
-                JobState::Succeeded | JobState::Cancelled => value_of(tracking, spec, job),
+                JobState::Succeeded | JobState::Cancelled => value_of(tracking, &spec.metric, job),
                 _ => None,
             },
         })
@@ -257,7 +258,7 @@ fn conclude(tracking: &Tracking, sweep: &Job, spec: &SweepSpec, trials: &[(u64, 
     let scored = trials
         .iter()
         .filter(|(_, job)| job.state == JobState::Succeeded)
-        .filter_map(|(trial, job)| Some((*trial, *job, value_of(tracking, spec, job)?)));
+        .filter_map(|(trial, job)| Some((*trial, *job, value_of(tracking, &spec.metric, job)?)));
     let best = scored.min_by(|a, b| spec.direction.loss(a.2).total_cmp(&spec.direction.loss(b.2)));
     let stopped = trials
         .iter()

@@ -770,14 +770,7 @@ fn sweep_trials<'a>(
             let (of, trial) = crate::sweep::trial_of(&job.spec)?;
             (of == sweep).then_some((trial, job))
         })
-        .map(|(trial, job)| {
-            let value = tracking
-                .run(&crate::tracking::Tracking::job_run_id(job.id))
-                .ok()
-                .and_then(|run| run.latest.get(metric).map(|point| point.value))
-                .or_else(|| job.metrics.get(metric).copied());
-            (trial, job, value)
-        })
+        .map(|(trial, job)| (trial, job, crate::sweep::controller::value_of(tracking, metric, job)))
         .collect();
     trials.sort_by_key(|(trial, _, _)| *trial);
     trials
@@ -797,7 +790,7 @@ async fn sweeps(State(tracker): State<Tracker>) -> Response {
                 .filter(|job| job.spec.kind == crate::spec::JobKind::Sweep)
                 .collect();
             for sweep in &sweeps {
-                let Ok(spec) = crate::sweep::SweepSpec::parse(&sweep.spec_toml) else {
+                let Ok(spec) = crate::sweep::SweepSpec::read(&sweep.spec_toml) else {
                     continue;
                 };
                 let trials = sweep_trials(&jobs, &tracking, sweep.id, &spec.metric);
@@ -843,7 +836,7 @@ async fn sweep(State(tracker): State<Tracker>, UrlPath(id): UrlPath<String>) -> 
                     message: format!("sweep {id} does not exist (/sweeps lists them)"),
                 }));
             };
-            let spec = crate::sweep::SweepSpec::parse(&sweep.spec_toml)
+            let spec = crate::sweep::SweepSpec::read(&sweep.spec_toml)
                 .map_err(|error| invalid(format!("sweep {id} cannot be read: {error}")))?;
             let tracking = tracker.read().await?;
             let trials = sweep_trials(&jobs, &tracking, id, &spec.metric);
@@ -892,33 +885,24 @@ async fn sweep(State(tracker): State<Tracker>, UrlPath(id): UrlPath<String>) -> 
                 ],
             );
             // Parallel coordinates: every parameter, then the metric.
-            let names: BTreeSet<String> = trials
-                .iter()
-                .flat_map(|(_, job, _)| crate::sweep::trial_params(&job.spec).into_iter().map(|(name, _)| name))
-                .collect();
             let params: Vec<crate::sweep::Params> = trials
                 .iter()
-                .map(|(_, job, _)| {
-                    job.spec
-                        .env
-                        .get(crate::sweep::PARAMS_ENV)
-                        .and_then(|json| serde_json::from_str(json).ok())
-                        .unwrap_or_default()
-                })
+                .map(|(_, job, _)| crate::sweep::controller::params_of(job))
                 .collect();
+            let names: BTreeSet<&str> = params.iter().flat_map(|params| params.keys().map(String::as_str)).collect();
             let mut columns: Vec<(String, Vec<ColumnValue>)> = names
                 .iter()
                 .map(|name| {
                     let values = params
                         .iter()
-                        .map(|params| match params.get(name) {
+                        .map(|params| match params.get(*name) {
                             Some(crate::sweep::Value::Text(text)) => ColumnValue::Text(text.clone()),
                             Some(crate::sweep::Value::Bool(flag)) => ColumnValue::Text(flag.to_string()),
                             Some(value) => value.as_f64().map_or(ColumnValue::Missing, ColumnValue::Number),
                             None => ColumnValue::Missing,
                         })
                         .collect();
-                    (name.clone(), values)
+                    (name.to_string(), values)
                 })
                 .collect();
             columns.push((
