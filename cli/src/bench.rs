@@ -9,6 +9,9 @@
 //! Suite `doget`: the throughput of whole DoGets of one Flight ticket (`--ticket`, a feature command as JSON)
 //! read and decoded by a Rust client, in GB/s of Arrow buffers.
 //!
+//! Suites `tpe` (sample efficiency against Optuna) and `sweeps` (a sweep's scheduling overhead): see
+//! [`crate::bench_sweeps`].
+//!
 //! Suite `raft`: committed job submissions per second and commit latency (p50, p99) at each client
 //! concurrency. `--target etcd` drives an etcd cluster's KV Put with the same load generator, value size
 //! and concurrency, so the two are compared on equal terms.
@@ -47,8 +50,9 @@ impl BenchTarget {
 #[derive(Args)]
 pub struct BenchArgs {
     /// The suite to run: raft (coordinator commits against etcd), jobs (jobs through workers), lookup
-    /// (online feature lookups against a feature server), doget (DoGet throughput from a feature server)
-    /// or tracking (an MLflow tracking server's log-batch and search, Kiln's or MLflow's).
+    /// (online feature lookups against a feature server), doget (DoGet throughput from a feature server),
+    /// tracking (an MLflow tracking server's log-batch and search, Kiln's or MLflow's), tpe (Kiln's TPE
+    /// against Optuna's on known functions; no cluster) or sweeps (a sweep's scheduling overhead).
     suite: String,
     /// Kiln coordinator addresses (the leader is found and loaded directly).
     #[arg(long, env = "KILN_COORDINATOR", default_value = "127.0.0.1:7070")]
@@ -110,6 +114,21 @@ pub struct BenchArgs {
     /// Suite tracking: sequential run searches measured.
     #[arg(long, default_value_t = 200)]
     searches: usize,
+    /// Suite tpe: seeds per function (0..N).
+    #[arg(long, default_value_t = 10)]
+    seeds: usize,
+    /// Suites tpe and sweeps: trials per search (tpe) or in the sweep (sweeps).
+    #[arg(long, default_value_t = 50)]
+    trials: usize,
+    /// Suite tpe: a Python with optuna installed, to run Optuna's TPE beside Kiln's.
+    #[arg(long, env = "KILN_PYTHON")]
+    python: Option<String>,
+    /// Suite sweeps: trials in parallel (and commands at a time in the local pool).
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    /// Suite sweeps: how long each trial's command sleeps, in milliseconds.
+    #[arg(long, default_value_t = 10)]
+    trial_ms: u64,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -426,6 +445,14 @@ async fn run_doget_suite(args: &BenchArgs) -> Result<()> {
     )
 }
 
+fn write_out(path: Option<&std::path::Path>, results: &impl Serialize) -> Result<()> {
+    if let Some(path) = path {
+        std::fs::write(path, serde_json::to_string_pretty(results)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 pub async fn run(args: BenchArgs) -> Result<()> {
     if args.suite == "doget" {
         return run_doget_suite(&args).await;
@@ -439,9 +466,35 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if args.suite == "tracking" {
         return run_tracking_suite(&args).await;
     }
+    if args.suite == "tpe" {
+        let results = crate::bench_sweeps::run_tpe(args.python.as_deref(), args.seeds, args.trials)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&results)?);
+        } else {
+            crate::bench_sweeps::print_tpe(&results);
+        }
+        return write_out(args.out.as_deref(), &results);
+    }
+    if args.suite == "sweeps" {
+        let result = crate::bench_sweeps::run_overhead(
+            &args.coordinator,
+            &args.tracking,
+            args.trials,
+            args.parallel,
+            args.trial_ms,
+            args.max_seconds.max(600),
+        )
+        .await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&result)?);
+        } else {
+            crate::bench_sweeps::print_overhead(&result);
+        }
+        return write_out(args.out.as_deref(), &result);
+    }
     if args.suite != "raft" {
         bail!(
-            "benchmark suite '{}' is not known; available: raft, jobs, lookup, doget, tracking",
+            "benchmark suite '{}' is not known; available: raft, jobs, lookup, doget, tracking, tpe, sweeps",
             args.suite
         );
     }

@@ -46,7 +46,7 @@ const DIGITS_FEATURES: [(&str, &str); 3] = [
 ];
 const DIGITS_DATA: &str = include_str!("../../examples/data/digits.csv");
 const BRANIN_SWEEP: &str = include_str!("../../examples/sweeps/branin-tpe.toml");
-const BRANIN_SCRIPT: &str = include_str!("../../examples/scripts/branin.py");
+const BRANIN_SCRIPT: &str = include_str!("../../examples/scripts/objective.py");
 /// Trials of the demo's sweep.
 const SWEEP_TRIALS: usize = 20;
 /// A job that runs until cancelled, to show a cancel reaching every rank.
@@ -397,11 +397,11 @@ where version 2 came from (kiln lineage models:/digits/2 --upstream):"
         .output()
         .is_ok_and(|output| output.status.success());
     if python {
-        let script = root.join("branin.py");
+        let script = root.join("objective.py");
         std::fs::write(&script, BRANIN_SCRIPT).with_context(|| format!("writing {}", script.display()))?;
         let spec = BRANIN_SWEEP
             .replace("max_trials = 30", &format!("max_trials = {SWEEP_TRIALS}"))
-            .replace("examples/scripts/branin.py", &script.display().to_string());
+            .replace("examples/scripts/objective.py", &script.display().to_string());
         let sweep = client
             .submit(&spec, "examples/sweeps/branin-tpe.toml", &new_idempotency_key())
             .await

@@ -3,6 +3,7 @@
 mod artifacts;
 mod bench;
 mod bench_jobs;
+mod bench_sweeps;
 mod bench_lookup;
 mod bench_tracking;
 mod demo;
@@ -107,7 +108,7 @@ enum Command {
     /// Programs that run as the ranks of a job (for example `kiln task allreduce`).
     #[command(subcommand, hide = true)]
     Task(task::TaskCommand),
-    /// Benchmark a running cluster (suites: raft, jobs, lookup).
+    /// Benchmark a running cluster (suites: raft, jobs, lookup, doget, tracking, tpe, sweeps).
     Bench(bench::BenchArgs),
     /// Feature definitions and training sets (`kiln features apply FILE`, `list`, `training-set …`).
     Features {
@@ -132,7 +133,7 @@ enum Command {
         #[arg(long, global = true, env = "KILN_TRACKING", default_value = "127.0.0.1:7080")]
         tracking: String,
     },
-    /// Experiment runs (train jobs' and MLflow clients'): list, show, compare.
+    /// Experiment runs (train jobs' and MLflow clients'): list, show, compare, and log into one.
     Runs {
         #[command(subcommand)]
         command: runs::RunsCommand,

@@ -1,4 +1,4 @@
-//! `kiln runs list | show | compare`: experiment runs (train jobs' and any MLflow client's) as the
+//! `kiln runs list | show | compare | log`: experiment runs (train jobs' and any MLflow client's) as the
 //! coordinators' MLflow tracking API serves them, as tables or `--json`.
 
 use std::collections::BTreeSet;
@@ -37,6 +37,42 @@ pub enum RunsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Log metrics and params into a run, as `mlflow.log_metric` does: any program, a shell script
+    /// included, can report a sweep trial's result this way (`kiln runs log --metric loss=0.25`; the
+    /// worker sets MLFLOW_RUN_ID and KILN_TRACKING for a trial).
+    Log {
+        /// The run to log into.
+        #[arg(long, env = "MLFLOW_RUN_ID")]
+        run: String,
+        /// A metric as NAME=VALUE (repeatable).
+        #[arg(long = "metric", value_name = "NAME=VALUE", value_parser = parse_metric)]
+        metrics: Vec<(String, f64)>,
+        /// A param as NAME=VALUE (repeatable).
+        #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
+        params: Vec<(String, String)>,
+        /// The step the metrics were measured at (an epoch, say).
+        #[arg(long, default_value_t = 0)]
+        step: i64,
+    },
+}
+
+fn parse_param(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.trim().is_empty() => Ok((name.trim().to_string(), value.to_string())),
+        _ => Err(format!("'{text}' is not NAME=VALUE")),
+    }
+}
+
+fn parse_metric(text: &str) -> Result<(String, f64), String> {
+    let (name, value) = parse_param(text)?;
+    let number: f64 = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("the value of metric '{name}' is '{value}'; expected a number"))?;
+    if !number.is_finite() {
+        return Err(format!("the value of metric '{name}' is {number}; expected a finite number"));
+    }
+    Ok((name, number))
 }
 
 /// The MLflow tracking API of a coordinator, over HTTP (`kiln runs`, `kiln models`, `kiln artifacts`).
@@ -215,8 +251,41 @@ fn duration(info: &Value) -> String {
 }
 
 pub async fn run(command: RunsCommand, tracking: &str) -> Result<()> {
-    let api = Api::new(tracking)?;
+    let api = Api::new(tracking.split(',').next().unwrap_or_default())?;
     match command {
+        RunsCommand::Log {
+            run,
+            metrics,
+            params,
+            step,
+        } => {
+            if metrics.is_empty() && params.is_empty() {
+                bail!("nothing to log: give --metric NAME=VALUE or --param NAME=VALUE");
+            }
+            let timestamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_millis() as i64);
+            let body = json!({
+                "run_id": run,
+                "metrics": metrics
+                    .iter()
+                    .map(|(key, value)| json!({ "key": key, "value": value, "timestamp": timestamp, "step": step }))
+                    .collect::<Vec<_>>(),
+                "params": params
+                    .iter()
+                    .map(|(key, value)| json!({ "key": key, "value": value }))
+                    .collect::<Vec<_>>(),
+            });
+            // KILN_TRACKING may list every coordinator: the first that answers takes the batch.
+            let what = format!("logging into run {run}");
+            through_tracking(tracking, &what, |api| {
+                let body = body.clone();
+                let what = what.clone();
+                async move { api.post("runs/log-batch", body, &what).await }
+            })
+            .await?;
+            Ok(())
+        }
         RunsCommand::List {
             experiment,
             filter,

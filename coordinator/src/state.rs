@@ -477,6 +477,15 @@ pub enum Command {
         register: Option<crate::sweep::Registration>,
         now_ms: i64,
     },
+    /// `StartAttempt` for the job submitted with `idempotency_key`: the leader places a job in the same batch
+    /// that submits it (a sweep's next trial), before the job has its id. Refused when no such job exists.
+    StartAttemptByKey {
+        idempotency_key: String,
+        attempt: u32,
+        placement: Vec<WorkerId>,
+        master_port: u16,
+        now_ms: i64,
+    },
 }
 
 /// What a rank reports: the latest metrics and artifact locations, and the points measured since its
@@ -568,6 +577,10 @@ pub struct StateMachine {
     catalog: Catalog,
     /// Experiments and runs.
     tracking: Tracking,
+    /// Every sweep's trials, by sweep and trial number: derived from `jobs` (rebuilt when a snapshot is
+    /// read, not stored), so the sweep controller visits sweeps and their trials, not every job.
+    #[serde(skip)]
+    sweep_trials: imbl::OrdMap<JobId, imbl::OrdMap<u64, JobId>>,
 }
 
 /// A train job's hyperparameters as its run's params.
@@ -676,6 +689,7 @@ impl StateMachine {
                     self.queue.insert(queue_key(&job));
                 }
                 self.jobs.insert(job.id, job.clone());
+                self.index_sweep_job(&job);
                 // Train jobs and sweep trials get a run; a trial's is in its sweep's experiment, with its
                 // parameters.
                 let trial = crate::sweep::trial_of(&job.spec)
@@ -783,6 +797,27 @@ impl StateMachine {
                 register,
                 now_ms,
             } => self.finish_sweep(job, succeeded, message, metrics, register, now_ms, changed),
+            Command::StartAttemptByKey {
+                idempotency_key,
+                attempt,
+                placement,
+                master_port,
+                now_ms,
+            } => match self.idempotency_keys.get(&idempotency_key) {
+                Some(&job) => self.apply_command(
+                    Command::StartAttempt {
+                        job,
+                        attempt,
+                        placement,
+                        master_port,
+                        now_ms,
+                    },
+                    changed,
+                ),
+                None => CommandResult::Rejected(CoordinatorError::FailedPrecondition(format!(
+                    "no job was submitted with idempotency key '{idempotency_key}'"
+                ))),
+            },
             Command::Batch(commands) => CommandResult::Batch(
                 commands
                     .into_iter()
@@ -1387,23 +1422,23 @@ impl StateMachine {
             .map_err(|error| CoordinatorError::Storage(format!("snapshot header is corrupt: {error}")))?;
         if version == 1 {
             let (_, state): (u32, version1::StateMachine) = decode(bytes, "version 1 state machine snapshot")?;
-            return Ok(state.upgrade());
+            return Ok(state.upgrade().with_indexes());
         }
         if version == 2 {
             let (_, state): (u32, version2::StateMachine) = decode(bytes, "version 2 state machine snapshot")?;
-            return Ok(state.upgrade());
+            return Ok(state.upgrade().with_indexes());
         }
         if version == 3 {
             let (_, state): (u32, version3::StateMachine) = decode(bytes, "version 3 state machine snapshot")?;
-            return Ok(state.upgrade());
+            return Ok(state.upgrade().with_indexes());
         }
         if version == 4 {
             let (_, state): (u32, version4::StateMachine) = decode(bytes, "version 4 state machine snapshot")?;
-            return Ok(state.upgrade());
+            return Ok(state.upgrade().with_indexes());
         }
         if version == 5 {
             let (_, state): (u32, version5::StateMachine) = decode(bytes, "version 5 state machine snapshot")?;
-            return Ok(state.upgrade());
+            return Ok(state.upgrade().with_indexes());
         }
         if version != SNAPSHOT_FORMAT_VERSION {
             return Err(CoordinatorError::Storage(format!(
@@ -1411,7 +1446,52 @@ impl StateMachine {
             )));
         }
         let (_, state): (u32, StateMachine) = decode(bytes, "state machine snapshot")?;
-        Ok(state)
+        Ok(state.with_indexes())
+    }
+
+    /// The derived indexes (not in snapshots), rebuilt from the jobs.
+    fn with_indexes(mut self) -> StateMachine {
+        self.sweep_trials = imbl::OrdMap::new();
+        // In id order, so a sweep is indexed before its trials.
+        let entries: Vec<(JobId, bool, Option<(u64, u64)>)> = self
+            .jobs
+            .values()
+            .map(|job| (job.id, job.spec.kind == crate::spec::JobKind::Sweep, crate::sweep::trial_of(&job.spec)))
+            .collect();
+        for (id, sweep, trial) in entries {
+            self.index_sweep_entry(id, sweep, trial);
+        }
+        self
+    }
+
+    /// Records a new job in the sweep index: a sweep, or a trial of one.
+    fn index_sweep_job(&mut self, job: &Job) {
+        self.index_sweep_entry(
+            job.id,
+            job.spec.kind == crate::spec::JobKind::Sweep,
+            crate::sweep::trial_of(&job.spec),
+        );
+    }
+
+    fn index_sweep_entry(&mut self, id: JobId, sweep: bool, trial: Option<(u64, u64)>) {
+        if sweep {
+            self.sweep_trials.entry(id).or_default();
+        } else if let Some((sweep, trial)) = trial
+            && let Some(trials) = self.sweep_trials.get_mut(&sweep)
+        {
+            trials.insert(trial, id);
+        }
+    }
+
+    /// Every sweep with its trials in trial order.
+    pub fn sweeps(&self) -> impl Iterator<Item = (&Job, Vec<(u64, &Job)>)> {
+        self.sweep_trials.iter().filter_map(|(sweep, trials)| {
+            let trials = trials
+                .iter()
+                .filter_map(|(trial, id)| Some((*trial, self.jobs.get(id)?)))
+                .collect();
+            Some((self.jobs.get(sweep)?, trials))
+        })
     }
 }
 
@@ -1446,6 +1526,7 @@ mod version5 {
                 queue: self.queue,
                 catalog: self.catalog,
                 tracking: self.tracking.upgrade(),
+                sweep_trials: imbl::OrdMap::new(),
             }
         }
     }
@@ -1481,6 +1562,7 @@ mod version4 {
                 queue: self.queue,
                 catalog: self.catalog,
                 tracking: Tracking::default(),
+                sweep_trials: imbl::OrdMap::new(),
             }
         }
     }
@@ -1515,6 +1597,7 @@ mod version3 {
                 queue: self.queue,
                 catalog: Catalog::default(),
                 tracking: Tracking::default(),
+                sweep_trials: imbl::OrdMap::new(),
             }
         }
     }
@@ -1586,6 +1669,7 @@ mod version2 {
                 queue: self.queue.into_iter().collect(),
                 catalog: Catalog::default(),
                 tracking: Tracking::default(),
+                sweep_trials: imbl::OrdMap::new(),
             }
         }
     }

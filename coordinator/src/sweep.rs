@@ -19,10 +19,12 @@
 //! Grid search needs a finite space: a continuous range takes `steps = N` (N evenly spaced points, in log
 //! space for a log-uniform one).
 //!
-//! TPE is the univariate Tree-structured Parzen Estimator (Bergstra et al., 2011) with the defaults Optuna
-//! documents: 10 random startup trials, the best `min(ceil(0.1 n), 25)` observations as the good group,
-//! Parzen estimators with a uniform prior component and bandwidths clipped to the range, 24 candidates
-//! drawn from the good density and the one with the highest ratio to the bad density kept.
+//! TPE is the Tree-structured Parzen Estimator (Bergstra et al., 2011) in its multivariate form (Falkner et
+//! al., 2018), the one Optuna runs by default, with Optuna's defaults: 10 random startup trials, the best
+//! `min(ceil(0.1 n), 25)` observations as the good group, Parzen estimators whose kernels span every
+//! parameter of a level at once, with a prior kernel and bandwidths clipped to the range, 24 candidates
+//! drawn from the good density and the one with the highest ratio to the bad density kept. A nested
+//! choice's parameters are modelled after it, from the trials that picked the same alternative.
 //!
 //! ASHA (Li et al., 2020) checks a trial at each rung `min_resource · eta^k`: it goes on only if its value
 //! is in the best `1/eta` of the values recorded at that rung so far. Hyperband runs several ASHA brackets
@@ -460,88 +462,130 @@ impl Searcher {
     }
 }
 
-/// One TPE suggestion from `observed` (parameters and losses, smaller better).
+/// One TPE suggestion from `observed` (parameters and losses, smaller better, in trial order).
 fn tpe(space: &Space, observed: &[(&Params, f64)], rng: &mut StdRng) -> Params {
-    let mut sorted: Vec<&(&Params, f64)> = observed.iter().collect();
-    sorted.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let mut order: Vec<usize> = (0..observed.len()).collect();
+    order.sort_by(|a, b| observed[*a].1.total_cmp(&observed[*b].1).then(a.cmp(b)));
     let good_count = (observed.len() as f64 * 0.1).ceil().clamp(1.0, 25.0) as usize;
-    let (good, bad) = sorted.split_at(good_count);
-    let good: Vec<&Params> = good.iter().map(|(params, _)| *params).collect();
-    let bad: Vec<&Params> = bad.iter().map(|(params, _)| *params).collect();
+    let (good, bad) = order.split_at(good_count);
+    // Each group in trial order, which the estimator's weights follow (older ones count less).
+    let group = |indices: &[usize]| -> Vec<&Params> {
+        let mut indices = indices.to_vec();
+        indices.sort_unstable();
+        indices.into_iter().map(|index| observed[index].0).collect()
+    };
     let mut params = Params::new();
-    tpe_space(space, &good, &bad, rng, &mut params);
+    tpe_space(space, &group(good), &group(bad), rng, &mut params);
     params
 }
 
-fn tpe_space(space: &Space, good: &[&Params], bad: &[&Params], rng: &mut StdRng, params: &mut Params) {
-    for (name, domain) in &space.params {
-        let values =
-            |group: &[&Params]| -> Vec<Value> { group.iter().filter_map(|params| params.get(name).cloned()).collect() };
-        let (good_values, bad_values) = (values(good), values(bad));
+/// How TPE models one parameter: a real interval (log-uniform ones in log space, integers widened by half a
+/// step each side and rounded at the end), or the index of a choice.
+#[derive(Clone, Copy)]
+enum Axis {
+    Real { low: f64, high: f64, log: bool, integer: bool },
+    Choice(usize),
+}
+
+impl Axis {
+    fn of(domain: &Domain) -> Axis {
         match domain {
-            Domain::Choice(alternatives) => {
-                let weights = |values: &[Value]| -> Vec<f64> {
-                    // One prior count per alternative, so an unseen one keeps a chance.
-                    let mut counts = vec![1.0; alternatives.len()];
-                    for value in values {
-                        if let Some(index) = alternatives.iter().position(|alternative| alternative.value == *value) {
-                            counts[index] += 1.0;
-                        }
-                    }
-                    let total: f64 = counts.iter().sum();
-                    counts.into_iter().map(|count| count / total).collect()
-                };
-                let (l, g) = (weights(&good_values), weights(&bad_values));
-                let mut best = (f64::NEG_INFINITY, 0);
-                for _ in 0..TPE_CANDIDATES {
-                    let index = pick_weighted(&l, rng);
-                    let score = l[index].ln() - g[index].ln();
-                    if score > best.0 {
-                        best = (score, index);
-                    }
-                }
-                let picked = &alternatives[best.1];
-                params.insert(name.clone(), picked.value.clone());
-                // The nested space learns only from trials that picked the same alternative.
-                let (good, bad) = (picking(good, name, &picked.value), picking(bad, name, &picked.value));
-                tpe_space(&picked.space, &good, &bad, rng, params);
-            }
-            numeric => {
-                // Log-uniform ranges are modelled in log space; integers as reals rounded at the end.
-                let (low, high, log, integer) = match numeric {
-                    Domain::Uniform { low, high, .. } => (*low, *high, false, false),
-                    Domain::LogUniform { low, high, .. } => (low.ln(), high.ln(), true, false),
-                    Domain::Int { low, high } => (*low as f64 - 0.5, *high as f64 + 0.5, false, true),
-                    Domain::Choice(_) => unreachable!("handled above"),
-                };
-                let transform = |values: &[Value]| -> Vec<f64> {
-                    values
-                        .iter()
-                        .filter_map(Value::as_f64)
-                        .map(|value| if log { value.ln() } else { value })
-                        .collect()
-                };
-                let l = Parzen::new(&transform(&good_values), low, high);
-                let g = Parzen::new(&transform(&bad_values), low, high);
-                let mut best = (f64::NEG_INFINITY, (low + high) / 2.0);
-                for _ in 0..TPE_CANDIDATES {
-                    let candidate = l.sample(rng);
-                    let score = l.log_density(candidate) - g.log_density(candidate);
-                    if score > best.0 {
-                        best = (score, candidate);
-                    }
-                }
-                let value = if integer {
-                    Value::Int(best.1.round().clamp(low + 0.5, high - 0.5) as i64)
-                } else if log {
-                    let (low, high) = (low.exp(), high.exp());
-                    Value::Float(best.1.exp().clamp(low, high))
-                } else {
-                    Value::Float(best.1.clamp(low, high))
-                };
-                params.insert(name.clone(), value);
-            }
+            Domain::Uniform { low, high, .. } => Axis::Real {
+                low: *low,
+                high: *high,
+                log: false,
+                integer: false,
+            },
+            Domain::LogUniform { low, high, .. } => Axis::Real {
+                low: low.ln(),
+                high: high.ln(),
+                log: true,
+                integer: false,
+            },
+            Domain::Int { low, high } => Axis::Real {
+                low: *low as f64 - 0.5,
+                high: *high as f64 + 0.5,
+                log: false,
+                integer: true,
+            },
+            Domain::Choice(alternatives) => Axis::Choice(alternatives.len()),
         }
+    }
+
+    /// A value as the model sees it; `None` when it is not in the domain.
+    fn internal(&self, domain: &Domain, value: &Value) -> Option<f64> {
+        match (self, domain) {
+            (Axis::Choice(_), Domain::Choice(alternatives)) => alternatives
+                .iter()
+                .position(|alternative| alternative.value == *value)
+                .map(|index| index as f64),
+            (Axis::Real { low, high, log, .. }, _) => {
+                let value = value.as_f64()?;
+                let value = if *log { value.ln() } else { value };
+                value.is_finite().then(|| value.clamp(*low, *high))
+            }
+            _ => None,
+        }
+    }
+
+    fn external(&self, domain: &Domain, internal: f64) -> Value {
+        match (self, domain) {
+            (Axis::Choice(_), Domain::Choice(alternatives)) => alternatives[internal as usize].value.clone(),
+            (Axis::Real { low, high, log, integer }, _) => {
+                if *integer {
+                    Value::Int(internal.round().clamp(low + 0.5, high - 0.5) as i64)
+                } else if *log {
+                    Value::Float(internal.exp().clamp(low.exp(), high.exp()))
+                } else {
+                    Value::Float(internal.clamp(*low, *high))
+                }
+            }
+            _ => unreachable!("an axis is made from its domain"),
+        }
+    }
+}
+
+/// TPE over one level of the space, jointly (the multivariate TPE Optuna uses by default): a candidate is
+/// drawn whole from one kernel of the good density and scored by the ratio of the two densities at it.
+/// A nested choice's space is modelled next, from the trials that picked the same alternative.
+fn tpe_space(space: &Space, good: &[&Params], bad: &[&Params], rng: &mut StdRng, params: &mut Params) {
+    let names: Vec<&String> = space.params.keys().collect();
+    let domains: Vec<&Domain> = space.params.values().collect();
+    let axes: Vec<Axis> = domains.iter().map(|domain| Axis::of(domain)).collect();
+    // Trials missing a parameter of this level (none should) are left out of it.
+    let internal = |group: &[&Params]| -> Vec<Vec<f64>> {
+        group
+            .iter()
+            .filter_map(|params| {
+                names
+                    .iter()
+                    .zip(&domains)
+                    .zip(&axes)
+                    .map(|((name, domain), axis)| axis.internal(domain, params.get(*name)?))
+                    .collect::<Option<Vec<f64>>>()
+            })
+            .collect()
+    };
+    let l = Parzen::new(&axes, &internal(good));
+    let g = Parzen::new(&axes, &internal(bad));
+    let mut best: (f64, Vec<f64>) = (f64::NEG_INFINITY, Vec::new());
+    for _ in 0..TPE_CANDIDATES {
+        let candidate = l.sample(rng);
+        let score = l.log_density(&candidate) - g.log_density(&candidate);
+        if score > best.0 || best.1.is_empty() {
+            best = (score, candidate);
+        }
+    }
+    for (index, ((name, domain), axis)) in names.iter().zip(&domains).zip(&axes).enumerate() {
+        let value = axis.external(domain, best.1[index]);
+        if let Domain::Choice(alternatives) = domain
+            && let Some(picked) = alternatives.iter().find(|alternative| alternative.value == value)
+            && !picked.space.params.is_empty()
+        {
+            let (good, bad) = (picking(good, name, &value), picking(bad, name, &value));
+            tpe_space(&picked.space, &good, &bad, rng, params);
+        }
+        params.insert((*name).clone(), value);
     }
 }
 
@@ -565,82 +609,167 @@ fn pick_weighted(weights: &[f64], rng: &mut StdRng) -> usize {
     weights.len() - 1
 }
 
-/// A mixture of normals truncated to `[low, high]`: one per observation and a wide prior at the centre,
-/// equally weighted, each as wide as the gap to its neighbours (clipped to the range).
+/// One axis of a Parzen estimator: per kernel, a normal truncated to the interval, or a distribution over
+/// the choices.
+enum Kernels {
+    Real { means: Vec<f64>, widths: Vec<f64>, low: f64, high: f64 },
+    Choice(Vec<Vec<f64>>),
+}
+
+/// A Parzen estimator over the axes of one level: a kernel per observation and a prior kernel (the centre
+/// and the whole range, or every choice alike), weighted as Optuna weighs them (equally, until more than
+/// 25 observations make the older ones count less; the prior as one observation). A kernel's width on a
+/// real axis is the larger gap to its neighbours along that axis (the outermost ones use their inner
+/// gap), clipped to [range / min(100, n + 2), range].
 struct Parzen {
-    means: Vec<f64>,
-    widths: Vec<f64>,
-    low: f64,
-    high: f64,
+    weights: Vec<f64>,
+    axes: Vec<Kernels>,
 }
 
 impl Parzen {
-    fn new(observations: &[f64], low: f64, high: f64) -> Parzen {
-        let range = high - low;
-        let prior = (low + high) / 2.0;
-        let mut means: Vec<f64> = observations.iter().map(|value| value.clamp(low, high)).collect();
-        means.push(prior);
-        means.sort_by(f64::total_cmp);
-        let count = means.len();
-        let min_width = range / (100.0f64).min(1.0 + count as f64);
-        let widths = (0..count)
-            .map(|index| {
-                let left = if index == 0 {
-                    means[index] - low
-                } else {
-                    means[index] - means[index - 1]
-                };
-                let right = if index + 1 == count {
-                    high - means[index]
-                } else {
-                    means[index + 1] - means[index]
-                };
-                left.max(right).clamp(min_width, range)
-            })
-            .collect::<Vec<f64>>();
-        // The prior keeps the whole range's width.
-        let widths = widths
-            .into_iter()
-            .zip(&means)
-            .map(|(width, mean)| if *mean == prior { range } else { width })
-            .collect();
-        Parzen {
-            means,
-            widths,
-            low,
-            high,
-        }
-    }
-
-    fn sample(&self, rng: &mut StdRng) -> f64 {
-        let component = rng.random_range(0..self.means.len());
-        let (mean, width) = (self.means[component], self.widths[component]);
-        for _ in 0..64 {
-            // Box–Muller: a standard normal from two uniforms.
-            let (u, v): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random_range(0.0..1.0));
-            let normal = (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos();
-            let value = mean + width * normal;
-            if (self.low..=self.high).contains(&value) {
-                return value;
-            }
-        }
-        mean
-    }
-
-    fn log_density(&self, x: f64) -> f64 {
-        let density: f64 = self
-            .means
+    fn new(axes: &[Axis], observations: &[Vec<f64>]) -> Parzen {
+        let count = observations.len();
+        let mut weights: Vec<f64> = if count < 25 {
+            vec![1.0; count]
+        } else {
+            // Optuna's ramp: the oldest count - 25 from 1/count up to 1, then the 25 newest at 1.
+            let ramp = count - 25;
+            (0..ramp)
+                .map(|index| {
+                    let start = 1.0 / count as f64;
+                    if ramp == 1 {
+                        start
+                    } else {
+                        start + (1.0 - start) * index as f64 / (ramp - 1) as f64
+                    }
+                })
+                .chain(std::iter::repeat_n(1.0, 25))
+                .collect()
+        };
+        weights.push(1.0);
+        let total: f64 = weights.iter().sum();
+        weights.iter_mut().for_each(|weight| *weight /= total);
+        let axes = axes
             .iter()
-            .zip(&self.widths)
-            .map(|(mean, width)| {
-                let z = (x - mean) / width;
-                let mass = normal_cdf((self.high - mean) / width) - normal_cdf((self.low - mean) / width);
-                (-0.5 * z * z).exp() / (width * (std::f64::consts::TAU).sqrt() * mass.max(1e-12))
+            .enumerate()
+            .map(|(index, axis)| {
+                let values: Vec<f64> = observations.iter().map(|observation| observation[index]).collect();
+                match *axis {
+                    Axis::Real { low, high, .. } => {
+                        let (mut means, mut widths) = (values.clone(), bandwidths(&values, low, high));
+                        means.push((low + high) / 2.0);
+                        widths.push(high - low);
+                        Kernels::Real {
+                            means,
+                            widths,
+                            low,
+                            high,
+                        }
+                    }
+                    Axis::Choice(choices) => {
+                        let kernels = count + 1;
+                        let prior = 1.0 / kernels as f64;
+                        let mut rows: Vec<Vec<f64>> = values
+                            .iter()
+                            .map(|value| {
+                                let mut row = vec![prior; choices];
+                                row[*value as usize] += 1.0;
+                                let sum: f64 = row.iter().sum();
+                                row.into_iter().map(|weight| weight / sum).collect()
+                            })
+                            .collect();
+                        rows.push(vec![1.0 / choices as f64; choices]);
+                        Kernels::Choice(rows)
+                    }
+                }
             })
-            .sum::<f64>()
-            / self.means.len() as f64;
-        density.max(1e-300).ln()
+            .collect();
+        Parzen { weights, axes }
     }
+
+    fn sample(&self, rng: &mut StdRng) -> Vec<f64> {
+        let kernel = pick_weighted(&self.weights, rng);
+        self.axes
+            .iter()
+            .map(|axis| match axis {
+                Kernels::Real {
+                    means,
+                    widths,
+                    low,
+                    high,
+                } => truncated_normal(means[kernel], widths[kernel], *low, *high, rng),
+                Kernels::Choice(rows) => pick_weighted(&rows[kernel], rng) as f64,
+            })
+            .collect()
+    }
+
+    fn log_density(&self, x: &[f64]) -> f64 {
+        let terms: Vec<f64> = (0..self.weights.len())
+            .map(|kernel| {
+                let mut log = self.weights[kernel].ln();
+                for (axis, value) in self.axes.iter().zip(x) {
+                    log += match axis {
+                        Kernels::Real {
+                            means,
+                            widths,
+                            low,
+                            high,
+                        } => {
+                            let (mean, width) = (means[kernel], widths[kernel]);
+                            let z = (value - mean) / width;
+                            let mass = normal_cdf((high - mean) / width) - normal_cdf((low - mean) / width);
+                            -0.5 * z * z - (width * std::f64::consts::TAU.sqrt() * mass.max(1e-12)).ln()
+                        }
+                        Kernels::Choice(rows) => rows[kernel][*value as usize].max(1e-300).ln(),
+                    };
+                }
+                log
+            })
+            .collect();
+        let max = terms.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        if !max.is_finite() {
+            return max;
+        }
+        max + terms.iter().map(|term| (term - max).exp()).sum::<f64>().ln()
+    }
+}
+
+/// Each observation's kernel width on a real axis (see [`Parzen`]).
+fn bandwidths(values: &[f64], low: f64, high: f64) -> Vec<f64> {
+    let count = values.len();
+    let mut order: Vec<usize> = (0..count).collect();
+    order.sort_by(|a, b| values[*a].total_cmp(&values[*b]));
+    let sorted: Vec<f64> = std::iter::once(low)
+        .chain(order.iter().map(|index| values[*index]))
+        .chain(std::iter::once(high))
+        .collect();
+    let mut widths_sorted: Vec<f64> = (1..=count)
+        .map(|index| (sorted[index] - sorted[index - 1]).max(sorted[index + 1] - sorted[index]))
+        .collect();
+    if count >= 2 {
+        widths_sorted[0] = sorted[2] - sorted[1];
+        widths_sorted[count - 1] = sorted[count] - sorted[count - 1];
+    }
+    let range = high - low;
+    let min_width = range / 100.0f64.min(2.0 + count as f64);
+    let mut widths = vec![0.0; count];
+    for (rank, index) in order.iter().enumerate() {
+        widths[*index] = widths_sorted[rank].clamp(min_width, range);
+    }
+    widths
+}
+
+/// A draw from the normal (mean, width) truncated to [low, high]: rejection, then the nearest bound.
+fn truncated_normal(mean: f64, width: f64, low: f64, high: f64, rng: &mut StdRng) -> f64 {
+    for _ in 0..64 {
+        // Box–Muller: a standard normal from two uniforms.
+        let (u, v): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random_range(0.0..1.0));
+        let value = mean + width * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos();
+        if (low..=high).contains(&value) {
+            return value;
+        }
+    }
+    mean.clamp(low, high)
 }
 
 fn normal_cdf(z: f64) -> f64 {
@@ -1118,6 +1247,7 @@ pub fn register_best(
 }
 
 pub mod controller;
+pub mod objectives;
 
 #[cfg(test)]
 mod tests;

@@ -340,21 +340,38 @@ impl Hub {
                 });
             }
         }
-        if commands.len() < BATCH_COMMANDS_MAX {
-            // Sweeps first: their new trials are queued by this batch and scheduled by the next round's.
-            let sweeps = crate::sweep::controller::decide(&view.state, now_ms);
-            let room = BATCH_COMMANDS_MAX - commands.len();
-            commands.extend(sweeps.into_iter().take(room));
+        // The sweeps and the scheduler decide on the state as this batch will leave it: the batch so far is
+        // applied to a copy (persistent maps: the copy is cheap). So a finished trial's slot goes to its
+        // sweep's next trial, submitted and placed in the same commit as the report that freed it.
+        let mut ahead = view.state.clone();
+        let mut scratch = Vec::new();
+        for command in &commands {
+            ahead.apply(command.clone(), &mut scratch);
         }
         if commands.len() < BATCH_COMMANDS_MAX {
-            let decisions = schedule_state(&view.state, now_ms, &self.scheduler);
             let room = BATCH_COMMANDS_MAX - commands.len();
-            commands.extend(
-                decisions
-                    .into_iter()
-                    .take(room)
-                    .map(|decision| decision.into_command(now_ms)),
-            );
+            for command in crate::sweep::controller::decide(&ahead, now_ms).into_iter().take(room) {
+                ahead.apply(command.clone(), &mut scratch);
+                commands.push(command);
+            }
+        }
+        if commands.len() < BATCH_COMMANDS_MAX {
+            let decisions = schedule_state(&ahead, now_ms, &self.scheduler);
+            let room = BATCH_COMMANDS_MAX - commands.len();
+            commands.extend(decisions.into_iter().take(room).filter_map(|decision| {
+                if view.state.job(decision.job).is_some() {
+                    return Some(decision.into_command(now_ms));
+                }
+                // Submitted by this batch: its id is only known once applied, its idempotency key now.
+                let idempotency_key = ahead.job(decision.job)?.idempotency_key.clone();
+                (!idempotency_key.is_empty()).then(|| Command::StartAttemptByKey {
+                    idempotency_key,
+                    attempt: decision.attempt,
+                    placement: decision.placement,
+                    master_port: decision.master_port,
+                    now_ms,
+                })
+            }));
         }
         if commands.is_empty() {
             if !acknowledge.is_empty() {

@@ -14,8 +14,8 @@
 
 use std::collections::BTreeMap;
 
-use super::{Decision, Observation, Params, Registration, Scheduler, SweepSpec, trial_of};
-use crate::spec::{JobKind, parse_job_spec};
+use super::{Decision, Observation, Params, Registration, Scheduler, SweepSpec};
+use crate::spec::parse_job_spec;
 use crate::state::{Command, Job, JobState, StateMachine};
 use crate::tracking::{Run, Tracking};
 
@@ -24,19 +24,9 @@ pub const STOPPED_EARLY: &str = "stopped early";
 
 /// The commands the leader should propose for every sweep now.
 pub fn decide(state: &StateMachine, now_ms: i64) -> Vec<Command> {
-    let mut sweeps = Vec::new();
-    let mut trials: BTreeMap<u64, Vec<(u64, &Job)>> = BTreeMap::new();
-    for job in state.jobs() {
-        if job.spec.kind == JobKind::Sweep {
-            sweeps.push(job);
-        } else if let Some((sweep, trial)) = trial_of(&job.spec) {
-            trials.entry(sweep).or_default().push((trial, job));
-        }
-    }
     let mut commands = Vec::new();
-    for sweep in sweeps {
-        let mut mine = trials.remove(&sweep.id).unwrap_or_default();
-        mine.sort_by_key(|(trial, _)| *trial);
+    // The state's sweep index: sweeps and their trials, however many other jobs there are.
+    for (sweep, mine) in state.sweeps() {
         if sweep.state != JobState::Running {
             // An ended sweep (cancelled, say) stops what it still runs.
             for (trial, job) in &mine {
@@ -151,9 +141,12 @@ fn decide_sweep(
         ));
         return commands;
     }
+    let searcher = spec.algorithm.searcher();
+    // Only TPE learns from the history; grid and random search draw without it.
+    let learns = searcher == super::Searcher::Tpe;
     let history: Vec<Observation> = trials
         .iter()
-        .filter(|(_, job)| job.state.is_finished())
+        .filter(|(_, job)| learns && job.state.is_finished())
         .map(|(_, job)| Observation {
             params: params_of(job),
             value: match job.state {
@@ -164,7 +157,6 @@ fn decide_sweep(
         .collect();
     let mut active = trials.iter().filter(|(_, job)| !job.state.is_finished()).count();
     let mut next = trials.last().map_or(0, |(trial, _)| trial + 1);
-    let searcher = spec.algorithm.searcher();
     let mut exhausted = false;
     while active < spec.parallel as usize + stopping && next < u64::from(spec.max_trials) {
         let params = match searcher.suggest(&spec.space, spec.seed, next, spec.direction, &history) {

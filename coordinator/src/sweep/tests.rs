@@ -1,4 +1,5 @@
 use super::*;
+use super::objectives::{BRANIN, HARTMANN6};
 
 fn space(text: &str) -> Result<Space, SweepError> {
     let table: toml::Table = toml::from_str(text).expect("valid TOML");
@@ -118,40 +119,6 @@ fn bad_spaces_are_refused_with_what_was_expected() {
     assert!(error.0.contains("give it steps = N"), "{error}");
 }
 
-/// Branin on [-5, 10] × [0, 15]; its minimum is 0.397887.
-fn branin(params: &Params) -> f64 {
-    let (x, y) = (params["x"].as_f64().unwrap(), params["y"].as_f64().unwrap());
-    let (b, c, t) = (
-        5.1 / (4.0 * std::f64::consts::PI.powi(2)),
-        5.0 / std::f64::consts::PI,
-        1.0 / (8.0 * std::f64::consts::PI),
-    );
-    (y - b * x * x + c * x - 6.0).powi(2) + 10.0 * (1.0 - t) * x.cos() + 10.0
-}
-
-/// Hartmann-6 on [0, 1]^6; its minimum is -3.32237.
-fn hartmann6(params: &Params) -> f64 {
-    const ALPHA: [f64; 4] = [1.0, 1.2, 3.0, 3.2];
-    const A: [[f64; 6]; 4] = [
-        [10.0, 3.0, 17.0, 3.5, 1.7, 8.0],
-        [0.05, 10.0, 17.0, 0.1, 8.0, 14.0],
-        [3.0, 3.5, 1.7, 10.0, 17.0, 8.0],
-        [17.0, 8.0, 0.05, 10.0, 0.1, 14.0],
-    ];
-    const P: [[f64; 6]; 4] = [
-        [0.1312, 0.1696, 0.5569, 0.0124, 0.8283, 0.5886],
-        [0.2329, 0.4135, 0.8307, 0.3736, 0.1004, 0.9991],
-        [0.2348, 0.1451, 0.3522, 0.2883, 0.3047, 0.6650],
-        [0.4047, 0.8828, 0.8732, 0.5743, 0.1091, 0.0381],
-    ];
-    let x: Vec<f64> = (0..6)
-        .map(|index| params[&format!("x{index}")].as_f64().unwrap())
-        .collect();
-    -(0..4)
-        .map(|i| ALPHA[i] * (-(0..6).map(|j| A[i][j] * (x[j] - P[i][j]).powi(2)).sum::<f64>()).exp())
-        .sum::<f64>()
-}
-
 /// The best value `searcher` finds in `budget` trials of `objective`, minimizing.
 fn best_after(searcher: Searcher, space: &Space, seed: u64, budget: u64, objective: fn(&Params) -> f64) -> f64 {
     let mut history = Vec::new();
@@ -185,24 +152,14 @@ fn mean_regrets(space: &Space, budget: u64, objective: fn(&Params) -> f64, minim
 
 #[test]
 fn tpe_beats_random_search_on_branin_and_hartmann6() {
-    let branin_space = space("x = { uniform = [-5.0, 10.0] }\ny = { uniform = [0.0, 15.0] }").unwrap();
-    let (tpe, random) = mean_regrets(&branin_space, 50, branin, 0.397887);
-    assert!(
-        tpe < random,
-        "Branin after 50 trials: TPE regret {tpe}, random {random}"
-    );
-    let hartmann_space = space(
-        &(0..6)
-            .map(|index| format!("x{index} = {{ uniform = [0.0, 1.0] }}"))
-            .collect::<Vec<_>>()
-            .join("\n"),
-    )
-    .unwrap();
-    let (tpe, random) = mean_regrets(&hartmann_space, 60, hartmann6, -3.32237);
-    assert!(
-        tpe < random,
-        "Hartmann-6 after 60 trials: TPE regret {tpe}, random {random}"
-    );
+    for (objective, budget) in [(BRANIN, 50), (HARTMANN6, 60)] {
+        let (tpe, random) = mean_regrets(&objective.space().unwrap(), budget, objective.evaluate, objective.minimum);
+        assert!(
+            tpe < random,
+            "{} after {budget} trials: TPE regret {tpe}, random {random}",
+            objective.name
+        );
+    }
 }
 
 #[test]
@@ -411,4 +368,46 @@ fn bad_sweep_settings_are_refused() {
     )
     .unwrap_err();
     assert!(error.message.contains("only for jobs of kind \"sweep\""), "{error}");
+}
+
+/// The first trial (1-based) whose value is within `regret` of the minimum, or `budget + 1` when none is.
+fn trials_to_reach(searcher: Searcher, objective: &super::objectives::Objective, seed: u64, budget: u64, regret: f64) -> u64 {
+    let space = objective.space().unwrap();
+    let mut history = Vec::new();
+    for trial in 0..budget {
+        let params = searcher
+            .suggest(&space, seed, trial, Direction::Minimize, &history)
+            .unwrap()
+            .unwrap();
+        let value = (objective.evaluate)(&params);
+        if objective.regret(value) <= regret {
+            return trial + 1;
+        }
+        history.push(Observation {
+            params,
+            value: Some(value),
+        });
+    }
+    budget + 1
+}
+
+/// The twin of the sweep test that runs these searches as `command` trials on a cluster
+/// (`cli/tests/sweeps.rs`, the same functions, budgets, regrets and seeds): averaged over seeds 0..10, TPE
+/// needs fewer trials than random search to come within the regret of the minimum.
+#[test]
+fn tpe_needs_fewer_trials_than_random_search_to_reach_a_regret() {
+    for (objective, budget, regret) in [(BRANIN, 35, 0.3), (HARTMANN6, 25, 1.0)] {
+        let mean = |searcher| {
+            (0..10)
+                .map(|seed| trials_to_reach(searcher, &objective, seed, budget, regret))
+                .sum::<u64>() as f64
+                / 10.0
+        };
+        let (tpe, random) = (mean(Searcher::Tpe), mean(Searcher::Random));
+        assert!(
+            tpe < random,
+            "{}: TPE needs {tpe} trials on average to reach regret {regret}, random search {random}",
+            objective.name
+        );
+    }
 }
