@@ -415,11 +415,16 @@ async fn asha_on_the_digits_stops_most_trials_early_and_keeps_the_best() {
         side_by_side.join("\n")
     );
     let best = |shown: &serde_json::Value| shown["best"]["value"].as_f64().unwrap();
-    // The issue asks for 1%. Measured at seed 42: ASHA 0.9666 against 0.9805, the full search's best
-    // being a late starter (0.950 at epoch 9, where the trials kept were at 0.966) that ASHA stopped; the
-    // bound held here is 2%, until that gap is closed (RESULTS.md, the sweeps section).
+    eprintln!(
+        "ASHA: {stopped} of 24 trials stopped early, {spent} of {everything} trial-epochs ({:.1}%), best {} against \
+         the full search's {}",
+        100.0 * spent / everything,
+        best(&asha),
+        best(&full)
+    );
+    // Within 1 point of accuracy of the full search's best.
     assert!(
-        best(&asha) >= best(&full) - 0.02,
+        best(&asha) >= best(&full) - 0.01,
         "ASHA's best {} against {}:\n{}",
         best(&asha),
         best(&full),

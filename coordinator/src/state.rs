@@ -2005,6 +2005,49 @@ mod tests {
     }
 
     #[test]
+    fn sweeps_index_their_trials_and_a_trial_is_placed_by_its_idempotency_key() {
+        let mut state = StateMachine::default();
+        let worker = register(&mut state, "w", 2);
+        let sweep_toml = include_str!("../../examples/sweeps/branin-tpe.toml");
+        let CommandResult::Submitted { job: sweep, .. } = apply(&mut state, submit_spec("sweep", 1, sweep_toml)) else {
+            panic!("the sweep was not submitted")
+        };
+        apply(&mut state, submit("plain", 2));
+        let spec = crate::sweep::SweepSpec::parse(sweep_toml).unwrap();
+        for trial in [1u64, 0] {
+            let mut params = crate::sweep::Params::new();
+            params.insert("x".into(), crate::sweep::Value::Float(trial as f64));
+            params.insert("y".into(), crate::sweep::Value::Float(1.0));
+            let text = spec.trial_spec(sweep.id, trial, &params);
+            apply(&mut state, submit_spec(&format!("sweep-1-trial-{trial}"), 3, &text));
+        }
+        let listed: Vec<(JobId, Vec<u64>)> = state
+            .sweeps()
+            .map(|(sweep, trials)| (sweep.id, trials.iter().map(|(trial, _)| *trial).collect()))
+            .collect();
+        assert_eq!(listed, vec![(sweep.id, vec![0, 1])]);
+
+        // Placed by key in the batch that submitted it; an unknown key changes nothing.
+        let by_key = |key: &str| Command::StartAttemptByKey {
+            idempotency_key: key.into(),
+            attempt: 1,
+            placement: vec![worker],
+            master_port: 29500,
+            now_ms: 4,
+        };
+        let refused = apply(&mut state, by_key("sweep-1-trial-7"));
+        assert!(matches!(refused, CommandResult::Rejected(_)), "{refused:?}");
+        assert_eq!(apply(&mut state, by_key("sweep-1-trial-0")), CommandResult::Done);
+        let placed = state.sweeps().next().unwrap().1[0].1.clone();
+        assert_eq!((placed.state, placed.attempts.len()), (JobState::Running, 1));
+
+        // The index is not stored: a snapshot rebuilds it.
+        let restored = StateMachine::from_snapshot(&state.to_snapshot().unwrap()).unwrap();
+        assert_eq!(restored, state);
+        assert_eq!(restored.sweeps().count(), 1);
+    }
+
+    #[test]
     fn a_version_1_snapshot_is_upgraded_with_its_jobs_queued() {
         let spec_toml = "name = \"hello\"\nkind = \"command\"\ncommand = \"true\"\n".to_string();
         let spec = parse_job_spec("t", &spec_toml).unwrap();

@@ -4,8 +4,9 @@
 //!
 //! - a new trial is a `SubmitJob` whose idempotency key is `sweep-ID-trial-N`: proposed twice (a lost
 //!   answer, a failover), it is made once, so a sweep never runs more than `max_trials` trials;
-//! - ASHA's and Hyperband's decisions are replayed from the trials' reported metric points, in time order,
-//!   and a trial found below its rung is cancelled (`stopped early…`);
+//! - ASHA's and Hyperband's decisions are replayed from the trials' reported metric points, in time order
+//!   (each trial at a rung with the best value it has reached so far), and a trial found below its rung is
+//!   cancelled (`stopped early…`);
 //! - the end is a `FinishSweep`, applied once.
 //!
 //! Trials are ordinary jobs (`kind` of the template) whose environment names their sweep and number
@@ -227,13 +228,22 @@ fn early_stops<'a>(tracking: &Tracking, spec: &SweepSpec, trials: &[(u64, &'a Jo
     }
     events.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
     let mut stopped: Vec<Option<String>> = vec![None; trials.len()];
+    // A trial enters a rung with the best value it has reached so far, not only its latest: one noisy
+    // epoch (a validation accuracy that dips before it climbs) does not stop a trial that is doing well.
+    let mut best: Vec<f64> = vec![f64::INFINITY; trials.len()];
     for (_, index, resource, value) in events {
         if stopped[index].is_some() {
             continue;
         }
-        if scheduler.on_result(brackets[index], resource, spec.direction.loss(value)) == Decision::Stop {
+        let loss = spec.direction.loss(value);
+        if !loss.is_nan() {
+            best[index] = best[index].min(loss);
+        }
+        if scheduler.on_result(brackets[index], resource, best[index]) == Decision::Stop {
+            let reached = spec.direction.loss(best[index]);
             stopped[index] = Some(format!(
-                "{STOPPED_EARLY} by {:?} at resource {resource}: {} {value} is not among the best 1/{} at that rung",
+                "{STOPPED_EARLY} by {:?} at resource {resource}: {} {reached} (its best so far) is not among the \
+                 best 1/{} at that rung",
                 spec.algorithm, spec.metric, spec.eta
             ));
         }

@@ -326,7 +326,7 @@ fn bad_sweep_settings_are_refused() {
         ("max_trials = 24", "max_trials = 0", "expected 1 to"),
         ("parallel = 2", "parallel = 0", "expected at least 1 trial"),
         (
-            "min_resource = 3           # epochs\n",
+            "min_resource = 1           # epochs\n",
             "",
             "needs sweep.min_resource and sweep.max_resource",
         ),
