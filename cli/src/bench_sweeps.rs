@@ -22,7 +22,6 @@ use anyhow::{Context, Result, bail};
 use kiln_coordinator::client::{Client, new_idempotency_key};
 use kiln_coordinator::sweep::objectives::{OBJECTIVES, Objective};
 use kiln_coordinator::sweep::{Direction, Observation, Searcher};
-use kiln_proto as pb;
 use serde::Serialize;
 use serde_json::json;
 
@@ -334,8 +333,7 @@ pub async fn run_overhead(
         sweep_seconds,
         overhead_vs_pool: sweep_seconds / pool_seconds - 1.0,
         overhead_vs_nominal: sweep_seconds / nominal - 1.0,
-        sweep_state: pb::JobState::try_from(finished.state)
-            .map_or("unknown".into(), |state| state.as_str_name().to_lowercase()),
+        sweep_state: crate::output::state_label(finished.state).to_string(),
         sweep_message: finished.message,
     })
 }
