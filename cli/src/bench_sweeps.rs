@@ -166,7 +166,14 @@ pub fn print_tpe(results: &[SearcherResult]) {
         })
         .collect();
     crate::output::print_table(
-        &["FUNCTION", "SEARCHER", "SEEDS × TRIALS", "MEDIAN REGRET", "MEAN REGRET", "VS OPTUNA"],
+        &[
+            "FUNCTION",
+            "SEARCHER",
+            "SEEDS × TRIALS",
+            "MEDIAN REGRET",
+            "MEAN REGRET",
+            "VS OPTUNA",
+        ],
         &rows,
     );
 }
@@ -203,7 +210,11 @@ async fn pool_run(tracking: &str) -> Result<String> {
     let api = crate::runs::Api::new(tracking.split(',').next().unwrap_or_default())?;
     let name = format!("kiln-bench-sweeps-{}", new_idempotency_key());
     let experiment = api
-        .post("experiments/create", json!({ "name": name }), "creating the pool's experiment")
+        .post(
+            "experiments/create",
+            json!({ "name": name }),
+            "creating the pool's experiment",
+        )
         .await?["experiment_id"]
         .as_str()
         .unwrap_or_default()
@@ -226,8 +237,13 @@ async fn run_pool(kiln: &Path, tracking: &str, trials: usize, parallel: usize, t
     let started = Instant::now();
     let mut lanes = tokio::task::JoinSet::new();
     for _ in 0..parallel {
-        let (next, program, args, run, tracking) =
-            (next.clone(), program.clone(), args.clone(), run.clone(), tracking.to_string());
+        let (next, program, args, run, tracking) = (
+            next.clone(),
+            program.clone(),
+            args.clone(),
+            run.clone(),
+            tracking.to_string(),
+        );
         lanes.spawn(async move {
             loop {
                 let index = next.fetch_add(1, Ordering::Relaxed);

@@ -3,8 +3,8 @@
 mod artifacts;
 mod bench;
 mod bench_jobs;
-mod bench_sweeps;
 mod bench_lookup;
+mod bench_sweeps;
 mod bench_tracking;
 mod demo;
 mod features;

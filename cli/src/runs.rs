@@ -70,7 +70,9 @@ fn parse_metric(text: &str) -> Result<(String, f64), String> {
         .parse()
         .map_err(|_| format!("the value of metric '{name}' is '{value}'; expected a number"))?;
     if !number.is_finite() {
-        return Err(format!("the value of metric '{name}' is {number}; expected a finite number"));
+        return Err(format!(
+            "the value of metric '{name}' is {number}; expected a finite number"
+        ));
     }
     Ok((name, number))
 }

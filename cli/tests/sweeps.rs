@@ -38,10 +38,24 @@ fn branin_sweep(algorithm: &str, max_trials: u32, parallel: u32, space: &str, en
 fn objective_sweep(objective: &Objective, algorithm: &str, max_trials: u32, seed: u64) -> String {
     let name = objective.name;
     branin_sweep(algorithm, max_trials, 1, objective.space_toml, "")
-        .replace("name = \"branin-tpe\"", &format!("name = \"{name}-{algorithm}-{seed}\""))
+        .replace(
+            "name = \"branin-tpe\"",
+            &format!("name = \"{name}-{algorithm}-{seed}\""),
+        )
         .replace("seed = 7", &format!("seed = {seed}"))
         .replace("metric = \"branin\"", &format!("metric = \"{name}\""))
         .replace("objective.py\", \"branin\"]", &format!("objective.py\", \"{name}\"]"))
+}
+
+/// One coordinator serving the MLflow API, and one worker with `cpus` slots.
+async fn cluster_with_worker(cpus: u32) -> Cluster {
+    let mut cluster = Cluster::new(Path::new(KILN), 1, &[]).unwrap();
+    cluster.tracking = true;
+    cluster.start_all().unwrap();
+    cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
+    cluster.start_worker(1, cpus, &[]).unwrap();
+    cluster.wait_for_workers(1, Duration::from_secs(20)).await.unwrap();
+    cluster
 }
 
 fn run(cluster: &Cluster, args: &[&str]) -> (bool, String, String) {
@@ -96,12 +110,7 @@ fn branin(x: f64, y: f64) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grid_sweep_of_command_trials_covers_its_grid_once_and_names_the_best() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let mut cluster = Cluster::new(Path::new(KILN), 1, &[]).unwrap();
-    cluster.tracking = true;
-    cluster.start_all().unwrap();
-    cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
-    cluster.start_worker(1, 3, &[]).unwrap();
-    cluster.wait_for_workers(1, Duration::from_secs(20)).await.unwrap();
+    let cluster = cluster_with_worker(3).await;
     let directory = tempfile::tempdir().unwrap();
     let space = "x = { uniform = [-5.0, 10.0], steps = 3 }\ny = { uniform = [0.0, 15.0], steps = 3 }";
     // max_trials above the grid's 9 points: the grid ends the sweep.
@@ -176,6 +185,47 @@ async fn a_grid_sweep_of_command_trials_covers_its_grid_once_and_names_the_best(
     );
     let (status, _) = kiln_cluster_tests::http_text(address, "GET", "/sweeps/999", "");
     assert_eq!(status, 404);
+}
+
+/// Any program can be a trial: a shell line reporting through `kiln runs log` (the worker gives it
+/// MLFLOW_RUN_ID and KILN_TRACKING), and `kiln runs log` refuses what is not a metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shell_trial_reports_its_metric_with_kiln_runs_log() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let cluster = cluster_with_worker(2).await;
+    let directory = tempfile::tempdir().unwrap();
+    let text = format!(
+        "name = \"shell\"\nkind = \"sweep\"\n[sweep]\nalgorithm = \"grid\"\nmetric = \"loss\"\n\
+         direction = \"minimize\"\nmax_trials = 10\nparallel = 2\nseed = 1\n[space]\n\
+         x = {{ uniform = [1.0, 3.0], steps = 3 }}\n[template]\nkind = \"command\"\ncommand = \"sh\"\n\
+         args = [\"-c\", \"exec '{KILN}' runs log --metric loss=$KILN_PARAM_X --param shell=yes\"]\n"
+    );
+    let id = submit(&cluster, directory.path(), &text);
+    let shown = wait_for_sweep(&cluster, id, Duration::from_secs(60));
+    assert_eq!(shown["state"], "succeeded", "{shown:#}");
+    assert_eq!(shown["trials"].as_array().unwrap().len(), 3, "{shown:#}");
+    assert_eq!(shown["best"]["value"], 1.0, "{shown:#}");
+    let best = shown["trials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|trial| trial["trial"] == shown["best"]["trial"])
+        .unwrap();
+    let run_id = format!("{:032x}", best["job"].as_u64().unwrap());
+    let tracking = cluster.tracking_addresses().unwrap();
+    let tracking = tracking.split(',').next().unwrap();
+    let (ok, stdout, stderr) = run(&cluster, &["runs", "show", &run_id, "--json", "--tracking", tracking]);
+    assert!(ok && stdout.contains("\"shell\""), "{stdout}{stderr}");
+    for (args, expected) in [
+        (vec!["--metric", "loss=abc"], "expected a number"),
+        (vec!["--metric", "=1"], "is not NAME=VALUE"),
+        (vec![], "nothing to log"),
+    ] {
+        let mut all = vec!["runs", "log", "--run", &run_id, "--tracking", tracking];
+        all.extend(args);
+        let (ok, _, stderr) = run(&cluster, &all);
+        assert!(!ok && stderr.contains(expected), "{all:?}: {stderr}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,19 +331,16 @@ const REGRET_TARGETS: [(Objective, u32, f64); 2] = [(BRANIN, 35, 0.3), (HARTMANN
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tpe_needs_fewer_command_trials_than_random_search_to_reach_a_regret_over_ten_seeds() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let mut cluster = Cluster::new(Path::new(KILN), 1, &[]).unwrap();
-    cluster.tracking = true;
-    cluster.start_all().unwrap();
-    cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
-    cluster.start_worker(1, 8, &[]).unwrap();
-    cluster.wait_for_workers(1, Duration::from_secs(20)).await.unwrap();
+    let cluster = cluster_with_worker(8).await;
     let directory = tempfile::tempdir().unwrap();
     let mut sweeps = Vec::new();
     for (objective, budget, regret) in REGRET_TARGETS {
         for seed in 0..10 {
             for algorithm in ["tpe", "random"] {
                 let text = objective_sweep(&objective, algorithm, budget, seed);
-                let file = directory.path().join(format!("{}-{algorithm}-{seed}.toml", objective.name));
+                let file = directory
+                    .path()
+                    .join(format!("{}-{algorithm}-{seed}.toml", objective.name));
                 std::fs::write(&file, text).unwrap();
                 let (ok, stdout, stderr) = run(&cluster, &["submit", file.to_str().unwrap()]);
                 assert!(ok, "kiln submit: {stderr}");
@@ -321,7 +368,10 @@ async fn tpe_needs_fewer_command_trials_than_random_search_to_reach_a_regret_ove
             .iter()
             .position(|(_, value)| objective.regret(*value) <= regret)
             .map_or(budget + 1, |index| index as u32 + 1);
-        eprintln!("{} {algorithm} seed {seed}: regret {regret} after {first} trials", objective.name);
+        eprintln!(
+            "{} {algorithm} seed {seed}: regret {regret} after {first} trials",
+            objective.name
+        );
         needed.entry((objective.name, algorithm)).or_default().push(first);
     }
     let mean = |counts: &Vec<u32>| counts.iter().sum::<u32>() as f64 / counts.len() as f64;
@@ -362,12 +412,7 @@ fn digits_sweep(algorithm: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asha_on_the_digits_stops_most_trials_early_and_keeps_the_best() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let mut cluster = Cluster::new(Path::new(KILN), 1, &[]).unwrap();
-    cluster.tracking = true;
-    cluster.start_all().unwrap();
-    cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
-    cluster.start_worker(1, 2, &[]).unwrap();
-    cluster.wait_for_workers(1, Duration::from_secs(20)).await.unwrap();
+    let cluster = cluster_with_worker(2).await;
     let directory = tempfile::tempdir().unwrap();
     let asha = submit(&cluster, directory.path(), &digits_sweep("asha"));
     let asha = wait_for_sweep(&cluster, asha, Duration::from_secs(600));

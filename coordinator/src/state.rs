@@ -603,6 +603,17 @@ fn train_params(spec: &JobSpec) -> Vec<(String, String)> {
     params
 }
 
+/// Records a new job in the sweep index: a sweep, or a trial of one.
+fn index_sweep_job(index: &mut imbl::OrdMap<JobId, imbl::OrdMap<u64, JobId>>, job: &Job) {
+    if job.spec.kind == crate::spec::JobKind::Sweep {
+        index.entry(job.id).or_default();
+    } else if let Some((sweep, trial)) = crate::sweep::trial_of(&job.spec)
+        && let Some(trials) = index.get_mut(&sweep)
+    {
+        trials.insert(trial, job.id);
+    }
+}
+
 fn queue_key(job: &Job) -> (i64, JobId) {
     (-i64::from(job.spec.priority), job.id)
 }
@@ -689,7 +700,7 @@ impl StateMachine {
                     self.queue.insert(queue_key(&job));
                 }
                 self.jobs.insert(job.id, job.clone());
-                self.index_sweep_job(&job);
+                index_sweep_job(&mut self.sweep_trials, &job);
                 // Train jobs and sweep trials get a run; a trial's is in its sweep's experiment, with its
                 // parameters.
                 let trial = crate::sweep::trial_of(&job.spec)
@@ -1449,38 +1460,15 @@ impl StateMachine {
         Ok(state.with_indexes())
     }
 
-    /// The derived indexes (not in snapshots), rebuilt from the jobs.
+    /// The derived indexes (not in snapshots), rebuilt from the jobs (in id order, so a sweep comes
+    /// before its trials).
     fn with_indexes(mut self) -> StateMachine {
-        self.sweep_trials = imbl::OrdMap::new();
-        // In id order, so a sweep is indexed before its trials.
-        let entries: Vec<(JobId, bool, Option<(u64, u64)>)> = self
-            .jobs
-            .values()
-            .map(|job| (job.id, job.spec.kind == crate::spec::JobKind::Sweep, crate::sweep::trial_of(&job.spec)))
-            .collect();
-        for (id, sweep, trial) in entries {
-            self.index_sweep_entry(id, sweep, trial);
+        let mut sweep_trials = imbl::OrdMap::new();
+        for job in self.jobs.values() {
+            index_sweep_job(&mut sweep_trials, job);
         }
+        self.sweep_trials = sweep_trials;
         self
-    }
-
-    /// Records a new job in the sweep index: a sweep, or a trial of one.
-    fn index_sweep_job(&mut self, job: &Job) {
-        self.index_sweep_entry(
-            job.id,
-            job.spec.kind == crate::spec::JobKind::Sweep,
-            crate::sweep::trial_of(&job.spec),
-        );
-    }
-
-    fn index_sweep_entry(&mut self, id: JobId, sweep: bool, trial: Option<(u64, u64)>) {
-        if sweep {
-            self.sweep_trials.entry(id).or_default();
-        } else if let Some((sweep, trial)) = trial
-            && let Some(trials) = self.sweep_trials.get_mut(&sweep)
-        {
-            trials.insert(trial, id);
-        }
     }
 
     /// Every sweep with its trials in trial order.

@@ -483,7 +483,12 @@ fn tpe(space: &Space, observed: &[(&Params, f64)], rng: &mut StdRng) -> Params {
 /// step each side and rounded at the end), or the index of a choice.
 #[derive(Clone, Copy)]
 enum Axis {
-    Real { low: f64, high: f64, log: bool, integer: bool },
+    Real {
+        low: f64,
+        high: f64,
+        log: bool,
+        integer: bool,
+    },
     Choice(usize),
 }
 
@@ -531,7 +536,15 @@ impl Axis {
     fn external(&self, domain: &Domain, internal: f64) -> Value {
         match (self, domain) {
             (Axis::Choice(_), Domain::Choice(alternatives)) => alternatives[internal as usize].value.clone(),
-            (Axis::Real { low, high, log, integer }, _) => {
+            (
+                Axis::Real {
+                    low,
+                    high,
+                    log,
+                    integer,
+                },
+                _,
+            ) => {
                 if *integer {
                     Value::Int(internal.round().clamp(low + 0.5, high - 0.5) as i64)
                 } else if *log {
@@ -612,7 +625,12 @@ fn pick_weighted(weights: &[f64], rng: &mut StdRng) -> usize {
 /// One axis of a Parzen estimator: per kernel, a normal truncated to the interval, or a distribution over
 /// the choices.
 enum Kernels {
-    Real { means: Vec<f64>, widths: Vec<f64>, low: f64, high: f64 },
+    Real {
+        means: Vec<f64>,
+        widths: Vec<f64>,
+        low: f64,
+        high: f64,
+    },
     Choice(Vec<Vec<f64>>),
 }
 

@@ -364,7 +364,7 @@ impl Hub {
                 }
                 // Submitted by this batch: its id is only known once applied, its idempotency key now.
                 let idempotency_key = ahead.job(decision.job)?.idempotency_key.clone();
-                (!idempotency_key.is_empty()).then(|| Command::StartAttemptByKey {
+                (!idempotency_key.is_empty()).then_some(Command::StartAttemptByKey {
                     idempotency_key,
                     attempt: decision.attempt,
                     placement: decision.placement,

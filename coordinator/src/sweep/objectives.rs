@@ -103,7 +103,10 @@ mod tests {
         let names: Vec<String> = (0..6).map(|index| format!("x{index}")).collect();
         let params = point(&names.iter().map(String::as_str).zip(optimum).collect::<Vec<_>>());
         let value = (HARTMANN6.evaluate)(&params);
-        assert!(HARTMANN6.regret(value).abs() < 1e-4, "hartmann6 at its optimum = {value}");
+        assert!(
+            HARTMANN6.regret(value).abs() < 1e-4,
+            "hartmann6 at its optimum = {value}"
+        );
         for objective in OBJECTIVES {
             assert!(objective.space().is_ok(), "{}", objective.name);
         }

@@ -1,5 +1,5 @@
-use super::*;
 use super::objectives::{BRANIN, HARTMANN6};
+use super::*;
 
 fn space(text: &str) -> Result<Space, SweepError> {
     let table: toml::Table = toml::from_str(text).expect("valid TOML");
@@ -153,7 +153,12 @@ fn mean_regrets(space: &Space, budget: u64, objective: fn(&Params) -> f64, minim
 #[test]
 fn tpe_beats_random_search_on_branin_and_hartmann6() {
     for (objective, budget) in [(BRANIN, 50), (HARTMANN6, 60)] {
-        let (tpe, random) = mean_regrets(&objective.space().unwrap(), budget, objective.evaluate, objective.minimum);
+        let (tpe, random) = mean_regrets(
+            &objective.space().unwrap(),
+            budget,
+            objective.evaluate,
+            objective.minimum,
+        );
         assert!(
             tpe < random,
             "{} after {budget} trials: TPE regret {tpe}, random {random}",
@@ -371,7 +376,13 @@ fn bad_sweep_settings_are_refused() {
 }
 
 /// The first trial (1-based) whose value is within `regret` of the minimum, or `budget + 1` when none is.
-fn trials_to_reach(searcher: Searcher, objective: &super::objectives::Objective, seed: u64, budget: u64, regret: f64) -> u64 {
+fn trials_to_reach(
+    searcher: Searcher,
+    objective: &super::objectives::Objective,
+    seed: u64,
+    budget: u64,
+    regret: f64,
+) -> u64 {
     let space = objective.space().unwrap();
     let mut history = Vec::new();
     for trial in 0..budget {
