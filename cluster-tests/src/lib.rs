@@ -18,10 +18,11 @@ pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU64, Ordering};
     // A port below Linux's ephemeral range (32768 and up), so no outgoing connection of the many the tests
     // make can take it between this check and the child's bind (port 0 hands out ephemeral ports, and
-    // a test once lost one that way). Each process starts somewhere random and walks on, so parallel test
-    // processes rarely try the same ones.
+    // a test once lost one that way), and below workers' default task ports (29500-29999, from which the
+    // leader picks MASTER_PORT: a coordinator on one of them fails the rank that gets it). Each process
+    // starts somewhere random and walks on, so parallel test processes rarely try the same ones.
     const FIRST: u64 = 20_000;
-    const SPAN: u64 = 12_000;
+    const SPAN: u64 = 9_500;
     static NEXT: AtomicU64 = AtomicU64::new(0);
     static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     let seed = *SEED.get_or_init(|| {
