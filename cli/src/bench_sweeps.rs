@@ -60,7 +60,7 @@ fn summarize(objective: &Objective, searcher: &str, curves: &[Vec<f64>]) -> Sear
         .collect();
     let mut finals: Vec<f64> = curves
         .iter()
-        .filter_map(|curve| curve.get(trials.wrapping_sub(1)))
+        .filter_map(|curve| curve.get(trials.checked_sub(1)?))
         .map(|value| regret(*value))
         .collect();
     SearcherResult {

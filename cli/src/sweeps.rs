@@ -5,7 +5,9 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use kiln_coordinator::sweep::{PARAMS_ENV, SWEEP_ENV, SweepSpec, TRIAL_ENV};
+use std::collections::HashMap;
+
+use kiln_coordinator::sweep::{PARAMS_ENV, SWEEP_ENV, SweepSpec, TRIAL_ENV, experiment_name};
 use kiln_coordinator::tracking::Tracking;
 use kiln_proto as pb;
 use serde_json::{Value, json};
@@ -67,25 +69,54 @@ fn trials_by_sweep(jobs: &[pb::Job]) -> std::collections::BTreeMap<u64, Vec<Tria
     trials
 }
 
-/// A trial's latest value of `metric`: its job's, else its run's (when a tracking API answers).
-async fn metric_of(api: Option<&crate::runs::Api>, job: &pb::Job, metric: &str) -> Option<f64> {
-    if let Some(value) = job.metrics.get(metric) {
-        return Some(*value);
+/// The latest value of `metric` in each run of the sweep's experiment, by run id: one paged run search
+/// (when a tracking API answers) rather than a request per trial.
+async fn run_values(api: Option<&crate::runs::Api>, sweep: &pb::Job, metric: &str) -> HashMap<String, f64> {
+    let mut values = HashMap::new();
+    let Some(api) = api else { return values };
+    let name = experiment_name(sweep.id, &sweep.name);
+    let Ok(found) = api
+        .get("experiments/get-by-name", &[("experiment_name", &name)], &name)
+        .await
+    else {
+        return values;
+    };
+    let experiment = found["experiment"]["experiment_id"].clone();
+    let mut token = Value::Null;
+    loop {
+        let body = json!({ "experiment_ids": [experiment], "max_results": 1000, "page_token": token });
+        let Ok(page) = api.post("runs/search", body, "the sweep's runs").await else {
+            return values;
+        };
+        for run in page["runs"].as_array().into_iter().flatten() {
+            let value = run["data"]["metrics"]
+                .as_array()
+                .and_then(|metrics| metrics.iter().find(|entry| entry["key"] == metric))
+                .and_then(|entry| entry["value"].as_f64());
+            if let (Some(id), Some(value)) = (run["info"]["run_id"].as_str(), value) {
+                values.insert(id.to_string(), value);
+            }
+        }
+        token = page["next_page_token"].clone();
+        if token.is_null() {
+            return values;
+        }
     }
-    let run = api?.run(&Tracking::job_run_id(job.id)).await.ok()?;
-    run["data"]["metrics"]
-        .as_array()?
-        .iter()
-        .find(|entry| entry["key"] == metric)?["value"]
-        .as_f64()
 }
 
 async fn sweep_json(sweep: &pb::Job, trials: &[Trial], api: Option<&crate::runs::Api>) -> Result<Value> {
     let spec = SweepSpec::read(&sweep.spec_toml).with_context(|| format!("sweep {} cannot be read", sweep.id))?;
     let mut listed = Vec::new();
     let mut best: Option<(f64, u64)> = None;
+    let runs = run_values(api, sweep, &spec.metric).await;
     for trial in trials {
-        let value = metric_of(api, &trial.job, &spec.metric).await;
+        // Its job's value (Kiln's trainer reports it), else its run's.
+        let value = trial
+            .job
+            .metrics
+            .get(&spec.metric)
+            .or_else(|| runs.get(&Tracking::job_run_id(trial.job.id)))
+            .copied();
         if let Some(value) = value
             && trial.job.state == pb::JobState::Succeeded as i32
             && best.is_none_or(|(current, _)| spec.direction.loss(value) < spec.direction.loss(current))

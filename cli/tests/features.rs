@@ -703,20 +703,20 @@ async fn the_digits_example_trains_from_the_feature_store_with_each_rank_fetchin
         weights["size"].as_u64().unwrap()
     );
 
-    let lineage: serde_json::Value = serde_json::from_str(&kiln(&[
-        "lineage",
-        "models:/digits/1",
-        "--upstream",
-        "--format",
-        "json",
-    ]))
-    .unwrap();
-    let nodes: Vec<&str> = lineage["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|node| node["id"].as_str().unwrap())
-        .collect();
+    // `kiln lineage TARGET --DIRECTION --format json`, and the ids of its nodes.
+    let lineage_of = |target: &str, direction: &str| -> serde_json::Value {
+        serde_json::from_str(&kiln(&["lineage", target, direction, "--format", "json"])).unwrap()
+    };
+    let ids = |graph: &serde_json::Value| -> Vec<String> {
+        graph["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|node| node["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let lineage = lineage_of("models:/digits/1", "--upstream");
+    let nodes = ids(&lineage);
     for expected in [
         "model:digits/1".to_string(),
         format!("run:{run_id}"),
@@ -724,10 +724,7 @@ async fn the_digits_example_trains_from_the_feature_store_with_each_rank_fetchin
         format!("dataset:{digest}"),
         "view:digit_pixels@1".to_string(),
     ] {
-        assert!(
-            nodes.contains(&expected.as_str()),
-            "{expected} missing from {lineage:#}"
-        );
+        assert!(nodes.contains(&expected), "{expected} missing from {lineage:#}");
     }
     let run_node = lineage["nodes"]
         .as_array()
@@ -767,30 +764,15 @@ async fn the_digits_example_trains_from_the_feature_store_with_each_rank_fetchin
         recorded["data"]["params"].to_string().contains("\"rows_applied\""),
         "{recorded:#}"
     );
-    let downstream: serde_json::Value = serde_json::from_str(&kiln(&[
-        "lineage",
-        "view:digit_pixels@1",
-        "--downstream",
-        "--format",
-        "json",
-    ]))
-    .unwrap();
-    let nodes: Vec<&str> = downstream["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|node| node["id"].as_str().unwrap())
-        .collect();
+    let downstream = lineage_of("view:digit_pixels@1", "--downstream");
+    let nodes = ids(&downstream);
     for expected in [
         format!("run:{materialization}"),
         "online:digit_pixels".to_string(),
         format!("dataset:{digest}"),
         "model:digits/1".to_string(),
     ] {
-        assert!(
-            nodes.contains(&expected.as_str()),
-            "{expected} missing from {downstream:#}"
-        );
+        assert!(nodes.contains(&expected), "{expected} missing from {downstream:#}");
     }
     let text = kiln(&["lineage", "online:digit_pixels", "--upstream"]);
     assert!(text.contains("materialization of digit_pixels@1"), "{text}");
