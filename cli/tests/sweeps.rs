@@ -323,6 +323,47 @@ async fn a_sweep_survives_its_leader_dying_with_exactly_max_trials_trials() {
 /// 23.1 against 26.0, where budget + 1 counts a seed that never got there.)
 const REGRET_TARGETS: [(Objective, u32, f64); 2] = [(BRANIN, 35, 0.3), (HARTMANN6, 25, 1.0)];
 
+/// Hyperband through the cluster, with trials that are data-parallel jobs of two ranks each: every trial
+/// runs both ranks, and each one ends either done or stopped at a rung, none failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hyperband_sweep_of_two_rank_training_trials_completes() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut cluster = cluster_with_worker(2).await;
+    cluster.start_worker(2, 2, &[]).unwrap();
+    cluster.wait_for_workers(2, Duration::from_secs(20)).await.unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let text = digits_sweep("hyperband")
+        .replace("max_trials = 24", "max_trials = 6")
+        .replace("workers = 1\n", "workers = 2\n");
+    assert!(
+        text.contains("workers = 2\n") && text.contains("max_trials = 6"),
+        "{text}"
+    );
+    let id = submit(&cluster, directory.path(), &text);
+    let shown = wait_for_sweep(&cluster, id, Duration::from_secs(600));
+    assert_eq!(shown["state"], "succeeded", "{shown:#}");
+    let trials = shown["trials"].as_array().unwrap();
+    assert_eq!(trials.len(), 6, "{shown:#}");
+    eprintln!("hyperband: {}", shown["message"]);
+    for trial in trials {
+        let message = trial["message"].as_str().unwrap_or_default();
+        assert!(
+            trial["state"] == "succeeded" || message.starts_with("stopped early by Hyperband"),
+            "{trial}"
+        );
+        let (ok, job, stderr) = run(&cluster, &["jobs", "show", &trial["job"].to_string(), "--json"]);
+        assert!(ok, "{stderr}");
+        let job: serde_json::Value = serde_json::from_str(&job).unwrap();
+        let ranks: BTreeSet<String> = job["attempts"][0]["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|task| task["rank"].to_string())
+            .collect();
+        assert_eq!(ranks.len(), 2, "two ranks: {job:#}");
+    }
+}
+
 /// How many trials TPE and random search need to come within a regret of each function's minimum, over 10
 /// seeds, through `command` trials that read their parameters from the worker's file and log the value
 /// through the MLflow API. Each sweep runs one trial at a time, so every suggestion sees all earlier results
