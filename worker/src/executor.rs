@@ -10,9 +10,7 @@
 //! directory, so a recycled pid is never hit).
 
 use std::collections::{HashMap, HashSet};
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -272,7 +270,7 @@ impl Executor {
         } else {
             (std::ffi::OsString::from(&assign.command), assign.args.clone())
         };
-        let mut command = tokio::process::Command::new(&program);
+        let mut command = crate::spawn::TaskCommand::new(&program);
         command
             .args(&args)
             .current_dir(&work)
@@ -296,23 +294,8 @@ impl Executor {
                 "KILN_CHECKPOINT_DIR",
                 self.artifact_dir.join(format!("job-{}", key.job)).join("checkpoints"),
             )
-            .stdin(Stdio::null())
             .stdout(stdout)
-            .stderr(stderr)
-            .process_group(0)
-            .kill_on_drop(false);
-        #[allow(unsafe_code)] // pre_exec: the closure runs in the forked child before exec
-        // SAFETY: the closure makes one prctl system call, which is async-signal-safe, allocates nothing
-        // and touches no lock. The death signal fires when the thread that forked exits: that is a runtime
-        // worker thread (this runs on the agent's task), which lives as long as the worker.
-        unsafe {
-            command.pre_exec(|| {
-                // A worker that dies (SIGKILL, a crash) takes its tasks with it, so no orphan rank keeps
-                // training or writing checkpoints beside the attempt that replaces it.
-                rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
-                    .map_err(std::io::Error::from)
-            });
-        }
+            .stderr(stderr);
         if let Some(tracking) = &self.tracking {
             command.env("KILN_TRACKING", tracking).env(
                 "MLFLOW_TRACKING_URI",
@@ -341,7 +324,11 @@ impl Executor {
         // use GPUs the scheduler counts as free.
         let list: Vec<String> = gpus.iter().map(|gpu| gpu.to_string()).collect();
         command.env("CUDA_VISIBLE_DEVICES", list.join(","));
-        let mut child = match command.spawn() {
+        // Its own process group, and SIGKILL when the worker dies (a crash, SIGKILL), so no orphan rank keeps
+        // training or writing checkpoints beside the attempt that replaces it. The death signal follows the
+        // thread that starts the task: a runtime worker thread (this runs on the agent's task), which lives
+        // as long as the worker.
+        let child = match command.spawn() {
             Ok(child) => child,
             Err(error) => {
                 self.free_gpus.extend(gpus);
@@ -356,7 +343,7 @@ impl Executor {
                 });
             }
         };
-        let pid = child.id().unwrap_or(0) as i32;
+        let pid = child.id() as i32;
         let _ = std::fs::write(pid_file(&self.data_dir, key), pid.to_string());
         let alive = Arc::new(AtomicBool::new(true));
         self.running.insert(
@@ -371,11 +358,8 @@ impl Executor {
         let exits = self.exits.clone();
         tokio::spawn(async move {
             let outcome = match child.wait().await {
-                Ok(status) => match (status.code(), status.signal()) {
-                    (Some(code), _) => pb::task_report::Outcome::ExitCode(code),
-                    (None, Some(signal)) => pb::task_report::Outcome::Signal(signal),
-                    (None, None) => pb::task_report::Outcome::ExitCode(-1),
-                },
+                Ok(crate::spawn::Exit::Code(code)) => pb::task_report::Outcome::ExitCode(code),
+                Ok(crate::spawn::Exit::Signal(signal)) => pb::task_report::Outcome::Signal(signal),
                 Err(error) => pb::task_report::Outcome::FailedToStart(format!("waiting for the process: {error}")),
             };
             alive.store(false, Ordering::SeqCst);

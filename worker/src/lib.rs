@@ -26,6 +26,7 @@ pub mod collective;
 mod executor;
 pub mod gpu;
 mod logs;
+mod spawn;
 pub mod trainer;
 
 use std::net::SocketAddr;

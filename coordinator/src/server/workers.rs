@@ -96,6 +96,10 @@ pub(super) struct Hub {
     registrations: HashMap<WorkerId, u32>,
     reports: Vec<(WorkerId, TaskKey, TaskOutcome)>,
     proposing: bool,
+    /// The applied index at which the sweep controller last found nothing to do. It decides from the state
+    /// alone, so until something is applied (or a batch carries reports) it would find nothing again: the
+    /// rounds that heartbeats and the ticker cause skip it.
+    sweeps_idle_at: Option<u64>,
     leading: bool,
     /// The term `leading` refers to.
     term: u64,
@@ -118,6 +122,7 @@ impl Hub {
             registrations: HashMap::new(),
             reports: Vec::new(),
             proposing: false,
+            sweeps_idle_at: None,
             leading: false,
             term: 0,
         }
@@ -265,6 +270,7 @@ impl Hub {
             self.leases.clear();
             self.registrations.clear();
             self.reports.clear();
+            self.sweeps_idle_at = None;
             self.term = view.term;
             if !view.leader_ready {
                 return;
@@ -348,9 +354,13 @@ impl Hub {
         for command in &commands {
             ahead.apply(command.clone(), &mut scratch);
         }
-        if commands.len() < BATCH_COMMANDS_MAX {
+        let sweeps_may_act = !commands.is_empty() || self.sweeps_idle_at != Some(view.applied_index);
+        if sweeps_may_act && commands.len() < BATCH_COMMANDS_MAX {
             let room = BATCH_COMMANDS_MAX - commands.len();
-            for command in crate::sweep::controller::decide(&ahead, now_ms).into_iter().take(room) {
+            let decided = crate::sweep::controller::decide(&ahead, now_ms);
+            // Only an empty answer is remembered: commands that fail to commit are decided again next round.
+            self.sweeps_idle_at = (decided.is_empty() && commands.is_empty()).then_some(view.applied_index);
+            for command in decided.into_iter().take(room) {
                 ahead.apply(command.clone(), &mut scratch);
                 commands.push(command);
             }

@@ -143,21 +143,26 @@ fn decide_sweep(
         return commands;
     }
     let searcher = spec.algorithm.searcher();
-    // Only TPE learns from the history; grid and random search draw without it.
-    let learns = searcher == super::Searcher::Tpe;
-    let history: Vec<Observation> = trials
-        .iter()
-        .filter(|(_, job)| learns && job.state.is_finished())
-        .map(|(_, job)| Observation {
-            params: params_of(job),
-            value: match job.state {
-                JobState::Succeeded | JobState::Cancelled => value_of(tracking, &spec.metric, job),
-                _ => None,
-            },
-        })
-        .collect();
     let mut active = trials.iter().filter(|(_, job)| !job.state.is_finished()).count();
     let mut next = trials.last().map_or(0, |(trial, _)| trial + 1);
+    let room = active < spec.parallel as usize + stopping && next < u64::from(spec.max_trials);
+    // Only TPE learns from the history, and only when a trial is to be suggested; grid and random search
+    // draw without it.
+    let history: Vec<Observation> = if room && searcher == super::Searcher::Tpe {
+        trials
+            .iter()
+            .filter(|(_, job)| job.state.is_finished())
+            .map(|(_, job)| Observation {
+                params: params_of(job),
+                value: match job.state {
+                    JobState::Succeeded | JobState::Cancelled => value_of(tracking, &spec.metric, job),
+                    _ => None,
+                },
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut exhausted = false;
     while active < spec.parallel as usize + stopping && next < u64::from(spec.max_trials) {
         let params = match searcher.suggest(&spec.space, spec.seed, next, spec.direction, &history) {
