@@ -100,6 +100,8 @@ pub(super) struct Hub {
     /// alone, so until something is applied (or a batch carries reports) it would find nothing again: the
     /// rounds that heartbeats and the ticker cause skip it.
     sweeps_idle_at: Option<u64>,
+    /// What the sweep controller need not look up again (see [`crate::sweep::controller::Memo`]).
+    sweeps_memo: crate::sweep::controller::Memo,
     leading: bool,
     /// The term `leading` refers to.
     term: u64,
@@ -123,6 +125,7 @@ impl Hub {
             reports: Vec::new(),
             proposing: false,
             sweeps_idle_at: None,
+            sweeps_memo: Default::default(),
             leading: false,
             term: 0,
         }
@@ -271,6 +274,7 @@ impl Hub {
             self.registrations.clear();
             self.reports.clear();
             self.sweeps_idle_at = None;
+            self.sweeps_memo = Default::default();
             self.term = view.term;
             if !view.leader_ready {
                 return;
@@ -357,7 +361,7 @@ impl Hub {
         let sweeps_may_act = !commands.is_empty() || self.sweeps_idle_at != Some(view.applied_index);
         if sweeps_may_act && commands.len() < BATCH_COMMANDS_MAX {
             let room = BATCH_COMMANDS_MAX - commands.len();
-            let decided = crate::sweep::controller::decide(&ahead, now_ms);
+            let decided = crate::sweep::controller::decide(&ahead, now_ms, &mut self.sweeps_memo);
             // Only an empty answer is remembered: commands that fail to commit are decided again next round.
             self.sweeps_idle_at = (decided.is_empty() && commands.is_empty()).then_some(view.applied_index);
             for command in decided.into_iter().take(room) {

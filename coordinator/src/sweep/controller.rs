@@ -13,7 +13,7 @@
 //! ([`super::SWEEP_ENV`], [`super::TRIAL_ENV`]); their runs are in the sweep's experiment and hold the metric
 //! the sweep optimizes, whether it came from Kiln's trainer or from the MLflow API.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::{Decision, Observation, Params, Registration, Scheduler, SweepSpec};
 use crate::spec::parse_job_spec;
@@ -23,12 +23,21 @@ use crate::tracking::{Run, Tracking};
 /// The reason a trial cancelled for falling below its rung starts with.
 pub const STOPPED_EARLY: &str = "stopped early";
 
+/// What the controller has found once and need not look up again: per running sweep, the succeeded trials
+/// whose run holds the sweep's metric (metrics are only ever added to a run). Soft state of the leader's
+/// hub, only ever a shortcut: a new leader starts it empty and looks each trial up once.
+#[derive(Debug, Default)]
+pub struct Memo {
+    reported: HashMap<u64, HashSet<u64>>,
+}
+
 /// The commands the leader should propose for every sweep now.
-pub fn decide(state: &StateMachine, now_ms: i64) -> Vec<Command> {
+pub fn decide(state: &StateMachine, now_ms: i64, memo: &mut Memo) -> Vec<Command> {
     let mut commands = Vec::new();
     // The state's sweep index: sweeps and their trials, however many other jobs there are.
     for (sweep, mine) in state.sweeps() {
         if sweep.state != JobState::Running {
+            memo.reported.remove(&sweep.id);
             // An ended sweep (cancelled, say) stops what it still runs.
             for (trial, job) in &mine {
                 if !job.state.is_finished() {
@@ -42,7 +51,14 @@ pub fn decide(state: &StateMachine, now_ms: i64) -> Vec<Command> {
             continue;
         }
         match SweepSpec::read(&sweep.spec_toml) {
-            Ok(spec) => commands.extend(decide_sweep(state.tracking(), sweep, &spec, &mine, now_ms)),
+            Ok(spec) => commands.extend(decide_sweep(
+                state.tracking(),
+                sweep,
+                &spec,
+                &mine,
+                memo.reported.entry(sweep.id).or_default(),
+                now_ms,
+            )),
             Err(error) => commands.push(finish(
                 sweep.id,
                 false,
@@ -100,6 +116,7 @@ fn decide_sweep(
     sweep: &Job,
     spec: &SweepSpec,
     trials: &[(u64, &Job)],
+    reported: &mut HashSet<u64>,
     now_ms: i64,
 ) -> Vec<Command> {
     let mut commands = Vec::new();
@@ -118,10 +135,20 @@ fn decide_sweep(
         }
     }
     // A metric the trials never report fails the sweep after the first trial, not silently at the end.
-    if let Some((trial, job)) = trials
-        .iter()
-        .find(|(_, job)| job.state == JobState::Succeeded && value_of(tracking, &spec.metric, job).is_none())
-    {
+    // Each trial is looked up until it is found to have reported, so a round costs a set lookup per trial.
+    let mut silent = None;
+    for (trial, job) in trials {
+        if job.state != JobState::Succeeded || reported.contains(&job.id) {
+            continue;
+        }
+        if value_of(tracking, &spec.metric, job).is_some() {
+            reported.insert(job.id);
+        } else {
+            silent = Some((trial, job));
+            break;
+        }
+    }
+    if let Some((trial, job)) = silent {
         let reported: Vec<String> = run_of(tracking, job)
             .map(|run| run.latest.keys().cloned().collect())
             .unwrap_or_default();
