@@ -15,7 +15,7 @@
 //! of the program (those of PATH, as `execvp` tries them).
 
 use std::collections::BTreeMap;
-use std::ffi::{CStr, CString, OsStr, OsString, c_int, c_void};
+use std::ffi::{CString, OsStr, OsString, c_int, c_void};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -349,8 +349,7 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
         // As execvp: go on past a candidate that is missing or not executable, remembering a refusal.
         let mut refused = false;
         for candidate in &setup.candidates {
-            let path: &CStr = candidate;
-            libc::execve(path.as_ptr(), setup.argv.as_ptr(), setup.envp.as_ptr());
+            libc::execve(candidate.as_ptr(), setup.argv.as_ptr(), setup.envp.as_ptr());
             match io::Error::last_os_error().raw_os_error() {
                 Some(libc::ENOENT | libc::ENOTDIR) => {}
                 Some(libc::EACCES) => refused = true,
@@ -459,30 +458,15 @@ mod tests {
     #[tokio::test]
     async fn a_missing_program_or_directory_is_an_error_and_leaves_no_process() {
         let dir = tempfile::tempdir().unwrap();
-        let error = TaskCommand::new("kiln-no-such-program")
-            .current_dir(dir.path())
-            .spawn()
-            .err()
-            .unwrap();
+        let refusal = |program: &str, cwd: PathBuf| TaskCommand::new(program).current_dir(cwd).spawn().err().unwrap();
+        let error = refusal("kiln-no-such-program", dir.path().to_path_buf());
         assert_eq!(error.kind(), io::ErrorKind::NotFound, "{error}");
-        let error = TaskCommand::new("./not-executable")
-            .current_dir(dir.path())
-            .spawn()
-            .err()
-            .unwrap();
+        let error = refusal("./not-executable", dir.path().to_path_buf());
         assert_eq!(error.kind(), io::ErrorKind::NotFound, "{error}");
-        let error = TaskCommand::new("sh")
-            .current_dir(dir.path().join("missing"))
-            .spawn()
-            .err()
-            .unwrap();
+        let error = refusal("sh", dir.path().join("missing"));
         assert!(error.to_string().contains("entering"), "{error}");
         std::fs::write(dir.path().join("script"), "#!/bin/sh\n").unwrap();
-        let error = TaskCommand::new("./script")
-            .current_dir(dir.path())
-            .spawn()
-            .err()
-            .unwrap();
+        let error = refusal("./script", dir.path().to_path_buf());
         assert_eq!(error.kind(), io::ErrorKind::PermissionDenied, "{error}");
     }
 

@@ -172,10 +172,11 @@ fn decide_sweep(
     let searcher = spec.algorithm.searcher();
     let mut active = trials.iter().filter(|(_, job)| !job.state.is_finished()).count();
     let mut next = trials.last().map_or(0, |(trial, _)| trial + 1);
-    let room = active < spec.parallel as usize + stopping && next < u64::from(spec.max_trials);
+    let room =
+        |active: usize, next: u64| active < spec.parallel as usize + stopping && next < u64::from(spec.max_trials);
     // Only TPE learns from the history, and only when a trial is to be suggested; grid and random search
     // draw without it.
-    let history: Vec<Observation> = if room && searcher == super::Searcher::Tpe {
+    let history: Vec<Observation> = if room(active, next) && searcher == super::Searcher::Tpe {
         trials
             .iter()
             .filter(|(_, job)| job.state.is_finished())
@@ -191,7 +192,7 @@ fn decide_sweep(
         Vec::new()
     };
     let mut exhausted = false;
-    while active < spec.parallel as usize + stopping && next < u64::from(spec.max_trials) {
+    while room(active, next) {
         let params = match searcher.suggest(&spec.space, spec.seed, next, spec.direction, &history) {
             Ok(Some(params)) => params,
             Ok(None) => {
