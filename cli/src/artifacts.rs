@@ -137,6 +137,20 @@ pub async fn run(command: ArtifactsCommand, tracking: &str) -> Result<()> {
     }
 }
 
+/// Downloads every file under `source` (a path under the proxy's root) into `out`, keeping the layout and
+/// checking each file's SHA-256; returns how many files there were.
+pub(crate) async fn download_tree(api: &Api, source: &str, out: &Path) -> Result<usize> {
+    let files = walk(api, source, "").await?;
+    for (path, _, _) in &files {
+        let target = out.join(path);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        download(api, &join(source, path), &target).await?;
+    }
+    Ok(files.len())
+}
+
 /// Streams `file` to the proxy at `target` (a path under the proxy's root).
 pub async fn upload(api: &Api, file: &Path, target: &str) -> Result<()> {
     let opened = tokio::fs::File::open(file)

@@ -9,6 +9,9 @@
 //! Suite `doget`: the throughput of whole DoGets of one Flight ticket (`--ticket`, a feature command as JSON)
 //! read and decoded by a Rust client, in GB/s of Arrow buffers.
 //!
+//! Suite `serving`: closed-loop inference over the Open Inference Protocol's REST binding against any server
+//! of it, Kiln's or a baseline's (see [`crate::bench_serving`]).
+//!
 //! Suites `tpe` (sample efficiency against Optuna) and `sweeps` (a sweep's scheduling overhead): see
 //! [`crate::bench_sweeps`].
 //!
@@ -52,7 +55,8 @@ pub struct BenchArgs {
     /// The suite to run: raft (coordinator commits against etcd), jobs (jobs through workers), lookup
     /// (online feature lookups against a feature server), doget (DoGet throughput from a feature server),
     /// tracking (an MLflow tracking server's log-batch and search, Kiln's or MLflow's), tpe (Kiln's TPE
-    /// against Optuna's on known functions; no cluster) or sweeps (a sweep's scheduling overhead).
+    /// against Optuna's on known functions; no cluster), sweeps (a sweep's scheduling overhead) or serving
+    /// (closed-loop inference against an Open Inference Protocol REST server).
     suite: String,
     /// Kiln coordinator addresses (the leader is found and loaded directly).
     #[arg(long, env = "KILN_COORDINATOR", default_value = "127.0.0.1:7070")]
@@ -129,6 +133,21 @@ pub struct BenchArgs {
     /// Suite sweeps: how long each trial's command sleeps, in milliseconds.
     #[arg(long, default_value_t = 10)]
     trial_ms: u64,
+    /// Suite serving: an Open Inference Protocol REST server (kiln serve's, or a baseline's).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    inference: String,
+    /// Suite serving: what the server is, as the results name it.
+    #[arg(long, default_value = "kiln")]
+    server: String,
+    /// Suite serving: the model to infer with.
+    #[arg(long, default_value = "digits")]
+    model: String,
+    /// Suite serving: the model's input tensor.
+    #[arg(long, default_value = "input")]
+    input_name: String,
+    /// Suite serving: FP32 values per row (one row per request).
+    #[arg(long, default_value_t = 64)]
+    features: usize,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -366,6 +385,45 @@ async fn run_lookup_suite(args: &BenchArgs) -> Result<()> {
     )
 }
 
+/// Closed-loop inference at each `--clients` level for `--max-seconds` (see [`crate::bench_serving`]).
+async fn run_serving_suite(args: &BenchArgs) -> Result<()> {
+    let mut results = Vec::new();
+    for &clients in &args.clients {
+        results.push(
+            crate::bench_serving::run(
+                &args.inference,
+                &args.server,
+                &args.model,
+                &args.input_name,
+                args.features,
+                clients,
+                args.max_seconds,
+            )
+            .await?,
+        );
+    }
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|result| {
+            vec![
+                result.server.clone(),
+                result.clients.to_string(),
+                result.requests.to_string(),
+                result.errors.to_string(),
+                format!("{:.0}", result.requests_per_second),
+                format!("{:.3}", result.p50_ms),
+                format!("{:.3}", result.p99_ms),
+            ]
+        })
+        .collect();
+    report(
+        args,
+        &results,
+        &["SERVER", "CLIENTS", "REQUESTS", "ERRORS", "REQ/S", "P50 MS", "P99 MS"],
+        &rows,
+    )
+}
+
 /// Prints one suite's result, as JSON with `--json` or as a table of `headers` and `row`, and writes it to
 /// `--out` when given.
 fn report(args: &BenchArgs, result: &impl Serialize, headers: &[&str], rows: &[Vec<String>]) -> Result<()> {
@@ -466,6 +524,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if args.suite == "tracking" {
         return run_tracking_suite(&args).await;
     }
+    if args.suite == "serving" {
+        return run_serving_suite(&args).await;
+    }
     if args.suite == "tpe" {
         let results = crate::bench_sweeps::run_tpe(args.python.as_deref(), args.seeds, args.trials)?;
         if args.json {
@@ -494,7 +555,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
     if args.suite != "raft" {
         bail!(
-            "benchmark suite '{}' is not known; available: raft, jobs, lookup, doget, tracking, tpe, sweeps",
+            "benchmark suite '{}' is not known; available: raft, jobs, lookup, doget, tracking, tpe, sweeps, serving",
             args.suite
         );
     }

@@ -4,6 +4,7 @@ mod artifacts;
 mod bench;
 mod bench_jobs;
 mod bench_lookup;
+mod bench_serving;
 mod bench_sweeps;
 mod bench_tracking;
 mod demo;
@@ -13,6 +14,7 @@ mod lineage;
 mod models;
 mod output;
 mod runs;
+mod serve;
 mod sweeps;
 mod task;
 
@@ -108,7 +110,7 @@ enum Command {
     /// Programs that run as the ranks of a job (for example `kiln task allreduce`).
     #[command(subcommand, hide = true)]
     Task(task::TaskCommand),
-    /// Benchmark a running cluster (suites: raft, jobs, lookup, doget, tracking, tpe, sweeps).
+    /// Benchmark a running cluster (suites: raft, jobs, lookup, doget, tracking, tpe, sweeps, serving).
     Bench(bench::BenchArgs),
     /// Feature definitions and training sets (`kiln features apply FILE`, `list`, `training-set …`).
     Features {
@@ -122,6 +124,8 @@ enum Command {
     },
     /// Run a feature server: Arrow Flight over the feature definitions the cluster holds.
     Featurestore(featureserver::FeatureServerArgs),
+    /// Serve registered models over the Open Inference Protocol (REST :8000, gRPC :8001).
+    Serve(serve::ServeArgs),
     /// Hyperparameter sweeps (submitted with kiln submit, kind = "sweep"): list, show with their trials.
     Sweeps {
         #[command(subcommand)]
@@ -867,6 +871,7 @@ async fn run(cli: Cli) -> Result<()> {
             featurestore,
         } => features::run(command, target, featurestore).await,
         Command::Featurestore(args) => featureserver::run(args).await,
+        Command::Serve(args) => serve::run(args).await,
         Command::Runs { command, tracking } => runs::run(command, &tracking).await,
         Command::Sweeps {
             command,
@@ -884,7 +889,7 @@ fn main() {
     // Servers narrate what they do; client commands and the demo speak only when something is wrong.
     let server = matches!(
         cli.command,
-        Command::Coordinator(_) | Command::Up(_) | Command::Worker(_) | Command::Featurestore(_)
+        Command::Coordinator(_) | Command::Up(_) | Command::Worker(_) | Command::Featurestore(_) | Command::Serve(_)
     );
     init_tracing(if server { "info" } else { "warn" });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -153,32 +153,6 @@ async fn allreduce(args: AllreduceArgs) -> Result<()> {
     Ok(())
 }
 
-/// What `kiln task train` saves next to the weights: enough for serving to load the model and prepare
-/// its inputs exactly as training did.
-#[derive(Serialize)]
-struct ModelManifest<'a> {
-    format: &'static str,
-    model: &'a str,
-    inputs: usize,
-    /// For the CNN: the shape each input row is read as, [channels, height, width].
-    image: Option<[usize; 3]>,
-    hidden: &'a [usize],
-    classes: usize,
-    feature_names: &'a [String],
-    label: &'a str,
-    normalization: &'a kiln_worker::trainer::Normalization,
-    /// `weights.bin`: little-endian f32, every parameter in the model's visiting order (per layer: the
-    /// weight, as [inputs, outputs] for dense layers and [out, in, height, width] for convolutions, then
-    /// the bias).
-    parameters: usize,
-    parameters_hash: String,
-    task: &'a str,
-    validation_metric: &'static str,
-    validation: f64,
-    job_id: u64,
-    attempt: u32,
-}
-
 /// A train job's dataset given as a feature service's training set:
 /// `features://SERVICE?entities=PATH[&event_timestamp=COLUMN][&server=HOST:PORT]`. The entity rows (join
 /// keys, event time and the label) are a file the feature server can read; the server defaults to
@@ -518,7 +492,7 @@ async fn train(args: TrainArgs) -> Result<()> {
         }],
     });
     let runtime = serde_json::json!({
-        "format": "kiln-mlp-1",
+        "format": trainer::SAVED_FORMAT,
         "model": options.model,
         "framework": "burn",
         "devices": if cfg!(feature = "burn-cuda") { vec!["cpu", "cuda"] } else { vec!["cpu"] },
@@ -577,32 +551,26 @@ async fn train(args: TrainArgs) -> Result<()> {
         );
         if rank == 0 {
             let directory = std::path::Path::new(&run_directory).join("model");
-            std::fs::create_dir_all(&directory)?;
-            let weights: Vec<u8> = outcome
-                .parameters
-                .iter()
-                .flat_map(|value| value.to_le_bytes())
-                .collect();
-            std::fs::write(directory.join("weights.bin"), weights)?;
-            let manifest = ModelManifest {
-                format: "kiln-mlp-1",
-                model: &options.model,
+            // What serving loads back (kiln_worker::trainer::SavedModel).
+            let manifest = trainer::SavedManifest {
+                format: trainer::SAVED_FORMAT.to_string(),
+                model: options.model.clone(),
                 inputs: dataset.columns,
                 image: config.image,
-                hidden: &config.hidden,
+                hidden: config.hidden.clone(),
                 classes: outcome.classes,
-                feature_names: &dataset.feature_names,
-                label: &options.label,
-                normalization: &outcome.normalization,
+                feature_names: dataset.feature_names.clone(),
+                label: options.label.clone(),
+                normalization: outcome.normalization.clone(),
                 parameters: outcome.parameters.len(),
                 parameters_hash: format!("{:016x}", outcome.parameters_hash),
-                task: &options.task,
-                validation_metric: validation_name,
+                task: options.task.clone(),
+                validation_metric: validation_name.to_string(),
                 validation,
                 job_id,
                 attempt,
             };
-            std::fs::write(directory.join("model.json"), serde_json::to_string_pretty(&manifest)?)?;
+            trainer::save(&directory, &manifest, &outcome.parameters)?;
             std::fs::write(
                 directory.join("signature.json"),
                 serde_json::to_string_pretty(&signature)?,

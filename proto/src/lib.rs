@@ -15,6 +15,12 @@ pub mod v1 {
 
 pub use v1::*;
 
+/// The Open Inference Protocol v2 over gRPC (KServe / Triton), which the serving tier speaks on port 8001.
+#[allow(clippy::all, clippy::pedantic, missing_docs)] // generated code
+pub mod inference {
+    tonic::include_proto!("inference");
+}
+
 /// The one etcd v3 KV method the `raft` benchmark uses to load an etcd baseline with the same client code.
 #[allow(clippy::all, clippy::pedantic, missing_docs)] // generated code
 pub mod etcd {

@@ -30,6 +30,7 @@
 
 mod data;
 mod model;
+mod saved;
 
 use std::hash::{Hash, Hasher};
 use std::time::Instant;
@@ -44,6 +45,7 @@ pub use data::{
     DataProfile, Dataset, FeatureProfile, Normalization, Task, load_csv, load_dataset, load_parquet, profile,
 };
 pub use model::{Cnn, Mlp, Network};
+pub use saved::{SAVED_FORMAT, SavedManifest, SavedModel, save};
 
 use crate::collective::{CollectiveError, Communicator, ReduceOp, all_reduce_bucketed};
 
@@ -411,18 +413,22 @@ impl ModuleVisitor for Flatten {
 struct Unflatten<'a> {
     values: &'a [f32],
     offset: usize,
+    /// Whether the parameters train (on an autodiff device) or only infer.
+    require_grad: bool,
 }
 
 impl ModuleMapper for Unflatten<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let values = self.values;
         let offset = &mut self.offset;
+        let require_grad = self.require_grad;
         param.map(|tensor| {
             let shape = tensor.dims();
             let count: usize = shape.iter().product();
             let slice = values[*offset..*offset + count].to_vec();
             *offset += count;
-            Tensor::<D>::from_data(TensorData::new(slice, shape), &tensor.device()).require_grad()
+            let loaded = Tensor::<D>::from_data(TensorData::new(slice, shape), &tensor.device());
+            if require_grad { loaded.require_grad() } else { loaded }
         })
     }
 }
@@ -571,6 +577,30 @@ fn restore(
     ]))
 }
 
+/// The network a train job configures: an MLP, or with `image` the CNN (its first hidden width, else 64).
+fn build_network(
+    image: Option<[usize; 3]>,
+    inputs: usize,
+    hidden: &[usize],
+    outputs: usize,
+    device: &Device,
+) -> Result<Network, TrainError> {
+    let Some(image) = image else {
+        return Ok(Network::Mlp(Mlp::new(inputs, hidden, outputs, device)));
+    };
+    if image.iter().product::<usize>() != inputs {
+        return Err(TrainError::InvalidInput(format!(
+            "image {}×{}×{} has {} values, but the dataset has {inputs} feature columns",
+            image[0],
+            image[1],
+            image[2],
+            image.iter().product::<usize>(),
+        )));
+    }
+    let hidden = hidden.first().copied().unwrap_or(64);
+    Ok(Network::Cnn(Cnn::new(image, hidden, outputs, device)))
+}
+
 /// Trains the configured model on `dataset` as one rank of `communicator`'s group. `log` receives one line
 /// per epoch, per `log_every_steps` steps and one when resuming; `on_progress` the same as metrics.
 pub fn train(
@@ -603,23 +633,13 @@ pub fn train(
     let dataset = &normalized;
     let train_rows = shards.as_ref().map_or(split.train.len(), |shards| shards.train_rows);
     let device = config.device.burn_device()?;
-    let network = match config.image {
-        None => Network::Mlp(Mlp::new(dataset.columns, &config.hidden, dataset.outputs(), &device)),
-        Some(image) => {
-            if image.iter().product::<usize>() != dataset.columns {
-                return Err(TrainError::InvalidInput(format!(
-                    "image {}×{}×{} has {} values, but the dataset has {} feature columns",
-                    image[0],
-                    image[1],
-                    image[2],
-                    image.iter().product::<usize>(),
-                    dataset.columns
-                )));
-            }
-            let hidden = config.hidden.first().copied().unwrap_or(64);
-            Network::Cnn(Cnn::new(image, hidden, dataset.outputs(), &device))
-        }
-    };
+    let network = build_network(
+        config.image,
+        dataset.columns,
+        &config.hidden,
+        dataset.outputs(),
+        &device,
+    )?;
     let mut model = network.map(&mut SeededInit {
         random: rand::SeedableRng::seed_from_u64(config.seed),
         fan_in: dataset.columns,
@@ -658,6 +678,7 @@ pub fn train(
     model = model.map(&mut Unflatten {
         values: &parameters,
         offset: 0,
+        require_grad: true,
     });
     if steps > 0 {
         communicator.broadcast(&mut optimizer.state, 0)?;
@@ -742,6 +763,7 @@ pub fn train(
             model = model.map(&mut Unflatten {
                 values: &parameters,
                 offset: 0,
+                require_grad: true,
             });
             timing[1] += phase.elapsed();
             interval_loss += f64::from(loss_buffer[0]);

@@ -186,10 +186,78 @@ fn the_digits_mlp_reaches_95_percent_with_two_ranks() {
         seed: 42,
         ..base_config()
     };
-    let outcomes = train_on(2, config, dataset);
+    let outcomes = train_on(2, config.clone(), dataset.clone());
     let last = outcomes[0].epochs.last().unwrap();
     assert!(last.validation >= 0.95, "validation accuracy {}", last.validation);
     assert_eq!(outcomes[0].parameters_hash, outcomes[1].parameters_hash);
+    check_saved_model(&config, &dataset, &outcomes[0]);
+}
+
+/// Saves rank 0's model as `kiln task train` does and loads it back as serving does: its predictions on
+/// the raw (unnormalized) validation rows score what training reported, and damaged weights are refused.
+fn check_saved_model(config: &TrainConfig, dataset: &Dataset, outcome: &TrainOutcome) {
+    let last = outcome.epochs.last().unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let manifest = SavedManifest {
+        format: SAVED_FORMAT.into(),
+        model: if config.image.is_some() { "cnn" } else { "mlp" }.into(),
+        inputs: dataset.columns,
+        image: config.image,
+        hidden: config.hidden.clone(),
+        classes: outcome.classes,
+        feature_names: dataset.feature_names.clone(),
+        label: "digit".into(),
+        normalization: outcome.normalization.clone(),
+        parameters: outcome.parameters.len(),
+        parameters_hash: format!("{:016x}", outcome.parameters_hash),
+        task: "classification".into(),
+        validation_metric: last.validation_name.into(),
+        validation: last.validation,
+        job_id: 1,
+        attempt: 0,
+    };
+    save(directory.path(), &manifest, &outcome.parameters).unwrap();
+    let loaded = SavedModel::load(directory.path()).unwrap();
+    // JSON keeps the validation metric to within an ulp (serde_json's default float parsing).
+    assert!((loaded.manifest.validation - manifest.validation).abs() < 1e-12);
+    let validation = manifest.validation;
+    assert_eq!(
+        SavedManifest {
+            validation,
+            ..loaded.manifest.clone()
+        },
+        manifest
+    );
+    let split = dataset.split(config.validation_fraction, config.seed).unwrap();
+    let features: Vec<f32> = split
+        .validation
+        .iter()
+        .flat_map(|row| dataset.row(*row).to_vec())
+        .collect();
+    let logits = loaded.predict(&features, split.validation.len());
+    let correct = logits
+        .chunks_exact(outcome.classes)
+        .zip(&split.validation)
+        .filter(|(logits, row)| {
+            let best = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+            best == dataset.labels[**row] as usize
+        })
+        .count();
+    let rows = split.validation.len() as f64;
+    let accuracy = correct as f64 / rows;
+    // Inference runs without autodiff; a near tie may fall the other way for a row, no more.
+    assert!(
+        (accuracy - last.validation).abs() <= 1.0 / rows + 1e-9,
+        "the loaded model scores {accuracy}; training reported {}",
+        last.validation
+    );
+    let weights = directory.path().join("weights.bin");
+    std::fs::write(&weights, vec![0u8; outcome.parameters.len() * 4]).unwrap();
+    let error = SavedModel::load(directory.path()).unwrap_err().to_string();
+    assert!(error.contains("weights.bin does not hash to"), "{error}");
+    std::fs::write(&weights, [0u8; 8]).unwrap();
+    let error = SavedModel::load(directory.path()).unwrap_err().to_string();
+    assert!(error.contains("weights.bin has 8 bytes"), "{error}");
 }
 
 /// The rows of `dataset` that `keep` selects, as a dataset of their own (a shard).
@@ -491,10 +559,11 @@ fn the_digits_cnn_reaches_95_percent_with_two_ranks() {
         seed: 42,
         ..base_config()
     };
-    let outcomes = train_on(2, config, dataset);
+    let outcomes = train_on(2, config.clone(), dataset.clone());
     let last = outcomes[0].epochs.last().unwrap();
     assert!(last.validation >= 0.95, "validation accuracy {}", last.validation);
     assert_eq!(outcomes[0].parameters_hash, outcomes[1].parameters_hash);
+    check_saved_model(&config, &dataset, &outcomes[0]);
 }
 
 #[test]

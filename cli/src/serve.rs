@@ -1,0 +1,273 @@
+//! `kiln serve`: one serving replica. It fetches registered model versions through the cluster's registry
+//! (`models:/NAME/VERSION`, `models:/NAME@ALIAS`) or reads a saved model directory, warms each up, and serves
+//! them over the Open Inference Protocol: REST on 8000, gRPC on 8001.
+//!
+//! Kiln's burn models (what `kiln task train` saves) are served with one FP32 input of shape [-1, features]
+//! (named by `--input-name`) and, for a classifier, the outputs `probabilities` (softmax, [-1, classes]) and
+//! `label` (the most probable class, INT64 [-1]); for a regression model, `prediction` ([-1, 1]). The
+//! training normalization is applied to every row, as in training.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use kiln_serving::{BatchConfig, DataType, Model, Serving, Tensor, TensorSpec};
+use kiln_worker::trainer::SavedModel;
+
+use crate::runs::{Api, text};
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// A model to serve, as [NAME=]SOURCE; repeat for several. SOURCE: models:/NAME/VERSION or
+    /// models:/NAME@ALIAS (from the registry at --tracking), or a directory holding a saved model
+    /// (model.json and weights.bin). NAME defaults to the registered name (or the directory's name).
+    #[arg(long = "model", required = true)]
+    models: Vec<String>,
+    /// A coordinator's MLflow API, for the registry and the model artifacts.
+    #[arg(long, env = "KILN_TRACKING", default_value = "127.0.0.1:7080")]
+    tracking: String,
+    /// Where the Open Inference Protocol's REST binding listens.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    http_listen: String,
+    /// Where its gRPC binding listens.
+    #[arg(long, default_value = "127.0.0.1:8001")]
+    grpc_listen: String,
+    /// The most rows in one batch.
+    #[arg(long, default_value_t = BatchConfig::default().max_batch_size)]
+    max_batch_size: usize,
+    /// How long a batch's first request may wait for others while a runner is free (0: take what is queued).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    max_wait: Duration,
+    /// Requests that may wait per model; beyond it requests get 503 with Retry-After.
+    #[arg(long, default_value_t = BatchConfig::default().queue_capacity)]
+    queue_capacity: usize,
+    /// Batches run at once per model.
+    #[arg(long, default_value_t = BatchConfig::default().instances)]
+    instances: usize,
+    /// The name of a burn model's input tensor.
+    #[arg(long, default_value = "input")]
+    input_name: String,
+    /// Where fetched models are kept (default: a temporary directory removed at exit).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+}
+
+/// A burn model saved by the trainer, served.
+struct BurnModel {
+    saved: SavedModel,
+    inputs: Vec<TensorSpec>,
+    outputs: Vec<TensorSpec>,
+}
+
+impl BurnModel {
+    fn new(saved: SavedModel, input_name: &str) -> BurnModel {
+        let manifest = &saved.manifest;
+        let inputs = vec![TensorSpec::new(
+            input_name,
+            DataType::Fp32,
+            vec![-1, manifest.inputs as i64],
+        )];
+        let outputs = if manifest.is_classifier() {
+            vec![
+                TensorSpec::new("probabilities", DataType::Fp32, vec![-1, manifest.classes as i64]),
+                TensorSpec::new("label", DataType::Int64, vec![-1]),
+            ]
+        } else {
+            vec![TensorSpec::new("prediction", DataType::Fp32, vec![-1, 1])]
+        };
+        BurnModel { saved, inputs, outputs }
+    }
+}
+
+impl Model for BurnModel {
+    fn platform(&self) -> &str {
+        "kiln_burn"
+    }
+
+    fn inputs(&self) -> &[TensorSpec] {
+        &self.inputs
+    }
+
+    fn outputs(&self) -> &[TensorSpec] {
+        &self.outputs
+    }
+
+    fn infer(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
+        let input = &inputs[0];
+        let rows = input.rows();
+        let features = input.to_f32().map_err(|error| error.to_string())?;
+        let values = self.saved.predict(&features, rows);
+        if !self.saved.manifest.is_classifier() {
+            return Ok(vec![Tensor::from_f32("prediction", vec![rows, 1], &values)]);
+        }
+        let classes = self.saved.manifest.classes;
+        let mut probabilities = Vec::with_capacity(values.len());
+        let mut labels = Vec::with_capacity(rows);
+        for logits in values.chunks_exact(classes.max(1)) {
+            let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let exponentials: Vec<f32> = logits.iter().map(|logit| (logit - top).exp()).collect();
+            let sum: f32 = exponentials.iter().sum();
+            probabilities.extend(exponentials.iter().map(|value| value / sum));
+            let best = logits
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |(index, _)| index);
+            labels.push(best as i64);
+        }
+        Ok(vec![
+            Tensor::from_f32("probabilities", vec![rows, classes], &probabilities),
+            Tensor::from_i64("label", vec![rows], &labels),
+        ])
+    }
+}
+
+/// `[NAME=]SOURCE` split; `None` for a name not given.
+fn parse_model(spec: &str) -> (Option<&str>, &str) {
+    match spec.split_once('=') {
+        Some((name, source)) if !name.contains('/') && !name.is_empty() => (Some(name), source),
+        _ => (None, spec),
+    }
+}
+
+/// A registry reference: (registered name, version or alias, whether it is an alias).
+fn parse_registry(source: &str) -> Result<Option<(String, String, bool)>> {
+    let Some(rest) = source.strip_prefix("models:/") else {
+        return Ok(None);
+    };
+    let expected = "expected models:/NAME/VERSION or models:/NAME@ALIAS";
+    if let Some((name, alias)) = rest.split_once('@') {
+        if name.is_empty() || alias.is_empty() {
+            bail!("model source '{source}' names no model or alias; {expected}");
+        }
+        return Ok(Some((name.to_string(), alias.to_string(), true)));
+    }
+    match rest.rsplit_once('/') {
+        Some((name, version)) if !name.is_empty() && version.parse::<u64>().is_ok() => {
+            Ok(Some((name.to_string(), version.to_string(), false)))
+        }
+        _ => bail!("model source '{source}' has no version number or alias; {expected}"),
+    }
+}
+
+/// Fetches a registered version's files into `cache`; returns (registered name, version, directory).
+async fn fetch(api: &Api, name: &str, reference: &str, alias: bool, cache: &Path) -> Result<(String, PathBuf)> {
+    let what = format!("model '{name}' {}", if alias { "alias" } else { "version" });
+    let version = if alias {
+        api.get(
+            "registered-models/alias",
+            &[("name", name), ("alias", reference)],
+            &format!("{what} '{reference}'"),
+        )
+        .await?["model_version"]
+            .take()
+    } else {
+        api.get(
+            "model-versions/get",
+            &[("name", name), ("version", reference)],
+            &format!("{what} {reference}"),
+        )
+        .await?["model_version"]
+            .take()
+    };
+    let number = text(&version["version"]);
+    let source = text(&version["source"]);
+    let Some(root) = source.strip_prefix("mlflow-artifacts:") else {
+        bail!("model '{name}' version {number} is stored at '{source}', outside the cluster's artifact proxy");
+    };
+    let directory = cache.join(name).join(&number);
+    let files = crate::artifacts::download_tree(api, root.trim_start_matches('/'), &directory).await?;
+    if files == 0 {
+        bail!("model '{name}' version {number} has no files at '{source}'");
+    }
+    Ok((number, directory))
+}
+
+pub async fn run(args: ServeArgs) -> Result<()> {
+    let config = BatchConfig {
+        max_batch_size: args.max_batch_size,
+        max_wait: args.max_wait,
+        queue_capacity: args.queue_capacity,
+        instances: args.instances,
+    };
+    config.validate().map_err(anyhow::Error::msg)?;
+    let temporary = tempfile::tempdir().context("creating a directory for fetched models")?;
+    let cache = args.cache_dir.clone().unwrap_or_else(|| temporary.path().to_path_buf());
+    let serving = Arc::new(Serving::default());
+    let api = Api::new(&args.tracking)?;
+    for spec in &args.models {
+        let (given_name, source) = parse_model(spec);
+        let (name, version, directory) = match parse_registry(source)? {
+            Some((registered, reference, alias)) => {
+                let (version, directory) = fetch(&api, &registered, &reference, alias, &cache).await?;
+                (given_name.unwrap_or(&registered).to_string(), version, directory)
+            }
+            None => {
+                let directory = PathBuf::from(source);
+                let name = given_name
+                    .map(str::to_string)
+                    .or_else(|| directory.file_name().map(|name| name.to_string_lossy().into_owned()))
+                    .with_context(|| format!("model source '{source}' has no name; give one as NAME={source}"))?;
+                (name, "1".to_string(), directory)
+            }
+        };
+        let loading = directory.clone();
+        let saved = tokio::task::spawn_blocking(move || SavedModel::load(&loading)).await??;
+        let model = Arc::new(BurnModel::new(saved, &args.input_name));
+        let description = model
+            .inputs
+            .iter()
+            .chain(&model.outputs)
+            .map(|spec| format!("{} {} {:?}", spec.name, spec.datatype, spec.shape))
+            .collect::<Vec<_>>()
+            .join("; ");
+        serving
+            .load(&name, &version, model, config.clone())
+            .await
+            .with_context(|| format!("loading model '{name}' from {}", directory.display()))?;
+        println!("serving {name} version {version} (kiln_burn: {description})");
+    }
+    let rest = tokio::net::TcpListener::bind(&args.http_listen)
+        .await
+        .with_context(|| format!("listening on {}", args.http_listen))?;
+    let grpc = tokio::net::TcpListener::bind(&args.grpc_listen)
+        .await
+        .with_context(|| format!("listening on {}", args.grpc_listen))?;
+    println!(
+        "Open Inference Protocol: REST http://{} gRPC {}",
+        rest.local_addr()?,
+        grpc.local_addr()?
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(crate::shutdown_on_signal(shutdown.clone()));
+    kiln_serving::serve(serving, rest, grpc, shutdown).await?;
+    drop(temporary);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_sources_parse_with_and_without_a_name() {
+        assert_eq!(
+            parse_model("digits=models:/digits@champion"),
+            (Some("digits"), "models:/digits@champion")
+        );
+        assert_eq!(parse_model("models:/digits/3"), (None, "models:/digits/3"));
+        assert_eq!(parse_model("/tmp/a=b/model"), (None, "/tmp/a=b/model"));
+        assert_eq!(
+            parse_registry("models:/digits@champion").unwrap(),
+            Some(("digits".into(), "champion".into(), true))
+        );
+        assert_eq!(
+            parse_registry("models:/digits/3").unwrap(),
+            Some(("digits".into(), "3".into(), false))
+        );
+        assert_eq!(parse_registry("/tmp/model").unwrap(), None);
+        let error = parse_registry("models:/digits").unwrap_err().to_string();
+        assert!(error.contains("has no version number or alias"), "{error}");
+    }
+}

@@ -1,0 +1,225 @@
+//! The serving tier end to end: a digits MLP trained on the cluster and registered, given the alias
+//! `champion`, served by `kiln serve --model models:/digits@champion` over the Open Inference Protocol, and
+//! driven over REST by hand and by the stock Triton clients (tritonclient.http and tritonclient.grpc).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_cluster_tests::{Cluster, free_port, http_json, http_text, stock_python};
+use serde_json::json;
+
+const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+
+/// A `kiln serve` process, killed (by its id) when dropped.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn digits_csv() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/data/digits.csv")
+        .canonicalize()
+        .unwrap()
+}
+
+/// The first `rows` rows of the digits CSV: (features, labels).
+fn digits_rows(rows: usize) -> (Vec<Vec<f32>>, Vec<i64>) {
+    let text = std::fs::read_to_string(digits_csv()).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let label = header.iter().position(|name| *name == "digit").unwrap();
+    let (mut features, mut labels) = (Vec::new(), Vec::new());
+    for line in lines.take(rows) {
+        let values: Vec<f32> = line.split(',').map(|value| value.parse().unwrap()).collect();
+        labels.push(values[label] as i64);
+        features.push(
+            values
+                .iter()
+                .enumerate()
+                .filter(|(index, _)| *index != label)
+                .map(|(_, value)| *value)
+                .collect(),
+        );
+    }
+    (features, labels)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_model_is_served_over_the_open_inference_protocol_to_stock_triton_clients() {
+    let mut cluster = Cluster::new(Path::new(KILN), 1, &[]).unwrap();
+    cluster.tracking = true;
+    cluster.start_all().unwrap();
+    cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
+    cluster.start_worker(1, 2, &[]).unwrap();
+    cluster.wait_for_workers(1, Duration::from_secs(20)).await.unwrap();
+    let tracking = cluster.members[&1].tracking_addr.clone();
+
+    // Train and register digits version 1, then point the alias at it.
+    let directory = tempfile::tempdir().unwrap();
+    let spec = include_str!("../../examples/jobs/digits-mlp.toml")
+        .replace(
+            "dataset = \"examples/data/digits.csv\"",
+            &format!("dataset = {:?}", digits_csv().display().to_string()),
+        )
+        .replace("epochs = 30", "epochs = 8");
+    let file = directory.path().join("digits.toml");
+    std::fs::write(&file, spec).unwrap();
+    let submitted = cluster.cli(&["submit", file.to_str().unwrap()]).unwrap();
+    assert!(
+        submitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submitted.stderr)
+    );
+    let job = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
+    let waited = cluster.cli(&["jobs", "wait", &job, "--max-wait", "180s"]).unwrap();
+    assert!(waited.status.success(), "{}", String::from_utf8_lossy(&waited.stdout));
+    let aliased = cluster
+        .cli(&["models", "alias", "digits", "1", "champion", "--tracking", &tracking])
+        .unwrap();
+    assert!(aliased.status.success(), "{}", String::from_utf8_lossy(&aliased.stderr));
+
+    // A source that names nothing the registry has is refused before anything listens.
+    let refused = Command::new(KILN)
+        .args(["serve", "--model", "models:/digits@nobody", "--tracking", &tracking])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("alias 'nobody'"), "{message}");
+
+    let (rest, grpc) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let log = std::fs::File::create(directory.path().join("serve.log")).unwrap();
+    let _server = Server(
+        Command::new(KILN)
+            .args(["serve", "--model", "models:/digits@champion", "--input-name", "pixels"])
+            .args(["--tracking", &tracking, "--http-listen", &rest, "--grpc-listen", &grpc])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if std::net::TcpStream::connect(&rest).is_ok() && http_json(&rest, "GET", "/v2/health/ready", "").0 == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kiln serve did not become ready: {}",
+            std::fs::read_to_string(directory.path().join("serve.log")).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Metadata and inference over REST with JSON tensors, as the protocol's specification writes them.
+    let (status, metadata) = http_json(&rest, "GET", "/v2/models/digits", "");
+    assert_eq!(status, 200, "{metadata}");
+    assert_eq!(metadata["versions"], json!(["1"]));
+    assert_eq!(
+        metadata["inputs"],
+        json!([{ "name": "pixels", "datatype": "FP32", "shape": [-1, 64] }])
+    );
+    let (features, labels) = digits_rows(50);
+    let flat: Vec<f32> = features.concat();
+    let request = json!({
+        "id": "by-hand",
+        "inputs": [{ "name": "pixels", "shape": [50, 64], "datatype": "FP32", "data": flat }],
+        "outputs": [{ "name": "label" }],
+    });
+    let (status, answer) = http_json(&rest, "POST", "/v2/models/digits/infer", &request.to_string());
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["id"], "by-hand");
+    assert_eq!(answer["model_version"], "1");
+    let outputs = answer["outputs"].as_array().unwrap();
+    assert_eq!(outputs.len(), 1, "only the requested output: {answer}");
+    assert_eq!(outputs[0]["shape"], json!([50]));
+    let predicted: Vec<i64> = outputs[0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|value| value.as_i64().unwrap())
+        .collect();
+    let correct = predicted.iter().zip(&labels).filter(|(a, b)| a == b).count();
+    assert!(correct >= 42, "{correct} of 50 right");
+
+    // Bad requests get the protocol's error object naming what is wrong, and change nothing.
+    let cases = [
+        (
+            json!({ "inputs": [{ "name": "pixels", "shape": [1, 63], "datatype": "FP32", "data": vec![0.0; 63] }] }),
+            400,
+            "input 'pixels' has shape [1, 63]; model 'digits' expects [-1, 64] (-1: any size)",
+        ),
+        (
+            json!({ "inputs": [{ "name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": vec![0.0; 60] }] }),
+            400,
+            "tensor 'pixels' of shape [1, 64] and datatype FP32 needs 256 bytes; 240 were given",
+        ),
+        (
+            json!({ "inputs": [{ "name": "image", "shape": [1, 64], "datatype": "FP32", "data": vec![0.0; 64] }] }),
+            400,
+            "model 'digits' has no input 'image'; its inputs are pixels (FP32 [-1, 64])",
+        ),
+        (
+            json!({ "inputs": [{ "name": "pixels", "shape": [1, 64], "datatype": "FLOAT", "data": vec![0.0; 64] }] }),
+            400,
+            "input 'pixels': datatype 'FLOAT' is not one of BOOL",
+        ),
+        (json!({ "inputs": [] }), 400, "input 'pixels' is missing"),
+    ];
+    for (request, expected_status, expected) in cases {
+        let (status, answer) = http_json(&rest, "POST", "/v2/models/digits/infer", &request.to_string());
+        assert_eq!(status, expected_status, "{answer}");
+        let message = answer["error"].as_str().unwrap();
+        assert!(message.contains(expected), "{message}");
+    }
+    let (status, answer) = http_json(&rest, "POST", "/v2/models/digits/infer", "{not json");
+    assert_eq!(status, 400);
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("the body is not an inference request")
+    );
+    let (status, answer) = http_json(&rest, "GET", "/v2/models/mnist", "");
+    assert_eq!(status, 404);
+    assert_eq!(
+        answer["error"],
+        "no model named 'mnist' is served here (serving: digits)"
+    );
+
+    let (status, metrics) = http_text(&rest, "GET", "/metrics", "");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("kiln_serving_requests_total{model=\"digits\",version=\"1\",protocol=\"rest\"} 7"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "kiln_serving_errors_total{model=\"digits\",version=\"1\",protocol=\"rest\",reason=\"invalid_input\"} 6"
+        ),
+        "{metrics}"
+    );
+
+    let Some(python) = stock_python() else { return };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/inference_clients.py");
+    let output = Command::new(python)
+        .arg(&script)
+        .args([&rest, &grpc, "digits"])
+        .arg(digits_csv())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(stdout.trim_end().ends_with("all inference checks passed"), "{stdout}");
+}

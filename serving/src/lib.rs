@@ -1,0 +1,232 @@
+//! Kiln's model server: registered models served over the Open Inference Protocol v2 (the KServe / Triton
+//! protocol), REST on port 8000 and gRPC on port 8001, so stock clients (`tritonclient.http`,
+//! `tritonclient.grpc`, `kserve`) work unchanged.
+//!
+//! ```text
+//!   REST :8000 ─┐  parse (JSON or binary tensors)   check against          dynamic batching      Model::infer
+//!               ├─► ─────────────────────────────► the model's inputs ─► [ bounded queue ] ─► (burn, ONNX…)
+//!   gRPC :8001 ─┘  (typed or raw contents)           (names, types, shapes)   503 when full       N instances
+//! ```
+//!
+//! - [`Serving`] holds the loaded model versions by name. A version is warmed up (one row through the model)
+//!   before it is marked ready, and only ready versions take requests.
+//! - Every request is checked once against the model's declared tensors ([`model::check_inputs`]); a
+//!   wrong name, datatype or shape gets the protocol's error naming the input, what was expected and what
+//!   was given, and never reaches the model.
+//! - [`batcher`] stacks queued requests into batches; its queue is bounded and a full queue answers 503 with
+//!   `Retry-After` (gRPC `UNAVAILABLE`), so overload is refused quickly instead of growing latency.
+//! - [`metrics`] exposes requests, errors, latency, batch sizes and queue depth per model and version.
+//!
+//! Deliberately not here: where models come from (the CLI resolves `models:/NAME@ALIAS` through the registry
+//! and builds a [`Model`]), Triton's model-repository and configuration extensions, and request logging.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+pub mod batcher;
+mod error;
+pub mod grpc;
+pub mod http;
+pub mod metrics;
+pub mod model;
+pub mod tensor;
+
+pub use batcher::{BatchConfig, Batcher};
+pub use error::ServeError;
+pub use model::{Model, TensorSpec};
+pub use tensor::{DataType, Tensor};
+
+use metrics::{Metrics, ModelMetrics};
+
+/// The server's name and version in the protocol's server metadata.
+pub const SERVER_NAME: &str = "kiln";
+
+/// The protocol extensions this server implements.
+pub const EXTENSIONS: [&str; 1] = ["binary_tensor_data"];
+
+/// One loaded model version.
+pub struct ServedModel {
+    pub name: String,
+    pub version: String,
+    pub model: Arc<dyn Model>,
+    batcher: Batcher,
+    pub metrics: ModelMetrics,
+}
+
+impl std::fmt::Debug for ServedModel {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("ServedModel")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+impl ServedModel {
+    /// Checks `inputs` against the model and runs them in a batch; returns every declared output.
+    pub async fn infer(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, ServeError> {
+        let inputs = model::check_inputs(&self.name, self.model.as_ref(), inputs)?;
+        self.batcher.infer(inputs).await
+    }
+
+    /// The outputs named in `requested` (all, when empty), in the order asked; an unknown name is an error.
+    pub fn select_outputs(&self, outputs: Vec<Tensor>, requested: &[String]) -> Result<Vec<Tensor>, ServeError> {
+        if requested.is_empty() {
+            return Ok(outputs);
+        }
+        let mut slots: Vec<Option<Tensor>> = outputs.into_iter().map(Some).collect();
+        requested
+            .iter()
+            .map(|name| {
+                let index = self
+                    .model
+                    .outputs()
+                    .iter()
+                    .position(|spec| &spec.name == name)
+                    .ok_or_else(|| {
+                        let names: Vec<&str> = self.model.outputs().iter().map(|spec| spec.name.as_str()).collect();
+                        ServeError::invalid(format!(
+                            "model '{}' has no output '{name}'; its outputs are {}",
+                            self.name,
+                            names.join(", ")
+                        ))
+                    })?;
+                slots[index]
+                    .take()
+                    .ok_or_else(|| ServeError::invalid(format!("output '{name}' is requested twice")))
+            })
+            .collect()
+    }
+}
+
+/// The model versions this server holds, by name; each name serves one version at a time.
+#[derive(Default)]
+pub struct Serving {
+    models: RwLock<BTreeMap<String, Arc<ServedModel>>>,
+    pub metrics: Metrics,
+}
+
+impl std::fmt::Debug for Serving {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Serving")
+            .field("models", &self.names())
+            .finish()
+    }
+}
+
+impl Serving {
+    /// Warms `model` up with one row of zeros and then serves it as `name` version `version`, replacing
+    /// the version served before (requests already queued for that one still finish on it). Must run on a
+    /// tokio runtime: the warm-up runs on a blocking thread.
+    pub async fn load(
+        &self,
+        name: &str,
+        version: &str,
+        model: Arc<dyn Model>,
+        config: BatchConfig,
+    ) -> Result<(), ServeError> {
+        config.validate().map_err(ServeError::InvalidInput)?;
+        let warming = model.clone();
+        let outputs = tokio::task::spawn_blocking(move || warming.infer(&model::warmup_inputs(warming.as_ref())))
+            .await
+            .map_err(|_| ServeError::Model {
+                model: name.to_string(),
+                message: "it panicked while warming up".into(),
+            })?
+            .map_err(|message| ServeError::Model {
+                model: name.to_string(),
+                message: format!("warming up: {message}"),
+            })?;
+        if outputs.len() != model.outputs().len() {
+            return Err(ServeError::Model {
+                model: name.to_string(),
+                message: format!(
+                    "warming up, it returned {} outputs; it declares {}",
+                    outputs.len(),
+                    model.outputs().len()
+                ),
+            });
+        }
+        let metrics = self.metrics.model(name, version);
+        let batcher = Batcher::start(name, model.clone(), config, metrics.clone());
+        let served = Arc::new(ServedModel {
+            name: name.to_string(),
+            version: version.to_string(),
+            model,
+            batcher,
+            metrics,
+        });
+        self.models
+            .write()
+            .expect("models lock")
+            .insert(name.to_string(), served);
+        Ok(())
+    }
+
+    /// The served version of `name`; with `version`, only if that is the one served.
+    pub fn get(&self, name: &str, version: Option<&str>) -> Result<Arc<ServedModel>, ServeError> {
+        let models = self.models.read().expect("models lock");
+        let served = models.get(name).ok_or_else(|| {
+            let names: Vec<&str> = models.keys().map(String::as_str).collect();
+            ServeError::NotFound(format!(
+                "no model named '{name}' is served here (serving: {})",
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            ))
+        })?;
+        match version {
+            Some(version) if !version.is_empty() && version != served.version => Err(ServeError::NotFound(format!(
+                "model '{name}' version '{version}' is not served here (serving version {})",
+                served.version
+            ))),
+            _ => Ok(served.clone()),
+        }
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.models.read().expect("models lock").keys().cloned().collect()
+    }
+
+    /// Ready when at least one model is loaded (each is warmed up before it is).
+    pub fn ready(&self) -> bool {
+        !self.models.read().expect("models lock").is_empty()
+    }
+}
+
+/// Serves the protocol on `rest` (HTTP/1.1 REST, and gRPC too) and `grpc` (gRPC, and REST too) until
+/// `shutdown` completes. Both ports answer both protocols; 8000 and 8001 are where clients expect each.
+pub async fn serve(
+    serving: Arc<Serving>,
+    rest: tokio::net::TcpListener,
+    grpc: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    health
+        .set_service_status("inference.GRPCInferenceService", tonic_health::ServingStatus::Serving)
+        .await;
+    let routes = || {
+        tonic::service::Routes::from(http::router(serving.clone()))
+            .add_service(grpc::service(serving.clone()))
+            .add_service(health_service.clone())
+    };
+    let listen = |listener: tokio::net::TcpListener| {
+        tonic::transport::Server::builder()
+            .accept_http1(true)
+            .add_routes(routes())
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                shutdown.clone().cancelled_owned(),
+            )
+    };
+    let (rest, grpc) = tokio::join!(listen(rest), listen(grpc));
+    rest.and(grpc)
+}
