@@ -1,6 +1,9 @@
 //! `kiln serve`: one serving replica. It fetches registered model versions through the cluster's registry
-//! (`models:/NAME/VERSION`, `models:/NAME@ALIAS`) or reads a saved model directory, warms each up, and serves
-//! them over the Open Inference Protocol: REST on 8000, gRPC on 8001.
+//! (`models:/NAME/VERSION`, `models:/NAME@ALIAS`) or reads a saved model directory or ONNX file, warms each
+//! up, and serves them over the Open Inference Protocol: REST on 8000, gRPC on 8001.
+//!
+//! ONNX models (any `*.onnx` file among the version's files) run on tract, with the inputs and outputs the
+//! file declares.
 //!
 //! Kiln's burn models (what `kiln task train` saves) are served with one FP32 input of shape [-1, features]
 //! (named by `--input-name`) and, for a classifier, the outputs `probabilities` (softmax, [-1, classes]) and
@@ -20,8 +23,9 @@ use crate::runs::{Api, text};
 #[derive(clap::Args)]
 pub struct ServeArgs {
     /// A model to serve, as [NAME=]SOURCE; repeat for several. SOURCE: models:/NAME/VERSION or
-    /// models:/NAME@ALIAS (from the registry at --tracking), or a directory holding a saved model
-    /// (model.json and weights.bin). NAME defaults to the registered name (or the directory's name).
+    /// models:/NAME@ALIAS (from the registry at --tracking), a directory holding a saved model (model.json
+    /// and weights.bin, or an ONNX file), or an ONNX file. NAME defaults to the registered name (or the
+    /// file's or directory's name).
     #[arg(long = "model", required = true)]
     models: Vec<String>,
     /// A coordinator's MLflow API, for the registry and the model artifacts.
@@ -123,6 +127,26 @@ impl Model for BurnModel {
     }
 }
 
+/// The model in `path`: an ONNX file (`*.onnx`, or a directory holding one, as MLflow's onnx flavor saves it),
+/// else a Kiln model directory (`model.json` and `weights.bin`).
+fn load_model(path: &Path, input_name: &str) -> Result<Arc<dyn Model>> {
+    let onnx = if path.extension().is_some_and(|extension| extension == "onnx") {
+        Some(path.to_path_buf())
+    } else {
+        std::fs::read_dir(path)
+            .with_context(|| format!("reading model directory {}", path.display()))?
+            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+            .filter(|file| file.extension().is_some_and(|extension| extension == "onnx"))
+            .min()
+    };
+    if let Some(file) = onnx {
+        return Ok(Arc::new(
+            kiln_serving::OnnxModel::load(&file).map_err(anyhow::Error::msg)?,
+        ));
+    }
+    Ok(Arc::new(BurnModel::new(SavedModel::load(path)?, input_name)))
+}
+
 /// `[NAME=]SOURCE` split; `None` for a name not given.
 fn parse_model(spec: &str) -> (Option<&str>, &str) {
     match spec.split_once('=') {
@@ -207,26 +231,26 @@ pub async fn run(args: ServeArgs) -> Result<()> {
                 let directory = PathBuf::from(source);
                 let name = given_name
                     .map(str::to_string)
-                    .or_else(|| directory.file_name().map(|name| name.to_string_lossy().into_owned()))
+                    .or_else(|| directory.file_stem().map(|name| name.to_string_lossy().into_owned()))
                     .with_context(|| format!("model source '{source}' has no name; give one as NAME={source}"))?;
                 (name, "1".to_string(), directory)
             }
         };
-        let loading = directory.clone();
-        let saved = tokio::task::spawn_blocking(move || SavedModel::load(&loading)).await??;
-        let model = Arc::new(BurnModel::new(saved, &args.input_name));
+        let (loading, input_name) = (directory.clone(), args.input_name.clone());
+        let model = tokio::task::spawn_blocking(move || load_model(&loading, &input_name)).await??;
         let description = model
-            .inputs
+            .inputs()
             .iter()
-            .chain(&model.outputs)
+            .chain(model.outputs())
             .map(|spec| format!("{} {} {:?}", spec.name, spec.datatype, spec.shape))
             .collect::<Vec<_>>()
             .join("; ");
+        let platform = model.platform().to_string();
         serving
             .load(&name, &version, model, config.clone())
             .await
             .with_context(|| format!("loading model '{name}' from {}", directory.display()))?;
-        println!("serving {name} version {version} (kiln_burn: {description})");
+        println!("serving {name} version {version} ({platform}: {description})");
     }
     let rest = tokio::net::TcpListener::bind(&args.http_listen)
         .await

@@ -50,6 +50,50 @@ fn digits_rows(rows: usize) -> (Vec<Vec<f32>>, Vec<i64>) {
     (features, labels)
 }
 
+/// Starts `kiln serve ARGS` on free ports, logging to `directory/serve.log`; waits until it is ready.
+/// Returns the process and its REST and gRPC addresses.
+async fn serve(args: &[&str], directory: &Path) -> (Server, String, String) {
+    let (rest, grpc) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let log_path = directory.join("serve.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let server = Server(
+        Command::new(KILN)
+            .arg("serve")
+            .args(args)
+            .args(["--http-listen", &rest, "--grpc-listen", &grpc])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if std::net::TcpStream::connect(&rest).is_ok() && http_json(&rest, "GET", "/v2/health/ready", "").0 == 200 {
+            return (server, rest, grpc);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kiln serve did not become ready: {}",
+            std::fs::read_to_string(&log_path).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs a test script with the stock clients' Python; it must end by printing `last_line`.
+fn python_script(python: &str, script: &str, args: &[&str], last_line: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(script);
+    let output = Command::new(python).arg(&script).args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(stdout.trim_end().ends_with(last_line), "{stdout}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registered_model_is_served_over_the_open_inference_protocol_to_stock_triton_clients() {
     let mut cluster = Cluster::new(Path::new(KILN), 1, &[]).unwrap();
@@ -93,33 +137,18 @@ async fn a_registered_model_is_served_over_the_open_inference_protocol_to_stock_
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(message.contains("alias 'nobody'"), "{message}");
 
-    let (rest, grpc) = (
-        format!("127.0.0.1:{}", free_port()),
-        format!("127.0.0.1:{}", free_port()),
-    );
-    let log = std::fs::File::create(directory.path().join("serve.log")).unwrap();
-    let _server = Server(
-        Command::new(KILN)
-            .args(["serve", "--model", "models:/digits@champion", "--input-name", "pixels"])
-            .args(["--tracking", &tracking, "--http-listen", &rest, "--grpc-listen", &grpc])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if std::net::TcpStream::connect(&rest).is_ok() && http_json(&rest, "GET", "/v2/health/ready", "").0 == 200 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "kiln serve did not become ready: {}",
-            std::fs::read_to_string(directory.path().join("serve.log")).unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (_server, rest, grpc) = serve(
+        &[
+            "--model",
+            "models:/digits@champion",
+            "--input-name",
+            "pixels",
+            "--tracking",
+            &tracking,
+        ],
+        directory.path(),
+    )
+    .await;
 
     // Metadata and inference over REST with JSON tensors, as the protocol's specification writes them.
     let (status, metadata) = http_json(&rest, "GET", "/v2/models/digits", "");
@@ -211,15 +240,58 @@ async fn a_registered_model_is_served_over_the_open_inference_protocol_to_stock_
     );
 
     let Some(python) = stock_python() else { return };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/inference_clients.py");
-    let output = Command::new(python)
-        .arg(&script)
-        .args([&rest, &grpc, "digits"])
-        .arg(digits_csv())
+    let csv = digits_csv().display().to_string();
+    python_script(
+        &python,
+        "inference_clients.py",
+        &[&rest, &grpc, "digits", &csv],
+        "all inference checks passed",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_onnx_model_from_scikit_learn_registered_through_mlflow_serves_what_onnxruntime_computes() {
+    let Some(python) = stock_python() else { return };
+    let mut cluster = Cluster::new(Path::new(KILN), 1, &[]).unwrap();
+    cluster.tracking = true;
+    cluster.start_all().unwrap();
+    cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
+    let tracking = cluster.members[&1].tracking_addr.clone();
+    let directory = tempfile::tempdir().unwrap();
+    let model_directory = directory.path().display().to_string();
+    let uri = format!("http://{tracking}");
+    python_script(
+        &python,
+        "onnx_model.py",
+        &["make", &model_directory, &uri],
+        "all onnx checks passed",
+    );
+    let (_server, rest, grpc) = serve(
+        &["--model", "models:/sk-digits/1", "--tracking", &tracking],
+        directory.path(),
+    )
+    .await;
+    python_script(
+        &python,
+        "onnx_model.py",
+        &["check", &rest, &grpc, &model_directory],
+        "all onnx checks passed",
+    );
+    // A file that is not an ONNX graph is refused at load, naming it.
+    let broken = directory.path().join("broken.onnx");
+    std::fs::write(&broken, b"not a graph").unwrap();
+    let refused = Command::new(KILN)
+        .args([
+            "serve",
+            "--model",
+            broken.to_str().unwrap(),
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--grpc-listen", "127.0.0.1:0"])
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}{stderr}");
-    assert!(stdout.trim_end().ends_with("all inference checks passed"), "{stdout}");
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("broken.onnx"), "{message}");
 }

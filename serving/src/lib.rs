@@ -29,11 +29,15 @@ pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod model;
+#[cfg(feature = "onnx")]
+pub mod onnx;
 pub mod tensor;
 
 pub use batcher::{BatchConfig, Batcher};
 pub use error::ServeError;
 pub use model::{Model, TensorSpec};
+#[cfg(feature = "onnx")]
+pub use onnx::OnnxModel;
 pub use tensor::{DataType, Tensor};
 
 use metrics::{Metrics, ModelMetrics};
