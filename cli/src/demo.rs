@@ -1,11 +1,12 @@
 //! `kiln demo`: the whole flow this build supports, end to end, on an embedded cluster of three
 //! coordinators and two workers.
 //!
-//! Later issues extend it (serving). Today it shows: a replicated coordinator that accepts jobs on any
+//! Later issues extend it (deployments, routing). Today it shows: a replicated coordinator that accepts jobs on any
 //! node, refuses bad specs, de-duplicates retries, gang-schedules a 2-rank job onto workers that run it with
 //! the torchrun environment, cancels a running job on every worker, trains the built-in MLP on the UCI
 //! digits with 2 data-parallel ranks (a tracked run, its model registered), trains it again from the
-//! feature store and prints the new version's lineage, runs a TPE sweep of command trials, and keeps every
+//! feature store and prints the new version's lineage, serves that version over the Open Inference Protocol
+//! and classifies a few digits with it, runs a TPE sweep of command trials, and keeps every
 //! acknowledged job — and the workers — through the loss of its leader.
 
 use std::path::PathBuf;
@@ -115,6 +116,53 @@ async fn train(client: &mut Client, spec: &str, source: &str) -> Result<pb::Job>
         bail!("the training job of {source} did not succeed");
     }
     Ok(trained)
+}
+
+/// Sends the first 8 rows of the digits CSV to the served model as one OIP request (JSON tensors, as any
+/// HTTP client can) and prints each predicted digit beside the true one.
+async fn classify(rest: &str, dataset: &std::path::Path) -> Result<()> {
+    let text = std::fs::read_to_string(dataset)?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().context("the digits CSV is empty")?.split(',').collect();
+    let label = header
+        .iter()
+        .position(|name| *name == "digit")
+        .context("no digit column")?;
+    let (mut pixels, mut truth) = (Vec::new(), Vec::new());
+    for line in lines.take(8) {
+        let values: Vec<f32> = line.split(',').map(str::parse).collect::<Result<_, _>>()?;
+        truth.push(values[label] as i64);
+        pixels.extend(
+            values
+                .iter()
+                .enumerate()
+                .filter(|(index, _)| *index != label)
+                .map(|(_, value)| *value),
+        );
+    }
+    let request = serde_json::json!({
+        "inputs": [{ "name": "pixels", "shape": [truth.len(), header.len() - 1], "datatype": "FP32", "data": pixels }],
+        "outputs": [{ "name": "label" }],
+    });
+    let url = format!("http://{rest}/v2/models/digits/infer");
+    println!("POST {url} (8 rows of 64 pixels)");
+    let answer: serde_json::Value = reqwest::Client::new()
+        .post(&url)
+        .json(&request)
+        .send()
+        .await
+        .context("the model server did not answer")?
+        .error_for_status()?
+        .json()
+        .await?;
+    let predicted: Vec<i64> = answer["outputs"][0]["data"]
+        .as_array()
+        .context("the answer has no label data")?
+        .iter()
+        .filter_map(serde_json::Value::as_i64)
+        .collect();
+    println!("predicted {predicted:?}\nactual    {truth:?}");
+    Ok(())
 }
 
 fn step(number: u32, text: &str) {
@@ -385,10 +433,24 @@ where version 2 came from (kiln lineage models:/digits/2 --upstream):"
     println!(
         "\nthe dashboard, while the demo runs: http://{tracking}/ (this model: http://{tracking}/models/digits; its lineage drawn: http://{tracking}/lineage?id=models%3A%2Fdigits%2F2)"
     );
-    shutdown.cancel();
 
     step(
         10,
+        "serve version 2 over the Open Inference Protocol (kiln serve: REST and gRPC, dynamic batching) and classify digits with one request",
+    );
+    let rest = crate::serve::start(
+        &["models:/digits/2".to_string()],
+        &tracking,
+        "pixels",
+        &root.join("served-models"),
+        shutdown.clone(),
+    )
+    .await?;
+    classify(&rest.to_string(), &dataset).await?;
+    shutdown.cancel();
+
+    step(
+        11,
         "a hyperparameter sweep: TPE searches the Branin function (minimum 0.3979) with 20 command trials (10 random, then modelled), 2 at a time, each logging its value through the MLflow API",
     );
     let mut sweep_jobs = 0;
@@ -434,7 +496,7 @@ where version 2 came from (kiln lineage models:/digits/2 --upstream):"
     }
 
     step(
-        11,
+        12,
         "stop the leader; the survivors elect a new one, keep every job, and the workers follow it",
     );
     let index = peers
@@ -479,7 +541,7 @@ where version 2 came from (kiln lineage models:/digits/2 --upstream):"
             .map_or(0, |task| task.worker_id)
     );
 
-    step(12, "restart the stopped node from its data directory; it catches up");
+    step(13, "restart the stopped node from its data directory; it catches up");
     nodes[index] = Some(start_node(leader, &peers, &root).await?);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -501,7 +563,7 @@ where version 2 came from (kiln lineage models:/digits/2 --upstream):"
     }
 
     println!(
-        "\nsummary: 3 coordinators and 2 workers; {} jobs ran (a 2-rank command job, two 2-rank training runs, one from the feature store, and a sweep of {} trials among them), 2 model versions registered with their lineage, 1 retry de-duplicated, 1 bad spec refused, 1 running job cancelled on every rank, leader lost and replaced, nothing lost.",
+        "\nsummary: 3 coordinators and 2 workers; {} jobs ran (a 2-rank command job, two 2-rank training runs, one from the feature store, and a sweep of {} trials among them), 2 model versions registered with their lineage and one served over the Open Inference Protocol, 1 retry de-duplicated, 1 bad spec refused, 1 running job cancelled on every rank, leader lost and replaced, nothing lost.",
         EXAMPLES.len() + 3 + sweep_jobs,
         sweep_jobs.saturating_sub(1)
     );

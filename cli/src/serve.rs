@@ -208,23 +208,22 @@ async fn fetch(api: &Api, name: &str, reference: &str, alias: bool, cache: &Path
     Ok((number, directory))
 }
 
-pub async fn run(args: ServeArgs) -> Result<()> {
-    let config = BatchConfig {
-        max_batch_size: args.max_batch_size,
-        max_wait: args.max_wait,
-        queue_capacity: args.queue_capacity,
-        instances: args.instances,
-    };
-    config.validate().map_err(anyhow::Error::msg)?;
-    let temporary = tempfile::tempdir().context("creating a directory for fetched models")?;
-    let cache = args.cache_dir.clone().unwrap_or_else(|| temporary.path().to_path_buf());
-    let serving = Arc::new(Serving::default());
-    let api = Api::new(&args.tracking)?;
-    for spec in &args.models {
+/// Fetches or reads each of `models` ([NAME=]SOURCE), loads and warms it up, and serves it in `serving`;
+/// prints one line per model.
+async fn load_models(
+    serving: &Serving,
+    models: &[String],
+    tracking: &str,
+    input_name: &str,
+    cache: &Path,
+    config: &BatchConfig,
+) -> Result<()> {
+    let api = Api::new(tracking)?;
+    for spec in models {
         let (given_name, source) = parse_model(spec);
         let (name, version, directory) = match parse_registry(source)? {
             Some((registered, reference, alias)) => {
-                let (version, directory) = fetch(&api, &registered, &reference, alias, &cache).await?;
+                let (version, directory) = fetch(&api, &registered, &reference, alias, cache).await?;
                 (given_name.unwrap_or(&registered).to_string(), version, directory)
             }
             None => {
@@ -236,7 +235,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
                 (name, "1".to_string(), directory)
             }
         };
-        let (loading, input_name) = (directory.clone(), args.input_name.clone());
+        let (loading, input_name) = (directory.clone(), input_name.to_string());
         let model = tokio::task::spawn_blocking(move || load_model(&loading, &input_name)).await??;
         let description = model
             .inputs()
@@ -252,6 +251,47 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("loading model '{name}' from {}", directory.display()))?;
         println!("serving {name} version {version} ({platform}: {description})");
     }
+    Ok(())
+}
+
+/// Serves `models` with the default batching on free loopback ports until `shutdown` (the demo's serving
+/// step); returns the REST address once every model is ready.
+pub(crate) async fn start(
+    models: &[String],
+    tracking: &str,
+    input_name: &str,
+    cache: &Path,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<std::net::SocketAddr> {
+    let serving = Arc::new(Serving::default());
+    load_models(&serving, models, tracking, input_name, cache, &BatchConfig::default()).await?;
+    let rest = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = rest.local_addr()?;
+    tokio::spawn(kiln_serving::serve(serving, rest, grpc, shutdown));
+    Ok(address)
+}
+
+pub async fn run(args: ServeArgs) -> Result<()> {
+    let config = BatchConfig {
+        max_batch_size: args.max_batch_size,
+        max_wait: args.max_wait,
+        queue_capacity: args.queue_capacity,
+        instances: args.instances,
+    };
+    config.validate().map_err(anyhow::Error::msg)?;
+    let temporary = tempfile::tempdir().context("creating a directory for fetched models")?;
+    let cache = args.cache_dir.clone().unwrap_or_else(|| temporary.path().to_path_buf());
+    let serving = Arc::new(Serving::default());
+    load_models(
+        &serving,
+        &args.models,
+        &args.tracking,
+        &args.input_name,
+        &cache,
+        &config,
+    )
+    .await?;
     let rest = tokio::net::TcpListener::bind(&args.http_listen)
         .await
         .with_context(|| format!("listening on {}", args.http_listen))?;

@@ -298,6 +298,9 @@ fn demo_runs_end_to_end() {
     assert!(text.contains("nothing lost"), "{text}");
     // The sweep step ran its trials and named the best one.
     assert!(text.contains("best of 20 trials"), "{text}");
+    // The serving step classified the first digits with the registered model over the protocol.
+    assert!(text.contains("serving digits version 2 (kiln_burn"), "{text}");
+    assert!(text.contains("actual    [0, 1, 2, 3, 4, 5, 6, 7]"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
