@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use kiln_serving::request_log::RequestLogConfig;
 use kiln_serving::{BatchConfig, DataType, Model, Serving, Tensor, TensorSpec};
 use kiln_worker::trainer::SavedModel;
 
@@ -55,6 +56,16 @@ pub struct ServeArgs {
     /// Where fetched models are kept (default: a temporary directory removed at exit).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// Log every request and its response as Parquet files under request-logs/MODEL/VERSION/ in this store:
+    /// a directory, file:///DIR, s3://BUCKET[/PREFIX], gs://… or az://… (the cluster's artifact store).
+    #[arg(long)]
+    request_log: Option<String>,
+    /// A request-log file is written per this many rows of one model version…
+    #[arg(long, default_value_t = RequestLogConfig::default().rows_per_file)]
+    request_log_rows: usize,
+    /// …or at least this often while rows wait.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    request_log_interval: Duration,
 }
 
 /// A burn model saved by the trainer, served.
@@ -292,6 +303,20 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         &config,
     )
     .await?;
+    if let Some(location) = &args.request_log {
+        if args.request_log_rows == 0 {
+            anyhow::bail!("--request-log-rows is 0; expected at least 1 row per file");
+        }
+        let store = kiln_coordinator::artifacts::ArtifactStore::open(location, u64::MAX)
+            .with_context(|| format!("opening the request log's store {location}"))?;
+        let config = RequestLogConfig {
+            rows_per_file: args.request_log_rows,
+            flush_interval: args.request_log_interval,
+            ..RequestLogConfig::default()
+        };
+        println!("logging requests to {location}/{}", config.prefix);
+        serving.log_requests(store.object_store(), config);
+    }
     let rest = tokio::net::TcpListener::bind(&args.http_listen)
         .await
         .with_context(|| format!("listening on {}", args.http_listen))?;

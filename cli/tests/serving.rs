@@ -84,6 +84,58 @@ async fn serve(args: &[&str], directory: &Path) -> (Server, String, String) {
     }
 }
 
+/// The rows of the request-log files under `directory` as (request id, status, inputs, outputs), once there
+/// are at least `expected` (waiting up to 20 s for the log's next flush).
+async fn logged_rows(directory: &Path, expected: usize) -> Vec<(String, String, String, Option<String>)> {
+    use arrow_array::{Array, StringArray};
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut rows = Vec::new();
+        for entry in std::fs::read_dir(directory).into_iter().flatten() {
+            let file = std::fs::File::open(entry.unwrap().path()).unwrap();
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+                .unwrap()
+                .build()
+                .unwrap();
+            for batch in reader {
+                let batch = batch.unwrap();
+                let column = |name: &str| {
+                    batch
+                        .column_by_name(name)
+                        .unwrap()
+                        .as_any()
+                        .downcast_ref::<StringArray>()
+                        .unwrap()
+                        .clone()
+                };
+                let (ids, statuses, inputs, outputs) = (
+                    column("request_id"),
+                    column("status"),
+                    column("inputs"),
+                    column("outputs"),
+                );
+                for row in 0..batch.num_rows() {
+                    rows.push((
+                        ids.value(row).to_string(),
+                        statuses.value(row).to_string(),
+                        inputs.value(row).to_string(),
+                        (!outputs.is_null(row)).then(|| outputs.value(row).to_string()),
+                    ));
+                }
+            }
+        }
+        if rows.len() >= expected || Instant::now() > deadline {
+            assert!(
+                rows.len() >= expected,
+                "{} of {expected} rows logged: {rows:?}",
+                rows.len()
+            );
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Runs a test script with the stock clients' Python; it must end by printing `last_line`.
 fn python_script(python: &str, script: &str, args: &[&str], last_line: &str) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(script);
@@ -137,6 +189,7 @@ async fn a_registered_model_is_served_over_the_open_inference_protocol_to_stock_
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(message.contains("alias 'nobody'"), "{message}");
 
+    let request_log = directory.path().join("request-log").display().to_string();
     let (_server, rest, grpc) = serve(
         &[
             "--model",
@@ -145,6 +198,10 @@ async fn a_registered_model_is_served_over_the_open_inference_protocol_to_stock_
             "pixels",
             "--tracking",
             &tracking,
+            "--request-log",
+            &request_log,
+            "--request-log-interval",
+            "200ms",
         ],
         directory.path(),
     )
@@ -238,6 +295,22 @@ async fn a_registered_model_is_served_over_the_open_inference_protocol_to_stock_
         ),
         "{metrics}"
     );
+
+    // Every request was logged as Parquet: the good one with its tensors, the refused ones with the reason.
+    let rows = logged_rows(&directory.path().join("request-log/request-logs/digits/1"), 7).await;
+    let by_hand = rows
+        .iter()
+        .find(|row| row.0 == "by-hand")
+        .expect("the request with id by-hand");
+    assert_eq!(by_hand.1, "ok");
+    assert!(
+        by_hand.2.starts_with(r#"{"pixels":{"data":[0.0,0.0,5.0"#),
+        "{}",
+        by_hand.2
+    );
+    assert!(by_hand.3.as_deref().unwrap().starts_with(r#"{"label":{"data":[0,1,2"#));
+    let refused = rows.iter().filter(|row| row.1 == "invalid_input").count();
+    assert_eq!(refused, 6, "{rows:?}");
 
     let Some(python) = stock_python() else { return };
     let csv = digits_csv().display().to_string();

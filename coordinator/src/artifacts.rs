@@ -160,6 +160,11 @@ impl ArtifactStore {
         })
     }
 
+    /// The store itself, for writers that manage their own files (the serving tier's request log).
+    pub fn object_store(&self) -> Arc<dyn ObjectStore> {
+        self.store.clone()
+    }
+
     /// Streams `body` into `path`, hashing it on the way; the artifact appears whole when the body ends, or
     /// not at all when it fails, grows past the limit or is cut off.
     pub async fn put<E: std::fmt::Display>(

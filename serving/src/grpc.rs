@@ -12,7 +12,7 @@ use kiln_proto::inference::*;
 use tonic::{Request, Response, Status};
 
 use crate::tensor::{DataType, Tensor, encode_contents};
-use crate::{EXTENSIONS, SERVER_NAME, ServeError, ServedModel, Serving};
+use crate::{EXTENSIONS, Exchange, SERVER_NAME, ServeError, ServedModel, Serving};
 
 /// The most bytes one gRPC message may carry.
 const MESSAGE_BYTES_MAX: usize = 64 << 20;
@@ -78,11 +78,18 @@ fn read_inputs(request: &mut ModelInferRequest) -> Result<Vec<Tensor>, ServeErro
         .collect()
 }
 
-async fn infer(served: &ServedModel, mut request: ModelInferRequest) -> Result<ModelInferResponse, ServeError> {
+async fn infer(
+    served: &ServedModel,
+    mut request: ModelInferRequest,
+    exchange: &mut Exchange,
+) -> Result<ModelInferResponse, ServeError> {
+    exchange.id = Some(request.id.clone()).filter(|id| !id.is_empty());
     let inputs = read_inputs(&mut request)?;
+    exchange.inputs = inputs.clone();
     let outputs = served.infer(inputs).await?;
     let requested: Vec<String> = request.outputs.iter().map(|output| output.name.clone()).collect();
     let outputs = served.select_outputs(outputs, &requested)?;
+    exchange.outputs = outputs.clone();
     let mut response = ModelInferResponse {
         model_name: served.name.clone(),
         model_version: served.version.clone(),
@@ -164,10 +171,9 @@ impl GrpcInferenceService for InferenceService {
             .serving
             .get(&request.model_name, version_of(&request.model_version))
             .map_err(|error| error.grpc_status())?;
-        let outcome = infer(&served, request).await;
-        self.serving
-            .metrics
-            .answered(&served.metrics.labels, "grpc", outcome.as_ref().err());
+        let mut exchange = Exchange::begin();
+        let outcome = infer(&served, request, &mut exchange).await;
+        self.serving.record(&served, "grpc", exchange, outcome.as_ref().err());
         outcome.map(Response::new).map_err(|error| error.grpc_status())
     }
 }

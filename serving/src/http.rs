@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::tensor::{DataType, Tensor, encode_json};
-use crate::{EXTENSIONS, SERVER_NAME, ServeError, ServedModel, Serving};
+use crate::{EXTENSIONS, Exchange, SERVER_NAME, ServeError, ServedModel, Serving};
 
 /// The header that splits a binary request or response into its JSON and its tensors.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -217,10 +217,9 @@ async fn infer_on(serving: &Serving, name: &str, version: Option<&str>, headers:
         Ok(served) => served,
         Err(error) => return error_response(&error),
     };
-    let outcome = run(&served, headers, body).await;
-    serving
-        .metrics
-        .answered(&served.metrics.labels, "rest", outcome.as_ref().err());
+    let mut exchange = Exchange::begin();
+    let outcome = run(&served, headers, body, &mut exchange).await;
+    serving.record(&served, "rest", exchange, outcome.as_ref().err());
     outcome.unwrap_or_else(|error| error_response(&error))
 }
 
@@ -310,15 +309,23 @@ fn read_inputs(inputs: Vec<InputTensor>, binary: &Bytes) -> Result<Vec<Tensor>, 
     Ok(tensors)
 }
 
-async fn run(served: &ServedModel, headers: &HeaderMap, body: Bytes) -> Result<Response, ServeError> {
+async fn run(
+    served: &ServedModel,
+    headers: &HeaderMap,
+    body: Bytes,
+    exchange: &mut Exchange,
+) -> Result<Response, ServeError> {
     let (header_part, binary) = split_body(headers, body)?;
     let request: InferRequest = serde_json::from_slice(&header_part)
         .map_err(|error| ServeError::invalid(format!("the body is not an inference request: {error}")))?;
+    exchange.id = request.id.clone();
     let inputs = read_inputs(request.inputs, &binary)?;
+    exchange.inputs = inputs.clone();
     let outputs = served.infer(inputs).await?;
     let binary_default = flag(&request.parameters, "binary_data_output");
     let requested: Vec<String> = request.outputs.iter().map(|output| output.name.clone()).collect();
     let outputs = served.select_outputs(outputs, &requested)?;
+    exchange.outputs = outputs.clone();
     let mut binary_parts = Vec::new();
     let mut described = Vec::with_capacity(outputs.len());
     for (index, output) in outputs.into_iter().enumerate() {

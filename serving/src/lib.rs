@@ -16,12 +16,16 @@
 //! - [`batcher`] stacks queued requests into batches; its queue is bounded and a full queue answers 503 with
 //!   `Retry-After` (gRPC `UNAVAILABLE`), so overload is refused quickly instead of growing latency.
 //! - [`metrics`] exposes requests, errors, latency, batch sizes and queue depth per model and version.
+//! - [`request_log`] writes every request and response, batched into Parquet files in an object store,
+//!   without ever making a request wait (a full queue drops and counts).
 //!
 //! Deliberately not here: where models come from (the CLI resolves `models:/NAME@ALIAS` through the registry
-//! and builds a [`Model`]), Triton's model-repository and configuration extensions, and request logging.
+//! and builds a [`Model`]), and Triton's model-repository and configuration extensions.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Instant, SystemTime};
 
 pub mod batcher;
 mod error;
@@ -31,6 +35,7 @@ pub mod metrics;
 pub mod model;
 #[cfg(feature = "onnx")]
 pub mod onnx;
+pub mod request_log;
 pub mod tensor;
 
 pub use batcher::{BatchConfig, Batcher};
@@ -41,6 +46,7 @@ pub use onnx::OnnxModel;
 pub use tensor::{DataType, Tensor};
 
 use metrics::{Metrics, ModelMetrics};
+use request_log::{LogEntry, RequestLog};
 
 /// The server's name and version in the protocol's server metadata.
 pub const SERVER_NAME: &str = "kiln";
@@ -104,11 +110,53 @@ impl ServedModel {
     }
 }
 
+/// What one request carried and got, for the request log.
+#[derive(Debug)]
+pub struct Exchange {
+    /// The request's own id, when it gave one.
+    pub id: Option<String>,
+    pub received: SystemTime,
+    pub started: Instant,
+    pub inputs: Vec<Tensor>,
+    pub outputs: Vec<Tensor>,
+}
+
+impl Exchange {
+    /// A request that arrived now.
+    pub fn begin() -> Exchange {
+        Exchange {
+            id: None,
+            received: SystemTime::now(),
+            started: Instant::now(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+        }
+    }
+}
+
 /// The model versions this server holds, by name; each name serves one version at a time.
-#[derive(Default)]
 pub struct Serving {
     models: RwLock<BTreeMap<String, Arc<ServedModel>>>,
     pub metrics: Metrics,
+    request_log: OnceLock<RequestLog>,
+    /// Ids for requests that bring none: this process's random prefix, then a sequence.
+    id_prefix: u64,
+    id_sequence: AtomicU64,
+}
+
+impl Default for Serving {
+    fn default() -> Serving {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos() as u64);
+        Serving {
+            models: RwLock::default(),
+            metrics: Metrics::default(),
+            request_log: OnceLock::new(),
+            id_prefix: nanos ^ (u64::from(std::process::id()) << 32),
+            id_sequence: AtomicU64::new(0),
+        }
+    }
 }
 
 impl std::fmt::Debug for Serving {
@@ -192,6 +240,50 @@ impl Serving {
         }
     }
 
+    /// Logs every answered request to `store` from now on (see [`request_log`]).
+    pub fn log_requests(&self, store: Arc<dyn object_store::ObjectStore>, config: request_log::RequestLogConfig) {
+        let log = RequestLog::start(store, config, self.metrics.request_log.clone());
+        if self.request_log.set(log).is_err() {
+            tracing::warn!("the request log was already configured; keeping the first");
+        }
+    }
+
+    /// Counts an answered request and logs it.
+    pub fn record(&self, served: &ServedModel, protocol: &'static str, exchange: Exchange, error: Option<&ServeError>) {
+        self.metrics.answered(&served.metrics.labels, protocol, error);
+        let Some(log) = self.request_log.get() else { return };
+        let request_id = exchange.id.unwrap_or_else(|| {
+            format!(
+                "{:016x}-{}",
+                self.id_prefix,
+                self.id_sequence.fetch_add(1, Ordering::Relaxed)
+            )
+        });
+        let received_at_micros = exchange
+            .received
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_micros() as i64);
+        log.log(LogEntry {
+            request_id,
+            model: served.name.clone(),
+            version: served.version.clone(),
+            protocol,
+            received_at_micros,
+            latency_seconds: exchange.started.elapsed().as_secs_f64(),
+            status: error.map_or("ok", ServeError::reason),
+            error: error.map(ToString::to_string),
+            inputs: exchange.inputs,
+            outputs: exchange.outputs,
+        });
+    }
+
+    /// Writes what the request log holds and stops it.
+    pub async fn close(&self) {
+        if let Some(log) = self.request_log.get() {
+            log.close().await;
+        }
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.models.read().expect("models lock").keys().cloned().collect()
     }
@@ -232,5 +324,6 @@ pub async fn serve(
             )
     };
     let (rest, grpc) = tokio::join!(listen(rest), listen(grpc));
+    serving.close().await;
     rest.and(grpc)
 }

@@ -7,6 +7,7 @@
 //!   kiln_serving_request_duration_seconds{model,version}           end-to-end latency, enqueue to reply
 //!   kiln_serving_batch_size{model,version}                         rows per batch the model ran
 //!   kiln_serving_queue_depth{model,version}                        requests waiting for a batch
+//!   kiln_serving_request_log_{rows_written,files_written,rows_dropped}_total   the request log
 //! ```
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -47,6 +48,8 @@ pub struct Metrics {
     latency: Histograms,
     batch_size: Histograms,
     queue_depth: Family<ModelLabels, Gauge>,
+    /// The request log's counters (registered whether or not a log is configured).
+    pub request_log: crate::request_log::LogCounters,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -78,6 +81,22 @@ impl Default for Metrics {
         );
         registry.register("batch_size", "Rows in each batch the model ran", batch_size.clone());
         registry.register("queue_depth", "Requests waiting to be batched", queue_depth.clone());
+        let request_log = crate::request_log::LogCounters::default();
+        registry.register(
+            "request_log_rows_written",
+            "Request-log rows written to the store",
+            request_log.rows_written.clone(),
+        );
+        registry.register(
+            "request_log_files_written",
+            "Request-log Parquet files written to the store",
+            request_log.files_written.clone(),
+        );
+        registry.register(
+            "request_log_rows_dropped",
+            "Request-log rows dropped because the writer was behind or a write failed",
+            request_log.rows_dropped.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -85,6 +104,7 @@ impl Default for Metrics {
             latency,
             batch_size,
             queue_depth,
+            request_log,
         }
     }
 }
