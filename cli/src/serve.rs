@@ -5,6 +5,10 @@
 //! ONNX models (any `*.onnx` file among the version's files) run on tract, with the inputs and outputs the
 //! file declares.
 //!
+//! A model named by an alias follows it: when `kiln models alias NAME VERSION ALIAS` moves the alias, the
+//! replica fetches and warms up the new version and then switches to it; requests queued on the old version
+//! finish there, so no request fails across the switch.
+//!
 //! Kiln's burn models (what `kiln task train` saves) are served with one FP32 input of shape [-1, features]
 //! (named by `--input-name`) and, for a classifier, the outputs `probabilities` (softmax, [-1, classes]) and
 //! `label` (the most probable class, INT64 [-1]); for a regression model, `prediction` ([-1, 1]). The
@@ -56,6 +60,10 @@ pub struct ServeArgs {
     /// Where fetched models are kept (default: a temporary directory removed at exit).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// How often a model named by an alias (models:/NAME@ALIAS) checks where the alias points; when it has
+    /// moved, the new version is fetched and warmed up, then takes the requests (0s: never).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    follow_interval: Duration,
     /// Log every request and its response as Parquet files under request-logs/MODEL/VERSION/ in this store:
     /// a directory, file:///DIR, s3://BUCKET[/PREFIX], gs://… or az://… (the cluster's artifact store).
     #[arg(long)]
@@ -186,14 +194,14 @@ fn parse_registry(source: &str) -> Result<Option<(String, String, bool)>> {
     }
 }
 
-/// Fetches a registered version's files into `cache`; returns (registered name, version, directory).
-async fn fetch(api: &Api, name: &str, reference: &str, alias: bool, cache: &Path) -> Result<(String, PathBuf)> {
-    let what = format!("model '{name}' {}", if alias { "alias" } else { "version" });
+/// The version `reference` names (a version number, or an alias when `alias`) of registered model `name`:
+/// (its number, its source).
+async fn resolve(api: &Api, name: &str, reference: &str, alias: bool) -> Result<(String, String)> {
     let version = if alias {
         api.get(
             "registered-models/alias",
             &[("name", name), ("alias", reference)],
-            &format!("{what} '{reference}'"),
+            &format!("model '{name}' alias '{reference}'"),
         )
         .await?["model_version"]
             .take()
@@ -201,41 +209,86 @@ async fn fetch(api: &Api, name: &str, reference: &str, alias: bool, cache: &Path
         api.get(
             "model-versions/get",
             &[("name", name), ("version", reference)],
-            &format!("{what} {reference}"),
+            &format!("model '{name}' version {reference}"),
         )
         .await?["model_version"]
             .take()
     };
-    let number = text(&version["version"]);
-    let source = text(&version["source"]);
+    Ok((text(&version["version"]), text(&version["source"])))
+}
+
+/// Downloads version `number` of `name` from `source` into `cache/NAME/NUMBER`; returns that directory.
+async fn download(api: &Api, name: &str, number: &str, source: &str, cache: &Path) -> Result<PathBuf> {
     let Some(root) = source.strip_prefix("mlflow-artifacts:") else {
         bail!("model '{name}' version {number} is stored at '{source}', outside the cluster's artifact proxy");
     };
-    let directory = cache.join(name).join(&number);
+    let directory = cache.join(name).join(number);
     let files = crate::artifacts::download_tree(api, root.trim_start_matches('/'), &directory).await?;
     if files == 0 {
         bail!("model '{name}' version {number} has no files at '{source}'");
     }
-    Ok((number, directory))
+    Ok(directory)
 }
 
-/// Fetches or reads each of `models` ([NAME=]SOURCE), loads and warms it up, and serves it in `serving`;
-/// prints one line per model.
-async fn load_models(
-    serving: &Serving,
-    models: &[String],
-    tracking: &str,
-    input_name: &str,
-    cache: &Path,
-    config: &BatchConfig,
-) -> Result<()> {
-    let api = Api::new(tracking)?;
+/// A model served under an alias, kept on the version the alias points at.
+struct Follow {
+    served_name: String,
+    registered: String,
+    alias: String,
+    version: String,
+}
+
+/// What serving a model needs beyond its files.
+#[derive(Clone)]
+struct Loading {
+    tracking: String,
+    input_name: String,
+    cache: PathBuf,
+    config: BatchConfig,
+}
+
+/// Loads the model in `directory` on a blocking thread, warms it up and serves it as `name` `version`;
+/// prints what it serves.
+async fn load_one(serving: &Serving, name: &str, version: &str, directory: PathBuf, loading: &Loading) -> Result<()> {
+    let (path, input_name) = (directory.clone(), loading.input_name.clone());
+    let model = tokio::task::spawn_blocking(move || load_model(&path, &input_name)).await??;
+    let description = model
+        .inputs()
+        .iter()
+        .chain(model.outputs())
+        .map(|spec| format!("{} {} {:?}", spec.name, spec.datatype, spec.shape))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let platform = model.platform().to_string();
+    serving
+        .load(name, version, model, loading.config.clone())
+        .await
+        .with_context(|| format!("loading model '{name}' from {}", directory.display()))?;
+    println!("serving {name} version {version} ({platform}: {description})");
+    Ok(())
+}
+
+/// Fetches or reads each of `models` ([NAME=]SOURCE) and serves it in `serving`; returns the ones named by
+/// an alias, to follow.
+async fn load_models(serving: &Serving, models: &[String], loading: &Loading) -> Result<Vec<Follow>> {
+    let api = Api::new(&loading.tracking)?;
+    let mut follows = Vec::new();
     for spec in models {
         let (given_name, source) = parse_model(spec);
         let (name, version, directory) = match parse_registry(source)? {
             Some((registered, reference, alias)) => {
-                let (version, directory) = fetch(&api, &registered, &reference, alias, cache).await?;
-                (given_name.unwrap_or(&registered).to_string(), version, directory)
+                let (version, source) = resolve(&api, &registered, &reference, alias).await?;
+                let directory = download(&api, &registered, &version, &source, &loading.cache).await?;
+                let name = given_name.unwrap_or(&registered).to_string();
+                if alias {
+                    follows.push(Follow {
+                        served_name: name.clone(),
+                        registered,
+                        alias: reference,
+                        version: version.clone(),
+                    });
+                }
+                (name, version, directory)
             }
             None => {
                 let directory = PathBuf::from(source);
@@ -246,23 +299,51 @@ async fn load_models(
                 (name, "1".to_string(), directory)
             }
         };
-        let (loading, input_name) = (directory.clone(), input_name.to_string());
-        let model = tokio::task::spawn_blocking(move || load_model(&loading, &input_name)).await??;
-        let description = model
-            .inputs()
-            .iter()
-            .chain(model.outputs())
-            .map(|spec| format!("{} {} {:?}", spec.name, spec.datatype, spec.shape))
-            .collect::<Vec<_>>()
-            .join("; ");
-        let platform = model.platform().to_string();
-        serving
-            .load(&name, &version, model, config.clone())
-            .await
-            .with_context(|| format!("loading model '{name}' from {}", directory.display()))?;
-        println!("serving {name} version {version} ({platform}: {description})");
+        load_one(serving, &name, &version, directory, loading).await?;
     }
-    Ok(())
+    Ok(follows)
+}
+
+/// Keeps `follow.served_name` on the version its alias points at: looks every `interval`; when the alias
+/// has moved, fetches the new version and warms it up before it takes requests. Requests already queued on
+/// the old version finish there, so none is dropped. A failed look or load keeps the current version.
+async fn follow_alias(
+    serving: Arc<Serving>,
+    mut follow: Follow,
+    loading: Loading,
+    interval: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let moved = async {
+            let api = Api::new(&loading.tracking)?;
+            let (version, source) = resolve(&api, &follow.registered, &follow.alias, true).await?;
+            if version == follow.version {
+                return Ok(None);
+            }
+            let directory = download(&api, &follow.registered, &version, &source, &loading.cache).await?;
+            load_one(&serving, &follow.served_name, &version, directory, &loading).await?;
+            anyhow::Ok(Some(version))
+        };
+        match moved.await {
+            Ok(Some(version)) => {
+                println!(
+                    "{}@{} moved from version {} to {version}",
+                    follow.registered, follow.alias, follow.version
+                );
+                follow.version = version;
+            }
+            Ok(None) => {}
+            Err(error) => eprintln!(
+                "following {}@{} (still serving version {}): {error:#}",
+                follow.registered, follow.alias, follow.version
+            ),
+        }
+    }
 }
 
 /// Serves `models` with the default batching on free loopback ports until `shutdown` (the demo's serving
@@ -275,7 +356,13 @@ pub(crate) async fn start(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<std::net::SocketAddr> {
     let serving = Arc::new(Serving::default());
-    load_models(&serving, models, tracking, input_name, cache, &BatchConfig::default()).await?;
+    let loading = Loading {
+        tracking: tracking.to_string(),
+        input_name: input_name.to_string(),
+        cache: cache.to_path_buf(),
+        config: BatchConfig::default(),
+    };
+    load_models(&serving, models, &loading).await?;
     let rest = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = rest.local_addr()?;
@@ -294,15 +381,13 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let temporary = tempfile::tempdir().context("creating a directory for fetched models")?;
     let cache = args.cache_dir.clone().unwrap_or_else(|| temporary.path().to_path_buf());
     let serving = Arc::new(Serving::default());
-    load_models(
-        &serving,
-        &args.models,
-        &args.tracking,
-        &args.input_name,
-        &cache,
-        &config,
-    )
-    .await?;
+    let loading = Loading {
+        tracking: args.tracking.clone(),
+        input_name: args.input_name.clone(),
+        cache,
+        config,
+    };
+    let follows = load_models(&serving, &args.models, &loading).await?;
     if let Some(location) = &args.request_log {
         if args.request_log_rows == 0 {
             anyhow::bail!("--request-log-rows is 0; expected at least 1 row per file");
@@ -330,6 +415,17 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     );
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(crate::shutdown_on_signal(shutdown.clone()));
+    if !args.follow_interval.is_zero() {
+        for follow in follows {
+            tokio::spawn(follow_alias(
+                serving.clone(),
+                follow,
+                loading.clone(),
+                args.follow_interval,
+                shutdown.clone(),
+            ));
+        }
+    }
     kiln_serving::serve(serving, rest, grpc, shutdown).await?;
     drop(temporary);
     Ok(())

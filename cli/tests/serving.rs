@@ -4,6 +4,8 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use kiln_cluster_tests::{Cluster, free_port, http_json, http_text, stock_python};
@@ -202,6 +204,8 @@ async fn a_registered_model_is_served_over_the_open_inference_protocol_to_stock_
             &request_log,
             "--request-log-interval",
             "200ms",
+            "--follow-interval",
+            "200ms",
         ],
         directory.path(),
     )
@@ -311,6 +315,86 @@ async fn a_registered_model_is_served_over_the_open_inference_protocol_to_stock_
     assert!(by_hand.3.as_deref().unwrap().starts_with(r#"{"label":{"data":[0,1,2"#));
     let refused = rows.iter().filter(|row| row.1 == "invalid_input").count();
     assert_eq!(refused, 6, "{rows:?}");
+
+    // The alias moves to a new version while clients send requests: none fails, and each client's answers
+    // switch from version 1 to version 2 once and for all.
+    let (status, version) = http_json(
+        &tracking,
+        "GET",
+        "/api/2.0/mlflow/model-versions/get?name=digits&version=1",
+        "",
+    );
+    assert_eq!(status, 200, "{version}");
+    let source = version["model_version"]["source"].as_str().unwrap();
+    let run = version["model_version"]["run_id"].as_str().unwrap();
+    let registered = cluster
+        .cli(&[
+            "models",
+            "register",
+            "digits",
+            source,
+            "--run",
+            run,
+            "--tracking",
+            &tracking,
+        ])
+        .unwrap();
+    assert!(
+        registered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&registered.stderr)
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let one_row = json!({
+        "inputs": [{ "name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": features[0] }],
+    })
+    .to_string();
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, rest, one_row) = (stop.clone(), rest.clone(), one_row.clone());
+            std::thread::spawn(move || {
+                let (mut versions, mut failures) = (Vec::new(), Vec::new());
+                let deadline = Instant::now() + Duration::from_secs(90);
+                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline && versions.len() < 100_000 {
+                    let (status, answer) = http_json(&rest, "POST", "/v2/models/digits/infer", &one_row);
+                    match status {
+                        200 => versions.push(answer["model_version"].as_str().unwrap().to_string()),
+                        _ => failures.push(format!("{status} {answer}")),
+                    }
+                }
+                (versions, failures)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let moved = cluster
+        .cli(&["models", "alias", "digits", "2", "champion", "--tracking", &tracking])
+        .unwrap();
+    assert!(moved.status.success(), "{}", String::from_utf8_lossy(&moved.stderr));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_json(&rest, "GET", "/v2/models/digits", "").1["versions"] != json!(["2"]) {
+        assert!(
+            Instant::now() < deadline,
+            "the replica did not follow the alias to version 2"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    for client in clients {
+        let (versions, failures) = client.join().unwrap();
+        assert!(failures.is_empty(), "requests failed across the switch: {failures:?}");
+        let switched = versions
+            .iter()
+            .position(|version| version == "2")
+            .expect("answers from version 2");
+        assert!(switched > 0, "answers from version 1 before the switch");
+        assert!(
+            versions[..switched].iter().all(|version| version == "1")
+                && versions[switched..].iter().all(|version| version == "2"),
+            "one switch, never back: {versions:?}"
+        );
+    }
 
     let Some(python) = stock_python() else { return };
     let csv = digits_csv().display().to_string();
