@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use kiln_serving::pipeline::{Pipeline, Step};
 use kiln_serving::request_log::RequestLogConfig;
 use kiln_serving::{BatchConfig, DataType, Model, Serving, Tensor, TensorSpec};
 use kiln_worker::trainer::SavedModel;
@@ -31,8 +32,12 @@ pub struct ServeArgs {
     /// models:/NAME@ALIAS (from the registry at --tracking), a directory holding a saved model (model.json
     /// and weights.bin, or an ONNX file), or an ONNX file. NAME defaults to the registered name (or the
     /// file's or directory's name).
-    #[arg(long = "model", required = true)]
+    #[arg(long = "model", required_unless_present = "deployment")]
     models: Vec<String>,
+    /// A deployment file (examples/deployments/digits.toml): the model, its batching and its pre- and
+    /// post-processing steps. Its settings replace the matching flags.
+    #[arg(long, conflicts_with = "models")]
+    deployment: Option<PathBuf>,
     /// A coordinator's MLflow API, for the registry and the model artifacts.
     #[arg(long, env = "KILN_TRACKING", default_value = "127.0.0.1:7080")]
     tracking: String,
@@ -245,13 +250,95 @@ struct Loading {
     input_name: String,
     cache: PathBuf,
     config: BatchConfig,
+    preprocess: Vec<Step>,
+    postprocess: Vec<Step>,
+}
+
+/// A deployment file: one model, how it is batched, and its steps.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Deployment {
+    /// The name clients call the model by.
+    name: String,
+    /// models:/NAME@ALIAS, models:/NAME/VERSION, or a model directory or ONNX file.
+    model: String,
+    #[serde(default)]
+    input_name: Option<String>,
+    #[serde(default)]
+    batching: Option<Batching>,
+    #[serde(default)]
+    preprocess: Vec<Step>,
+    #[serde(default)]
+    postprocess: Vec<Step>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Batching {
+    max_batch_size: Option<usize>,
+    /// A duration such as "2ms".
+    max_wait: Option<String>,
+    queue_capacity: Option<usize>,
+    instances: Option<usize>,
+}
+
+impl Deployment {
+    /// Reads and checks `path`, naming the file, line and column of what is wrong.
+    fn read(path: &Path) -> Result<Deployment> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let deployment: Deployment = toml::from_str(&text).map_err(|error| {
+            let at = error
+                .span()
+                .map(|span| {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.len() - before.rfind('\n').map_or(0, |index| index + 1) + 1;
+                    format!(":{line}:{column}")
+                })
+                .unwrap_or_default();
+            anyhow::anyhow!("invalid deployment {}{at}: {}", path.display(), error.message())
+        })?;
+        if deployment.name.is_empty() || deployment.name.contains(['/', '=']) {
+            bail!(
+                "invalid deployment {}: name '{}' must be non-empty without '/' or '='",
+                path.display(),
+                deployment.name
+            );
+        }
+        Ok(deployment)
+    }
+
+    /// `config` with this deployment's batching settings over it.
+    fn batching(&self, mut config: BatchConfig) -> Result<BatchConfig> {
+        if let Some(batching) = &self.batching {
+            config.max_batch_size = batching.max_batch_size.unwrap_or(config.max_batch_size);
+            config.queue_capacity = batching.queue_capacity.unwrap_or(config.queue_capacity);
+            config.instances = batching.instances.unwrap_or(config.instances);
+            if let Some(wait) = &batching.max_wait {
+                config.max_wait = humantime::parse_duration(wait)
+                    .with_context(|| format!("batching max_wait '{wait}'; expected a duration such as \"2ms\""))?;
+            }
+        }
+        config.validate().map_err(anyhow::Error::msg)?;
+        Ok(config)
+    }
 }
 
 /// Loads the model in `directory` on a blocking thread, warms it up and serves it as `name` `version`;
 /// prints what it serves.
 async fn load_one(serving: &Serving, name: &str, version: &str, directory: PathBuf, loading: &Loading) -> Result<()> {
     let (path, input_name) = (directory.clone(), loading.input_name.clone());
-    let model = tokio::task::spawn_blocking(move || load_model(&path, &input_name)).await??;
+    let (preprocess, postprocess) = (loading.preprocess.clone(), loading.postprocess.clone());
+    let model = tokio::task::spawn_blocking(move || -> Result<Arc<dyn Model>> {
+        let model = load_model(&path, &input_name)?;
+        if preprocess.is_empty() && postprocess.is_empty() {
+            return Ok(model);
+        }
+        let pipeline = Pipeline::new(model, preprocess, postprocess)
+            .map_err(|error| anyhow::anyhow!("the deployment's steps do not fit the model: {error}"))?;
+        Ok(Arc::new(pipeline))
+    })
+    .await??;
     let description = model
         .inputs()
         .iter()
@@ -361,6 +448,8 @@ pub(crate) async fn start(
         input_name: input_name.to_string(),
         cache: cache.to_path_buf(),
         config: BatchConfig::default(),
+        preprocess: Vec::new(),
+        postprocess: Vec::new(),
     };
     load_models(&serving, models, &loading).await?;
     let rest = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -371,23 +460,34 @@ pub(crate) async fn start(
 }
 
 pub async fn run(args: ServeArgs) -> Result<()> {
-    let config = BatchConfig {
+    let mut config = BatchConfig {
         max_batch_size: args.max_batch_size,
         max_wait: args.max_wait,
         queue_capacity: args.queue_capacity,
         instances: args.instances,
     };
     config.validate().map_err(anyhow::Error::msg)?;
+    let (mut models, mut input_name) = (args.models.clone(), args.input_name.clone());
+    let (mut preprocess, mut postprocess) = (Vec::new(), Vec::new());
+    if let Some(path) = &args.deployment {
+        let deployment = Deployment::read(path)?;
+        config = deployment.batching(config)?;
+        models = vec![format!("{}={}", deployment.name, deployment.model)];
+        input_name = deployment.input_name.unwrap_or(input_name);
+        (preprocess, postprocess) = (deployment.preprocess, deployment.postprocess);
+    }
     let temporary = tempfile::tempdir().context("creating a directory for fetched models")?;
     let cache = args.cache_dir.clone().unwrap_or_else(|| temporary.path().to_path_buf());
     let serving = Arc::new(Serving::default());
     let loading = Loading {
         tracking: args.tracking.clone(),
-        input_name: args.input_name.clone(),
+        input_name,
         cache,
         config,
+        preprocess,
+        postprocess,
     };
-    let follows = load_models(&serving, &args.models, &loading).await?;
+    let follows = load_models(&serving, &models, &loading).await?;
     if let Some(location) = &args.request_log {
         if args.request_log_rows == 0 {
             anyhow::bail!("--request-log-rows is 0; expected at least 1 row per file");
@@ -434,6 +534,28 @@ pub async fn run(args: ServeArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_example_deployment_parses_and_bad_ones_are_refused_with_the_place() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/deployments/digits.toml");
+        let deployment = Deployment::read(&example).unwrap();
+        assert_eq!(deployment.model, "models:/digits@champion");
+        assert_eq!(deployment.postprocess[0], Step::TopK(3));
+        let config = deployment.batching(BatchConfig::default()).unwrap();
+        assert_eq!((config.max_batch_size, config.instances), (64, 2));
+        let directory = tempfile::tempdir().unwrap();
+        let file = directory.path().join("bad.toml");
+        std::fs::write(&file, "name = \"d\"\nmodel = \"m\"\npostprocess = [{ top = 3 }]\n").unwrap();
+        let error = Deployment::read(&file).unwrap_err().to_string();
+        assert!(error.contains("bad.toml:3:"), "{error}");
+        assert!(error.contains("unknown variant `top`"), "{error}");
+        std::fs::write(&file, "name = \"d\"\nmodel = \"m\"\n[batching]\nmax_wait = \"soon\"\n").unwrap();
+        let error = Deployment::read(&file)
+            .unwrap()
+            .batching(BatchConfig::default())
+            .unwrap_err();
+        assert!(format!("{error:#}").contains("batching max_wait 'soon'"), "{error:#}");
+    }
 
     #[test]
     fn model_sources_parse_with_and_without_a_name() {

@@ -316,6 +316,34 @@ async fn a_registered_model_is_served_over_the_open_inference_protocol_to_stock_
     let refused = rows.iter().filter(|row| row.1 == "invalid_input").count();
     assert_eq!(refused, 6, "{rows:?}");
 
+    // The example deployment: the same model with top-3 labels added to its outputs.
+    let deployment = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/deployments/digits.toml");
+    let (deployed, deployed_rest, _) = serve(
+        &["--deployment", deployment.to_str().unwrap(), "--tracking", &tracking],
+        directory.path(),
+    )
+    .await;
+    let request = json!({
+        "inputs": [{ "name": "pixels", "shape": [3, 64], "datatype": "FP32", "data": features[..3].concat() }],
+        "outputs": [{ "name": "top_k_labels" }, { "name": "top_k_scores" }],
+    });
+    let (status, answer) = http_json(&deployed_rest, "POST", "/v2/models/digits/infer", &request.to_string());
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["outputs"][0]["shape"], json!([3, 3]));
+    let labels = answer["outputs"][0]["data"].as_array().unwrap();
+    assert_eq!([&labels[0], &labels[3], &labels[6]], ["zero", "one", "two"], "{answer}");
+    let scores: Vec<f64> = answer["outputs"][1]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|value| value.as_f64().unwrap())
+        .collect();
+    assert!(
+        scores.chunks(3).all(|row| row[0] >= row[1] && row[1] >= row[2]),
+        "{scores:?}"
+    );
+    drop(deployed);
+
     // The alias moves to a new version while clients send requests: none fails, and each client's answers
     // switch from version 1 to version 2 once and for all.
     let (status, version) = http_json(

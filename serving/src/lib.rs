@@ -35,6 +35,7 @@ pub mod metrics;
 pub mod model;
 #[cfg(feature = "onnx")]
 pub mod onnx;
+pub mod pipeline;
 pub mod request_log;
 pub mod tensor;
 
