@@ -67,7 +67,7 @@ impl Pipeline {
                     inner.inputs()[index].name
                 ));
             }
-            if std.iter().any(|value| *value == 0.0) {
+            if std.contains(&0.0) {
                 return Err("normalize has a standard deviation of 0; expected nonzero ones".into());
             }
         }
