@@ -18,6 +18,7 @@ Both servers answer POST /v2/models/{model}/infer with the protocol's JSON (FP32
 
 import json
 import os
+import signal
 import sys
 import time
 import urllib.request
@@ -197,6 +198,14 @@ def serve_ray(path, port):
 
     serve.run(Digits.bind(path), route_prefix="/")
     print(f"ray serve listening on 127.0.0.1:{port}", flush=True)
+
+    # SIGTERM (the script stopping its baseline) shuts Ray down with its processes, as exiting does.
+    def stop(*_):
+        serve.shutdown()
+        ray.shutdown()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     while True:
         time.sleep(3600)
 
