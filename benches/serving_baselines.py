@@ -170,7 +170,8 @@ def serve_ray(path, port):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = FastAPI()
 
-    @serve.deployment(num_replicas=int(os.environ.get("RAY_REPLICAS", "1")))
+    # Up to 64 requests in flight per replica (Ray's default is 5), so @serve.batch can fill its batches.
+    @serve.deployment(num_replicas=int(os.environ.get("RAY_REPLICAS", "1")), max_ongoing_requests=64)
     @serve.ingress(app)
     class Digits:
         def __init__(self, onnx_path):

@@ -145,6 +145,9 @@ async fn dispatch(
         while batches && rows < config.max_batch_size {
             let next = match queue.try_recv() {
                 Ok(pending) => Some(pending),
+                // Past the deadline (always, with a max_wait of 0) the batch goes as it is: a timer, even an
+                // elapsed one, would fire only at the timer wheel's next millisecond tick.
+                Err(mpsc::error::TryRecvError::Empty) if tokio::time::Instant::now() >= deadline => None,
                 Err(mpsc::error::TryRecvError::Empty) => {
                     tokio::time::timeout_at(deadline, queue.recv()).await.ok().flatten()
                 }
