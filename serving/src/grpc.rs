@@ -11,7 +11,7 @@ use kiln_proto::inference::model_metadata_response::TensorMetadata;
 use kiln_proto::inference::*;
 use tonic::{Request, Response, Status};
 
-use crate::tensor::{DataType, Tensor, encode_contents};
+use crate::tensor::{Tensor, encode_contents, parse_declared};
 use crate::{EXTENSIONS, Exchange, SERVER_NAME, ServeError, ServedModel, Serving};
 
 /// The most bytes one gRPC message may carry.
@@ -44,19 +44,7 @@ fn read_inputs(request: &mut ModelInferRequest) -> Result<Vec<Tensor>, ServeErro
     std::mem::take(&mut request.inputs)
         .into_iter()
         .map(|input| {
-            let datatype = DataType::parse(&input.datatype)
-                .map_err(|error| ServeError::invalid(format!("input '{}': {error}", input.name)))?;
-            let shape = input
-                .shape
-                .iter()
-                .map(|dim| usize::try_from(*dim))
-                .collect::<Result<Vec<usize>, _>>()
-                .map_err(|_| {
-                    ServeError::invalid(format!(
-                        "input '{}' has shape {:?}; expected sizes of 0 or more",
-                        input.name, input.shape
-                    ))
-                })?;
+            let (datatype, shape) = parse_declared(&input.name, &input.datatype, &input.shape)?;
             let data = match (raw.next(), &input.contents) {
                 (Some(_), Some(_)) => {
                     return Err(ServeError::invalid(format!(
@@ -86,9 +74,9 @@ async fn infer(
     exchange.id = Some(request.id.clone()).filter(|id| !id.is_empty());
     let inputs = read_inputs(&mut request)?;
     exchange.inputs = inputs.clone();
-    let outputs = served.infer(inputs).await?;
     let requested: Vec<String> = request.outputs.iter().map(|output| output.name.clone()).collect();
-    let outputs = served.select_outputs(outputs, &requested)?;
+    let positions = served.check_requested(&requested)?;
+    let outputs = ServedModel::select_outputs(served.infer(inputs).await?, &positions);
     exchange.outputs = outputs.clone();
     let mut response = ModelInferResponse {
         model_name: served.name.clone(),

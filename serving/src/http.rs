@@ -28,7 +28,7 @@ use bytes::BytesMut;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::tensor::{DataType, Tensor, encode_json};
+use crate::tensor::{Tensor, encode_json, parse_declared};
 use crate::{EXTENSIONS, Exchange, SERVER_NAME, ServeError, ServedModel, Serving};
 
 /// The header that splits a binary request or response into its JSON and its tensors.
@@ -252,19 +252,7 @@ fn read_inputs(inputs: Vec<InputTensor>, binary: &Bytes) -> Result<Vec<Tensor>, 
     let mut tensors = Vec::with_capacity(inputs.len());
     for input in inputs {
         let name = input.name;
-        let datatype = DataType::parse(&input.datatype)
-            .map_err(|error| ServeError::invalid(format!("input '{name}': {error}")))?;
-        let shape = input
-            .shape
-            .iter()
-            .map(|dim| usize::try_from(*dim))
-            .collect::<Result<Vec<usize>, _>>()
-            .map_err(|_| {
-                ServeError::invalid(format!(
-                    "input '{name}' has shape {:?}; expected sizes of 0 or more",
-                    input.shape
-                ))
-            })?;
+        let (datatype, shape) = parse_declared(&name, &input.datatype, &input.shape)?;
         let binary_size = input.parameters.get("binary_data_size");
         let data = match (binary_size, input.data) {
             (Some(size), None) => {
@@ -321,10 +309,10 @@ async fn run(
     exchange.id = request.id.clone();
     let inputs = read_inputs(request.inputs, &binary)?;
     exchange.inputs = inputs.clone();
-    let outputs = served.infer(inputs).await?;
-    let binary_default = flag(&request.parameters, "binary_data_output");
     let requested: Vec<String> = request.outputs.iter().map(|output| output.name.clone()).collect();
-    let outputs = served.select_outputs(outputs, &requested)?;
+    let positions = served.check_requested(&requested)?;
+    let outputs = ServedModel::select_outputs(served.infer(inputs).await?, &positions);
+    let binary_default = flag(&request.parameters, "binary_data_output");
     exchange.outputs = outputs.clone();
     let mut binary_parts = Vec::new();
     let mut described = Vec::with_capacity(outputs.len());

@@ -81,32 +81,41 @@ impl ServedModel {
         self.batcher.infer(inputs).await
     }
 
-    /// The outputs named in `requested` (all, when empty), in the order asked; an unknown name is an error.
-    pub fn select_outputs(&self, outputs: Vec<Tensor>, requested: &[String]) -> Result<Vec<Tensor>, ServeError> {
-        if requested.is_empty() {
-            return Ok(outputs);
+    /// The positions of the outputs named in `requested` among the model's, in the order asked: checked before
+    /// the model runs, so a request for an unknown or repeated output costs no inference.
+    pub fn check_requested(&self, requested: &[String]) -> Result<Vec<usize>, ServeError> {
+        let mut positions: Vec<usize> = Vec::with_capacity(requested.len());
+        for name in requested {
+            let index = self
+                .model
+                .outputs()
+                .iter()
+                .position(|spec| &spec.name == name)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = self.model.outputs().iter().map(|spec| spec.name.as_str()).collect();
+                    ServeError::invalid(format!(
+                        "model '{}' has no output '{name}'; its outputs are {}",
+                        self.name,
+                        names.join(", ")
+                    ))
+                })?;
+            if positions.contains(&index) {
+                return Err(ServeError::invalid(format!("output '{name}' is requested twice")));
+            }
+            positions.push(index);
+        }
+        Ok(positions)
+    }
+
+    /// The outputs at `positions` (from [`ServedModel::check_requested`]; all, when empty), in that order.
+    pub fn select_outputs(outputs: Vec<Tensor>, positions: &[usize]) -> Vec<Tensor> {
+        if positions.is_empty() {
+            return outputs;
         }
         let mut slots: Vec<Option<Tensor>> = outputs.into_iter().map(Some).collect();
-        requested
+        positions
             .iter()
-            .map(|name| {
-                let index = self
-                    .model
-                    .outputs()
-                    .iter()
-                    .position(|spec| &spec.name == name)
-                    .ok_or_else(|| {
-                        let names: Vec<&str> = self.model.outputs().iter().map(|spec| spec.name.as_str()).collect();
-                        ServeError::invalid(format!(
-                            "model '{}' has no output '{name}'; its outputs are {}",
-                            self.name,
-                            names.join(", ")
-                        ))
-                    })?;
-                slots[index]
-                    .take()
-                    .ok_or_else(|| ServeError::invalid(format!("output '{name}' is requested twice")))
-            })
+            .filter_map(|index| slots.get_mut(*index).and_then(Option::take))
             .collect()
     }
 }

@@ -102,6 +102,23 @@ pub fn shape_text<T: std::fmt::Display>(shape: &[T]) -> String {
     format!("[{}]", dims.join(", "))
 }
 
+/// An input's declared datatype and shape as the protocol gives them (a name, and sizes as signed
+/// integers), checked, with errors naming the input.
+pub fn parse_declared(name: &str, datatype: &str, shape: &[i64]) -> Result<(DataType, Vec<usize>), ServeError> {
+    let datatype =
+        DataType::parse(datatype).map_err(|error| ServeError::invalid(format!("input '{name}': {error}")))?;
+    let shape = shape
+        .iter()
+        .map(|dim| usize::try_from(*dim))
+        .collect::<Result<Vec<usize>, _>>()
+        .map_err(|_| {
+            ServeError::invalid(format!(
+                "input '{name}' has shape {shape:?}; expected sizes of 0 or more"
+            ))
+        })?;
+    Ok((datatype, shape))
+}
+
 /// The offsets at which each `BYTES` element of `data` starts, and the end; an error if the
 /// length prefixes do not tile `data` into exactly `count` elements.
 fn bytes_offsets(name: &str, data: &[u8], count: usize) -> Result<Vec<usize>, ServeError> {
