@@ -27,7 +27,7 @@ pub struct LookupResult {
 }
 
 /// A small deterministic generator for the entity keys (SplitMix64), so runs draw the same keys.
-fn next_key(state: &mut u64, keys: u64) -> u64 {
+pub(crate) fn next_key(state: &mut u64, keys: u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut mixed = *state;
     mixed = (mixed ^ (mixed >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

@@ -34,19 +34,13 @@ pub struct ServingResult {
     pub max_ms: f64,
 }
 
-/// `BODIES` inference requests of one row each, seeded (SplitMix64), so every server gets the same rows.
+/// `BODIES` inference requests of one row each, seeded, so every server gets the same rows.
 fn bodies(input_name: &str, features: usize) -> Vec<String> {
     let mut state = 7u64;
     (0..BODIES)
         .map(|_| {
             let row: Vec<f32> = (0..features)
-                .map(|_| {
-                    state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                    let mut mixed = state;
-                    mixed = (mixed ^ (mixed >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                    mixed = (mixed ^ (mixed >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                    ((mixed ^ (mixed >> 31)) % 17) as f32
-                })
+                .map(|_| crate::bench_lookup::next_key(&mut state, 17) as f32)
                 .collect();
             serde_json::json!({
                 "inputs": [{ "name": input_name, "shape": [1, features], "datatype": "FP32", "data": row }],

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use kiln_serving::pipeline::{Pipeline, Step};
+use kiln_serving::pipeline::{Pipeline, Step, argmax_rows, softmax_rows};
 use kiln_serving::request_log::RequestLogConfig;
 use kiln_serving::{BatchConfig, DataType, Model, Serving, Tensor, TensorSpec};
 use kiln_worker::trainer::SavedModel;
@@ -130,20 +130,12 @@ impl Model for BurnModel {
             return Ok(vec![Tensor::from_f32("prediction", vec![rows, 1], &values)]);
         }
         let classes = self.saved.manifest.classes;
-        let mut probabilities = Vec::with_capacity(values.len());
-        let mut labels = Vec::with_capacity(rows);
-        for logits in values.chunks_exact(classes.max(1)) {
-            let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let exponentials: Vec<f32> = logits.iter().map(|logit| (logit - top).exp()).collect();
-            let sum: f32 = exponentials.iter().sum();
-            probabilities.extend(exponentials.iter().map(|value| value / sum));
-            let best = logits
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map_or(0, |(index, _)| index);
-            labels.push(best as i64);
-        }
+        let labels: Vec<i64> = argmax_rows(&values, classes)
+            .into_iter()
+            .map(|index| index as i64)
+            .collect();
+        let mut probabilities = values;
+        softmax_rows(&mut probabilities, classes);
         Ok(vec![
             Tensor::from_f32("probabilities", vec![rows, classes], &probabilities),
             Tensor::from_i64("label", vec![rows], &labels),
@@ -290,9 +282,7 @@ impl Deployment {
             let at = error
                 .span()
                 .map(|span| {
-                    let before = &text[..span.start.min(text.len())];
-                    let line = before.matches('\n').count() + 1;
-                    let column = before.len() - before.rfind('\n').map_or(0, |index| index + 1) + 1;
+                    let (line, column) = kiln_coordinator::spec::line_column(&text, span.start);
                     format!(":{line}:{column}")
                 })
                 .unwrap_or_default();
@@ -401,13 +391,19 @@ async fn follow_alias(
     interval: Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    let api = match Api::new(&loading.tracking) {
+        Ok(api) => api,
+        Err(error) => {
+            eprintln!("following {}@{}: {error:#}", follow.registered, follow.alias);
+            return;
+        }
+    };
     loop {
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
             () = shutdown.cancelled() => return,
         }
         let moved = async {
-            let api = Api::new(&loading.tracking)?;
             let (version, source) = resolve(&api, &follow.registered, &follow.alias, true).await?;
             if version == follow.version {
                 return Ok(None);

@@ -73,11 +73,11 @@ async fn infer(
 ) -> Result<ModelInferResponse, ServeError> {
     exchange.id = Some(request.id.clone()).filter(|id| !id.is_empty());
     let inputs = read_inputs(&mut request)?;
-    exchange.inputs = inputs.clone();
+    exchange.keep_inputs(&inputs);
     let requested: Vec<String> = request.outputs.iter().map(|output| output.name.clone()).collect();
     let positions = served.check_requested(&requested)?;
     let outputs = ServedModel::select_outputs(served.infer(inputs).await?, &positions);
-    exchange.outputs = outputs.clone();
+    exchange.keep_outputs(&outputs);
     let mut response = ModelInferResponse {
         model_name: served.name.clone(),
         model_version: served.version.clone(),
@@ -159,7 +159,7 @@ impl GrpcInferenceService for InferenceService {
             .serving
             .get(&request.model_name, version_of(&request.model_version))
             .map_err(|error| error.grpc_status())?;
-        let mut exchange = Exchange::begin();
+        let mut exchange = self.serving.begin();
         let outcome = infer(&served, request, &mut exchange).await;
         self.serving.record(&served, "grpc", exchange, outcome.as_ref().err());
         outcome.map(Response::new).map_err(|error| error.grpc_status())

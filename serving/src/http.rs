@@ -217,7 +217,7 @@ async fn infer_on(serving: &Serving, name: &str, version: Option<&str>, headers:
         Ok(served) => served,
         Err(error) => return error_response(&error),
     };
-    let mut exchange = Exchange::begin();
+    let mut exchange = serving.begin();
     let outcome = run(&served, headers, body, &mut exchange).await;
     serving.record(&served, "rest", exchange, outcome.as_ref().err());
     outcome.unwrap_or_else(|error| error_response(&error))
@@ -308,12 +308,12 @@ async fn run(
         .map_err(|error| ServeError::invalid(format!("the body is not an inference request: {error}")))?;
     exchange.id = request.id.clone();
     let inputs = read_inputs(request.inputs, &binary)?;
-    exchange.inputs = inputs.clone();
+    exchange.keep_inputs(&inputs);
     let requested: Vec<String> = request.outputs.iter().map(|output| output.name.clone()).collect();
     let positions = served.check_requested(&requested)?;
     let outputs = ServedModel::select_outputs(served.infer(inputs).await?, &positions);
     let binary_default = flag(&request.parameters, "binary_data_output");
-    exchange.outputs = outputs.clone();
+    exchange.keep_outputs(&outputs);
     let mut binary_parts = Vec::new();
     let mut described = Vec::with_capacity(outputs.len());
     for (index, output) in outputs.into_iter().enumerate() {

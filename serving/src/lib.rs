@@ -127,19 +127,24 @@ pub struct Exchange {
     pub id: Option<String>,
     pub received: SystemTime,
     pub started: Instant,
-    pub inputs: Vec<Tensor>,
-    pub outputs: Vec<Tensor>,
+    /// Whether the tensors are kept: only when a request log will write them.
+    capture: bool,
+    inputs: Vec<Tensor>,
+    outputs: Vec<Tensor>,
 }
 
 impl Exchange {
-    /// A request that arrived now.
-    pub fn begin() -> Exchange {
-        Exchange {
-            id: None,
-            received: SystemTime::now(),
-            started: Instant::now(),
-            inputs: Vec::new(),
-            outputs: Vec::new(),
+    /// Keeps (shares) the request's checked inputs for the log.
+    pub fn keep_inputs(&mut self, inputs: &[Tensor]) {
+        if self.capture {
+            self.inputs = inputs.to_vec();
+        }
+    }
+
+    /// Keeps (shares) the outputs answered, for the log.
+    pub fn keep_outputs(&mut self, outputs: &[Tensor]) {
+        if self.capture {
+            self.outputs = outputs.to_vec();
         }
     }
 }
@@ -258,9 +263,21 @@ impl Serving {
         }
     }
 
+    /// A request that arrived now; its tensors are kept only when requests are logged.
+    pub fn begin(&self) -> Exchange {
+        Exchange {
+            id: None,
+            received: SystemTime::now(),
+            started: Instant::now(),
+            capture: self.request_log.get().is_some(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+        }
+    }
+
     /// Counts an answered request and logs it.
     pub fn record(&self, served: &ServedModel, protocol: &'static str, exchange: Exchange, error: Option<&ServeError>) {
-        self.metrics.answered(&served.metrics.labels, protocol, error);
+        self.metrics.answered(&served.metrics, protocol, error);
         let Some(log) = self.request_log.get() else { return };
         let request_id = exchange.id.unwrap_or_else(|| {
             format!(

@@ -116,7 +116,18 @@ impl Metrics {
             model: model.to_string(),
             version: version.to_string(),
         };
+        let requests = |protocol| {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    model: model.to_string(),
+                    version: version.to_string(),
+                    protocol,
+                })
+                .clone()
+        };
         ModelMetrics {
+            rest_requests: requests("rest"),
+            grpc_requests: requests("grpc"),
             latency: self.latency.get_or_create(&labels).clone(),
             batch_size: self.batch_size.get_or_create(&labels).clone(),
             queue_depth: self.queue_depth.get_or_create(&labels).clone(),
@@ -124,16 +135,14 @@ impl Metrics {
         }
     }
 
-    /// Counts one answered request; `error` when it failed.
-    pub fn answered(&self, labels: &ModelLabels, protocol: &'static str, error: Option<&crate::ServeError>) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                model: labels.model.clone(),
-                version: labels.version.clone(),
-                protocol,
-            })
-            .inc();
+    /// Counts one answered request of `model` (`protocol`: `rest` or `grpc`); `error` when it failed.
+    pub fn answered(&self, model: &ModelMetrics, protocol: &'static str, error: Option<&crate::ServeError>) {
+        match protocol {
+            "grpc" => model.grpc_requests.inc(),
+            _ => model.rest_requests.inc(),
+        };
         if let Some(error) = error {
+            let labels = &model.labels;
             self.errors
                 .get_or_create(&ErrorLabels {
                     model: labels.model.clone(),
@@ -157,6 +166,9 @@ impl Metrics {
 #[derive(Clone, Debug)]
 pub struct ModelMetrics {
     pub labels: ModelLabels,
+    /// Requests answered over each protocol: looked up once, not per request.
+    pub rest_requests: Counter,
+    pub grpc_requests: Counter,
     pub latency: Histogram,
     pub batch_size: Histogram,
     pub queue_depth: Gauge,

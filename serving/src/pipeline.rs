@@ -141,6 +141,32 @@ impl Pipeline {
     }
 }
 
+/// Each row of `scores` (rows of `classes` values) replaced by its softmax.
+pub fn softmax_rows(scores: &mut [f32], classes: usize) {
+    for row in scores.chunks_exact_mut(classes.max(1)) {
+        let top = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for value in row.iter_mut() {
+            *value = (*value - top).exp();
+            sum += *value;
+        }
+        row.iter_mut().for_each(|value| *value /= sum);
+    }
+}
+
+/// The index of the largest value of each row of `scores` (rows of `classes` values; the last on ties).
+pub fn argmax_rows(scores: &[f32], classes: usize) -> Vec<usize> {
+    scores
+        .chunks_exact(classes.max(1))
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |(index, _)| index)
+        })
+        .collect()
+}
+
 fn bytes_tensor(name: &str, shape: Vec<usize>, values: &[&str]) -> Tensor {
     let mut data = BytesMut::new();
     for value in values {
@@ -191,30 +217,15 @@ impl Model for Pipeline {
             match step {
                 Step::Normalize { .. } => unreachable!("refused when built"),
                 Step::Softmax => {
-                    for row in scores.chunks_exact_mut(classes) {
-                        let top = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut sum = 0.0;
-                        for value in row.iter_mut() {
-                            *value = (*value - top).exp();
-                            sum += *value;
-                        }
-                        row.iter_mut().for_each(|value| *value /= sum);
-                    }
+                    softmax_rows(&mut scores, classes);
                     let name = outputs[self.scores].name.clone();
                     let shape = outputs[self.scores].shape.clone();
                     outputs[self.scores] = Tensor::from_f32(name, shape, &scores);
                 }
                 Step::Argmax => {
-                    picked = scores
-                        .chunks_exact(classes)
-                        .map(|row| {
-                            vec![
-                                row.iter()
-                                    .enumerate()
-                                    .max_by(|a, b| a.1.total_cmp(b.1))
-                                    .map_or(0, |(index, _)| index),
-                            ]
-                        })
+                    picked = argmax_rows(&scores, classes)
+                        .into_iter()
+                        .map(|index| vec![index])
                         .collect();
                     top_k = false;
                     let classes: Vec<i64> = picked.iter().map(|row| row[0] as i64).collect();

@@ -151,7 +151,9 @@ with urllib.request.urlopen(f"http://{http_address}/metrics") as response:
 requests = {
     sample.labels["protocol"]: sample.value
     for sample in families["kiln_serving_requests"].samples
-    if sample.name == "kiln_serving_requests_total" and sample.labels["model"] == model
+    if sample.name == "kiln_serving_requests_total"
+    and sample.labels["model"] == model
+    and sample.labels["version"] == version
 }
 assert requests["rest"] >= 5 and requests["grpc"] >= 7, requests
 reasons = {
