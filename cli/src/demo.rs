@@ -436,17 +436,55 @@ where version 2 came from (kiln lineage models:/digits/2 --upstream):"
 
     step(
         10,
-        "serve version 2 over the Open Inference Protocol (kiln serve: REST and gRPC, dynamic batching) and classify digits with one request",
+        "deploy version 2 (kiln deploy: 2 replicas on the workers behind the serving router, Open Inference Protocol over REST and gRPC) and classify digits with one request",
     );
-    let rest = crate::serve::start(
-        &["models:/digits/2".to_string()],
-        &tracking,
-        "pixels",
-        &root.join("served-models"),
-        shutdown.clone(),
-    )
-    .await?;
+    let deployment = "kind = \"deployment\"\nname = \"digits\"\nmodel = \"models:/digits/2\"\ninput_name = \"pixels\"\n\n[replicas]\nmin = 2\nmax = 2\n\n[resources]\ncpus = 1\n";
+    println!("{deployment}");
+    let deployed = client
+        .submit(deployment, "digits-deployment.toml", &new_idempotency_key())
+        .await?
+        .job
+        .context("the coordinator returned no job")?;
+    let (rest, _, _router) =
+        crate::deployments::start_router(&all.join(","), "127.0.0.1:0", "127.0.0.1:0", shutdown.clone()).await?;
+    let started = Instant::now();
+    loop {
+        let jobs = client.list_jobs(vec![pb::JobState::Running], 0).await?;
+        if crate::deployments::table_of(&jobs)
+            .get("digits")
+            .is_some_and(|ready| ready.len() == 2)
+        {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            crate::deployments::run(
+                crate::deployments::DeploymentsCommand::Show {
+                    name: "digits".into(),
+                    json: false,
+                },
+                &mut client,
+            )
+            .await?;
+            bail!("the deployment's replicas were not ready within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "2 replicas of digits version 2 ready in {} ms (kiln deployments list):",
+        started.elapsed().as_millis()
+    );
+    crate::deployments::run(crate::deployments::DeploymentsCommand::List { json: false }, &mut client).await?;
+    let ready = format!("http://{rest}/v2/models/digits/ready");
+    while !reqwest::get(&ready).await.is_ok_and(|answer| answer.status().is_success()) {
+        if started.elapsed() > Duration::from_secs(70) {
+            bail!("the router did not learn of the deployment");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     classify(&rest.to_string(), &dataset).await?;
+    client
+        .cancel_job(deployed.id, "the demo's deployment is done")
+        .await?;
     shutdown.cancel();
 
     step(

@@ -8,6 +8,8 @@ mod bench_serving;
 mod bench_sweeps;
 mod bench_tracking;
 mod demo;
+mod deployments;
+mod enrich;
 mod features;
 mod featureserver;
 mod lineage;
@@ -126,6 +128,23 @@ enum Command {
     Featurestore(featureserver::FeatureServerArgs),
     /// Serve registered models over the Open Inference Protocol (REST :8000, gRPC :8001).
     Serve(serve::ServeArgs),
+    /// Deploy a model on the cluster (a deployment file, kind = "deployment"): replicas on the workers
+    /// behind the serving ports; prints its job id.
+    Deploy {
+        #[command(flatten)]
+        args: deployments::DeployArgs,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Deployments and their replicas: list, show, delete.
+    Deployments {
+        #[command(subcommand)]
+        command: deployments::DeploymentsCommand,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// The serving ports of a cluster (REST :8000, gRPC :8001) in front of every deployment's replicas.
+    Router(deployments::RouterArgs),
     /// Hyperparameter sweeps (submitted with kiln submit, kind = "sweep"): list, show with their trials.
     Sweeps {
         #[command(subcommand)]
@@ -311,6 +330,12 @@ struct UpArgs {
     /// gs://BUCKET[/PREFIX] or az://CONTAINER[/PREFIX] (default: DATA_DIR/artifacts).
     #[arg(long, default_value = "")]
     artifact_root: String,
+    /// The serving ports (kiln deploy): the Open Inference Protocol's REST binding…
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    serving_http_listen: String,
+    /// …and its gRPC binding.
+    #[arg(long, default_value = "127.0.0.1:8001")]
+    serving_grpc_listen: String,
     #[command(flatten)]
     scheduling: SchedulingArgs,
 }
@@ -531,6 +556,13 @@ async fn run_up(args: UpArgs) -> Result<()> {
         token.clone(),
     )
     .await?;
+    let (serving_rest, serving_grpc, router) = deployments::start_router(
+        &coordinator.api_addr.to_string(),
+        &args.serving_http_listen,
+        &args.serving_grpc_listen,
+        token.clone(),
+    )
+    .await?;
     println!(
         "kiln is up: an embedded single-node cluster with {} worker(s)",
         workers.len()
@@ -547,11 +579,15 @@ async fn run_up(args: UpArgs) -> Result<()> {
         "  feature server   {}   (Arrow Flight: grpc://{})",
         features.address, features.address
     );
+    println!("  serving          REST http://{serving_rest}  gRPC {serving_grpc}   (kiln deploy FILE)");
     println!("  data             {}", args.data_dir.display());
     println!("Try: kiln submit examples/jobs/hello.toml && kiln jobs list. Ctrl-C stops it.");
     tokio::spawn(shutdown_on_signal(token.clone()));
     token.cancelled().await;
     if let Ok(Err(error)) = features.task.await {
+        tracing::warn!("{error:#}");
+    }
+    if let Ok(Err(error)) = router.await {
         tracing::warn!("{error:#}");
     }
     for worker in workers {
@@ -872,6 +908,11 @@ async fn run(cli: Cli) -> Result<()> {
         } => features::run(command, target, featurestore).await,
         Command::Featurestore(args) => featureserver::run(args).await,
         Command::Serve(args) => serve::run(args).await,
+        Command::Deploy { args, target } => {
+            deployments::deploy(&args.file, args.wait, args.json, &mut target.client()?).await
+        }
+        Command::Deployments { command, target } => deployments::run(command, &mut target.client()?).await,
+        Command::Router(args) => deployments::run_router(args).await,
         Command::Runs { command, tracking } => runs::run(command, &tracking).await,
         Command::Sweeps {
             command,
@@ -889,7 +930,7 @@ fn main() {
     // Servers narrate what they do; client commands and the demo speak only when something is wrong.
     let server = matches!(
         cli.command,
-        Command::Coordinator(_) | Command::Up(_) | Command::Worker(_) | Command::Featurestore(_) | Command::Serve(_)
+        Command::Coordinator(_) | Command::Up(_) | Command::Worker(_) | Command::Featurestore(_) | Command::Serve(_) | Command::Router(_)
     );
     init_tracing(if server { "info" } else { "warn" });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

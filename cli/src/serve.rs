@@ -41,6 +41,9 @@ pub struct ServeArgs {
     /// A coordinator's MLflow API, for the registry and the model artifacts.
     #[arg(long, env = "KILN_TRACKING", default_value = "127.0.0.1:7080")]
     tracking: String,
+    /// The feature server whose online store a deployment's [features] are looked up in.
+    #[arg(long, env = "KILN_FEATURESTORE", default_value = "127.0.0.1:7072")]
+    featurestore: String,
     /// Where the Open Inference Protocol's REST binding listens.
     #[arg(long, default_value = "127.0.0.1:8000")]
     http_listen: String,
@@ -239,6 +242,8 @@ struct Follow {
 #[derive(Clone)]
 struct Loading {
     tracking: String,
+    /// Feature enrichment, and the feature server to look features up in.
+    features: Option<(crate::enrich::FeatureSource, String)>,
     input_name: String,
     cache: PathBuf,
     config: BatchConfig,
@@ -246,12 +251,17 @@ struct Loading {
     postprocess: Vec<Step>,
 }
 
-/// A deployment file: one model, how it is batched, and its steps.
+/// A deployment file: one model, how it is batched, and its steps. The replica count and resources are
+/// the coordinator's (`kiln deploy`; see kiln_coordinator::spec::DeploymentOptions); a replica run by hand
+/// ignores them.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Deployment {
+pub(crate) struct Deployment {
+    /// "deployment" when given; `kiln deploy` needs it.
+    #[serde(default)]
+    kind: Option<String>,
     /// The name clients call the model by.
-    name: String,
+    pub(crate) name: String,
     /// models:/NAME@ALIAS, models:/NAME/VERSION, or a model directory or ONNX file.
     model: String,
     #[serde(default)]
@@ -262,6 +272,22 @@ struct Deployment {
     preprocess: Vec<Step>,
     #[serde(default)]
     postprocess: Vec<Step>,
+    /// Log every request and response as Parquet into this store (a directory, s3://…, gs://…, az://…),
+    /// under request-logs/MODEL/VERSION/.
+    #[serde(default)]
+    request_log: Option<String>,
+    /// Feature enrichment: requests may carry this feature service's entity keys instead of the input.
+    #[serde(default)]
+    features: Option<crate::enrich::FeatureSource>,
+    #[allow(dead_code)]
+    #[serde(default)]
+    replicas: Option<toml::Table>,
+    #[allow(dead_code)]
+    #[serde(default)]
+    resources: Option<toml::Table>,
+    #[allow(dead_code)]
+    #[serde(default)]
+    priority: Option<i64>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -276,13 +302,18 @@ struct Batching {
 
 impl Deployment {
     /// Reads and checks `path`, naming the file, line and column of what is wrong.
-    fn read(path: &Path) -> Result<Deployment> {
+    pub(crate) fn read(path: &Path) -> Result<Deployment> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let deployment: Deployment = toml::from_str(&text).map_err(|error| {
+        Deployment::parse(path, &text)
+    }
+
+    /// Checks `text`, read from `path`; with its batching checked too.
+    pub(crate) fn parse(path: &Path, text: &str) -> Result<Deployment> {
+        let deployment: Deployment = toml::from_str(text).map_err(|error| {
             let at = error
                 .span()
                 .map(|span| {
-                    let (line, column) = kiln_coordinator::spec::line_column(&text, span.start);
+                    let (line, column) = kiln_coordinator::spec::line_column(text, span.start);
                     format!(":{line}:{column}")
                 })
                 .unwrap_or_default();
@@ -295,6 +326,17 @@ impl Deployment {
                 deployment.name
             );
         }
+        if let Some(kind) = &deployment.kind
+            && kind != "deployment"
+        {
+            bail!(
+                "invalid deployment {}: kind is \"{kind}\"; a deployment file has kind = \"deployment\"",
+                path.display()
+            );
+        }
+        deployment
+            .batching(BatchConfig::default())
+            .with_context(|| format!("invalid deployment {}", path.display()))?;
         Ok(deployment)
     }
 
@@ -337,8 +379,24 @@ async fn load_one(serving: &Serving, name: &str, version: &str, directory: PathB
         .collect::<Vec<_>>()
         .join("; ");
     let platform = model.platform().to_string();
+    let enricher: Option<Arc<dyn kiln_serving::Enricher>> = match &loading.features {
+        None => None,
+        Some((source, address)) => {
+            let [input] = model.inputs() else {
+                bail!(
+                    "feature enrichment ([features]) needs a model with one input; '{name}' has {}",
+                    model.inputs().len()
+                );
+            };
+            Some(Arc::new(crate::enrich::OnlineFeatures::new(
+                source.clone(),
+                &input.name,
+                address,
+            )?))
+        }
+    };
     serving
-        .load(name, version, model, loading.config.clone())
+        .load_enriched(name, version, model, loading.config.clone(), enricher)
         .await
         .with_context(|| format!("loading model '{name}' from {}", directory.display()))?;
     println!("serving {name} version {version} ({platform}: {description})");
@@ -429,30 +487,150 @@ async fn follow_alias(
     }
 }
 
-/// Serves `models` with the default batching on free loopback ports until `shutdown` (the demo's serving
-/// step); returns the REST address once every model is ready.
-pub(crate) async fn start(
-    models: &[String],
-    tracking: &str,
-    input_name: &str,
-    cache: &Path,
-    shutdown: tokio_util::sync::CancellationToken,
-) -> Result<std::net::SocketAddr> {
-    let serving = Arc::new(Serving::default());
-    let loading = Loading {
-        tracking: tracking.to_string(),
-        input_name: input_name.to_string(),
-        cache: cache.to_path_buf(),
-        config: BatchConfig::default(),
-        preprocess: Vec::new(),
-        postprocess: Vec::new(),
+/// Logs `serving`'s requests into the store at `location`.
+fn log_requests(serving: &Serving, location: &str, config: RequestLogConfig) -> Result<()> {
+    let store = kiln_coordinator::artifacts::ArtifactStore::open(location, u64::MAX)
+        .with_context(|| format!("opening the request log's store {location}"))?;
+    println!("logging requests to {location}/{}", config.prefix);
+    serving.log_requests(store.object_store(), config);
+    Ok(())
+}
+
+/// How often a replica tells the coordinator that it is ready, where it listens and how loaded it is.
+const REPLICA_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// Queue-depth samples per report, averaged.
+const QUEUE_SAMPLES_PER_REPORT: u32 = 10;
+
+/// `kiln task serve --spec FILE`: one replica of a deployment, as a worker starts it (with KILN_JOB_ID,
+/// KILN_ATTEMPT, KILN_COORDINATOR, KILN_HOST and KILN_TRACKING set). It loads and warms up the model, listens
+/// on free ports of its host, and then reports to the coordinator every second: ready, its addresses, the
+/// version it serves, its mean queue depth, requests per second and latency. A model that cannot be loaded
+/// is reported (`error`) before the process fails, so `kiln deployments show` says why.
+pub async fn run_replica(spec: &Path) -> Result<()> {
+    let variable = |name: &str| {
+        std::env::var(name).with_context(|| {
+            format!("{name} is not set; kiln task serve runs as a deployment's replica, started by a worker")
+        })
     };
-    load_models(&serving, models, &loading).await?;
-    let rest = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let address = rest.local_addr()?;
-    tokio::spawn(kiln_serving::serve(serving, rest, grpc, shutdown));
-    Ok(address)
+    let job_id: u64 = variable("KILN_JOB_ID")?.parse().context("KILN_JOB_ID")?;
+    let attempt: u32 = variable("KILN_ATTEMPT")?.parse().context("KILN_ATTEMPT")?;
+    let mut client = kiln_coordinator::client::Client::new(&variable("KILN_COORDINATOR")?)?;
+    let host = std::env::var("KILN_HOST").unwrap_or_else(|_| "127.0.0.1".to_string());
+    let tracking = std::env::var("KILN_TRACKING").unwrap_or_default();
+    let temporary = tempfile::tempdir().context("creating a directory for fetched models")?;
+    let serving = Arc::new(Serving::default());
+
+    let started = async {
+        let deployment = Deployment::read(spec)?;
+        let featurestore = std::env::var("KILN_FEATURESTORE").unwrap_or_else(|_| "127.0.0.1:7072".to_string());
+        let loading = Loading {
+            tracking: tracking.clone(),
+            features: deployment.features.clone().map(|source| (source, featurestore)),
+            input_name: deployment.input_name.clone().unwrap_or_else(|| "input".to_string()),
+            cache: temporary.path().to_path_buf(),
+            config: deployment.batching(BatchConfig::default())?,
+            preprocess: deployment.preprocess.clone(),
+            postprocess: deployment.postprocess.clone(),
+        };
+        let models = [format!("{}={}", deployment.name, deployment.model)];
+        let follows = load_models(&serving, &models, &loading).await?;
+        if let Some(location) = &deployment.request_log {
+            log_requests(&serving, location, RequestLogConfig::default())?;
+        }
+        let rest = tokio::net::TcpListener::bind((host.as_str(), 0))
+            .await
+            .with_context(|| format!("listening on {host}"))?;
+        let grpc = tokio::net::TcpListener::bind((host.as_str(), 0))
+            .await
+            .with_context(|| format!("listening on {host}"))?;
+        anyhow::Ok((loading, follows, rest, grpc))
+    };
+    let (loading, follows, rest, grpc) = match started.await {
+        Ok(started) => started,
+        Err(error) => {
+            let mut message = format!("{error:#}");
+            let mut cut = message.len().min(kiln_coordinator::state::METRIC_TEXT_LENGTH_MAX);
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            let request = kiln_proto::ReportMetricsRequest {
+                job_id,
+                attempt,
+                artifacts: [(kiln_coordinator::deployment::ERROR.to_string(), message)].into(),
+                ..Default::default()
+            };
+            if let Err(status) = client.report_metrics(request).await {
+                eprintln!("reporting the failure: {}", status.message());
+            }
+            return Err(error);
+        }
+    };
+    let (http, grpc_address) = (rest.local_addr()?.to_string(), grpc.local_addr()?.to_string());
+    println!("replica of job {job_id}: Open Inference Protocol on REST http://{http} gRPC {grpc_address}");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(crate::shutdown_on_signal(shutdown.clone()));
+    for follow in follows {
+        tokio::spawn(follow_alias(
+            serving.clone(),
+            follow,
+            loading.clone(),
+            Duration::from_secs(5),
+            shutdown.clone(),
+        ));
+    }
+    let reporting = {
+        let (serving, shutdown) = (serving.clone(), shutdown.clone());
+        async move {
+            use kiln_coordinator::deployment as names;
+            let mut ticker = tokio::time::interval(REPLICA_REPORT_INTERVAL / QUEUE_SAMPLES_PER_REPORT);
+            let (mut samples, mut depth, mut since) = (0u32, 0i64, std::time::Instant::now());
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    () = shutdown.cancelled() => return,
+                }
+                depth += serving.queue_depth();
+                samples += 1;
+                if samples < QUEUE_SAMPLES_PER_REPORT {
+                    continue;
+                }
+                let load = serving.take_load();
+                let seconds = since.elapsed().as_secs_f64().max(1e-3);
+                let metrics = [
+                    (names::READY, 1.0),
+                    (names::QUEUE_DEPTH, depth as f64 / f64::from(samples)),
+                    (names::REQUESTS_PER_SECOND, load.requests as f64 / seconds),
+                    (names::P50_MS, load.p50_ms),
+                    (names::P99_MS, load.p99_ms),
+                ];
+                let versions: Vec<String> = serving.versions().into_values().collect();
+                let artifacts = [
+                    (names::HTTP, http.clone()),
+                    (names::GRPC, grpc_address.clone()),
+                    (names::VERSION, versions.join(",")),
+                ];
+                let request = kiln_proto::ReportMetricsRequest {
+                    job_id,
+                    attempt,
+                    metrics: metrics.into_iter().map(|(key, value)| (key.to_string(), value)).collect(),
+                    artifacts: artifacts
+                        .into_iter()
+                        .map(|(key, value)| (key.to_string(), value))
+                        .collect(),
+                    ..Default::default()
+                };
+                if let Err(status) = client.report_metrics(request).await {
+                    eprintln!("reporting to the coordinator: {}", status.message());
+                }
+                (samples, depth, since) = (0, 0, std::time::Instant::now());
+            }
+        }
+    };
+    tokio::spawn(reporting);
+    kiln_serving::serve(serving, rest, grpc, shutdown).await?;
+    drop(temporary);
+    Ok(())
 }
 
 pub async fn run(args: ServeArgs) -> Result<()> {
@@ -464,9 +642,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     };
     config.validate().map_err(anyhow::Error::msg)?;
     let (mut models, mut input_name) = (args.models.clone(), args.input_name.clone());
-    let (mut preprocess, mut postprocess) = (Vec::new(), Vec::new());
+    let (mut preprocess, mut postprocess, mut request_log, mut features) = (Vec::new(), Vec::new(), None, None);
     if let Some(path) = &args.deployment {
         let deployment = Deployment::read(path)?;
+        request_log = deployment.request_log.clone();
+        features = deployment.features.clone().map(|source| (source, args.featurestore.clone()));
         config = deployment.batching(config)?;
         models = vec![format!("{}={}", deployment.name, deployment.model)];
         input_name = deployment.input_name.unwrap_or(input_name);
@@ -477,6 +657,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let serving = Arc::new(Serving::default());
     let loading = Loading {
         tracking: args.tracking.clone(),
+        features,
         input_name,
         cache,
         config,
@@ -484,19 +665,16 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         postprocess,
     };
     let follows = load_models(&serving, &models, &loading).await?;
-    if let Some(location) = &args.request_log {
+    if let Some(location) = args.request_log.as_ref().or(request_log.as_ref()) {
         if args.request_log_rows == 0 {
             anyhow::bail!("--request-log-rows is 0; expected at least 1 row per file");
         }
-        let store = kiln_coordinator::artifacts::ArtifactStore::open(location, u64::MAX)
-            .with_context(|| format!("opening the request log's store {location}"))?;
         let config = RequestLogConfig {
             rows_per_file: args.request_log_rows,
             flush_interval: args.request_log_interval,
             ..RequestLogConfig::default()
         };
-        println!("logging requests to {location}/{}", config.prefix);
-        serving.log_requests(store.object_store(), config);
+        log_requests(&serving, location, config)?;
     }
     let rest = tokio::net::TcpListener::bind(&args.http_listen)
         .await
@@ -546,10 +724,7 @@ mod tests {
         assert!(error.contains("bad.toml:3:"), "{error}");
         assert!(error.contains("unknown variant `top`"), "{error}");
         std::fs::write(&file, "name = \"d\"\nmodel = \"m\"\n[batching]\nmax_wait = \"soon\"\n").unwrap();
-        let error = Deployment::read(&file)
-            .unwrap()
-            .batching(BatchConfig::default())
-            .unwrap_err();
+        let error = Deployment::read(&file).unwrap_err();
         assert!(format!("{error:#}").contains("batching max_wait 'soon'"), "{error:#}");
     }
 

@@ -18,6 +18,8 @@ pub enum TaskCommand {
     Allreduce(AllreduceArgs),
     /// The built-in trainer, as one rank of a `train` job (the worker starts it).
     Train(TrainArgs),
+    /// One replica of a deployment, as a `serve` job (the worker starts it).
+    Serve(TrainArgs),
 }
 
 #[derive(Args)]
@@ -71,6 +73,7 @@ pub async fn run(command: TaskCommand) -> Result<()> {
     match command {
         TaskCommand::Allreduce(args) => allreduce(args).await,
         TaskCommand::Train(args) => train(args).await,
+        TaskCommand::Serve(args) => crate::serve::run_replica(&args.spec).await,
     }
 }
 

@@ -298,8 +298,9 @@ fn demo_runs_end_to_end() {
     assert!(text.contains("nothing lost"), "{text}");
     // The sweep step ran its trials and named the best one.
     assert!(text.contains("best of 20 trials"), "{text}");
-    // The serving step classified the first digits with the registered model over the protocol.
-    assert!(text.contains("serving digits version 2 (kiln_burn"), "{text}");
+    // The serving step deployed the registered model on the workers and classified the first digits
+    // through the router, over the protocol.
+    assert!(text.contains("2 replicas of digits version 2 ready"), "{text}");
     assert!(text.contains("actual    [0, 1, 2, 3, 4, 5, 6, 7]"), "{text}");
 }
 
@@ -320,6 +321,10 @@ async fn up_runs_a_single_node_cluster_that_survives_a_restart() {
                 "--featurestore-listen",
                 "127.0.0.1:0",
                 "--tracking-listen",
+                "127.0.0.1:0",
+                "--serving-http-listen",
+                "127.0.0.1:0",
+                "--serving-grpc-listen",
                 "127.0.0.1:0",
             ])
             .arg("--data-dir")

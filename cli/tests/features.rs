@@ -776,6 +776,67 @@ async fn the_digits_example_trains_from_the_feature_store_with_each_rank_fetchin
     }
     let text = kiln(&["lineage", "online:digit_pixels", "--upstream"]);
     assert!(text.contains("materialization of digit_pixels@1"), "{text}");
+
+    // Served with feature enrichment: a request names images by `image_id`, and the replica looks their
+    // pixels up online (the service's features, in order, as the model's input).
+    let deployment = directory.path().join("enriched.toml");
+    std::fs::write(
+        &deployment,
+        "kind = \"deployment\"\nname = \"digits\"\nmodel = \"models:/digits/1\"\ninput_name = \"pixels\"\n\n[features]\nservice = \"digit_classifier\"\nentity = \"image_id\"\n",
+    )
+    .unwrap();
+    let rest = format!("127.0.0.1:{}", kiln_cluster_tests::free_port());
+    let grpc = format!("127.0.0.1:{}", kiln_cluster_tests::free_port());
+    let mut served = Command::new(KILN)
+        .args(["serve", "--deployment", deployment.to_str().unwrap(), "--tracking", &tracking])
+        .args(["--featurestore", &server.address, "--http-listen", &rest, "--grpc-listen", &grpc])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while kiln_cluster_tests::http_json(&rest, "GET", "/v2/health/ready", "").0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "kiln serve did not become ready");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let labels_csv = std::fs::read_to_string(&labels).unwrap();
+    let expected: Vec<i64> = labels_csv
+        .lines()
+        .skip(1)
+        .take(40)
+        .map(|line| line.rsplit(',').next().unwrap().parse().unwrap())
+        .collect();
+    let ids: Vec<i64> = (0..40).collect();
+    let request = serde_json::json!({
+        "inputs": [{ "name": "image_id", "shape": [40], "datatype": "INT64", "data": ids }],
+        "outputs": [{ "name": "label" }],
+    });
+    let (status, answer) =
+        kiln_cluster_tests::http_json(&rest, "POST", "/v2/models/digits/infer", &request.to_string());
+    assert_eq!(status, 200, "{answer}");
+    let predicted = answer["outputs"][0]["data"].as_array().unwrap();
+    let correct = predicted
+        .iter()
+        .zip(&expected)
+        .filter(|(got, want)| got.as_i64() == Some(**want))
+        .count();
+    assert!(correct >= 36, "{correct} of 40 right: {answer}");
+    // An image the online store does not have is refused, naming it.
+    let request = serde_json::json!({
+        "inputs": [{ "name": "image_id", "shape": [2], "datatype": "INT64", "data": [1, 999999] }],
+    });
+    let (status, answer) =
+        kiln_cluster_tests::http_json(&rest, "POST", "/v2/models/digits/infer", &request.to_string());
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("image_id=999999 has no value of feature 'p0' online (feature service 'digit_classifier')"),
+        "{answer}"
+    );
+    served.kill().unwrap();
+    served.wait().unwrap();
     server.stop();
 }
 

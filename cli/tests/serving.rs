@@ -139,6 +139,33 @@ async fn logged_rows(directory: &Path, expected: usize) -> Vec<(String, String, 
 }
 
 /// Runs a test script with the stock clients' Python; it must end by printing `last_line`.
+/// Trains the digits MLP for `epochs` on the cluster, which registers it as `digits` version 1, and points
+/// the alias `champion` at it.
+fn train_digits(cluster: &Cluster, directory: &Path, epochs: u32) {
+    let tracking = cluster.members[&1].tracking_addr.clone();
+    let spec = include_str!("../../examples/jobs/digits-mlp.toml")
+        .replace(
+            "dataset = \"examples/data/digits.csv\"",
+            &format!("dataset = {:?}", digits_csv().display().to_string()),
+        )
+        .replace("epochs = 30", &format!("epochs = {epochs}"));
+    let file = directory.join("digits.toml");
+    std::fs::write(&file, spec).unwrap();
+    let submitted = cluster.cli(&["submit", file.to_str().unwrap()]).unwrap();
+    assert!(
+        submitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submitted.stderr)
+    );
+    let job = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
+    let waited = cluster.cli(&["jobs", "wait", &job, "--max-wait", "180s"]).unwrap();
+    assert!(waited.status.success(), "{}", String::from_utf8_lossy(&waited.stdout));
+    let aliased = cluster
+        .cli(&["models", "alias", "digits", "1", "champion", "--tracking", &tracking])
+        .unwrap();
+    assert!(aliased.status.success(), "{}", String::from_utf8_lossy(&aliased.stderr));
+}
+
 fn python_script(python: &str, script: &str, args: &[&str], last_line: &str) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(script);
     let output = Command::new(python).arg(&script).args(args).output().unwrap();
@@ -160,27 +187,7 @@ async fn a_registered_model_is_served_over_the_open_inference_protocol_to_stock_
 
     // Train and register digits version 1, then point the alias at it.
     let directory = tempfile::tempdir().unwrap();
-    let spec = include_str!("../../examples/jobs/digits-mlp.toml")
-        .replace(
-            "dataset = \"examples/data/digits.csv\"",
-            &format!("dataset = {:?}", digits_csv().display().to_string()),
-        )
-        .replace("epochs = 30", "epochs = 8");
-    let file = directory.path().join("digits.toml");
-    std::fs::write(&file, spec).unwrap();
-    let submitted = cluster.cli(&["submit", file.to_str().unwrap()]).unwrap();
-    assert!(
-        submitted.status.success(),
-        "{}",
-        String::from_utf8_lossy(&submitted.stderr)
-    );
-    let job = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
-    let waited = cluster.cli(&["jobs", "wait", &job, "--max-wait", "180s"]).unwrap();
-    assert!(waited.status.success(), "{}", String::from_utf8_lossy(&waited.stdout));
-    let aliased = cluster
-        .cli(&["models", "alias", "digits", "1", "champion", "--tracking", &tracking])
-        .unwrap();
-    assert!(aliased.status.success(), "{}", String::from_utf8_lossy(&aliased.stderr));
+    train_digits(&cluster, directory.path(), 8);
 
     // A source that names nothing the registry has is refused before anything listens.
     let refused = Command::new(KILN)
@@ -479,4 +486,221 @@ async fn an_onnx_model_from_scikit_learn_registered_through_mlflow_serves_what_o
     assert!(!refused.status.success());
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(message.contains("broken.onnx"), "{message}");
+}
+
+/// `kiln deployments show NAME --json`.
+fn deployment_state(cluster: &Cluster, name: &str) -> serde_json::Value {
+    let shown = cluster.cli(&["deployments", "show", name, "--json"]).unwrap();
+    assert!(shown.status.success(), "{}", String::from_utf8_lossy(&shown.stderr));
+    serde_json::from_slice(&shown.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_runs_replicas_on_the_workers_behind_the_router_and_outlives_a_lost_worker() {
+    let mut cluster = Cluster::new(Path::new(KILN), 1, &["--worker-lease", "2s"]).unwrap();
+    cluster.tracking = true;
+    cluster.start_all().unwrap();
+    cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
+    // Started one after the other, so that worker process 1 is the first registered.
+    cluster.start_worker(1, 2, &[]).unwrap();
+    let first = cluster.wait_for_workers(1, Duration::from_secs(20)).await.unwrap()[0].id;
+    cluster.start_worker(2, 2, &[]).unwrap();
+    cluster.wait_for_workers(2, Duration::from_secs(20)).await.unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    train_digits(&cluster, directory.path(), 4);
+
+    // The cluster's serving ports: a router in front of every deployment.
+    let (rest, grpc) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let log = std::fs::File::create(directory.path().join("router.log")).unwrap();
+    let _router = Server(
+        Command::new(KILN)
+            .args(["router", "--coordinator", &cluster.addresses()])
+            .args(["--http-listen", &rest, "--grpc-listen", &grpc])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    // A file the coordinator cannot use is refused with its place, and nothing is deployed.
+    let deployment = |name: &str, model: &str, max: u32| {
+        format!(
+            "kind = \"deployment\"\nname = \"{name}\"\nmodel = \"{model}\"\ninput_name = \"pixels\"\n\n[replicas]\nmin = 2\nmax = {max}\n\n[resources]\ncpus = 1\n"
+        )
+    };
+    let bad = directory.path().join("bad.toml");
+    std::fs::write(&bad, deployment("digits", "models:/digits@champion", 1)).unwrap();
+    let refused = cluster.cli(&["deploy", bad.to_str().unwrap()]).unwrap();
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("bad.toml:8:7") && message.contains("'replicas.max' is 1; expected replicas.min (2)"),
+        "{message}"
+    );
+    let listed = cluster.cli(&["deployments", "list", "--json"]).unwrap();
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&listed.stdout).unwrap(), json!([]));
+
+    // A model the registry does not have: the replicas fail before they are ready, and the deployment
+    // fails with their reason instead of starting replicas forever.
+    let ghost = directory.path().join("ghost.toml");
+    std::fs::write(&ghost, deployment("ghost", "models:/digits@nobody", 2)).unwrap();
+    let failed = cluster
+        .cli(&["deploy", ghost.to_str().unwrap(), "--wait", "90s"])
+        .unwrap();
+    assert!(!failed.status.success());
+    let message = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        message.contains("deployment 'ghost' failed") && message.contains("alias 'nobody'"),
+        "{message}"
+    );
+
+    // The digits model on two replicas, one per worker.
+    let file = directory.path().join("deployment.toml");
+    std::fs::write(&file, deployment("digits", "models:/digits@champion", 3)).unwrap();
+    let deployed = cluster
+        .cli(&["deploy", file.to_str().unwrap(), "--wait", "90s"])
+        .unwrap();
+    assert!(
+        deployed.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&deployed.stdout),
+        String::from_utf8_lossy(&deployed.stderr)
+    );
+    let again = cluster.cli(&["deploy", file.to_str().unwrap()]).unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("'digits' is already running"));
+    let state = deployment_state(&cluster, "digits");
+    assert_eq!((state["replicas_ready"].as_u64(), state["versions"].clone()), (Some(2), json!(["1"])));
+    let workers: Vec<u64> = state["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|replica| replica["worker"].as_u64().unwrap())
+        .collect();
+    assert_ne!(workers[0], workers[1], "replicas spread over the workers: {state}");
+
+    // Through the router's REST port, like any served model.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_json(&rest, "GET", "/v2/models/digits/ready", "").0 != 200 {
+        assert!(Instant::now() < deadline, "the router did not learn of the deployment");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (features, labels) = digits_rows(20);
+    let request = json!({
+        "inputs": [{ "name": "pixels", "shape": [20, 64], "datatype": "FP32", "data": features.concat() }],
+        "outputs": [{ "name": "label" }],
+    });
+    let (status, answer) = http_json(&rest, "POST", "/v2/models/digits/infer", &request.to_string());
+    assert_eq!(status, 200, "{answer}");
+    let predicted = answer["outputs"][0]["data"].as_array().unwrap();
+    let correct = predicted.iter().zip(&labels).filter(|(a, b)| a.as_i64() == Some(**b)).count();
+    assert!(correct >= 15, "{correct} of 20 right");
+    let (status, answer) = http_json(&rest, "POST", "/v2/models/mnist/infer", &request.to_string());
+    assert_eq!(status, 404);
+    assert!(answer["error"].as_str().unwrap().contains("no model named 'mnist' is deployed (deployed: digits)"));
+
+    // Under load from three clients, the worker of replica 0 is killed: a request may fail once, with a
+    // retryable 503, and its retry succeeds; a replacement replica starts on the other worker.
+    let stop = Arc::new(AtomicBool::new(false));
+    let one_row = json!({
+        "inputs": [{ "name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": features[0] }],
+    })
+    .to_string();
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, rest, one_row) = (stop.clone(), rest.clone(), one_row.clone());
+            std::thread::spawn(move || {
+                let (mut answered, mut retried, mut failed_twice) = (0usize, Vec::new(), Vec::new());
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline && answered < 1_000_000 {
+                    let (status, answer) = http_json(&rest, "POST", "/v2/models/digits/infer", &one_row);
+                    if status == 200 {
+                        answered += 1;
+                        continue;
+                    }
+                    retried.push(format!("{status} {answer}"));
+                    let (again, answer) = http_json(&rest, "POST", "/v2/models/digits/infer", &one_row);
+                    if again == 200 {
+                        answered += 1;
+                    } else {
+                        failed_twice.push(format!("{again} {answer}"));
+                    }
+                }
+                (answered, retried, failed_twice)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let lost = state["replicas"][0]["job"].as_u64().unwrap();
+    cluster
+        .kill_worker(if workers[0] == first { 1 } else { 2 })
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = deployment_state(&cluster, "digits");
+        let replicas = now["replicas"].as_array().unwrap();
+        let replaced = replicas.iter().any(|replica| replica["job"] == lost && replica["state"] != "running");
+        if replaced && now["replicas_ready"] == 2 {
+            assert!(replicas.len() >= 3, "{now}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the deployment did not recover: {now}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let listed = cluster.cli(&["deployments", "list", "--json"]).unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let digits = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|deployment| deployment["name"] == "digits" && deployment["state"] == "running")
+        .unwrap();
+    assert!(digits["requests_per_second"].as_f64().unwrap() > 0.0, "{digits}");
+    stop.store(true, Ordering::SeqCst);
+    let mut total = 0;
+    for client in clients {
+        let (answered, retried, failed_twice) = client.join().unwrap();
+        assert!(failed_twice.is_empty(), "requests failed twice: {failed_twice:?}");
+        assert!(
+            retried.iter().all(|failure| failure.starts_with("503")),
+            "failures must be retryable: {retried:?}"
+        );
+        total += answered;
+    }
+    assert!(total > 100, "{total} requests answered");
+
+    // The stock Triton clients, over both of the router's ports.
+    if let Some(python) = stock_python() {
+        let csv = digits_csv().display().to_string();
+        python_script(
+            &python,
+            "inference_clients.py",
+            &[&rest, &grpc, "digits", &csv, "-"],
+            "all inference checks passed",
+        );
+    }
+
+    // Deleted: its replicas stop and the router forgets it.
+    let deleted = cluster.cli(&["deployments", "delete", "digits"]).unwrap();
+    assert!(deleted.status.success(), "{}", String::from_utf8_lossy(&deleted.stderr));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_json(&rest, "GET", "/v2/models/digits/ready", "").0 != 404 {
+        assert!(Instant::now() < deadline, "the router still routes to the deleted deployment");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let state = deployment_state(&cluster, "digits");
+    assert_eq!(state["state"], "cancelled");
+    assert!(
+        state["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|replica| replica["state"] != "running" && replica["state"] != "queued"),
+        "{state}"
+    );
 }

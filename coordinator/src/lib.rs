@@ -29,6 +29,7 @@
 pub mod artifacts;
 pub mod catalog;
 pub mod client;
+pub mod deployment;
 pub mod error;
 pub mod lineage;
 pub mod node;

@@ -63,6 +63,11 @@ pub enum JobKind {
     /// A hyperparameter sweep (see [`crate::sweep`]): runs no task itself; the leader's sweep controller
     /// submits its trials as jobs of the template's kind.
     Sweep,
+    /// A model deployment (see [`crate::deployment`]): runs no task itself; the leader's deployment
+    /// controller keeps its replicas (jobs of kind `serve`) between `replicas.min` and `replicas.max`.
+    Deployment,
+    /// One replica of a deployment (`kiln task serve`), made by the deployment controller only.
+    Serve,
 }
 
 impl JobKind {
@@ -71,6 +76,8 @@ impl JobKind {
             JobKind::Command => "command",
             JobKind::Train => "train",
             JobKind::Sweep => "sweep",
+            JobKind::Deployment => "deployment",
+            JobKind::Serve => "serve",
         }
     }
 }
@@ -342,25 +349,45 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
             format!("spec is {} bytes; at most {SPEC_BYTES_MAX} are accepted", text.len()),
         ));
     }
-    let raw: RawSpec = toml::from_str(text).map_err(|error| {
+    let toml_error = |error: toml::de::Error| {
         let offset = error.span().map_or(0, |span| span.start);
         error_at(offset, error.message().trim().to_string())
-    })?;
-
-    let name = raw.name.get_ref();
-    if name.is_empty()
-        || name.len() > NAME_LENGTH_MAX
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-    {
-        return Err(error_at(
-            raw.name.span().start,
-            format!(
-                "field 'name' is {name:?}; expected 1 to {NAME_LENGTH_MAX} characters of letters, digits, '-', '_' or '.'"
-            ),
-        ));
+    };
+    // A deployment's file has fields of its own (the model, batching, steps): read by its own shape.
+    #[derive(Deserialize)]
+    struct Peek {
+        kind: Option<Spanned<JobKind>>,
     }
+    match toml::from_str::<Peek>(text).map_err(toml_error)?.kind {
+        Some(kind) if *kind.get_ref() == JobKind::Deployment => {
+            let options = deployment_options_at(text, &error_at)?;
+            return Ok(JobSpec {
+                name: options.name,
+                kind: JobKind::Deployment,
+                command: String::new(),
+                args: Vec::new(),
+                env: BTreeMap::new(),
+                // Per replica; `workers` is the fewest replicas, so a deployment the cluster cannot hold
+                // even when idle is refused at once.
+                resources: ResourceSpec {
+                    workers: options.min_replicas,
+                    ..options.resources
+                },
+                max_restarts: 0,
+                priority: options.priority,
+                train: None,
+            });
+        }
+        Some(kind) if *kind.get_ref() == JobKind::Serve => {
+            return Err(error_at(
+                kind.span().start,
+                "jobs of kind \"serve\" are a deployment's replicas, made by the coordinator; submit the deployment (kind = \"deployment\") instead".into(),
+            ));
+        }
+        _ => {}
+    }
+    let raw: RawSpec = toml::from_str(text).map_err(toml_error)?;
+    check_name(raw.name.get_ref()).map_err(|message| error_at(raw.name.span().start, message))?;
 
     let kind = *raw.kind.get_ref();
     if kind == JobKind::Sweep {
@@ -388,7 +415,7 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
         }
         crate::sweep::SweepSpec::parse(text).map_err(|error| error_at(raw.kind.span().start, error.0))?;
         return Ok(JobSpec {
-            name: name.clone(),
+            name: raw.name.get_ref().clone(),
             kind,
             command: String::new(),
             args: Vec::new(),
@@ -437,7 +464,7 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
             ));
         }
         (JobKind::Train, None) => String::new(),
-        (JobKind::Sweep, _) => unreachable!("a sweep returned above"),
+        (JobKind::Sweep | JobKind::Deployment | JobKind::Serve, _) => unreachable!("returned above"),
     };
 
     let train = match (kind, raw.train) {
@@ -453,8 +480,8 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
                 "section [train] is only for jobs of kind \"train\"".into(),
             ));
         }
-        (JobKind::Command | JobKind::Sweep, None) => None,
-        (JobKind::Sweep, Some(_)) => unreachable!("a sweep returned above"),
+        (JobKind::Command | JobKind::Sweep | JobKind::Deployment | JobKind::Serve, None) => None,
+        (JobKind::Sweep | JobKind::Deployment | JobKind::Serve, Some(_)) => unreachable!("returned above"),
         (JobKind::Train, Some(train)) => {
             let train = train.into_inner();
             if !MODELS.contains(&train.model.get_ref().as_str()) {
@@ -614,7 +641,41 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
         env.insert(key.into_inner(), value);
     }
 
-    let resources = match raw.resources {
+    let resources = parse_resources(raw.resources, &error_at)?;
+
+    let max_restarts = match raw.max_restarts {
+        None => 0,
+        Some(restarts) if *restarts.get_ref() > MAX_RESTARTS_MAX => {
+            return Err(error_at(
+                restarts.span().start,
+                format!(
+                    "field 'max_restarts' is {}; expected 0 to {MAX_RESTARTS_MAX}",
+                    restarts.get_ref()
+                ),
+            ));
+        }
+        Some(restarts) => restarts.into_inner(),
+    };
+
+    Ok(JobSpec {
+        name: raw.name.into_inner(),
+        kind,
+        command,
+        args: raw.args,
+        env,
+        resources,
+        max_restarts,
+        priority: raw.priority,
+        train,
+    })
+}
+
+/// A job's `[resources]`, with defaults: one worker of one CPU slot.
+fn parse_resources(
+    resources: Option<Spanned<RawResources>>,
+    error_at: &dyn Fn(usize, String) -> SpecError,
+) -> Result<ResourceSpec, SpecError> {
+    Ok(match resources {
         None => ResourceSpec {
             workers: 1,
             cpus: 1,
@@ -675,32 +736,187 @@ pub fn parse_job_spec(source_name: &str, text: &str) -> Result<JobSpec, SpecErro
                 memory_bytes,
             }
         }
-    };
+    })
+}
 
-    let max_restarts = match raw.max_restarts {
-        None => 0,
-        Some(restarts) if *restarts.get_ref() > MAX_RESTARTS_MAX => {
+/// Refuses a name that is empty, too long, or not made of letters, digits, '-', '_' and '.'.
+fn check_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= NAME_LENGTH_MAX
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if valid {
+        return Ok(());
+    }
+    Err(format!(
+        "field 'name' is {name:?}; expected 1 to {NAME_LENGTH_MAX} characters of letters, digits, '-', '_' or '.'"
+    ))
+}
+
+/// The most replicas one deployment may have.
+pub const REPLICAS_MAX: u32 = 64;
+
+/// What the coordinator needs from a deployment's file (`kind = "deployment"`), with defaults filled in.
+/// The rest (the model, batching, steps) is the replica's to read (`kiln task serve`); the coordinator only
+/// checks that it is there and of the right shape. Read from the spec text, like [`TrainOptions`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeploymentOptions {
+    /// The name clients call the model by, and the deployment's.
+    pub name: String,
+    /// models:/NAME@ALIAS, models:/NAME/VERSION, or a model directory or ONNX file on the workers.
+    pub model: String,
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    /// Requests waiting per replica (its mean over a report interval) above which a replica is added.
+    pub target_queue_depth: f64,
+    /// How long the replicas must have been under-used before one is removed (and between removals).
+    pub scale_down_delay_ms: i64,
+    /// Per replica (`workers` is 1).
+    pub resources: ResourceSpec,
+    pub priority: i32,
+}
+
+/// The file's shape. Unknown keys are refused, as in a job spec.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeployment {
+    name: Spanned<String>,
+    #[allow(dead_code)]
+    kind: JobKind,
+    model: Spanned<String>,
+    // The replica's: kept as written and read by `kiln task serve`.
+    #[allow(dead_code)]
+    input_name: Option<String>,
+    #[allow(dead_code)]
+    batching: Option<toml::Table>,
+    #[allow(dead_code)]
+    #[serde(default)]
+    preprocess: Vec<toml::Value>,
+    #[allow(dead_code)]
+    #[serde(default)]
+    postprocess: Vec<toml::Value>,
+    #[allow(dead_code)]
+    request_log: Option<String>,
+    #[allow(dead_code)]
+    features: Option<toml::Table>,
+    replicas: Option<Spanned<RawReplicas>>,
+    resources: Option<Spanned<RawResources>>,
+    #[serde(default)]
+    priority: i32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReplicas {
+    min: Option<Spanned<u32>>,
+    max: Option<Spanned<u32>>,
+    target_queue_depth: Option<Spanned<f64>>,
+    scale_down_delay: Option<Spanned<String>>,
+}
+
+/// Reads a deployment's file; the error names the line and column of what is wrong.
+pub fn deployment_options(source_name: &str, text: &str) -> Result<DeploymentOptions, SpecError> {
+    let error_at = |offset: usize, message: String| {
+        let (line, column) = line_column(text, offset);
+        SpecError {
+            source_name: source_name.to_string(),
+            line,
+            column,
+            message,
+        }
+    };
+    deployment_options_at(text, &error_at)
+}
+
+fn deployment_options_at(
+    text: &str,
+    error_at: &dyn Fn(usize, String) -> SpecError,
+) -> Result<DeploymentOptions, SpecError> {
+    let raw: RawDeployment = toml::from_str(text).map_err(|error| {
+        let offset = error.span().map_or(0, |span| span.start);
+        error_at(offset, error.message().trim().to_string())
+    })?;
+    check_name(raw.name.get_ref()).map_err(|message| error_at(raw.name.span().start, message))?;
+    if raw.model.get_ref().trim().is_empty() {
+        return Err(error_at(
+            raw.model.span().start,
+            "field 'model' is empty; expected models:/NAME@ALIAS, models:/NAME/VERSION, or a model directory or ONNX file".into(),
+        ));
+    }
+    if let Some(resources) = &raw.resources {
+        let inner = resources.get_ref();
+        if let Some(offset) = inner
+            .workers
+            .as_ref()
+            .map(|workers| workers.span().start)
+            .or(inner.min_workers.as_ref().map(|workers| workers.span().start))
+        {
             return Err(error_at(
-                restarts.span().start,
-                format!(
-                    "field 'max_restarts' is {}; expected 0 to {MAX_RESTARTS_MAX}",
-                    restarts.get_ref()
-                ),
+                offset,
+                "[resources] of a deployment are per replica; the number of replicas is [replicas] min and max".into(),
             ));
         }
-        Some(restarts) => restarts.into_inner(),
-    };
-
-    Ok(JobSpec {
+    }
+    let resources = parse_resources(raw.resources, error_at)?;
+    let (mut min, mut max, mut target, mut delay_ms) = (1, None, 8.0, 60_000);
+    if let Some(replicas) = raw.replicas {
+        let replicas = replicas.into_inner();
+        if let Some(value) = replicas.min {
+            if *value.get_ref() == 0 || *value.get_ref() > REPLICAS_MAX {
+                return Err(error_at(
+                    value.span().start,
+                    format!("field 'replicas.min' is {}; expected 1 to {REPLICAS_MAX}", value.get_ref()),
+                ));
+            }
+            min = value.into_inner();
+        }
+        if let Some(value) = replicas.max {
+            if *value.get_ref() < min || *value.get_ref() > REPLICAS_MAX {
+                return Err(error_at(
+                    value.span().start,
+                    format!(
+                        "field 'replicas.max' is {}; expected replicas.min ({min}) to {REPLICAS_MAX}",
+                        value.get_ref()
+                    ),
+                ));
+            }
+            max = Some(value.into_inner());
+        }
+        if let Some(value) = replicas.target_queue_depth {
+            if !(value.get_ref().is_finite() && *value.get_ref() > 0.0) {
+                return Err(error_at(
+                    value.span().start,
+                    format!(
+                        "field 'replicas.target_queue_depth' is {}; expected a number of waiting requests above 0",
+                        value.get_ref()
+                    ),
+                ));
+            }
+            target = value.into_inner();
+        }
+        if let Some(value) = replicas.scale_down_delay {
+            let delay = humantime::parse_duration(value.get_ref()).map_err(|error| {
+                error_at(
+                    value.span().start,
+                    format!(
+                        "field 'replicas.scale_down_delay' is {:?} ({error}); expected a duration such as \"60s\"",
+                        value.get_ref()
+                    ),
+                )
+            })?;
+            delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        }
+    }
+    Ok(DeploymentOptions {
         name: raw.name.into_inner(),
-        kind,
-        command,
-        args: raw.args,
-        env,
+        model: raw.model.into_inner(),
+        min_replicas: min,
+        max_replicas: max.unwrap_or(min),
+        target_queue_depth: target,
+        scale_down_delay_ms: delay_ms,
         resources,
-        max_restarts,
         priority: raw.priority,
-        train,
     })
 }
 

@@ -467,7 +467,7 @@ pub enum Command {
     /// run once however often it is retried.
     RecordReport(Report),
     /// The sweep controller's verdict on a running sweep: it ended (every trial done) or failed (with the
-    /// reason). The best trial's metrics become the sweep's; with `register`, its model is registered and
+    /// reason); also the deployment controller's on a deployment whose replicas cannot start. The best trial's metrics become the sweep's; with `register`, its model is registered and
     /// the alias set, once: a repeat finds the sweep ended and changes nothing.
     FinishSweep {
         job: JobId,
@@ -581,6 +581,9 @@ pub struct StateMachine {
     /// read, not stored), so the sweep controller visits sweeps and their trials, not every job.
     #[serde(skip)]
     sweep_trials: imbl::OrdMap<JobId, imbl::OrdMap<u64, JobId>>,
+    /// Every deployment's replicas, by deployment and replica number: derived like `sweep_trials`.
+    #[serde(skip)]
+    deployment_replicas: imbl::OrdMap<JobId, imbl::OrdMap<u64, JobId>>,
 }
 
 /// A train job's hyperparameters as its run's params.
@@ -611,6 +614,17 @@ fn index_sweep_job(index: &mut imbl::OrdMap<JobId, imbl::OrdMap<u64, JobId>>, jo
         && let Some(trials) = index.get_mut(&sweep)
     {
         trials.insert(trial, job.id);
+    }
+}
+
+/// Records a new job in the deployment index: a deployment, or a replica of one.
+fn index_deployment_job(index: &mut imbl::OrdMap<JobId, imbl::OrdMap<u64, JobId>>, job: &Job) {
+    if job.spec.kind == crate::spec::JobKind::Deployment {
+        index.entry(job.id).or_default();
+    } else if let Some((deployment, replica)) = crate::deployment::replica_of(&job.spec)
+        && let Some(replicas) = index.get_mut(&deployment)
+    {
+        replicas.insert(replica, job.id);
     }
 }
 
@@ -675,9 +689,22 @@ impl StateMachine {
                 if let Err(reason) = self.check_fits_cluster(&spec) {
                     return CommandResult::Rejected(CoordinatorError::FailedPrecondition(reason));
                 }
+                if spec.kind == crate::spec::JobKind::Deployment
+                    && let Some((running, _)) = self
+                        .deployments()
+                        .find(|(job, _)| job.spec.name == spec.name && !job.state.is_finished())
+                {
+                    return CommandResult::Rejected(CoordinatorError::FailedPrecondition(format!(
+                        "deployment '{}' is already running as job {}; delete it first (kiln deployments delete {})",
+                        spec.name, running.id, spec.name
+                    )));
+                }
                 self.next_job_id += 1;
-                // A sweep runs no task: it is running from the start, and never queued.
-                let sweep = spec.kind == crate::spec::JobKind::Sweep;
+                // A sweep or a deployment runs no task: it is running from the start, and never queued.
+                let sweep = matches!(
+                    spec.kind,
+                    crate::spec::JobKind::Sweep | crate::spec::JobKind::Deployment
+                );
                 let job = Job {
                     id: self.next_job_id,
                     spec,
@@ -701,6 +728,7 @@ impl StateMachine {
                 }
                 self.jobs.insert(job.id, job.clone());
                 index_sweep_job(&mut self.sweep_trials, &job);
+                index_deployment_job(&mut self.deployment_replicas, &job);
                 // Train jobs and sweep trials get a run; a trial's is in its sweep's experiment, with its
                 // parameters.
                 let trial = crate::sweep::trial_of(&job.spec)
@@ -934,9 +962,12 @@ impl StateMachine {
         let Some(job) = self.jobs.get_mut(&id) else {
             return CommandResult::Rejected(CoordinatorError::NotFound(format!("job {id} does not exist")));
         };
-        if job.spec.kind != crate::spec::JobKind::Sweep {
+        if !matches!(
+            job.spec.kind,
+            crate::spec::JobKind::Sweep | crate::spec::JobKind::Deployment
+        ) {
             return CommandResult::Rejected(CoordinatorError::FailedPrecondition(format!(
-                "job {id} is a {} job, not a sweep",
+                "job {id} is a {} job, not a sweep or a deployment",
                 job.spec.kind.label()
             )));
         }
@@ -1463,12 +1494,25 @@ impl StateMachine {
     /// The derived indexes (not in snapshots), rebuilt from the jobs (in id order, so a sweep comes
     /// before its trials).
     fn with_indexes(mut self) -> StateMachine {
-        let mut sweep_trials = imbl::OrdMap::new();
+        let (mut sweep_trials, mut deployment_replicas) = (imbl::OrdMap::new(), imbl::OrdMap::new());
         for job in self.jobs.values() {
             index_sweep_job(&mut sweep_trials, job);
+            index_deployment_job(&mut deployment_replicas, job);
         }
         self.sweep_trials = sweep_trials;
+        self.deployment_replicas = deployment_replicas;
         self
+    }
+
+    /// Every deployment with its replicas in replica order.
+    pub fn deployments(&self) -> impl Iterator<Item = (&Job, Vec<(u64, &Job)>)> {
+        self.deployment_replicas.iter().filter_map(|(deployment, replicas)| {
+            let replicas = replicas
+                .iter()
+                .filter_map(|(replica, id)| Some((*replica, self.jobs.get(id)?)))
+                .collect();
+            Some((self.jobs.get(deployment)?, replicas))
+        })
     }
 
     /// Every sweep with its trials in trial order.
@@ -1515,6 +1559,7 @@ mod version5 {
                 catalog: self.catalog,
                 tracking: self.tracking.upgrade(),
                 sweep_trials: imbl::OrdMap::new(),
+                deployment_replicas: imbl::OrdMap::new(),
             }
         }
     }
@@ -1551,6 +1596,7 @@ mod version4 {
                 catalog: self.catalog,
                 tracking: Tracking::default(),
                 sweep_trials: imbl::OrdMap::new(),
+                deployment_replicas: imbl::OrdMap::new(),
             }
         }
     }
@@ -1586,6 +1632,7 @@ mod version3 {
                 catalog: Catalog::default(),
                 tracking: Tracking::default(),
                 sweep_trials: imbl::OrdMap::new(),
+                deployment_replicas: imbl::OrdMap::new(),
             }
         }
     }
@@ -1658,6 +1705,7 @@ mod version2 {
                 catalog: Catalog::default(),
                 tracking: Tracking::default(),
                 sweep_trials: imbl::OrdMap::new(),
+                deployment_replicas: imbl::OrdMap::new(),
             }
         }
     }

@@ -24,7 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Instant, SystemTime};
 
 pub mod batcher;
@@ -37,6 +37,7 @@ pub mod model;
 pub mod onnx;
 pub mod pipeline;
 pub mod request_log;
+pub mod router;
 pub mod tensor;
 
 pub use batcher::{BatchConfig, Batcher};
@@ -55,6 +56,20 @@ pub const SERVER_NAME: &str = "kiln";
 /// The protocol extensions this server implements.
 pub const EXTENSIONS: [&str; 1] = ["binary_tensor_data"];
 
+/// Feature enrichment: a request may carry entity keys (one input, named by [`Enricher::key`]) instead of
+/// the model's input; the enricher looks their features up (the CLI's reads the feature store's online
+/// store) and returns the model's input for them, one row per key.
+pub trait Enricher: Send + Sync {
+    /// The input that carries entity keys (a join key's name, such as `driver_id`).
+    fn key(&self) -> &str;
+    /// The model's input for the entities in `keys`, in their order; an entity without features online is
+    /// refused with an error naming it.
+    fn enrich<'a>(
+        &'a self,
+        keys: Tensor,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Tensor, ServeError>> + Send + 'a>>;
+}
+
 /// One loaded model version.
 pub struct ServedModel {
     pub name: String,
@@ -62,6 +77,7 @@ pub struct ServedModel {
     pub model: Arc<dyn Model>,
     batcher: Batcher,
     pub metrics: ModelMetrics,
+    enricher: Option<Arc<dyn Enricher>>,
 }
 
 impl std::fmt::Debug for ServedModel {
@@ -75,8 +91,15 @@ impl std::fmt::Debug for ServedModel {
 }
 
 impl ServedModel {
-    /// Checks `inputs` against the model and runs them in a batch; returns every declared output.
-    pub async fn infer(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, ServeError> {
+    /// Checks `inputs` against the model and runs them in a batch; returns every declared output. Entity
+    /// keys in place of the model's input are looked up first, when the model has an [`Enricher`].
+    pub async fn infer(&self, mut inputs: Vec<Tensor>) -> Result<Vec<Tensor>, ServeError> {
+        if let Some(enricher) = &self.enricher
+            && let Some(position) = inputs.iter().position(|input| input.name == enricher.key())
+        {
+            let keys = inputs.remove(position);
+            inputs.push(enricher.enrich(keys).await?);
+        }
         let inputs = model::check_inputs(&self.name, self.model.as_ref(), inputs)?;
         self.batcher.infer(inputs).await
     }
@@ -149,10 +172,29 @@ impl Exchange {
     }
 }
 
+/// Requests answered since the last [`Serving::take_load`], with a sample of their latencies.
+#[derive(Debug, Default)]
+struct LoadWindow {
+    requests: u64,
+    latencies_ms: Vec<f32>,
+}
+
+/// Latencies kept per window: beyond it, the newest overwrite the oldest.
+const LOAD_SAMPLES_MAX: usize = 4096;
+
+/// A server's load over a window: what a replica reports to the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Load {
+    pub requests: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
 /// The model versions this server holds, by name; each name serves one version at a time.
 pub struct Serving {
     models: RwLock<BTreeMap<String, Arc<ServedModel>>>,
     pub metrics: Metrics,
+    load: Mutex<LoadWindow>,
     request_log: OnceLock<RequestLog>,
     /// Ids for requests that bring none: this process's random prefix, then a sequence.
     id_prefix: u64,
@@ -167,6 +209,7 @@ impl Default for Serving {
         Serving {
             models: RwLock::default(),
             metrics: Metrics::default(),
+            load: Mutex::default(),
             request_log: OnceLock::new(),
             id_prefix: nanos ^ (u64::from(std::process::id()) << 32),
             id_sequence: AtomicU64::new(0),
@@ -193,6 +236,18 @@ impl Serving {
         version: &str,
         model: Arc<dyn Model>,
         config: BatchConfig,
+    ) -> Result<(), ServeError> {
+        self.load_enriched(name, version, model, config, None).await
+    }
+
+    /// [`Serving::load`], with entity keys looked up by `enricher` when a request carries them.
+    pub async fn load_enriched(
+        &self,
+        name: &str,
+        version: &str,
+        model: Arc<dyn Model>,
+        config: BatchConfig,
+        enricher: Option<Arc<dyn Enricher>>,
     ) -> Result<(), ServeError> {
         config.validate().map_err(ServeError::InvalidInput)?;
         let warming = model.clone();
@@ -224,6 +279,7 @@ impl Serving {
             model,
             batcher,
             metrics,
+            enricher,
         });
         self.models
             .write()
@@ -278,6 +334,18 @@ impl Serving {
     /// Counts an answered request and logs it.
     pub fn record(&self, served: &ServedModel, protocol: &'static str, exchange: Exchange, error: Option<&ServeError>) {
         self.metrics.answered(&served.metrics, protocol, error);
+        let latency = exchange.started.elapsed().as_secs_f64();
+        {
+            let mut window = self.load.lock().expect("load lock");
+            window.requests += 1;
+            let sample = (latency * 1e3) as f32;
+            if window.latencies_ms.len() < LOAD_SAMPLES_MAX {
+                window.latencies_ms.push(sample);
+            } else {
+                let slot = window.requests as usize % LOAD_SAMPLES_MAX;
+                window.latencies_ms[slot] = sample;
+            }
+        }
         let Some(log) = self.request_log.get() else { return };
         let request_id = exchange.id.unwrap_or_else(|| {
             format!(
@@ -296,7 +364,7 @@ impl Serving {
             version: served.version.clone(),
             protocol,
             received_at_micros,
-            latency_seconds: exchange.started.elapsed().as_secs_f64(),
+            latency_seconds: latency,
             status: error.map_or("ok", ServeError::reason),
             error: error.map(ToString::to_string),
             inputs: exchange.inputs,
@@ -309,6 +377,45 @@ impl Serving {
         if let Some(log) = self.request_log.get() {
             log.close().await;
         }
+    }
+
+    /// The load since the previous call: requests answered and their latency percentiles.
+    pub fn take_load(&self) -> Load {
+        let window = std::mem::take(&mut *self.load.lock().expect("load lock"));
+        let mut latencies = window.latencies_ms;
+        latencies.sort_unstable_by(f32::total_cmp);
+        let percentile = |fraction: f64| {
+            if latencies.is_empty() {
+                return 0.0;
+            }
+            let index = ((latencies.len() as f64 * fraction).ceil() as usize).clamp(1, latencies.len()) - 1;
+            f64::from(latencies[index])
+        };
+        Load {
+            requests: window.requests,
+            p50_ms: percentile(0.5),
+            p99_ms: percentile(0.99),
+        }
+    }
+
+    /// Requests waiting to be batched now, over every model.
+    pub fn queue_depth(&self) -> i64 {
+        self.models
+            .read()
+            .expect("models lock")
+            .values()
+            .map(|served| served.metrics.queue_depth.get())
+            .sum()
+    }
+
+    /// The version served of each model.
+    pub fn versions(&self) -> BTreeMap<String, String> {
+        self.models
+            .read()
+            .expect("models lock")
+            .iter()
+            .map(|(name, served)| (name.clone(), served.version.clone()))
+            .collect()
     }
 
     pub fn names(&self) -> Vec<String> {

@@ -219,9 +219,9 @@ impl Executor {
     }
 
     fn spawn(&mut self, key: Key, assign: &pb::AssignTask) -> Result<(), String> {
-        if assign.kind != "command" && assign.kind != "train" {
+        if !["command", "train", "serve"].contains(&assign.kind.as_str()) {
             return Err(format!(
-                "task kind '{}' is not supported by this worker; it runs \"command\" and \"train\" tasks",
+                "task kind '{}' is not supported by this worker; it runs \"command\", \"train\" and \"serve\" tasks",
                 assign.kind
             ));
         }
@@ -255,14 +255,15 @@ impl Executor {
                 .map_err(|error| format!("creating {}: {error}", dir.join(name).display()))
         };
         let (stdout, stderr) = (open("stdout.log")?, open("stderr.log")?);
-        // A train task is this binary's built-in trainer, given the spec as submitted.
-        let (program, args) = if assign.kind == "train" {
+        // A train task is this binary's built-in trainer, a serve task its model server (a deployment's
+        // replica), each given the spec as submitted.
+        let (program, args) = if assign.kind == "train" || assign.kind == "serve" {
             let spec = dir.join("spec.toml");
             std::fs::write(&spec, &assign.spec_toml).map_err(|error| format!("writing {}: {error}", spec.display()))?;
             let program = std::env::current_exe().map_err(|error| format!("finding the kiln binary: {error}"))?;
             let args = vec![
                 "task".to_string(),
-                "train".into(),
+                assign.kind.clone(),
                 "--spec".into(),
                 spec.display().to_string(),
             ];

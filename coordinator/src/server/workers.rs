@@ -361,7 +361,8 @@ impl Hub {
         let sweeps_may_act = !commands.is_empty() || self.sweeps_idle_at != Some(view.applied_index);
         if sweeps_may_act && commands.len() < BATCH_COMMANDS_MAX {
             let room = BATCH_COMMANDS_MAX - commands.len();
-            let decided = crate::sweep::controller::decide(&ahead, now_ms, &mut self.sweeps_memo);
+            let mut decided = crate::sweep::controller::decide(&ahead, now_ms, &mut self.sweeps_memo);
+            decided.extend(crate::deployment::decide(&ahead, now_ms));
             // Only an empty answer is remembered: commands that fail to commit are decided again next round.
             self.sweeps_idle_at = (decided.is_empty() && commands.is_empty()).then_some(view.applied_index);
             for command in decided.into_iter().take(room) {

@@ -1,0 +1,301 @@
+use super::*;
+use crate::state::{Capacity, CommandResult, Report, TaskKey, TaskOutcome, WorkerRegistration};
+
+const DEPLOYMENT: &str = r#"
+kind = "deployment"
+name = "digits"
+model = "models:/digits@champion"
+input_name = "pixels"
+postprocess = [{ top_k = 3 }]
+
+[replicas]
+min = 2
+max = 3
+target_queue_depth = 4
+scale_down_delay = "30s"
+
+[resources]
+cpus = 1
+memory = "256MiB"
+"#;
+
+fn apply(state: &mut StateMachine, command: Command) -> CommandResult {
+    state.apply(command, &mut Vec::new())
+}
+
+/// A state with one worker of 8 CPU slots and the deployment submitted; returns the deployment's id.
+fn deployed(text: &str) -> (StateMachine, u64) {
+    let mut state = StateMachine::default();
+    apply(
+        &mut state,
+        Command::RegisterWorker {
+            registration: WorkerRegistration {
+                uid: "w".into(),
+                address: "127.0.0.1:9000".into(),
+                host: "127.0.0.1".into(),
+                hostname: "test".into(),
+                capacity: Capacity {
+                    cpus: 8,
+                    gpus: 0,
+                    memory_bytes: 8 << 30,
+                },
+                task_ports: (29500, 29599),
+            },
+            now_ms: 1,
+        },
+    );
+    let spec = crate::spec::parse_job_spec("digits.toml", text).unwrap();
+    let CommandResult::Submitted { job, .. } = apply(
+        &mut state,
+        Command::SubmitJob {
+            spec,
+            spec_toml: text.into(),
+            idempotency_key: "deploy-digits".into(),
+            now_ms: 2,
+        },
+    ) else {
+        panic!("the deployment was not submitted")
+    };
+    assert_eq!(job.state, JobState::Running);
+    (state, job.id)
+}
+
+/// Applies what the controller decides at `now_ms`; returns it.
+fn step(state: &mut StateMachine, now_ms: i64) -> Vec<Command> {
+    let commands = decide(state, now_ms);
+    for command in &commands {
+        let result = apply(state, command.clone());
+        assert!(!matches!(result, CommandResult::Rejected(_)), "{command:?}: {result:?}");
+    }
+    commands
+}
+
+/// The deployment's replicas: (number, job id, state).
+fn replicas(state: &StateMachine, deployment: u64) -> Vec<(u64, u64, JobState)> {
+    let (_, replicas) = state.deployments().find(|(job, _)| job.id == deployment).unwrap();
+    replicas
+        .into_iter()
+        .map(|(replica, job)| (replica, job.id, job.state))
+        .collect()
+}
+
+/// Places replica job `job` on the worker and has it report ready with `queue_depth` waiting.
+fn run_ready(state: &mut StateMachine, job: u64, queue_depth: f64, now_ms: i64) {
+    if state.job(job).unwrap().state == JobState::Queued {
+        let result = apply(
+            state,
+            Command::StartAttempt {
+                job,
+                attempt: 1,
+                placement: vec![1],
+                master_port: 29500 + job as u16,
+                now_ms,
+            },
+        );
+        assert_eq!(result, CommandResult::Done, "{result:?}");
+    }
+    let result = apply(
+        state,
+        Command::RecordReport(Report {
+            job,
+            attempt: 1,
+            sequence: 0,
+            metrics: [(READY.to_string(), 1.0), (QUEUE_DEPTH.to_string(), queue_depth)].into(),
+            points: Vec::new(),
+            artifacts: [(HTTP.to_string(), format!("127.0.0.1:{}", 8000 + job))].into(),
+            now_ms,
+        }),
+    );
+    assert!(!matches!(result, CommandResult::Rejected(_)), "{result:?}");
+}
+
+fn exit(state: &mut StateMachine, job: u64, code: i32, now_ms: i64) {
+    apply(
+        state,
+        Command::TaskFinished {
+            task: TaskKey {
+                job,
+                attempt: 1,
+                rank: 0,
+            },
+            worker: 1,
+            outcome: TaskOutcome::Exited { code },
+            now_ms,
+        },
+    );
+}
+
+#[test]
+fn the_file_is_read_with_defaults_and_bad_replica_counts_are_refused_with_the_place() {
+    let options = deployment_options("digits.toml", DEPLOYMENT).unwrap();
+    assert_eq!((options.min_replicas, options.max_replicas), (2, 3));
+    assert_eq!((options.target_queue_depth, options.scale_down_delay_ms), (4.0, 30_000));
+    assert_eq!(
+        (options.resources.cpus, options.resources.memory_bytes),
+        (1, 256 << 20)
+    );
+    let example = include_str!("../../../examples/deployments/digits.toml");
+    let spec = crate::spec::parse_job_spec("digits.toml", example).unwrap();
+    assert_eq!((spec.kind, spec.name.as_str()), (JobKind::Deployment, "digits"));
+
+    let refused = |text: &str| crate::spec::parse_job_spec("d.toml", text).unwrap_err().to_string();
+    let error = refused(&DEPLOYMENT.replace("max = 3", "max = 1"));
+    assert!(
+        error.contains("d.toml:10:7") && error.contains("'replicas.max' is 1; expected replicas.min (2)"),
+        "{error}"
+    );
+    let error = refused(&DEPLOYMENT.replace("cpus = 1", "workers = 2"));
+    assert!(error.contains("per replica"), "{error}");
+    let error = refused(&DEPLOYMENT.replace("input_name", "input_names"));
+    assert!(error.contains("unknown field `input_names`"), "{error}");
+    let error = refused(&DEPLOYMENT.replace("\"30s\"", "\"soon\""));
+    assert!(error.contains("'replicas.scale_down_delay' is \"soon\""), "{error}");
+    let error = refused("kind = \"serve\"\nname = \"x\"\n");
+    assert!(error.contains("a deployment's replicas"), "{error}");
+}
+
+#[test]
+fn replicas_start_at_the_minimum_and_a_lost_one_is_replaced_once() {
+    let (mut state, deployment) = deployed(DEPLOYMENT);
+    let submitted = step(&mut state, 10);
+    assert_eq!(submitted.len(), 2);
+    // Proposed again before anything changed (a lost answer, a new leader): made once.
+    for command in submitted {
+        apply(&mut state, command);
+    }
+    let made = replicas(&state, deployment);
+    assert_eq!(made.iter().map(|(replica, ..)| *replica).collect::<Vec<_>>(), vec![0, 1]);
+    let spec = &state.job(made[0].1).unwrap().spec;
+    assert_eq!((spec.kind, spec.resources.workers, spec.resources.cpus), (JobKind::Serve, 1, 1));
+    assert_eq!(replica_of(spec), Some((deployment, 0)));
+    assert!(step(&mut state, 11).is_empty(), "nothing to add while the replicas start");
+
+    for (_, job, _) in &made {
+        run_ready(&mut state, *job, 0.0, 20);
+    }
+    assert!(step(&mut state, 21).is_empty());
+    // Replica 1's process dies: replica 2 takes its place.
+    exit(&mut state, made[1].1, 137, 30);
+    let commands = step(&mut state, 31);
+    assert_eq!(commands.len(), 1, "{commands:?}");
+    let now: Vec<(u64, JobState)> = replicas(&state, deployment)
+        .into_iter()
+        .map(|(replica, _, state)| (replica, state))
+        .collect();
+    assert_eq!(
+        now,
+        vec![(0, JobState::Running), (1, JobState::Failed), (2, JobState::Queued)]
+    );
+    // A second deployment of the same name is refused while this one runs.
+    let spec = crate::spec::parse_job_spec("digits.toml", DEPLOYMENT).unwrap();
+    let result = apply(
+        &mut state,
+        Command::SubmitJob {
+            spec,
+            spec_toml: DEPLOYMENT.into(),
+            idempotency_key: "another".into(),
+            now_ms: 32,
+        },
+    );
+    let CommandResult::Rejected(error) = result else {
+        panic!("{result:?}")
+    };
+    assert!(error.to_string().contains("already running as job"), "{error}");
+}
+
+#[test]
+fn replicas_follow_the_queue_depth_between_min_and_max() {
+    let (mut state, deployment) = deployed(DEPLOYMENT);
+    step(&mut state, 10);
+    let ids: Vec<u64> = replicas(&state, deployment).iter().map(|(_, id, _)| *id).collect();
+    // Loaded: a third replica, and no fourth (the maximum).
+    for id in &ids {
+        run_ready(&mut state, *id, 9.0, 20);
+    }
+    assert_eq!(step(&mut state, 21).len(), 1);
+    let third = replicas(&state, deployment)[2].1;
+    assert!(step(&mut state, 22).is_empty(), "not while the new replica starts");
+    run_ready(&mut state, third, 9.0, 30);
+    assert!(step(&mut state, 31).is_empty(), "at the maximum");
+
+    // The load drops: the newest replica goes, but only after the delay since the last change.
+    for id in ids.iter().chain([&third]) {
+        run_ready(&mut state, *id, 0.5, 40);
+    }
+    assert!(step(&mut state, 21 + 29_000).is_empty(), "within the delay");
+    let removed = step(&mut state, 21 + 30_000);
+    assert!(
+        matches!(&removed[..], [Command::CancelJob { id, reason, .. }] if *id == third && reason.starts_with(SCALED_DOWN)),
+        "{removed:?}"
+    );
+    // Never below the minimum.
+    assert!(step(&mut state, 21 + 90_000).is_empty());
+    let live = replicas(&state, deployment)
+        .iter()
+        .filter(|(_, _, state)| !state.is_finished())
+        .count();
+    assert_eq!(live, 2);
+}
+
+#[test]
+fn replicas_that_never_become_ready_fail_the_deployment_and_deleting_it_stops_its_replicas() {
+    let (mut state, deployment) = deployed(DEPLOYMENT);
+    for round in 0..2 {
+        step(&mut state, 10 + round * 10);
+        for (_, job, job_state) in replicas(&state, deployment) {
+            if job_state == JobState::Queued {
+                apply(
+                    &mut state,
+                    Command::StartAttempt {
+                        job,
+                        attempt: 1,
+                        placement: vec![1],
+                        master_port: 29500 + job as u16,
+                        now_ms: 11,
+                    },
+                );
+                apply(
+                    &mut state,
+                    Command::RecordReport(Report {
+                        job,
+                        attempt: 1,
+                        sequence: 0,
+                        metrics: BTreeMap::new(),
+                        points: Vec::new(),
+                        artifacts: [(ERROR.to_string(), "model 'digits' alias 'champion' not found".to_string())]
+                            .into(),
+                        now_ms: 12,
+                    }),
+                );
+                exit(&mut state, job, 1, 13);
+            }
+        }
+    }
+    step(&mut state, 40);
+    let job = state.job(deployment).unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert!(
+        job.message.contains("3 replicas in a row") && job.message.contains("alias 'champion' not found"),
+        "{}",
+        job.message
+    );
+
+    // Deleted while running: its replicas are stopped.
+    let (mut state, deployment) = deployed(DEPLOYMENT);
+    step(&mut state, 10);
+    apply(
+        &mut state,
+        Command::CancelJob {
+            id: deployment,
+            reason: "deleted".into(),
+            now_ms: 20,
+        },
+    );
+    assert_eq!(step(&mut state, 21).len(), 2);
+    assert!(
+        replicas(&state, deployment)
+            .iter()
+            .all(|(_, _, state)| *state == JobState::Cancelled)
+    );
+    assert!(step(&mut state, 22).is_empty());
+}
