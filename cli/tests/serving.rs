@@ -557,6 +557,9 @@ async fn a_deployment_runs_replicas_on_the_workers_behind_the_router_and_outlive
         message.contains("deployment 'ghost' failed") && message.contains("alias 'nobody'"),
         "{message}"
     );
+    let ghost = deployment_state(&cluster, "ghost");
+    let made = ghost["replicas"].as_array().unwrap().len();
+    assert!((3..=5).contains(&made), "{made} replicas were started: {ghost}");
 
     // The digits model on two replicas, one per worker.
     let file = directory.path().join("deployment.toml");
@@ -671,6 +674,7 @@ async fn a_deployment_runs_replicas_on_the_workers_behind_the_router_and_outlive
             "failures must be retryable: {retried:?}"
         );
         total += answered;
+        eprintln!("a client: {answered} answered, {} retried: {retried:?}", retried.len());
     }
     assert!(total > 100, "{total} requests answered");
 

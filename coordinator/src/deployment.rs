@@ -138,12 +138,13 @@ fn decide_one(deployment: &Job, options: &DeploymentOptions, replicas: &[(u64, &
         .collect();
 
     // Replicas that keep dying before they are ready: the model or the file is wrong, and more replicas
-    // would only fail the same way.
+    // would only fail the same way. The latest ended ones count (a live one is not evidence either way).
     let tail: Vec<&Job> = replicas
         .iter()
         .rev()
-        .take(CRASH_LOOP_REPLICAS)
         .map(|(_, job)| *job)
+        .filter(|job| job.state.is_finished())
+        .take(CRASH_LOOP_REPLICAS)
         .collect();
     let crash_loop = ready.is_empty()
         && tail.len() == CRASH_LOOP_REPLICAS
