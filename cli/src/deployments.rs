@@ -126,7 +126,11 @@ fn deployment_json(deployment: &pb::Job, replicas: &[(u64, &pb::Job)]) -> Value 
         .collect();
     let ready: Vec<&pb::Job> = live.iter().copied().filter(|job| is_ready(job)).collect();
     let metric = |job: &pb::Job, name: &str| job.metrics.get(name).copied().unwrap_or(0.0);
-    let rate: f64 = ready.iter().map(|job| metric(job, names::REQUESTS_PER_SECOND)).sum();
+    // A fold from 0.0: an empty f64 sum is -0.0.
+    let rate = ready
+        .iter()
+        .map(|job| metric(job, names::REQUESTS_PER_SECOND))
+        .fold(0.0, |sum, value| sum + value);
     // p50: the replicas' medians weighted by their traffic; p99: the worst replica's.
     let p50 = if rate > 0.0 {
         ready

@@ -516,7 +516,14 @@ pub async fn run_replica(spec: &Path) -> Result<()> {
     let attempt: u32 = variable("KILN_ATTEMPT")?.parse().context("KILN_ATTEMPT")?;
     let mut client = kiln_coordinator::client::Client::new(&variable("KILN_COORDINATOR")?)?;
     let host = std::env::var("KILN_HOST").unwrap_or_else(|_| "127.0.0.1".to_string());
-    let tracking = std::env::var("KILN_TRACKING").unwrap_or_default();
+    // The worker passes every coordinator's MLflow API; the registry is read through the first.
+    let tracking = std::env::var("KILN_TRACKING")
+        .unwrap_or_default()
+        .split(',')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     let temporary = tempfile::tempdir().context("creating a directory for fetched models")?;
     let serving = Arc::new(Serving::default());
 

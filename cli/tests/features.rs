@@ -795,7 +795,9 @@ async fn the_digits_example_trains_from_the_feature_store_with_each_rank_fetchin
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while kiln_cluster_tests::http_json(&rest, "GET", "/v2/health/ready", "").0 != 200 {
+    while std::net::TcpStream::connect(&rest).is_err()
+        || kiln_cluster_tests::http_json(&rest, "GET", "/v2/health/ready", "").0 != 200
+    {
         assert!(std::time::Instant::now() < deadline, "kiln serve did not become ready");
         std::thread::sleep(Duration::from_millis(200));
     }
