@@ -1,12 +1,12 @@
 //! `kiln demo`: the whole flow this build supports, end to end, on an embedded cluster of three
 //! coordinators and two workers.
 //!
-//! Later issues extend it (deployments, routing). Today it shows: a replicated coordinator that accepts jobs on any
+//! Later issues extend it (canary and A/B routing, drift). Today it shows: a replicated coordinator that accepts jobs on any
 //! node, refuses bad specs, de-duplicates retries, gang-schedules a 2-rank job onto workers that run it with
 //! the torchrun environment, cancels a running job on every worker, trains the built-in MLP on the UCI
 //! digits with 2 data-parallel ranks (a tracked run, its model registered), trains it again from the
-//! feature store and prints the new version's lineage, serves that version over the Open Inference Protocol
-//! and classifies a few digits with it, runs a TPE sweep of command trials, and keeps every
+//! feature store and prints the new version's lineage, deploys that version on two replicas behind a router
+//! (the Open Inference Protocol) and classifies a few digits through it, runs a TPE sweep of command trials, and keeps every
 //! acknowledged job — and the workers — through the loss of its leader.
 
 use std::path::PathBuf;
@@ -473,18 +473,23 @@ where version 2 came from (kiln lineage models:/digits/2 --upstream):"
         "2 replicas of digits version 2 ready in {} ms (kiln deployments list):",
         started.elapsed().as_millis()
     );
-    crate::deployments::run(crate::deployments::DeploymentsCommand::List { json: false }, &mut client).await?;
+    crate::deployments::run(
+        crate::deployments::DeploymentsCommand::List { json: false },
+        &mut client,
+    )
+    .await?;
     let ready = format!("http://{rest}/v2/models/digits/ready");
-    while !reqwest::get(&ready).await.is_ok_and(|answer| answer.status().is_success()) {
+    while !reqwest::get(&ready)
+        .await
+        .is_ok_and(|answer| answer.status().is_success())
+    {
         if started.elapsed() > Duration::from_secs(70) {
             bail!("the router did not learn of the deployment");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     classify(&rest.to_string(), &dataset).await?;
-    client
-        .cancel_job(deployed.id, "the demo's deployment is done")
-        .await?;
+    client.cancel_job(deployed.id, "the demo's deployment is done").await?;
     shutdown.cancel();
     // The deployment and its replicas are jobs too, which the failover below must keep.
     let deployment_jobs = client

@@ -95,10 +95,7 @@ pub fn table_of(jobs: &[pb::Job]) -> Table {
 }
 
 fn replica_json(number: u64, job: &pb::Job) -> Value {
-    let task = job
-        .attempts
-        .last()
-        .and_then(|attempt| attempt.tasks.first());
+    let task = job.attempts.last().and_then(|attempt| attempt.tasks.first());
     json!({
         "replica": number,
         "job": job.id,
@@ -235,7 +232,16 @@ pub async fn run(command: DeploymentsCommand, client: &mut Client) -> Result<()>
                 })
                 .collect();
             print_table(
-                &["NAME", "JOB", "STATE", "READY/LIVE (MIN..MAX)", "VERSION", "REQ/S", "P50 MS", "P99 MS"],
+                &[
+                    "NAME",
+                    "JOB",
+                    "STATE",
+                    "READY/LIVE (MIN..MAX)",
+                    "VERSION",
+                    "REQ/S",
+                    "P50 MS",
+                    "P99 MS",
+                ],
                 &rows,
             );
         }
@@ -246,7 +252,12 @@ pub async fn run(command: DeploymentsCommand, client: &mut Client) -> Result<()>
                 println!("{}", serde_json::to_string_pretty(&shown)?);
                 return Ok(());
             }
-            println!("deployment {} (job {}): {}", shown["name"].as_str().unwrap_or_default(), job.id, state_label(job.state));
+            println!(
+                "deployment {} (job {}): {}",
+                shown["name"].as_str().unwrap_or_default(),
+                job.id,
+                state_label(job.state)
+            );
             println!("  model     {}", crate::runs::text(&shown["model"]));
             println!(
                 "  replicas  {} ready, {} live (min {}, max {}; one more above a mean queue of {})",
@@ -300,13 +311,20 @@ pub async fn run(command: DeploymentsCommand, client: &mut Client) -> Result<()>
         DeploymentsCommand::Delete { name } => {
             let (job, _) = find(&deployments, &name)?;
             if kiln_coordinator::client::is_finished(job.state) {
-                bail!("deployment '{name}' (job {}) already {}", job.id, state_label(job.state));
+                bail!(
+                    "deployment '{name}' (job {}) already {}",
+                    job.id,
+                    state_label(job.state)
+                );
             }
             client
                 .cancel_job(job.id, "deleted with kiln deployments delete")
                 .await
                 .map_err(status_error)?;
-            println!("deployment '{name}' (job {}) deleted; its replicas are stopping", job.id);
+            println!(
+                "deployment '{name}' (job {}) deleted; its replicas are stopping",
+                job.id
+            );
         }
     }
     Ok(())
@@ -414,7 +432,11 @@ pub async fn start_router(
     rest: &str,
     grpc: &str,
     shutdown: tokio_util::sync::CancellationToken,
-) -> Result<(std::net::SocketAddr, std::net::SocketAddr, tokio::task::JoinHandle<Result<()>>)> {
+) -> Result<(
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<Result<()>>,
+)> {
     let client = Client::new(coordinators)?;
     let router = Arc::new(Router::default());
     let rest = tokio::net::TcpListener::bind(rest)
@@ -450,7 +472,10 @@ pub async fn run_router(args: RouterArgs) -> Result<()> {
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(crate::shutdown_on_signal(shutdown.clone()));
     let (rest, grpc, task) = start_router(&args.coordinator, &args.http_listen, &args.grpc_listen, shutdown).await?;
-    println!("routing to the deployments of {}: REST http://{rest} gRPC {grpc}", args.coordinator);
+    println!(
+        "routing to the deployments of {}: REST http://{rest} gRPC {grpc}",
+        args.coordinator
+    );
     task.await?
 }
 
@@ -473,7 +498,11 @@ mod tests {
     fn job(id: u64, kind: &str, state: pb::JobState, env: Value) -> pb::Job {
         pb::Job {
             id,
-            name: if kind == "deployment" { "digits".into() } else { format!("digits-{id}") },
+            name: if kind == "deployment" {
+                "digits".into()
+            } else {
+                format!("digits-{id}")
+            },
             kind: kind.into(),
             state: state as i32,
             spec_json: json!({ "env": env }).to_string(),
@@ -492,8 +521,10 @@ mod tests {
             );
             if ready {
                 job.metrics.insert(names::READY.into(), 1.0);
-                job.artifacts.insert(names::HTTP.into(), format!("127.0.0.1:{}", 9000 + id));
-                job.artifacts.insert(names::GRPC.into(), format!("127.0.0.1:{}", 9100 + id));
+                job.artifacts
+                    .insert(names::HTTP.into(), format!("127.0.0.1:{}", 9000 + id));
+                job.artifacts
+                    .insert(names::GRPC.into(), format!("127.0.0.1:{}", 9100 + id));
             }
             job
         };
@@ -508,9 +539,20 @@ mod tests {
         let ready: Vec<&str> = table["digits"].iter().map(|replica| replica.http.as_str()).collect();
         assert_eq!(ready, ["127.0.0.1:9002", "127.0.0.1:9003"]);
         let listed = deployments_of(&jobs);
-        assert_eq!(listed[0].1.iter().map(|(number, _)| *number).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(
+            listed[0].1.iter().map(|(number, _)| *number).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
         let shown = deployment_json(listed[0].0, &listed[0].1);
-        assert_eq!((shown["replicas_live"].as_u64(), shown["replicas_ready"].as_u64()), (Some(3), Some(2)));
-        assert!(find(&listed, "nope").unwrap_err().to_string().contains("deployments: digits"));
+        assert_eq!(
+            (shown["replicas_live"].as_u64(), shown["replicas_ready"].as_u64()),
+            (Some(3), Some(2))
+        );
+        assert!(
+            find(&listed, "nope")
+                .unwrap_err()
+                .to_string()
+                .contains("deployments: digits")
+        );
     }
 }

@@ -930,7 +930,12 @@ fn main() {
     // Servers narrate what they do; client commands and the demo speak only when something is wrong.
     let server = matches!(
         cli.command,
-        Command::Coordinator(_) | Command::Up(_) | Command::Worker(_) | Command::Featurestore(_) | Command::Serve(_) | Command::Router(_)
+        Command::Coordinator(_)
+            | Command::Up(_)
+            | Command::Worker(_)
+            | Command::Featurestore(_)
+            | Command::Serve(_)
+            | Command::Router(_)
     );
     init_tracing(if server { "info" } else { "warn" });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

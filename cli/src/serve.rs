@@ -620,7 +620,10 @@ pub async fn run_replica(spec: &Path) -> Result<()> {
                 let request = kiln_proto::ReportMetricsRequest {
                     job_id,
                     attempt,
-                    metrics: metrics.into_iter().map(|(key, value)| (key.to_string(), value)).collect(),
+                    metrics: metrics
+                        .into_iter()
+                        .map(|(key, value)| (key.to_string(), value))
+                        .collect(),
                     artifacts: artifacts
                         .into_iter()
                         .map(|(key, value)| (key.to_string(), value))
@@ -653,7 +656,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     if let Some(path) = &args.deployment {
         let deployment = Deployment::read(path)?;
         request_log = deployment.request_log.clone();
-        features = deployment.features.clone().map(|source| (source, args.featurestore.clone()));
+        features = deployment
+            .features
+            .clone()
+            .map(|source| (source, args.featurestore.clone()));
         config = deployment.batching(config)?;
         models = vec![format!("{}={}", deployment.name, deployment.model)];
         input_name = deployment.input_name.unwrap_or(input_name);

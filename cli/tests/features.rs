@@ -788,8 +788,21 @@ async fn the_digits_example_trains_from_the_feature_store_with_each_rank_fetchin
     let rest = format!("127.0.0.1:{}", kiln_cluster_tests::free_port());
     let grpc = format!("127.0.0.1:{}", kiln_cluster_tests::free_port());
     let mut served = Command::new(KILN)
-        .args(["serve", "--deployment", deployment.to_str().unwrap(), "--tracking", &tracking])
-        .args(["--featurestore", &server.address, "--http-listen", &rest, "--grpc-listen", &grpc])
+        .args([
+            "serve",
+            "--deployment",
+            deployment.to_str().unwrap(),
+            "--tracking",
+            &tracking,
+        ])
+        .args([
+            "--featurestore",
+            &server.address,
+            "--http-listen",
+            &rest,
+            "--grpc-listen",
+            &grpc,
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -542,7 +542,10 @@ async fn a_deployment_runs_replicas_on_the_workers_behind_the_router_and_outlive
         "{message}"
     );
     let listed = cluster.cli(&["deployments", "list", "--json"]).unwrap();
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&listed.stdout).unwrap(), json!([]));
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&listed.stdout).unwrap(),
+        json!([])
+    );
 
     // A model the registry does not have: the replicas fail before they are ready, and the deployment
     // fails with their reason instead of starting replicas forever.
@@ -577,7 +580,10 @@ async fn a_deployment_runs_replicas_on_the_workers_behind_the_router_and_outlive
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("'digits' is already running"));
     let state = deployment_state(&cluster, "digits");
-    assert_eq!((state["replicas_ready"].as_u64(), state["versions"].clone()), (Some(2), json!(["1"])));
+    assert_eq!(
+        (state["replicas_ready"].as_u64(), state["versions"].clone()),
+        (Some(2), json!(["1"]))
+    );
     let workers: Vec<u64> = state["replicas"]
         .as_array()
         .unwrap()
@@ -600,11 +606,20 @@ async fn a_deployment_runs_replicas_on_the_workers_behind_the_router_and_outlive
     let (status, answer) = http_json(&rest, "POST", "/v2/models/digits/infer", &request.to_string());
     assert_eq!(status, 200, "{answer}");
     let predicted = answer["outputs"][0]["data"].as_array().unwrap();
-    let correct = predicted.iter().zip(&labels).filter(|(a, b)| a.as_i64() == Some(**b)).count();
+    let correct = predicted
+        .iter()
+        .zip(&labels)
+        .filter(|(a, b)| a.as_i64() == Some(**b))
+        .count();
     assert!(correct >= 15, "{correct} of 20 right");
     let (status, answer) = http_json(&rest, "POST", "/v2/models/mnist/infer", &request.to_string());
     assert_eq!(status, 404);
-    assert!(answer["error"].as_str().unwrap().contains("no model named 'mnist' is deployed (deployed: digits)"));
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("no model named 'mnist' is deployed (deployed: digits)")
+    );
 
     // Under load from three clients, the worker of replica 0 is killed: a request may fail once, with a
     // retryable 503, and its retry succeeds; a replacement replica starts on the other worker.
@@ -639,14 +654,14 @@ async fn a_deployment_runs_replicas_on_the_workers_behind_the_router_and_outlive
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let lost = state["replicas"][0]["job"].as_u64().unwrap();
-    cluster
-        .kill_worker(if workers[0] == first { 1 } else { 2 })
-        .unwrap();
+    cluster.kill_worker(if workers[0] == first { 1 } else { 2 }).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let now = deployment_state(&cluster, "digits");
         let replicas = now["replicas"].as_array().unwrap();
-        let replaced = replicas.iter().any(|replica| replica["job"] == lost && replica["state"] != "running");
+        let replaced = replicas
+            .iter()
+            .any(|replica| replica["job"] == lost && replica["state"] != "running");
         if replaced && now["replicas_ready"] == 2 {
             assert!(replicas.len() >= 3, "{now}");
             break;
@@ -694,7 +709,10 @@ async fn a_deployment_runs_replicas_on_the_workers_behind_the_router_and_outlive
     assert!(deleted.status.success(), "{}", String::from_utf8_lossy(&deleted.stderr));
     let deadline = Instant::now() + Duration::from_secs(20);
     while http_json(&rest, "GET", "/v2/models/digits/ready", "").0 != 404 {
-        assert!(Instant::now() < deadline, "the router still routes to the deleted deployment");
+        assert!(
+            Instant::now() < deadline,
+            "the router still routes to the deleted deployment"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let state = deployment_state(&cluster, "digits");

@@ -112,7 +112,11 @@ pub fn decide(state: &StateMachine, now_ms: i64) -> Vec<Command> {
         }
         match deployment_options("deployment", &deployment.spec_toml) {
             Ok(options) => commands.extend(decide_one(deployment, &options, &replicas, now_ms)),
-            Err(error) => commands.push(fail(deployment, format!("the deployment cannot be read: {error}"), now_ms)),
+            Err(error) => commands.push(fail(
+                deployment,
+                format!("the deployment cannot be read: {error}"),
+                now_ms,
+            )),
         }
     }
     commands
@@ -131,11 +135,7 @@ fn fail(deployment: &Job, message: String, now_ms: i64) -> Command {
 
 fn decide_one(deployment: &Job, options: &DeploymentOptions, replicas: &[(u64, &Job)], now_ms: i64) -> Vec<Command> {
     let live: Vec<&(u64, &Job)> = replicas.iter().filter(|(_, job)| !job.state.is_finished()).collect();
-    let ready: Vec<&Job> = live
-        .iter()
-        .map(|(_, job)| *job)
-        .filter(|job| is_ready(job))
-        .collect();
+    let ready: Vec<&Job> = live.iter().map(|(_, job)| *job).filter(|job| is_ready(job)).collect();
 
     // Replicas that keep dying before they are ready: the model or the file is wrong, and more replicas
     // would only fail the same way. The latest ended ones count (a live one is not evidence either way).

@@ -866,7 +866,10 @@ fn deployment_options_at(
             if *value.get_ref() == 0 || *value.get_ref() > REPLICAS_MAX {
                 return Err(error_at(
                     value.span().start,
-                    format!("field 'replicas.min' is {}; expected 1 to {REPLICAS_MAX}", value.get_ref()),
+                    format!(
+                        "field 'replicas.min' is {}; expected 1 to {REPLICAS_MAX}",
+                        value.get_ref()
+                    ),
                 ));
             }
             min = value.into_inner();

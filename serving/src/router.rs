@@ -432,9 +432,7 @@ pub async fn serve(
     grpc: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let routes = || {
-        tonic::service::Routes::from(http_router(router.clone())).add_service(grpc_service(router.clone()))
-    };
+    let routes = || tonic::service::Routes::from(http_router(router.clone())).add_service(grpc_service(router.clone()));
     let listen = |listener: tokio::net::TcpListener| {
         tonic::transport::Server::builder()
             .accept_http1(true)
@@ -464,7 +462,9 @@ mod tests {
     fn replicas_take_turns_and_one_that_refused_goes_last_for_a_while() {
         let router = Router::default();
         assert!(!router.ready());
-        assert!(matches!(router.candidates("digits"), Err(RouteError::Unknown(message)) if message.contains("deployed: none")));
+        assert!(
+            matches!(router.candidates("digits"), Err(RouteError::Unknown(message)) if message.contains("deployed: none"))
+        );
         router.set_table(Table::from([
             ("digits".to_string(), vec![replica("a"), replica("b"), replica("c")]),
             ("empty".to_string(), Vec::new()),

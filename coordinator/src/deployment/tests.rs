@@ -130,10 +130,7 @@ fn the_file_is_read_with_defaults_and_bad_replica_counts_are_refused_with_the_pl
     let options = deployment_options("digits.toml", DEPLOYMENT).unwrap();
     assert_eq!((options.min_replicas, options.max_replicas), (2, 3));
     assert_eq!((options.target_queue_depth, options.scale_down_delay_ms), (4.0, 30_000));
-    assert_eq!(
-        (options.resources.cpus, options.resources.memory_bytes),
-        (1, 256 << 20)
-    );
+    assert_eq!((options.resources.cpus, options.resources.memory_bytes), (1, 256 << 20));
     let example = include_str!("../../../examples/deployments/digits.toml");
     let spec = crate::spec::parse_job_spec("digits.toml", example).unwrap();
     assert_eq!((spec.kind, spec.name.as_str()), (JobKind::Deployment, "digits"));
@@ -164,11 +161,20 @@ fn replicas_start_at_the_minimum_and_a_lost_one_is_replaced_once() {
         apply(&mut state, command);
     }
     let made = replicas(&state, deployment);
-    assert_eq!(made.iter().map(|(replica, ..)| *replica).collect::<Vec<_>>(), vec![0, 1]);
+    assert_eq!(
+        made.iter().map(|(replica, ..)| *replica).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
     let spec = &state.job(made[0].1).unwrap().spec;
-    assert_eq!((spec.kind, spec.resources.workers, spec.resources.cpus), (JobKind::Serve, 1, 1));
+    assert_eq!(
+        (spec.kind, spec.resources.workers, spec.resources.cpus),
+        (JobKind::Serve, 1, 1)
+    );
     assert_eq!(replica_of(spec), Some((deployment, 0)));
-    assert!(step(&mut state, 11).is_empty(), "nothing to add while the replicas start");
+    assert!(
+        step(&mut state, 11).is_empty(),
+        "nothing to add while the replicas start"
+    );
 
     for (_, job, _) in &made {
         run_ready(&mut state, *job, 0.0, 20);
@@ -267,8 +273,11 @@ fn replicas_that_never_become_ready_fail_the_deployment_and_deleting_it_stops_it
                         sequence: 0,
                         metrics: BTreeMap::new(),
                         points: Vec::new(),
-                        artifacts: [(ERROR.to_string(), "model 'digits' alias 'champion' not found".to_string())]
-                            .into(),
+                        artifacts: [(
+                            ERROR.to_string(),
+                            "model 'digits' alias 'champion' not found".to_string(),
+                        )]
+                        .into(),
                         now_ms: 12,
                     }),
                 );
@@ -277,7 +286,11 @@ fn replicas_that_never_become_ready_fail_the_deployment_and_deleting_it_stops_it
         }
     }
     step(&mut state, 40);
-    assert!(replicas(&state, deployment).len() <= 5, "{:?}", replicas(&state, deployment));
+    assert!(
+        replicas(&state, deployment).len() <= 5,
+        "{:?}",
+        replicas(&state, deployment)
+    );
     let job = state.job(deployment).unwrap();
     assert_eq!(job.state, JobState::Failed);
     assert!(
