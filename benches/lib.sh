@@ -20,11 +20,14 @@ cleanup() {
 trap cleanup EXIT
 
 # kiln_up ARGS…: `kiln up ARGS…` on free loopback ports in $WORK/data; waits until it is up and exports
-# KILN_COORDINATOR and KILN_TRACKING. Extra environment for it (RAYON_NUM_THREADS=1, say) goes in UP_ENV.
+# KILN_COORDINATOR, KILN_TRACKING and KILN_SERVING (the router's REST port). Extra environment for it
+# (RAYON_NUM_THREADS=1, say) goes in UP_ENV.
 kiln_up() {
   local api="127.0.0.1:$(free_port)" raft="127.0.0.1:$(free_port)" tracking="127.0.0.1:$(free_port)"
+  local serving="127.0.0.1:$(free_port)"
   env ${UP_ENV:-} "$KILN" up "$@" --data-dir "$WORK/data" --listen "$api" --raft-listen "$raft" \
-    --tracking-listen "$tracking" >"$WORK/up.log" 2>&1 &
+    --tracking-listen "$tracking" --serving-http-listen "$serving" \
+    --serving-grpc-listen "127.0.0.1:$(free_port)" >"$WORK/up.log" 2>&1 &
   UP_PID=$!
   for _ in $(seq $((START_TIMEOUT_S * 10))); do
     grep -q "kiln is up" "$WORK/up.log" 2>/dev/null && break
@@ -32,7 +35,7 @@ kiln_up() {
     sleep 0.1
   done
   grep -q "kiln is up" "$WORK/up.log" || { echo "kiln up did not start within ${START_TIMEOUT_S} s"; cat "$WORK/up.log"; exit 1; }
-  export KILN_COORDINATOR="$api" KILN_TRACKING="$tracking"
+  export KILN_COORDINATOR="$api" KILN_TRACKING="$tracking" KILN_SERVING="$serving"
 }
 
 # build_kiln: the release binary the scripts run ($KILN), built from $REPO_ROOT.
