@@ -692,6 +692,14 @@ async fn a_deployment_runs_replicas_on_the_workers_behind_the_router_and_outlive
         eprintln!("a client: {answered} answered, {} retried: {retried:?}", retried.len());
     }
     assert!(total > 100, "{total} requests answered");
+    // The router's own metrics: what it answered, per deployment, and the ready replicas it knows.
+    let (status, metrics) = http_text(&rest, "GET", "/metrics", "");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("kiln_router_requests_total{model=\"digits\",protocol=\"rest\",outcome=\"answered\"}")
+            && metrics.contains("kiln_router_replicas{model=\"digits\"} 2"),
+        "{metrics}"
+    );
 
     // The stock Triton clients, over both of the router's ports.
     if let Some(python) = stock_python() {

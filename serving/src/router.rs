@@ -17,6 +17,16 @@
 //!   is lost (while another one is ready).
 //! - Where the table comes from is the caller's business (the CLI reads it from the coordinator), so this
 //!   crate needs nothing of the coordinator's.
+//! - `/metrics` (OpenMetrics) counts what the router did per deployment and protocol; each replica's own
+//!   `/metrics` has the model's requests, latency and batches:
+//!
+//! ```text
+//!   kiln_router_requests_total{model,protocol,outcome}   answered (by a replica, errors included), retried
+//!                                                        (a replica refused; sent to the next), lost (a replica
+//!                                                        died holding it: 503), unavailable (no ready replica),
+//!                                                        unknown (no such deployment)
+//!   kiln_router_replicas{model}                          ready replicas in the table
+//! ```
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -29,6 +39,10 @@ use axum::response::Response;
 use kiln_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use kiln_proto::inference::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
 use kiln_proto::inference::*;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use serde_json::json;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
@@ -60,8 +74,47 @@ pub struct Replica {
 /// The deployments the router knows, each with its ready replicas.
 pub type Table = HashMap<String, Vec<Replica>>;
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    model: String,
+    protocol: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeploymentLabels {
+    model: String,
+}
+
+/// The router's own metrics.
+struct RouterMetrics {
+    registry: prometheus_client::registry::Registry,
+    requests: Family<RouteLabels, Counter>,
+    replicas: Family<DeploymentLabels, Gauge>,
+}
+
+impl Default for RouterMetrics {
+    fn default() -> RouterMetrics {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("kiln_router");
+        let requests = Family::<RouteLabels, Counter>::default();
+        let replicas = Family::<DeploymentLabels, Gauge>::default();
+        registry.register(
+            "requests",
+            "Requests the router handled, by deployment, protocol and outcome",
+            requests.clone(),
+        );
+        registry.register("replicas", "Ready replicas of each deployment", replicas.clone());
+        RouterMetrics {
+            registry,
+            requests,
+            replicas,
+        }
+    }
+}
+
 /// Routes requests to replicas; shared by the REST and gRPC front ends.
 pub struct Router {
+    metrics: RouterMetrics,
     table: RwLock<Table>,
     /// Whether the table was ever set (until then the router is not ready).
     known: AtomicBool,
@@ -74,6 +127,7 @@ pub struct Router {
 impl Default for Router {
     fn default() -> Router {
         Router {
+            metrics: RouterMetrics::default(),
             table: RwLock::default(),
             known: AtomicBool::new(false),
             turn: AtomicUsize::new(0),
@@ -106,10 +160,30 @@ enum RouteError {
     Unavailable(String),
 }
 
+impl RouteError {
+    /// The `outcome` label it is counted under.
+    fn outcome(&self) -> &'static str {
+        match self {
+            RouteError::Unknown(_) => "unknown",
+            RouteError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
 impl Router {
     /// Replaces the table (the ready replicas of every deployment).
     pub fn set_table(&self, table: Table) {
-        *self.table.write().expect("table lock") = table;
+        let mut current = self.table.write().expect("table lock");
+        for gone in current.keys().filter(|name| !table.contains_key(*name)) {
+            self.metrics.replicas.remove(&DeploymentLabels { model: gone.clone() });
+        }
+        for (name, replicas) in &table {
+            self.metrics
+                .replicas
+                .get_or_create(&DeploymentLabels { model: name.clone() })
+                .set(replicas.len() as i64);
+        }
+        *current = table;
         self.known.store(true, Ordering::Release);
     }
 
@@ -147,6 +221,25 @@ impl Router {
         let now = Instant::now();
         ordered.sort_by_key(|replica| down.get(&replica.id).is_some_and(|since| now < *since + DOWN_FOR));
         Ok(ordered)
+    }
+
+    /// Counts one request of `model` over `protocol` that ended as `outcome`.
+    fn count(&self, model: &str, protocol: &'static str, outcome: &'static str) {
+        self.metrics
+            .requests
+            .get_or_create(&RouteLabels {
+                model: model.to_string(),
+                protocol,
+                outcome,
+            })
+            .inc();
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode_metrics(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.metrics.registry).expect("writing to a String");
+        text
     }
 
     fn mark_down(&self, replica: &Replica) {
@@ -233,6 +326,16 @@ async fn rest(
                 &json!({ "name": SERVER_NAME, "version": env!("CARGO_PKG_VERSION"), "extensions": EXTENSIONS }),
             );
         }
+        "/metrics" => {
+            return Response::builder()
+                .status(StatusCode::OK)
+                .header(
+                    header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
+                .body(Body::from(router.encode_metrics()))
+                .expect("a valid response");
+        }
         _ => {}
     }
     let Some(model) = model_of(path) else {
@@ -243,7 +346,10 @@ async fn rest(
     };
     let replicas = match router.candidates(model) {
         Ok(replicas) => replicas,
-        Err(error) => return route_error(error),
+        Err(error) => {
+            router.count(model, "rest", error.outcome());
+            return route_error(error);
+        }
     };
     let target = uri.path_and_query().map_or(path, |whole| whole.as_str());
     let mut refused = Vec::new();
@@ -261,11 +367,13 @@ async fn rest(
             Ok(response) => response,
             Err(error) if error.is_connect() => {
                 router.mark_down(replica);
+                router.count(model, "rest", "retried");
                 refused.push(format!("replica {} at {}", replica.id, replica.http));
                 continue;
             }
             Err(error) => {
                 router.mark_down(replica);
+                router.count(model, "rest", "lost");
                 return lost(model, replica, &error.to_string());
             }
         };
@@ -277,13 +385,18 @@ async fn rest(
             }
         }
         return match response.bytes().await {
-            Ok(bytes) => forwarded.body(Body::from(bytes)).expect("a valid response"),
+            Ok(bytes) => {
+                router.count(model, "rest", "answered");
+                forwarded.body(Body::from(bytes)).expect("a valid response")
+            }
             Err(error) => {
                 router.mark_down(replica);
+                router.count(model, "rest", "lost");
                 lost(model, replica, &error.to_string())
             }
         };
     }
+    router.count(model, "rest", "unavailable");
     route_error(RouteError::Unavailable(format!(
         "no replica of '{model}' accepted the request ({} refused the connection); retry shortly",
         refused.join(", ")
@@ -323,9 +436,12 @@ impl GrpcRouter {
         F: Fn(GrpcInferenceServiceClient<Channel>, M) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
     {
-        let replicas = self.router.candidates(model).map_err(|error| match error {
-            RouteError::Unknown(message) => Status::not_found(message),
-            RouteError::Unavailable(message) => Status::unavailable(message),
+        let replicas = self.router.candidates(model).map_err(|error| {
+            self.router.count(model, "grpc", error.outcome());
+            match error {
+                RouteError::Unknown(message) => Status::not_found(message),
+                RouteError::Unavailable(message) => Status::unavailable(message),
+            }
         })?;
         let mut tried = Vec::new();
         for replica in &replicas {
@@ -335,6 +451,7 @@ impl GrpcRouter {
             match call(client, message.clone()).await {
                 Err(status) if refused(&status) => {
                     self.router.mark_down(replica);
+                    self.router.count(model, "grpc", "retried");
                     tried.push(format!("replica {} at {}", replica.id, replica.grpc));
                 }
                 Err(status)
@@ -342,6 +459,7 @@ impl GrpcRouter {
                         && matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown) =>
                 {
                     self.router.mark_down(replica);
+                    self.router.count(model, "grpc", "lost");
                     return Err(Status::unavailable(format!(
                         "replica {} of '{model}' at {} did not answer ({}); retry, another replica will take it",
                         replica.id,
@@ -349,9 +467,13 @@ impl GrpcRouter {
                         status.message()
                     )));
                 }
-                other => return other,
+                other => {
+                    self.router.count(model, "grpc", "answered");
+                    return other;
+                }
             }
         }
+        self.router.count(model, "grpc", "unavailable");
         Err(Status::unavailable(format!(
             "no replica of '{model}' accepted the request ({} refused the connection); retry shortly",
             tried.join(", ")
@@ -480,6 +602,16 @@ mod tests {
             assert_eq!(order.last().unwrap().id, "a", "{order:?}");
         }
         assert!(matches!(router.candidates("empty"), Err(RouteError::Unavailable(_))));
+        router.count("digits", "rest", "answered");
+        router.count("digits", "rest", "answered");
+        let text = router.encode_metrics();
+        assert!(
+            text.contains("kiln_router_requests_total{model=\"digits\",protocol=\"rest\",outcome=\"answered\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("kiln_router_replicas{model=\"digits\"} 3"), "{text}");
+        router.set_table(Table::new());
+        assert!(!router.encode_metrics().contains("kiln_router_replicas{"));
         assert_eq!(model_of("/v2/models/digits/versions/3/infer"), Some("digits"));
         assert_eq!(model_of("/v2/models/"), None);
     }
