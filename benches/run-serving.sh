@@ -4,6 +4,9 @@
 # request, CLIENTS concurrent clients for SECONDS_PER_LEVEL seconds each:
 #
 #   kiln serve                 the registered model, Open Inference Protocol REST, dynamic batching
+#   kiln deploy (kiln-router)  the same model deployed on the cluster: one replica on the worker of kiln up,
+#                              reached through kiln up's router (the hop a deployment adds), the cluster
+#                              running beside it
 #   onnxruntime + FastAPI      the same model exported to ONNX, under uvicorn (one worker)
 #   Ray Serve                  the same ONNX model in a Ray Serve deployment with @serve.batch
 #
@@ -47,6 +50,25 @@ bench() {
     --clients "$CLIENTS" --max-seconds "$SECONDS_PER_LEVEL" --out "$WORK/serving-$server.json"
 }
 
+log "kiln deploy: one replica behind the router"
+cat >"$WORK/deployment.toml" <<'TOML'
+kind = "deployment"
+name = "digits"
+model = "models:/digits@champion"
+input_name = "pixels"
+
+[replicas]
+min = 1
+max = 1
+
+[resources]
+cpus = 1
+TOML
+"$KILN" deploy "$WORK/deployment.toml" --wait 120s
+for _ in $(seq 100); do curl -sf "http://$KILN_SERVING/v2/models/digits/ready" >/dev/null 2>&1 && break; sleep 0.1; done
+bench kiln-router "$KILN_SERVING"
+"$KILN" deployments delete digits
+
 rest="127.0.0.1:$(free_port)"
 "$KILN" serve --model models:/digits@champion --input-name pixels --cache-dir "$WORK/models" \
   --http-listen "$rest" --grpc-listen "127.0.0.1:$(free_port)" >"$WORK/serve.log" 2>&1 &
@@ -80,7 +102,7 @@ import sys
 
 work, out = sys.argv[1], sys.argv[2]
 results = []
-for server in ["kiln", "onnxruntime-fastapi", "ray-serve"]:
+for server in ["kiln", "kiln-router", "onnxruntime-fastapi", "ray-serve"]:
     results += json.load(open(f"{work}/serving-{server}.json"))
 json.dump(results, open(out, "w"), indent=2)
 print(f"{'server':<22}{'clients':>8}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
@@ -92,7 +114,12 @@ for result in results:
 for clients in sorted({result["clients"] for result in results}):
     level = {result["server"]: result for result in results if result["clients"] == clients}
     kiln = level["kiln"]
-    baselines = [result for server, result in level.items() if server != "kiln"]
+    routed = level["kiln-router"]
+    print(
+        f"clients {clients}: through the router, p99 {routed['p99_ms'] / kiln['p99_ms']:.2f}x and requests/s "
+        f"{routed['requests_per_second'] / kiln['requests_per_second']:.2f}x of the replica served directly"
+    )
+    baselines = [result for server, result in level.items() if not server.startswith("kiln")]
     best_p99 = min(baselines, key=lambda result: result["p99_ms"])
     best_rate = max(baselines, key=lambda result: result["requests_per_second"])
     print(

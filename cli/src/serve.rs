@@ -279,6 +279,9 @@ pub(crate) struct Deployment {
     /// Feature enrichment: requests may carry this feature service's entity keys instead of the input.
     #[serde(default)]
     features: Option<crate::enrich::FeatureSource>,
+    /// How often a model named by an alias checks where it points (a duration such as "5s"; "0s": never).
+    #[serde(default)]
+    follow_interval: Option<String>,
     #[allow(dead_code)]
     #[serde(default)]
     replicas: Option<toml::Table>,
@@ -337,6 +340,9 @@ impl Deployment {
         deployment
             .batching(BatchConfig::default())
             .with_context(|| format!("invalid deployment {}", path.display()))?;
+        deployment
+            .follow_interval(Duration::ZERO)
+            .with_context(|| format!("invalid deployment {}", path.display()))?;
         Ok(deployment)
     }
 
@@ -353,6 +359,15 @@ impl Deployment {
         }
         config.validate().map_err(anyhow::Error::msg)?;
         Ok(config)
+    }
+
+    /// The alias-following interval, `default` unless the file sets one.
+    fn follow_interval(&self, default: Duration) -> Result<Duration> {
+        match &self.follow_interval {
+            None => Ok(default),
+            Some(text) => humantime::parse_duration(text)
+                .with_context(|| format!("follow_interval '{text}'; expected a duration such as \"5s\"")),
+        }
     }
 }
 
@@ -550,9 +565,10 @@ pub async fn run_replica(spec: &Path) -> Result<()> {
         let grpc = tokio::net::TcpListener::bind((host.as_str(), 0))
             .await
             .with_context(|| format!("listening on {host}"))?;
-        anyhow::Ok((loading, follows, rest, grpc))
+        let interval = deployment.follow_interval(Duration::from_secs(5))?;
+        anyhow::Ok((loading, follows, interval, rest, grpc))
     };
-    let (loading, follows, rest, grpc) = match started.await {
+    let (loading, follows, follow_interval, rest, grpc) = match started.await {
         Ok(started) => started,
         Err(error) => {
             let mut message = format!("{error:#}");
@@ -577,12 +593,12 @@ pub async fn run_replica(spec: &Path) -> Result<()> {
     println!("replica of job {job_id}: Open Inference Protocol on REST http://{http} gRPC {grpc_address}");
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(crate::shutdown_on_signal(shutdown.clone()));
-    for follow in follows {
+    for follow in follows.into_iter().filter(|_| !follow_interval.is_zero()) {
         tokio::spawn(follow_alias(
             serving.clone(),
             follow,
             loading.clone(),
-            Duration::from_secs(5),
+            follow_interval,
             shutdown.clone(),
         ));
     }
@@ -653,9 +669,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
     let (mut models, mut input_name) = (args.models.clone(), args.input_name.clone());
     let (mut preprocess, mut postprocess, mut request_log, mut features) = (Vec::new(), Vec::new(), None, None);
+    let mut follow_interval = args.follow_interval;
     if let Some(path) = &args.deployment {
         let deployment = Deployment::read(path)?;
         request_log = deployment.request_log.clone();
+        follow_interval = deployment.follow_interval(follow_interval)?;
         features = deployment
             .features
             .clone()
@@ -702,13 +720,13 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     );
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(crate::shutdown_on_signal(shutdown.clone()));
-    if !args.follow_interval.is_zero() {
+    if !follow_interval.is_zero() {
         for follow in follows {
             tokio::spawn(follow_alias(
                 serving.clone(),
                 follow,
                 loading.clone(),
-                args.follow_interval,
+                follow_interval,
                 shutdown.clone(),
             ));
         }

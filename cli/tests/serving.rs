@@ -529,7 +529,7 @@ async fn a_deployment_runs_replicas_on_the_workers_behind_the_router_and_outlive
     // A file the coordinator cannot use is refused with its place, and nothing is deployed.
     let deployment = |name: &str, model: &str, max: u32| {
         format!(
-            "kind = \"deployment\"\nname = \"{name}\"\nmodel = \"{model}\"\ninput_name = \"pixels\"\n\n[replicas]\nmin = 2\nmax = {max}\n\n[resources]\ncpus = 1\n"
+            "kind = \"deployment\"\nname = \"{name}\"\nmodel = \"{model}\"\ninput_name = \"pixels\"\nfollow_interval = \"300ms\"\n\n[replicas]\nmin = 2\nmax = {max}\n\n[resources]\ncpus = 1\n"
         )
     };
     let bad = directory.path().join("bad.toml");
@@ -538,7 +538,7 @@ async fn a_deployment_runs_replicas_on_the_workers_behind_the_router_and_outlive
     assert!(!refused.status.success());
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        message.contains("bad.toml:8:7") && message.contains("'replicas.max' is 1; expected replicas.min (2)"),
+        message.contains("bad.toml:9:7") && message.contains("'replicas.max' is 1; expected replicas.min (2)"),
         "{message}"
     );
     let listed = cluster.cli(&["deployments", "list", "--json"]).unwrap();
@@ -709,6 +709,88 @@ async fn a_deployment_runs_replicas_on_the_workers_behind_the_router_and_outlive
             "inference_clients.py",
             &[&rest, &grpc, "digits", &csv, "-"],
             "all inference checks passed",
+        );
+    }
+
+    // The alias moves to a new version while clients send through the router: no request fails, and both
+    // replicas roll to it.
+    let tracking = cluster.members[&1].tracking_addr.clone();
+    let (status, version) = http_json(
+        &tracking,
+        "GET",
+        "/api/2.0/mlflow/model-versions/get?name=digits&version=1",
+        "",
+    );
+    assert_eq!(status, 200, "{version}");
+    let (source, run) = (
+        version["model_version"]["source"].as_str().unwrap(),
+        version["model_version"]["run_id"].as_str().unwrap(),
+    );
+    let registered = cluster
+        .cli(&[
+            "models",
+            "register",
+            "digits",
+            source,
+            "--run",
+            run,
+            "--tracking",
+            &tracking,
+        ])
+        .unwrap();
+    assert!(
+        registered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&registered.stderr)
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, rest, one_row) = (stop.clone(), rest.clone(), one_row.clone());
+            std::thread::spawn(move || {
+                let (mut versions, mut failures) = (Vec::new(), Vec::new());
+                let deadline = Instant::now() + Duration::from_secs(90);
+                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline && versions.len() < 1_000_000 {
+                    let (status, answer) = http_json(&rest, "POST", "/v2/models/digits/infer", &one_row);
+                    match status {
+                        200 => versions.push(answer["model_version"].as_str().unwrap().to_string()),
+                        _ => failures.push(format!("{status} {answer}")),
+                    }
+                }
+                (versions, failures)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let moved = cluster
+        .cli(&["models", "alias", "digits", "2", "champion", "--tracking", &tracking])
+        .unwrap();
+    assert!(moved.status.success(), "{}", String::from_utf8_lossy(&moved.stderr));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = deployment_state(&cluster, "digits");
+        if now["versions"] == json!(["2"]) && now["replicas_ready"] == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replicas did not roll to version 2: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    for client in clients {
+        let (versions, failures) = client.join().unwrap();
+        assert!(failures.is_empty(), "requests failed across the roll: {failures:?}");
+        assert_eq!(
+            (
+                versions.first().map(String::as_str),
+                versions.last().map(String::as_str)
+            ),
+            (Some("1"), Some("2")),
+            "{} answers",
+            versions.len()
         );
     }
 

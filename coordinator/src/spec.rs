@@ -799,6 +799,8 @@ struct RawDeployment {
     #[allow(dead_code)]
     request_log: Option<String>,
     #[allow(dead_code)]
+    follow_interval: Option<String>,
+    #[allow(dead_code)]
     features: Option<toml::Table>,
     replicas: Option<Spanned<RawReplicas>>,
     resources: Option<Spanned<RawResources>>,
