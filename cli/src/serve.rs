@@ -502,6 +502,28 @@ async fn follow_alias(
     }
 }
 
+/// Follows each of `follows` every `interval` (never when it is zero) until `shutdown`.
+fn follow_aliases(
+    serving: &Arc<Serving>,
+    follows: Vec<Follow>,
+    loading: &Loading,
+    interval: Duration,
+    shutdown: &tokio_util::sync::CancellationToken,
+) {
+    if interval.is_zero() {
+        return;
+    }
+    for follow in follows {
+        tokio::spawn(follow_alias(
+            serving.clone(),
+            follow,
+            loading.clone(),
+            interval,
+            shutdown.clone(),
+        ));
+    }
+}
+
 /// Logs `serving`'s requests into the store at `location`.
 fn log_requests(serving: &Serving, location: &str, config: RequestLogConfig) -> Result<()> {
     let store = kiln_coordinator::artifacts::ArtifactStore::open(location, u64::MAX)
@@ -593,15 +615,7 @@ pub async fn run_replica(spec: &Path) -> Result<()> {
     println!("replica of job {job_id}: Open Inference Protocol on REST http://{http} gRPC {grpc_address}");
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(crate::shutdown_on_signal(shutdown.clone()));
-    for follow in follows.into_iter().filter(|_| !follow_interval.is_zero()) {
-        tokio::spawn(follow_alias(
-            serving.clone(),
-            follow,
-            loading.clone(),
-            follow_interval,
-            shutdown.clone(),
-        ));
-    }
+    follow_aliases(&serving, follows, &loading, follow_interval, &shutdown);
     let reporting = {
         let (serving, shutdown) = (serving.clone(), shutdown.clone());
         async move {
@@ -720,17 +734,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     );
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(crate::shutdown_on_signal(shutdown.clone()));
-    if !follow_interval.is_zero() {
-        for follow in follows {
-            tokio::spawn(follow_alias(
-                serving.clone(),
-                follow,
-                loading.clone(),
-                follow_interval,
-                shutdown.clone(),
-            ));
-        }
-    }
+    follow_aliases(&serving, follows, &loading, follow_interval, &shutdown);
     kiln_serving::serve(serving, rest, grpc, shutdown).await?;
     drop(temporary);
     Ok(())

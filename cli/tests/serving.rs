@@ -166,6 +166,62 @@ fn train_digits(cluster: &Cluster, directory: &Path, epochs: u32) {
     assert!(aliased.status.success(), "{}", String::from_utf8_lossy(&aliased.stderr));
 }
 
+/// Registers digits version 1's files again, as version 2 of the same run.
+fn register_version_2(cluster: &Cluster, tracking: &str) {
+    let (status, version) = http_json(
+        tracking,
+        "GET",
+        "/api/2.0/mlflow/model-versions/get?name=digits&version=1",
+        "",
+    );
+    assert_eq!(status, 200, "{version}");
+    let source = version["model_version"]["source"].as_str().unwrap();
+    let run = version["model_version"]["run_id"].as_str().unwrap();
+    let registered = cluster
+        .cli(&[
+            "models",
+            "register",
+            "digits",
+            source,
+            "--run",
+            run,
+            "--tracking",
+            tracking,
+        ])
+        .unwrap();
+    assert!(
+        registered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&registered.stderr)
+    );
+}
+
+/// Three clients sending `one_row` to `rest` until `stop` (at most 90 s): each answers the model versions
+/// that answered it, in order, and its failures.
+fn version_clients(
+    rest: &str,
+    one_row: &str,
+    stop: &Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<(Vec<String>, Vec<String>)>> {
+    (0..3)
+        .map(|_| {
+            let (stop, rest, one_row) = (stop.clone(), rest.to_string(), one_row.to_string());
+            std::thread::spawn(move || {
+                let (mut versions, mut failures) = (Vec::new(), Vec::new());
+                let deadline = Instant::now() + Duration::from_secs(90);
+                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline && versions.len() < 1_000_000 {
+                    let (status, answer) = http_json(&rest, "POST", "/v2/models/digits/infer", &one_row);
+                    match status {
+                        200 => versions.push(answer["model_version"].as_str().unwrap().to_string()),
+                        _ => failures.push(format!("{status} {answer}")),
+                    }
+                }
+                (versions, failures)
+            })
+        })
+        .collect()
+}
+
 fn python_script(python: &str, script: &str, args: &[&str], last_line: &str) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(script);
     let output = Command::new(python).arg(&script).args(args).output().unwrap();
@@ -353,54 +409,13 @@ async fn a_registered_model_is_served_over_the_open_inference_protocol_to_stock_
 
     // The alias moves to a new version while clients send requests: none fails, and each client's answers
     // switch from version 1 to version 2 once and for all.
-    let (status, version) = http_json(
-        &tracking,
-        "GET",
-        "/api/2.0/mlflow/model-versions/get?name=digits&version=1",
-        "",
-    );
-    assert_eq!(status, 200, "{version}");
-    let source = version["model_version"]["source"].as_str().unwrap();
-    let run = version["model_version"]["run_id"].as_str().unwrap();
-    let registered = cluster
-        .cli(&[
-            "models",
-            "register",
-            "digits",
-            source,
-            "--run",
-            run,
-            "--tracking",
-            &tracking,
-        ])
-        .unwrap();
-    assert!(
-        registered.status.success(),
-        "{}",
-        String::from_utf8_lossy(&registered.stderr)
-    );
+    register_version_2(&cluster, &tracking);
     let stop = Arc::new(AtomicBool::new(false));
     let one_row = json!({
         "inputs": [{ "name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": features[0] }],
     })
     .to_string();
-    let clients: Vec<_> = (0..3)
-        .map(|_| {
-            let (stop, rest, one_row) = (stop.clone(), rest.clone(), one_row.clone());
-            std::thread::spawn(move || {
-                let (mut versions, mut failures) = (Vec::new(), Vec::new());
-                let deadline = Instant::now() + Duration::from_secs(90);
-                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline && versions.len() < 100_000 {
-                    let (status, answer) = http_json(&rest, "POST", "/v2/models/digits/infer", &one_row);
-                    match status {
-                        200 => versions.push(answer["model_version"].as_str().unwrap().to_string()),
-                        _ => failures.push(format!("{status} {answer}")),
-                    }
-                }
-                (versions, failures)
-            })
-        })
-        .collect();
+    let clients = version_clients(&rest, &one_row, &stop);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let moved = cluster
         .cli(&["models", "alias", "digits", "2", "champion", "--tracking", &tracking])
@@ -715,52 +730,9 @@ async fn a_deployment_runs_replicas_on_the_workers_behind_the_router_and_outlive
     // The alias moves to a new version while clients send through the router: no request fails, and both
     // replicas roll to it.
     let tracking = cluster.members[&1].tracking_addr.clone();
-    let (status, version) = http_json(
-        &tracking,
-        "GET",
-        "/api/2.0/mlflow/model-versions/get?name=digits&version=1",
-        "",
-    );
-    assert_eq!(status, 200, "{version}");
-    let (source, run) = (
-        version["model_version"]["source"].as_str().unwrap(),
-        version["model_version"]["run_id"].as_str().unwrap(),
-    );
-    let registered = cluster
-        .cli(&[
-            "models",
-            "register",
-            "digits",
-            source,
-            "--run",
-            run,
-            "--tracking",
-            &tracking,
-        ])
-        .unwrap();
-    assert!(
-        registered.status.success(),
-        "{}",
-        String::from_utf8_lossy(&registered.stderr)
-    );
+    register_version_2(&cluster, &tracking);
     let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..3)
-        .map(|_| {
-            let (stop, rest, one_row) = (stop.clone(), rest.clone(), one_row.clone());
-            std::thread::spawn(move || {
-                let (mut versions, mut failures) = (Vec::new(), Vec::new());
-                let deadline = Instant::now() + Duration::from_secs(90);
-                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline && versions.len() < 1_000_000 {
-                    let (status, answer) = http_json(&rest, "POST", "/v2/models/digits/infer", &one_row);
-                    match status {
-                        200 => versions.push(answer["model_version"].as_str().unwrap().to_string()),
-                        _ => failures.push(format!("{status} {answer}")),
-                    }
-                }
-                (versions, failures)
-            })
-        })
-        .collect();
+    let clients = version_clients(&rest, &one_row, &stop);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let moved = cluster
         .cli(&["models", "alias", "digits", "2", "champion", "--tracking", &tracking])

@@ -864,29 +864,22 @@ fn deployment_options_at(
     let (mut min, mut max, mut target, mut delay_ms) = (1, None, 8.0, 60_000);
     if let Some(replicas) = raw.replicas {
         let replicas = replicas.into_inner();
-        if let Some(value) = replicas.min {
-            if *value.get_ref() == 0 || *value.get_ref() > REPLICAS_MAX {
+        // A replica count from `low` (named `low_text` in the error) to REPLICAS_MAX.
+        let count = |field: &str, value: Spanned<u32>, low: u32, low_text: String| {
+            let (start, value) = (value.span().start, value.into_inner());
+            if value < low || value > REPLICAS_MAX {
                 return Err(error_at(
-                    value.span().start,
-                    format!(
-                        "field 'replicas.min' is {}; expected 1 to {REPLICAS_MAX}",
-                        value.get_ref()
-                    ),
+                    start,
+                    format!("field 'replicas.{field}' is {value}; expected {low_text} to {REPLICAS_MAX}"),
                 ));
             }
-            min = value.into_inner();
+            Ok(value)
+        };
+        if let Some(value) = replicas.min {
+            min = count("min", value, 1, "1".into())?;
         }
         if let Some(value) = replicas.max {
-            if *value.get_ref() < min || *value.get_ref() > REPLICAS_MAX {
-                return Err(error_at(
-                    value.span().start,
-                    format!(
-                        "field 'replicas.max' is {}; expected replicas.min ({min}) to {REPLICAS_MAX}",
-                        value.get_ref()
-                    ),
-                ));
-            }
-            max = Some(value.into_inner());
+            max = Some(count("max", value, min, format!("replicas.min ({min})"))?);
         }
         if let Some(value) = replicas.target_queue_depth {
             if !(value.get_ref().is_finite() && *value.get_ref() > 0.0) {

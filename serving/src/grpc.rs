@@ -96,6 +96,15 @@ async fn infer(
     Ok(response)
 }
 
+/// The server's metadata: the same from a replica and from a router.
+pub(crate) fn server_metadata() -> ServerMetadataResponse {
+    ServerMetadataResponse {
+        name: SERVER_NAME.to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        extensions: EXTENSIONS.iter().map(ToString::to_string).collect(),
+    }
+}
+
 #[tonic::async_trait]
 impl GrpcInferenceService for InferenceService {
     async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
@@ -118,11 +127,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         _: Request<ServerMetadataRequest>,
     ) -> Result<Response<ServerMetadataResponse>, Status> {
-        Ok(Response::new(ServerMetadataResponse {
-            name: SERVER_NAME.to_string(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            extensions: EXTENSIONS.iter().map(ToString::to_string).collect(),
-        }))
+        Ok(Response::new(server_metadata()))
     }
 
     async fn model_metadata(

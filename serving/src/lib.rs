@@ -443,21 +443,30 @@ pub async fn serve(
     health
         .set_service_status("inference.GRPCInferenceService", tonic_health::ServingStatus::Serving)
         .await;
-    let routes = || {
-        tonic::service::Routes::from(http::router(serving.clone()))
-            .add_service(grpc::service(serving.clone()))
-            .add_service(health_service.clone())
-    };
+    let routes = tonic::service::Routes::from(http::router(serving.clone()))
+        .add_service(grpc::service(serving.clone()))
+        .add_service(health_service);
+    let served = serve_routes(routes, rest, grpc, shutdown).await;
+    serving.close().await;
+    served
+}
+
+/// Serves `routes` (REST and gRPC alike, HTTP/1.1 accepted) on both listeners until `shutdown`.
+pub(crate) async fn serve_routes(
+    routes: tonic::service::Routes,
+    rest: tokio::net::TcpListener,
+    grpc: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<(), tonic::transport::Error> {
     let listen = |listener: tokio::net::TcpListener| {
         tonic::transport::Server::builder()
             .accept_http1(true)
-            .add_routes(routes())
+            .add_routes(routes.clone())
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 shutdown.clone().cancelled_owned(),
             )
     };
     let (rest, grpc) = tokio::join!(listen(rest), listen(grpc));
-    serving.close().await;
     rest.and(grpc)
 }

@@ -515,11 +515,7 @@ impl GrpcInferenceService for GrpcRouter {
         &self,
         _: Request<ServerMetadataRequest>,
     ) -> Result<tonic::Response<ServerMetadataResponse>, Status> {
-        Ok(tonic::Response::new(ServerMetadataResponse {
-            name: SERVER_NAME.to_string(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            extensions: EXTENSIONS.iter().map(ToString::to_string).collect(),
-        }))
+        Ok(tonic::Response::new(crate::grpc::server_metadata()))
     }
 
     async fn model_metadata(
@@ -554,18 +550,8 @@ pub async fn serve(
     grpc: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let routes = || tonic::service::Routes::from(http_router(router.clone())).add_service(grpc_service(router.clone()));
-    let listen = |listener: tokio::net::TcpListener| {
-        tonic::transport::Server::builder()
-            .accept_http1(true)
-            .add_routes(routes())
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                shutdown.clone().cancelled_owned(),
-            )
-    };
-    let (rest, grpc) = tokio::join!(listen(rest), listen(grpc));
-    rest.and(grpc)
+    let routes = tonic::service::Routes::from(http_router(router.clone())).add_service(grpc_service(router));
+    crate::serve_routes(routes, rest, grpc, shutdown).await
 }
 
 #[cfg(test)]
