@@ -336,6 +336,14 @@ pub async fn deploy(file: &Path, wait: Option<Duration>, json: bool, client: &mu
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let source = file.display().to_string();
     crate::serve::Deployment::parse(file, &text)?;
+    let kind = toml::from_str::<toml::Table>(&text)
+        .ok()
+        .and_then(|table| table.get("kind").cloned());
+    if kind.as_ref().and_then(toml::Value::as_str) != Some("deployment") {
+        bail!(
+            "{source} is not a deployment file: it needs kind = \"deployment\" (see examples/deployments/digits.toml)"
+        );
+    }
     let options = kiln_coordinator::spec::deployment_options(&source, &text)?;
     let response = client
         .submit(&text, &source, &kiln_coordinator::client::new_idempotency_key())

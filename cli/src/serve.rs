@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail};
 use kiln_serving::pipeline::{Pipeline, Step, argmax_rows, softmax_rows};
 use kiln_serving::request_log::RequestLogConfig;
 use kiln_serving::{BatchConfig, DataType, Model, Serving, Tensor, TensorSpec};
-use kiln_worker::trainer::SavedModel;
+use kiln_worker::trainer::{ComputeDevice, SavedModel};
 
 use crate::runs::{Api, text};
 
@@ -163,7 +163,27 @@ fn load_model(path: &Path, input_name: &str) -> Result<Arc<dyn Model>> {
             kiln_serving::OnnxModel::load(&file).map_err(anyhow::Error::msg)?,
         ));
     }
-    Ok(Arc::new(BurnModel::new(SavedModel::load(path)?, input_name)))
+    let compute = inference_device();
+    let saved = SavedModel::load_on(path, compute)?;
+    if compute != ComputeDevice::Cpu {
+        println!(
+            "{}: predicting on the GPU ({compute:?}, burn's CUDA backend)",
+            path.display()
+        );
+    }
+    Ok(Arc::new(BurnModel::new(saved, input_name)))
+}
+
+/// Where Kiln's burn models predict: the first GPU this process may use (CUDA_VISIBLE_DEVICES, which a
+/// worker sets for a replica given `gpus` in its deployment's [resources]) when this kiln was built with
+/// `burn-cuda`, else the CPU.
+fn inference_device() -> ComputeDevice {
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default();
+    if cfg!(feature = "burn-cuda") && !visible.trim().is_empty() {
+        ComputeDevice::Cuda(0)
+    } else {
+        ComputeDevice::Cpu
+    }
 }
 
 /// `[NAME=]SOURCE` split; `None` for a name not given.

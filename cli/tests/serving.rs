@@ -556,6 +556,10 @@ async fn a_deployment_runs_replicas_on_the_workers_behind_the_router_and_outlive
         message.contains("bad.toml:9:7") && message.contains("'replicas.max' is 1; expected replicas.min (2)"),
         "{message}"
     );
+    std::fs::write(&bad, "name = \"digits\"\nmodel = \"models:/digits@champion\"\n").unwrap();
+    let refused = cluster.cli(&["deploy", bad.to_str().unwrap()]).unwrap();
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("it needs kind = \"deployment\""), "{message}");
     let listed = cluster.cli(&["deployments", "list", "--json"]).unwrap();
     assert_eq!(
         serde_json::from_slice::<serde_json::Value>(&listed.stdout).unwrap(),

@@ -75,10 +75,15 @@ pub enum ComputeDevice {
 }
 
 impl ComputeDevice {
-    /// The burn device with autodiff, or why it cannot be used here.
+    /// The burn device with autodiff (for training), or why it cannot be used here.
     pub fn burn_device(self) -> Result<Device, TrainError> {
+        Ok(self.device()?.autodiff())
+    }
+
+    /// The burn device (for inference), or why it cannot be used here.
+    pub fn device(self) -> Result<Device, TrainError> {
         match self {
-            ComputeDevice::Cpu => Ok(Device::flex().autodiff()),
+            ComputeDevice::Cpu => Ok(Device::flex()),
             #[cfg(feature = "burn-cuda")]
             ComputeDevice::Cuda(ordinal) => {
                 if !crate::gpu::cuda_driver_present() {
@@ -86,7 +91,7 @@ impl ComputeDevice {
                         "this rank was given a GPU, but the CUDA driver cannot be loaded here".into(),
                     ));
                 }
-                Ok(Device::cuda(ordinal).autodiff())
+                Ok(Device::cuda(ordinal))
             }
             #[cfg(not(feature = "burn-cuda"))]
             ComputeDevice::Cuda(_) => Err(TrainError::InvalidInput(

@@ -71,9 +71,15 @@ pub struct SavedModel {
 }
 
 impl SavedModel {
-    /// Loads `directory/model.json` and `directory/weights.bin`, refusing a manifest of another format,
-    /// weights of the wrong size, or weights whose hash is not the recorded one.
+    /// Loads `directory/model.json` and `directory/weights.bin` onto the CPU, refusing a manifest of another
+    /// format, weights of the wrong size, or weights whose hash is not the recorded one.
     pub fn load(directory: &Path) -> Result<SavedModel, TrainError> {
+        SavedModel::load_on(directory, super::ComputeDevice::Cpu)
+    }
+
+    /// [`SavedModel::load`] onto `compute`: the CPU, or a GPU with burn's CUDA backend (the `burn-cuda`
+    /// feature), where every prediction then runs.
+    pub fn load_on(directory: &Path, compute: super::ComputeDevice) -> Result<SavedModel, TrainError> {
         let invalid =
             |message: String| TrainError::InvalidInput(format!("model in {}: {message}", directory.display()));
         let text = std::fs::read_to_string(directory.join("model.json"))
@@ -114,7 +120,7 @@ impl SavedModel {
                 manifest.parameters_hash
             )));
         }
-        let device = Device::flex();
+        let device = compute.device()?;
         let network = build_network(
             manifest.image,
             manifest.inputs,
