@@ -315,6 +315,16 @@ async fn applied_definitions_are_versioned_by_the_cluster_and_outlive_its_leader
 }
 
 /// A `kiln featurestore` process on a free port, following `cluster`.
+/// A child process killed (by its id) when dropped, also when a test fails.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 struct FeatureServer {
     child: std::process::Child,
     address: String,
@@ -787,26 +797,28 @@ async fn the_digits_example_trains_from_the_feature_store_with_each_rank_fetchin
     .unwrap();
     let rest = format!("127.0.0.1:{}", kiln_cluster_tests::free_port());
     let grpc = format!("127.0.0.1:{}", kiln_cluster_tests::free_port());
-    let mut served = Command::new(KILN)
-        .args([
-            "serve",
-            "--deployment",
-            deployment.to_str().unwrap(),
-            "--tracking",
-            &tracking,
-        ])
-        .args([
-            "--featurestore",
-            &server.address,
-            "--http-listen",
-            &rest,
-            "--grpc-listen",
-            &grpc,
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let served = Killed(
+        Command::new(KILN)
+            .args([
+                "serve",
+                "--deployment",
+                deployment.to_str().unwrap(),
+                "--tracking",
+                &tracking,
+            ])
+            .args([
+                "--featurestore",
+                &server.address,
+                "--http-listen",
+                &rest,
+                "--grpc-listen",
+                &grpc,
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect(&rest).is_err()
         || kiln_cluster_tests::http_json(&rest, "GET", "/v2/health/ready", "").0 != 200
@@ -850,8 +862,7 @@ async fn the_digits_example_trains_from_the_feature_store_with_each_rank_fetchin
             .contains("image_id=999999 has no value of feature 'p0' online (feature service 'digit_classifier')"),
         "{answer}"
     );
-    served.kill().unwrap();
-    served.wait().unwrap();
+    drop(served);
     server.stop();
 }
 
