@@ -158,6 +158,16 @@ pub async fn upload(api: &Api, file: &Path, target: &str) -> Result<()> {
         .with_context(|| format!("opening {}", file.display()))?;
     let length = opened.metadata().await?.len();
     let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(opened));
+    put(api, target, body, length, &format!("uploading {}", file.display())).await
+}
+
+/// Uploads `bytes` as the artifact at `target` (`EXPERIMENT/RUN/artifacts/PATH`).
+pub(crate) async fn upload_bytes(api: &Api, target: &str, bytes: bytes::Bytes) -> Result<()> {
+    let length = bytes.len() as u64;
+    put(api, target, bytes.into(), length, &format!("uploading {target}")).await
+}
+
+async fn put(api: &Api, target: &str, body: reqwest::Body, length: u64, what: &str) -> Result<()> {
     let response = api
         .client
         .put(format!("{}/{PROXY}/{target}", api.host))
@@ -166,7 +176,7 @@ pub async fn upload(api: &Api, file: &Path, target: &str) -> Result<()> {
         .send()
         .await
         .with_context(|| api.unreachable())?;
-    answer(response, &format!("uploading {}", file.display())).await?;
+    answer(response, what).await?;
     Ok(())
 }
 

@@ -94,6 +94,9 @@ pub fn table_of(jobs: &[pb::Job]) -> Table {
         .collect()
 }
 
+/// Where in its deployment's run a replica logs requests (`requests/replica-N/MODEL/VERSION/…parquet`).
+pub const REQUEST_LOG_DIRECTORY: &str = "requests";
+
 fn replica_json(number: u64, job: &pb::Job) -> Value {
     let task = job.attempts.last().and_then(|attempt| attempt.tasks.first());
     json!({
@@ -122,6 +125,8 @@ fn deployment_json(deployment: &pb::Job, replicas: &[(u64, &pb::Job)]) -> Value 
         .filter(|job| !kiln_coordinator::client::is_finished(job.state))
         .collect();
     let ready: Vec<&pb::Job> = live.iter().copied().filter(|job| is_ready(job)).collect();
+    // Replicas still running an older file while the deployment rolls to its new one.
+    let outdated = live.iter().filter(|job| job.spec_toml != deployment.spec_toml).count();
     let metric = |job: &pb::Job, name: &str| job.metrics.get(name).copied().unwrap_or(0.0);
     // A fold from 0.0: an empty f64 sum is -0.0.
     let rate = ready
@@ -145,6 +150,12 @@ fn deployment_json(deployment: &pb::Job, replicas: &[(u64, &pb::Job)]) -> Value 
         .collect();
     versions.sort_unstable();
     versions.dedup();
+    // The replicas log every request into the deployment's run, unless the file names another place.
+    let run = kiln_coordinator::tracking::Tracking::job_run_id(deployment.id);
+    let request_log = toml::from_str::<toml::Table>(&deployment.spec_toml)
+        .ok()
+        .and_then(|file| file.get("request_log")?.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("the artifacts of run {run}, under {REQUEST_LOG_DIRECTORY}/"));
     json!({
         "name": deployment.name,
         "job": deployment.id,
@@ -155,12 +166,22 @@ fn deployment_json(deployment: &pb::Job, replicas: &[(u64, &pb::Job)]) -> Value 
         "target_queue_depth": options.as_ref().map(|options| options.target_queue_depth),
         "replicas_live": live.len(),
         "replicas_ready": ready.len(),
+        "replicas_outdated": outdated,
         "versions": versions,
         "requests_per_second": rate,
         "p50_ms": p50,
         "p99_ms": p99,
+        "run": run,
+        "request_log": request_log,
         "message": deployment.message,
-        "replicas": replicas.iter().map(|(number, job)| replica_json(*number, job)).collect::<Vec<_>>(),
+        "replicas": replicas
+            .iter()
+            .map(|(number, job)| {
+                let mut replica = replica_json(*number, job);
+                replica["outdated"] = json!(job.spec_toml != deployment.spec_toml);
+                replica
+            })
+            .collect::<Vec<_>>(),
     })
 }
 
@@ -267,12 +288,19 @@ pub async fn run(command: DeploymentsCommand, client: &mut Client) -> Result<()>
                 shown["replicas_max"],
                 shown["target_queue_depth"]
             );
+            if shown["replicas_outdated"].as_u64().unwrap_or(0) > 0 {
+                println!(
+                    "  updating  {} replica(s) still run the previous file; they are replaced one at a time",
+                    shown["replicas_outdated"]
+                );
+            }
             println!(
                 "  load      {} requests/s, p50 {} ms, p99 {} ms",
                 number(&shown["requests_per_second"], 1),
                 number(&shown["p50_ms"], 2),
                 number(&shown["p99_ms"], 2)
             );
+            println!("  requests  logged to {}", crate::runs::text(&shown["request_log"]));
             if !job.message.is_empty() {
                 println!("  message   {}", job.message);
             }
@@ -331,7 +359,9 @@ pub async fn run(command: DeploymentsCommand, client: &mut Client) -> Result<()>
 }
 
 /// `kiln deploy FILE`: checks the file as a replica will read it, submits it, and with `wait` waits until
-/// the fewest replicas it asks for are ready (or it fails).
+/// the fewest replicas it asks for are ready (or it fails). A file named like a running deployment updates
+/// it in place: the coordinator rolls its replicas to the new file one at a time (and back, if replicas of the
+/// new file cannot start), and `wait` waits until every replica runs the new file.
 pub async fn deploy(file: &Path, wait: Option<Duration>, json: bool, client: &mut Client) -> Result<()> {
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let source = file.display().to_string();
@@ -345,16 +375,30 @@ pub async fn deploy(file: &Path, wait: Option<Duration>, json: bool, client: &mu
         );
     }
     let options = kiln_coordinator::spec::deployment_options(&source, &text)?;
+    let jobs = client.list_jobs(Vec::new(), 0).await.map_err(status_error)?;
+    let running = deployments_of(&jobs)
+        .into_iter()
+        .find(|(job, _)| job.name == options.name && !kiln_coordinator::client::is_finished(job.state))
+        .map(|(job, _)| (job.id, job.spec_toml == text));
     let response = client
         .submit(&text, &source, &kiln_coordinator::client::new_idempotency_key())
         .await
         .map_err(status_error)?;
     let job = response.job.context("the coordinator returned no job")?;
     if !json {
-        println!(
-            "deployment '{}' is job {} ({} to {} replicas of {})",
-            options.name, job.id, options.min_replicas, options.max_replicas, options.model
-        );
+        match running {
+            Some((id, true)) if id == job.id => {
+                println!("deployment '{}' (job {id}) runs this file already", options.name)
+            }
+            Some((id, false)) if id == job.id => println!(
+                "deployment '{}' (job {id}) is updating: its replicas are replaced one at a time by replicas of this file ({} to {} replicas of {})",
+                options.name, options.min_replicas, options.max_replicas, options.model
+            ),
+            _ => println!(
+                "deployment '{}' is job {} ({} to {} replicas of {})",
+                options.name, job.id, options.min_replicas, options.max_replicas, options.model
+            ),
+        }
     }
     let Some(wait) = wait else {
         if json {
@@ -363,7 +407,7 @@ pub async fn deploy(file: &Path, wait: Option<Duration>, json: bool, client: &mu
         return Ok(());
     };
     let deadline = Instant::now() + wait;
-    let mut shown = usize::MAX;
+    let mut shown = (usize::MAX, u64::MAX);
     loop {
         let jobs = client.list_jobs(Vec::new(), 0).await.map_err(status_error)?;
         let deployments = deployments_of(&jobs);
@@ -380,7 +424,20 @@ pub async fn deploy(file: &Path, wait: Option<Duration>, json: bool, client: &mu
                 current.message
             );
         }
-        if ready >= options.min_replicas as usize {
+        if current.spec_toml != text {
+            bail!(
+                "deployment '{}' (job {}) no longer runs this file: {}",
+                options.name,
+                current.id,
+                if current.message.is_empty() {
+                    "another file was deployed under its name"
+                } else {
+                    current.message.as_str()
+                }
+            );
+        }
+        let outdated = state["replicas_outdated"].as_u64().unwrap_or(0);
+        if ready >= options.min_replicas as usize && outdated == 0 {
             if json {
                 println!("{}", serde_json::to_string_pretty(&state)?);
             } else {
@@ -391,9 +448,13 @@ pub async fn deploy(file: &Path, wait: Option<Duration>, json: bool, client: &mu
             }
             return Ok(());
         }
-        if ready != shown && !json {
-            eprintln!("waiting: {ready} of {} replicas ready", options.min_replicas);
-            shown = ready;
+        if (ready, outdated) != shown && !json {
+            if outdated > 0 {
+                eprintln!("updating: {ready} replicas ready, {outdated} still on the previous file");
+            } else {
+                eprintln!("waiting: {ready} of {} replicas ready", options.min_replicas);
+            }
+            shown = (ready, outdated);
         }
         if Instant::now() >= deadline {
             bail!(

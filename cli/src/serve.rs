@@ -293,7 +293,7 @@ pub(crate) struct Deployment {
     #[serde(default)]
     postprocess: Vec<Step>,
     /// Log every request and response as Parquet into this store (a directory, s3://…, gs://…, az://…),
-    /// under request-logs/MODEL/VERSION/.
+    /// under request-logs/MODEL/VERSION/. A deployment's replicas log into the deployment's run without it.
     #[serde(default)]
     request_log: Option<String>,
     /// Feature enrichment: requests may carry this feature service's entity keys instead of the input.
@@ -549,12 +549,58 @@ fn log_requests(serving: &Serving, location: &str, config: RequestLogConfig) -> 
     let store = kiln_coordinator::artifacts::ArtifactStore::open(location, u64::MAX)
         .with_context(|| format!("opening the request log's store {location}"))?;
     println!("logging requests to {location}/{}", config.prefix);
-    serving.log_requests(store.object_store(), config);
+    serving.log_requests(Arc::new(store.object_store()), config);
     Ok(())
+}
+
+/// A replica's request log when its deployment names no store: the artifacts of the deployment's run, written
+/// through the cluster's artifact proxy (any coordinator of `tracking`, a comma-separated list), so the files
+/// land in the cluster's artifact store wherever the replica runs.
+struct RunArtifacts {
+    tracking: String,
+    /// `EXPERIMENT/RUN/artifacts`.
+    root: String,
+}
+
+impl RunArtifacts {
+    /// The run of deployment job `deployment`, found through `tracking`.
+    async fn of_deployment(tracking: &str, deployment: u64) -> Result<RunArtifacts> {
+        let run = kiln_coordinator::tracking::Tracking::job_run_id(deployment);
+        let what = format!("finding run {run} of deployment job {deployment}");
+        let root = crate::runs::through_tracking(tracking, &what, |api| {
+            let run = run.clone();
+            async move { crate::artifacts::run_root(&api, &run).await }
+        })
+        .await?;
+        Ok(RunArtifacts {
+            tracking: tracking.to_string(),
+            root,
+        })
+    }
+}
+
+impl kiln_serving::request_log::LogStore for RunArtifacts {
+    fn put<'a>(
+        &'a self,
+        path: &'a str,
+        bytes: bytes::Bytes,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async move {
+            let target = format!("{}/{path}", self.root);
+            crate::runs::through_tracking(&self.tracking, "writing the request log", |api| {
+                let (target, bytes) = (target.clone(), bytes.clone());
+                async move { crate::artifacts::upload_bytes(&api, &target, bytes).await }
+            })
+            .await
+            .map_err(|error| format!("{error:#}"))
+        })
+    }
 }
 
 /// How often a replica tells the coordinator that it is ready, where it listens and how loaded it is.
 const REPLICA_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a stopped replica goes on answering before it closes its ports (routers poll every 500 ms).
+const REPLICA_DRAIN: Duration = Duration::from_secs(1);
 /// Queue-depth samples per report, averaged.
 const QUEUE_SAMPLES_PER_REPORT: u32 = 10;
 
@@ -574,13 +620,8 @@ pub async fn run_replica(spec: &Path) -> Result<()> {
     let mut client = kiln_coordinator::client::Client::new(&variable("KILN_COORDINATOR")?)?;
     let host = std::env::var("KILN_HOST").unwrap_or_else(|_| "127.0.0.1".to_string());
     // The worker passes every coordinator's MLflow API; the registry is read through the first.
-    let tracking = std::env::var("KILN_TRACKING")
-        .unwrap_or_default()
-        .split(',')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_string();
+    let all_tracking = std::env::var("KILN_TRACKING").unwrap_or_default();
+    let tracking = all_tracking.split(',').next().unwrap_or_default().trim().to_string();
     let temporary = tempfile::tempdir().context("creating a directory for fetched models")?;
     let serving = Arc::new(Serving::default());
 
@@ -598,8 +639,30 @@ pub async fn run_replica(spec: &Path) -> Result<()> {
         };
         let models = [format!("{}={}", deployment.name, deployment.model)];
         let follows = load_models(&serving, &models, &loading).await?;
-        if let Some(location) = &deployment.request_log {
-            log_requests(&serving, location, RequestLogConfig::default())?;
+        match (
+            &deployment.request_log,
+            std::env::var(kiln_coordinator::deployment::DEPLOYMENT_ENV),
+        ) {
+            (Some(location), _) => log_requests(&serving, location, RequestLogConfig::default())?,
+            (None, Ok(deployment_job)) if !all_tracking.is_empty() => {
+                let deployment_job: u64 = deployment_job
+                    .parse()
+                    .with_context(|| format!("KILN_DEPLOYMENT is '{deployment_job}'; expected a job id"))?;
+                let store = RunArtifacts::of_deployment(&all_tracking, deployment_job).await?;
+                let replica = std::env::var(kiln_coordinator::deployment::REPLICA_ENV).unwrap_or_default();
+                let config = RequestLogConfig {
+                    prefix: format!("{}/replica-{replica}", crate::deployments::REQUEST_LOG_DIRECTORY),
+                    ..RequestLogConfig::default()
+                };
+                println!(
+                    "logging requests to the artifacts of run {} ({}/{}/)",
+                    kiln_coordinator::tracking::Tracking::job_run_id(deployment_job),
+                    store.root,
+                    config.prefix
+                );
+                serving.log_requests(Arc::new(store), config);
+            }
+            _ => eprintln!("requests are not logged: the deployment names no request_log and no tracking API is set"),
         }
         let rest = tokio::net::TcpListener::bind((host.as_str(), 0))
             .await
@@ -634,7 +697,19 @@ pub async fn run_replica(spec: &Path) -> Result<()> {
     let (http, grpc_address) = (rest.local_addr()?.to_string(), grpc.local_addr()?.to_string());
     println!("replica of job {job_id}: Open Inference Protocol on REST http://{http} gRPC {grpc_address}");
     let shutdown = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(crate::shutdown_on_signal(shutdown.clone()));
+    // Stopped (scaled down, replaced by an update, deleted), the replica serves on for a moment: the routers
+    // drop a replica once the coordinator has ended its job, which is before its worker sends the signal,
+    // and requests already on their way still get answers.
+    let signalled = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(crate::shutdown_on_signal(signalled.clone()));
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            signalled.cancelled().await;
+            tokio::time::sleep(REPLICA_DRAIN).await;
+            shutdown.cancel();
+        }
+    });
     follow_aliases(&serving, follows, &loading, follow_interval, &shutdown);
     let reporting = {
         let (serving, shutdown) = (serving.clone(), shutdown.clone());

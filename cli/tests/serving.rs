@@ -86,46 +86,14 @@ async fn serve(args: &[&str], directory: &Path) -> (Server, String, String) {
     }
 }
 
+type LoggedRow = (String, String, String, Option<String>);
+
 /// The rows of the request-log files under `directory` as (request id, status, inputs, outputs), once there
 /// are at least `expected` (waiting up to 20 s for the log's next flush).
-async fn logged_rows(directory: &Path, expected: usize) -> Vec<(String, String, String, Option<String>)> {
-    use arrow_array::{Array, StringArray};
+async fn logged_rows(directory: &Path, expected: usize) -> Vec<LoggedRow> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let mut rows = Vec::new();
-        for entry in std::fs::read_dir(directory).into_iter().flatten() {
-            let file = std::fs::File::open(entry.unwrap().path()).unwrap();
-            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-                .unwrap()
-                .build()
-                .unwrap();
-            for batch in reader {
-                let batch = batch.unwrap();
-                let column = |name: &str| {
-                    batch
-                        .column_by_name(name)
-                        .unwrap()
-                        .as_any()
-                        .downcast_ref::<StringArray>()
-                        .unwrap()
-                        .clone()
-                };
-                let (ids, statuses, inputs, outputs) = (
-                    column("request_id"),
-                    column("status"),
-                    column("inputs"),
-                    column("outputs"),
-                );
-                for row in 0..batch.num_rows() {
-                    rows.push((
-                        ids.value(row).to_string(),
-                        statuses.value(row).to_string(),
-                        inputs.value(row).to_string(),
-                        (!outputs.is_null(row)).then(|| outputs.value(row).to_string()),
-                    ));
-                }
-            }
-        }
+        let rows = read_logged_rows(directory);
         if rows.len() >= expected || Instant::now() > deadline {
             assert!(
                 rows.len() >= expected,
@@ -136,6 +104,46 @@ async fn logged_rows(directory: &Path, expected: usize) -> Vec<(String, String, 
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The rows of the request-log files directly in `directory`.
+fn read_logged_rows(directory: &Path) -> Vec<LoggedRow> {
+    use arrow_array::{Array, StringArray};
+    let mut rows = Vec::new();
+    for entry in std::fs::read_dir(directory).into_iter().flatten() {
+        let file = std::fs::File::open(entry.unwrap().path()).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let column = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .unwrap()
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .unwrap()
+                    .clone()
+            };
+            let (ids, statuses, inputs, outputs) = (
+                column("request_id"),
+                column("status"),
+                column("inputs"),
+                column("outputs"),
+            );
+            for row in 0..batch.num_rows() {
+                rows.push((
+                    ids.value(row).to_string(),
+                    statuses.value(row).to_string(),
+                    inputs.value(row).to_string(),
+                    (!outputs.is_null(row)).then(|| outputs.value(row).to_string()),
+                ));
+            }
+        }
+    }
+    rows
 }
 
 /// Runs a test script with the stock clients' Python; it must end by printing `last_line`.
@@ -596,8 +604,8 @@ async fn a_deployment_runs_replicas_on_the_workers_behind_the_router_and_outlive
         String::from_utf8_lossy(&deployed.stderr)
     );
     let again = cluster.cli(&["deploy", file.to_str().unwrap()]).unwrap();
-    assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("'digits' is already running"));
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("runs this file already"));
     let state = deployment_state(&cluster, "digits");
     assert_eq!(
         (state["replicas_ready"].as_u64(), state["versions"].clone()),
@@ -790,5 +798,337 @@ async fn a_deployment_runs_replicas_on_the_workers_behind_the_router_and_outlive
             .iter()
             .all(|replica| replica["state"] != "running" && replica["state"] != "queued"),
         "{state}"
+    );
+}
+
+/// Downloads the request-log files of run `run` (its artifacts under `requests/`) into `directory`, flat;
+/// returns their paths in the run.
+fn fetch_request_logs(cluster: &Cluster, tracking: &str, run: &str, directory: &Path) -> Vec<String> {
+    let listed = cluster
+        .cli(&[
+            "artifacts",
+            "list",
+            run,
+            "--path",
+            "requests",
+            "--json",
+            "--tracking",
+            tracking,
+        ])
+        .unwrap();
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let mut paths = Vec::new();
+    for file in listed.as_array().unwrap() {
+        let path = file["path"].as_str().unwrap().to_string();
+        let out = directory.join(path.replace('/', "_"));
+        if !out.exists() {
+            let fetched = cluster
+                .cli(&[
+                    "artifacts",
+                    "get",
+                    run,
+                    &path,
+                    "--out",
+                    out.to_str().unwrap(),
+                    "--tracking",
+                    tracking,
+                ])
+                .unwrap();
+            assert!(fetched.status.success(), "{}", String::from_utf8_lossy(&fetched.stderr));
+        }
+        paths.push(path);
+    }
+    paths
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_follows_its_load_between_min_and_max_and_logs_every_request_into_its_run() {
+    let mut cluster = Cluster::new(Path::new(KILN), 1, &["--worker-lease", "2s"]).unwrap();
+    cluster.tracking = true;
+    cluster.start_all().unwrap();
+    cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
+    cluster.start_worker(1, 4, &[]).unwrap();
+    cluster.wait_for_workers(1, Duration::from_secs(20)).await.unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    train_digits(&cluster, directory.path(), 1);
+    let tracking = cluster.members[&1].tracking_addr.clone();
+
+    let (rest, grpc) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let log = std::fs::File::create(directory.path().join("router.log")).unwrap();
+    let _router = Server(
+        Command::new(KILN)
+            .args(["router", "--coordinator", &cluster.addresses()])
+            .args(["--http-listen", &rest, "--grpc-listen", &grpc])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    // One request at a time per replica, so that a load of many clients queues; one more replica while more
+    // than one request waits on average, one fewer after 2 s without.
+    let file = directory.path().join("deployment.toml");
+    let deployment = |model: &str, postprocess: &str, target_queue_depth: u32| {
+        format!(
+            "kind = \"deployment\"\nname = \"digits\"\nmodel = \"{model}\"\ninput_name = \"pixels\"\n{postprocess}\n\
+             [batching]\nmax_batch_size = 1\nmax_wait = \"0ms\"\ninstances = 1\n\n\
+             [replicas]\nmin = 1\nmax = 2\ntarget_queue_depth = {target_queue_depth}\nscale_down_delay = \"2s\"\n\n\
+             [resources]\ncpus = 1\n"
+        )
+    };
+    std::fs::write(&file, deployment("models:/digits@champion", "", 1)).unwrap();
+    let deployed = cluster
+        .cli(&["deploy", file.to_str().unwrap(), "--wait", "90s"])
+        .unwrap();
+    assert!(
+        deployed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&deployed.stderr)
+    );
+    let state = deployment_state(&cluster, "digits");
+    assert_eq!(
+        (state["replicas_live"].as_u64(), state["replicas_ready"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let run = state["run"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_json(&rest, "GET", "/v2/models/digits/ready", "").0 != 200 {
+        assert!(Instant::now() < deadline, "the router did not learn of the deployment");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Twelve clients: the queue grows past the target and a second replica is started; both serve.
+    let (features, _) = digits_rows(1);
+    let one_row = json!({
+        "inputs": [{ "name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": features[0] }],
+    })
+    .to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..12)
+        .map(|_| {
+            let (stop, rest, one_row) = (stop.clone(), rest.clone(), one_row.clone());
+            std::thread::spawn(move || {
+                let (mut answered, mut failures) = (0usize, Vec::new());
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline && answered < 1_000_000 {
+                    match http_json(&rest, "POST", "/v2/models/digits/infer", &one_row) {
+                        (200, _) => answered += 1,
+                        (status, answer) => failures.push(format!("{status} {answer}")),
+                    }
+                }
+                (answered, failures)
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = deployment_state(&cluster, "digits");
+        let replicas = now["replicas"].as_array().unwrap();
+        let both_served = replicas.len() == 2
+            && replicas
+                .iter()
+                .all(|replica| replica["requests_per_second"].as_f64().is_some_and(|rate| rate > 0.0));
+        if now["replicas_ready"] == 2 && both_served {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no second replica under load: {now}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (status, metrics) = http_text(&rest, "GET", "/metrics", "");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("kiln_router_replicas{model=\"digits\"} 2"),
+        "{metrics}"
+    );
+
+    // The load stops: after the delay the newest replica is removed, and the deployment stays at its minimum.
+    stop.store(true, Ordering::SeqCst);
+    let mut answered = 0;
+    for client in clients {
+        let (count, failures) = client.join().unwrap();
+        assert!(failures.is_empty(), "requests failed while scaling up: {failures:?}");
+        answered += count;
+    }
+    assert!(answered > 50, "{answered} requests answered");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let scaled_down = loop {
+        let now = deployment_state(&cluster, "digits");
+        if now["replicas_live"] == 1 {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "the idle replica was not removed: {now}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let replicas = scaled_down["replicas"].as_array().unwrap();
+    assert_eq!(replicas.len(), 2, "{scaled_down}");
+    assert_eq!(replicas[0]["state"], "running", "{scaled_down}");
+    assert_eq!(replicas[1]["state"], "cancelled", "{scaled_down}");
+    assert!(
+        replicas[1]["message"].as_str().unwrap().starts_with("scaled down"),
+        "{scaled_down}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(deployment_state(&cluster, "digits")["replicas_live"], 1);
+
+    // A changed file deployed under the running name updates it in place: its replica is replaced by one of
+    // the new file (which adds the top two classes to every answer) while clients send, and none fails.
+    let (stop, switched) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, switched, rest, one_row) = (stop.clone(), switched.clone(), rest.clone(), one_row.clone());
+            std::thread::spawn(move || {
+                let (mut outputs, mut failures) = (Vec::new(), Vec::new());
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline && outputs.len() < 1_000_000 {
+                    match http_json(&rest, "POST", "/v2/models/digits/infer", &one_row) {
+                        (200, answer) => {
+                            let top_k = answer["outputs"]
+                                .as_array()
+                                .unwrap()
+                                .iter()
+                                .any(|output| output["name"] == "top_k_indices");
+                            if top_k {
+                                switched.store(true, Ordering::SeqCst);
+                            }
+                            outputs.push(top_k);
+                        }
+                        (status, answer) => failures.push(format!("{status} {answer}")),
+                    }
+                }
+                (outputs, failures)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    std::fs::write(
+        &file,
+        deployment("models:/digits@champion", "postprocess = [{ top_k = 2 }]\n", 100),
+    )
+    .unwrap();
+    let updated = cluster
+        .cli(&["deploy", file.to_str().unwrap(), "--wait", "90s"])
+        .unwrap();
+    let said = String::from_utf8_lossy(&updated.stdout);
+    assert!(
+        updated.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&updated.stderr)
+    );
+    assert!(
+        said.contains("is updating: its replicas are replaced one at a time"),
+        "{said}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !switched.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "no answer from the updated replica");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    for client in clients {
+        let (outputs, failures) = client.join().unwrap();
+        assert!(failures.is_empty(), "requests failed across the update: {failures:?}");
+        assert_eq!(
+            (outputs.first(), outputs.last()),
+            (Some(&false), Some(&true)),
+            "answers switch to the new file's outputs, once"
+        );
+        assert!(outputs.windows(2).all(|pair| pair[0] <= pair[1]), "answers switch once");
+        answered += outputs.len();
+    }
+    let rolled = deployment_state(&cluster, "digits");
+    let replicas = rolled["replicas"].as_array().unwrap();
+    assert_eq!(
+        (rolled["replicas_live"].as_u64(), rolled["replicas_outdated"].as_u64()),
+        (Some(1), Some(0)),
+        "{rolled}"
+    );
+    assert!(
+        replicas[0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("replaced by the updated deployment"),
+        "{rolled}"
+    );
+    let again = cluster.cli(&["deploy", file.to_str().unwrap()]).unwrap();
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("runs this file already"));
+
+    // A file whose model does not exist: its replicas cannot start, the deployment rolls back to the file
+    // it ran, and `kiln deploy` says why; the replica of that file answered throughout.
+    let working = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        deployment("models:/digits@nobody", "postprocess = [{ top_k = 2 }]\n", 100),
+    )
+    .unwrap();
+    let refused = cluster
+        .cli(&["deploy", file.to_str().unwrap(), "--wait", "120s"])
+        .unwrap();
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        message.contains("no longer runs this file: the update was rolled back") && message.contains("alias 'nobody'"),
+        "{message}"
+    );
+    let state = deployment_state(&cluster, "digits");
+    assert_eq!(
+        (state["replicas_live"].as_u64(), state["replicas_ready"].as_u64()),
+        (Some(1), Some(1)),
+        "{state}"
+    );
+    let shown = cluster
+        .cli(&["jobs", "show", &state["job"].to_string(), "--json"])
+        .unwrap();
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["spec_toml"].as_str(), Some(working.as_str()), "{shown}");
+    let (status, answer) = http_json(&rest, "POST", "/v2/models/digits/infer", &one_row);
+    assert_eq!(status, 200, "{answer}");
+    answered += 1;
+
+    // Every answered request is in the request log, in the artifacts of the deployment's run: the removed
+    // replica wrote its rows when it stopped, the other when the deployment is deleted.
+    let deleted = cluster.cli(&["deployments", "delete", "digits"]).unwrap();
+    assert!(deleted.status.success(), "{}", String::from_utf8_lossy(&deleted.stderr));
+    let logs = directory.path().join("request-logs");
+    std::fs::create_dir(&logs).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (paths, rows) = loop {
+        let paths = fetch_request_logs(&cluster, &tracking, &run, &logs);
+        let rows = read_logged_rows(&logs);
+        if rows.len() >= answered || Instant::now() > deadline {
+            break (paths, rows);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(rows.len(), answered, "rows logged for the answered requests, each once");
+    assert!(
+        rows.iter()
+            .all(|(_, status, _, outputs)| status == "ok" && outputs.is_some())
+    );
+    let mut ids: Vec<&str> = rows.iter().map(|(id, ..)| id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), rows.len(), "request ids are unique");
+    for replica in ["requests/replica-0/digits/1/", "requests/replica-1/digits/1/"] {
+        assert!(
+            paths
+                .iter()
+                .any(|path| path.starts_with(replica) && path.ends_with(".parquet")),
+            "no file under {replica}: {paths:?}"
+        );
+    }
+    let shown = cluster.cli(&["deployments", "show", "digits"]).unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains(&format!(
+            "requests  logged to the artifacts of run {run}, under requests/"
+        )),
+        "{shown}"
     );
 }

@@ -16,6 +16,12 @@
 //!   `scale_down_delay`;
 //! - a deployment whose last [`CRASH_LOOP_REPLICAS`] replicas all ended without ever becoming ready, with
 //!   none ready now, fails with their reason instead of starting replicas forever;
+//! - a deployment whose file changed (`kiln deploy` of a new file under a running deployment's name) rolls:
+//!   one replica of the new file is started, and once it is ready the oldest replica of an older file is
+//!   stopped, one at a time, so the ready replicas never drop below what they were; the live count stays at
+//!   what it was when the file changed (within the new min and max) plus the one starting. Scaling waits
+//!   until the roll is done. If [`CRASH_LOOP_REPLICAS`] replicas of the new file in a row end without
+//!   becoming ready, the deployment rolls back to the file its older replicas run, saying why;
 //! - a deployment that ended (deleted, failed) stops its replicas.
 
 use std::collections::BTreeMap;
@@ -46,6 +52,11 @@ pub const ERROR: &str = "error";
 pub const CRASH_LOOP_REPLICAS: usize = 3;
 /// The reason a replica removed for low load is cancelled with starts with this.
 pub const SCALED_DOWN: &str = "scaled down";
+/// The reason a replica of an older file, stopped by a roll, is cancelled with starts with this.
+pub const REPLACED: &str = "replaced by the updated deployment";
+/// Kept in an updated deployment's metrics: its live replicas when the file changed, and when.
+pub const ROLL_REPLICAS: &str = "roll_replicas";
+pub const ROLL_STARTED_MS: &str = "roll_started_ms";
 
 /// The deployment and replica number of a replica job.
 pub fn replica_of(spec: &JobSpec) -> Option<(u64, u64)> {
@@ -168,6 +179,15 @@ fn decide_one(deployment: &Job, options: &DeploymentOptions, replicas: &[(u64, &
         )];
     }
 
+    let outdated: Vec<&(u64, &Job)> = live
+        .iter()
+        .copied()
+        .filter(|(_, job)| job.spec_toml != deployment.spec_toml)
+        .collect();
+    if !outdated.is_empty() {
+        return roll(deployment, options, replicas, &live, &outdated, now_ms);
+    }
+
     let (min, max) = (options.min_replicas as usize, options.max_replicas as usize);
     let mut wanted = live.len().clamp(min, max);
     let mut commands = Vec::new();
@@ -218,6 +238,75 @@ fn decide_one(deployment: &Job, options: &DeploymentOptions, replicas: &[(u64, &
         });
     }
     commands
+}
+
+/// One step of rolling `deployment` to its file: roll back, wait for the replica starting, stop an old one,
+/// or start a new one (see the module's documentation).
+fn roll(
+    deployment: &Job,
+    options: &DeploymentOptions,
+    replicas: &[(u64, &Job)],
+    live: &[&(u64, &Job)],
+    outdated: &[&(u64, &Job)],
+    now_ms: i64,
+) -> Vec<Command> {
+    let current = |job: &Job| job.spec_toml == deployment.spec_toml;
+    let since = deployment
+        .metrics
+        .get(ROLL_STARTED_MS)
+        .map_or(i64::MIN, |ms| *ms as i64);
+    let failing: Vec<&Job> = replicas
+        .iter()
+        .rev()
+        .map(|(_, job)| *job)
+        .filter(|job| current(job) && job.submitted_at_ms >= since && job.state.is_finished())
+        .take(CRASH_LOOP_REPLICAS)
+        .collect();
+    if failing.len() == CRASH_LOOP_REPLICAS
+        && failing.iter().all(|job| {
+            matches!(job.state, JobState::Failed) && !job.metrics.get(READY).is_some_and(|ready| *ready >= 1.0)
+        })
+    {
+        let last = failing[0];
+        let reason = last
+            .artifacts
+            .get(ERROR)
+            .cloned()
+            .unwrap_or_else(|| last.message.clone());
+        return vec![Command::UpdateDeployment {
+            job: deployment.id,
+            spec_toml: outdated[0].1.spec_toml.clone(),
+            message: format!(
+                "the update was rolled back: {CRASH_LOOP_REPLICAS} replicas of the new file in a row ended before they were ready (the last, job {}: {reason}); see kiln jobs logs {}",
+                last.id, last.id
+            ),
+            now_ms,
+        }];
+    }
+    if live.iter().any(|(_, job)| current(job) && !is_ready(job)) {
+        return Vec::new();
+    }
+    let (min, max) = (options.min_replicas as usize, options.max_replicas as usize);
+    let target = deployment
+        .metrics
+        .get(ROLL_REPLICAS)
+        .map_or(live.len(), |count| *count as usize)
+        .clamp(min, max);
+    if live.len() > target {
+        let (replica, oldest) = outdated[0];
+        return vec![Command::CancelJob {
+            id: oldest.id,
+            reason: format!("{REPLACED}: replica {replica} ran an older file of '{}'", options.name),
+            now_ms,
+        }];
+    }
+    let next = replicas.last().map_or(0, |(replica, _)| replica + 1);
+    vec![Command::SubmitJob {
+        spec: replica_spec(deployment, options, next),
+        spec_toml: deployment.spec_toml.clone(),
+        idempotency_key: replica_key(deployment.id, next),
+        now_ms,
+    }]
 }
 
 #[cfg(test)]

@@ -486,6 +486,15 @@ pub enum Command {
         master_port: u16,
         now_ms: i64,
     },
+    /// A running deployment's file replaced (the deployment controller's rollback of an update whose replicas
+    /// cannot start; `kiln deploy` of a changed file arrives as `SubmitJob`). `message` becomes the
+    /// deployment's. Refused when the file does not parse as a deployment of the same name.
+    UpdateDeployment {
+        job: JobId,
+        spec_toml: String,
+        message: String,
+        now_ms: i64,
+    },
 }
 
 /// What a rank reports: the latest metrics and artifact locations, and the points measured since its
@@ -689,15 +698,17 @@ impl StateMachine {
                 if let Err(reason) = self.check_fits_cluster(&spec) {
                     return CommandResult::Rejected(CoordinatorError::FailedPrecondition(reason));
                 }
-                if spec.kind == crate::spec::JobKind::Deployment
-                    && let Some((running, _)) = self
-                        .deployments()
-                        .find(|(job, _)| job.spec.name == spec.name && !job.state.is_finished())
-                {
-                    return CommandResult::Rejected(CoordinatorError::FailedPrecondition(format!(
-                        "deployment '{}' is already running as job {}; delete it first (kiln deployments delete {})",
-                        spec.name, running.id, spec.name
-                    )));
+                // A deployment submitted under the name of a running one updates it in place (`kiln deploy`
+                // of a changed file): the controller rolls its replicas to the new file.
+                let running = (spec.kind == crate::spec::JobKind::Deployment)
+                    .then(|| {
+                        self.deployments()
+                            .find(|(job, _)| job.spec.name == spec.name && !job.state.is_finished())
+                            .map(|(job, _)| job.id)
+                    })
+                    .flatten();
+                if let Some(id) = running {
+                    return self.update_deployment(id, spec, spec_toml, String::new(), now_ms, changed);
                 }
                 self.next_job_id += 1;
                 // A sweep or a deployment runs no task: it is running from the start, and never queued.
@@ -750,6 +761,23 @@ impl StateMachine {
                             ("kiln.trial".to_string(), trial.to_string()),
                         ];
                     }
+                    self.tracking
+                        .start_job_run(job.id, &job.spec.name, &params, &spec_hash, &place, now_ms);
+                } else if job.spec.kind == crate::spec::JobKind::Deployment
+                    && let Ok(options) = crate::spec::deployment_options("deployment", &job.spec_toml)
+                {
+                    // A deployment's run holds its replicas' request logs (artifacts under `requests/`).
+                    let spec_hash = crate::artifacts::hex(&sha2::Sha256::digest(job.spec_toml.as_bytes()));
+                    let params = [
+                        ("model", options.model.clone()),
+                        ("replicas.min", options.min_replicas.to_string()),
+                        ("replicas.max", options.max_replicas.to_string()),
+                    ]
+                    .map(|(key, value)| (key.to_string(), value));
+                    let place = crate::tracking::JobRunPlace {
+                        experiment: None,
+                        tags: vec![("kiln.deployment".to_string(), options.name.clone())],
+                    };
                     self.tracking
                         .start_job_run(job.id, &job.spec.name, &params, &spec_hash, &place, now_ms);
                 }
@@ -857,6 +885,15 @@ impl StateMachine {
                     "no job was submitted with idempotency key '{idempotency_key}'"
                 ))),
             },
+            Command::UpdateDeployment {
+                job,
+                spec_toml,
+                message,
+                now_ms,
+            } => match crate::spec::parse_job_spec("deployment", &spec_toml) {
+                Ok(spec) => self.update_deployment(job, spec, spec_toml, message, now_ms, changed),
+                Err(error) => CommandResult::Rejected(CoordinatorError::InvalidArgument(error.to_string())),
+            },
             Command::Batch(commands) => CommandResult::Batch(
                 commands
                     .into_iter()
@@ -946,6 +983,63 @@ impl StateMachine {
             spec.resources.workers,
             alive.len()
         ))
+    }
+
+    /// Replaces running deployment `id`'s file with `spec_toml` (parsed as `spec`), remembering how many
+    /// replicas were live and when, for the roll (see [`crate::deployment`]). The same file again changes
+    /// nothing.
+    fn update_deployment(
+        &mut self,
+        id: JobId,
+        spec: JobSpec,
+        spec_toml: String,
+        message: String,
+        now_ms: i64,
+        changed: &mut Vec<Job>,
+    ) -> CommandResult {
+        let live = self.deployment_replicas.get(&id).map_or(0, |replicas| {
+            replicas
+                .values()
+                .filter(|replica| self.jobs.get(*replica).is_some_and(|job| !job.state.is_finished()))
+                .count()
+        });
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return CommandResult::Rejected(CoordinatorError::NotFound(format!("job {id} does not exist")));
+        };
+        if job.spec.kind != crate::spec::JobKind::Deployment || job.state != JobState::Running {
+            return CommandResult::Rejected(CoordinatorError::FailedPrecondition(format!(
+                "job {id} is not a running deployment (it is a {} job, {})",
+                job.spec.kind.label(),
+                job.state.label()
+            )));
+        }
+        if spec.kind != crate::spec::JobKind::Deployment || spec.name != job.spec.name {
+            return CommandResult::Rejected(CoordinatorError::InvalidArgument(format!(
+                "deployment '{}' can only be updated by a file of kind \"deployment\" with the same name; got a {} job named '{}'",
+                job.spec.name,
+                spec.kind.label(),
+                spec.name
+            )));
+        }
+        if job.spec_toml == spec_toml {
+            return CommandResult::Submitted {
+                job: job.clone(),
+                created: false,
+            };
+        }
+        job.spec = spec;
+        job.spec_toml = spec_toml;
+        job.message = message;
+        job.updated_at_ms = now_ms;
+        job.metrics
+            .insert(crate::deployment::ROLL_REPLICAS.to_string(), live as f64);
+        job.metrics
+            .insert(crate::deployment::ROLL_STARTED_MS.to_string(), now_ms as f64);
+        changed.push(job.clone());
+        CommandResult::Submitted {
+            job: job.clone(),
+            created: false,
+        }
     }
 
     #[allow(clippy::too_many_arguments)] // the fields of Command::FinishSweep

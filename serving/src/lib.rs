@@ -312,7 +312,7 @@ impl Serving {
     }
 
     /// Logs every answered request to `store` from now on (see [`request_log`]).
-    pub fn log_requests(&self, store: Arc<dyn object_store::ObjectStore>, config: request_log::RequestLogConfig) {
+    pub fn log_requests(&self, store: Arc<dyn request_log::LogStore>, config: request_log::RequestLogConfig) {
         let log = RequestLog::start(store, config, self.metrics.request_log.clone());
         if self.request_log.set(log).is_err() {
             tracing::warn!("the request log was already configured; keeping the first");

@@ -8,11 +8,16 @@
 //!         (kiln_serving_request_log_dropped_total)      whichever comes first
 //! ```
 //!
+//! The files go to a [`LogStore`]: any `object_store` store (a directory, `s3://…`), or, for a deployment's
+//! replicas, the artifacts of the deployment's run behind the cluster's artifact proxy.
+//!
 //! Logging never makes a request wait: the handler only clones reference-counted tensor buffers into the
 //! queue, and the JSON and Parquet encoding happen on the writer. A file that cannot be written is counted
 //! as dropped rows and the writer goes on. Closing the log flushes what is queued.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,6 +53,32 @@ impl Default for RequestLogConfig {
             flush_interval: Duration::from_secs(10),
             queue_capacity: 65_536,
         }
+    }
+}
+
+/// Where the log's files are written: one whole file at a time, at a path relative to the store.
+pub trait LogStore: Send + Sync + 'static {
+    /// Writes `bytes` as the file at `path`; the error says why it could not.
+    fn put<'a>(
+        &'a self,
+        path: &'a str,
+        bytes: bytes::Bytes,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+}
+
+impl LogStore for Arc<dyn ObjectStore> {
+    fn put<'a>(
+        &'a self,
+        path: &'a str,
+        bytes: bytes::Bytes,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async move {
+            let path = Path::parse(path).map_err(|error| error.to_string())?;
+            ObjectStoreExt::put(self.as_ref(), &path, bytes.into())
+                .await
+                .map(|_| ())
+                .map_err(|error| error.to_string())
+        })
     }
 }
 
@@ -91,7 +122,7 @@ impl std::fmt::Debug for RequestLog {
 
 impl RequestLog {
     /// Starts the writer on the current tokio runtime.
-    pub fn start(store: Arc<dyn ObjectStore>, config: RequestLogConfig, counters: LogCounters) -> RequestLog {
+    pub fn start(store: Arc<dyn LogStore>, config: RequestLogConfig, counters: LogCounters) -> RequestLog {
         let (queue, receiver) = mpsc::channel(config.queue_capacity.max(1));
         let closing = CancellationToken::new();
         let writer = tokio::spawn(write_loop(receiver, store, config, counters.clone(), closing.clone()));
@@ -122,7 +153,7 @@ impl RequestLog {
 
 async fn write_loop(
     mut receiver: mpsc::Receiver<LogEntry>,
-    store: Arc<dyn ObjectStore>,
+    store: Arc<dyn LogStore>,
     config: RequestLogConfig,
     counters: LogCounters,
     closing: CancellationToken,
@@ -178,7 +209,7 @@ fn chunks(mut rows: Vec<LogEntry>, size: usize) -> Vec<Vec<LogEntry>> {
 }
 
 async fn write_file(
-    store: &Arc<dyn ObjectStore>,
+    store: &Arc<dyn LogStore>,
     prefix: &str,
     rows: Vec<LogEntry>,
     sequence: &mut u64,
@@ -199,14 +230,7 @@ async fn write_file(
     );
     *sequence += 1;
     let written = match encode(&rows) {
-        Ok(bytes) => match Path::parse(&name) {
-            Ok(path) => store
-                .put(&path, bytes.into())
-                .await
-                .map(|_| ())
-                .map_err(|error| error.to_string()),
-            Err(error) => Err(error.to_string()),
-        },
+        Ok(bytes) => store.put(&name, bytes.into()).await,
         Err(error) => Err(error),
     };
     match written {
@@ -342,7 +366,9 @@ mod tests {
     #[tokio::test]
     async fn rows_are_written_as_parquet_per_model_version_in_files_of_bounded_size_and_flushed_on_close() {
         let directory = tempfile::tempdir().unwrap();
-        let store = Arc::new(object_store::local::LocalFileSystem::new_with_prefix(directory.path()).unwrap());
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(directory.path()).unwrap());
+        let store = Arc::new(store);
         let config = RequestLogConfig {
             rows_per_file: 2,
             flush_interval: Duration::from_secs(3600),
@@ -396,7 +422,9 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_drops_and_counts_instead_of_waiting() {
         let directory = tempfile::tempdir().unwrap();
-        let store = Arc::new(object_store::local::LocalFileSystem::new_with_prefix(directory.path()).unwrap());
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(directory.path()).unwrap());
+        let store = Arc::new(store);
         let config = RequestLogConfig {
             queue_capacity: 3,
             ..RequestLogConfig::default()

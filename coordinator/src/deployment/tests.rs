@@ -192,21 +192,150 @@ fn replicas_start_at_the_minimum_and_a_lost_one_is_replaced_once() {
         now,
         vec![(0, JobState::Running), (1, JobState::Failed), (2, JobState::Queued)]
     );
-    // A second deployment of the same name is refused while this one runs.
-    let spec = crate::spec::parse_job_spec("digits.toml", DEPLOYMENT).unwrap();
-    let result = apply(
-        &mut state,
+    // The same file deployed again is the running deployment, unchanged.
+    let result = submit(&mut state, DEPLOYMENT, 32);
+    assert!(
+        matches!(&result, CommandResult::Submitted { job, created: false } if job.id == deployment),
+        "{result:?}"
+    );
+    assert!(step(&mut state, 33).is_empty());
+}
+
+/// Submits deployment file `text` (as `kiln deploy` does, with a fresh idempotency key).
+fn submit(state: &mut StateMachine, text: &str, now_ms: i64) -> CommandResult {
+    let spec = crate::spec::parse_job_spec("digits.toml", text).unwrap();
+    apply(
+        state,
         Command::SubmitJob {
             spec,
-            spec_toml: DEPLOYMENT.into(),
-            idempotency_key: "another".into(),
-            now_ms: 32,
+            spec_toml: text.into(),
+            idempotency_key: format!("deploy-{now_ms}"),
+            now_ms,
+        },
+    )
+}
+
+/// The live replicas' (job id, whether they run the deployment's file).
+fn live_replicas(state: &StateMachine, deployment: u64) -> Vec<(u64, bool)> {
+    let (job, replicas) = state.deployments().find(|(job, _)| job.id == deployment).unwrap();
+    replicas
+        .iter()
+        .filter(|(_, replica)| !replica.state.is_finished())
+        .map(|(_, replica)| (replica.id, replica.spec_toml == job.spec_toml))
+        .collect()
+}
+
+#[test]
+fn a_changed_file_rolls_the_replicas_one_at_a_time_and_one_that_cannot_start_is_rolled_back() {
+    let (mut state, deployment) = deployed(DEPLOYMENT);
+    step(&mut state, 10);
+    let old: Vec<u64> = replicas(&state, deployment).iter().map(|(_, id, _)| *id).collect();
+    for id in &old {
+        run_ready(&mut state, *id, 0.0, 20);
+    }
+
+    // A new file under the running deployment's name updates it in place.
+    let updated = DEPLOYMENT.replace("top_k = 3", "top_k = 2");
+    let result = submit(&mut state, &updated, 30);
+    assert!(
+        matches!(&result, CommandResult::Submitted { job, created: false } if job.id == deployment && job.spec_toml == updated),
+        "{result:?}"
+    );
+    // One replica of the new file at a time: started, ready, and then the oldest of the old file stops.
+    let mut fresh = Vec::new();
+    for (round, stopped) in old.iter().enumerate() {
+        let now = 40 + round as i64 * 10;
+        let started = step(&mut state, now);
+        assert!(
+            matches!(&started[..], [Command::SubmitJob { spec_toml, .. }] if *spec_toml == updated),
+            "{started:?}"
+        );
+        let (new, current) = *live_replicas(&state, deployment).last().unwrap();
+        assert!(current);
+        assert!(step(&mut state, now + 1).is_empty(), "nothing more while it starts");
+        run_ready(&mut state, new, 0.0, now + 2);
+        let removed = step(&mut state, now + 3);
+        assert!(
+            matches!(&removed[..], [Command::CancelJob { id, reason, .. }] if id == stopped && reason.starts_with(REPLACED)),
+            "{removed:?}"
+        );
+        fresh.push(new);
+    }
+    assert!(step(&mut state, 100).is_empty(), "rolled");
+    assert_eq!(
+        live_replicas(&state, deployment),
+        fresh.iter().map(|id| (*id, true)).collect::<Vec<_>>()
+    );
+
+    // A file whose replicas cannot start: after three of them fail, the deployment goes back to the file its
+    // ready replicas run, which served all along.
+    let broken = updated.replace("@champion", "@nobody");
+    submit(&mut state, &broken, 110);
+    let mut rolled_back = false;
+    for round in 0..4 {
+        let now = 120 + round * 10;
+        let commands = step(&mut state, now);
+        if let [Command::UpdateDeployment { message, .. }] = &commands[..] {
+            assert!(
+                message.contains("rolled back") && message.contains("alias 'nobody' not found"),
+                "{message}"
+            );
+            rolled_back = true;
+            break;
+        }
+        let (new, current) = *live_replicas(&state, deployment).last().unwrap();
+        assert!(current, "{commands:?}");
+        apply(
+            &mut state,
+            Command::StartAttempt {
+                job: new,
+                attempt: 1,
+                placement: vec![1],
+                master_port: 29500 + new as u16,
+                now_ms: now + 1,
+            },
+        );
+        apply(
+            &mut state,
+            Command::RecordReport(Report {
+                job: new,
+                attempt: 1,
+                sequence: 0,
+                metrics: BTreeMap::new(),
+                points: Vec::new(),
+                artifacts: [(ERROR.to_string(), "model 'digits' alias 'nobody' not found".to_string())].into(),
+                now_ms: now + 2,
+            }),
+        );
+        exit(&mut state, new, 1, now + 3);
+    }
+    assert!(rolled_back);
+    let job = state.job(deployment).unwrap();
+    assert_eq!(
+        (job.state, job.spec_toml.as_str()),
+        (JobState::Running, updated.as_str())
+    );
+    assert!(job.message.contains("rolled back"), "{}", job.message);
+    assert!(step(&mut state, 200).is_empty());
+    assert_eq!(
+        live_replicas(&state, deployment),
+        fresh.iter().map(|id| (*id, true)).collect::<Vec<_>>()
+    );
+
+    // Another name's file, or another kind, cannot update it.
+    let result = apply(
+        &mut state,
+        Command::UpdateDeployment {
+            job: deployment,
+            spec_toml: updated.replace("name = \"digits\"", "name = \"other\""),
+            message: String::new(),
+            now_ms: 210,
         },
     );
-    let CommandResult::Rejected(error) = result else {
-        panic!("{result:?}")
-    };
-    assert!(error.to_string().contains("already running as job"), "{error}");
+    assert!(
+        matches!(&result, CommandResult::Rejected(error) if error.to_string().contains("with the same name")),
+        "{result:?}"
+    );
 }
 
 #[test]
