@@ -648,19 +648,24 @@ pub async fn run_replica(spec: &Path) -> Result<()> {
                 let deployment_job: u64 = deployment_job
                     .parse()
                     .with_context(|| format!("KILN_DEPLOYMENT is '{deployment_job}'; expected a job id"))?;
-                let store = RunArtifacts::of_deployment(&all_tracking, deployment_job).await?;
-                let replica = std::env::var(kiln_coordinator::deployment::REPLICA_ENV).unwrap_or_default();
-                let config = RequestLogConfig {
-                    prefix: format!("{}/replica-{replica}", crate::deployments::REQUEST_LOG_DIRECTORY),
-                    ..RequestLogConfig::default()
-                };
-                println!(
-                    "logging requests to the artifacts of run {} ({}/{}/)",
-                    kiln_coordinator::tracking::Tracking::job_run_id(deployment_job),
-                    store.root,
-                    config.prefix
-                );
-                serving.log_requests(Arc::new(store), config);
+                // A replica that cannot log still serves: logging must never cost a request.
+                match RunArtifacts::of_deployment(&all_tracking, deployment_job).await {
+                    Ok(store) => {
+                        let replica = std::env::var(kiln_coordinator::deployment::REPLICA_ENV).unwrap_or_default();
+                        let config = RequestLogConfig {
+                            prefix: format!("{}/replica-{replica}", crate::deployments::REQUEST_LOG_DIRECTORY),
+                            ..RequestLogConfig::default()
+                        };
+                        println!(
+                            "logging requests to the artifacts of run {} ({}/{}/)",
+                            kiln_coordinator::tracking::Tracking::job_run_id(deployment_job),
+                            store.root,
+                            config.prefix
+                        );
+                        serving.log_requests(Arc::new(store), config);
+                    }
+                    Err(error) => eprintln!("requests are not logged: {error:#}"),
+                }
             }
             _ => eprintln!("requests are not logged: the deployment names no request_log and no tracking API is set"),
         }

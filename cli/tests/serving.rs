@@ -511,34 +511,35 @@ async fn an_onnx_model_from_scikit_learn_registered_through_mlflow_serves_what_o
     assert!(message.contains("broken.onnx"), "{message}");
 }
 
-/// `kiln deployments show NAME --json`.
-fn deployment_state(cluster: &Cluster, name: &str) -> serde_json::Value {
-    let shown = cluster.cli(&["deployments", "show", name, "--json"]).unwrap();
-    assert!(shown.status.success(), "{}", String::from_utf8_lossy(&shown.stderr));
-    serde_json::from_slice(&shown.stdout).unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deployment_runs_replicas_on_the_workers_behind_the_router_and_outlives_a_lost_worker() {
+/// A one-coordinator cluster with its tracking API and one worker per entry of `cpus` (its CPU slots), started
+/// one after the other so that worker process N is the Nth registered; returns it and the workers' ids.
+async fn cluster_with_workers(cpus: &[u32]) -> (Cluster, Vec<u64>) {
     let mut cluster = Cluster::new(Path::new(KILN), 1, &["--worker-lease", "2s"]).unwrap();
     cluster.tracking = true;
     cluster.start_all().unwrap();
     cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
-    // Started one after the other, so that worker process 1 is the first registered.
-    cluster.start_worker(1, 2, &[]).unwrap();
-    let first = cluster.wait_for_workers(1, Duration::from_secs(20)).await.unwrap()[0].id;
-    cluster.start_worker(2, 2, &[]).unwrap();
-    cluster.wait_for_workers(2, Duration::from_secs(20)).await.unwrap();
-    let directory = tempfile::tempdir().unwrap();
-    train_digits(&cluster, directory.path(), 4);
+    let mut ids = Vec::new();
+    for (index, slots) in cpus.iter().enumerate() {
+        cluster.start_worker(index as u32 + 1, *slots, &[]).unwrap();
+        let workers = cluster
+            .wait_for_workers(index + 1, Duration::from_secs(20))
+            .await
+            .unwrap();
+        let new = workers.iter().map(|worker| worker.id).find(|id| !ids.contains(id));
+        ids.push(new.unwrap());
+    }
+    (cluster, ids)
+}
 
-    // The cluster's serving ports: a router in front of every deployment.
+/// The cluster's serving ports: `kiln router` in front of every deployment, on free ports, logging to
+/// `directory/router.log`. Returns the process and its REST and gRPC addresses.
+fn start_router(cluster: &Cluster, directory: &Path) -> (Server, String, String) {
     let (rest, grpc) = (
         format!("127.0.0.1:{}", free_port()),
         format!("127.0.0.1:{}", free_port()),
     );
-    let log = std::fs::File::create(directory.path().join("router.log")).unwrap();
-    let _router = Server(
+    let log = std::fs::File::create(directory.join("router.log")).unwrap();
+    let router = Server(
         Command::new(KILN)
             .args(["router", "--coordinator", &cluster.addresses()])
             .args(["--http-listen", &rest, "--grpc-listen", &grpc])
@@ -548,6 +549,37 @@ async fn a_deployment_runs_replicas_on_the_workers_behind_the_router_and_outlive
             .spawn()
             .unwrap(),
     );
+    (router, rest, grpc)
+}
+
+/// Waits (up to 10 s) until the router at `rest` has a ready replica of `model`.
+async fn wait_routed(rest: &str, model: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_json(rest, "GET", &format!("/v2/models/{model}/ready"), "").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the router did not learn of deployment '{model}'"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `kiln deployments show NAME --json`.
+fn deployment_state(cluster: &Cluster, name: &str) -> serde_json::Value {
+    let shown = cluster.cli(&["deployments", "show", name, "--json"]).unwrap();
+    assert!(shown.status.success(), "{}", String::from_utf8_lossy(&shown.stderr));
+    serde_json::from_slice(&shown.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_runs_replicas_on_the_workers_behind_the_router_and_outlives_a_lost_worker() {
+    let (mut cluster, workers) = cluster_with_workers(&[2, 2]).await;
+    let first = workers[0];
+    let directory = tempfile::tempdir().unwrap();
+    train_digits(&cluster, directory.path(), 4);
+
+    // The cluster's serving ports: a router in front of every deployment.
+    let (_router, rest, grpc) = start_router(&cluster, directory.path());
 
     // A file the coordinator cannot use is refused with its place, and nothing is deployed.
     let deployment = |name: &str, model: &str, max: u32| {
@@ -620,11 +652,7 @@ async fn a_deployment_runs_replicas_on_the_workers_behind_the_router_and_outlive
     assert_ne!(workers[0], workers[1], "replicas spread over the workers: {state}");
 
     // Through the router's REST port, like any served model.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while http_json(&rest, "GET", "/v2/models/digits/ready", "").0 != 200 {
-        assert!(Instant::now() < deadline, "the router did not learn of the deployment");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_routed(&rest, "digits").await;
     let (features, labels) = digits_rows(20);
     let request = json!({
         "inputs": [{ "name": "pixels", "shape": [20, 64], "datatype": "FP32", "data": features.concat() }],
@@ -844,31 +872,12 @@ fn fetch_request_logs(cluster: &Cluster, tracking: &str, run: &str, directory: &
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deployment_follows_its_load_between_min_and_max_and_logs_every_request_into_its_run() {
-    let mut cluster = Cluster::new(Path::new(KILN), 1, &["--worker-lease", "2s"]).unwrap();
-    cluster.tracking = true;
-    cluster.start_all().unwrap();
-    cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
-    cluster.start_worker(1, 4, &[]).unwrap();
-    cluster.wait_for_workers(1, Duration::from_secs(20)).await.unwrap();
+    let (cluster, _) = cluster_with_workers(&[4]).await;
     let directory = tempfile::tempdir().unwrap();
     train_digits(&cluster, directory.path(), 1);
     let tracking = cluster.members[&1].tracking_addr.clone();
 
-    let (rest, grpc) = (
-        format!("127.0.0.1:{}", free_port()),
-        format!("127.0.0.1:{}", free_port()),
-    );
-    let log = std::fs::File::create(directory.path().join("router.log")).unwrap();
-    let _router = Server(
-        Command::new(KILN)
-            .args(["router", "--coordinator", &cluster.addresses()])
-            .args(["--http-listen", &rest, "--grpc-listen", &grpc])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (_router, rest, _) = start_router(&cluster, directory.path());
 
     // One request at a time per replica, so that a load of many clients queues; one more replica while more
     // than one request waits on average, one fewer after 2 s without.
@@ -896,11 +905,7 @@ async fn a_deployment_follows_its_load_between_min_and_max_and_logs_every_reques
         (Some(1), Some(1))
     );
     let run = state["run"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while http_json(&rest, "GET", "/v2/models/digits/ready", "").0 != 200 {
-        assert!(Instant::now() < deadline, "the router did not learn of the deployment");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_routed(&rest, "digits").await;
 
     // Twelve clients: the queue grows past the target and a second replica is started; both serve.
     let (features, _) = digits_rows(1);

@@ -144,39 +144,43 @@ fn fail(deployment: &Job, message: String, now_ms: i64) -> Command {
     }
 }
 
+/// Whether the latest [`CRASH_LOOP_REPLICAS`] ended replicas among those `counted` all failed without ever
+/// being ready; if so, why (the last one's reason).
+fn crash_loop(replicas: &[(u64, &Job)], counted: impl Fn(&Job) -> bool) -> Option<String> {
+    let tail: Vec<&Job> = replicas
+        .iter()
+        .rev()
+        .map(|(_, job)| *job)
+        .filter(|job| counted(job) && job.state.is_finished())
+        .take(CRASH_LOOP_REPLICAS)
+        .collect();
+    let looping = tail.len() == CRASH_LOOP_REPLICAS
+        && tail.iter().all(|job| {
+            matches!(job.state, JobState::Failed) && !job.metrics.get(READY).is_some_and(|ready| *ready >= 1.0)
+        });
+    if !looping {
+        return None;
+    }
+    let last = tail[0];
+    let reason = last
+        .artifacts
+        .get(ERROR)
+        .cloned()
+        .unwrap_or_else(|| last.message.clone());
+    Some(format!(
+        "{CRASH_LOOP_REPLICAS} replicas in a row ended before they were ready (the last, job {}: {reason}); see kiln jobs logs {}",
+        last.id, last.id
+    ))
+}
+
 fn decide_one(deployment: &Job, options: &DeploymentOptions, replicas: &[(u64, &Job)], now_ms: i64) -> Vec<Command> {
     let live: Vec<&(u64, &Job)> = replicas.iter().filter(|(_, job)| !job.state.is_finished()).collect();
     let ready: Vec<&Job> = live.iter().map(|(_, job)| *job).filter(|job| is_ready(job)).collect();
 
     // Replicas that keep dying before they are ready: the model or the file is wrong, and more replicas
     // would only fail the same way. The latest ended ones count (a live one is not evidence either way).
-    let tail: Vec<&Job> = replicas
-        .iter()
-        .rev()
-        .map(|(_, job)| *job)
-        .filter(|job| job.state.is_finished())
-        .take(CRASH_LOOP_REPLICAS)
-        .collect();
-    let crash_loop = ready.is_empty()
-        && tail.len() == CRASH_LOOP_REPLICAS
-        && tail.iter().all(|job| {
-            matches!(job.state, JobState::Failed) && !job.metrics.get(READY).is_some_and(|ready| *ready >= 1.0)
-        });
-    if crash_loop {
-        let last = tail[0];
-        let reason = last
-            .artifacts
-            .get(ERROR)
-            .cloned()
-            .unwrap_or_else(|| last.message.clone());
-        return vec![fail(
-            deployment,
-            format!(
-                "{CRASH_LOOP_REPLICAS} replicas in a row ended before they were ready (the last, job {}: {reason}); see kiln jobs logs {}",
-                last.id, last.id
-            ),
-            now_ms,
-        )];
+    if let Some(reason) = crash_loop(replicas, |_| true).filter(|_| ready.is_empty()) {
+        return vec![fail(deployment, reason, now_ms)];
     }
 
     let outdated: Vec<&(u64, &Job)> = live
@@ -255,31 +259,11 @@ fn roll(
         .metrics
         .get(ROLL_STARTED_MS)
         .map_or(i64::MIN, |ms| *ms as i64);
-    let failing: Vec<&Job> = replicas
-        .iter()
-        .rev()
-        .map(|(_, job)| *job)
-        .filter(|job| current(job) && job.submitted_at_ms >= since && job.state.is_finished())
-        .take(CRASH_LOOP_REPLICAS)
-        .collect();
-    if failing.len() == CRASH_LOOP_REPLICAS
-        && failing.iter().all(|job| {
-            matches!(job.state, JobState::Failed) && !job.metrics.get(READY).is_some_and(|ready| *ready >= 1.0)
-        })
-    {
-        let last = failing[0];
-        let reason = last
-            .artifacts
-            .get(ERROR)
-            .cloned()
-            .unwrap_or_else(|| last.message.clone());
+    if let Some(reason) = crash_loop(replicas, |job| current(job) && job.submitted_at_ms >= since) {
         return vec![Command::UpdateDeployment {
             job: deployment.id,
             spec_toml: outdated[0].1.spec_toml.clone(),
-            message: format!(
-                "the update was rolled back: {CRASH_LOOP_REPLICAS} replicas of the new file in a row ended before they were ready (the last, job {}: {reason}); see kiln jobs logs {}",
-                last.id, last.id
-            ),
+            message: format!("the update was rolled back: {reason}"),
             now_ms,
         }];
     }
