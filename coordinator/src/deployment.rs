@@ -21,7 +21,8 @@
 //!   stopped, one at a time, so the ready replicas never drop below what they were; the live count stays at
 //!   what it was when the file changed (within the new min and max) plus the one starting. Scaling waits
 //!   until the roll is done. If [`CRASH_LOOP_REPLICAS`] replicas of the new file in a row end without
-//!   becoming ready, the deployment rolls back to the file its older replicas run, saying why;
+//!   becoming ready, or one is not ready within `replicas.ready_timeout`, the deployment rolls back to the
+//!   file its older replicas run, saying why (and the roll back stops what the new file started);
 //! - a deployment that ended (deleted, failed) stops its replicas.
 
 use std::collections::BTreeMap;
@@ -267,7 +268,28 @@ fn roll(
             now_ms,
         }];
     }
-    if live.iter().any(|(_, job)| current(job) && !is_ready(job)) {
+    let starting: Vec<&Job> = live
+        .iter()
+        .map(|(_, job)| *job)
+        .filter(|job| current(job) && !is_ready(job))
+        .collect();
+    if let Some(stuck) = starting
+        .iter()
+        .find(|job| now_ms.saturating_sub(job.submitted_at_ms) > options.ready_timeout_ms)
+    {
+        return vec![Command::UpdateDeployment {
+            job: deployment.id,
+            spec_toml: outdated[0].1.spec_toml.clone(),
+            message: format!(
+                "the update was rolled back: replica job {} of the new file was not ready within {} (replicas.ready_timeout); see kiln jobs logs {}",
+                stuck.id,
+                humantime::format_duration(std::time::Duration::from_millis(options.ready_timeout_ms as u64)),
+                stuck.id
+            ),
+            now_ms,
+        }];
+    }
+    if !starting.is_empty() {
         return Vec::new();
     }
     let (min, max) = (options.min_replicas as usize, options.max_replicas as usize);

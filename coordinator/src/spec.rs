@@ -772,6 +772,8 @@ pub struct DeploymentOptions {
     pub target_queue_depth: f64,
     /// How long the replicas must have been under-used before one is removed (and between removals).
     pub scale_down_delay_ms: i64,
+    /// How long a replica of an updated file may take to become ready before the update is rolled back.
+    pub ready_timeout_ms: i64,
     /// Per replica (`workers` is 1).
     pub resources: ResourceSpec,
     pub priority: i32,
@@ -815,6 +817,7 @@ struct RawReplicas {
     max: Option<Spanned<u32>>,
     target_queue_depth: Option<Spanned<f64>>,
     scale_down_delay: Option<Spanned<String>>,
+    ready_timeout: Option<Spanned<String>>,
 }
 
 /// Reads a deployment's file; the error names the line and column of what is wrong.
@@ -861,7 +864,7 @@ fn deployment_options_at(
         }
     }
     let resources = parse_resources(raw.resources, error_at)?;
-    let (mut min, mut max, mut target, mut delay_ms) = (1, None, 8.0, 60_000);
+    let (mut min, mut max, mut target, mut delay_ms, mut ready_ms) = (1, None, 8.0, 60_000, 600_000);
     if let Some(replicas) = raw.replicas {
         let replicas = replicas.into_inner();
         // A replica count from `low` (named `low_text` in the error) to REPLICAS_MAX.
@@ -893,17 +896,23 @@ fn deployment_options_at(
             }
             target = value.into_inner();
         }
-        if let Some(value) = replicas.scale_down_delay {
-            let delay = humantime::parse_duration(value.get_ref()).map_err(|error| {
+        let milliseconds = |field: &str, value: Spanned<String>, example: &str| {
+            let duration = humantime::parse_duration(value.get_ref()).map_err(|error| {
                 error_at(
                     value.span().start,
                     format!(
-                        "field 'replicas.scale_down_delay' is {:?} ({error}); expected a duration such as \"60s\"",
+                        "field 'replicas.{field}' is {:?} ({error}); expected a duration such as \"{example}\"",
                         value.get_ref()
                     ),
                 )
             })?;
-            delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+            Ok(i64::try_from(duration.as_millis()).unwrap_or(i64::MAX))
+        };
+        if let Some(value) = replicas.scale_down_delay {
+            delay_ms = milliseconds("scale_down_delay", value, "60s")?;
+        }
+        if let Some(value) = replicas.ready_timeout {
+            ready_ms = milliseconds("ready_timeout", value, "10m")?;
         }
     }
     Ok(DeploymentOptions {
@@ -913,6 +922,7 @@ fn deployment_options_at(
         max_replicas: max.unwrap_or(min),
         target_queue_depth: target,
         scale_down_delay_ms: delay_ms,
+        ready_timeout_ms: ready_ms,
         resources,
         priority: raw.priority,
     })

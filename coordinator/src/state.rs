@@ -708,7 +708,7 @@ impl StateMachine {
                     })
                     .flatten();
                 if let Some(id) = running {
-                    return self.update_deployment(id, spec, spec_toml, String::new(), now_ms, changed);
+                    return self.update_deployment(id, spec, spec_toml, None, now_ms, changed);
                 }
                 self.next_job_id += 1;
                 // A sweep or a deployment runs no task: it is running from the start, and never queued.
@@ -891,7 +891,7 @@ impl StateMachine {
                 message,
                 now_ms,
             } => match crate::spec::parse_job_spec("deployment", &spec_toml) {
-                Ok(spec) => self.update_deployment(job, spec, spec_toml, message, now_ms, changed),
+                Ok(spec) => self.update_deployment(job, spec, spec_toml, Some(message), now_ms, changed),
                 Err(error) => CommandResult::Rejected(CoordinatorError::InvalidArgument(error.to_string())),
             },
             Command::Batch(commands) => CommandResult::Batch(
@@ -985,15 +985,16 @@ impl StateMachine {
         ))
     }
 
-    /// Replaces running deployment `id`'s file with `spec_toml` (parsed as `spec`), remembering how many
-    /// replicas were live and when, for the roll (see [`crate::deployment`]). The same file again changes
+    /// Replaces running deployment `id`'s file with `spec_toml` (parsed as `spec`), remembering when, and
+    /// how many replicas were live, for the roll (see [`crate::deployment`]). A rollback (`rollback`: its
+    /// message) keeps the replica count the rolled-back update started from. The same file again changes
     /// nothing.
     fn update_deployment(
         &mut self,
         id: JobId,
         spec: JobSpec,
         spec_toml: String,
-        message: String,
+        rollback: Option<String>,
         now_ms: i64,
         changed: &mut Vec<Job>,
     ) -> CommandResult {
@@ -1029,10 +1030,15 @@ impl StateMachine {
         }
         job.spec = spec;
         job.spec_toml = spec_toml;
-        job.message = message;
         job.updated_at_ms = now_ms;
-        job.metrics
-            .insert(crate::deployment::ROLL_REPLICAS.to_string(), live as f64);
+        match rollback {
+            Some(message) => job.message = message,
+            None => {
+                job.message.clear();
+                job.metrics
+                    .insert(crate::deployment::ROLL_REPLICAS.to_string(), live as f64);
+            }
+        }
         job.metrics
             .insert(crate::deployment::ROLL_STARTED_MS.to_string(), now_ms as f64);
         changed.push(job.clone());

@@ -447,3 +447,55 @@ fn replicas_that_never_become_ready_fail_the_deployment_and_deleting_it_stops_it
     );
     assert!(step(&mut state, 22).is_empty());
 }
+
+#[test]
+fn a_replica_of_a_new_file_not_ready_in_time_rolls_the_update_back_and_is_stopped() {
+    let text = DEPLOYMENT.replace(
+        "scale_down_delay = \"30s\"",
+        "scale_down_delay = \"30s\"\nready_timeout = \"5s\"",
+    );
+    let (mut state, deployment) = deployed(&text);
+    step(&mut state, 10);
+    let old: Vec<u64> = replicas(&state, deployment).iter().map(|(_, id, _)| *id).collect();
+    for id in &old {
+        run_ready(&mut state, *id, 0.0, 20);
+    }
+    submit(&mut state, &text.replace("top_k = 3", "top_k = 2"), 30);
+    step(&mut state, 40);
+    let (new, current) = *live_replicas(&state, deployment).last().unwrap();
+    assert!(current);
+    // Placed and running, but its model never finishes loading.
+    apply(
+        &mut state,
+        Command::StartAttempt {
+            job: new,
+            attempt: 1,
+            placement: vec![1],
+            master_port: 29600,
+            now_ms: 41,
+        },
+    );
+    assert!(step(&mut state, 40 + 5_000).is_empty(), "within replicas.ready_timeout");
+    let commands = step(&mut state, 40 + 5_001);
+    assert!(
+        matches!(&commands[..], [Command::UpdateDeployment { message, .. }] if message.contains("was not ready within 5s")),
+        "{commands:?}"
+    );
+    assert_eq!(state.job(deployment).unwrap().spec_toml, text);
+    // Back on the old file, the new file's replica is stopped and the deployment keeps its two replicas.
+    let stopped = step(&mut state, 40 + 5_002);
+    assert!(
+        matches!(&stopped[..], [Command::CancelJob { id, reason, .. }] if *id == new && reason.starts_with(REPLACED)),
+        "{stopped:?}"
+    );
+    assert!(step(&mut state, 40 + 5_003).is_empty());
+    assert_eq!(
+        live_replicas(&state, deployment),
+        old.iter().map(|id| (*id, true)).collect::<Vec<_>>()
+    );
+    let error = crate::spec::parse_job_spec("d.toml", &text.replace("\"5s\"", "\"later\"")).unwrap_err();
+    assert!(
+        error.to_string().contains("'replicas.ready_timeout' is \"later\""),
+        "{error}"
+    );
+}
