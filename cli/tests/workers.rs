@@ -71,7 +71,12 @@ fn job_spec(name: &str, command: &str, args: &[&str], ranks: u32, cpus: u32, max
 /// Starts three coordinators, then worker 1 and worker 2 with the given CPU slots, one after the other
 /// so each one's id is known. Returns the cluster and the ids of worker 1 and worker 2.
 async fn cluster_with_workers(cpus: [u32; 2]) -> (Cluster, [u64; 2]) {
-    let mut cluster = Cluster::new(Path::new(KILN), 3, COORDINATOR_ARGS).unwrap();
+    cluster_with_workers_and(cpus, COORDINATOR_ARGS).await
+}
+
+/// [`cluster_with_workers`] with these coordinator arguments.
+async fn cluster_with_workers_and(cpus: [u32; 2], coordinator_args: &[&str]) -> (Cluster, [u64; 2]) {
+    let mut cluster = Cluster::new(Path::new(KILN), 3, coordinator_args).unwrap();
     cluster.tracking = true;
     cluster.start_all().unwrap();
     cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
@@ -1290,7 +1295,10 @@ async fn the_digits_mlp_trains_data_parallel_across_two_workers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_train_jobs_metric_history_survives_the_leader_dying_mid_run_without_losing_or_repeating_a_point() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let (mut cluster, _) = cluster_with_workers([1, 1]).await;
+    // A lease long enough that the workers do not fence themselves while a loaded machine elects the next
+    // leader (their fence is 60% of it; CI once took 1.6 s against the 1.2 s of a 2 s lease): this test is
+    // about the metric history across the failover, and the attempt must go on through it.
+    let (mut cluster, _) = cluster_with_workers_and([1, 1], &["--worker-lease", "6s"]).await;
     let directory = tempfile::tempdir().unwrap();
     let epochs = 120;
     let spec = digits_spec()
