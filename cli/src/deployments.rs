@@ -97,7 +97,8 @@ pub fn table_of(jobs: &[pb::Job]) -> Table {
 /// Where in its deployment's run a replica logs requests (`requests/replica-N/MODEL/VERSION/…parquet`).
 pub const REQUEST_LOG_DIRECTORY: &str = "requests";
 
-fn replica_json(number: u64, job: &pb::Job) -> Value {
+/// A replica of `deployment`; `outdated` when it runs an older file than the deployment's.
+fn replica_json(number: u64, job: &pb::Job, deployment: &pb::Job) -> Value {
     let task = job.attempts.last().and_then(|attempt| attempt.tasks.first());
     json!({
         "replica": number,
@@ -114,6 +115,7 @@ fn replica_json(number: u64, job: &pb::Job) -> Value {
         "p99_ms": job.metrics.get(names::P99_MS),
         "error": job.artifacts.get(names::ERROR),
         "message": job.message,
+        "outdated": job.spec_toml != deployment.spec_toml,
     })
 }
 
@@ -176,11 +178,7 @@ fn deployment_json(deployment: &pb::Job, replicas: &[(u64, &pb::Job)]) -> Value 
         "message": deployment.message,
         "replicas": replicas
             .iter()
-            .map(|(number, job)| {
-                let mut replica = replica_json(*number, job);
-                replica["outdated"] = json!(job.spec_toml != deployment.spec_toml);
-                replica
-            })
+            .map(|(number, job)| replica_json(*number, job, deployment))
             .collect::<Vec<_>>(),
     })
 }
@@ -375,7 +373,11 @@ pub async fn deploy(file: &Path, wait: Option<Duration>, json: bool, client: &mu
         );
     }
     let options = kiln_coordinator::spec::deployment_options(&source, &text)?;
-    let jobs = client.list_jobs(Vec::new(), 0).await.map_err(status_error)?;
+    // Only to say whether this is a new deployment, an update or the same file again.
+    let jobs = client
+        .list_jobs(vec![pb::JobState::Running], 0)
+        .await
+        .map_err(status_error)?;
     let running = deployments_of(&jobs)
         .into_iter()
         .find(|(job, _)| job.name == options.name && !kiln_coordinator::client::is_finished(job.state))

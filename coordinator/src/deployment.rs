@@ -260,32 +260,27 @@ fn roll(
         .metrics
         .get(ROLL_STARTED_MS)
         .map_or(i64::MIN, |ms| *ms as i64);
-    if let Some(reason) = crash_loop(replicas, |job| current(job) && job.submitted_at_ms >= since) {
-        return vec![Command::UpdateDeployment {
-            job: deployment.id,
-            spec_toml: outdated[0].1.spec_toml.clone(),
-            message: format!("the update was rolled back: {reason}"),
-            now_ms,
-        }];
-    }
     let starting: Vec<&Job> = live
         .iter()
         .map(|(_, job)| *job)
         .filter(|job| current(job) && !is_ready(job))
         .collect();
-    if let Some(stuck) = starting
-        .iter()
-        .find(|job| now_ms.saturating_sub(job.submitted_at_ms) > options.ready_timeout_ms)
-    {
+    let rollback = crash_loop(replicas, |job| current(job) && job.submitted_at_ms >= since).or_else(|| {
+        let stuck = starting
+            .iter()
+            .find(|job| now_ms.saturating_sub(job.submitted_at_ms) > options.ready_timeout_ms)?;
+        Some(format!(
+            "replica job {} of the new file was not ready within {} (replicas.ready_timeout); see kiln jobs logs {}",
+            stuck.id,
+            humantime::format_duration(std::time::Duration::from_millis(options.ready_timeout_ms as u64)),
+            stuck.id
+        ))
+    });
+    if let Some(reason) = rollback {
         return vec![Command::UpdateDeployment {
             job: deployment.id,
             spec_toml: outdated[0].1.spec_toml.clone(),
-            message: format!(
-                "the update was rolled back: replica job {} of the new file was not ready within {} (replicas.ready_timeout); see kiln jobs logs {}",
-                stuck.id,
-                humantime::format_duration(std::time::Duration::from_millis(options.ready_timeout_ms as u64)),
-                stuck.id
-            ),
+            message: format!("the update was rolled back: {reason}"),
             now_ms,
         }];
     }

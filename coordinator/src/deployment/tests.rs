@@ -79,20 +79,25 @@ fn replicas(state: &StateMachine, deployment: u64) -> Vec<(u64, u64, JobState)> 
         .collect()
 }
 
-/// Places replica job `job` on the worker and has it report ready with `queue_depth` waiting.
+/// Places queued replica job `job` on the worker: its process runs, its model not yet loaded.
+fn place(state: &mut StateMachine, job: u64, now_ms: i64) {
+    let result = apply(
+        state,
+        Command::StartAttempt {
+            job,
+            attempt: 1,
+            placement: vec![1],
+            master_port: 29500 + job as u16,
+            now_ms,
+        },
+    );
+    assert_eq!(result, CommandResult::Done, "{result:?}");
+}
+
+/// Places replica job `job` on the worker (if queued) and has it report ready with `queue_depth` waiting.
 fn run_ready(state: &mut StateMachine, job: u64, queue_depth: f64, now_ms: i64) {
     if state.job(job).unwrap().state == JobState::Queued {
-        let result = apply(
-            state,
-            Command::StartAttempt {
-                job,
-                attempt: 1,
-                placement: vec![1],
-                master_port: 29500 + job as u16,
-                now_ms,
-            },
-        );
-        assert_eq!(result, CommandResult::Done, "{result:?}");
+        place(state, job, now_ms);
     }
     let result = apply(
         state,
@@ -107,6 +112,25 @@ fn run_ready(state: &mut StateMachine, job: u64, queue_depth: f64, now_ms: i64) 
         }),
     );
     assert!(!matches!(result, CommandResult::Rejected(_)), "{result:?}");
+}
+
+/// Places queued replica job `job`, which reports `error` and exits with 1 before it is ready (from `now_ms`
+/// on, a millisecond per step).
+fn fail_before_ready(state: &mut StateMachine, job: u64, error: &str, now_ms: i64) {
+    place(state, job, now_ms);
+    apply(
+        state,
+        Command::RecordReport(Report {
+            job,
+            attempt: 1,
+            sequence: 0,
+            metrics: BTreeMap::new(),
+            points: Vec::new(),
+            artifacts: [(ERROR.to_string(), error.to_string())].into(),
+            now_ms: now_ms + 1,
+        }),
+    );
+    exit(state, job, 1, now_ms + 2);
 }
 
 fn exit(state: &mut StateMachine, job: u64, code: i32, now_ms: i64) {
@@ -285,29 +309,7 @@ fn a_changed_file_rolls_the_replicas_one_at_a_time_and_one_that_cannot_start_is_
         }
         let (new, current) = *live_replicas(&state, deployment).last().unwrap();
         assert!(current, "{commands:?}");
-        apply(
-            &mut state,
-            Command::StartAttempt {
-                job: new,
-                attempt: 1,
-                placement: vec![1],
-                master_port: 29500 + new as u16,
-                now_ms: now + 1,
-            },
-        );
-        apply(
-            &mut state,
-            Command::RecordReport(Report {
-                job: new,
-                attempt: 1,
-                sequence: 0,
-                metrics: BTreeMap::new(),
-                points: Vec::new(),
-                artifacts: [(ERROR.to_string(), "model 'digits' alias 'nobody' not found".to_string())].into(),
-                now_ms: now + 2,
-            }),
-        );
-        exit(&mut state, new, 1, now + 3);
+        fail_before_ready(&mut state, new, "model 'digits' alias 'nobody' not found", now + 1);
     }
     assert!(rolled_back);
     let job = state.job(deployment).unwrap();
@@ -383,35 +385,7 @@ fn replicas_that_never_become_ready_fail_the_deployment_and_deleting_it_stops_it
             .into_iter()
             .find(|(_, _, job_state)| *job_state == JobState::Queued)
         {
-            {
-                apply(
-                    &mut state,
-                    Command::StartAttempt {
-                        job,
-                        attempt: 1,
-                        placement: vec![1],
-                        master_port: 29500 + job as u16,
-                        now_ms: 11,
-                    },
-                );
-                apply(
-                    &mut state,
-                    Command::RecordReport(Report {
-                        job,
-                        attempt: 1,
-                        sequence: 0,
-                        metrics: BTreeMap::new(),
-                        points: Vec::new(),
-                        artifacts: [(
-                            ERROR.to_string(),
-                            "model 'digits' alias 'champion' not found".to_string(),
-                        )]
-                        .into(),
-                        now_ms: 12,
-                    }),
-                );
-                exit(&mut state, job, 1, 13);
-            }
+            fail_before_ready(&mut state, job, "model 'digits' alias 'champion' not found", 11);
         }
     }
     step(&mut state, 40);
@@ -465,16 +439,7 @@ fn a_replica_of_a_new_file_not_ready_in_time_rolls_the_update_back_and_is_stoppe
     let (new, current) = *live_replicas(&state, deployment).last().unwrap();
     assert!(current);
     // Placed and running, but its model never finishes loading.
-    apply(
-        &mut state,
-        Command::StartAttempt {
-            job: new,
-            attempt: 1,
-            placement: vec![1],
-            master_port: 29600,
-            now_ms: 41,
-        },
-    );
+    place(&mut state, new, 41);
     assert!(step(&mut state, 40 + 5_000).is_empty(), "within replicas.ready_timeout");
     let commands = step(&mut state, 40 + 5_001);
     assert!(
