@@ -227,7 +227,20 @@ fn rank_directory(cluster: &Cluster, ids: &[u64], job: &pb::Job, attempt: u32, r
     let index = ids.iter().position(|id| *id == worker).expect("a worker of this test") as u32 + 1;
     cluster
         .worker_data_dir(index)
-        .join(format!("tasks/job-{}/attempt-{attempt}/rank-{rank}", job.id))
+        .join(format!("tasks/job-{}-attempt-{attempt}-rank-{rank}", job.id))
+}
+
+/// The task directories of `job` (every attempt and rank) on worker `index`.
+fn job_directories(cluster: &Cluster, index: u32, job: u64) -> Vec<std::path::PathBuf> {
+    let prefix = format!("job-{job}-");
+    let Ok(entries) = std::fs::read_dir(cluster.worker_data_dir(index).join("tasks")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|entry| entry.path())
+        .collect()
 }
 
 /// A 1-rank job running `sh -c script` (one restart allowed), waited for until its rank has at least
@@ -256,6 +269,17 @@ async fn run_shell_job(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     (job, index, rank)
+}
+
+/// Whether process `pid` runs (exists and is not a zombie waiting to be reaped).
+fn is_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat.rsplit_once(')')?.1.split_whitespace().next()?.to_string();
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
 }
 
 /// Processes whose working directory lies under `directory` (a task's directory): what a kill left behind.
@@ -712,18 +736,19 @@ async fn bad_input_gets_a_clear_error_and_the_cluster_goes_on() {
     assert_eq!(job.attempts[0].state, "cancelled", "{}", context(&cluster, Some(id)));
     let deadline = Instant::now() + Duration::from_secs(3);
     for index in [1, 2] {
-        let tasks = cluster.worker_data_dir(index).join("tasks").join(format!("job-{id}"));
-        loop {
-            let left = processes_under(&tasks);
-            if left.is_empty() {
-                break;
+        for tasks in job_directories(&cluster, index, id) {
+            loop {
+                let left = processes_under(&tasks);
+                if left.is_empty() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "processes {left:?} of the cancelled job still run in {}",
+                    tasks.display()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            assert!(
-                Instant::now() < deadline,
-                "processes {left:?} of the cancelled job still run in {}",
-                tasks.display()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
     eprintln!(
@@ -738,18 +763,34 @@ async fn a_restarted_worker_keeps_its_id_and_releases_what_it_ran() {
     let (mut cluster, ids) = cluster_with_workers([2, 2]).await;
     let directory = tempfile::tempdir().unwrap();
     let mut client = cluster.client().unwrap();
-    // The background `sleep` is a grandchild: the task's own process dies with a killed worker (its
-    // parent-death signal), the grandchild does not, until the worker's next start cleans up. Both the
-    // shell and its background sleep must run before the crash.
-    let script = "echo started; sleep 60 & wait";
+    // The background `sleep`s are grandchildren: the task's own process dies with a killed worker (its
+    // parent-death signal), they do not, until the worker's next start cleans up. One stays in the task's
+    // directory, the other leaves it (found by its environment) after writing its pid. Both, and the
+    // shell, must run before the crash.
+    let script = "echo started; (cd / && exec sleep 61) & echo $! > escaped.pid; sleep 60 & wait";
     let (job, index, task_directory) = run_shell_job(&cluster, &mut client, &ids, directory.path(), script, 2).await;
     let (id, worker_id) = (job.id, placement(&job.attempts[0])[0]);
+    let escaped_file = task_directory.join("work/escaped.pid");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let escaped = loop {
+        let pid = std::fs::read_to_string(&escaped_file)
+            .ok()
+            .and_then(|text| text.trim().parse::<u32>().ok());
+        if let Some(pid) = pid.filter(|pid| is_alive(*pid) && !processes_under(&task_directory).contains(pid)) {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the escaping grandchild never left the task's directory"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
 
-    // A crash: the task's grandchild outlives its worker.
+    // A crash: the task's grandchildren outlive their worker.
     cluster.kill_worker(index).unwrap();
     assert!(
-        !processes_under(&task_directory).is_empty(),
-        "the grandchild is still there before the restart"
+        !processes_under(&task_directory).is_empty() && is_alive(escaped),
+        "both grandchildren are still there before the restart"
     );
     cluster.start_worker(index, 2, &[]).unwrap();
     let job = wait_for_job(
@@ -780,6 +821,15 @@ async fn a_restarted_worker_keeps_its_id_and_releases_what_it_ran() {
         orphans.is_empty(),
         "attempt 1's process survived the restart: {orphans:?}"
     );
+    // Killed before the worker registered again; only its parent's reaping may lag.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while is_alive(escaped) {
+        assert!(
+            Instant::now() < deadline,
+            "attempt 1's grandchild {escaped}, which left the task's directory, survived the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     client.cancel_job(id, "test over").await.unwrap();
 }
 
@@ -842,13 +892,10 @@ async fn a_task_stopped_before_its_worker_heard_of_it_releases_its_slot() {
     wait_succeeded(&cluster, id, "20s").await;
     // The cancelled rank never ran anywhere.
     for index in [1, 2] {
-        let task_directory = cluster
-            .worker_data_dir(index)
-            .join("tasks")
-            .join(format!("job-{cancelled}"));
+        let directories = job_directories(&cluster, index, cancelled);
         assert!(
-            !task_directory.exists(),
-            "job {cancelled} ran on worker {index} after its cancel"
+            directories.is_empty(),
+            "job {cancelled} ran on worker {index} after its cancel: {directories:?}"
         );
     }
 }

@@ -6,7 +6,7 @@
 //!   coordinator leader ◄═ Session stream ═► Agent ──start/kill──► Executor ──► child process groups
 //!        heartbeats (running tasks, unacknowledged reports) ▲          │ exit status
 //!        AssignTask / KillTask / ReportsAcknowledged        └──────────┘
-//!   kiln jobs logs ──► WorkerAgent.Logs (this worker's gRPC port) ──► DATA/tasks/job-J/attempt-A/rank-R/*.log
+//!   kiln jobs logs ──► WorkerAgent.Logs (this worker's gRPC port) ──► DATA/tasks/job-J-attempt-A-rank-R/*.log
 //! ```
 //!
 //! Invariants:

@@ -291,8 +291,10 @@ impl Hub {
             }
             tracing::info!(node = self.shared.node_id, "leading: scheduling and accepting workers");
         }
-        self.propose(view, now);
+        // Assignments first: a placement just committed goes to its worker before the next round's decisions
+        // (the sweep controller, the scheduler) are computed, so they are not on the path to its start.
         self.sync_sessions(&view.state);
+        self.propose(view, now);
     }
 
     fn propose(&mut self, view: &AppliedView, now: Instant) {
