@@ -191,6 +191,13 @@ pub struct OverheadResult {
     pub sweep_seconds: f64,
     pub overhead_vs_pool: f64,
     pub overhead_vs_nominal: f64,
+    /// The mean time one pool command took, from its start to its exit.
+    pub pool_command_ms: f64,
+    /// The mean time one trial held its slot on the leader's clock, from the commit that placed it to the one
+    /// that recorded its exit. The next trial is placed in that same commit, so a slot is never idle there:
+    /// what a trial holds beyond a pool command's time is the scheduling path (the placement's commit, the
+    /// assignment, the spawn, and the exit's report).
+    pub trial_slot_ms: f64,
     pub sweep_state: String,
     pub sweep_message: String,
 }
@@ -230,7 +237,8 @@ async fn pool_run(tracking: &str) -> Result<String> {
 }
 
 /// The same commands as the trials, `parallel` at a time, straight from this process: the wall seconds.
-async fn run_pool(kiln: &Path, tracking: &str, trials: usize, parallel: usize, trial_ms: u64) -> Result<f64> {
+/// The pool's wall time in seconds and its commands' mean duration in milliseconds.
+async fn run_pool(kiln: &Path, tracking: &str, trials: usize, parallel: usize, trial_ms: u64) -> Result<(f64, f64)> {
     let run = pool_run(tracking).await?;
     let (program, args) = trial_command(kiln, trial_ms);
     let next = Arc::new(AtomicUsize::new(0));
@@ -245,11 +253,13 @@ async fn run_pool(kiln: &Path, tracking: &str, trials: usize, parallel: usize, t
             tracking.to_string(),
         );
         lanes.spawn(async move {
+            let mut busy = Duration::ZERO;
             loop {
                 let index = next.fetch_add(1, Ordering::Relaxed);
                 if index >= trials {
                     break;
                 }
+                let command_started = Instant::now();
                 // Spread over [0, 1) like the sweep's uniform x.
                 let x = (index as f64 * 0.618_033_988_749_895).fract();
                 let status = tokio::process::Command::new(&program)
@@ -263,14 +273,19 @@ async fn run_pool(kiln: &Path, tracking: &str, trials: usize, parallel: usize, t
                 if !status.success() {
                     bail!("a pool command failed: {status}");
                 }
+                busy += command_started.elapsed();
             }
-            Ok(())
+            Ok(busy)
         });
     }
+    let mut busy = Duration::ZERO;
     while let Some(lane) = lanes.join_next().await {
-        lane??;
+        busy += lane??;
     }
-    Ok(started.elapsed().as_secs_f64())
+    Ok((
+        started.elapsed().as_secs_f64(),
+        busy.as_secs_f64() * 1000.0 / trials as f64,
+    ))
 }
 
 fn sweep_toml(kiln: &Path, trials: usize, parallel: usize, trial_ms: u64) -> String {
@@ -313,7 +328,7 @@ pub async fn run_overhead(
         );
     }
     eprintln!("local pool: {trials} commands, {parallel} at a time");
-    let pool_seconds = run_pool(&kiln, tracking, trials, parallel, trial_ms).await?;
+    let (pool_seconds, pool_command_ms) = run_pool(&kiln, tracking, trials, parallel, trial_ms).await?;
     eprintln!("sweep: {trials} trials, {parallel} at a time");
     let spec = sweep_toml(&kiln, trials, parallel, trial_ms);
     let sweep = client
@@ -340,6 +355,26 @@ pub async fn run_overhead(
     progress.finish_and_clear();
     let sweep_seconds = (finished.finished_at_ms - finished.submitted_at_ms) as f64 / 1000.0;
     let nominal = trials as f64 * trial_ms as f64 / 1000.0 / parallel as f64;
+    // The trials are the jobs submitted after the sweep, read a page at a time.
+    let mut jobs = Vec::new();
+    loop {
+        let after = jobs.last().map_or(sweep.id, |job: &kiln_proto::Job| job.id);
+        let page = client
+            .list_jobs_after(Vec::new(), 500, after)
+            .await
+            .map_err(crate::output::status_error)?;
+        if page.is_empty() {
+            break;
+        }
+        jobs.extend(page);
+    }
+    let runs: Vec<f64> = jobs
+        .iter()
+        .filter(|job| job.name.starts_with("bench-overhead-t"))
+        .flat_map(|job| &job.attempts)
+        .map(|attempt| (attempt.ended_at_ms - attempt.started_at_ms) as f64)
+        .collect();
+    let trial_slot_ms = runs.iter().sum::<f64>() / runs.len().max(1) as f64;
     Ok(OverheadResult {
         trials,
         parallel,
@@ -349,6 +384,8 @@ pub async fn run_overhead(
         sweep_seconds,
         overhead_vs_pool: sweep_seconds / pool_seconds - 1.0,
         overhead_vs_nominal: sweep_seconds / nominal - 1.0,
+        pool_command_ms,
+        trial_slot_ms,
         sweep_state: crate::output::state_label(finished.state).to_string(),
         sweep_message: finished.message,
     })
@@ -376,6 +413,13 @@ pub fn print_overhead(result: &OverheadResult) {
             format!("{:+.1}%", result.overhead_vs_pool * 100.0),
             format!("{:+.1}%", result.overhead_vs_nominal * 100.0),
         ]],
+    );
+    println!(
+        "a pool command took {:.1} ms on average, a trial held its slot {:.1} ms (placement to reported exit, the \
+         leader's clock): {:+.1} ms a trial for the placement's commit, the assignment, the spawn and the exit's report",
+        result.pool_command_ms,
+        result.trial_slot_ms,
+        result.trial_slot_ms - result.pool_command_ms
     );
     println!("sweep {}: {}", result.sweep_state, result.sweep_message);
 }
