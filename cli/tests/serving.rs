@@ -511,6 +511,28 @@ async fn an_onnx_model_from_scikit_learn_registered_through_mlflow_serves_what_o
     assert!(message.contains("broken.onnx"), "{message}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onnx_models_with_fp16_and_string_tensors_serve_what_onnxruntime_computes() {
+    let Some(python) = stock_python() else { return };
+    let directory = tempfile::tempdir().unwrap();
+    let model_directory = directory.path().display().to_string();
+    python_script(
+        &python,
+        "onnx_model.py",
+        &["make-typed", &model_directory],
+        "all onnx checks passed",
+    );
+    let half = format!("half={}", directory.path().join("fp16.onnx").display());
+    let colors = format!("colors={}", directory.path().join("strings.onnx").display());
+    let (_server, rest, grpc) = serve(&["--model", &half, "--model", &colors], directory.path()).await;
+    python_script(
+        &python,
+        "onnx_model.py",
+        &["check-typed", &rest, &grpc, &model_directory],
+        "all onnx checks passed",
+    );
+}
+
 /// A one-coordinator cluster with its tracking API and one worker per entry of `cpus` (its CPU slots), started
 /// one after the other so that worker process N is the Nth registered; returns it and the workers' ids.
 async fn cluster_with_workers(cpus: &[u32]) -> (Cluster, Vec<u64>) {

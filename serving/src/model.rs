@@ -47,6 +47,12 @@ pub trait Model: Send + Sync + 'static {
     /// model batches. Returns every declared output, in order, with as many rows.
     fn infer(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, String>;
 
+    /// What this model needs of an input beyond its declared datatype and shape (text in a string tensor,
+    /// say), checked on each request before it joins a batch, so a bad one fails alone.
+    fn check_input(&self, _input: &Tensor) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Whether requests may be stacked into one batch: every input and output has a variable first
     /// dimension and fixed others, so rows from different requests line up.
     fn batches(&self) -> bool {
@@ -89,6 +95,7 @@ pub fn check_inputs(model_name: &str, model: &dyn Model, given: Vec<Tensor>) -> 
         if slots[index].is_some() {
             return Err(ServeError::invalid(format!("input '{}' is given twice", tensor.name)));
         }
+        model.check_input(&tensor).map_err(ServeError::invalid)?;
         slots[index] = Some(tensor);
     }
     let mut inputs = Vec::with_capacity(specs.len());

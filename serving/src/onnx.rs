@@ -3,8 +3,9 @@
 //! and shape, an unknown first dimension becoming the batch (`-1`). The graph is optimized once for a
 //! symbolic batch size, so one loaded model runs batches of any size.
 //!
-//! Numeric tensors only (booleans, integers, FP32, FP64): a graph with string or FP16 inputs or outputs is
-//! refused at load with the tensor named.
+//! Tensors of booleans, integers, FP16, FP32, FP64 and strings (the protocol's `BYTES`, which must hold UTF-8
+//! for a string tensor: an element that does not is an error naming the tensor and the element). tract has no
+//! BF16, so a graph with BF16 (or complex, or quantized) inputs or outputs is refused at load, the tensor named.
 
 use std::path::Path;
 
@@ -45,14 +46,34 @@ fn datatype_of(name: &str, datum: DatumType) -> Result<DataType, String> {
         DatumType::I16 => DataType::Int16,
         DatumType::I32 => DataType::Int32,
         DatumType::I64 => DataType::Int64,
+        DatumType::F16 => DataType::Fp16,
         DatumType::F32 => DataType::Fp32,
         DatumType::F64 => DataType::Fp64,
+        DatumType::String => DataType::Bytes,
         other => {
             return Err(format!(
-                "tensor '{name}' holds {other:?}; Kiln serves ONNX tensors of booleans, integers, FP32 and FP64"
+                "tensor '{name}' holds {other:?}; Kiln serves ONNX tensors of booleans, integers, FP16, FP32, FP64 \
+                 and strings"
             ));
         }
     })
+}
+
+/// A `BYTES` tensor's elements as text: what a string input of a graph takes.
+fn strings_of(tensor: &ServeTensor) -> Result<Vec<String>, String> {
+    let elements = tensor.byte_elements().map_err(|error| error.to_string())?;
+    elements
+        .into_iter()
+        .enumerate()
+        .map(|(index, element)| {
+            String::from_utf8(element.to_vec()).map_err(|_| {
+                format!(
+                    "input '{}': BYTES element {index} is not UTF-8 text; the model's input is a string tensor",
+                    tensor.name
+                )
+            })
+        })
+        .collect()
 }
 
 /// Our little-endian bytes as a tract tensor of `datatype`.
@@ -80,9 +101,14 @@ fn to_tract(tensor: &ServeTensor) -> TractResult<Tensor> {
         DataType::Int16 => decode!(i16, 2),
         DataType::Int32 => decode!(i32, 4),
         DataType::Int64 => decode!(i64, 8),
+        DataType::Fp16 => decode!(f16, 2),
         DataType::Fp32 => decode!(f32, 4),
         DataType::Fp64 => decode!(f64, 8),
-        DataType::Fp16 | DataType::Bf16 | DataType::Bytes => unreachable!("refused when the model loaded"),
+        DataType::Bytes => {
+            let values = strings_of(tensor).map_err(TractError::msg)?;
+            Ok(tract_ndarray::ArrayD::from_shape_vec(tract_ndarray::IxDyn(&tensor.shape), values)?.into_tensor())
+        }
+        DataType::Bf16 => unreachable!("refused when the model loaded"),
     }
 }
 
@@ -112,9 +138,21 @@ fn from_tract(name: &str, datatype: DataType, value: &Tensor) -> Result<ServeTen
         DataType::Int16 => encode!(i16),
         DataType::Int32 => encode!(i32),
         DataType::Int64 => encode!(i64),
+        DataType::Fp16 => encode!(f16),
         DataType::Fp32 => encode!(f32),
         DataType::Fp64 => encode!(f64),
-        DataType::Fp16 | DataType::Bf16 | DataType::Bytes => unreachable!("refused when the model loaded"),
+        DataType::Bytes => {
+            let view = value
+                .to_plain_array_view::<String>()
+                .map_err(|error| error.to_string())?;
+            for element in view.iter() {
+                let length = u32::try_from(element.len())
+                    .map_err(|_| format!("output '{name}': a string of {} bytes is too long", element.len()))?;
+                data.extend_from_slice(&length.to_le_bytes());
+                data.extend_from_slice(element.as_bytes());
+            }
+        }
+        DataType::Bf16 => unreachable!("refused when the model loaded"),
     }
     ServeTensor::new(name.to_string(), datatype, value.shape().to_vec(), data.freeze())
         .map_err(|error| error.to_string())
@@ -190,6 +228,13 @@ impl Model for OnnxModel {
 
     fn outputs(&self) -> &[TensorSpec] {
         &self.outputs
+    }
+
+    fn check_input(&self, input: &ServeTensor) -> Result<(), String> {
+        if input.datatype == DataType::Bytes {
+            strings_of(input)?;
+        }
+        Ok(())
     }
 
     fn infer(&self, inputs: &[ServeTensor]) -> Result<Vec<ServeTensor>, String> {

@@ -195,6 +195,15 @@ impl Tensor {
         self.shape.iter().product()
     }
 
+    /// A `BYTES` tensor's elements, in order (the layout was checked when the tensor was made).
+    pub fn byte_elements(&self) -> Result<Vec<&[u8]>, ServeError> {
+        let offsets = bytes_offsets(&self.name, &self.data, self.element_count())?;
+        Ok(offsets
+            .windows(2)
+            .map(|pair| &self.data[pair[0] + 4..pair[1]])
+            .collect())
+    }
+
     /// The first dimension: the batch.
     pub fn rows(&self) -> usize {
         self.shape.first().copied().unwrap_or(1)

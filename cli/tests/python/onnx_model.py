@@ -8,6 +8,13 @@ Usage:
   onnx_model.py check HTTP_ADDRESS GRPC_ADDRESS DIRECTORY
       Compares what Kiln serves (tritonclient.http and tritonclient.grpc) with onnxruntime on the held-out
       rows: the same labels, probabilities within 1e-5; the metadata read from the file.
+  onnx_model.py make-typed DIRECTORY
+      Writes two graphs made with onnx.helper: DIRECTORY/fp16.onnx (input "x" FP16 [None, 4], a MatMul and an
+      Add in FP16, output "y" FP16 [None, 3]) and DIRECTORY/strings.onnx (input "color" STRING [None, 1],
+      CategoryMapper to "index" INT64 and back to "name" STRING, unknown colors mapping to -1 and "unknown").
+  onnx_model.py check-typed HTTP_ADDRESS GRPC_ADDRESS DIRECTORY
+      Compares Kiln serving them as "half" and "colors" with onnxruntime, over tritonclient.http and
+      tritonclient.grpc; a BYTES element that is not UTF-8 text is refused with an error naming it.
 Prints "all onnx checks passed" at the end of each mode.
 """
 
@@ -87,5 +94,119 @@ elif mode == "check":
         assert label[0] == expected_label[index], (index, label, expected_label[index])
     print("all onnx checks passed")
 
+elif mode == "make-typed":
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    directory = sys.argv[2]
+    generator = np.random.default_rng(7)
+    weights = numpy_helper.from_array(generator.uniform(-1, 1, (4, 3)).astype(np.float16), "w")
+    bias = numpy_helper.from_array(generator.uniform(-1, 1, (3,)).astype(np.float16), "b")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
+        "half",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [None, 3])],
+        initializer=[weights, bias],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, os.path.join(directory, "fp16.onnx"))
+
+    colors = ["red", "green", "blue"]
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "CategoryMapper", ["color"], ["index"], domain="ai.onnx.ml",
+                cats_strings=colors, cats_int64s=[0, 1, 2], default_int64=-1,
+            ),
+            helper.make_node(
+                "CategoryMapper", ["index"], ["name"], domain="ai.onnx.ml",
+                cats_strings=colors, cats_int64s=[0, 1, 2], default_string="unknown",
+            ),
+        ],
+        "colors",
+        [helper.make_tensor_value_info("color", TensorProto.STRING, [None, 1])],
+        [
+            helper.make_tensor_value_info("index", TensorProto.INT64, [None, 1]),
+            helper.make_tensor_value_info("name", TensorProto.STRING, [None, 1]),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
+    )
+    onnx.checker.check_model(model)
+    onnx.save(model, os.path.join(directory, "strings.onnx"))
+    print("all onnx checks passed")
+
+elif mode == "check-typed":
+    import onnxruntime
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    http_address, grpc_address, directory = sys.argv[2:5]
+    http = httpclient.InferenceServerClient(http_address)
+    grpc = grpcclient.InferenceServerClient(grpc_address)
+
+    def infer_both(model, inputs, datatype):
+        """The model's outputs for each named numpy input, over REST and over gRPC."""
+        results = []
+        for client, module in ((http, httpclient), (grpc, grpcclient)):
+            tensors = []
+            for name, value in inputs.items():
+                tensor = module.InferInput(name, list(value.shape), datatype)
+                tensor.set_data_from_numpy(value)
+                tensors.append(tensor)
+            results.append(client.infer(model, tensors))
+        return results
+
+    # FP16 in and out: what onnxruntime computes, to FP16's precision.
+    metadata = http.get_model_metadata("half")
+    assert metadata["inputs"] == [{"name": "x", "datatype": "FP16", "shape": [-1, 4]}], metadata
+    assert metadata["outputs"] == [{"name": "y", "datatype": "FP16", "shape": [-1, 3]}], metadata
+    session = onnxruntime.InferenceSession(os.path.join(directory, "fp16.onnx"), providers=["CPUExecutionProvider"])
+    rows = np.random.default_rng(11).uniform(-1, 1, (16, 4)).astype(np.float16)
+    (expected,) = session.run(["y"], {"x": rows})
+    for served in infer_both("half", {"x": rows}, "FP16"):
+        y = served.as_numpy("y")
+        assert y.dtype == np.float16 and y.shape == (16, 3), (y.dtype, y.shape)
+        np.testing.assert_allclose(y.astype(np.float32), expected.astype(np.float32), rtol=1e-2, atol=1e-2)
+
+    # Strings in and out.
+    metadata = http.get_model_metadata("colors")
+    assert metadata["inputs"] == [{"name": "color", "datatype": "BYTES", "shape": [-1, 1]}], metadata
+    outputs = {output["name"]: output["datatype"] for output in metadata["outputs"]}
+    assert outputs == {"index": "INT64", "name": "BYTES"}, outputs
+    session = onnxruntime.InferenceSession(
+        os.path.join(directory, "strings.onnx"), providers=["CPUExecutionProvider"]
+    )
+    colors = np.array([["red"], ["blue"], ["purple"], ["green"], [""]], dtype=object)
+    expected_index, expected_name = session.run(["index", "name"], {"color": colors})
+    assert expected_index.ravel().tolist() == [0, 2, -1, 1, -1], expected_index
+    sent = np.array([[value.encode()] for value in colors.ravel()], dtype=object)
+    for served in infer_both("colors", {"color": sent}, "BYTES"):
+        assert np.array_equal(served.as_numpy("index"), expected_index), served.as_numpy("index")
+        names = [value.decode() for value in served.as_numpy("name").ravel()]
+        assert names == [str(value) for value in expected_name.ravel()], (names, expected_name)
+
+    # A BYTES element that is not UTF-8 is the client's error, named, and the model serves on.
+    bad = np.array([[b"red"], [b"\xff\xfe"]], dtype=object)
+    for client, module in ((http, httpclient), (grpc, grpcclient)):
+        tensor = module.InferInput("color", [2, 1], "BYTES")
+        tensor.set_data_from_numpy(bad)
+        try:
+            client.infer("colors", [tensor])
+        except InferenceServerException as error:
+            message = str(error)
+            assert "color" in message and "element 1" in message and "UTF-8" in message, message
+            # Refused as the request's fault before it joined a batch, not as the model failing.
+            assert str(error.status()) in ("400", "StatusCode.INVALID_ARGUMENT"), (error.status(), message)
+        else:
+            raise AssertionError("a non-UTF-8 string was accepted")
+    (served, _) = infer_both("colors", {"color": sent[:1]}, "BYTES")
+    assert served.as_numpy("index").ravel().tolist() == [0]
+    print("all onnx checks passed")
+
 else:
-    sys.exit(f"unknown mode {mode!r}; expected make or check")
+    sys.exit(f"unknown mode {mode!r}; expected make, check, make-typed or check-typed")
