@@ -122,7 +122,10 @@ impl Executor {
         artifact_dir: PathBuf,
     ) -> Executor {
         Executor {
-            data_dir,
+            // Absolute, so every task's `KILN_RUN_DIR` names this worker's directory whatever the working
+            // directory of whoever reads it: a worker elsewhere with the same relative `--data-dir` never takes
+            // another worker's tasks for its own leftovers.
+            data_dir: std::path::absolute(&data_dir).unwrap_or(data_dir),
             worker_id: 0,
             kill_grace,
             running: HashMap::new(),
@@ -158,7 +161,7 @@ impl Executor {
     /// or something it started, that changed directory), with its process group.
     pub(crate) fn kill_leftovers(&self) {
         let tasks = self.data_dir.join("tasks");
-        // Tasks were given paths built from the data directory as configured; the cwd link is canonical.
+        // Tasks were given absolute paths built from the data directory; the cwd link is also canonical.
         let canonical = tasks.canonicalize().unwrap_or_else(|_| tasks.clone());
         let ours = |path: &Path| path.starts_with(&canonical) || path.starts_with(&tasks);
         let Ok(entries) = std::fs::read_dir("/proc") else {
