@@ -60,13 +60,13 @@ fn datatype_of(name: &str, datum: DatumType) -> Result<DataType, String> {
 }
 
 /// A `BYTES` tensor's elements as text: what a string input of a graph takes.
-fn strings_of(tensor: &ServeTensor) -> Result<Vec<String>, String> {
-    let elements = tensor.byte_elements().map_err(|error| error.to_string())?;
-    elements
+fn strings_of(tensor: &ServeTensor) -> Result<Vec<&str>, String> {
+    tensor
+        .byte_elements()
         .into_iter()
         .enumerate()
         .map(|(index, element)| {
-            String::from_utf8(element.to_vec()).map_err(|_| {
+            std::str::from_utf8(element).map_err(|_| {
                 format!(
                     "input '{}': BYTES element {index} is not UTF-8 text; the model's input is a string tensor",
                     tensor.name
@@ -105,7 +105,11 @@ fn to_tract(tensor: &ServeTensor) -> TractResult<Tensor> {
         DataType::Fp32 => decode!(f32, 4),
         DataType::Fp64 => decode!(f64, 8),
         DataType::Bytes => {
-            let values = strings_of(tensor).map_err(TractError::msg)?;
+            let values: Vec<String> = strings_of(tensor)
+                .map_err(TractError::msg)?
+                .into_iter()
+                .map(str::to_string)
+                .collect();
             Ok(tract_ndarray::ArrayD::from_shape_vec(tract_ndarray::IxDyn(&tensor.shape), values)?.into_tensor())
         }
         DataType::Bf16 => unreachable!("refused when the model loaded"),

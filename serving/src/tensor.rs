@@ -196,12 +196,12 @@ impl Tensor {
     }
 
     /// A `BYTES` tensor's elements, in order (the layout was checked when the tensor was made).
-    pub fn byte_elements(&self) -> Result<Vec<&[u8]>, ServeError> {
-        let offsets = bytes_offsets(&self.name, &self.data, self.element_count())?;
-        Ok(offsets
+    pub fn byte_elements(&self) -> Vec<&[u8]> {
+        let offsets = bytes_offsets(&self.name, &self.data, self.element_count()).expect("checked at creation");
+        offsets
             .windows(2)
             .map(|pair| &self.data[pair[0] + 4..pair[1]])
-            .collect())
+            .collect()
     }
 
     /// The first dimension: the batch.
@@ -308,15 +308,12 @@ impl Tensor {
             DataType::Bf16 => read(data, |bytes| half::bf16::from_le_bytes(bytes).to_f64()),
             DataType::Fp32 => read(data, |bytes| f64::from(f32::from_le_bytes(bytes))),
             DataType::Fp64 => read(data, f64::from_le_bytes),
-            DataType::Bytes => {
-                let offsets = bytes_offsets(&self.name, data, self.element_count()).expect("checked at creation");
-                Value::Array(
-                    offsets
-                        .windows(2)
-                        .map(|pair| Value::String(String::from_utf8_lossy(&data[pair[0] + 4..pair[1]]).into_owned()))
-                        .collect(),
-                )
-            }
+            DataType::Bytes => Value::Array(
+                self.byte_elements()
+                    .into_iter()
+                    .map(|element| Value::String(String::from_utf8_lossy(element).into_owned()))
+                    .collect(),
+            ),
         }
     }
 }
