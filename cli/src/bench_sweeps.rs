@@ -193,11 +193,15 @@ pub struct OverheadResult {
     pub overhead_vs_nominal: f64,
     /// The mean time one pool command took, from its start to its exit.
     pub pool_command_ms: f64,
-    /// The mean time one trial held its slot on the leader's clock, from the commit that placed it to the one
-    /// that recorded its exit. The next trial is placed in that same commit, so a slot is never idle there:
-    /// what a trial holds beyond a pool command's time is the scheduling path (the placement's commit, the
-    /// assignment, the spawn, and the exit's report).
+    /// The mean time one trial held its slot on the leader's clock, from the commit that started it (its
+    /// placement, or its predecessor's exit for a trial that stood by) to the one that recorded its exit. The
+    /// next trial starts in that same commit, so a slot is never idle there: what a trial holds beyond a pool
+    /// command's time is the path from one trial to the next (for a placement made when the slot freed: its
+    /// commit and the assignment; always: the spawn and the exit's report).
     pub trial_slot_ms: f64,
+    /// Trials that started in a finished trial's place (queue-ahead: placed on standby behind it, started by
+    /// the worker when it exited), not by a placement made after the slot freed.
+    pub standby_starts: usize,
     pub sweep_state: String,
     pub sweep_message: String,
 }
@@ -368,12 +372,19 @@ pub async fn run_overhead(
         }
         jobs.extend(page);
     }
-    let runs: Vec<f64> = jobs
+    let attempts: Vec<&kiln_proto::Attempt> = jobs
         .iter()
         .filter(|job| job.name.starts_with("bench-overhead-t"))
         .flat_map(|job| &job.attempts)
+        .collect();
+    let runs: Vec<f64> = attempts
+        .iter()
         .map(|attempt| (attempt.ended_at_ms - attempt.started_at_ms) as f64)
         .collect();
+    let standby_starts = attempts
+        .iter()
+        .filter(|attempt| attempt.message.contains("in the place of"))
+        .count();
     let trial_slot_ms = runs.iter().sum::<f64>() / runs.len().max(1) as f64;
     Ok(OverheadResult {
         trials,
@@ -386,6 +397,7 @@ pub async fn run_overhead(
         overhead_vs_nominal: sweep_seconds / nominal - 1.0,
         pool_command_ms,
         trial_slot_ms,
+        standby_starts,
         sweep_state: crate::output::state_label(finished.state).to_string(),
         sweep_message: finished.message,
     })
@@ -415,11 +427,14 @@ pub fn print_overhead(result: &OverheadResult) {
         ]],
     );
     println!(
-        "a pool command took {:.1} ms on average, a trial held its slot {:.1} ms (placement to reported exit, the \
-         leader's clock): {:+.1} ms a trial for the placement's commit, the assignment, the spawn and the exit's report",
+        "a pool command took {:.1} ms on average, a trial held its slot {:.1} ms (start to reported exit, the \
+         leader's clock): {:+.1} ms a trial for what starting and ending it costs; {} of {} trials started in a \
+         finished trial's place (standby)",
         result.pool_command_ms,
         result.trial_slot_ms,
-        result.trial_slot_ms - result.pool_command_ms
+        result.trial_slot_ms - result.pool_command_ms,
+        result.standby_starts,
+        result.trials
     );
     println!("sweep {}: {}", result.sweep_state, result.sweep_message);
 }

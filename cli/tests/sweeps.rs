@@ -147,6 +147,39 @@ async fn a_grid_sweep_of_command_trials_covers_its_grid_once_and_names_the_best(
         "{shown:#}"
     );
     assert_eq!(shown["metrics"]["trials"], 9.0);
+    // Queue-ahead: a grid draws without the history, so trials stood by behind running ones and took their
+    // slots as they exited; never more than `parallel` (3) ran at once, on the leader's clock.
+    let (ok, stdout, stderr) = run(&cluster, &["jobs", "list", "--json"]);
+    assert!(ok, "{stderr}");
+    let jobs: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let trial_jobs: BTreeSet<u64> = trials.iter().map(|trial| trial["job"].as_u64().unwrap()).collect();
+    let attempts: Vec<&serde_json::Value> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|job| trial_jobs.contains(&job["id"].as_u64().unwrap()))
+        .flat_map(|job| job["attempts"].as_array().unwrap())
+        .collect();
+    assert_eq!(attempts.len(), 9, "one attempt per trial: {jobs:#}");
+    let handed_on = attempts
+        .iter()
+        .filter(|attempt| attempt["message"].as_str().unwrap().contains("in the place of"))
+        .count();
+    assert!(handed_on >= 1, "no trial started in a finished trial's place: {jobs:#}");
+    let spans: Vec<(i64, i64)> = attempts
+        .iter()
+        .map(|attempt| {
+            (
+                attempt["started_at_ms"].as_i64().unwrap(),
+                attempt["ended_at_ms"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    for (start, _) in &spans {
+        // A trial that starts in another's place starts in the apply that ends it: [start, end) spans.
+        let at_once = spans.iter().filter(|(from, to)| from <= start && start < to).count();
+        assert!(at_once <= 3, "{at_once} trials ran at {start}: {spans:?}");
+    }
     // Every trial is a run of the sweep's experiment, with its parameters.
     let tracking = cluster.tracking_addresses().unwrap();
     let (ok, stdout, stderr) = run(

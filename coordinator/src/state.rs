@@ -29,7 +29,7 @@ pub type JobId = u64;
 pub type NodeId = u64;
 
 /// Bumped whenever the snapshot layout changes.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 6;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 7;
 /// Most metrics or artifacts one job keeps, and the longest name or location, so reports cannot bloat the
 /// replicated state.
 pub const JOB_METRICS_MAX: usize = 64;
@@ -495,6 +495,29 @@ pub enum Command {
         message: String,
         now_ms: i64,
     },
+    /// Holds a queued job back from the scheduler (`held`), or lets it go. A held job starts only through a
+    /// standby placement (`StandbyAttempt`): the sweep controller holds the trials it submits ahead of a free
+    /// slot, so they never run beside the sweep's `parallel` trials. By idempotency key, like
+    /// `StartAttemptByKey`, as the controller holds a trial in the batch that submits it. Refused when the
+    /// job is not queued.
+    HoldJob {
+        idempotency_key: String,
+        held: bool,
+        now_ms: i64,
+    },
+    /// A held single-rank job stands by behind running task `after`: it starts in that task's place (on its
+    /// worker, with its resources and `MASTER_PORT`) the moment the task exits. The worker starts it when it
+    /// sees the exit, without waiting for the cluster; the state starts it when the exit's report is applied,
+    /// in the same apply that frees the slot. So a slot is handed on without a commit or a message on the
+    /// way. Refused (and nothing changes) unless the job is queued, held, single-rank, not standing by
+    /// elsewhere, and needs no more than `after` holds, and `after` runs on an alive worker with nothing
+    /// standing by behind it yet. A standby behind a task that is lost with its worker is dropped: the job
+    /// stays held, for its controller to place again.
+    StandbyAttempt {
+        idempotency_key: String,
+        after: TaskKey,
+        now_ms: i64,
+    },
 }
 
 /// What a rank reports: the latest metrics and artifact locations, and the points measured since its
@@ -586,6 +609,14 @@ pub struct StateMachine {
     catalog: Catalog,
     /// Experiments and runs.
     tracking: Tracking,
+    /// Queued jobs the scheduler leaves alone (see [`Command::HoldJob`]).
+    held: imbl::OrdSet<JobId>,
+    /// Standby placements: a running task, and the held job that starts in its place when it exits (see
+    /// [`Command::StandbyAttempt`]).
+    standby: imbl::OrdMap<TaskKey, JobId>,
+    /// `standby` by job: derived (rebuilt when a snapshot is read, not stored).
+    #[serde(skip)]
+    standing_by: imbl::OrdMap<JobId, TaskKey>,
     /// Every sweep's trials, by sweep and trial number: derived from `jobs` (rebuilt when a snapshot is
     /// read, not stored), so the sweep controller visits sweeps and their trials, not every job.
     #[serde(skip)]
@@ -894,6 +925,38 @@ impl StateMachine {
                 Ok(spec) => self.update_deployment(job, spec, spec_toml, Some(message), now_ms, changed),
                 Err(error) => CommandResult::Rejected(CoordinatorError::InvalidArgument(error.to_string())),
             },
+            Command::HoldJob {
+                idempotency_key,
+                held,
+                now_ms,
+            } => match self.idempotency_keys.get(&idempotency_key) {
+                Some(&job) => match self.hold(job, held, now_ms) {
+                    Ok(job) => {
+                        changed.push(job);
+                        CommandResult::Done
+                    }
+                    Err(reason) => CommandResult::Rejected(CoordinatorError::FailedPrecondition(reason)),
+                },
+                None => CommandResult::Rejected(CoordinatorError::FailedPrecondition(format!(
+                    "no job was submitted with idempotency key '{idempotency_key}'"
+                ))),
+            },
+            Command::StandbyAttempt {
+                idempotency_key,
+                after,
+                now_ms,
+            } => match self.idempotency_keys.get(&idempotency_key) {
+                Some(&job) => match self.stand_by(job, after, now_ms) {
+                    Ok(job) => {
+                        changed.push(job);
+                        CommandResult::Done
+                    }
+                    Err(reason) => CommandResult::Rejected(CoordinatorError::FailedPrecondition(reason)),
+                },
+                None => CommandResult::Rejected(CoordinatorError::FailedPrecondition(format!(
+                    "no job was submitted with idempotency key '{idempotency_key}'"
+                ))),
+            },
             Command::Batch(commands) => CommandResult::Batch(
                 commands
                     .into_iter()
@@ -1120,6 +1183,10 @@ impl StateMachine {
             reason
         };
         self.queue.remove(&queue_key(job));
+        self.held.remove(&id);
+        if let Some(after) = self.standing_by.remove(&id) {
+            self.standby.remove(&after);
+        }
         job.state = JobState::Cancelled;
         job.updated_at_ms = now_ms;
         job.finished_at_ms = Some(now_ms);
@@ -1289,6 +1356,7 @@ impl StateMachine {
                 rank: task.rank,
             });
         }
+        self.held.remove(&id);
         let job = self.jobs.get_mut(&id).expect("checked above");
         self.queue.remove(&queue_key(job));
         assert!(job.state.can_become(JobState::Running));
@@ -1450,6 +1518,145 @@ impl StateMachine {
             }
         }
         changed.push(job.clone());
+        if let Some(next) = self.standby.remove(&key) {
+            self.standing_by.remove(&next);
+            self.hand_on(key, worker, state, next, now_ms, changed);
+        }
+    }
+
+    /// Starts `next`, which stood by behind task `key`, in that task's place now that it ended `how`; a
+    /// task lost with its worker hands nothing on (the worker is gone, or restarted without the standby).
+    fn hand_on(
+        &mut self,
+        key: TaskKey,
+        worker: WorkerId,
+        how: TaskState,
+        next: JobId,
+        now_ms: i64,
+        changed: &mut Vec<Job>,
+    ) {
+        let port = self
+            .jobs
+            .get(&key.job)
+            .and_then(|job| job.attempts.get(key.attempt as usize - 1))
+            .map_or(0, |attempt| attempt.master_port);
+        let Some(job) = self.jobs.get(&next) else { return };
+        let number = job.attempts.len() as u32 + 1;
+        let refused = if how == TaskState::Lost {
+            format!("its standby place behind {key} was lost with worker {worker}; held for its sweep to place again")
+        } else {
+            match self.start_attempt(next, number, &[worker], port, now_ms) {
+                Ok(mut job) => {
+                    if let Some(attempt) = job.attempts.last_mut() {
+                        attempt.message =
+                            format!("started on worker {worker} in the place of {key}, which it stood by behind");
+                    }
+                    self.jobs.insert(next, job.clone());
+                    changed.push(job);
+                    return;
+                }
+                Err(reason) => {
+                    format!("its standby start behind {key} was refused ({reason}); held for its sweep to place again")
+                }
+            }
+        };
+        if let Some(job) = self.jobs.get_mut(&next) {
+            job.message = refused;
+            job.updated_at_ms = now_ms;
+            changed.push(job.clone());
+        }
+    }
+
+    /// Holds queued job `id` back from the scheduler, or releases it (dropping any standby placement).
+    fn hold(&mut self, id: JobId, held: bool, now_ms: i64) -> Result<Job, String> {
+        let job = self
+            .jobs
+            .get_mut(&id)
+            .ok_or_else(|| format!("job {id} does not exist"))?;
+        if job.state != JobState::Queued {
+            return Err(format!(
+                "job {id} is {}; only a queued job can be held or released",
+                job.state.label()
+            ));
+        }
+        if held {
+            if self.held.insert(id).is_none() {
+                job.message = "held: waits for a place its sweep hands on".to_string();
+            }
+        } else {
+            self.held.remove(&id);
+            if let Some(after) = self.standing_by.remove(&id) {
+                self.standby.remove(&after);
+            }
+            job.message.clear();
+        }
+        job.updated_at_ms = now_ms;
+        Ok(job.clone())
+    }
+
+    /// Places held job `id` on standby behind task `after` (see [`Command::StandbyAttempt`]).
+    fn stand_by(&mut self, id: JobId, after: TaskKey, now_ms: i64) -> Result<Job, String> {
+        let job = self.jobs.get(&id).ok_or_else(|| format!("job {id} does not exist"))?;
+        if job.state != JobState::Queued || !self.held.contains(&id) {
+            return Err(format!(
+                "job {id} is {}{}; only a held, queued job stands by",
+                job.state.label(),
+                if job.state == JobState::Queued {
+                    " but not held"
+                } else {
+                    ""
+                }
+            ));
+        }
+        if job.spec.resources.workers != 1 {
+            return Err(format!(
+                "job {id} has {} ranks; only a single-rank job stands by behind one task",
+                job.spec.resources.workers
+            ));
+        }
+        match (self.standing_by.get(&id), self.standby.get(&after)) {
+            (Some(current), _) if *current == after => return Ok(job.clone()),
+            (Some(current), _) => return Err(format!("job {id} already stands by behind {current}")),
+            (None, Some(other)) => return Err(format!("job {other} already stands by behind {after}")),
+            (None, None) => {}
+        }
+        let task = self.task(&after).ok_or_else(|| format!("{after} does not exist"))?;
+        if task.state != TaskState::Running {
+            return Err(format!("{after} is {}, not running", task.state.label()));
+        }
+        let worker = task.worker;
+        if self
+            .workers
+            .get(&worker)
+            .is_none_or(|record| record.state != WorkerState::Alive)
+        {
+            return Err(format!("{after} is on worker {worker}, which is not alive"));
+        }
+        let need = Capacity::of_rank(&job.spec.resources);
+        let holds = Capacity::of_rank(&self.jobs[&after.job].spec.resources);
+        if !holds.contains(&need) {
+            return Err(format!("job {id} needs {need} per rank; {after} holds only {holds}"));
+        }
+        self.standby.insert(after, id);
+        self.standing_by.insert(id, after);
+        let job = self.jobs.get_mut(&id).expect("checked above");
+        job.message = format!("standing by on worker {worker}: starts when {after} exits");
+        job.updated_at_ms = now_ms;
+        Ok(job.clone())
+    }
+
+    /// The held job standing by behind each running task, with the task's worker.
+    pub fn standby(&self) -> impl Iterator<Item = (TaskKey, JobId)> + '_ {
+        self.standby.iter().map(|(after, job)| (*after, *job))
+    }
+
+    /// The task held job `id` stands by behind, if it does.
+    pub fn standing_by(&self, id: JobId) -> Option<TaskKey> {
+        self.standing_by.get(&id).copied()
+    }
+
+    pub fn is_held(&self, id: JobId) -> bool {
+        self.held.contains(&id)
     }
 
     pub fn query(&self, query: &Query) -> QueryResult {
@@ -1529,9 +1736,12 @@ impl StateMachine {
         self.workers.get(&id)
     }
 
-    /// Queued jobs in scheduling order.
+    /// Queued jobs in scheduling order, but for the held ones (the scheduler does not place those).
     pub fn queued_jobs(&self) -> impl Iterator<Item = &Job> {
-        self.queue.iter().map(|(_, id)| &self.jobs[id])
+        self.queue
+            .iter()
+            .filter(|(_, id)| !self.held.contains(id))
+            .map(|(_, id)| &self.jobs[id])
     }
 
     pub fn members(&self) -> &BTreeMap<NodeId, MemberRecord> {
@@ -1582,6 +1792,10 @@ impl StateMachine {
             let (_, state): (u32, version5::StateMachine) = decode(bytes, "version 5 state machine snapshot")?;
             return Ok(state.upgrade().with_indexes());
         }
+        if version == 6 {
+            let (_, state): (u32, version6::StateMachine) = decode(bytes, "version 6 state machine snapshot")?;
+            return Ok(state.upgrade().with_indexes());
+        }
         if version != SNAPSHOT_FORMAT_VERSION {
             return Err(CoordinatorError::Storage(format!(
                 "snapshot format version {version} is not supported; this build reads versions 1 to {SNAPSHOT_FORMAT_VERSION}"
@@ -1601,6 +1815,7 @@ impl StateMachine {
         }
         self.sweep_trials = sweep_trials;
         self.deployment_replicas = deployment_replicas;
+        self.standing_by = self.standby.iter().map(|(after, job)| (*job, *after)).collect();
         self
     }
 
@@ -1624,6 +1839,43 @@ impl StateMachine {
                 .collect();
             Some((self.jobs.get(sweep)?, trials))
         })
+    }
+}
+
+/// Snapshot format 6 (no held jobs and no standby placements).
+mod version6 {
+    use super::*;
+
+    #[derive(Deserialize)]
+    pub(super) struct StateMachine {
+        jobs: imbl::OrdMap<JobId, Job>,
+        idempotency_keys: imbl::OrdMap<String, JobId>,
+        next_job_id: JobId,
+        members: BTreeMap<NodeId, MemberRecord>,
+        workers: imbl::OrdMap<WorkerId, Worker>,
+        worker_uids: imbl::OrdMap<String, WorkerId>,
+        next_worker_id: WorkerId,
+        queue: imbl::OrdSet<(i64, JobId)>,
+        catalog: Catalog,
+        tracking: Tracking,
+    }
+
+    impl StateMachine {
+        pub(super) fn upgrade(self) -> super::StateMachine {
+            super::StateMachine {
+                jobs: self.jobs,
+                idempotency_keys: self.idempotency_keys,
+                next_job_id: self.next_job_id,
+                members: self.members,
+                workers: self.workers,
+                worker_uids: self.worker_uids,
+                next_worker_id: self.next_worker_id,
+                queue: self.queue,
+                catalog: self.catalog,
+                tracking: self.tracking,
+                ..Default::default()
+            }
+        }
     }
 }
 
@@ -1658,6 +1910,9 @@ mod version5 {
                 queue: self.queue,
                 catalog: self.catalog,
                 tracking: self.tracking.upgrade(),
+                held: imbl::OrdSet::new(),
+                standby: imbl::OrdMap::new(),
+                standing_by: imbl::OrdMap::new(),
                 sweep_trials: imbl::OrdMap::new(),
                 deployment_replicas: imbl::OrdMap::new(),
             }
@@ -1695,6 +1950,9 @@ mod version4 {
                 queue: self.queue,
                 catalog: self.catalog,
                 tracking: Tracking::default(),
+                held: imbl::OrdSet::new(),
+                standby: imbl::OrdMap::new(),
+                standing_by: imbl::OrdMap::new(),
                 sweep_trials: imbl::OrdMap::new(),
                 deployment_replicas: imbl::OrdMap::new(),
             }
@@ -1731,6 +1989,9 @@ mod version3 {
                 queue: self.queue,
                 catalog: Catalog::default(),
                 tracking: Tracking::default(),
+                held: imbl::OrdSet::new(),
+                standby: imbl::OrdMap::new(),
+                standing_by: imbl::OrdMap::new(),
                 sweep_trials: imbl::OrdMap::new(),
                 deployment_replicas: imbl::OrdMap::new(),
             }
@@ -1804,6 +2065,9 @@ mod version2 {
                 queue: self.queue.into_iter().collect(),
                 catalog: Catalog::default(),
                 tracking: Tracking::default(),
+                held: imbl::OrdSet::new(),
+                standby: imbl::OrdMap::new(),
+                standing_by: imbl::OrdMap::new(),
                 sweep_trials: imbl::OrdMap::new(),
                 deployment_replicas: imbl::OrdMap::new(),
             }
@@ -2407,9 +2671,10 @@ mod tests {
         assert!(state.tracking().experiment_by_name("digits").is_ok());
         let current = state.to_snapshot().unwrap();
         // The tables format 6 added to the tracking store, empty, encode as one length byte (0 entries)
-        // each at the very end: the registry, artifacts, logged models, job reports, datasets, run inputs.
-        let added = 6;
-        assert_eq!(current[current.len() - added..], [0u8; 6]);
+        // each at the very end: the registry, artifacts, logged models, job reports, datasets, run inputs;
+        // and after them format 7's held jobs and standby placements.
+        let added = 6 + 2;
+        assert_eq!(current[current.len() - added..], [0u8; 8]);
         let mut bytes = encode(&(5u32, ())).unwrap();
         let header = bytes.len();
         bytes.extend_from_slice(&current[header..current.len() - added]);
@@ -2587,6 +2852,187 @@ mod tests {
         let run = state.tracking().run(&run_id).unwrap();
         assert_eq!(run.status, RunStatus::Finished);
         assert_eq!(run.end_time_ms, state.job(1).unwrap().finished_at_ms);
+    }
+
+    fn hold(state: &mut StateMachine, key: &str, held: bool) -> CommandResult {
+        apply(
+            state,
+            Command::HoldJob {
+                idempotency_key: key.into(),
+                held,
+                now_ms: 6,
+            },
+        )
+    }
+
+    fn stand_by(state: &mut StateMachine, key: &str, after: TaskKey) -> CommandResult {
+        apply(
+            state,
+            Command::StandbyAttempt {
+                idempotency_key: key.into(),
+                after,
+                now_ms: 7,
+            },
+        )
+    }
+
+    fn refused(result: CommandResult, expected: &str) {
+        match result {
+            CommandResult::Rejected(error) => assert!(error.to_string().contains(expected), "{error}"),
+            other => panic!("expected a refusal naming '{expected}', got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_held_job_stands_by_and_starts_in_the_place_of_the_task_it_waits_for() {
+        let mut state = StateMachine::default();
+        let worker = register(&mut state, "w", 2);
+        apply(&mut state, submit("a", 1));
+        assert_eq!(start(&mut state, 1, 1, vec![worker]), CommandResult::Done);
+        let a = TaskKey {
+            job: 1,
+            attempt: 1,
+            rank: 0,
+        };
+        for key in ["b", "c"] {
+            apply(&mut state, submit(key, 2));
+        }
+        apply(&mut state, submit_spec("wide", 2, &gang(2, 0)));
+        // Not held: the scheduler's to place.
+        refused(stand_by(&mut state, "b", a), "only a held, queued job stands by");
+        assert_eq!(hold(&mut state, "b", true), CommandResult::Done);
+        assert_eq!(hold(&mut state, "c", true), CommandResult::Done);
+        assert_eq!(hold(&mut state, "wide", true), CommandResult::Done);
+        assert_eq!(
+            state.queued_jobs().map(|job| job.id).collect::<Vec<_>>(),
+            Vec::<JobId>::new(),
+            "held jobs are not the scheduler's"
+        );
+        refused(stand_by(&mut state, "wide", a), "only a single-rank job stands by");
+        let missing = TaskKey { job: 9, ..a };
+        refused(stand_by(&mut state, "b", missing), "does not exist");
+        let before = state.clone();
+        assert_eq!(stand_by(&mut state, "b", a), CommandResult::Done);
+        assert_eq!(
+            stand_by(&mut state, "b", a),
+            CommandResult::Done,
+            "a repeat changes nothing"
+        );
+        refused(
+            stand_by(&mut state, "c", a),
+            "job 2 already stands by behind job 1 attempt 1 rank 0",
+        );
+        assert_ne!(state, before);
+        let b = state.job(2).unwrap();
+        assert_eq!(b.state, JobState::Queued);
+        assert!(b.message.contains("standing by on worker 1"), "{}", b.message);
+        assert_eq!(state.standing_by(2), Some(a));
+        // The slot is a's until it exits; then b has it, in the same apply.
+        assert_eq!(state.worker(worker).unwrap().free().cpus, 1);
+        finish(&mut state, 1, 1, 0, worker, 0);
+        assert_eq!(state.job(1).unwrap().state, JobState::Succeeded);
+        let b = state.job(2).unwrap();
+        assert_eq!(b.state, JobState::Running);
+        let attempt = b.current_attempt().unwrap();
+        assert_eq!(
+            (attempt.number, attempt.tasks[0].worker, attempt.master_port),
+            (1, worker, 29500)
+        );
+        assert!(
+            attempt.message.contains("in the place of job 1 attempt 1 rank 0"),
+            "{}",
+            attempt.message
+        );
+        assert!(!state.is_held(2));
+        assert_eq!(state.standing_by(2), None);
+        let record = state.worker(worker).unwrap();
+        assert_eq!((record.free().cpus, record.tasks.len()), (1, 1));
+        // A finished task hands nothing on twice; c still waits, held.
+        refused(stand_by(&mut state, "c", a), "is succeeded, not running");
+        assert!(state.is_held(3));
+        // Released, c is the scheduler's again.
+        assert_eq!(hold(&mut state, "c", false), CommandResult::Done);
+        assert_eq!(state.queued_jobs().map(|job| job.id).collect::<Vec<_>>(), [3]);
+        refused(
+            hold(&mut state, "a", true),
+            "job 1 is succeeded; only a queued job can be held",
+        );
+    }
+
+    #[test]
+    fn a_standby_goes_with_a_lost_worker_and_with_a_cancel() {
+        let mut state = StateMachine::default();
+        let worker = register(&mut state, "w", 2);
+        for key in ["a", "b", "c", "d"] {
+            apply(&mut state, submit(key, 1));
+        }
+        start(&mut state, 1, 1, vec![worker]);
+        apply(
+            &mut state,
+            Command::StartAttempt {
+                job: 2,
+                attempt: 1,
+                placement: vec![worker],
+                master_port: 29501,
+                now_ms: 5,
+            },
+        );
+        let task = |job| TaskKey {
+            job,
+            attempt: 1,
+            rank: 0,
+        };
+        for (key, after) in [("c", 1), ("d", 2)] {
+            hold(&mut state, key, true);
+            assert_eq!(stand_by(&mut state, key, task(after)), CommandResult::Done);
+        }
+        // A cancelled standby is gone: its predecessor's exit hands nothing on.
+        apply(
+            &mut state,
+            Command::CancelJob {
+                id: 4,
+                reason: String::new(),
+                now_ms: 8,
+            },
+        );
+        assert!(!state.is_held(4) && state.standing_by(4).is_none());
+        finish(&mut state, 2, 1, 0, worker, 0);
+        assert_eq!(state.job(4).unwrap().state, JobState::Cancelled);
+        assert_eq!(state.worker(worker).unwrap().free().cpus, 1);
+        // Snapshots keep what stands by.
+        let restored = StateMachine::from_snapshot(&state.to_snapshot().unwrap()).unwrap();
+        assert_eq!(restored, state);
+        assert_eq!(restored.standing_by(3), Some(task(1)));
+        // A lost worker loses the place: the job stays held, for its sweep to place again.
+        let registrations = state.worker(worker).unwrap().registrations;
+        apply(
+            &mut state,
+            Command::WorkerLost {
+                worker,
+                registrations,
+                reason: "gone".into(),
+                now_ms: 9,
+            },
+        );
+        let c = state.job(3).unwrap();
+        assert_eq!(c.state, JobState::Queued);
+        assert!(c.message.contains("was lost with worker 1"), "{}", c.message);
+        assert!(state.is_held(3) && state.standing_by(3).is_none());
+    }
+
+    #[test]
+    fn a_version_6_snapshot_is_upgraded_with_nothing_held() {
+        // Format 6 is format 7 without its last two fields (held jobs, standby placements): empty, one length
+        // byte each.
+        let mut state = StateMachine::default();
+        apply(&mut state, submit("k1", 1));
+        register(&mut state, "w", 2);
+        let current = state.to_snapshot().unwrap();
+        assert_eq!(current[current.len() - 2..], [0u8; 2]);
+        let mut bytes = encode(&(6u32, ())).unwrap();
+        let header = bytes.len();
+        bytes.extend_from_slice(&current[header..current.len() - 2]);
+        assert_eq!(StateMachine::from_snapshot(&bytes).unwrap(), state);
     }
 
     #[test]

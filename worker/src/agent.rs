@@ -3,6 +3,10 @@
 //! Lifecycle: `register` (any coordinator; retried) → `session` with the leader (found by trying each
 //! coordinator: only the ready leader accepts) → on a broken stream, back to `session` with tasks still
 //! running → on "register again" (declared lost), stop every task and go back to `register`.
+//!
+//! A standby assignment (`AssignTask.after`) waits here until the task it names exits, and starts the moment
+//! that exit is seen, before the exit is even reported: the cluster has already committed that it takes the
+//! slot. Stopping every task (a new registration, the fence, shutdown) drops what stands by first.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -97,6 +101,8 @@ struct Agent {
     exits: mpsc::Receiver<(Key, pb::task_report::Outcome)>,
     /// Reports not yet acknowledged by the leader, repeated in every heartbeat.
     unacknowledged: BTreeMap<Key, pb::TaskReport>,
+    /// Standby assignments, by the running task each waits for.
+    standby: BTreeMap<Key, pb::AssignTask>,
     worker_id: u64,
     heartbeat: Duration,
     /// See [`Agent::check_fence`].
@@ -190,6 +196,7 @@ impl Worker {
             executor,
             exits,
             unacknowledged: BTreeMap::new(),
+            standby: BTreeMap::new(),
             worker_id: 0,
             heartbeat: Duration::from_secs(1),
             fence: Duration::from_secs(3),
@@ -282,6 +289,7 @@ impl Agent {
             return;
         }
         self.fenced = true;
+        self.standby.clear();
         let reason = format!(
             "no leader heard for {:.1} s (fence {:.1} s); stopping tasks so they cannot run twice",
             silent.as_secs_f64(),
@@ -305,6 +313,7 @@ impl Agent {
 
     /// Stops every task and waits (up to the grace period and a little) for them to go.
     async fn stop_tasks(&mut self, reason: &str) {
+        self.standby.clear();
         self.executor.kill_all(reason);
         let deadline = tokio::time::Instant::now() + self.config.kill_grace + Duration::from_secs(1);
         while !self.executor.is_idle() {
@@ -385,6 +394,10 @@ impl Agent {
 
     fn record_exit(&mut self, key: Key, outcome: pb::task_report::Outcome) -> pb::TaskReport {
         self.executor.finished(key);
+        if let Some(next) = self.standby.remove(&key) {
+            // The slot is this task's now: the cluster committed the standby before it was sent.
+            self.executor.start(next);
+        }
         tracing::info!(%key, ?outcome, "task ended");
         let report = pb::TaskReport {
             task: Some(key.to_proto()),
@@ -400,6 +413,20 @@ impl Agent {
                 running: self.executor.running_keys().into_iter().map(Key::to_proto).collect(),
                 unacknowledged: self.unacknowledged.values().cloned().collect(),
             })),
+        }
+    }
+
+    /// Starts an assigned task, or keeps a standby one until the task it waits for has exited: at once if that
+    /// task ran here and is over; later if it runs, or if its own assignment has not arrived yet.
+    fn assign(&mut self, mut assign: pb::AssignTask) {
+        match assign.after.take().map(|after| Key::from_proto(&after)) {
+            Some(after) if self.executor.is_running(after) || !self.executor.was_started(after) => {
+                if let Some(key) = assign.task.as_ref().map(Key::from_proto) {
+                    tracing::debug!(%key, %after, "standing by");
+                }
+                self.standby.insert(after, assign);
+            }
+            _ => self.executor.start(assign),
         }
     }
 
@@ -450,6 +477,9 @@ impl Agent {
         let Some((outbound, mut inbound)) = opened else {
             return SessionEnd::Lost;
         };
+        // A new session is sent every standby placement that still holds; one withdrawn while this worker
+        // was away must not start.
+        self.standby.clear();
         tracing::info!(worker = self.worker_id, leader = %self.channels[self.preferred].0, "session with the leader open");
         let mut heartbeat = tokio::time::interval(self.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -494,9 +524,11 @@ impl Agent {
                 }
             };
             match kind {
-                pb::leader_message::Kind::Assign(assign) => self.executor.start(assign),
+                pb::leader_message::Kind::Assign(assign) => self.assign(assign),
                 pb::leader_message::Kind::Kill(kill) => {
                     if let Some(key) = kill.task.as_ref().map(Key::from_proto) {
+                        self.standby
+                            .retain(|_, waiting| waiting.task.as_ref().map(Key::from_proto) != Some(key));
                         self.executor.kill(key, &kill.reason);
                     }
                 }

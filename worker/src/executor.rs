@@ -401,6 +401,16 @@ impl Executor {
         }
     }
 
+    /// Whether the task's process was started and its exit not yet recorded.
+    pub(crate) fn is_running(&self, key: Key) -> bool {
+        self.running.contains_key(&key)
+    }
+
+    /// Whether this process was asked to start the task (and has not forgotten it since).
+    pub(crate) fn was_started(&self, key: Key) -> bool {
+        self.started.contains(&key)
+    }
+
     pub(crate) fn is_idle(&self) -> bool {
         self.running.is_empty()
     }

@@ -19,8 +19,10 @@
 //! - per session, which assignments and kills were sent. A session starts empty, so a task whose
 //!   assignment the old leader committed but never sent is sent now; workers ignore repeats.
 //!
-//! Reconciliation on every heartbeat: a task the worker runs that the state does not place there is
-//! killed; a task the state places there that the worker does not run is (re)assigned. Reports are
+//! Reconciliation on every heartbeat: a task the worker runs that the state does not place there (running
+//! or standing by) is killed; a task the state places there that the worker does not run is (re)assigned.
+//! A standby placement goes out as an assignment naming the task it waits for (`AssignTask.after`): the
+//! worker starts it when that task exits, and a standby withdrawn before then (its job cancelled) is killed. Reports are
 //! acknowledged only after the command carrying them is committed; the worker repeats them until then.
 //!
 //! At most one proposal is in flight: reports, lost workers and scheduling decisions that arrive meanwhile
@@ -80,6 +82,8 @@ struct Session {
     id: u64,
     outbound: Outbound,
     assigned: HashSet<TaskKey>,
+    /// Standby tasks sent, not yet started in the state.
+    standby: HashSet<TaskKey>,
     killed: HashSet<TaskKey>,
     /// What the worker said it runs in its last heartbeat.
     running: BTreeSet<TaskKey>,
@@ -174,6 +178,7 @@ impl Hub {
                         id: session,
                         outbound,
                         assigned: HashSet::new(),
+                        standby: HashSet::new(),
                         killed: HashSet::new(),
                         running: BTreeSet::new(),
                     },
@@ -435,6 +440,32 @@ impl Hub {
             };
             let mut messages = Vec::new();
             let session = self.sessions.get_mut(&worker_id).expect("listed above");
+            // The tasks standing by here: behind a task of this worker.
+            let standby: BTreeMap<TaskKey, TaskKey> = state
+                .standby()
+                .filter(|(after, _)| state.task(after).is_some_and(|task| task.worker == worker_id))
+                .filter_map(|(after, job)| {
+                    let attempt = state.job(job)?.attempts.len() as u32 + 1;
+                    Some((TaskKey { job, attempt, rank: 0 }, after))
+                })
+                .collect();
+            // A standby that left: started in the state (sent already), or withdrawn (stopped on the worker).
+            for key in session.standby.clone() {
+                if standby.contains_key(&key) {
+                    continue;
+                }
+                session.standby.remove(&key);
+                if worker.tasks.contains(&key) {
+                    session.assigned.insert(key);
+                } else if session.killed.insert(key) {
+                    messages.push(kill(&key, "its standby placement was withdrawn"));
+                }
+            }
+            for (key, after) in &standby {
+                if !session.running.contains(key) && session.standby.insert(*key) {
+                    messages.push(assign_standby(state, key, after));
+                }
+            }
             for key in &worker.tasks {
                 let Some(task) = state.task(key) else { continue };
                 if task.stop_requested {
@@ -446,7 +477,7 @@ impl Hub {
                 }
             }
             for key in &session.running {
-                if !worker.tasks.contains(key) && session.killed.insert(*key) {
+                if !worker.tasks.contains(key) && !standby.contains_key(key) && session.killed.insert(*key) {
                     messages.push(kill(key, "the cluster does not run this task here"));
                 }
             }
@@ -456,7 +487,7 @@ impl Hub {
             session.assigned.retain(|key| worker.tasks.contains(key));
             session
                 .killed
-                .retain(|key| worker.tasks.contains(key) || running.contains(key));
+                .retain(|key| worker.tasks.contains(key) || running.contains(key) || standby.contains_key(key));
             for kind in messages.into_iter().flatten() {
                 self.send(worker_id, kind);
             }
@@ -476,24 +507,48 @@ fn assign(state: &StateMachine, key: &TaskKey) -> Option<pb::leader_message::Kin
     let attempt = job.attempts.get(key.attempt as usize - 1)?;
     let task = attempt.tasks.get(key.rank as usize)?;
     Some(pb::leader_message::Kind::Assign(pb::AssignTask {
+        world_size: attempt.tasks.len() as u32,
+        local_rank: task.local_rank,
+        local_world_size: task.local_world_size,
+        master_addr: attempt.master_addr.clone(),
+        master_port: attempt.master_port.into(),
+        ..assignment(job, key)
+    }))
+}
+
+/// The assignment of standby task `key` (rank 0 of a single-rank job's next attempt): it takes the place
+/// of `after`, its worker's host and `MASTER_PORT` included.
+fn assign_standby(state: &StateMachine, key: &TaskKey, after: &TaskKey) -> Option<pb::leader_message::Kind> {
+    let job = state.job(key.job)?;
+    let before = state.job(after.job)?.attempts.get(after.attempt as usize - 1)?;
+    Some(pb::leader_message::Kind::Assign(pb::AssignTask {
+        world_size: 1,
+        local_rank: 0,
+        local_world_size: 1,
+        master_addr: before.master_addr.clone(),
+        master_port: before.master_port.into(),
+        after: Some(task_key_to_proto(after)),
+        ..assignment(job, key)
+    }))
+}
+
+/// What every assignment of a task of `job` carries.
+fn assignment(job: &crate::state::Job, key: &TaskKey) -> pb::AssignTask {
+    pb::AssignTask {
         task: Some(task_key_to_proto(key)),
         job_name: job.spec.name.clone(),
         kind: job.spec.kind.label().to_string(),
         command: job.spec.command.clone(),
         args: job.spec.args.clone(),
         env: job.spec.env.clone().into_iter().collect(),
-        world_size: attempt.tasks.len() as u32,
-        local_rank: task.local_rank,
-        local_world_size: task.local_world_size,
-        master_addr: attempt.master_addr.clone(),
-        master_port: attempt.master_port.into(),
         resources: Some(pb::WorkerResources {
             cpus: job.spec.resources.cpus,
             gpus: job.spec.resources.gpus,
             memory_bytes: job.spec.resources.memory_bytes,
         }),
         spec_toml: job.spec_toml.clone(),
-    }))
+        ..Default::default()
+    }
 }
 
 pub(super) fn task_key_to_proto(key: &TaskKey) -> pb::TaskKey {

@@ -9,6 +9,15 @@
 //!   cancelled (`stopped early…`);
 //! - the end is a `FinishSweep`, applied once.
 //!
+//! Queue-ahead: for the searchers that draw without the history (grid, random, and the random draws of ASHA
+//! and Hyperband), a single-rank trial is submitted before a slot frees, held back from the scheduler
+//! (`HoldJob`), and placed on standby behind the running trial that started first (`StandbyAttempt`): its
+//! worker starts it the moment that trial exits, so no commit or assignment is on the path from one trial to
+//! the next. At most one trial stands by behind each running one, so no more than `parallel` trials ever
+//! run. A held trial whose place was lost (the worker went) is placed on standby again, or released to the
+//! scheduler when the sweep runs fewer than `parallel` trials. TPE suggests from the trials finished so far,
+//! so its trials are never submitted ahead.
+//!
 //! Trials are ordinary jobs (`kind` of the template) whose environment names their sweep and number
 //! ([`super::SWEEP_ENV`], [`super::TRIAL_ENV`]); their runs are in the sweep's experiment and hold the metric
 //! the sweep optimizes, whether it came from Kiln's trainer or from the MLflow API.
@@ -52,7 +61,7 @@ pub fn decide(state: &StateMachine, now_ms: i64, memo: &mut Memo) -> Vec<Command
         }
         match SweepSpec::read(&sweep.spec_toml) {
             Ok(spec) => commands.extend(decide_sweep(
-                state.tracking(),
+                state,
                 sweep,
                 &spec,
                 &mine,
@@ -112,20 +121,23 @@ fn describe(params: &Params) -> String {
 }
 
 fn decide_sweep(
-    tracking: &Tracking,
+    state: &StateMachine,
     sweep: &Job,
     spec: &SweepSpec,
     trials: &[(u64, &Job)],
     reported: &mut HashSet<u64>,
     now_ms: i64,
 ) -> Vec<Command> {
+    let tracking = state.tracking();
     let mut commands = Vec::new();
     // Early stopping, replayed from every trial's points at the rungs, in the order they were measured.
     let mut stopping = 0;
+    let mut stopped_now = HashSet::new();
     if spec.algorithm.stops_early() {
         for (job, reason) in early_stops(tracking, spec, trials) {
             if !job.state.is_finished() {
                 stopping += 1;
+                stopped_now.insert(job.id);
                 commands.push(Command::CancelJob {
                     id: job.id,
                     reason,
@@ -170,10 +182,32 @@ fn decide_sweep(
         return commands;
     }
     let searcher = spec.algorithm.searcher();
-    let mut active = trials.iter().filter(|(_, job)| !job.state.is_finished()).count();
+    let unfinished = trials.iter().filter(|(_, job)| !job.state.is_finished()).count();
+    // Held trials (submitted ahead) neither run nor wait for the scheduler: they do not count as active.
+    let mut waiting: std::collections::VecDeque<&Job> = trials
+        .iter()
+        .filter(|(_, job)| job.state == JobState::Queued && state.is_held(job.id))
+        .map(|(_, job)| *job)
+        .collect();
+    let mut active = unfinished - waiting.len();
     let mut next = trials.last().map_or(0, |(trial, _)| trial + 1);
     let room =
         |active: usize, next: u64| active < spec.parallel as usize + stopping && next < u64::from(spec.max_trials);
+    // A held trial with no place to stand by goes to the scheduler when the sweep has a slot to give.
+    waiting.retain(|job| {
+        let placed = state.standing_by(job.id).is_some();
+        if placed || active >= spec.parallel as usize + stopping {
+            return true;
+        }
+        active += 1;
+        commands.push(Command::HoldJob {
+            idempotency_key: job.idempotency_key.clone(),
+            held: false,
+            now_ms,
+        });
+        false
+    });
+    waiting.retain(|job| state.standing_by(job.id).is_none());
     // Only TPE learns from the history, and only when a trial is to be suggested; grid and random search
     // draw without it.
     let history: Vec<Observation> = if room(active, next) && searcher == super::Searcher::Tpe {
@@ -193,37 +227,127 @@ fn decide_sweep(
     };
     let mut exhausted = false;
     while room(active, next) {
-        let params = match searcher.suggest(&spec.space, spec.seed, next, spec.direction, &history) {
-            Ok(Some(params)) => params,
+        match submit(sweep, spec, searcher, &history, next, now_ms) {
+            Ok(Some(command)) => commands.push(command),
             Ok(None) => {
                 exhausted = true;
                 break;
             }
-            Err(error) => {
-                commands.push(finish(sweep.id, false, format!("trial {next}: {error}"), now_ms));
-                return commands;
-            }
-        };
-        let text = spec.trial_spec(sweep.id, next, &params);
-        match parse_job_spec(&format!("trial {next} of sweep {}", sweep.id), &text) {
-            Ok(job_spec) => commands.push(Command::SubmitJob {
-                spec: job_spec,
-                spec_toml: text,
-                idempotency_key: format!("sweep-{}-trial-{next}", sweep.id),
-                now_ms,
-            }),
-            Err(error) => {
-                commands.push(finish(sweep.id, false, format!("trial {next}: {error}"), now_ms));
+            Err(failure) => {
+                commands.push(finish(sweep.id, false, failure, now_ms));
                 return commands;
             }
         }
         active += 1;
         next += 1;
     }
-    if active == 0 && (exhausted || next >= u64::from(spec.max_trials)) {
+    let mut unfinished = active + waiting.len();
+    // Trials that wait for the scheduler (new ones, releases, restarts) take the next free slots: while there
+    // are any, no trial is placed on standby, so the sweep never runs more than `parallel`.
+    let running = trials.iter().filter(|(_, job)| job.state == JobState::Running).count();
+    let scheduled_waiting = active.saturating_sub(running);
+    if searcher != super::Searcher::Tpe && scheduled_waiting == 0 {
+        // Queue-ahead: a trial stands by behind each running single-rank trial, the earliest started first.
+        for after in places(state, trials, &stopped_now) {
+            let key = match waiting.pop_front() {
+                Some(job) => job.idempotency_key.clone(),
+                None if !exhausted && next < u64::from(spec.max_trials) => {
+                    match submit(sweep, spec, searcher, &history, next, now_ms) {
+                        Ok(Some(command)) => {
+                            let Command::SubmitJob { idempotency_key, .. } = &command else {
+                                unreachable!("submit makes SubmitJob commands")
+                            };
+                            let key = idempotency_key.clone();
+                            commands.push(command);
+                            commands.push(Command::HoldJob {
+                                idempotency_key: key.clone(),
+                                held: true,
+                                now_ms,
+                            });
+                            next += 1;
+                            unfinished += 1;
+                            key
+                        }
+                        Ok(None) => {
+                            exhausted = true;
+                            break;
+                        }
+                        Err(failure) => {
+                            commands.push(finish(sweep.id, false, failure, now_ms));
+                            return commands;
+                        }
+                    }
+                }
+                None => break,
+            };
+            commands.push(Command::StandbyAttempt {
+                idempotency_key: key,
+                after,
+                now_ms,
+            });
+        }
+    }
+    if unfinished == 0 && (exhausted || next >= u64::from(spec.max_trials)) {
         commands.push(conclude(tracking, sweep, spec, trials, now_ms));
     }
     commands
+}
+
+/// Trial `next`'s submission: `Ok(None)` when the searcher has no more (a grid is exhausted), `Err` with why
+/// the sweep fails when the trial cannot be made.
+fn submit(
+    sweep: &Job,
+    spec: &SweepSpec,
+    searcher: super::Searcher,
+    history: &[Observation],
+    next: u64,
+    now_ms: i64,
+) -> Result<Option<Command>, String> {
+    let params = match searcher.suggest(&spec.space, spec.seed, next, spec.direction, history) {
+        Ok(Some(params)) => params,
+        Ok(None) => return Ok(None),
+        Err(error) => return Err(format!("trial {next}: {error}")),
+    };
+    let text = spec.trial_spec(sweep.id, next, &params);
+    match parse_job_spec(&format!("trial {next} of sweep {}", sweep.id), &text) {
+        Ok(job_spec) => Ok(Some(Command::SubmitJob {
+            spec: job_spec,
+            spec_toml: text,
+            idempotency_key: format!("sweep-{}-trial-{next}", sweep.id),
+            now_ms,
+        })),
+        Err(error) => Err(format!("trial {next}: {error}")),
+    }
+}
+
+/// The running single-rank trials a held trial could stand by behind (alive worker, nothing standing by
+/// yet), the earliest started first: with trials of about equal length, the first to free its slot.
+/// Trials being stopped are left out: the slot a stopped trial frees is not handed on, or the sweep would
+/// keep the extra trial its stopping allows for good.
+fn places(state: &StateMachine, trials: &[(u64, &Job)], stopping: &HashSet<u64>) -> Vec<crate::state::TaskKey> {
+    let mut places: Vec<(i64, crate::state::TaskKey)> = trials
+        .iter()
+        .filter(|(_, job)| job.state == JobState::Running && job.spec.resources.workers == 1)
+        .filter(|(_, job)| !stopping.contains(&job.id))
+        .filter_map(|(_, job)| {
+            let attempt = job.attempts.last()?;
+            let task = attempt.tasks.first()?;
+            let alive = state
+                .worker(task.worker)
+                .is_some_and(|worker| worker.state == crate::state::WorkerState::Alive);
+            let key = crate::state::TaskKey {
+                job: job.id,
+                attempt: attempt.number,
+                rank: 0,
+            };
+            let runs = task.state == crate::state::TaskState::Running && !task.stop_requested;
+            (attempt.tasks.len() == 1 && runs && alive).then_some((attempt.started_at_ms, key))
+        })
+        .collect();
+    let taken: std::collections::BTreeSet<crate::state::TaskKey> = state.standby().map(|(after, _)| after).collect();
+    places.retain(|(_, key)| !taken.contains(key));
+    places.sort();
+    places.into_iter().map(|(_, key)| key).collect()
 }
 
 /// The trials ASHA or Hyperband stops, with the reason, replaying every rung result in time order.

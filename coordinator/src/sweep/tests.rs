@@ -422,3 +422,229 @@ fn tpe_needs_fewer_trials_than_random_search_to_reach_a_regret() {
         );
     }
 }
+
+mod queue_ahead {
+    use super::super::controller::{Memo, decide};
+    use crate::state::{
+        Capacity, Command, CommandResult, JobState, StateMachine, TaskKey, TaskOutcome, WorkerRegistration,
+    };
+
+    const SWEEP: &str = r#"
+name = "ahead"
+kind = "sweep"
+
+[sweep]
+algorithm = "random"
+metric = "value"
+direction = "minimize"
+max_trials = 9
+parallel = 2
+seed = 3
+
+[space]
+x = { uniform = [0.0, 1.0] }
+
+[template]
+kind = "command"
+command = "true"
+
+[template.resources]
+cpus = 1
+"#;
+
+    fn apply(state: &mut StateMachine, command: Command) -> CommandResult {
+        state.apply(command, &mut Vec::new())
+    }
+
+    fn register(state: &mut StateMachine, uid: &str, now_ms: i64) -> u64 {
+        let registration = WorkerRegistration {
+            uid: uid.into(),
+            address: "127.0.0.1:9000".into(),
+            host: "127.0.0.1".into(),
+            hostname: "test".into(),
+            // Room for more than `parallel` trials: only the sweep keeps them to two.
+            capacity: Capacity {
+                cpus: 4,
+                gpus: 0,
+                memory_bytes: 1 << 30,
+            },
+            task_ports: (29500, 29599),
+        };
+        match apply(state, Command::RegisterWorker { registration, now_ms }) {
+            CommandResult::WorkerRegistered { worker } => worker.id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// One leader round: the controller's commands, then the scheduler's, each applied; none refused.
+    fn round(state: &mut StateMachine, now_ms: i64) {
+        for command in decide(state, now_ms, &mut Memo::default()) {
+            let result = apply(state, command.clone());
+            assert!(!matches!(result, CommandResult::Rejected(_)), "{command:?}: {result:?}");
+        }
+        for decision in crate::scheduler::schedule_state(state, now_ms, &Default::default()) {
+            let result = apply(state, decision.into_command(now_ms));
+            assert!(!matches!(result, CommandResult::Rejected(_)), "{result:?}");
+        }
+    }
+
+    /// The sweep's trials by state: (running, held and standing by, held without a place, other queued).
+    fn census(state: &StateMachine) -> (usize, usize, usize, usize) {
+        let (_, trials) = state.sweeps().next().unwrap();
+        let mut counts = (0, 0, 0, 0);
+        for (_, job) in trials {
+            match job.state {
+                JobState::Running => counts.0 += 1,
+                JobState::Queued if state.standing_by(job.id).is_some() => counts.1 += 1,
+                JobState::Queued if state.is_held(job.id) => counts.2 += 1,
+                JobState::Queued => counts.3 += 1,
+                _ => {}
+            }
+        }
+        counts
+    }
+
+    /// The running trial that started first, as its only task.
+    fn oldest_running(state: &StateMachine) -> (TaskKey, u64) {
+        let (_, trials) = state.sweeps().next().unwrap();
+        let job = trials
+            .iter()
+            .map(|(_, job)| *job)
+            .filter(|job| job.state == JobState::Running)
+            .min_by_key(|job| (job.current_attempt().unwrap().started_at_ms, job.id))
+            .unwrap();
+        let attempt = job.current_attempt().unwrap();
+        let key = TaskKey {
+            job: job.id,
+            attempt: attempt.number,
+            rank: 0,
+        };
+        (key, attempt.tasks[0].worker)
+    }
+
+    /// Trial `key` reports its metric and exits 0.
+    fn complete(state: &mut StateMachine, key: TaskKey, worker: u64, now_ms: i64) {
+        let metrics = [("value".to_string(), key.job as f64)].into();
+        let report = Command::RecordMetrics {
+            job: key.job,
+            attempt: key.attempt,
+            metrics,
+            artifacts: Default::default(),
+            now_ms,
+        };
+        assert_eq!(apply(state, report), CommandResult::Done);
+        let outcome = TaskOutcome::Exited { code: 0 };
+        let finished = Command::TaskFinished {
+            task: key,
+            worker,
+            outcome,
+            now_ms,
+        };
+        assert_eq!(apply(state, finished), CommandResult::Done);
+    }
+
+    fn submitted() -> (StateMachine, u64) {
+        let mut state = StateMachine::default();
+        register(&mut state, "w1", 1);
+        let spec = crate::spec::parse_job_spec("ahead.toml", SWEEP).unwrap();
+        let submit = Command::SubmitJob {
+            spec,
+            spec_toml: SWEEP.into(),
+            idempotency_key: "sweep".into(),
+            now_ms: 1,
+        };
+        let CommandResult::Submitted { job, .. } = apply(&mut state, submit) else {
+            panic!("not submitted")
+        };
+        (state, job.id)
+    }
+
+    #[test]
+    fn random_trials_stand_by_behind_running_ones_and_never_exceed_parallel() {
+        let (mut state, sweep) = submitted();
+        round(&mut state, 2);
+        assert_eq!(census(&state), (2, 0, 0, 0), "the first round places `parallel` trials");
+        round(&mut state, 3);
+        assert_eq!(
+            census(&state),
+            (2, 2, 0, 0),
+            "the next one stands a trial by behind each"
+        );
+        round(&mut state, 4);
+        assert_eq!(census(&state), (2, 2, 0, 0), "and no more");
+        let mut now = 10;
+        let mut handed_on = 0;
+        while state.job(sweep).unwrap().state == JobState::Running {
+            now += 10;
+            let (key, worker) = oldest_running(&state);
+            let next = state.standby().find(|(after, _)| *after == key).map(|(_, job)| job);
+            complete(&mut state, key, worker, now);
+            if let Some(next) = next {
+                // Started in the same apply that ended its predecessor, on the same worker.
+                let job = state.job(next).unwrap();
+                assert_eq!(job.state, JobState::Running, "{}", job.message);
+                assert_eq!(job.current_attempt().unwrap().tasks[0].worker, worker);
+                handed_on += 1;
+            }
+            let (running, ..) = census(&state);
+            assert!(running <= 2, "{running} trials run at once");
+            round(&mut state, now + 1);
+            let (running, standing_by, unplaced, queued) = census(&state);
+            assert!(running <= 2 && unplaced == 0 && queued == 0, "{:?}", census(&state));
+            assert!(standing_by <= running);
+        }
+        let (sweep_job, trials) = state.sweeps().next().unwrap();
+        assert_eq!(sweep_job.state, JobState::Succeeded, "{}", sweep_job.message);
+        assert_eq!(trials.len(), 9);
+        assert!(trials.iter().all(|(_, job)| job.state == JobState::Succeeded));
+        // Trials 2..8 each stood by behind an earlier one.
+        assert_eq!(handed_on, 7);
+    }
+
+    #[test]
+    fn trials_whose_place_was_lost_are_released_to_the_scheduler() {
+        let (mut state, sweep) = submitted();
+        round(&mut state, 2);
+        round(&mut state, 3);
+        assert_eq!(census(&state), (2, 2, 0, 0));
+        // The worker is lost: the running trials fail with it, the standing-by ones keep their hold.
+        let registrations = state.worker(1).unwrap().registrations;
+        let lost = Command::WorkerLost {
+            worker: 1,
+            registrations,
+            reason: "gone".into(),
+            now_ms: 4,
+        };
+        assert_eq!(apply(&mut state, lost), CommandResult::Done);
+        assert_eq!(census(&state), (0, 0, 2, 0));
+        // With no worker nothing can run; once one registers, the held trials go to the scheduler first.
+        round(&mut state, 5);
+        assert_eq!(census(&state), (0, 0, 0, 2), "released, waiting for a worker");
+        let worker = register(&mut state, "w2", 6);
+        round(&mut state, 7);
+        assert_eq!(census(&state), (2, 0, 0, 0));
+        let (_, trials) = state.sweeps().next().unwrap();
+        let running: Vec<u64> = trials
+            .iter()
+            .filter(|(_, job)| job.state == JobState::Running)
+            .map(|(trial, _)| *trial)
+            .collect();
+        assert_eq!(running, [2, 3], "the held trials, not new ones");
+        let mut now = 10;
+        while state.job(sweep).unwrap().state == JobState::Running {
+            now += 10;
+            round(&mut state, now);
+            if state.job(sweep).unwrap().state != JobState::Running {
+                break;
+            }
+            let (key, on) = oldest_running(&state);
+            assert_eq!(on, worker);
+            complete(&mut state, key, on, now);
+            assert!(census(&state).0 <= 2);
+        }
+        let (_, trials) = state.sweeps().next().unwrap();
+        assert_eq!(trials.len(), 9, "exactly max_trials trials");
+        let failed = trials.iter().filter(|(_, job)| job.state == JobState::Failed).count();
+        assert_eq!(failed, 2, "the two lost with the worker");
+    }
+}
