@@ -693,6 +693,17 @@ pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Resul
     Ok(value)
 }
 
+/// A command that changed one job (recorded for watchers), or was refused with the reason.
+fn job_changed(outcome: Result<Job, String>, changed: &mut Vec<Job>) -> CommandResult {
+    match outcome {
+        Ok(job) => {
+            changed.push(job);
+            CommandResult::Done
+        }
+        Err(reason) => CommandResult::Rejected(CoordinatorError::FailedPrecondition(reason)),
+    }
+}
+
 impl StateMachine {
     /// Applies one committed command. Jobs it changed are appended to `changed` (for watchers).
     pub fn apply(&mut self, command: Command, changed: &mut Vec<Job>) -> CommandResult {
@@ -823,13 +834,10 @@ impl StateMachine {
                 placement,
                 master_port,
                 now_ms,
-            } => match self.start_attempt(job, attempt, &placement, master_port, now_ms) {
-                Ok(job) => {
-                    changed.push(job);
-                    CommandResult::Done
-                }
-                Err(reason) => CommandResult::Rejected(CoordinatorError::FailedPrecondition(reason)),
-            },
+            } => job_changed(
+                self.start_attempt(job, attempt, &placement, master_port, now_ms),
+                changed,
+            ),
             Command::TaskFinished {
                 task,
                 worker,
@@ -901,21 +909,12 @@ impl StateMachine {
                 placement,
                 master_port,
                 now_ms,
-            } => match self.idempotency_keys.get(&idempotency_key) {
-                Some(&job) => self.apply_command(
-                    Command::StartAttempt {
-                        job,
-                        attempt,
-                        placement,
-                        master_port,
-                        now_ms,
-                    },
-                    changed,
-                ),
-                None => CommandResult::Rejected(CoordinatorError::FailedPrecondition(format!(
-                    "no job was submitted with idempotency key '{idempotency_key}'"
-                ))),
-            },
+            } => {
+                let started = self
+                    .job_by_key(&idempotency_key)
+                    .and_then(|job| self.start_attempt(job, attempt, &placement, master_port, now_ms));
+                job_changed(started, changed)
+            }
             Command::UpdateDeployment {
                 job,
                 spec_toml,
@@ -929,34 +928,22 @@ impl StateMachine {
                 idempotency_key,
                 held,
                 now_ms,
-            } => match self.idempotency_keys.get(&idempotency_key) {
-                Some(&job) => match self.hold(job, held, now_ms) {
-                    Ok(job) => {
-                        changed.push(job);
-                        CommandResult::Done
-                    }
-                    Err(reason) => CommandResult::Rejected(CoordinatorError::FailedPrecondition(reason)),
-                },
-                None => CommandResult::Rejected(CoordinatorError::FailedPrecondition(format!(
-                    "no job was submitted with idempotency key '{idempotency_key}'"
-                ))),
-            },
+            } => {
+                let held = self
+                    .job_by_key(&idempotency_key)
+                    .and_then(|job| self.hold(job, held, now_ms));
+                job_changed(held, changed)
+            }
             Command::StandbyAttempt {
                 idempotency_key,
                 after,
                 now_ms,
-            } => match self.idempotency_keys.get(&idempotency_key) {
-                Some(&job) => match self.stand_by(job, after, now_ms) {
-                    Ok(job) => {
-                        changed.push(job);
-                        CommandResult::Done
-                    }
-                    Err(reason) => CommandResult::Rejected(CoordinatorError::FailedPrecondition(reason)),
-                },
-                None => CommandResult::Rejected(CoordinatorError::FailedPrecondition(format!(
-                    "no job was submitted with idempotency key '{idempotency_key}'"
-                ))),
-            },
+            } => {
+                let placed = self
+                    .job_by_key(&idempotency_key)
+                    .and_then(|job| self.stand_by(job, after, now_ms));
+                job_changed(placed, changed)
+            }
             Command::Batch(commands) => CommandResult::Batch(
                 commands
                     .into_iter()
@@ -1565,6 +1552,15 @@ impl StateMachine {
             job.updated_at_ms = now_ms;
             changed.push(job.clone());
         }
+    }
+
+    /// The job submitted with `idempotency_key` (the commands the leader proposes in the batch that submits
+    /// the job name it by key).
+    fn job_by_key(&self, idempotency_key: &str) -> Result<JobId, String> {
+        self.idempotency_keys
+            .get(idempotency_key)
+            .copied()
+            .ok_or_else(|| format!("no job was submitted with idempotency key '{idempotency_key}'"))
     }
 
     /// Holds queued job `id` back from the scheduler, or releases it (dropping any standby placement).

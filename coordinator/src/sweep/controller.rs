@@ -182,7 +182,7 @@ fn decide_sweep(
         return commands;
     }
     let searcher = spec.algorithm.searcher();
-    let unfinished = trials.iter().filter(|(_, job)| !job.state.is_finished()).count();
+    let mut unfinished = trials.iter().filter(|(_, job)| !job.state.is_finished()).count();
     // Held trials (submitted ahead) neither run nor wait for the scheduler: they do not count as active.
     let mut waiting: std::collections::VecDeque<&Job> = trials
         .iter()
@@ -193,10 +193,13 @@ fn decide_sweep(
     let mut next = trials.last().map_or(0, |(trial, _)| trial + 1);
     let room =
         |active: usize, next: u64| active < spec.parallel as usize + stopping && next < u64::from(spec.max_trials);
-    // A held trial with no place to stand by goes to the scheduler when the sweep has a slot to give.
+    // What waits for a place: held trials not standing by. One goes to the scheduler when the sweep has a slot
+    // to give.
     waiting.retain(|job| {
-        let placed = state.standing_by(job.id).is_some();
-        if placed || active >= spec.parallel as usize + stopping {
+        if state.standing_by(job.id).is_some() {
+            return false;
+        }
+        if active >= spec.parallel as usize + stopping {
             return true;
         }
         active += 1;
@@ -207,7 +210,6 @@ fn decide_sweep(
         });
         false
     });
-    waiting.retain(|job| state.standing_by(job.id).is_none());
     // Only TPE learns from the history, and only when a trial is to be suggested; grid and random search
     // draw without it.
     let history: Vec<Observation> = if room(active, next) && searcher == super::Searcher::Tpe {
@@ -239,9 +241,9 @@ fn decide_sweep(
             }
         }
         active += 1;
+        unfinished += 1;
         next += 1;
     }
-    let mut unfinished = active + waiting.len();
     // Trials that wait for the scheduler (new ones, releases, restarts) take the next free slots: while there
     // are any, no trial is placed on standby, so the sweep never runs more than `parallel`.
     let running = trials.iter().filter(|(_, job)| job.state == JobState::Running).count();
@@ -254,10 +256,7 @@ fn decide_sweep(
                 None if !exhausted && next < u64::from(spec.max_trials) => {
                     match submit(sweep, spec, searcher, &history, next, now_ms) {
                         Ok(Some(command)) => {
-                            let Command::SubmitJob { idempotency_key, .. } = &command else {
-                                unreachable!("submit makes SubmitJob commands")
-                            };
-                            let key = idempotency_key.clone();
+                            let key = trial_key(sweep.id, next);
                             commands.push(command);
                             commands.push(Command::HoldJob {
                                 idempotency_key: key.clone(),
@@ -293,6 +292,11 @@ fn decide_sweep(
     commands
 }
 
+/// The idempotency key of trial `trial` of sweep `sweep`: proposed twice, a trial is made once.
+fn trial_key(sweep: u64, trial: u64) -> String {
+    format!("sweep-{sweep}-trial-{trial}")
+}
+
 /// Trial `next`'s submission: `Ok(None)` when the searcher has no more (a grid is exhausted), `Err` with why
 /// the sweep fails when the trial cannot be made.
 fn submit(
@@ -313,7 +317,7 @@ fn submit(
         Ok(job_spec) => Ok(Some(Command::SubmitJob {
             spec: job_spec,
             spec_toml: text,
-            idempotency_key: format!("sweep-{}-trial-{next}", sweep.id),
+            idempotency_key: trial_key(sweep.id, next),
             now_ms,
         })),
         Err(error) => Err(format!("trial {next}: {error}")),
