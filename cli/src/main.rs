@@ -280,6 +280,9 @@ struct WorkerArgs {
     /// Seconds a task has to exit after SIGTERM before SIGKILL.
     #[arg(long, default_value_t = 5)]
     kill_grace: u64,
+    /// Ended tasks whose directories (logs, working directory) are kept; the oldest beyond go, in batches.
+    #[arg(long, default_value_t = kiln_worker::KEEP_TASKS_DEFAULT)]
+    keep_tasks: usize,
     /// Where train tasks keep checkpoints; share it between workers so a restarted attempt on another
     /// worker resumes (default: DATA-DIR/artifacts).
     #[arg(long)]
@@ -320,6 +323,9 @@ struct UpArgs {
     /// CPU slots each embedded worker offers (default: the machine's cores).
     #[arg(long)]
     worker_cpus: Option<u32>,
+    /// Ended tasks whose directories (logs, working directory) each embedded worker keeps.
+    #[arg(long, default_value_t = kiln_worker::KEEP_TASKS_DEFAULT)]
+    keep_tasks: usize,
     /// The embedded feature server's Arrow Flight address (its data under DATA_DIR/featurestore).
     #[arg(long, default_value = "127.0.0.1:7072")]
     featurestore_listen: SocketAddr,
@@ -528,6 +534,7 @@ async fn run_up(args: UpArgs) -> Result<()> {
         if let Some(cpus) = args.worker_cpus {
             worker_config.cpus = cpus;
         }
+        worker_config.keep_tasks = args.keep_tasks;
         // One checkpoint directory for every embedded worker: a restarted attempt resumes anywhere. (The
         // artifact proxy's store is DATA_DIR/artifacts; checkpoints reach it as run artifacts at the end.)
         worker_config.artifact_dir = Some(args.data_dir.join("checkpoints"));
@@ -620,6 +627,7 @@ async fn run_worker(args: WorkerArgs) -> Result<()> {
     config.task_ports = kiln_worker::parse_port_range(&args.task_ports)
         .map_err(|message| anyhow::anyhow!("--task-ports: {message}"))?;
     config.kill_grace = Duration::from_secs(args.kill_grace);
+    config.keep_tasks = args.keep_tasks;
     config.artifact_dir = args.artifact_dir;
     config.tracking = args.tracking;
     let mut worker = Worker::start(config).await?;

@@ -1636,3 +1636,88 @@ async fn training_resumes_on_fewer_ranks_from_its_checkpoint_after_a_worker_is_k
         "uninterrupted {expected}, resumed {got}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_keeps_the_directories_of_its_newest_ended_tasks() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut cluster = Cluster::new(Path::new(KILN), 1, COORDINATOR_ARGS).unwrap();
+    cluster.start_all().unwrap();
+    cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
+    let directory = tempfile::tempdir().unwrap();
+
+    // Refused before it starts, with what was expected.
+    let refused = std::process::Command::new(KILN)
+        .args([
+            "worker",
+            "--keep-tasks",
+            "0",
+            "--coordinator",
+            "127.0.0.1:1",
+            "--data-dir",
+        ])
+        .arg(directory.path().join("refused"))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("--keep-tasks 0 would remove a task's logs as it ends; expected at least 1"),
+        "{}",
+        stderr(&refused)
+    );
+
+    // Keeping 3, the fourth ended task's end removes the oldest directory; then none for a minute.
+    cluster.start_worker(1, 1, &["--keep-tasks", "3"]).unwrap();
+    cluster.wait_for_workers(1, Duration::from_secs(20)).await.unwrap();
+    let mut jobs = Vec::new();
+    for index in 0..5 {
+        let spec = job_spec(
+            &format!("echo-{index}"),
+            "echo",
+            &[&format!("output of job {index}")],
+            1,
+            1,
+            0,
+        );
+        let id = submit_file(&cluster, directory.path(), &format!("echo-{index}.toml"), &spec).await;
+        wait_succeeded(&cluster, id, "30s").await;
+        jobs.push(id);
+    }
+    let kept = |cluster: &Cluster| -> Vec<bool> {
+        jobs.iter()
+            .map(|job| !job_directories(cluster, 1, *job).is_empty())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while kept(&cluster)[0] && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        kept(&cluster),
+        [false, true, true, true, true],
+        "{}",
+        context(&cluster, None)
+    );
+    let gone = kiln(&cluster, &["jobs", "logs", &jobs[0].to_string()]).await;
+    assert!(!gone.status.success());
+    assert!(
+        stderr(&gone).contains("removed beyond the worker's --keep-tasks"),
+        "{}",
+        stderr(&gone)
+    );
+    let there = kiln(&cluster, &["jobs", "logs", &jobs[4].to_string()]).await;
+    assert_eq!(stdout(&there), "output of job 4\n", "{}", stderr(&there));
+
+    // A restarted worker counts what its earlier process left: 4 directories, 1 more than it keeps.
+    cluster.kill_worker(1).unwrap();
+    cluster.start_worker(1, 1, &["--keep-tasks", "3"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while kept(&cluster)[1] && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        kept(&cluster),
+        [false, false, true, true, true],
+        "{}",
+        context(&cluster, None)
+    );
+}

@@ -155,6 +155,7 @@ impl Worker {
         executor.tracking = config.tracking.clone();
         executor.featurestore = config.featurestore.clone();
         executor.kill_leftovers();
+        executor.keep_ended_tasks(config.keep_tasks);
         let logs = LogServer {
             data_dir: config.data_dir.clone(),
             running: executor.running_set(),

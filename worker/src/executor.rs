@@ -9,11 +9,15 @@
 //! the last minute, so per-task files that come and go make every later start slower (measured: a sweep of
 //! 1,000 10 ms trials spent most of its overhead in `ext4_mkdir`/`ext4_create`).
 //!
+//! The directories of ended tasks stay for `kiln jobs logs`, the newest `keep_tasks` of them (`--keep-tasks`):
+//! past that the oldest go, once a tenth of `keep_tasks` more have ended and at most once a minute, on a
+//! blocking thread: directories are freed in large batches far apart, never one per task start.
+//!
 //! What a worker process left running when it died is found by the next one without any record of its
 //! own: every task process has its working directory under `tasks/` or carries `KILN_RUN_DIR` pointing
 //! there (inherited by what it starts, also after a `cd`), and both are read from `/proc`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,6 +64,47 @@ pub(crate) fn task_dir(data_dir: &Path, key: Key) -> PathBuf {
         .join(format!("job-{}-attempt-{}-rank-{}", key.job, key.attempt, key.rank))
 }
 
+/// The task whose directory is named `name`, as [`task_dir`] names it.
+fn key_of_dir(name: &str) -> Option<Key> {
+    let rest = name.strip_prefix("job-")?;
+    let (job, rest) = rest.split_once("-attempt-")?;
+    let (attempt, rank) = rest.split_once("-rank-")?;
+    Some(Key {
+        job: job.parse().ok()?,
+        attempt: attempt.parse().ok()?,
+        rank: rank.parse().ok()?,
+    })
+}
+
+/// The task directories under `data_dir`, oldest first by when they were last written to (the directory
+/// or its logs).
+fn task_dirs_by_age(data_dir: &Path) -> Vec<Key> {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("tasks")) else {
+        return Vec::new();
+    };
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|metadata| metadata.modified()).ok();
+    let mut dirs: Vec<(std::time::SystemTime, Key)> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let key = key_of_dir(entry.file_name().to_str()?)?;
+            let path = entry.path();
+            let last = [path.clone(), path.join("stdout.log"), path.join("stderr.log")]
+                .iter()
+                .filter_map(|path| modified(path))
+                .max()?;
+            Some((last, key))
+        })
+        .collect();
+    dirs.sort_unstable();
+    dirs.into_iter().map(|(_, key)| key).collect()
+}
+
+/// The least time between two removals of ended tasks' directories.
+const COLLECT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The default of `--keep-tasks`: ended tasks whose directories (logs, working directory) a worker keeps.
+pub const KEEP_TASKS_DEFAULT: usize = 2000;
+
 /// The variable every task gets with its working directory; what carries it was started for a task.
 const RUN_DIR_VARIABLE: &[u8] = b"KILN_RUN_DIR=";
 
@@ -102,6 +147,11 @@ pub(crate) struct Executor {
     pub(crate) tracking: Option<String>,
     /// A feature server for tasks (`KILN_FEATURESTORE`).
     pub(crate) featurestore: Option<String>,
+    /// Ended tasks whose directories are kept, oldest first.
+    ended: VecDeque<Key>,
+    keep_tasks: usize,
+    /// When ended tasks' directories were last removed.
+    collected: Option<std::time::Instant>,
 }
 
 fn signal_group(process_group: i32, signal: rustix::process::Signal) {
@@ -139,6 +189,58 @@ impl Executor {
             artifact_dir,
             tracking: None,
             featurestore: None,
+            ended: VecDeque::new(),
+            keep_tasks: KEEP_TASKS_DEFAULT,
+            collected: None,
+        }
+    }
+
+    /// Keeps the directories of the newest `keep` ended tasks (at least 1), counting those an earlier worker
+    /// process left, and removes the oldest beyond them now if there are many more.
+    pub(crate) fn keep_ended_tasks(&mut self, keep: usize) {
+        self.keep_tasks = keep.max(1);
+        let running: HashSet<Key> = self.running.keys().copied().collect();
+        self.ended = task_dirs_by_age(&self.data_dir)
+            .into_iter()
+            .filter(|key| !running.contains(key))
+            .collect();
+        self.collect_ended();
+    }
+
+    /// Once the ended tasks' directories exceed `keep_tasks` by a tenth of it (at least 1), and a minute after
+    /// the last time, removes the oldest down to `keep_tasks`, on a blocking thread.
+    fn collect_ended(&mut self) {
+        let batch = (self.keep_tasks / 10).max(1);
+        let due = self
+            .collected
+            .is_none_or(|collected| collected.elapsed() >= COLLECT_INTERVAL);
+        if self.ended.len() < self.keep_tasks + batch || !due {
+            return;
+        }
+        self.collected = Some(std::time::Instant::now());
+        let excess = self.ended.len() - self.keep_tasks;
+        let dirs: Vec<PathBuf> = self
+            .ended
+            .drain(..excess)
+            .map(|key| task_dir(&self.data_dir, key))
+            .collect();
+        tracing::info!(
+            count = dirs.len(),
+            keep = self.keep_tasks,
+            "removing the oldest ended tasks' directories"
+        );
+        let remove = move || {
+            for dir in dirs {
+                if let Err(error) = std::fs::remove_dir_all(&dir)
+                    && error.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(%error, dir = %dir.display(), "an ended task's directory could not be removed");
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(remove)),
+            Err(_) => remove(),
         }
     }
 
@@ -192,6 +294,8 @@ impl Executor {
         if !self.started.insert(key) {
             return;
         }
+        // Started again after it ended here (its directory is reused): not among the ended ones now.
+        self.ended.retain(|ended| *ended != key);
         if let Err(message) = self.spawn(key, &assign) {
             tracing::warn!(%key, %message, "task could not start");
             let exits = self.exits.clone();
@@ -361,6 +465,10 @@ impl Executor {
             self.free_gpus.sort_unstable();
         }
         self.visible.lock().expect("running set poisoned").remove(&key);
+        if !self.ended.contains(&key) {
+            self.ended.push_back(key);
+            self.collect_ended();
+        }
     }
 
     /// SIGTERM to the task's process group, SIGKILL after the grace period if it is still there.
@@ -427,5 +535,95 @@ impl Executor {
     pub(crate) fn forget_started(&mut self) {
         let running: HashSet<Key> = self.running.keys().copied().collect();
         self.started.retain(|key| running.contains(key));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(job: u64) -> Key {
+        Key {
+            job,
+            attempt: 1,
+            rank: 0,
+        }
+    }
+
+    /// A task directory with its logs, last written `age` ago.
+    fn task(data_dir: &Path, job: u64, age: Duration) {
+        let dir = task_dir(data_dir, key(job));
+        std::fs::create_dir_all(dir.join("work")).unwrap();
+        let time = std::time::SystemTime::now() - age;
+        for name in ["stdout.log", "stderr.log"] {
+            let file = std::fs::File::create(dir.join(name)).unwrap();
+            file.set_modified(time).unwrap();
+        }
+        std::fs::File::open(&dir).unwrap().set_modified(time).unwrap();
+    }
+
+    /// The jobs whose task directories exist, once `expected` of them do (or 10 s passed).
+    async fn jobs_left(data_dir: &Path, expected: usize) -> Vec<u64> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut jobs: Vec<u64> = std::fs::read_dir(data_dir.join("tasks"))
+                .unwrap()
+                .flatten()
+                .filter_map(|entry| key_of_dir(entry.file_name().to_str()?))
+                .map(|key| key.job)
+                .collect();
+            jobs.sort_unstable();
+            if jobs.len() == expected || std::time::Instant::now() > deadline {
+                return jobs;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_oldest_ended_tasks_directories_go_in_batches_beyond_keep_tasks() {
+        let data = tempfile::tempdir().unwrap();
+        let (exits, _receiver) = mpsc::channel(16);
+        let mut executor = Executor::new(
+            data.path().to_path_buf(),
+            0,
+            Duration::from_secs(1),
+            exits,
+            String::new(),
+            "127.0.0.1".into(),
+            data.path().join("artifacts"),
+        );
+        // 25 directories an earlier worker process left, job 1 the oldest, and a stranger that stays.
+        for job in 1..=25 {
+            task(data.path(), job, Duration::from_secs(1000 - job));
+        }
+        std::fs::create_dir_all(data.path().join("tasks/not-a-task")).unwrap();
+        executor.keep_ended_tasks(10);
+        assert_eq!(jobs_left(data.path(), 10).await, (16..=25).collect::<Vec<_>>());
+        assert!(data.path().join("tasks/not-a-task").exists());
+
+        // Within a minute of that removal, tasks end and their directories stay.
+        for job in 26..=40 {
+            task(data.path(), job, Duration::ZERO);
+            executor.finished(key(job));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(jobs_left(data.path(), 25).await, (16..=40).collect::<Vec<_>>());
+
+        // A minute later the next ending removes the oldest down to 10, in one batch.
+        executor.collected = Some(std::time::Instant::now() - COLLECT_INTERVAL);
+        task(data.path(), 41, Duration::ZERO);
+        executor.finished(key(41));
+        assert_eq!(jobs_left(data.path(), 10).await, (32..=41).collect::<Vec<_>>());
+        assert_eq!(executor.ended.len(), 10);
+
+        // A task started again under a key that ended here is not counted among the ended ones.
+        executor.start(pb::AssignTask {
+            task: Some(key(41).to_proto()),
+            kind: "no such kind".into(),
+            ..Default::default()
+        });
+        assert_eq!(executor.ended.len(), 9, "{:?}", executor.ended);
+        assert!(!executor.ended.contains(&key(41)));
     }
 }

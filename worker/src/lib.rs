@@ -34,6 +34,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use agent::Worker;
+pub use executor::KEEP_TASKS_DEFAULT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -76,6 +77,8 @@ pub struct WorkerConfig {
     pub tracking: Option<String>,
     /// The feature server tasks read training sets from when a spec names none (`KILN_FEATURESTORE`).
     pub featurestore: Option<String>,
+    /// Ended tasks whose directories (logs, working directory) are kept; the oldest beyond go.
+    pub keep_tasks: usize,
 }
 
 impl WorkerConfig {
@@ -93,6 +96,7 @@ impl WorkerConfig {
             artifact_dir: None,
             tracking: None,
             featurestore: None,
+            keep_tasks: KEEP_TASKS_DEFAULT,
         }
     }
 
@@ -115,6 +119,11 @@ impl WorkerConfig {
         if self.cpus == 0 {
             return Err(WorkerError::InvalidArgument(
                 "--cpus is 0; a worker offers at least 1 CPU slot".into(),
+            ));
+        }
+        if self.keep_tasks == 0 {
+            return Err(WorkerError::InvalidArgument(
+                "--keep-tasks 0 would remove a task's logs as it ends; expected at least 1".into(),
             ));
         }
         if self.task_ports.0 == 0 || self.task_ports.0 > self.task_ports.1 {

@@ -61,7 +61,8 @@ impl pb::worker_agent_server::WorkerAgent for LogServer {
         let dir = task_dir(&self.data_dir, key);
         if !dir.exists() {
             return Err(Status::not_found(format!(
-                "this worker has no output for {key} (it never ran here, or its data directory was removed)"
+                "this worker has no output for {key}: it never ran here, its data directory was removed, or it \
+                 was among the oldest ended tasks removed beyond the worker's --keep-tasks"
             )));
         }
         let (sender, receiver) = mpsc::channel(STREAM_BUFFER_CHUNKS);
