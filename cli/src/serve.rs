@@ -296,6 +296,12 @@ pub(crate) struct Deployment {
     /// under request-logs/MODEL/VERSION/. A deployment's replicas log into the deployment's run without it.
     #[serde(default)]
     request_log: Option<String>,
+    /// A request-log file is written per this many rows of one model version…
+    #[serde(default)]
+    request_log_rows: Option<usize>,
+    /// …or at least this often while rows wait (a duration such as "10s").
+    #[serde(default)]
+    request_log_interval: Option<String>,
     /// Feature enrichment: requests may carry this feature service's entity keys instead of the input.
     #[serde(default)]
     features: Option<crate::enrich::FeatureSource>,
@@ -363,6 +369,9 @@ impl Deployment {
         deployment
             .follow_interval(Duration::ZERO)
             .with_context(|| format!("invalid deployment {}", path.display()))?;
+        deployment
+            .request_logging(RequestLogConfig::default())
+            .with_context(|| format!("invalid deployment {}", path.display()))?;
         Ok(deployment)
     }
 
@@ -379,6 +388,22 @@ impl Deployment {
         }
         config.validate().map_err(anyhow::Error::msg)?;
         Ok(config)
+    }
+
+    /// `config` with this deployment's request-log settings over it.
+    pub(crate) fn request_logging(&self, config: RequestLogConfig) -> Result<RequestLogConfig> {
+        let rows_per_file = self.request_log_rows.unwrap_or(config.rows_per_file);
+        let flush_interval = match &self.request_log_interval {
+            None => config.flush_interval,
+            Some(text) => humantime::parse_duration(text)
+                .with_context(|| format!("request_log_interval '{text}'; expected a duration such as \"10s\""))?,
+        };
+        request_log_checked(rows_per_file, flush_interval)?;
+        Ok(RequestLogConfig {
+            rows_per_file,
+            flush_interval,
+            ..config
+        })
     }
 
     /// The alias-following interval, `default` unless the file sets one.
@@ -544,6 +569,21 @@ fn follow_aliases(
     }
 }
 
+/// Refuses a request log that writes a file per 0 rows or flushes more often than every 10 ms (the writer's
+/// floor), naming the setting.
+fn request_log_checked(rows_per_file: usize, flush_interval: Duration) -> Result<()> {
+    if rows_per_file == 0 {
+        bail!("request_log_rows is 0; expected at least 1 row per file");
+    }
+    if flush_interval < Duration::from_millis(10) {
+        bail!(
+            "request_log_interval is {}; expected at least 10ms",
+            humantime::format_duration(flush_interval)
+        );
+    }
+    Ok(())
+}
+
 /// Logs `serving`'s requests into the store at `location`.
 fn log_requests(serving: &Serving, location: &str, config: RequestLogConfig) -> Result<()> {
     let store = kiln_coordinator::artifacts::ArtifactStore::open(location, u64::MAX)
@@ -643,7 +683,11 @@ pub async fn run_replica(spec: &Path) -> Result<()> {
             &deployment.request_log,
             std::env::var(kiln_coordinator::deployment::DEPLOYMENT_ENV),
         ) {
-            (Some(location), _) => log_requests(&serving, location, RequestLogConfig::default())?,
+            (Some(location), _) => log_requests(
+                &serving,
+                location,
+                deployment.request_logging(RequestLogConfig::default())?,
+            )?,
             (None, Ok(deployment_job)) if !all_tracking.is_empty() => {
                 let deployment_job: u64 = deployment_job
                     .parse()
@@ -654,7 +698,7 @@ pub async fn run_replica(spec: &Path) -> Result<()> {
                         let replica = std::env::var(kiln_coordinator::deployment::REPLICA_ENV).unwrap_or_default();
                         let config = RequestLogConfig {
                             prefix: format!("{}/replica-{replica}", crate::deployments::REQUEST_LOG_DIRECTORY),
-                            ..RequestLogConfig::default()
+                            ..deployment.request_logging(RequestLogConfig::default())?
                         };
                         println!(
                             "logging requests to the artifacts of run {} ({}/{}/)",
@@ -784,9 +828,17 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let (mut models, mut input_name) = (args.models.clone(), args.input_name.clone());
     let (mut preprocess, mut postprocess, mut request_log, mut features) = (Vec::new(), Vec::new(), None, None);
     let mut follow_interval = args.follow_interval;
+    let mut logging = RequestLogConfig {
+        rows_per_file: args.request_log_rows,
+        flush_interval: args.request_log_interval,
+        ..RequestLogConfig::default()
+    };
+    request_log_checked(logging.rows_per_file, logging.flush_interval)
+        .map_err(|error| anyhow::anyhow!("--{}", error.to_string().replace('_', "-")))?;
     if let Some(path) = &args.deployment {
         let deployment = Deployment::read(path)?;
         request_log = deployment.request_log.clone();
+        logging = deployment.request_logging(logging)?;
         follow_interval = deployment.follow_interval(follow_interval)?;
         features = deployment
             .features
@@ -811,15 +863,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     };
     let follows = load_models(&serving, &models, &loading).await?;
     if let Some(location) = args.request_log.as_ref().or(request_log.as_ref()) {
-        if args.request_log_rows == 0 {
-            anyhow::bail!("--request-log-rows is 0; expected at least 1 row per file");
-        }
-        let config = RequestLogConfig {
-            rows_per_file: args.request_log_rows,
-            flush_interval: args.request_log_interval,
-            ..RequestLogConfig::default()
-        };
-        log_requests(&serving, location, config)?;
+        log_requests(&serving, location, logging)?;
     }
     let rest = tokio::net::TcpListener::bind(&args.http_listen)
         .await
@@ -861,6 +905,51 @@ mod tests {
         std::fs::write(&file, "name = \"d\"\nmodel = \"m\"\n[batching]\nmax_wait = \"soon\"\n").unwrap();
         let error = Deployment::read(&file).unwrap_err();
         assert!(format!("{error:#}").contains("batching max_wait 'soon'"), "{error:#}");
+        for (line, expected) in [
+            (
+                "request_log_rows = 0",
+                "request_log_rows is 0; expected at least 1 row per file",
+            ),
+            (
+                "request_log_interval = \"0s\"",
+                "request_log_interval is 0s; expected at least 10ms",
+            ),
+            (
+                "request_log_interval = \"often\"",
+                "request_log_interval 'often'; expected a duration",
+            ),
+        ] {
+            std::fs::write(&file, format!("name = \"d\"\nmodel = \"m\"\n{line}\n")).unwrap();
+            let error = format!("{:#}", Deployment::read(&file).unwrap_err());
+            assert!(
+                error.contains(expected) && error.contains("bad.toml"),
+                "{line}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_deployment_sets_how_its_request_log_is_written() {
+        let text = "name = \"d\"\nmodel = \"m\"\nrequest_log_rows = 500\nrequest_log_interval = \"2s\"\n";
+        let deployment = Deployment::parse(Path::new("d.toml"), text).unwrap();
+        let config = deployment.request_logging(RequestLogConfig::default()).unwrap();
+        assert_eq!(
+            (config.rows_per_file, config.flush_interval),
+            (500, Duration::from_secs(2))
+        );
+        assert_eq!(config.prefix, RequestLogConfig::default().prefix);
+        // What the file leaves unset keeps the setting it is laid over (`kiln serve`'s flags).
+        let deployment = Deployment::parse(Path::new("d.toml"), "name = \"d\"\nmodel = \"m\"\n").unwrap();
+        let flags = RequestLogConfig {
+            rows_per_file: 7,
+            flush_interval: Duration::from_millis(300),
+            ..RequestLogConfig::default()
+        };
+        let config = deployment.request_logging(flags).unwrap();
+        assert_eq!(
+            (config.rows_per_file, config.flush_interval),
+            (7, Duration::from_millis(300))
+        );
     }
 
     #[test]

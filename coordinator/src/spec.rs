@@ -801,6 +801,10 @@ struct RawDeployment {
     #[allow(dead_code)]
     request_log: Option<String>,
     #[allow(dead_code)]
+    request_log_rows: Option<u64>,
+    #[allow(dead_code)]
+    request_log_interval: Option<String>,
+    #[allow(dead_code)]
     follow_interval: Option<String>,
     #[allow(dead_code)]
     features: Option<toml::Table>,
