@@ -22,9 +22,10 @@
 //! TPE is the Tree-structured Parzen Estimator (Bergstra et al., 2011) in its multivariate form (Falkner et
 //! al., 2018), as Optuna builds it: 10 random startup trials, Parzen estimators whose kernels span every
 //! parameter of a level at once, with Optuna's prior kernel, weights and bandwidths clipped to the range,
-//! candidates drawn from the good density and the one with the highest ratio to the bad density kept. Two
-//! settings differ from Optuna's defaults, chosen on held-out seeds of Branin and Hartmann-6: the good group
-//! is the best `min(ceil(0.2 n), 25)` observations (Optuna: 0.1 n), and 128 candidates are scored (24). A nested
+//! candidates drawn from the good density and the one with the highest ratio to the bad density kept. Three
+//! settings ([`TpeSettings::KILN`]) differ from Optuna's defaults, chosen on held-out seeds of Branin and
+//! Hartmann-6: the good group is the best `min(ceil(0.15 n), 25)` observations (Optuna: 0.1 n), every
+//! kernel is 0.7 times as wide as Optuna's rule makes it, and 64 candidates are scored (24). A nested
 //! choice's parameters are modelled after it, from the trials that picked the same alternative.
 //!
 //! ASHA (Li et al., 2020) checks a trial at each rung `min_resource · eta^k`: it goes on only if its value
@@ -421,14 +422,41 @@ pub enum Searcher {
     Tpe,
 }
 
-/// Random trials TPE runs before it models anything.
-pub const TPE_STARTUP_TRIALS: usize = 10;
-/// Candidates TPE draws from the good density and scores, for each suggestion. Optuna draws 24; with 128
-/// (and the larger good fraction below) the median regret after 50 trials over seeds 100–299 fell from 0.159
-/// to 0.115 on Branin and from 0.356 to 0.309 on Hartmann-6 (benches/RESULTS.md).
-pub const TPE_CANDIDATES: usize = 128;
-/// The fraction of the trials so far (at most 25) that make the good density; Optuna's is 0.1.
-pub const TPE_GOOD_FRACTION: f64 = 0.2;
+/// How TPE suggests. [`TpeSettings::KILN`] is what sweeps use; [`TpeSettings::OPTUNA`] is Optuna's
+/// default `TPESampler`, which `kiln bench tpe` and the searcher tests compare against.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TpeSettings {
+    /// Random trials before TPE models anything.
+    pub startup_trials: usize,
+    /// Candidates drawn from the good density and scored, for each suggestion.
+    pub candidates: usize,
+    /// The fraction of the trials so far (at most 25) that make the good density.
+    pub good_fraction: f64,
+    /// Every kernel's width on a real axis (its larger gap to its neighbours, and the floor it is clipped
+    /// to) times this; 1 is Optuna's rule.
+    pub width_scale: f64,
+}
+
+impl TpeSettings {
+    /// Optuna 5's defaults: 10 random startup trials, 24 candidates, the best 10%, its bandwidths.
+    pub const OPTUNA: TpeSettings = TpeSettings {
+        startup_trials: 10,
+        candidates: 24,
+        good_fraction: 0.1,
+        width_scale: 1.0,
+    };
+
+    /// Kiln's, chosen on held-out seeds (100–299) of Branin and Hartmann-6 by
+    /// `cargo test -p kiln-coordinator --lib tpe_settings -- --ignored --nocapture` (benches/RESULTS.md):
+    /// narrower kernels exploit what the good trials found, and a smaller good group than before keeps
+    /// them from settling in a local minimum of Hartmann-6.
+    pub const KILN: TpeSettings = TpeSettings {
+        startup_trials: 10,
+        candidates: 64,
+        good_fraction: 0.15,
+        width_scale: 0.7,
+    };
+}
 
 /// The random stream of trial `trial` of a sweep seeded `seed`: the same trial always draws the same.
 fn trial_rng(seed: u64, trial: u64) -> StdRng {
@@ -446,32 +474,53 @@ impl Searcher {
         direction: Direction,
         history: &[Observation],
     ) -> Result<Option<Params>, SweepError> {
+        if self == Searcher::Tpe {
+            return Ok(Some(suggest_tpe(
+                &TpeSettings::KILN,
+                space,
+                seed,
+                trial,
+                direction,
+                history,
+            )));
+        }
         let mut rng = trial_rng(seed, trial);
         match self {
             Searcher::Grid => Ok(space.grid()?.into_iter().nth(trial as usize)),
             Searcher::Random => Ok(Some(space.sample(&mut rng))),
-            Searcher::Tpe => {
-                let observed: Vec<(&Params, f64)> = history
-                    .iter()
-                    .filter_map(|observation| {
-                        let value = observation.value.filter(|value| value.is_finite())?;
-                        Some((&observation.params, direction.loss(value)))
-                    })
-                    .collect();
-                if observed.len() < TPE_STARTUP_TRIALS {
-                    return Ok(Some(space.sample(&mut rng)));
-                }
-                Ok(Some(tpe(space, &observed, &mut rng)))
-            }
+            Searcher::Tpe => unreachable!("TPE is answered above"),
         }
     }
 }
 
+/// TPE's parameters for trial `trial` of a sweep seeded `seed`, given what finished so far.
+pub fn suggest_tpe(
+    settings: &TpeSettings,
+    space: &Space,
+    seed: u64,
+    trial: u64,
+    direction: Direction,
+    history: &[Observation],
+) -> Params {
+    let mut rng = trial_rng(seed, trial);
+    let observed: Vec<(&Params, f64)> = history
+        .iter()
+        .filter_map(|observation| {
+            let value = observation.value.filter(|value| value.is_finite())?;
+            Some((&observation.params, direction.loss(value)))
+        })
+        .collect();
+    if observed.len() < settings.startup_trials {
+        return space.sample(&mut rng);
+    }
+    tpe(settings, space, &observed, &mut rng)
+}
+
 /// One TPE suggestion from `observed` (parameters and losses, smaller better, in trial order).
-fn tpe(space: &Space, observed: &[(&Params, f64)], rng: &mut StdRng) -> Params {
+fn tpe(settings: &TpeSettings, space: &Space, observed: &[(&Params, f64)], rng: &mut StdRng) -> Params {
     let mut order: Vec<usize> = (0..observed.len()).collect();
     order.sort_by(|a, b| observed[*a].1.total_cmp(&observed[*b].1).then(a.cmp(b)));
-    let good_count = (observed.len() as f64 * TPE_GOOD_FRACTION).ceil().clamp(1.0, 25.0) as usize;
+    let good_count = (observed.len() as f64 * settings.good_fraction).ceil().clamp(1.0, 25.0) as usize;
     let (good, bad) = order.split_at(good_count);
     // Each group in trial order, which the estimator's weights follow (older ones count less).
     let group = |indices: &[usize]| -> Vec<&Params> {
@@ -480,7 +529,7 @@ fn tpe(space: &Space, observed: &[(&Params, f64)], rng: &mut StdRng) -> Params {
         indices.into_iter().map(|index| observed[index].0).collect()
     };
     let mut params = Params::new();
-    tpe_space(space, &group(good), &group(bad), rng, &mut params);
+    tpe_space(settings, space, &group(good), &group(bad), rng, &mut params);
     params
 }
 
@@ -566,7 +615,14 @@ impl Axis {
 /// TPE over one level of the space, jointly (the multivariate TPE Optuna uses by default): a candidate is
 /// drawn whole from one kernel of the good density and scored by the ratio of the two densities at it.
 /// A nested choice's space is modelled next, from the trials that picked the same alternative.
-fn tpe_space(space: &Space, good: &[&Params], bad: &[&Params], rng: &mut StdRng, params: &mut Params) {
+fn tpe_space(
+    settings: &TpeSettings,
+    space: &Space,
+    good: &[&Params],
+    bad: &[&Params],
+    rng: &mut StdRng,
+    params: &mut Params,
+) {
     let names: Vec<&String> = space.params.keys().collect();
     let domains: Vec<&Domain> = space.params.values().collect();
     let axes: Vec<Axis> = domains.iter().map(|domain| Axis::of(domain)).collect();
@@ -584,10 +640,10 @@ fn tpe_space(space: &Space, good: &[&Params], bad: &[&Params], rng: &mut StdRng,
             })
             .collect()
     };
-    let l = Parzen::new(&axes, &internal(good));
-    let g = Parzen::new(&axes, &internal(bad));
+    let l = Parzen::new(&axes, &internal(good), settings.width_scale);
+    let g = Parzen::new(&axes, &internal(bad), settings.width_scale);
     let mut best: (f64, Vec<f64>) = (f64::NEG_INFINITY, Vec::new());
-    for _ in 0..TPE_CANDIDATES {
+    for _ in 0..settings.candidates {
         let candidate = l.sample(rng);
         let score = l.log_density(&candidate) - g.log_density(&candidate);
         if score > best.0 || best.1.is_empty() {
@@ -601,7 +657,7 @@ fn tpe_space(space: &Space, good: &[&Params], bad: &[&Params], rng: &mut StdRng,
             && !picked.space.params.is_empty()
         {
             let (good, bad) = (picking(good, name, &value), picking(bad, name, &value));
-            tpe_space(&picked.space, &good, &bad, rng, params);
+            tpe_space(settings, &picked.space, &good, &bad, rng, params);
         }
         params.insert((*name).clone(), value);
     }
@@ -633,6 +689,8 @@ enum Kernels {
     Real {
         means: Vec<f64>,
         widths: Vec<f64>,
+        /// Per kernel, the log of its normalizer: width · √(2π) · its mass inside [low, high].
+        log_norms: Vec<f64>,
         low: f64,
         high: f64,
     },
@@ -650,7 +708,7 @@ struct Parzen {
 }
 
 impl Parzen {
-    fn new(axes: &[Axis], observations: &[Vec<f64>]) -> Parzen {
+    fn new(axes: &[Axis], observations: &[Vec<f64>], width_scale: f64) -> Parzen {
         let count = observations.len();
         let mut weights: Vec<f64> = if count < 25 {
             vec![1.0; count]
@@ -679,12 +737,23 @@ impl Parzen {
                 let values: Vec<f64> = observations.iter().map(|observation| observation[index]).collect();
                 match *axis {
                     Axis::Real { low, high, .. } => {
-                        let (mut means, mut widths) = (values.clone(), bandwidths(&values, low, high));
+                        let mut means = values.clone();
+                        let mut widths = bandwidths(&values, low, high);
+                        widths.iter_mut().for_each(|width| *width *= width_scale);
                         means.push((low + high) / 2.0);
                         widths.push(high - low);
+                        let log_norms = means
+                            .iter()
+                            .zip(&widths)
+                            .map(|(mean, width)| {
+                                let mass = normal_cdf((high - mean) / width) - normal_cdf((low - mean) / width);
+                                (width * std::f64::consts::TAU.sqrt() * mass.max(1e-12)).ln()
+                            })
+                            .collect();
                         Kernels::Real {
                             means,
                             widths,
+                            log_norms,
                             low,
                             high,
                         }
@@ -720,6 +789,7 @@ impl Parzen {
                     widths,
                     low,
                     high,
+                    ..
                 } => truncated_normal(means[kernel], widths[kernel], *low, *high, rng),
                 Kernels::Choice(rows) => pick_weighted(&rows[kernel], rng) as f64,
             })
@@ -735,13 +805,11 @@ impl Parzen {
                         Kernels::Real {
                             means,
                             widths,
-                            low,
-                            high,
+                            log_norms,
+                            ..
                         } => {
-                            let (mean, width) = (means[kernel], widths[kernel]);
-                            let z = (value - mean) / width;
-                            let mass = normal_cdf((high - mean) / width) - normal_cdf((low - mean) / width);
-                            -0.5 * z * z - (width * std::f64::consts::TAU.sqrt() * mass.max(1e-12)).ln()
+                            let z = (value - means[kernel]) / widths[kernel];
+                            -0.5 * z * z - log_norms[kernel]
                         }
                         Kernels::Choice(rows) => rows[kernel][*value as usize].max(1e-300).ln(),
                     };
