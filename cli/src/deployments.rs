@@ -158,6 +158,10 @@ fn deployment_json(deployment: &pb::Job, replicas: &[(u64, &pb::Job)]) -> Value 
         .ok()
         .and_then(|file| file.get("request_log")?.as_str().map(str::to_string))
         .unwrap_or_else(|| format!("the artifacts of run {run}, under {REQUEST_LOG_DIRECTORY}/"));
+    // How often the replicas write it, as they read the file (its defaults where the file says nothing).
+    let logging = crate::serve::Deployment::parse(Path::new("deployment.toml"), &deployment.spec_toml)
+        .and_then(|file| file.request_logging(kiln_serving::request_log::RequestLogConfig::default()))
+        .unwrap_or_default();
     json!({
         "name": deployment.name,
         "job": deployment.id,
@@ -175,6 +179,8 @@ fn deployment_json(deployment: &pb::Job, replicas: &[(u64, &pb::Job)]) -> Value 
         "p99_ms": p99,
         "run": run,
         "request_log": request_log,
+        "request_log_rows": logging.rows_per_file,
+        "request_log_interval": humantime::format_duration(logging.flush_interval).to_string(),
         "message": deployment.message,
         "replicas": replicas
             .iter()
@@ -298,7 +304,12 @@ pub async fn run(command: DeploymentsCommand, client: &mut Client) -> Result<()>
                 number(&shown["p50_ms"], 2),
                 number(&shown["p99_ms"], 2)
             );
-            println!("  requests  logged to {}", crate::runs::text(&shown["request_log"]));
+            println!(
+                "  requests  logged to {}, a file per {} rows of a model version or every {}",
+                crate::runs::text(&shown["request_log"]),
+                shown["request_log_rows"],
+                crate::runs::text(&shown["request_log_interval"])
+            );
             if !job.message.is_empty() {
                 println!("  message   {}", job.message);
             }

@@ -1155,7 +1155,8 @@ async fn a_deployment_follows_its_load_between_min_and_max_and_logs_every_reques
     let shown = String::from_utf8_lossy(&shown.stdout);
     assert!(
         shown.contains(&format!(
-            "requests  logged to the artifacts of run {run}, under requests/"
+            "requests  logged to the artifacts of run {run}, under requests/, a file per 10000 rows of a model \
+             version or every 10s"
         )),
         "{shown}"
     );

@@ -1682,21 +1682,8 @@ async fn a_worker_keeps_the_directories_of_its_newest_ended_tasks() {
         wait_succeeded(&cluster, id, "30s").await;
         jobs.push(id);
     }
-    let kept = |cluster: &Cluster| -> Vec<bool> {
-        jobs.iter()
-            .map(|job| !job_directories(cluster, 1, *job).is_empty())
-            .collect()
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while kept(&cluster)[0] && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        kept(&cluster),
-        [false, true, true, true, true],
-        "{}",
-        context(&cluster, None)
-    );
+    let kept = kept_once_gone(&cluster, &jobs, 0, Duration::from_secs(10)).await;
+    assert_eq!(kept, [false, true, true, true, true], "{}", context(&cluster, None));
     let gone = kiln(&cluster, &["jobs", "logs", &jobs[0].to_string()]).await;
     assert!(!gone.status.success());
     assert!(
@@ -1710,14 +1697,20 @@ async fn a_worker_keeps_the_directories_of_its_newest_ended_tasks() {
     // A restarted worker counts what its earlier process left: 4 directories, 1 more than it keeps.
     cluster.kill_worker(1).unwrap();
     cluster.start_worker(1, 1, &["--keep-tasks", "3"]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while kept(&cluster)[1] && Instant::now() < deadline {
+    let kept = kept_once_gone(&cluster, &jobs, 1, Duration::from_secs(20)).await;
+    assert_eq!(kept, [false, false, true, true, true], "{}", context(&cluster, None));
+}
+
+/// Which of `jobs` still have a task directory on worker 1, once `jobs[gone]` has none (or `within` passed).
+async fn kept_once_gone(cluster: &Cluster, jobs: &[u64], gone: usize, within: Duration) -> Vec<bool> {
+    let kept = || -> Vec<bool> {
+        jobs.iter()
+            .map(|job| !job_directories(cluster, 1, *job).is_empty())
+            .collect()
+    };
+    let deadline = Instant::now() + within;
+    while kept()[gone] && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(
-        kept(&cluster),
-        [false, false, true, true, true],
-        "{}",
-        context(&cluster, None)
-    );
+    kept()
 }
