@@ -154,14 +154,18 @@ fn deployment_json(deployment: &pb::Job, replicas: &[(u64, &pb::Job)]) -> Value 
     versions.dedup();
     // The replicas log every request into the deployment's run, unless the file names another place.
     let run = kiln_coordinator::tracking::Tracking::job_run_id(deployment.id);
-    let request_log = toml::from_str::<toml::Table>(&deployment.spec_toml)
-        .ok()
-        .and_then(|file| file.get("request_log")?.as_str().map(str::to_string))
-        .unwrap_or_else(|| format!("the artifacts of run {run}, under {REQUEST_LOG_DIRECTORY}/"));
-    // How often the replicas write it, as they read the file (its defaults where the file says nothing).
-    let logging = crate::serve::Deployment::parse(Path::new("deployment.toml"), &deployment.spec_toml)
-        .and_then(|file| file.request_logging(kiln_serving::request_log::RequestLogConfig::default()))
+    // Where and how often, as the replicas read the file (the defaults where it says nothing).
+    let file = crate::serve::Deployment::parse(Path::new("deployment.toml"), &deployment.spec_toml).ok();
+    let logging = file
+        .as_ref()
+        .and_then(|file| {
+            file.request_logging(kiln_serving::request_log::RequestLogConfig::default())
+                .ok()
+        })
         .unwrap_or_default();
+    let request_log = file
+        .and_then(|file| file.request_log)
+        .unwrap_or_else(|| format!("the artifacts of run {run}, under {REQUEST_LOG_DIRECTORY}/"));
     json!({
         "name": deployment.name,
         "job": deployment.id,

@@ -295,7 +295,7 @@ pub(crate) struct Deployment {
     /// Log every request and response as Parquet into this store (a directory, s3://…, gs://…, az://…),
     /// under request-logs/MODEL/VERSION/. A deployment's replicas log into the deployment's run without it.
     #[serde(default)]
-    request_log: Option<String>,
+    pub(crate) request_log: Option<String>,
     /// A request-log file is written per this many rows of one model version…
     #[serde(default)]
     request_log_rows: Option<usize>,
@@ -398,7 +398,11 @@ impl Deployment {
             Some(text) => humantime::parse_duration(text)
                 .with_context(|| format!("request_log_interval '{text}'; expected a duration such as \"10s\""))?,
         };
-        request_log_checked(rows_per_file, flush_interval)?;
+        request_log_checked(
+            rows_per_file,
+            flush_interval,
+            ["request_log_rows", "request_log_interval"],
+        )?;
         Ok(RequestLogConfig {
             rows_per_file,
             flush_interval,
@@ -570,14 +574,15 @@ fn follow_aliases(
 }
 
 /// Refuses a request log that writes a file per 0 rows or flushes more often than every 10 ms (the writer's
-/// floor), naming the setting.
-fn request_log_checked(rows_per_file: usize, flush_interval: Duration) -> Result<()> {
+/// floor), naming the setting as `names` (rows, interval) call them.
+fn request_log_checked(rows_per_file: usize, flush_interval: Duration, names: [&str; 2]) -> Result<()> {
+    let [rows, interval] = names;
     if rows_per_file == 0 {
-        bail!("request_log_rows is 0; expected at least 1 row per file");
+        bail!("{rows} is 0; expected at least 1 row per file");
     }
     if flush_interval < Duration::from_millis(10) {
         bail!(
-            "request_log_interval is {}; expected at least 10ms",
+            "{interval} is {}; expected at least 10ms",
             humantime::format_duration(flush_interval)
         );
     }
@@ -833,8 +838,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         flush_interval: args.request_log_interval,
         ..RequestLogConfig::default()
     };
-    request_log_checked(logging.rows_per_file, logging.flush_interval)
-        .map_err(|error| anyhow::anyhow!("--{}", error.to_string().replace('_', "-")))?;
+    request_log_checked(
+        logging.rows_per_file,
+        logging.flush_interval,
+        ["--request-log-rows", "--request-log-interval"],
+    )?;
     if let Some(path) = &args.deployment {
         let deployment = Deployment::read(path)?;
         request_log = deployment.request_log.clone();

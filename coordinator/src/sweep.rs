@@ -474,21 +474,17 @@ impl Searcher {
         direction: Direction,
         history: &[Observation],
     ) -> Result<Option<Params>, SweepError> {
-        if self == Searcher::Tpe {
-            return Ok(Some(suggest_tpe(
+        match self {
+            Searcher::Grid => Ok(space.grid()?.into_iter().nth(trial as usize)),
+            Searcher::Random => Ok(Some(space.sample(&mut trial_rng(seed, trial)))),
+            Searcher::Tpe => Ok(Some(suggest_tpe(
                 &TpeSettings::KILN,
                 space,
                 seed,
                 trial,
                 direction,
                 history,
-            )));
-        }
-        let mut rng = trial_rng(seed, trial);
-        match self {
-            Searcher::Grid => Ok(space.grid()?.into_iter().nth(trial as usize)),
-            Searcher::Random => Ok(Some(space.sample(&mut rng))),
-            Searcher::Tpe => unreachable!("TPE is answered above"),
+            ))),
         }
     }
 }

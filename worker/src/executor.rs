@@ -195,15 +195,12 @@ impl Executor {
         }
     }
 
-    /// Keeps the directories of the newest `keep` ended tasks (at least 1), counting those an earlier worker
-    /// process left, and removes the oldest beyond them now if there are many more.
+    /// At start, before any task: keeps the directories of the newest `keep` ended tasks (1 or more),
+    /// counting those an earlier worker process left, and removes the oldest beyond them now if there are
+    /// many more.
     pub(crate) fn keep_ended_tasks(&mut self, keep: usize) {
-        self.keep_tasks = keep.max(1);
-        let running: HashSet<Key> = self.running.keys().copied().collect();
-        self.ended = task_dirs_by_age(&self.data_dir)
-            .into_iter()
-            .filter(|key| !running.contains(key))
-            .collect();
+        self.keep_tasks = keep;
+        self.ended = task_dirs_by_age(&self.data_dir).into();
         self.collect_ended();
     }
 
