@@ -501,7 +501,7 @@ where version 2 came from (kiln lineage models:/digits/2 --upstream):"
 
     step(
         11,
-        "a hyperparameter sweep: TPE searches the Branin function (minimum 0.3979) with 20 command trials (10 random, then modelled), 2 at a time, each logging its value through the MLflow API",
+        "a hyperparameter sweep: TPE searches the Branin function (minimum 0.3979) with 20 command trials (6 random, then modelled), 2 at a time, each logging its value through the MLflow API",
     );
     let mut sweep_jobs = 0;
     let python = std::process::Command::new("python3")

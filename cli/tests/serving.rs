@@ -462,6 +462,12 @@ async fn a_registered_model_is_served_over_the_open_inference_protocol_to_stock_
         &[&rest, &grpc, "digits", &csv],
         "all inference checks passed",
     );
+    python_script(
+        &python,
+        "kserve_clients.py",
+        &[&rest, &grpc, "digits", &csv],
+        "all kserve client checks passed",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -778,7 +784,7 @@ async fn a_deployment_runs_replicas_on_the_workers_behind_the_router_and_outlive
         "{metrics}"
     );
 
-    // The stock Triton clients, over both of the router's ports.
+    // The stock Triton and KServe clients, over both of the router's ports.
     if let Some(python) = stock_python() {
         let csv = digits_csv().display().to_string();
         python_script(
@@ -786,6 +792,12 @@ async fn a_deployment_runs_replicas_on_the_workers_behind_the_router_and_outlive
             "inference_clients.py",
             &[&rest, &grpc, "digits", &csv, "-"],
             "all inference checks passed",
+        );
+        python_script(
+            &python,
+            "kserve_clients.py",
+            &[&rest, &grpc, "digits", &csv],
+            "all kserve client checks passed",
         );
     }
 

@@ -7,6 +7,7 @@
 //!   GET  /v2/models/NAME[/versions/V]/ready         200 when ready, 404 when not served here
 //!   POST /v2/models/NAME[/versions/V]/infer         {"id", "parameters", "inputs": [...], "outputs": [...]}
 //!   GET  /metrics                                   Prometheus / OpenMetrics text
+//!   GET  /   /v1/models[/NAME]   POST /v1/models/NAME:predict      KServe's V1 protocol ([`crate::v1`])
 //! ```
 //!
 //! Binary tensors: with an `Inference-Header-Content-Length: N` header the body is N bytes of JSON followed
@@ -29,7 +30,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::tensor::{Tensor, encode_json, parse_declared};
-use crate::{EXTENSIONS, Exchange, SERVER_NAME, ServeError, ServedModel, Serving};
+use crate::{EXTENSIONS, Exchange, SERVER_NAME, ServeError, ServedModel, Serving, v1};
 
 /// The header that splits a binary request or response into its JSON and its tensors.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -49,6 +50,9 @@ pub fn router(serving: Arc<Serving>) -> axum::Router {
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_version))
         .route("/metrics", get(metrics))
+        .route("/", get(v1_live))
+        .route("/v1/models", get(v1_models))
+        .route("/v1/models/{name}", get(v1_model).post(v1_predict))
         .fallback(fallback)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(serving)
@@ -160,9 +164,51 @@ async fn metrics(State(serving): State<Arc<Serving>>) -> Response {
 
 async fn fallback(uri: axum::http::Uri) -> Response {
     error_response(&ServeError::NotFound(format!(
-        "no endpoint at {}; the Open Inference Protocol's are under /v2 (for example /v2/models/NAME/infer)",
+        "no endpoint at {}; the Open Inference Protocol's are under /v2 (for example /v2/models/NAME/infer), \
+         KServe's V1 under /v1 (/v1/models/NAME:predict)",
         uri.path()
     )))
+}
+
+async fn v1_live() -> Response {
+    json_response(StatusCode::OK, &json!({ "status": "alive" }))
+}
+
+async fn v1_models(State(serving): State<Arc<Serving>>) -> Response {
+    json_response(StatusCode::OK, &json!({ "models": serving.names() }))
+}
+
+async fn v1_model(State(serving): State<Arc<Serving>>, Path(name): Path<String>) -> Response {
+    answer(
+        serving
+            .get(&name, None)
+            .map(|served| json!({ "name": served.name, "ready": true })),
+    )
+}
+
+async fn v1_predict(State(serving): State<Arc<Serving>>, Path(call): Path<String>, body: Bytes) -> Response {
+    let served = match v1::split_verb(&call).and_then(|(name, verb)| match verb {
+        "predict" => serving.get(name, None),
+        _ => Err(ServeError::NotFound(format!(
+            "POST /v1/models/{call}: ':{verb}' is not served here; expected :predict"
+        ))),
+    }) {
+        Ok(served) => served,
+        Err(error) => return error_response(&error),
+    };
+    let mut exchange = serving.begin();
+    let outcome = v1_run(&served, body, &mut exchange).await;
+    serving.record(&served, "rest", exchange, outcome.as_ref().err());
+    answer(outcome)
+}
+
+async fn v1_run(served: &ServedModel, body: Bytes, exchange: &mut Exchange) -> Result<Value, ServeError> {
+    let inputs = v1::instances_to_tensors(&body, served.model.inputs())?;
+    let rows = inputs[0].shape[0];
+    exchange.keep_inputs(&inputs);
+    let outputs = served.infer(inputs).await?;
+    exchange.keep_outputs(&outputs);
+    v1::predictions(&served.name, &outputs, rows)
 }
 
 #[derive(Deserialize)]

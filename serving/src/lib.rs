@@ -16,6 +16,8 @@
 //! - [`batcher`] stacks queued requests into batches; its queue is bounded and a full queue answers 503 with
 //!   `Retry-After` (gRPC `UNAVAILABLE`), so overload is refused quickly instead of growing latency.
 //! - [`metrics`] exposes requests, errors, latency, batch sizes and queue depth per model and version.
+//! - [`v1`]: KServe's V1 protocol (`/v1/models/NAME:predict`, instances in, predictions out) on the same
+//!   REST port, for clients of KServe's V1 predictors.
 //! - [`request_log`] writes every request and response, batched into Parquet files in an object store,
 //!   without ever making a request wait (a full queue drops and counts).
 //!
@@ -39,6 +41,7 @@ pub mod pipeline;
 pub mod request_log;
 pub mod router;
 pub mod tensor;
+pub mod v1;
 
 pub use batcher::{BatchConfig, Batcher};
 pub use error::ServeError;

@@ -285,11 +285,15 @@ fn route_error(error: RouteError) -> Response {
     }
 }
 
-/// The model a protocol path names: `/v2/models/NAME[/…]`.
+/// The model a protocol path names: `/v2/models/NAME[/…]`, or KServe V1's `/v1/models/NAME[:VERB]`.
 fn model_of(path: &str) -> Option<&str> {
-    let rest = path.strip_prefix("/v2/models/")?;
-    let name = rest.split('/').next()?;
-    (!name.is_empty()).then_some(name)
+    let name = if let Some(rest) = path.strip_prefix("/v2/models/") {
+        rest.split('/').next()?
+    } else {
+        let call = path.strip_prefix("/v1/models/")?;
+        call.rsplit_once(':').map_or(call, |(name, _)| name)
+    };
+    (!name.is_empty() && !name.contains('/')).then_some(name)
 }
 
 /// The REST binding: health and server metadata answered here, everything under `/v2/models/NAME` sent to
@@ -326,6 +330,12 @@ async fn rest(
                 &json!({ "name": SERVER_NAME, "version": env!("CARGO_PKG_VERSION"), "extensions": EXTENSIONS }),
             );
         }
+        "/" => return json_response(StatusCode::OK, &json!({ "status": "alive" })),
+        "/v1/models" => {
+            let mut names: Vec<String> = router.table().into_keys().collect();
+            names.sort_unstable();
+            return json_response(StatusCode::OK, &json!({ "models": names }));
+        }
         "/metrics" => {
             return Response::builder()
                 .status(StatusCode::OK)
@@ -341,7 +351,9 @@ async fn rest(
     let Some(model) = model_of(path) else {
         return json_response(
             StatusCode::NOT_FOUND,
-            &json!({ "error": format!("no route for {method} {path}; the protocol's routes are under /v2") }),
+            &json!({
+                "error": format!("no route for {method} {path}; the protocol's routes are under /v2 (KServe V1's under /v1)")
+            }),
         );
     };
     let replicas = match router.candidates(model) {
@@ -600,5 +612,9 @@ mod tests {
         assert!(!router.encode_metrics().contains("kiln_router_replicas{"));
         assert_eq!(model_of("/v2/models/digits/versions/3/infer"), Some("digits"));
         assert_eq!(model_of("/v2/models/"), None);
+        assert_eq!(model_of("/v1/models/digits:predict"), Some("digits"));
+        assert_eq!(model_of("/v1/models/digits"), Some("digits"));
+        assert_eq!(model_of("/v1/models/:predict"), None);
+        assert_eq!(model_of("/v1/models/a/b:predict"), None);
     }
 }

@@ -473,15 +473,20 @@ fn tpe_settings_on_held_out_seeds() {
     let seeds = 100..300;
     let mut grid = vec![TpeSettings::OPTUNA, TpeSettings::KILN];
     if let Ok(wanted) = std::env::var("KILN_TPE_GRID") {
-        // More settings to try: "startup_trials,candidates,good_fraction,width_scale;..."
+        // More settings to try: "startup_trials,candidates,good_fraction,width_scale,rank_power;..."
         for row in wanted.split(';').filter(|row| !row.trim().is_empty()) {
             let fields: Vec<&str> = row.split(',').map(str::trim).collect();
-            assert_eq!(fields.len(), 4, "{row}: expected startup,candidates,fraction,scale");
+            assert_eq!(
+                fields.len(),
+                5,
+                "{row}: expected startup,candidates,fraction,scale,rank_power"
+            );
             grid.push(TpeSettings {
                 startup_trials: fields[0].parse().unwrap(),
                 candidates: fields[1].parse().unwrap(),
                 good_fraction: fields[2].parse().unwrap(),
                 width_scale: fields[3].parse().unwrap(),
+                rank_power: fields[4].parse().unwrap(),
             });
         }
     }
@@ -504,14 +509,15 @@ fn tpe_settings_on_held_out_seeds() {
             .collect();
         handles.into_iter().map(|handle| handle.join().unwrap()).collect()
     });
-    println!("startup candidates good_fraction width_scale | branin median mean | hartmann6 median mean");
+    println!("startup candidates good_fraction width_scale rank_power | branin median mean | hartmann6 median mean");
     for (settings, row) in grid.iter().zip(&rows) {
         println!(
-            "{:>2} {:>3} {:.2} {:.2} | {:.3} {:.3} | {:.3} {:.3}",
+            "{:>2} {:>3} {:.2} {:.2} {:.1} | {:.3} {:.3} | {:.3} {:.3}",
             settings.startup_trials,
             settings.candidates,
             settings.good_fraction,
             settings.width_scale,
+            settings.rank_power,
             row[0].0,
             row[0].1,
             row[1].0,
