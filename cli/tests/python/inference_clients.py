@@ -10,10 +10,10 @@ wrong (a wrong shape, a wrong datatype, an unknown model, version or output), an
 the OpenMetrics format. Prints "all inference checks passed" at the end.
 """
 
-import csv
 import sys
 import urllib.request
 
+import digits_rows
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
@@ -24,16 +24,7 @@ http_address, grpc_address, model, dataset = sys.argv[1:5]
 # Where to read the Prometheus metrics ("-": not checked, as behind a router whose replicas count apart).
 metrics_address = sys.argv[5] if len(sys.argv) > 5 else http_address
 
-with open(dataset, newline="") as file:
-    reader = csv.reader(file)
-    header = next(reader)
-    label_column = header.index("digit")
-    rows, labels = [], []
-    for row in reader:
-        labels.append(int(float(row[label_column])))
-        rows.append([float(value) for index, value in enumerate(row) if index != label_column])
-x = np.array(rows[:300], dtype=np.float32)
-y = np.array(labels[:300])
+x, y = digits_rows.load(dataset, 300)
 
 http = httpclient.InferenceServerClient(http_address)
 grpc = grpcclient.InferenceServerClient(grpc_address)

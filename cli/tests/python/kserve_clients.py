@@ -15,11 +15,11 @@ Prints "all kserve client checks passed" at the end.
 """
 
 import asyncio
-import csv
 import sys
 
 import grpc
 import httpx
+import digits_rows
 import numpy as np
 from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from kserve.protocol.infer_type import RequestedOutput
@@ -27,16 +27,7 @@ from kserve.protocol.infer_type import RequestedOutput
 http_address, grpc_address, model, dataset = sys.argv[1:5]
 base = f"http://{http_address}"
 
-with open(dataset, newline="") as file:
-    reader = csv.reader(file)
-    header = next(reader)
-    label_column = header.index("digit")
-    rows, labels = [], []
-    for row in reader:
-        labels.append(int(float(row[label_column])))
-        rows.append([float(value) for index, value in enumerate(row) if index != label_column])
-x = np.array(rows[:200], dtype=np.float32)
-y = np.array(labels[:200])
+x, y = digits_rows.load(dataset, 200)
 
 
 def request(pixels, binary):
