@@ -95,6 +95,11 @@ pub fn instances_to_tensors(body: &[u8], inputs: &[TensorSpec]) -> Result<Vec<Te
         for (index, instance) in instances.iter().enumerate() {
             let object = instance.as_object().expect("checked above");
             if index == 0 {
+                if object.is_empty() {
+                    return Err(ServeError::invalid(
+                        "instance 0 is an empty object; expected a value per input by name",
+                    ));
+                }
                 columns = object.keys().map(|name| (name.clone(), Vec::new())).collect();
             }
             for (name, values) in &mut columns {
@@ -179,21 +184,24 @@ pub fn predictions(model: &str, outputs: &[Tensor], rows: usize) -> Result<Value
         let Value::Array(flat) = output.json_data() else {
             unreachable!("json_data is an array")
         };
-        let inner = &output.shape[1..];
-        let size: usize = inner.iter().product();
-        let rows: Vec<Value> = flat.chunks(size.max(1)).map(|chunk| nest(chunk, inner)).collect();
-        per_output.push((output.name.as_str(), rows));
+        let Value::Array(rows) = nest(&flat, &output.shape) else {
+            unreachable!("a shape with a batch dimension nests into rows")
+        };
+        per_output.push((output.name.as_str(), rows.into_iter()));
     }
-    let predictions: Vec<Value> = (0..rows)
-        .map(|row| match per_output.as_slice() {
-            [(_, values)] => values[row].clone(),
-            all => Value::Object(
-                all.iter()
-                    .map(|(name, values)| (name.to_string(), values[row].clone()))
-                    .collect::<Map<String, Value>>(),
-            ),
-        })
-        .collect();
+    let predictions: Vec<Value> = if let [(_, only)] = per_output.as_mut_slice() {
+        only.collect()
+    } else {
+        (0..rows)
+            .map(|_| {
+                let row = per_output
+                    .iter_mut()
+                    .map(|(name, values)| (name.to_string(), values.next().expect("a row per instance")))
+                    .collect::<Map<String, Value>>();
+                Value::Object(row)
+            })
+            .collect()
+    };
     Ok(json!({ "predictions": predictions }))
 }
 
@@ -252,6 +260,7 @@ mod tests {
                 "input 'pixels': element 1 is \"x\"; expected a number",
             ),
             (b"not json", "the body is not JSON"),
+            (br#"{"instances": [{}]}"#, "instance 0 is an empty object"),
         ] {
             let error = instances_to_tensors(body, &inputs).unwrap_err().to_string();
             assert!(error.contains(expected), "{error}");
