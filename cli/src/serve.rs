@@ -239,15 +239,44 @@ async fn resolve(api: &Api, name: &str, reference: &str, alias: bool) -> Result<
 
 /// Downloads version `number` of `name` from `source` into `cache/NAME/NUMBER`; returns that directory.
 async fn download(api: &Api, name: &str, number: &str, source: &str, cache: &Path) -> Result<PathBuf> {
-    let Some(root) = source.strip_prefix("mlflow-artifacts:") else {
+    let Some(root) = proxied_directory(api, source).await? else {
         bail!("model '{name}' version {number} is stored at '{source}', outside the cluster's artifact proxy");
     };
     let directory = cache.join(name).join(number);
-    let files = crate::artifacts::download_tree(api, root.trim_start_matches('/'), &directory).await?;
+    let files = crate::artifacts::download_tree(api, &root, &directory).await?;
     if files == 0 {
         bail!("model '{name}' version {number} has no files at '{source}'");
     }
     Ok(directory)
+}
+
+/// The artifact proxy's directory (`1/RUN/artifacts/model`) that a version's source names:
+/// `mlflow-artifacts:/PATH`, `runs:/RUN/PATH`, or `models:/m-ID` (an MLflow 3 logged model, as
+/// `mlflow.register_model` records it); `None` for a source outside the proxy.
+async fn proxied_directory(api: &Api, source: &str) -> Result<Option<String>> {
+    let uri = if let Some(rest) = source.strip_prefix("runs:/") {
+        let (run, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let root = crate::artifacts::run_root(api, run).await?;
+        return Ok(Some(
+            format!("{root}/{}", path.trim_matches('/'))
+                .trim_end_matches('/')
+                .to_string(),
+        ));
+    } else if let Some(id) = source.strip_prefix("models:/").filter(|id| id.starts_with("m-")) {
+        let model = api
+            .get(
+                &format!("logged-models/{}", id.trim_end_matches('/')),
+                &[],
+                &format!("logged model {id}"),
+            )
+            .await?;
+        text(&model["model"]["info"]["artifact_uri"])
+    } else {
+        source.to_string()
+    };
+    Ok(uri
+        .strip_prefix("mlflow-artifacts:")
+        .map(|path| path.trim_start_matches('/').to_string()))
 }
 
 /// A model served under an alias, kept on the version the alias points at.

@@ -483,9 +483,8 @@ async fn train(args: TrainArgs) -> Result<()> {
         .as_ref()
         .map(|checkpoint| checkpoint.directory.clone());
     let model_directory = std::path::Path::new(&run_directory).join("model");
-    // What the registry keeps with the model: the training data's profile (rank 0's rows: all of them
-    // from a file, its shard from the feature store), the signature, and what it needs to run.
-    let profile = (rank == 0).then(|| trainer::profile(&dataset, &options.label, PROFILE_BINS));
+    // What the registry keeps with the model: the training data's profile (computed after training), the
+    // signature, and what it needs to run.
     let signature = serde_json::json!({
         "inputs": dataset.feature_names.iter().map(|name| serde_json::json!({ "name": name, "type": "float" })).collect::<Vec<_>>(),
         "outputs": [if options.task == "regression" {
@@ -552,6 +551,18 @@ async fn train(args: TrainArgs) -> Result<()> {
             "rank {rank}: trained {} steps; validation {validation_name} {validation:.4}; parameters hash {:016x}",
             outcome.steps, outcome.parameters_hash
         );
+        // The training data's profile: rank 0 read every row from a file; a feature-store training set is
+        // sharded, so every rank takes part and the profile covers all of their rows.
+        let profile = if config.sharded {
+            Some(trainer::profile_of_shards(
+                &dataset,
+                &options.label,
+                PROFILE_BINS,
+                communicator.as_mut(),
+            )?)
+        } else {
+            (rank == 0).then(|| trainer::profile(&dataset, &options.label, PROFILE_BINS))
+        };
         if rank == 0 {
             let directory = std::path::Path::new(&run_directory).join("model");
             // What serving loads back (kiln_worker::trainer::SavedModel).

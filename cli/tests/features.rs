@@ -712,6 +712,33 @@ async fn the_digits_example_trains_from_the_feature_store_with_each_rank_fetchin
         std::fs::metadata(&out).unwrap().len(),
         weights["size"].as_u64().unwrap()
     );
+    // The training data profile registered with the model covers both ranks' shards, not rank 0's alone.
+    let profile_path = directory.path().join("profile.json");
+    kiln(&[
+        "artifacts",
+        "get",
+        &run_id,
+        "model/profile.json",
+        "--out",
+        profile_path.to_str().unwrap(),
+    ]);
+    let profile: serde_json::Value = serde_json::from_slice(&std::fs::read(&profile_path).unwrap()).unwrap();
+    assert_eq!(profile["rows"], 1797, "{profile}");
+    let class_counts: Vec<u64> = profile["class_counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|count| count.as_u64().unwrap())
+        .collect();
+    assert_eq!(class_counts.len(), 10, "{profile}");
+    assert_eq!(class_counts.iter().sum::<u64>(), 1797, "{profile}");
+    let pixel: u64 = profile["features"][10]["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|count| count.as_u64().unwrap())
+        .sum();
+    assert_eq!(pixel, 1797, "every row in one bin: {profile}");
 
     // `kiln lineage TARGET --DIRECTION --format json`, and the ids of its nodes.
     let lineage_of = |target: &str, direction: &str| -> serde_json::Value {

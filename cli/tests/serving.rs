@@ -487,8 +487,74 @@ async fn an_onnx_model_from_scikit_learn_registered_through_mlflow_serves_what_o
         &["make", &model_directory, &uri],
         "all onnx checks passed",
     );
-    let (_server, rest, grpc) = serve(
+    let (server, rest, grpc) = serve(
         &["--model", "models:/sk-digits/1", "--tracking", &tracking],
+        directory.path(),
+    )
+    .await;
+    python_script(
+        &python,
+        "onnx_model.py",
+        &["check", &rest, &grpc, &model_directory],
+        "all onnx checks passed",
+    );
+    drop(server);
+
+    // Version 2 is the same graph logged as an MLflow model (mlflow.onnx.log_model): its source is the
+    // logged model (models:/m-ID), and the registry read its signature and flavors from its MLmodel file.
+    let shown = Command::new(KILN)
+        .args(["models", "show", "sk-digits", "--json", "--tracking", &tracking])
+        .output()
+        .unwrap();
+    assert!(shown.status.success(), "{}", String::from_utf8_lossy(&shown.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let version = shown["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|version| version["version"] == "2")
+        .unwrap_or_else(|| panic!("no version 2: {shown:#}"));
+    assert!(
+        version["source"].as_str().unwrap().starts_with("models:/m-"),
+        "{version:#}"
+    );
+    let tag = |key: &str| -> serde_json::Value {
+        let value = version["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|tag| tag["key"] == key)
+            .unwrap_or_else(|| panic!("no tag {key}: {version:#}"))["value"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        serde_json::from_str(&value).unwrap()
+    };
+    let signature = tag("kiln.signature");
+    assert_eq!(signature["inputs"][0]["name"], "pixels", "{signature}");
+    assert_eq!(
+        signature["inputs"][0]["tensor-spec"]["shape"],
+        serde_json::json!([-1, 64]),
+        "{signature}"
+    );
+    assert_eq!(signature["outputs"][1]["name"], "probabilities", "{signature}");
+    let runtime = tag("kiln.runtime");
+    assert_eq!(runtime["framework"], "onnx", "{runtime}");
+    assert_eq!(
+        runtime["flavors"],
+        serde_json::json!(["onnx", "python_function"]),
+        "{runtime}"
+    );
+    // Version 1 was a plain directory of files, with no MLmodel: no such tags.
+    let first = shown["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|version| version["version"] == "1")
+        .unwrap();
+    assert!(!first["tags"].to_string().contains("kiln.runtime"), "{first:#}");
+    let (_server, rest, grpc) = serve(
+        &["--model", "models:/sk-digits/2", "--tracking", &tracking],
         directory.path(),
     )
     .await;

@@ -272,7 +272,7 @@ impl Graph {
                 graph.edge(&format!("run:{}", model.source_run_id), &node);
             }
         }
-        // Registered versions: from the artifact their source names, else from their run.
+        // Registered versions: from the artifact or logged model their source names, else from their run.
         for model in tracking.registry().models() {
             for version in model.versions.values() {
                 let aliases = model.aliases_of(version.version);
@@ -292,10 +292,16 @@ impl Graph {
                     format!("model {} v{}", model.name, version.version),
                     attributes,
                 );
+                // An MLflow 3 version's source is its logged model, `models:/m-ID`.
                 let artifact = version
                     .source
                     .strip_prefix(&proxied)
-                    .map(|path| format!("artifact:{}", path.trim_start_matches('/').trim_end_matches('/')));
+                    .map(|path| format!("artifact:{}", path.trim_start_matches('/').trim_end_matches('/')))
+                    .or_else(|| {
+                        let id = version.source.strip_prefix("models:/")?;
+                        id.starts_with("m-")
+                            .then(|| format!("logged:{}", id.trim_end_matches('/')))
+                    });
                 match artifact.filter(|artifact| graph.nodes.contains_key(artifact)) {
                     Some(artifact) => graph.edge(&artifact, &node),
                     None if !version.run_id.is_empty() => graph.edge(&format!("run:{}", version.run_id), &node),

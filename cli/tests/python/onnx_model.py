@@ -4,7 +4,8 @@ Usage:
   onnx_model.py make DIRECTORY TRACKING_URI
       Fits a scikit-learn LogisticRegression on the first 1,500 of sklearn's digits, converts it with skl2onnx
       (input "pixels" FP32 [None, 64]; outputs "label" INT64 and "probabilities" FP32, no ZipMap), saves
-      DIRECTORY/model.onnx, logs it as artifact "model" of a run, and registers it as "sk-digits" version 1.
+      DIRECTORY/model.onnx, logs it as artifact "model" of a run, and registers it as "sk-digits" version 1;
+      then logs it as an MLflow model with its signature (mlflow.onnx.log_model), registered as version 2.
   onnx_model.py check HTTP_ADDRESS GRPC_ADDRESS DIRECTORY
       Compares what Kiln serves (tritonclient.http and tritonclient.grpc) with onnxruntime on the held-out
       rows: the same labels, probabilities within 1e-5; the metadata read from the file.
@@ -56,6 +57,19 @@ if mode == "make":
     client.create_registered_model("sk-digits")
     version = client.create_model_version("sk-digits", run.info.artifact_uri + "/model", run.info.run_id)
     assert version.version == "1", version
+
+    # The same graph as an MLflow model (MLmodel, conda.yaml, model.onnx) with its signature, logged and
+    # registered the MLflow 3 way: version 2's source is the logged model, models:/m-ID.
+    import mlflow.onnx
+    from mlflow.models import infer_signature
+
+    outputs = {"label": classifier.predict(x[:5]), "probabilities": classifier.predict_proba(x[:5]).astype(np.float32)}
+    signature = infer_signature({"pixels": x[:5]}, outputs)
+    with mlflow.start_run(run_name="logistic-regression-logged"):
+        info = mlflow.onnx.log_model(onnx_model, name="model", signature=signature, registered_model_name="sk-digits")
+    assert str(info.registered_model_version) == "2", info.registered_model_version
+    logged = client.get_model_version("sk-digits", "2")
+    assert logged.source == info.model_uri and info.model_uri.startswith("models:/m-"), (logged.source, info.model_uri)
     print("all onnx checks passed")
 
 elif mode == "check":

@@ -135,6 +135,49 @@ fn a_model_version_traces_back_to_its_run_dataset_and_feature_views() {
 }
 
 #[test]
+fn a_version_registered_from_a_logged_model_traces_back_through_it_to_its_run() {
+    let (mut tracking, run_id, _) = store();
+    let model_id = "m-0123456789abcdef0123456789abcdef".to_string();
+    let command = TrackingCommand::LogModel {
+        command: crate::tracking::LoggedModelCommand::Create {
+            model_id: model_id.clone(),
+            experiment_id: "0".into(),
+            name: "model".into(),
+            model_type: String::new(),
+            source_run_id: run_id.clone(),
+            tags: vec![],
+            params: vec![],
+        },
+        artifact_root: ROOT.into(),
+    };
+    apply(&mut tracking, command);
+    let command = TrackingCommand::Register {
+        command: RegistryCommand::CreateVersion {
+            name: "digits".into(),
+            source: format!("models:/{model_id}"),
+            run_id: String::new(),
+            run_link: String::new(),
+            description: String::new(),
+            tags: vec![],
+        },
+        user_id: "kiln".into(),
+        artifact_root: ROOT.into(),
+    };
+    apply(&mut tracking, command);
+    let graph = Graph::of(&tracking);
+    let upstream = graph.around("model:digits/2", Direction::Upstream);
+    let edges: Vec<(&str, &str)> = upstream
+        .edges
+        .iter()
+        .map(|edge| (edge.from.as_str(), edge.to.as_str()))
+        .collect();
+    let logged = format!("logged:{model_id}");
+    let run = format!("run:{run_id}");
+    assert!(edges.contains(&(logged.as_str(), "model:digits/2")), "{edges:?}");
+    assert!(edges.contains(&(run.as_str(), logged.as_str())), "{edges:?}");
+}
+
+#[test]
 fn a_dataset_answers_which_runs_and_models_used_it() {
     let (tracking, run_id, digest) = store();
     let graph = Graph::of(&tracking);

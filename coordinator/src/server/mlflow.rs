@@ -38,6 +38,7 @@ mod artifacts;
 mod dashboard;
 mod lineage;
 mod logged;
+mod mlmodel;
 mod registry;
 
 #[derive(Clone)]

@@ -8,6 +8,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use super::TrainError;
+use crate::collective::{CollectiveError, Communicator};
 
 /// What the label column holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -424,84 +425,197 @@ pub struct DataProfile {
     pub class_counts: Vec<u64>,
 }
 
-fn feature_profile(name: &str, values: impl Iterator<Item = f64> + Clone, bins: usize) -> FeatureProfile {
-    let (mut count, mut sum, mut min, mut max) = (0usize, 0.0, f64::INFINITY, f64::NEG_INFINITY);
-    for value in values.clone().filter(|value| value.is_finite()) {
-        count += 1;
-        sum += value;
-        min = min.min(value);
-        max = max.max(value);
-    }
-    if count == 0 {
-        return FeatureProfile {
-            name: name.to_string(),
-            count,
-            mean: 0.0,
-            std: 0.0,
-            min: 0.0,
-            max: 0.0,
-            edges: Vec::new(),
-            counts: Vec::new(),
-        };
-    }
-    let mean = sum / count as f64;
-    let variance = values
-        .clone()
+/// The values of column `column` of `dataset`: a feature, or the label (`column == dataset.columns`),
+/// finite ones only.
+fn column_values(dataset: &Dataset, column: usize) -> impl Iterator<Item = f64> + '_ {
+    let label = column == dataset.columns;
+    (0..dataset.rows())
+        .map(move |row| {
+            if label {
+                f64::from(dataset.targets[row])
+            } else {
+                f64::from(dataset.features[row * dataset.columns + column])
+            }
+        })
         .filter(|value| value.is_finite())
-        .map(|value| (value - mean) * (value - mean))
-        .sum::<f64>()
-        / count as f64;
-    let bins = bins.max(1);
-    let width = (max - min) / bins as f64;
-    let edges: Vec<f64> = (0..=bins).map(|index| min + width * index as f64).collect();
-    let mut counts = vec![0u64; bins];
-    for value in values.filter(|value| value.is_finite()) {
-        let bin = if width > 0.0 {
-            (((value - min) / width) as usize).min(bins - 1)
+}
+
+/// `bins + 1` equal-width edges from `min` to `max`, and the bin of each value (the last includes `max`).
+struct Bins {
+    min: f64,
+    width: f64,
+    bins: usize,
+}
+
+impl Bins {
+    fn new(min: f64, max: f64, bins: usize) -> Bins {
+        let bins = bins.max(1);
+        Bins {
+            min,
+            width: (max - min) / bins as f64,
+            bins,
+        }
+    }
+
+    fn edges(&self) -> Vec<f64> {
+        (0..=self.bins)
+            .map(|index| self.min + self.width * index as f64)
+            .collect()
+    }
+
+    fn of(&self, value: f64) -> usize {
+        if self.width > 0.0 {
+            (((value - self.min) / self.width) as usize).min(self.bins - 1)
         } else {
             0
-        };
-        counts[bin] += 1;
-    }
-    FeatureProfile {
-        name: name.to_string(),
-        count,
-        mean,
-        std: variance.sqrt(),
-        min,
-        max,
-        edges,
-        counts,
+        }
     }
 }
 
 /// The profile of `dataset`'s rows, histograms with `bins` equal-width bins.
 pub fn profile(dataset: &Dataset, label: &str, bins: usize) -> DataProfile {
-    let rows = dataset.rows();
-    let features = dataset
-        .feature_names
-        .iter()
-        .enumerate()
-        .map(|(column, name)| {
-            let values = (0..rows).map(move |row| f64::from(dataset.features[row * dataset.columns + column]));
-            feature_profile(name, values, bins)
+    profile_with(dataset, label, bins, &mut |local| Ok(vec![local.to_vec()])).expect("one rank gathers nothing")
+}
+
+/// The profile of every rank's shard together, as [`profile`] gives for all their rows in one dataset (up
+/// to the rounding of sums): each rank's statistics are gathered from every rank in two rounds (moments,
+/// then histograms over the global range), exact in f64. Every rank of a sharded run calls it.
+pub fn profile_of_shards(
+    dataset: &Dataset,
+    label: &str,
+    bins: usize,
+    communicator: &mut dyn Communicator,
+) -> Result<DataProfile, CollectiveError> {
+    profile_with(dataset, label, bins, &mut |local| {
+        let world = communicator.world_size() as usize;
+        // f64s travel as pairs of f32 bit patterns: an all-gather moves bytes without arithmetic.
+        let mut all = vec![0.0f64; local.len() * world];
+        communicator.all_gather(bytemuck::cast_slice(local), bytemuck::cast_slice_mut(&mut all))?;
+        Ok(all.chunks_exact(local.len().max(1)).map(<[f64]>::to_vec).collect())
+    })
+}
+
+/// [`profile`] with `gather` giving every rank's vector of local sums for the vector this rank passes.
+fn profile_with(
+    dataset: &Dataset,
+    label: &str,
+    bins: usize,
+    gather: &mut dyn FnMut(&[f64]) -> Result<Vec<Vec<f64>>, CollectiveError>,
+) -> Result<DataProfile, CollectiveError> {
+    let columns = dataset.columns + 1;
+    // Round 1: rows, classes, and each column's count, sum, minimum and maximum.
+    let mut local = vec![dataset.rows() as f64, dataset.classes as f64];
+    for column in 0..columns {
+        let (mut count, mut sum, mut min, mut max) = (0.0, 0.0, f64::INFINITY, f64::NEG_INFINITY);
+        for value in column_values(dataset, column) {
+            count += 1.0;
+            sum += value;
+            min = min.min(value);
+            max = max.max(value);
+        }
+        local.extend([count, sum, min, max]);
+    }
+    let ranks = gather(&local)?;
+    let total = |index: usize| ranks.iter().map(|rank| rank[index]).sum::<f64>();
+    let rows = total(0) as usize;
+    let classes = ranks.iter().map(|rank| rank[1] as usize).max().unwrap_or(1);
+    struct Moments {
+        count: usize,
+        mean: f64,
+        min: f64,
+        max: f64,
+    }
+    let moments: Vec<Moments> = (0..columns)
+        .map(|column| {
+            let at = 2 + 4 * column;
+            let count = total(at);
+            Moments {
+                count: count as usize,
+                mean: if count > 0.0 { total(at + 1) / count } else { 0.0 },
+                min: ranks.iter().map(|rank| rank[at + 2]).fold(f64::INFINITY, f64::min),
+                max: ranks.iter().map(|rank| rank[at + 3]).fold(f64::NEG_INFINITY, f64::max),
+            }
         })
         .collect();
-    let mut class_counts = Vec::new();
-    if dataset.task == Task::Classification {
-        class_counts = vec![0u64; dataset.classes];
-        for label in &dataset.labels {
-            if let Some(count) = class_counts.get_mut(*label as usize) {
-                *count += 1;
+
+    // Round 2: each column's squared deviations from the global mean and its histogram over the global
+    // range, then the class counts.
+    let bins = bins.max(1);
+    let mut local = Vec::with_capacity(columns * (1 + bins) + classes);
+    for (column, moments) in moments.iter().enumerate() {
+        let mut counts = vec![0.0f64; bins];
+        let mut squares = 0.0;
+        if moments.count > 0 {
+            let binning = Bins::new(moments.min, moments.max, bins);
+            for value in column_values(dataset, column) {
+                squares += (value - moments.mean) * (value - moments.mean);
+                counts[binning.of(value)] += 1.0;
             }
         }
+        local.push(squares);
+        local.extend(counts);
     }
-    DataProfile {
+    let mut class_counts = vec![
+        0.0f64;
+        if dataset.task == Task::Classification {
+            classes
+        } else {
+            0
+        }
+    ];
+    for label in &dataset.labels {
+        if let Some(count) = class_counts.get_mut(*label as usize) {
+            *count += 1.0;
+        }
+    }
+    local.extend(&class_counts);
+    let ranks = gather(&local)?;
+    let total = |index: usize| ranks.iter().map(|rank| rank[index]).sum::<f64>();
+
+    let mut profiles: Vec<FeatureProfile> = moments
+        .iter()
+        .enumerate()
+        .map(|(column, moments)| {
+            let name = dataset
+                .feature_names
+                .get(column)
+                .map_or(label, String::as_str)
+                .to_string();
+            if moments.count == 0 {
+                return FeatureProfile {
+                    name,
+                    count: 0,
+                    mean: 0.0,
+                    std: 0.0,
+                    min: 0.0,
+                    max: 0.0,
+                    edges: Vec::new(),
+                    counts: Vec::new(),
+                };
+            }
+            let at = column * (1 + bins);
+            FeatureProfile {
+                name,
+                count: moments.count,
+                mean: moments.mean,
+                std: (total(at) / moments.count as f64).sqrt(),
+                min: moments.min,
+                max: moments.max,
+                edges: Bins::new(moments.min, moments.max, bins).edges(),
+                counts: (0..bins).map(|bin| total(at + 1 + bin) as u64).collect(),
+            }
+        })
+        .collect();
+    let label = profiles.pop().expect("the label column");
+    let classes_at = columns * (1 + bins);
+    Ok(DataProfile {
         rows,
-        features,
-        label: feature_profile(label, dataset.targets.iter().map(|value| f64::from(*value)), bins),
-        class_counts,
-    }
+        features: profiles,
+        label,
+        class_counts: (0..class_counts.len())
+            .map(|class| total(classes_at + class) as u64)
+            .collect(),
+    })
 }
 
 #[cfg(test)]

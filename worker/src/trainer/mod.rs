@@ -43,6 +43,7 @@ use burn::tensor::TensorData;
 
 pub use data::{
     DataProfile, Dataset, FeatureProfile, Normalization, Task, load_csv, load_dataset, load_parquet, profile,
+    profile_of_shards,
 };
 pub use model::{Cnn, Mlp, Network};
 pub use saved::{SAVED_FORMAT, SavedManifest, SavedModel, save};

@@ -44,16 +44,30 @@ fn try_train_on(world: u32, config: TrainConfig, dataset: Arc<Dataset>) -> Vec<R
 /// Trains `config` with one rank per dataset, rank r given `datasets[r]`; each rank's outcome or error.
 fn try_train_shards(config: TrainConfig, datasets: Vec<Arc<Dataset>>) -> Vec<Result<TrainOutcome, String>> {
     let world = datasets.len() as u32;
+    on_ring(world, move |rank, communicator| {
+        train(
+            &config,
+            &datasets[rank as usize],
+            communicator,
+            |line| eprintln!("rank {rank}: {line}"),
+            |_| {},
+        )
+        .map(|(_, outcome)| outcome)
+        .map_err(|error| error.to_string())
+    })
+}
+
+/// Runs `work` on `world` ranks (threads) joined by the TCP ring; each rank's result in rank order.
+fn on_ring<T: Send + 'static>(
+    world: u32,
+    work: impl Fn(u32, &mut RingCommunicator) -> T + Send + Sync + 'static,
+) -> Vec<T> {
     let addresses = Arc::new(Mutex::new(vec![String::new(); world as usize]));
     let published = Arc::new(Barrier::new(world as usize));
+    let work = Arc::new(work);
     let threads: Vec<_> = (0..world)
         .map(|rank| {
-            let (addresses, published, config, dataset) = (
-                addresses.clone(),
-                published.clone(),
-                config.clone(),
-                datasets[rank as usize].clone(),
-            );
+            let (addresses, published, work) = (addresses.clone(), published.clone(), work.clone());
             std::thread::spawn(move || {
                 let (listener, address) = RingCommunicator::bind("127.0.0.1").unwrap();
                 addresses.lock().unwrap()[rank as usize] = address.to_string();
@@ -64,15 +78,7 @@ fn try_train_shards(config: TrainConfig, datasets: Vec<Arc<Dataset>>) -> Vec<Res
                     ..CollectiveConfig::default()
                 };
                 let mut communicator = RingCommunicator::connect(listener, rank, &all, 1, collective).unwrap();
-                train(
-                    &config,
-                    &dataset,
-                    &mut communicator,
-                    |line| eprintln!("rank {rank}: {line}"),
-                    |_| {},
-                )
-                .map(|(_, outcome)| outcome)
-                .map_err(|error| error.to_string())
+                work(rank, &mut communicator)
             })
         })
         .collect();
@@ -342,6 +348,65 @@ fn sharded_ranks_agree_on_classes_and_statistics_and_learn_the_digits() {
             "{error}"
         );
     }
+}
+
+#[test]
+fn the_profile_of_shards_is_the_profile_of_all_their_rows() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data/digits.csv");
+    let digits = load_csv(&path, "digit", Task::Classification).unwrap();
+    let whole = profile(&digits, "digit", 10);
+    // Three uneven shards; the first has no 9s and the last no 0s, so no rank alone knows every class
+    // or every column's range.
+    let shards = Arc::new(vec![
+        rows_where(&digits, |row| row < 500 && digits.labels[row] != 9),
+        rows_where(&digits, |row| {
+            (500..1200).contains(&row) || (row < 500 && digits.labels[row] == 9)
+        }),
+        rows_where(&digits, |row| row >= 1200 && digits.labels[row] != 0),
+        rows_where(&digits, |row| row >= 1200 && digits.labels[row] == 0),
+    ]);
+    let merged = on_ring(4, move |rank, communicator| {
+        profile_of_shards(&shards[rank as usize], "digit", 10, communicator).unwrap()
+    });
+    for profile in &merged {
+        assert_eq!(profile.rows, whole.rows);
+        assert_eq!(profile.class_counts, whole.class_counts);
+        for (merged, whole) in profile
+            .features
+            .iter()
+            .chain([&profile.label])
+            .zip(whole.features.iter().chain([&whole.label]))
+        {
+            assert_eq!(merged.name, whole.name);
+            assert_eq!(
+                (merged.count, merged.min, merged.max, &merged.edges, &merged.counts),
+                (whole.count, whole.min, whole.max, &whole.edges, &whole.counts),
+                "{}",
+                whole.name
+            );
+            assert!(
+                (merged.mean - whole.mean).abs() <= 1e-12 * whole.mean.abs().max(1.0),
+                "{}",
+                whole.name
+            );
+            assert!(
+                (merged.std - whole.std).abs() <= 1e-9 * whole.std.max(1.0),
+                "{}",
+                whole.name
+            );
+        }
+    }
+    assert_eq!(merged[0], merged[3], "every rank has the same profile");
+    // A shard's own profile is not the whole's: rank 0's alone misses the 9s.
+    assert_ne!(
+        profile(
+            &rows_where(&digits, |row| row < 500 && digits.labels[row] != 9),
+            "digit",
+            10
+        )
+        .class_counts,
+        whole.class_counts
+    );
 }
 
 #[test]

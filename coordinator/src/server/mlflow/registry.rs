@@ -184,17 +184,20 @@ async fn registry_write(
         async {
             let fields = request_fields(query, &body)?;
             let command = command(&fields)?;
-            let user_id = fields.text("user_id")?.unwrap_or_default();
-            match tracker.register(command, user_id).await? {
-                RegistryOutcome::Model(model) => Ok(json!({ "registered_model": model_json(&model) })),
-                RegistryOutcome::Version(version, aliases) => {
-                    Ok(json!({ "model_version": version_json(&version, aliases) }))
-                }
-                RegistryOutcome::Done => Ok(json!({})),
-            }
+            registered(&tracker, &fields, command).await
         }
         .await,
     )
+}
+
+/// Applies `command` through Raft as the request's user; the answer MLflow gives.
+async fn registered(tracker: &Tracker, fields: &Fields, command: RegistryCommand) -> Result<Value, Failure> {
+    let user_id = fields.text("user_id")?.unwrap_or_default();
+    match tracker.register(command, user_id).await? {
+        RegistryOutcome::Model(model) => Ok(json!({ "registered_model": model_json(&model) })),
+        RegistryOutcome::Version(version, aliases) => Ok(json!({ "model_version": version_json(&version, aliases) })),
+        RegistryOutcome::Done => Ok(json!({})),
+    }
 }
 
 async fn create_model(State(tracker): State<Tracker>, RawQuery(query): RawQuery, body: Bytes) -> Response {
@@ -279,18 +282,28 @@ async fn delete_alias(State(tracker): State<Tracker>, RawQuery(query): RawQuery,
     .await
 }
 
+/// A new version; when its source is an MLflow model in the artifact store, with the signature and runtime
+/// its `MLmodel` file gives ([`super::mlmodel`]).
 async fn create_version(State(tracker): State<Tracker>, RawQuery(query): RawQuery, body: Bytes) -> Response {
-    registry_write(tracker, query, body, |fields| {
-        Ok(RegistryCommand::CreateVersion {
-            name: fields.required_text("name")?,
-            source: fields.required_text("source")?,
-            run_id: fields.text("run_id")?.unwrap_or_default(),
-            run_link: fields.text("run_link")?.unwrap_or_default(),
-            description: fields.text("description")?.unwrap_or_default(),
-            tags: fields.pairs("tags")?,
-        })
-    })
-    .await
+    respond(
+        async {
+            let fields = request_fields(query, &body)?;
+            let (name, source) = (fields.required_text("name")?, fields.required_text("source")?);
+            let mut tags = fields.pairs("tags")?;
+            let read = super::mlmodel::source_tags(&tracker, &name, &source, &tags).await?;
+            tags.extend(read);
+            let command = RegistryCommand::CreateVersion {
+                name,
+                source,
+                run_id: fields.text("run_id")?.unwrap_or_default(),
+                run_link: fields.text("run_link")?.unwrap_or_default(),
+                description: fields.text("description")?.unwrap_or_default(),
+                tags,
+            };
+            registered(&tracker, &fields, command).await
+        }
+        .await,
+    )
 }
 
 async fn update_version(State(tracker): State<Tracker>, RawQuery(query): RawQuery, body: Bytes) -> Response {
