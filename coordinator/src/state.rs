@@ -29,7 +29,7 @@ pub type JobId = u64;
 pub type NodeId = u64;
 
 /// Bumped whenever the snapshot layout changes.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 7;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 8;
 /// Most metrics or artifacts one job keeps, and the longest name or location, so reports cannot bloat the
 /// replicated state.
 pub const JOB_METRICS_MAX: usize = 64;
@@ -1792,6 +1792,10 @@ impl StateMachine {
             let (_, state): (u32, version6::StateMachine) = decode(bytes, "version 6 state machine snapshot")?;
             return Ok(state.upgrade().with_indexes());
         }
+        if version == 7 {
+            let (_, state): (u32, version7::StateMachine) = decode(bytes, "version 7 state machine snapshot")?;
+            return Ok(state.upgrade().with_indexes());
+        }
         if version != SNAPSHOT_FORMAT_VERSION {
             return Err(CoordinatorError::Storage(format!(
                 "snapshot format version {version} is not supported; this build reads versions 1 to {SNAPSHOT_FORMAT_VERSION}"
@@ -1838,8 +1842,8 @@ impl StateMachine {
     }
 }
 
-/// Snapshot format 6 (no held jobs and no standby placements).
-mod version6 {
+/// Snapshot format 7 (tracking without run outputs).
+mod version7 {
     use super::*;
 
     #[derive(Deserialize)]
@@ -1853,7 +1857,9 @@ mod version6 {
         next_worker_id: WorkerId,
         queue: imbl::OrdSet<(i64, JobId)>,
         catalog: Catalog,
-        tracking: Tracking,
+        tracking: crate::tracking::version7::Tracking,
+        held: imbl::OrdSet<JobId>,
+        standby: imbl::OrdMap<TaskKey, JobId>,
     }
 
     impl StateMachine {
@@ -1868,7 +1874,46 @@ mod version6 {
                 next_worker_id: self.next_worker_id,
                 queue: self.queue,
                 catalog: self.catalog,
-                tracking: self.tracking,
+                tracking: self.tracking.upgrade(),
+                held: self.held,
+                standby: self.standby,
+                ..Default::default()
+            }
+        }
+    }
+}
+
+/// Snapshot format 6 (no held jobs and no standby placements; tracking as in format 7).
+mod version6 {
+    use super::*;
+
+    #[derive(Deserialize)]
+    pub(super) struct StateMachine {
+        jobs: imbl::OrdMap<JobId, Job>,
+        idempotency_keys: imbl::OrdMap<String, JobId>,
+        next_job_id: JobId,
+        members: BTreeMap<NodeId, MemberRecord>,
+        workers: imbl::OrdMap<WorkerId, Worker>,
+        worker_uids: imbl::OrdMap<String, WorkerId>,
+        next_worker_id: WorkerId,
+        queue: imbl::OrdSet<(i64, JobId)>,
+        catalog: Catalog,
+        tracking: crate::tracking::version7::Tracking,
+    }
+
+    impl StateMachine {
+        pub(super) fn upgrade(self) -> super::StateMachine {
+            super::StateMachine {
+                jobs: self.jobs,
+                idempotency_keys: self.idempotency_keys,
+                next_job_id: self.next_job_id,
+                members: self.members,
+                workers: self.workers,
+                worker_uids: self.worker_uids,
+                next_worker_id: self.next_worker_id,
+                queue: self.queue,
+                catalog: self.catalog,
+                tracking: self.tracking.upgrade(),
                 ..Default::default()
             }
         }
@@ -2668,9 +2713,9 @@ mod tests {
         let current = state.to_snapshot().unwrap();
         // The tables format 6 added to the tracking store, empty, encode as one length byte (0 entries)
         // each at the very end: the registry, artifacts, logged models, job reports, datasets, run inputs;
-        // and after them format 7's held jobs and standby placements.
-        let added = 6 + 2;
-        assert_eq!(current[current.len() - added..], [0u8; 8]);
+        // after them format 8's run outputs, and format 7's held jobs and standby placements.
+        let added = 6 + 1 + 2;
+        assert_eq!(current[current.len() - added..], [0u8; 9]);
         let mut bytes = encode(&(5u32, ())).unwrap();
         let header = bytes.len();
         bytes.extend_from_slice(&current[header..current.len() - added]);
@@ -3018,16 +3063,42 @@ mod tests {
 
     #[test]
     fn a_version_6_snapshot_is_upgraded_with_nothing_held() {
-        // Format 6 is format 7 without its last two fields (held jobs, standby placements): empty, one length
-        // byte each.
+        // Format 6 is format 8 without its last three fields (the tracking store's run outputs, then held
+        // jobs and standby placements): empty, one length byte each.
         let mut state = StateMachine::default();
         apply(&mut state, submit("k1", 1));
         register(&mut state, "w", 2);
         let current = state.to_snapshot().unwrap();
-        assert_eq!(current[current.len() - 2..], [0u8; 2]);
+        assert_eq!(current[current.len() - 3..], [0u8; 3]);
         let mut bytes = encode(&(6u32, ())).unwrap();
         let header = bytes.len();
-        bytes.extend_from_slice(&current[header..current.len() - 2]);
+        bytes.extend_from_slice(&current[header..current.len() - 3]);
+        assert_eq!(StateMachine::from_snapshot(&bytes).unwrap(), state);
+    }
+
+    #[test]
+    fn a_version_7_snapshot_is_upgraded_with_no_run_outputs() {
+        // Format 7 is format 8 without the tracking store's run outputs, the field before held jobs and
+        // standby placements; a held job makes those two fields more than empty.
+        let mut state = StateMachine::default();
+        apply(&mut state, submit("k1", 1));
+        apply(
+            &mut state,
+            Command::HoldJob {
+                idempotency_key: "k1".into(),
+                held: true,
+                now_ms: 2,
+            },
+        );
+        assert!(state.is_held(1));
+        let current = state.to_snapshot().unwrap();
+        // Held: one entry (length 1, job 1); standby: empty. Before them, the empty run outputs.
+        let tail = 4;
+        assert_eq!(current[current.len() - tail..], [0u8, 1, 1, 0]);
+        let mut bytes = encode(&(7u32, ())).unwrap();
+        let header = bytes.len();
+        bytes.extend_from_slice(&current[header..current.len() - tail]);
+        bytes.extend_from_slice(&current[current.len() - tail + 1..]);
         assert_eq!(StateMachine::from_snapshot(&bytes).unwrap(), state);
     }
 

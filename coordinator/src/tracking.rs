@@ -365,6 +365,13 @@ pub enum TrackingCommand {
         user_id: String,
         artifact_root: String,
     },
+    /// Logged models a run produced, with the step of each (MLflow 3's `runs/outputs`); an output already
+    /// logged is not repeated. Last, so that older log entries keep their variant numbers.
+    LogOutputs {
+        run_id: String,
+        models: Vec<(String, i64)>,
+        artifact_root: String,
+    },
 }
 
 impl TrackingCommand {
@@ -382,6 +389,7 @@ impl TrackingCommand {
             | TrackingCommand::RecordArtifact { artifact_root, .. }
             | TrackingCommand::LogModel { artifact_root, .. }
             | TrackingCommand::LogInputs { artifact_root, .. }
+            | TrackingCommand::LogOutputs { artifact_root, .. }
             | TrackingCommand::ForgetArtifacts { artifact_root, .. } => artifact_root,
         }
     }
@@ -463,6 +471,9 @@ pub struct Tracking {
     datasets: OrdMap<String, Dataset>,
     /// Each run's inputs, as MLflow's `log-inputs` records them: (dataset digest, tags).
     run_inputs: OrdMap<String, Vector<RunInput>>,
+    /// Each run's outputs, as MLflow 3's `runs/outputs` records them: (logged model id, step), in the order
+    /// logged.
+    run_outputs: OrdMap<String, Vector<(String, i64)>>,
 }
 
 /// One input of a run: the dataset's digest and the input's tags.
@@ -507,6 +518,7 @@ impl Default for Tracking {
             job_reports: OrdMap::new(),
             datasets: OrdMap::new(),
             run_inputs: OrdMap::new(),
+            run_outputs: OrdMap::new(),
         }
     }
 }
@@ -536,6 +548,44 @@ pub(crate) mod version5 {
                 job_reports: OrdMap::new(),
                 datasets: OrdMap::new(),
                 run_inputs: OrdMap::new(),
+                run_outputs: OrdMap::new(),
+            }
+        }
+    }
+}
+
+/// The tracking store of snapshot formats 6 and 7: no run outputs.
+pub(crate) mod version7 {
+    use super::*;
+
+    #[derive(Deserialize)]
+    pub(crate) struct Tracking {
+        experiments: OrdMap<String, Experiment>,
+        names: OrdMap<String, String>,
+        runs: OrdMap<String, Run>,
+        next_experiment: u64,
+        registry: Registry,
+        artifacts: OrdMap<String, ArtifactRecord>,
+        logged_models: OrdMap<String, LoggedModel>,
+        job_reports: OrdMap<u64, (u32, u64)>,
+        datasets: OrdMap<String, Dataset>,
+        run_inputs: OrdMap<String, Vector<RunInput>>,
+    }
+
+    impl Tracking {
+        pub(crate) fn upgrade(self) -> super::Tracking {
+            super::Tracking {
+                experiments: self.experiments,
+                names: self.names,
+                runs: self.runs,
+                next_experiment: self.next_experiment,
+                registry: self.registry,
+                artifacts: self.artifacts,
+                logged_models: self.logged_models,
+                job_reports: self.job_reports,
+                datasets: self.datasets,
+                run_inputs: self.run_inputs,
+                run_outputs: OrdMap::new(),
             }
         }
     }
@@ -788,6 +838,10 @@ impl Tracking {
                 self.log_inputs(&run_id, inputs)?;
                 Ok(TrackingOutcome::Done)
             }
+            TrackingCommand::LogOutputs { run_id, models, .. } => {
+                self.log_outputs(&run_id, models)?;
+                Ok(TrackingOutcome::Done)
+            }
             TrackingCommand::LogModel { command, .. } => Ok(match self.apply_logged_model(command, now_ms)? {
                 Some(model) => TrackingOutcome::LoggedModel(model),
                 None => TrackingOutcome::Done,
@@ -867,6 +921,30 @@ impl Tracking {
     }
 
     /// The datasets run `run_id` used, with each input's tags.
+    /// Records that run `run_id` produced the logged models `models` (id, step); each must exist.
+    pub fn log_outputs(&mut self, run_id: &str, models: Vec<(String, i64)>) -> Result<(), TrackingError> {
+        self.active_run(run_id)?;
+        for (model_id, _) in &models {
+            self.logged_model(model_id)?;
+        }
+        let mut logged = self.run_outputs.get(run_id).cloned().unwrap_or_default();
+        for output in models {
+            if !logged.contains(&output) {
+                logged.push_back(output);
+            }
+        }
+        self.run_outputs.insert(run_id.to_string(), logged);
+        Ok(())
+    }
+
+    /// The logged models run `run_id` produced, (id, step), in the order logged.
+    pub fn outputs_of(&self, run_id: &str) -> Vec<(String, i64)> {
+        self.run_outputs
+            .get(run_id)
+            .map(|outputs| outputs.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     pub fn inputs_of(&self, run_id: &str) -> Vec<(&Dataset, &OrdMap<String, String>)> {
         self.run_inputs
             .get(run_id)

@@ -6,7 +6,7 @@
 //!   POST /api/2.0/mlflow/experiments/create | update | delete | restore | search
 //!   GET  /api/2.0/mlflow/experiments/get?experiment_id= | get-by-name?experiment_name=
 //!   POST /api/2.0/mlflow/runs/create | update | delete | restore | log-metric | log-parameter | set-tag
-//!                              | delete-tag | log-batch | search
+//!                              | delete-tag | log-batch | log-inputs | outputs | search
 //!   GET  /api/2.0/mlflow/runs/get?run_id=   /api/2.0/mlflow/metrics/get-history?run_id=&metric_key=
 //! ```
 //!
@@ -74,6 +74,7 @@ pub(super) fn router(shared: Shared, artifacts: Arc<crate::artifacts::ArtifactSt
         .route(&api("runs/log-batch"), post(log_batch))
         .route(&api("runs/search"), post(search_runs))
         .route(&api("runs/log-inputs"), post(log_inputs))
+        .route(&api("runs/outputs"), post(log_outputs))
         .route(&api("metrics/get-history"), get(metric_history))
         .route("/health", get(|| async { "OK" }))
         .merge(registry::routes())
@@ -376,7 +377,8 @@ fn run_json(run: &Run) -> Value {
     })
 }
 
-/// A run with the datasets it used (`inputs.dataset_inputs`).
+/// A run with the datasets it used (`inputs.dataset_inputs`) and the logged models it produced
+/// (`outputs.model_outputs`).
 fn run_with_inputs(tracking: &Tracking, run: &Run) -> Value {
     let mut answer = run_json(run);
     let inputs: Vec<Value> = tracking
@@ -398,6 +400,14 @@ fn run_with_inputs(tracking: &Tracking, run: &Run) -> Value {
         .collect();
     if !inputs.is_empty() {
         answer["inputs"] = json!({ "dataset_inputs": inputs });
+    }
+    let outputs: Vec<Value> = tracking
+        .outputs_of(&run.id)
+        .into_iter()
+        .map(|(model_id, step)| json!({ "model_id": model_id, "step": step }))
+        .collect();
+    if !outputs.is_empty() {
+        answer["outputs"] = json!({ "model_outputs": outputs });
     }
     answer
 }
@@ -782,6 +792,35 @@ async fn log_inputs(State(tracker): State<Tracker>, body: Bytes) -> Response {
         Ok(TrackingCommand::LogInputs {
             run_id: fields.run_id()?,
             inputs,
+            artifact_root,
+        })
+    })
+    .await
+}
+
+/// MLflow 3's `runs/outputs`: the logged models a run produced (`mlflow.<flavor>.log_model` sends it), each
+/// `{"model_id", "step"}`.
+async fn log_outputs(State(tracker): State<Tracker>, body: Bytes) -> Response {
+    write_only(tracker, body, |fields, artifact_root| {
+        let items = match fields.0.get("models") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items.clone(),
+            Some(other) => {
+                return Err(invalid(format!(
+                    "'models' is {other}; expected a list of model outputs ({{\"model_id\", \"step\"}})"
+                )));
+            }
+        };
+        let models = items
+            .iter()
+            .map(|item| {
+                let output = Fields(item.as_object().cloned().unwrap_or_default());
+                Ok((output.required_text("model_id")?, output.integer("step")?.unwrap_or(0)))
+            })
+            .collect::<Result<Vec<_>, Failure>>()?;
+        Ok(TrackingCommand::LogOutputs {
+            run_id: fields.run_id()?,
+            models,
             artifact_root,
         })
     })

@@ -347,3 +347,38 @@ fn the_store_round_trips_through_a_snapshot_encoding() {
         bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
     assert_eq!(decoded, tracking);
 }
+
+#[test]
+fn a_run_records_the_logged_models_it_produced_once_each() {
+    let mut tracking = Tracking::new("file:///a", 0);
+    tracking.create_run(&id(1), "0", "train", "ada", 1_000, &[]).unwrap();
+    let create = LoggedModelCommand::Create {
+        model_id: "m-1".into(),
+        experiment_id: "0".into(),
+        name: "model".into(),
+        model_type: String::new(),
+        source_run_id: id(1),
+        tags: vec![],
+        params: vec![],
+    };
+    tracking.apply_logged_model(create, 1_001).unwrap();
+    let outputs = |models: &[(&str, i64)]| models.iter().map(|(id, step)| (id.to_string(), *step)).collect();
+    tracking.log_outputs(&id(1), outputs(&[("m-1", 0)])).unwrap();
+    tracking
+        .log_outputs(&id(1), outputs(&[("m-1", 0), ("m-1", 5)]))
+        .unwrap();
+    assert_eq!(
+        tracking.outputs_of(&id(1)),
+        [("m-1".to_string(), 0), ("m-1".to_string(), 5)]
+    );
+    // An unknown model or run changes nothing.
+    let error = tracking
+        .log_outputs(&id(1), outputs(&[("m-1", 6), ("m-2", 0)]))
+        .unwrap_err();
+    assert_eq!(error.code, ErrorCode::ResourceDoesNotExist, "{}", error.message);
+    assert!(error.message.contains("m-2"), "{}", error.message);
+    assert_eq!(tracking.outputs_of(&id(1)).len(), 2);
+    let error = tracking.log_outputs(&id(2), outputs(&[("m-1", 0)])).unwrap_err();
+    assert_eq!(error.code, ErrorCode::ResourceDoesNotExist);
+    assert!(tracking.outputs_of(&id(2)).is_empty());
+}
