@@ -495,12 +495,15 @@ pub fn profile_of_shards(
     })
 }
 
+/// Every rank's vector, in rank order, for the vector this rank passes.
+type Gather<'a> = dyn FnMut(&[f64]) -> Result<Vec<Vec<f64>>, CollectiveError> + 'a;
+
 /// [`profile`] with `gather` giving every rank's vector of local sums for the vector this rank passes.
 fn profile_with(
     dataset: &Dataset,
     label: &str,
     bins: usize,
-    gather: &mut dyn FnMut(&[f64]) -> Result<Vec<Vec<f64>>, CollectiveError>,
+    gather: &mut Gather<'_>,
 ) -> Result<DataProfile, CollectiveError> {
     let columns = dataset.columns + 1;
     // Round 1: rows, classes, and each column's count, sum, minimum and maximum.
