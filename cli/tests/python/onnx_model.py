@@ -5,7 +5,8 @@ Usage:
       Fits a scikit-learn LogisticRegression on the first 1,500 of sklearn's digits, converts it with skl2onnx
       (input "pixels" FP32 [None, 64]; outputs "label" INT64 and "probabilities" FP32, no ZipMap), saves
       DIRECTORY/model.onnx, logs it as artifact "model" of a run, and registers it as "sk-digits" version 1;
-      then logs it as an MLflow model with its signature (mlflow.onnx.log_model), registered as version 2.
+      then logs it as an MLflow model with its signature (mlflow.onnx.log_model), registered as version 2,
+      registers the run's model again as version 3, and loads version 2 back with mlflow.pyfunc.
   onnx_model.py check HTTP_ADDRESS GRPC_ADDRESS DIRECTORY
       Compares what Kiln serves (tritonclient.http and tritonclient.grpc) with onnxruntime on the held-out
       rows: the same labels, probabilities within 1e-5; the metadata read from the file.
@@ -61,6 +62,7 @@ if mode == "make":
     # The same graph as an MLflow model (MLmodel, conda.yaml, model.onnx) with its signature, logged and
     # registered the MLflow 3 way: version 2's source is the logged model, models:/m-ID.
     import mlflow.onnx
+    import mlflow.pyfunc
     from mlflow.models import infer_signature
 
     outputs = {"label": classifier.predict(x[:5]), "probabilities": classifier.predict_proba(x[:5]).astype(np.float32)}
@@ -70,6 +72,19 @@ if mode == "make":
     assert str(info.registered_model_version) == "2", info.registered_model_version
     logged = client.get_model_version("sk-digits", "2")
     assert logged.source == info.model_uri and info.model_uri.startswith("models:/m-"), (logged.source, info.model_uri)
+    # The stock client reads it back: the run lists the logged model as its output, so registering the
+    # run's "model" finds it (version 3), and mlflow.pyfunc loads the version and predicts with onnxruntime.
+    outputs = client.get_run(info.run_id).outputs.model_outputs
+    assert [(output.model_id, output.step) for output in outputs] == [(info.model_id, 0)], outputs
+    third = mlflow.register_model(f"runs:/{info.run_id}/model", "sk-digits")
+    assert third.version == "3" and third.source == info.model_uri, (third.version, third.source)
+    import onnxruntime
+
+    rows = x[1500:1510]
+    predicted = mlflow.pyfunc.load_model("models:/sk-digits/2").predict({"pixels": rows})
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (expected,) = session.run(["label"], {"pixels": rows})
+    assert list(predicted["label"]) == list(expected), (predicted["label"], expected)
     print("all onnx checks passed")
 
 elif mode == "check":
