@@ -421,6 +421,127 @@ async fn the_rest_api_answers_mlflow_error_codes_that_name_the_problem() {
     cluster.kill_all().unwrap();
 }
 
+/// Every file under `directory`, relative to it, sorted.
+fn files_under(directory: &Path) -> Vec<String> {
+    let mut files = Vec::new();
+    let mut pending = vec![directory.to_path_buf()];
+    while let Some(next) = pending.pop() {
+        for entry in std::fs::read_dir(&next).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                files.push(path.strip_prefix(directory).unwrap().display().to_string());
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_whose_record_fails_leaves_the_artifact_it_replaced_whole() {
+    let artifacts_directory = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::new(Path::new(KILN), 3, &[]).unwrap();
+    cluster.tracking = true;
+    cluster.artifact_root = Some(artifacts_directory.path().display().to_string());
+    cluster.start_all().unwrap();
+    let leader = cluster.wait_for_leader(None, Duration::from_secs(10)).await.unwrap();
+    let address = cluster.members[&leader].tracking_addr.clone();
+    let artifacts = "/api/2.0/mlflow-artifacts/artifacts";
+    let file = format!("{artifacts}/0/r/artifacts/model/w.bin");
+    let (status, answer) = http(&address, "PUT", &file, "old bytes");
+    assert_eq!(status, 200, "{answer}");
+
+    // A replacing upload whose bytes are stored but whose record the leader, left alone half way through
+    // the body, cannot replicate: it is refused, and the artifact it would have replaced is still there,
+    // whole and matching its record, once the cluster is back.
+    let followers: Vec<u64> = cluster.members.keys().copied().filter(|id| *id != leader).collect();
+    let mut upload = std::net::TcpStream::connect(&address).unwrap();
+    upload.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    use std::io::{Read, Write};
+    write!(
+        upload,
+        "PUT {file} HTTP/1.1\r\nHost: {address}\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnew "
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    for follower in &followers {
+        cluster.kill(*follower).unwrap();
+    }
+    upload.write_all(b"bytes").unwrap();
+    let mut response = String::new();
+    upload.read_to_string(&mut response).unwrap();
+    assert!(
+        !response.starts_with("HTTP/1.1 200"),
+        "an upload was acknowledged without its record: {response}"
+    );
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    // The record is in the old leader's log only, so the two others, restarted without it, elect one of
+    // themselves and never apply it. (Were the old leader elected again, the record would apply: its bytes
+    // are whole too, and that download would be the new bytes.)
+    cluster.kill(leader).unwrap();
+    for follower in &followers {
+        cluster.start(*follower).unwrap();
+    }
+    let old_leader = leader;
+    let leader = cluster
+        .wait_for_leader(Some(old_leader), Duration::from_secs(20))
+        .await
+        .unwrap();
+    let address = cluster.members[&leader].tracking_addr.clone();
+    let read = |address: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, body) = kiln_cluster_tests::http_text(address, "GET", &file, "");
+            if status == 200 || std::time::Instant::now() > deadline {
+                return (status, body);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    assert_eq!(read(&address), (200, "old bytes".to_string()));
+    cluster.start(old_leader).unwrap();
+
+    // Uploaded again, the new bytes replace the old ones: downloaded and listed with their own hash, and
+    // the replaced object is gone from the store.
+    let (status, answer) = http(&address, "PUT", &file, "new bytes");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(read(&address), (200, "new bytes".to_string()));
+    let (_, listed) = http(&address, "GET", &format!("{artifacts}?path=0/r/artifacts/model"), "");
+    assert_eq!(listed["files"][0]["path"], "w.bin", "{listed}");
+    assert_eq!(listed["files"][0]["file_size"], 9, "{listed}");
+    assert_eq!(
+        listed["files"][0]["kiln_sha256"],
+        sha256_hex(b"new bytes").as_str(),
+        "{listed}"
+    );
+    let (_, root) = http(&address, "GET", artifacts, "");
+    assert_eq!(
+        root["files"],
+        serde_json::json!([{ "path": "0", "is_dir": true }]),
+        "{root}"
+    );
+    let stored = files_under(artifacts_directory.path());
+    assert!(!stored.contains(&"0/r/artifacts/model/w.bin".to_string()), "{stored:?}");
+    let holding_new: Vec<&String> = stored
+        .iter()
+        .filter(|file| std::fs::read(artifacts_directory.path().join(file)).unwrap() == b"new bytes")
+        .collect();
+    assert!(!holding_new.is_empty(), "{stored:?}");
+
+    // Deleted, it is gone, and so is its object.
+    let (status, answer) = http(&address, "DELETE", &format!("{artifacts}/0/r/artifacts/model"), "");
+    assert_eq!(status, 200, "{answer}");
+    let (status, _) = kiln_cluster_tests::http_text(&address, "GET", &file, "");
+    assert_eq!(status, 404);
+    let (_, listed) = http(&address, "GET", &format!("{artifacts}?path=0/r/artifacts/model"), "");
+    assert_eq!(listed["files"], serde_json::json!([]), "{listed}");
+    let after = files_under(artifacts_directory.path());
+    assert!(after.len() < stored.len(), "{after:?} against {stored:?}");
+    cluster.kill_all().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn artifacts_can_live_in_an_s3_bucket() {
     let Some(python) = stock_python() else { return };

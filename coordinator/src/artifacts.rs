@@ -9,6 +9,12 @@
 //! the same path stays whole). The hash and size of what was stored are then replicated
 //! ([`crate::tracking::ArtifactRecord`]), so a download can be checked against them.
 //!
+//! An upload that replaces a recorded artifact goes to an object of its own under [`UPLOADS`]
+//! ([`upload_object`]), and the record names it: the bytes it replaces stay whole and stay the artifact
+//! until the new record is replicated, so an upload whose record fails (the client gets an error) leaves the
+//! earlier, acknowledged artifact as it was. The replaced object is removed once the new record holds. A
+//! first upload goes to the artifact's own path, where any S3 client sees it.
+//!
 //! In a cluster of several coordinators the root must be shared storage (S3, or one directory every
 //! coordinator mounts): each coordinator serves from it.
 
@@ -22,6 +28,15 @@ use sha2::{Digest, Sha256};
 
 /// Upload parts in flight at once.
 const PARTS_IN_FLIGHT: usize = 4;
+
+/// The top-level directory of the objects of uploads that replaced an artifact; not an artifact path.
+pub const UPLOADS: &str = ".kiln-uploads";
+
+/// The object a replacing upload of `path` goes to: under [`UPLOADS`], named by `unique` (an id no other
+/// upload uses).
+pub fn upload_object(path: &str, unique: &str) -> String {
+    format!("{UPLOADS}/{path}/{unique}")
+}
 
 /// Why an artifact operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +97,11 @@ pub fn check_path(path: &str) -> Result<Path, ArtifactError> {
     }
     if let Some(bad) = path.chars().find(|c| c.is_control() || *c == '\\' || *c == '#') {
         return Err(refuse(&format!("contains {bad:?}, which artifact paths may not")));
+    }
+    if path.split('/').next() == Some(UPLOADS) {
+        return Err(refuse(&format!(
+            "is under '{UPLOADS}', where Kiln keeps replacing uploads"
+        )));
     }
     Path::parse(path).map_err(|error| refuse(&format!("is not a valid object path: {error}")))
 }
@@ -172,7 +192,20 @@ impl ArtifactStore {
         path: &str,
         body: impl Stream<Item = Result<Bytes, E>>,
     ) -> Result<Stored, ArtifactError> {
-        let location = check_path(path)?;
+        self.put_object(path, path, body).await
+    }
+
+    /// [`ArtifactStore::put`] of artifact `path` into the object `object` (`path` itself, or an
+    /// [`upload_object`] of it).
+    pub async fn put_object<E: std::fmt::Display>(
+        &self,
+        path: &str,
+        object: &str,
+        body: impl Stream<Item = Result<Bytes, E>>,
+    ) -> Result<Stored, ArtifactError> {
+        check_path(path)?;
+        let location = Path::parse(object)
+            .map_err(|error| ArtifactError::InvalidPath(format!("object '{object}' is not a valid path: {error}")))?;
         let upload = self
             .store
             .put_multipart(&location)
@@ -228,7 +261,18 @@ impl ArtifactStore {
         &self,
         path: &str,
     ) -> Result<(u64, futures::stream::BoxStream<'static, Result<Bytes, ArtifactError>>), ArtifactError> {
-        let location = check_path(path)?;
+        self.get_object(path, path).await
+    }
+
+    /// [`ArtifactStore::get`] of artifact `path`, whose bytes are in the object `object`.
+    pub async fn get_object(
+        &self,
+        path: &str,
+        object: &str,
+    ) -> Result<(u64, futures::stream::BoxStream<'static, Result<Bytes, ArtifactError>>), ArtifactError> {
+        check_path(path)?;
+        let location = Path::parse(object)
+            .map_err(|error| ArtifactError::InvalidPath(format!("object '{object}' is not a valid path: {error}")))?;
         let result = self.store.get(&location).await.map_err(|error| match error {
             object_store::Error::NotFound { .. } => ArtifactError::NotFound(path.to_string()),
             other => ArtifactError::Store(format!("reading '{path}': {other}")),
@@ -266,6 +310,7 @@ impl ArtifactStore {
         let mut entries: Vec<Entry> = listing
             .common_prefixes
             .iter()
+            .filter(|location| location.as_ref() != UPLOADS)
             .map(|location| Entry {
                 path: relative(location),
                 is_dir: true,
@@ -279,6 +324,16 @@ impl ArtifactStore {
             .collect();
         entries.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(entries)
+    }
+
+    /// Removes the object `object` (one a record no longer names); one that is already gone is fine.
+    pub async fn delete_object(&self, object: &str) -> Result<(), ArtifactError> {
+        let location = Path::parse(object)
+            .map_err(|error| ArtifactError::InvalidPath(format!("object '{object}' is not a valid path: {error}")))?;
+        match self.store.delete(&location).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(error) => Err(ArtifactError::Store(format!("deleting '{object}': {error}"))),
+        }
     }
 
     /// Deletes the artifact at `path`, or every artifact under it when it is a directory.
@@ -391,9 +446,46 @@ mod tests {
         assert_eq!(on_disk.len(), 1);
     }
 
+    #[tokio::test]
+    async fn a_replacing_upload_has_an_object_of_its_own_that_no_listing_shows() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(directory.path().to_str().unwrap(), 1 << 20).unwrap();
+        store.put("a/f", chunks(&[b"old"])).await.unwrap();
+        let object = upload_object("a/f", "u1");
+        assert_eq!(object, ".kiln-uploads/a/f/u1");
+        let stored = store.put_object("a/f", &object, chunks(&[b"new"])).await.unwrap();
+        assert_eq!(stored.size, 3);
+        // Both are whole; the artifact's own path still holds the old bytes until the caller says otherwise.
+        for (name, expected) in [("a/f", b"old"), (object.as_str(), b"new")] {
+            let (_, stream) = store.get_object("a/f", name).await.unwrap();
+            let bytes: Vec<Bytes> = stream.map(Result::unwrap).collect().await;
+            assert_eq!(bytes.concat(), expected);
+        }
+        let root: Vec<String> = store
+            .list("")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|entry| entry.path)
+            .collect();
+        assert_eq!(root, ["a"], "the uploads directory is not an artifact");
+        store.delete_object("a/f").await.unwrap();
+        store.delete_object("a/f").await.unwrap();
+        assert!(matches!(store.get("a/f").await, Err(ArtifactError::NotFound(_))));
+    }
+
     #[test]
     fn paths_that_could_escape_or_hide_are_refused() {
-        for bad in ["", "/etc/passwd", "a/../b", "a//b", "./a", "a\\b", "a#1"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "a/../b",
+            "a//b",
+            "./a",
+            "a\\b",
+            "a#1",
+            ".kiln-uploads/a/b",
+        ] {
             let error = check_path(bad).unwrap_err();
             assert!(matches!(error, ArtifactError::InvalidPath(_)), "{bad}");
         }

@@ -1842,7 +1842,7 @@ impl StateMachine {
     }
 }
 
-/// Snapshot format 7 (tracking without run outputs).
+/// Snapshot format 7 (tracking without run outputs; artifacts only at their own paths).
 mod version7 {
     use super::*;
 

@@ -366,10 +366,20 @@ pub enum TrackingCommand {
         artifact_root: String,
     },
     /// Logged models a run produced, with the step of each (MLflow 3's `runs/outputs`); an output already
-    /// logged is not repeated. Last, so that older log entries keep their variant numbers.
+    /// logged is not repeated. After the older commands, so that older log entries keep their variant
+    /// numbers.
     LogOutputs {
         run_id: String,
         models: Vec<(String, i64)>,
+        artifact_root: String,
+    },
+    /// An artifact was stored for `path` in the object `object` (an upload that replaced a recorded
+    /// artifact; see [`ArtifactRecord::object`]).
+    RecordArtifactAt {
+        path: String,
+        size: u64,
+        sha256: String,
+        object: String,
         artifact_root: String,
     },
 }
@@ -390,6 +400,7 @@ impl TrackingCommand {
             | TrackingCommand::LogModel { artifact_root, .. }
             | TrackingCommand::LogInputs { artifact_root, .. }
             | TrackingCommand::LogOutputs { artifact_root, .. }
+            | TrackingCommand::RecordArtifactAt { artifact_root, .. }
             | TrackingCommand::ForgetArtifacts { artifact_root, .. } => artifact_root,
         }
     }
@@ -497,12 +508,23 @@ pub struct DatasetInput {
     pub tags: Vec<(String, String)>,
 }
 
-/// An artifact as stored: its size and SHA-256, so a download can be checked.
+/// An artifact as stored: its size and SHA-256, so a download can be checked, and where its bytes are.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArtifactRecord {
     pub size: u64,
     pub sha256: String,
     pub stored_ms: i64,
+    /// The object holding the bytes when it is not the artifact's own path: an upload that replaced a
+    /// recorded artifact went to an object of its own, so the bytes it replaced stayed whole until this
+    /// record said otherwise ([`crate::artifacts::upload_object`]).
+    pub object: Option<String>,
+}
+
+impl ArtifactRecord {
+    /// The object in the artifact store that holds the bytes of the artifact at `path`.
+    pub fn object_of<'a>(record: Option<&'a ArtifactRecord>, path: &'a str) -> &'a str {
+        record.and_then(|record| record.object.as_deref()).unwrap_or(path)
+    }
 }
 
 impl Default for Tracking {
@@ -554,9 +576,16 @@ pub(crate) mod version5 {
     }
 }
 
-/// The tracking store of snapshot formats 6 and 7: no run outputs.
+/// The tracking store of snapshot formats 6 and 7: no run outputs, and artifacts only at their own paths.
 pub(crate) mod version7 {
     use super::*;
+
+    #[derive(Clone, Deserialize)]
+    pub(crate) struct ArtifactRecord {
+        size: u64,
+        sha256: String,
+        stored_ms: i64,
+    }
 
     #[derive(Deserialize)]
     pub(crate) struct Tracking {
@@ -580,7 +609,19 @@ pub(crate) mod version7 {
                 runs: self.runs,
                 next_experiment: self.next_experiment,
                 registry: self.registry,
-                artifacts: self.artifacts,
+                artifacts: self
+                    .artifacts
+                    .into_iter()
+                    .map(|(path, record)| {
+                        let record = super::ArtifactRecord {
+                            size: record.size,
+                            sha256: record.sha256.clone(),
+                            stored_ms: record.stored_ms,
+                            object: None,
+                        };
+                        (path, record)
+                    })
+                    .collect(),
                 logged_models: self.logged_models,
                 job_reports: self.job_reports,
                 datasets: self.datasets,
@@ -851,6 +892,23 @@ impl Tracking {
                     size,
                     sha256,
                     stored_ms: now_ms,
+                    object: None,
+                };
+                self.artifacts.insert(path, record);
+                Ok(TrackingOutcome::Done)
+            }
+            TrackingCommand::RecordArtifactAt {
+                path,
+                size,
+                sha256,
+                object,
+                ..
+            } => {
+                let record = ArtifactRecord {
+                    size,
+                    sha256,
+                    stored_ms: now_ms,
+                    object: Some(object),
                 };
                 self.artifacts.insert(path, record);
                 Ok(TrackingOutcome::Done)

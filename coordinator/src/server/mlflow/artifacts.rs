@@ -9,6 +9,9 @@
 //! ```
 //!
 //! An upload is recorded (size and SHA-256) through Raft once its bytes are stored, and answered only then.
+//! One that replaces a recorded artifact is stored in an object of its own, named by its record, so the
+//! artifact it replaces stays whole and current until the record is replicated; the replaced object is
+//! removed after ([`crate::artifacts::upload_object`]).
 //! A download is hashed as it streams and cut off with an error if the bytes no longer match the record,
 //! so a corrupted artifact never arrives whole. Listings carry each file's recorded hash as `kiln_sha256`.
 
@@ -19,6 +22,7 @@ use sha2::{Digest, Sha256};
 
 use super::*;
 use crate::artifacts::{ArtifactError, hex};
+use crate::tracking::ArtifactRecord;
 
 /// The header a download's recorded SHA-256 travels in.
 pub const SHA256_HEADER: &str = "x-kiln-sha256";
@@ -89,17 +93,43 @@ async fn upload(
                 limit: store.max_bytes,
             }));
         }
-        let stored = store.put(&path, &mut body).await.inspect_err(|error| {
+        // A recorded artifact is replaced through an object of its own; a new one goes to its own path.
+        let replaced = tracker.read().await?.artifact(&path).cloned();
+        let object = match &replaced {
+            Some(_) => crate::artifacts::upload_object(&path, &tracker.new_run_id()),
+            None => path.clone(),
+        };
+        let stored = store.put_object(&path, &object, &mut body).await.inspect_err(|error| {
             tracing::warn!("artifact upload refused: {error}");
         })?;
-        tracker
-            .write(TrackingCommand::RecordArtifact {
+        let (size, sha256, artifact_root) = (stored.size, stored.sha256, tracker.artifact_root.clone());
+        let command = if object == path {
+            TrackingCommand::RecordArtifact {
                 path: path.clone(),
-                size: stored.size,
-                sha256: stored.sha256,
-                artifact_root: tracker.artifact_root.clone(),
-            })
-            .await?;
+                size,
+                sha256,
+                artifact_root,
+            }
+        } else {
+            TrackingCommand::RecordArtifactAt {
+                path: path.clone(),
+                size,
+                sha256,
+                object: object.clone(),
+                artifact_root,
+            }
+        };
+        // When this fails the replaced artifact is still the recorded one, whole; the new object stays,
+        // since a write whose answer was lost may still be applied and name it.
+        tracker.write(command).await?;
+        if let Some(replaced) = replaced {
+            let previous = ArtifactRecord::object_of(Some(&replaced), &path);
+            if previous != object
+                && let Err(error) = store.delete_object(previous).await
+            {
+                tracing::warn!("artifact '{path}': the replaced object '{previous}' was not removed: {error}");
+            }
+        }
         Ok(json!({}))
     }
     .await;
@@ -112,7 +142,8 @@ async fn upload(
 async fn download(State(tracker): State<Tracker>, UrlPath(path): UrlPath<String>) -> Response {
     let opened = async {
         let expected = tracker.read().await?.artifact(&path).cloned();
-        let (size, stream) = tracker.artifacts.get(&path).await?;
+        let object = ArtifactRecord::object_of(expected.as_ref(), &path);
+        let (size, stream) = tracker.artifacts.get_object(&path, object).await?;
         Ok::<_, Failure>((expected, size, stream))
     }
     .await;
@@ -168,9 +199,39 @@ async fn list(State(tracker): State<Tracker>, RawQuery(query): RawQuery) -> Resp
     respond(
         async {
             let directory = Fields(query_of(query)).text("path")?.unwrap_or_default();
-            let entries = tracker.artifacts.list(&directory).await?;
+            let mut entries = tracker.artifacts.list(&directory).await?;
             let tracking = tracker.read().await?;
             let directory = directory.trim_end_matches('/');
+            // Artifacts whose bytes are in an upload object of their own are listed from their records.
+            let prefix = if directory.is_empty() {
+                String::new()
+            } else {
+                format!("{directory}/")
+            };
+            for (full, record) in tracking.artifacts_under(&prefix) {
+                if record.object.is_none() {
+                    continue;
+                }
+                let rest = &full[prefix.len()..];
+                let entry = match rest.split_once('/') {
+                    Some((child, _)) => crate::artifacts::Entry {
+                        path: child.to_string(),
+                        is_dir: true,
+                        size: None,
+                    },
+                    None => crate::artifacts::Entry {
+                        path: rest.to_string(),
+                        is_dir: false,
+                        size: Some(record.size),
+                    },
+                };
+                match entries.iter_mut().find(|listed| listed.path == entry.path) {
+                    Some(listed) if !entry.is_dir => *listed = entry,
+                    Some(_) => {}
+                    None => entries.push(entry),
+                }
+            }
+            entries.sort_by(|a, b| a.path.cmp(&b.path));
             let files: Vec<Value> = entries
                 .iter()
                 .map(|entry| {
@@ -198,7 +259,32 @@ async fn list(State(tracker): State<Tracker>, RawQuery(query): RawQuery) -> Resp
 async fn delete(State(tracker): State<Tracker>, UrlPath(path): UrlPath<String>) -> Response {
     respond(
         async {
-            let paths = tracker.artifacts.delete(&path).await?;
+            // The artifacts recorded at `path` or under it, and the objects at those paths in the store.
+            let tracking = tracker.read().await?;
+            let directory = format!("{}/", path.trim_end_matches('/'));
+            let recorded: Vec<(String, Option<String>)> = tracking
+                .artifact(&path)
+                .map(|record| (path.clone(), record.object.clone()))
+                .into_iter()
+                .chain(
+                    tracking
+                        .artifacts_under(&directory)
+                        .map(|(full, record)| (full.clone(), record.object.clone())),
+                )
+                .collect();
+            let mut paths = match tracker.artifacts.delete(&path).await {
+                Ok(deleted) => deleted,
+                Err(ArtifactError::NotFound(_)) if !recorded.is_empty() => Vec::new(),
+                Err(error) => return Err(error.into()),
+            };
+            for (full, object) in recorded {
+                if let Some(object) = object {
+                    tracker.artifacts.delete_object(&object).await?;
+                }
+                if !paths.contains(&full) {
+                    paths.push(full);
+                }
+            }
             tracker
                 .write(TrackingCommand::ForgetArtifacts {
                     paths,

@@ -116,11 +116,13 @@ pub(super) async fn source_tags(
     source: &str,
     tags: &[(String, String)],
 ) -> Result<Vec<(String, String)>, Failure> {
-    let Some(directory) = store_directory(&tracker.read().await?, source) else {
+    let tracking = tracker.read().await?;
+    let Some(directory) = store_directory(&tracking, source) else {
         return Ok(Vec::new());
     };
     let path = format!("{directory}/MLmodel");
-    let (size, mut stream) = match tracker.artifacts.get(&path).await {
+    let object = crate::tracking::ArtifactRecord::object_of(tracking.artifact(&path), &path);
+    let (size, mut stream) = match tracker.artifacts.get_object(&path, object).await {
         Ok(found) => found,
         Err(crate::artifacts::ArtifactError::NotFound(_) | crate::artifacts::ArtifactError::InvalidPath(_)) => {
             return Ok(Vec::new());
