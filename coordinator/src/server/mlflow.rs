@@ -238,18 +238,21 @@ impl Fields {
     }
 
     fn pairs(&self, name: &str) -> Result<Vec<(String, String)>, Failure> {
+        self.objects(name, "{\"key\", \"value\"}")?
+            .iter()
+            .map(|fields| Ok((fields.required_text("key")?, fields.text("value")?.unwrap_or_default())))
+            .collect()
+    }
+
+    /// A list of objects (`expected` says what each holds, for the error), each as fields of its own.
+    fn objects(&self, name: &str, expected: &str) -> Result<Vec<Fields>, Failure> {
         match self.0.get(name) {
             None | Some(Value::Null) => Ok(Vec::new()),
-            Some(Value::Array(items)) => items
+            Some(Value::Array(items)) => Ok(items
                 .iter()
-                .map(|item| {
-                    let fields = Fields(item.as_object().cloned().unwrap_or_default());
-                    Ok((fields.required_text("key")?, fields.text("value")?.unwrap_or_default()))
-                })
-                .collect(),
-            Some(other) => Err(invalid(format!(
-                "'{name}' is {other}; expected a list of {{\"key\", \"value\"}}"
-            ))),
+                .map(|item| Fields(item.as_object().cloned().unwrap_or_default()))
+                .collect()),
+            Some(other) => Err(invalid(format!("'{name}' is {other}; expected a list of {expected}"))),
         }
     }
 
@@ -755,19 +758,10 @@ async fn log_batch(State(tracker): State<Tracker>, body: Bytes) -> Response {
 
 async fn log_inputs(State(tracker): State<Tracker>, body: Bytes) -> Response {
     write_only(tracker, body, |fields, artifact_root| {
-        let items = match fields.0.get("datasets") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(items)) => items.clone(),
-            Some(other) => {
-                return Err(invalid(format!(
-                    "'datasets' is {other}; expected a list of dataset inputs"
-                )));
-            }
-        };
-        let inputs = items
-            .iter()
-            .map(|item| {
-                let input = Fields(item.as_object().cloned().unwrap_or_default());
+        let inputs = fields
+            .objects("datasets", "dataset inputs")?
+            .into_iter()
+            .map(|input| {
                 let dataset = Fields(
                     input
                         .0
@@ -802,21 +796,10 @@ async fn log_inputs(State(tracker): State<Tracker>, body: Bytes) -> Response {
 /// `{"model_id", "step"}`.
 async fn log_outputs(State(tracker): State<Tracker>, body: Bytes) -> Response {
     write_only(tracker, body, |fields, artifact_root| {
-        let items = match fields.0.get("models") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(items)) => items.clone(),
-            Some(other) => {
-                return Err(invalid(format!(
-                    "'models' is {other}; expected a list of model outputs ({{\"model_id\", \"step\"}})"
-                )));
-            }
-        };
-        let models = items
+        let models = fields
+            .objects("models", "model outputs {\"model_id\", \"step\"}")?
             .iter()
-            .map(|item| {
-                let output = Fields(item.as_object().cloned().unwrap_or_default());
-                Ok((output.required_text("model_id")?, output.integer("step")?.unwrap_or(0)))
-            })
+            .map(|output| Ok((output.required_text("model_id")?, output.integer("step")?.unwrap_or(0))))
             .collect::<Result<Vec<_>, Failure>>()?;
         Ok(TrackingCommand::LogOutputs {
             run_id: fields.run_id()?,
