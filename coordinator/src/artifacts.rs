@@ -336,6 +336,29 @@ impl ArtifactStore {
         }
     }
 
+    /// Removes the objects under [`UPLOADS`] last written before `before_ms` (Unix milliseconds) that
+    /// `named` does not hold: those of replacing uploads whose records were never applied. Returns their
+    /// names.
+    pub async fn remove_unnamed_uploads(
+        &self,
+        named: &std::collections::HashSet<String>,
+        before_ms: i64,
+    ) -> Result<Vec<String>, ArtifactError> {
+        let mut removed = Vec::new();
+        let mut objects = self.store.list(Some(&Path::from(UPLOADS)));
+        while let Some(meta) = objects.next().await {
+            let meta = meta.map_err(|error| ArtifactError::Store(format!("listing '{UPLOADS}': {error}")))?;
+            let name = meta.location.to_string();
+            if meta.last_modified.timestamp_millis() < before_ms && !named.contains(&name) {
+                removed.push(name);
+            }
+        }
+        for name in &removed {
+            self.delete_object(name).await?;
+        }
+        Ok(removed)
+    }
+
     /// Deletes the artifact at `path`, or every artifact under it when it is a directory.
     pub async fn delete(&self, path: &str) -> Result<Vec<String>, ArtifactError> {
         let location = check_path(path.trim_end_matches('/'))?;
@@ -472,6 +495,26 @@ mod tests {
         store.delete_object("a/f").await.unwrap();
         store.delete_object("a/f").await.unwrap();
         assert!(matches!(store.get("a/f").await, Err(ArtifactError::NotFound(_))));
+
+        // Of two upload objects, the one no record names goes once it is old enough; the named one stays.
+        let orphan = upload_object("a/f", "u2");
+        store.put_object("a/f", &orphan, chunks(&[b"lost"])).await.unwrap();
+        let named: std::collections::HashSet<String> = [object.clone()].into();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let too_young = store.remove_unnamed_uploads(&named, now_ms - 60_000).await.unwrap();
+        assert!(too_young.is_empty(), "{too_young:?}");
+        assert_eq!(
+            store.remove_unnamed_uploads(&named, now_ms + 60_000).await.unwrap(),
+            std::slice::from_ref(&orphan)
+        );
+        assert!(matches!(
+            store.get_object("a/f", &orphan).await,
+            Err(ArtifactError::NotFound(_))
+        ));
+        assert!(store.get_object("a/f", &object).await.is_ok());
     }
 
     #[test]

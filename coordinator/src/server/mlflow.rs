@@ -92,6 +92,51 @@ pub(super) fn router(shared: Shared, artifacts: Arc<crate::artifacts::ArtifactSt
         })
 }
 
+/// How often the leader looks for the objects of refused replacing uploads.
+const UPLOAD_SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
+/// How long an upload object no record names is left alone: longer than any upload and its record take,
+/// and than a write whose answer was lost can wait to be applied by a leader that holds it.
+const UPLOAD_ORPHAN_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// On the leader, every [`UPLOAD_SWEEP_INTERVAL`]: removes the objects of replacing uploads that no
+/// artifact record names and that are older than [`UPLOAD_ORPHAN_AGE`] (their uploads were refused; see
+/// [`crate::artifacts::upload_object`]). Runs until `shutdown`.
+pub(super) async fn sweep_uploads(
+    shared: Shared,
+    artifacts: Arc<crate::artifacts::ArtifactStore>,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let tracker = Tracker {
+        shared,
+        artifact_root: crate::tracking::PROXIED_ARTIFACT_ROOT.to_string(),
+        artifacts,
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(UPLOAD_SWEEP_INTERVAL) => {}
+        }
+        let leads = matches!(tracker.shared.status().await, Ok(status) if status.leader_id == status.id);
+        if !leads {
+            continue;
+        }
+        // A current read (ReadIndex), so that no record applied elsewhere is missed.
+        let Ok(tracking) = tracker.read().await else { continue };
+        let named: std::collections::HashSet<String> = tracking
+            .artifacts()
+            .filter_map(|(_, record)| record.object.clone())
+            .collect();
+        let before_ms = now_millis() - UPLOAD_ORPHAN_AGE.as_millis() as i64;
+        match tracker.artifacts.remove_unnamed_uploads(&named, before_ms).await {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::info!(count = removed.len(), "removed the objects of refused artifact uploads");
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!("sweeping refused artifact uploads: {error}"),
+        }
+    }
+}
+
 /// Why a request failed, as MLflow reports it.
 struct Failure {
     code: &'static str,

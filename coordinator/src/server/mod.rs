@@ -369,7 +369,13 @@ impl Coordinator {
                 };
                 let artifacts = crate::artifacts::ArtifactStore::open(&artifact_root, config.artifact_max_bytes)
                     .map_err(|error| CoordinatorError::InvalidArgument(error.to_string()))?;
-                let routes = tonic::service::Routes::from(mlflow::router(shared.clone(), Arc::new(artifacts)));
+                let artifacts = Arc::new(artifacts);
+                servers.spawn(mlflow::sweep_uploads(
+                    shared.clone(),
+                    artifacts.clone(),
+                    shutdown.clone(),
+                ));
+                let routes = tonic::service::Routes::from(mlflow::router(shared.clone(), artifacts));
                 let server = tonic::transport::Server::builder()
                     .accept_http1(true)
                     .add_routes(routes)
