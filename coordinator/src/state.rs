@@ -3078,8 +3078,10 @@ mod tests {
 
     #[test]
     fn a_version_7_snapshot_is_upgraded_with_no_run_outputs() {
+        use crate::tracking::TrackingCommand;
         // Format 7 is format 8 without the tracking store's run outputs, the field before held jobs and
-        // standby placements; a held job makes those two fields more than empty.
+        // standby placements (a held job makes those two fields more than empty), and without the object
+        // of each artifact record, its last field (None: one byte).
         let mut state = StateMachine::default();
         apply(&mut state, submit("k1", 1));
         apply(
@@ -3091,15 +3093,38 @@ mod tests {
             },
         );
         assert!(state.is_held(1));
+        let sha256 = "ab".repeat(32);
+        let command = TrackingCommand::RecordArtifact {
+            path: "0/r/artifacts/w.bin".into(),
+            size: 3,
+            sha256: sha256.clone(),
+            artifact_root: "file:///a".into(),
+        };
+        apply(&mut state, Command::Track { command, now_ms: 5 });
         let current = state.to_snapshot().unwrap();
         // Held: one entry (length 1, job 1); standby: empty. Before them, the empty run outputs.
         let tail = 4;
         assert_eq!(current[current.len() - tail..], [0u8, 1, 1, 0]);
+        // The record: its size, its SHA-256, the time it was stored (one byte), then the object.
+        let after_sha = current
+            .windows(sha256.len())
+            .position(|window| window == sha256.as_bytes())
+            .unwrap()
+            + sha256.len();
+        let object = after_sha + 1;
+        assert_eq!(current[object], 0, "no object");
         let mut bytes = encode(&(7u32, ())).unwrap();
         let header = bytes.len();
-        bytes.extend_from_slice(&current[header..current.len() - tail]);
+        bytes.extend_from_slice(&current[header..object]);
+        bytes.extend_from_slice(&current[object + 1..current.len() - tail]);
         bytes.extend_from_slice(&current[current.len() - tail + 1..]);
-        assert_eq!(StateMachine::from_snapshot(&bytes).unwrap(), state);
+        let upgraded = StateMachine::from_snapshot(&bytes).unwrap();
+        assert_eq!(upgraded, state);
+        let record = upgraded.tracking().artifact("0/r/artifacts/w.bin").unwrap();
+        assert_eq!(
+            (record.size, record.sha256.as_str(), record.object.as_deref()),
+            (3, sha256.as_str(), None)
+        );
     }
 
     #[test]
