@@ -1842,7 +1842,7 @@ impl StateMachine {
     }
 }
 
-/// Snapshot format 7 (tracking without run outputs; artifacts only at their own paths).
+/// Snapshot format 7 (tracking without run outputs or model metrics; artifacts only at their own paths).
 mod version7 {
     use super::*;
 
@@ -2713,9 +2713,10 @@ mod tests {
         let current = state.to_snapshot().unwrap();
         // The tables format 6 added to the tracking store, empty, encode as one length byte (0 entries)
         // each at the very end: the registry, artifacts, logged models, job reports, datasets, run inputs;
-        // after them format 8's run outputs, and format 7's held jobs and standby placements.
-        let added = 6 + 1 + 2;
-        assert_eq!(current[current.len() - added..], [0u8; 9]);
+        // after them format 8's run outputs and model metrics, and format 7's held jobs and standby
+        // placements.
+        let added = 6 + 2 + 2;
+        assert_eq!(current[current.len() - added..], [0u8; 10]);
         let mut bytes = encode(&(5u32, ())).unwrap();
         let header = bytes.len();
         bytes.extend_from_slice(&current[header..current.len() - added]);
@@ -3063,25 +3064,25 @@ mod tests {
 
     #[test]
     fn a_version_6_snapshot_is_upgraded_with_nothing_held() {
-        // Format 6 is format 8 without its last three fields (the tracking store's run outputs, then held
-        // jobs and standby placements): empty, one length byte each.
+        // Format 6 is format 8 without its last four fields (the tracking store's run outputs and model
+        // metrics, then held jobs and standby placements): empty, one length byte each.
         let mut state = StateMachine::default();
         apply(&mut state, submit("k1", 1));
         register(&mut state, "w", 2);
         let current = state.to_snapshot().unwrap();
-        assert_eq!(current[current.len() - 3..], [0u8; 3]);
+        assert_eq!(current[current.len() - 4..], [0u8; 4]);
         let mut bytes = encode(&(6u32, ())).unwrap();
         let header = bytes.len();
-        bytes.extend_from_slice(&current[header..current.len() - 3]);
+        bytes.extend_from_slice(&current[header..current.len() - 4]);
         assert_eq!(StateMachine::from_snapshot(&bytes).unwrap(), state);
     }
 
     #[test]
     fn a_version_7_snapshot_is_upgraded_with_no_run_outputs() {
         use crate::tracking::TrackingCommand;
-        // Format 7 is format 8 without the tracking store's run outputs, the field before held jobs and
-        // standby placements (a held job makes those two fields more than empty), and without the object
-        // of each artifact record, its last field (None: one byte).
+        // Format 7 is format 8 without the tracking store's run outputs and model metrics, the fields before
+        // held jobs and standby placements (a held job makes those two more than empty), and without the
+        // object of each artifact record, its last field (None: one byte).
         let mut state = StateMachine::default();
         apply(&mut state, submit("k1", 1));
         apply(
@@ -3102,9 +3103,10 @@ mod tests {
         };
         apply(&mut state, Command::Track { command, now_ms: 5 });
         let current = state.to_snapshot().unwrap();
-        // Held: one entry (length 1, job 1); standby: empty. Before them, the empty run outputs.
-        let tail = 4;
-        assert_eq!(current[current.len() - tail..], [0u8, 1, 1, 0]);
+        // Held: one entry (length 1, job 1); standby: empty. Before them, the empty run outputs and model
+        // metrics.
+        let tail = 5;
+        assert_eq!(current[current.len() - tail..], [0u8, 0, 1, 1, 0]);
         // The record: its size, its SHA-256, the time it was stored (one byte), then the object.
         let after_sha = current
             .windows(sha256.len())
@@ -3117,7 +3119,7 @@ mod tests {
         let header = bytes.len();
         bytes.extend_from_slice(&current[header..object]);
         bytes.extend_from_slice(&current[object + 1..current.len() - tail]);
-        bytes.extend_from_slice(&current[current.len() - tail + 1..]);
+        bytes.extend_from_slice(&current[current.len() - tail + 2..]);
         let upgraded = StateMachine::from_snapshot(&bytes).unwrap();
         assert_eq!(upgraded, state);
         let record = upgraded.tracking().artifact("0/r/artifacts/w.bin").unwrap();

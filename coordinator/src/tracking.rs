@@ -382,6 +382,14 @@ pub enum TrackingCommand {
         object: String,
         artifact_root: String,
     },
+    /// [`TrackingCommand::LogBatch`] where some metrics are also a logged model's (`models`); all or
+    /// nothing, and every model must exist.
+    LogBatchForModels {
+        run_id: String,
+        batch: LogBatch,
+        models: Vec<MetricModel>,
+        artifact_root: String,
+    },
 }
 
 impl TrackingCommand {
@@ -401,6 +409,7 @@ impl TrackingCommand {
             | TrackingCommand::LogInputs { artifact_root, .. }
             | TrackingCommand::LogOutputs { artifact_root, .. }
             | TrackingCommand::RecordArtifactAt { artifact_root, .. }
+            | TrackingCommand::LogBatchForModels { artifact_root, .. }
             | TrackingCommand::ForgetArtifacts { artifact_root, .. } => artifact_root,
         }
     }
@@ -485,6 +494,29 @@ pub struct Tracking {
     /// Each run's outputs, as MLflow 3's `runs/outputs` records them: (logged model id, step), in the order
     /// logged.
     run_outputs: OrdMap<String, Vector<(String, i64)>>,
+    /// Metric points logged for a logged model (MLflow 3's `model_id` on a metric), by model id, in the
+    /// order logged.
+    model_metrics: OrdMap<String, Vector<ModelMetric>>,
+}
+
+/// A metric point logged for a logged model: which run logged it, and on which dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelMetric {
+    pub key: String,
+    pub point: MetricPoint,
+    pub run_id: String,
+    pub dataset_name: String,
+    pub dataset_digest: String,
+}
+
+/// Which logged model the metric at `index` of a batch is for (MLflow 3's `model_id`, `dataset_name` and
+/// `dataset_digest` on a metric).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricModel {
+    pub index: usize,
+    pub model_id: String,
+    pub dataset_name: String,
+    pub dataset_digest: String,
 }
 
 /// One input of a run: the dataset's digest and the input's tags.
@@ -541,6 +573,7 @@ impl Default for Tracking {
             datasets: OrdMap::new(),
             run_inputs: OrdMap::new(),
             run_outputs: OrdMap::new(),
+            model_metrics: OrdMap::new(),
         }
     }
 }
@@ -571,12 +604,14 @@ pub(crate) mod version5 {
                 datasets: OrdMap::new(),
                 run_inputs: OrdMap::new(),
                 run_outputs: OrdMap::new(),
+                model_metrics: OrdMap::new(),
             }
         }
     }
 }
 
-/// The tracking store of snapshot formats 6 and 7: no run outputs, and artifacts only at their own paths.
+/// The tracking store of snapshot formats 6 and 7: no run outputs or model metrics, and artifacts only at
+/// their own paths.
 pub(crate) mod version7 {
     use super::*;
 
@@ -627,6 +662,7 @@ pub(crate) mod version7 {
                 datasets: self.datasets,
                 run_inputs: self.run_inputs,
                 run_outputs: OrdMap::new(),
+                model_metrics: OrdMap::new(),
             }
         }
     }
@@ -858,6 +894,12 @@ impl Tracking {
                 self.log_batch(&run_id, &batch)?;
                 Ok(TrackingOutcome::Done)
             }
+            TrackingCommand::LogBatchForModels {
+                run_id, batch, models, ..
+            } => {
+                self.log_batch_for_models(&run_id, &batch, models)?;
+                Ok(TrackingOutcome::Done)
+            }
             TrackingCommand::DeleteTag { run_id, key, .. } => {
                 self.delete_tag(&run_id, &key)?;
                 Ok(TrackingOutcome::Done)
@@ -993,6 +1035,51 @@ impl Tracking {
         }
         self.run_outputs.insert(run_id.to_string(), logged);
         Ok(())
+    }
+
+    /// [`Tracking::log_batch`], with the metrics `models` names also logged for those logged models.
+    pub fn log_batch_for_models(
+        &mut self,
+        run_id: &str,
+        batch: &LogBatch,
+        models: Vec<MetricModel>,
+    ) -> Result<(), TrackingError> {
+        for model in &models {
+            self.logged_model(&model.model_id)?;
+            if model.index >= batch.metrics.len() {
+                return refuse(
+                    ErrorCode::InvalidParameterValue,
+                    format!(
+                        "metric {} of a batch of {} names a model",
+                        model.index,
+                        batch.metrics.len()
+                    ),
+                );
+            }
+        }
+        self.log_batch(run_id, batch)?;
+        for model in models {
+            let (key, point) = &batch.metrics[model.index];
+            let metric = ModelMetric {
+                key: key.clone(),
+                point: *point,
+                run_id: run_id.to_string(),
+                dataset_name: model.dataset_name,
+                dataset_digest: model.dataset_digest,
+            };
+            let mut logged = self.model_metrics.get(&model.model_id).cloned().unwrap_or_default();
+            logged.push_back(metric);
+            self.model_metrics.insert(model.model_id, logged);
+        }
+        Ok(())
+    }
+
+    /// The metric points logged for logged model `model_id`, in the order logged.
+    pub fn model_metrics(&self, model_id: &str) -> Vec<ModelMetric> {
+        self.model_metrics
+            .get(model_id)
+            .map(|metrics| metrics.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// The logged models run `run_id` produced, (id, step), in the order logged.

@@ -135,6 +135,13 @@ elif mode == "check":
     found = client.search_logged_models([experiment.experiment_id], filter_string="name = 'digits-net'")
     assert [(m.model_id, str(m.status)) for m in found] == [(logged.model_id, "READY")], found
     assert client.get_logged_model(logged.model_id).params == {"hidden": "256"}
+    # A metric logged for the model (MLflow 3's model_id) is the model's as well as the run's.
+    client.log_metric(best.info.run_id, "holdout_accuracy", 0.97, step=3, model_id=logged.model_id, dataset_name="digits", dataset_digest="abc123")
+    metrics = client.get_logged_model(logged.model_id).metrics
+    assert [(m.key, m.value, m.step, m.run_id, m.dataset_name, m.dataset_digest) for m in metrics] == [
+        ("holdout_accuracy", 0.97, 3, best.info.run_id, "digits", "abc123")
+    ], metrics
+    assert client.get_run(best.info.run_id).data.metrics["holdout_accuracy"] == 0.97
 
     # The registry: the alias resolves, searches find the model and its version, a second version and stages.
     champion = client.get_model_version_by_alias("digits-mlp", "champion")

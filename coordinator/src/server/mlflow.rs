@@ -25,8 +25,8 @@ use serde_json::{Value, json};
 use super::*;
 use crate::search::{Filter, Order};
 use crate::tracking::{
-    ErrorCode, Experiment, ExperimentSearch, LifecycleStage, LogBatch, MetricPoint, Run, RunSearch, RunStatus,
-    Tracking, TrackingCommand, TrackingError, TrackingOutcome, ViewType,
+    ErrorCode, Experiment, ExperimentSearch, LifecycleStage, LogBatch, MetricModel, MetricPoint, Run, RunSearch,
+    RunStatus, Tracking, TrackingCommand, TrackingError, TrackingOutcome, ViewType,
 };
 
 /// The most bytes one request body may carry (a log-batch at MLflow's limits fits easily).
@@ -715,10 +715,43 @@ async fn restore_run(State(tracker): State<Tracker>, body: Bytes) -> Response {
 
 /// A log-batch command for the request's run.
 fn logged(fields: &Fields, batch: LogBatch, artifact_root: String) -> Result<TrackingCommand, Failure> {
-    Ok(TrackingCommand::LogBatch {
-        run_id: fields.run_id()?,
-        batch,
-        artifact_root,
+    logged_for_models(fields, batch, Vec::new(), artifact_root)
+}
+
+/// The batch as one command: [`TrackingCommand::LogBatchForModels`] when some metric names a logged model.
+fn logged_for_models(
+    fields: &Fields,
+    batch: LogBatch,
+    models: Vec<MetricModel>,
+    artifact_root: String,
+) -> Result<TrackingCommand, Failure> {
+    let run_id = fields.run_id()?;
+    Ok(if models.is_empty() {
+        TrackingCommand::LogBatch {
+            run_id,
+            batch,
+            artifact_root,
+        }
+    } else {
+        TrackingCommand::LogBatchForModels {
+            run_id,
+            batch,
+            models,
+            artifact_root,
+        }
+    })
+}
+
+/// The logged model a metric is for (MLflow 3's `model_id`, with its dataset), if it names one.
+fn metric_model(fields: &Fields, index: usize) -> Result<Option<MetricModel>, Failure> {
+    Ok(match fields.text("model_id")?.filter(|id| !id.is_empty()) {
+        None => None,
+        Some(model_id) => Some(MetricModel {
+            index,
+            model_id,
+            dataset_name: fields.text("dataset_name")?.unwrap_or_default(),
+            dataset_digest: fields.text("dataset_digest")?.unwrap_or_default(),
+        }),
     })
 }
 
@@ -743,7 +776,8 @@ async fn log_metric(State(tracker): State<Tracker>, body: Bytes) -> Response {
             metrics: vec![metric_point(fields)?],
             ..LogBatch::default()
         };
-        logged(fields, batch, artifact_root)
+        let models = metric_model(fields, 0)?.into_iter().collect();
+        logged_for_models(fields, batch, models, artifact_root)
     })
     .await
 }
@@ -783,20 +817,19 @@ async fn delete_tag(State(tracker): State<Tracker>, body: Bytes) -> Response {
 
 async fn log_batch(State(tracker): State<Tracker>, body: Bytes) -> Response {
     write_only(tracker, body, |fields, artifact_root| {
-        let metrics = match fields.0.get("metrics") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|item| metric_point(&Fields(item.as_object().cloned().unwrap_or_default())))
-                .collect::<Result<_, _>>()?,
-            Some(other) => return Err(invalid(format!("'metrics' is {other}; expected a list of metrics"))),
-        };
+        let items = fields.objects("metrics", "metrics")?;
+        let metrics = items.iter().map(metric_point).collect::<Result<_, _>>()?;
+        let models = items
+            .iter()
+            .enumerate()
+            .filter_map(|(index, item)| metric_model(item, index).transpose())
+            .collect::<Result<_, _>>()?;
         let batch = LogBatch {
             metrics,
             params: fields.pairs("params")?,
             tags: fields.pairs("tags")?,
         };
-        logged(fields, batch, artifact_root)
+        logged_for_models(fields, batch, models, artifact_root)
     })
     .await
 }

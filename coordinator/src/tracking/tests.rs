@@ -382,3 +382,59 @@ fn a_run_records_the_logged_models_it_produced_once_each() {
     assert_eq!(error.code, ErrorCode::ResourceDoesNotExist);
     assert!(tracking.outputs_of(&id(2)).is_empty());
 }
+
+#[test]
+fn metrics_logged_for_a_logged_model_are_its_metrics_too_and_an_unknown_model_logs_nothing() {
+    let mut tracking = Tracking::new("file:///a", 0);
+    tracking.create_run(&id(1), "0", "train", "ada", 1_000, &[]).unwrap();
+    let create = LoggedModelCommand::Create {
+        model_id: "m-1".into(),
+        experiment_id: "0".into(),
+        name: "model".into(),
+        model_type: String::new(),
+        source_run_id: id(1),
+        tags: vec![],
+        params: vec![],
+    };
+    tracking.apply_logged_model(create, 1_001).unwrap();
+    let logged = batch(
+        &[("loss", point(0.5, 10, 1)), ("accuracy", point(0.9, 10, 1))],
+        &[],
+        &[],
+    );
+    let for_model = |model_id: &str| MetricModel {
+        index: 1,
+        model_id: model_id.into(),
+        dataset_name: "digits".into(),
+        dataset_digest: "ab".into(),
+    };
+    tracking
+        .log_batch_for_models(&id(1), &logged, vec![for_model("m-1")])
+        .unwrap();
+    let metrics = tracking.model_metrics("m-1");
+    assert_eq!(metrics.len(), 1);
+    assert_eq!((metrics[0].key.as_str(), metrics[0].point.value), ("accuracy", 0.9));
+    assert_eq!(
+        (metrics[0].run_id.as_str(), metrics[0].dataset_name.as_str()),
+        (id(1).as_str(), "digits")
+    );
+    // Both points are the run's as well.
+    assert_eq!(tracking.run(&id(1)).unwrap().latest.len(), 2);
+    let error = tracking
+        .log_batch_for_models(
+            &id(1),
+            &batch(
+                &[("loss", point(0.4, 11, 2)), ("accuracy", point(1.0, 11, 2))],
+                &[],
+                &[],
+            ),
+            vec![for_model("m-2")],
+        )
+        .unwrap_err();
+    assert_eq!(error.code, ErrorCode::ResourceDoesNotExist);
+    assert_eq!(
+        tracking.run(&id(1)).unwrap().metrics["loss"].len(),
+        1,
+        "nothing of the batch was logged"
+    );
+}

@@ -14,7 +14,7 @@ use axum::routing::{delete, patch, post};
 
 use super::*;
 use crate::search::Subject;
-use crate::tracking::{LoggedModel, LoggedModelCommand, LoggedModelSearch, LoggedModelStatus};
+use crate::tracking::{LoggedModel, LoggedModelCommand, LoggedModelSearch, LoggedModelStatus, ModelMetric};
 
 /// Logged models per search page when the client does not say.
 const DEFAULT_MODELS_PER_PAGE: usize = 100;
@@ -30,7 +30,23 @@ pub(super) fn routes() -> axum::Router<Tracker> {
         .route(&api("logged-models/{id}/params"), post(log_params))
 }
 
-fn model_json(model: &LoggedModel) -> Value {
+/// A logged model as MLflow answers it, with the metric points logged for it.
+fn model_json(model: &LoggedModel, metrics: &[ModelMetric]) -> Value {
+    let metrics: Vec<Value> = metrics
+        .iter()
+        .map(|metric| {
+            json!({
+                "key": metric.key,
+                "value": number_json(metric.point.value),
+                "timestamp": metric.point.timestamp_ms,
+                "step": metric.point.step,
+                "run_id": metric.run_id,
+                "model_id": model.id,
+                "dataset_name": metric.dataset_name,
+                "dataset_digest": metric.dataset_digest,
+            })
+        })
+        .collect();
     json!({
         "info": {
             "model_id": model.id,
@@ -44,7 +60,7 @@ fn model_json(model: &LoggedModel) -> Value {
             "source_run_id": model.source_run_id,
             "tags": pairs_json(model.tags.iter()),
         },
-        "data": { "params": pairs_json(model.params.iter()), "metrics": [] },
+        "data": { "params": pairs_json(model.params.iter()), "metrics": metrics },
     })
 }
 
@@ -55,7 +71,10 @@ impl Tracker {
             artifact_root: self.artifact_root.clone(),
         };
         match self.write(command).await? {
-            TrackingOutcome::LoggedModel(model) => Ok(json!({ "model": model_json(&model) })),
+            TrackingOutcome::LoggedModel(model) => {
+                let metrics = self.read().await?.model_metrics(&model.id);
+                Ok(json!({ "model": model_json(&model, &metrics) }))
+            }
             TrackingOutcome::Done => Ok(json!({})),
             other => Err(Failure::from(CoordinatorError::Internal(format!(
                 "unexpected logged-model outcome {other:?}"
@@ -87,7 +106,7 @@ async fn read(State(tracker): State<Tracker>, UrlPath(id): UrlPath<String>) -> R
     respond(
         async {
             let tracking = tracker.read().await?;
-            Ok(json!({ "model": model_json(tracking.logged_model(&id)?) }))
+            Ok(json!({ "model": model_json(tracking.logged_model(&id)?, &tracking.model_metrics(&id)) }))
         }
         .await,
     )
@@ -178,8 +197,13 @@ async fn search(State(tracker): State<Tracker>, body: Bytes) -> Response {
                 max_results,
                 page_token: fields.text("page_token")?.filter(|token| !token.is_empty()),
             };
-            let (models, next_page_token) = tracker.read().await?.search_logged_models(&search)?;
-            let mut answer = json!({ "models": models.iter().map(model_json).collect::<Vec<_>>() });
+            let tracking = tracker.read().await?;
+            let (models, next_page_token) = tracking.search_logged_models(&search)?;
+            let models: Vec<Value> = models
+                .iter()
+                .map(|model| model_json(model, &tracking.model_metrics(&model.id)))
+                .collect();
+            let mut answer = json!({ "models": models });
             if let Some(token) = next_page_token {
                 answer["next_page_token"] = Value::from(token);
             }
