@@ -348,8 +348,8 @@ fn the_store_round_trips_through_a_snapshot_encoding() {
     assert_eq!(decoded, tracking);
 }
 
-#[test]
-fn a_run_records_the_logged_models_it_produced_once_each() {
+/// A store with run `id(1)` and the logged model `m-1` it made.
+fn run_with_logged_model() -> Tracking {
     let mut tracking = Tracking::new("file:///a", 0);
     tracking.create_run(&id(1), "0", "train", "ada", 1_000, &[]).unwrap();
     let create = LoggedModelCommand::Create {
@@ -362,6 +362,12 @@ fn a_run_records_the_logged_models_it_produced_once_each() {
         params: vec![],
     };
     tracking.apply_logged_model(create, 1_001).unwrap();
+    tracking
+}
+
+#[test]
+fn a_run_records_the_logged_models_it_produced_once_each() {
+    let mut tracking = run_with_logged_model();
     let outputs = |models: &[(&str, i64)]| models.iter().map(|(id, step)| (id.to_string(), *step)).collect();
     tracking.log_outputs(&id(1), outputs(&[("m-1", 0)])).unwrap();
     tracking
@@ -385,18 +391,7 @@ fn a_run_records_the_logged_models_it_produced_once_each() {
 
 #[test]
 fn metrics_logged_for_a_logged_model_are_its_metrics_too_and_an_unknown_model_logs_nothing() {
-    let mut tracking = Tracking::new("file:///a", 0);
-    tracking.create_run(&id(1), "0", "train", "ada", 1_000, &[]).unwrap();
-    let create = LoggedModelCommand::Create {
-        model_id: "m-1".into(),
-        experiment_id: "0".into(),
-        name: "model".into(),
-        model_type: String::new(),
-        source_run_id: id(1),
-        tags: vec![],
-        params: vec![],
-    };
-    tracking.apply_logged_model(create, 1_001).unwrap();
+    let mut tracking = run_with_logged_model();
     let logged = batch(
         &[("loss", point(0.5, 10, 1)), ("accuracy", point(0.9, 10, 1))],
         &[],
