@@ -334,7 +334,7 @@ impl Subject {
             ),
             Subject::LoggedModels => (
                 "logged models",
-                "name, source_run_id, model_id, creation_timestamp, last_updated_timestamp or tags.KEY",
+                "name, source_run_id, model_id, creation_timestamp, last_updated_timestamp, metrics.KEY, params.KEY or tags.KEY",
             ),
             Subject::ModelVersions => (
                 "model versions",
@@ -428,6 +428,9 @@ impl Parser {
         let (what, expected) = self.subject.describe();
         match entity.as_str() {
             "tags" | "tag" => Ok(Key::Tag(name)),
+            // A logged model has params, and the metrics logged for it.
+            "metrics" | "metric" if self.subject == Subject::LoggedModels => Ok(Key::Metric(name)),
+            "params" | "param" if self.subject == Subject::LoggedModels => Ok(Key::Param(name)),
             "attributes" | "attribute" | "attr" => self
                 .subject
                 .attribute(&name)

@@ -142,6 +142,9 @@ elif mode == "check":
         ("holdout_accuracy", 0.97, 3, best.info.run_id, "digits", "abc123")
     ], metrics
     assert client.get_run(best.info.run_id).data.metrics["holdout_accuracy"] == 0.97
+    found = client.search_logged_models([experiment.experiment_id], filter_string="metrics.holdout_accuracy > 0.9")
+    assert [m.model_id for m in found] == [logged.model_id], found
+    assert client.search_logged_models([experiment.experiment_id], filter_string="metrics.holdout_accuracy > 0.99") == []
 
     # The registry: the alias resolves, searches find the model and its version, a second version and stages.
     champion = client.get_model_version_by_alias("digits-mlp", "champion")

@@ -4,10 +4,10 @@
 //! stock client looks them up whenever it reads a run's artifacts by path, and creates them when it logs a
 //! model.
 
-use imbl::OrdMap;
+use imbl::{OrdMap, Vector};
 use serde::{Deserialize, Serialize};
 
-use super::{ErrorCode, Tracking, TrackingError, check_key, check_value, refuse};
+use super::{ErrorCode, ModelMetric, Tracking, TrackingError, check_key, check_value, refuse};
 use crate::search::{Filter, Order, SearchableRun, TextAttribute, TimeAttribute};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,34 +57,45 @@ pub struct LoggedModel {
     pub params: OrdMap<String, String>,
 }
 
-/// A logged model as its search sees it: `name`, `source_run_id`, the two timestamps, and tags.
-impl SearchableRun for LoggedModel {
-    fn metric(&self, _key: &str) -> Option<f64> {
-        None
+/// A logged model as its search sees it: `name`, `source_run_id`, the two timestamps, params, tags, and
+/// the latest value (highest step, then latest time) of each metric logged for it.
+struct Searched<'a> {
+    model: &'a LoggedModel,
+    metrics: Option<&'a Vector<ModelMetric>>,
+}
+
+impl SearchableRun for Searched<'_> {
+    fn metric(&self, key: &str) -> Option<f64> {
+        self.metrics?
+            .iter()
+            .filter(|metric| metric.key == key)
+            .max_by_key(|metric| (metric.point.step, metric.point.timestamp_ms))
+            .map(|metric| metric.point.value)
     }
 
     fn param(&self, key: &str) -> Option<&str> {
-        self.params.get(key).map(String::as_str)
+        self.model.params.get(key).map(String::as_str)
     }
 
     fn tag(&self, key: &str) -> Option<&str> {
-        self.tags.get(key).map(String::as_str)
+        self.model.tags.get(key).map(String::as_str)
     }
 
     fn text_attribute(&self, attribute: TextAttribute) -> Option<&str> {
+        let model = self.model;
         match attribute {
-            TextAttribute::RunName => Some(&self.name),
-            TextAttribute::RunId => Some(&self.source_run_id),
-            TextAttribute::ArtifactUri => Some(&self.id),
-            TextAttribute::Status => Some(self.status.as_str()),
+            TextAttribute::RunName => Some(&model.name),
+            TextAttribute::RunId => Some(&model.source_run_id),
+            TextAttribute::ArtifactUri => Some(&model.id),
+            TextAttribute::Status => Some(model.status.as_str()),
             TextAttribute::UserId => None,
         }
     }
 
     fn time_attribute(&self, attribute: TimeAttribute) -> Option<i64> {
         Some(match attribute {
-            TimeAttribute::StartTime => self.creation_time_ms,
-            TimeAttribute::EndTime => self.last_updated_time_ms,
+            TimeAttribute::StartTime => self.model.creation_time_ms,
+            TimeAttribute::EndTime => self.model.last_updated_time_ms,
         })
     }
 }
@@ -266,15 +277,19 @@ impl Tracking {
         for id in &search.experiment_ids {
             self.experiment(id)?;
         }
-        let mut models: Vec<&LoggedModel> = self
+        let searched: Vec<Searched<'_>> = self
             .logged_models
             .values()
-            .filter(|model| {
-                (search.experiment_ids.is_empty() || search.experiment_ids.contains(&model.experiment_id))
-                    && search.filter.matches(*model)
+            .filter(|model| search.experiment_ids.is_empty() || search.experiment_ids.contains(&model.experiment_id))
+            .map(|model| Searched {
+                model,
+                metrics: self.model_metrics.get(&model.id),
             })
+            .filter(|searched| search.filter.matches(searched))
             .collect();
+        let mut models: Vec<&Searched<'_>> = searched.iter().collect();
         crate::search::sort(&search.order_by, &mut models);
+        let models: Vec<&LoggedModel> = models.into_iter().map(|searched| searched.model).collect();
         super::page(models, search.max_results, search.page_token.as_deref())
     }
 }

@@ -432,4 +432,23 @@ fn metrics_logged_for_a_logged_model_are_its_metrics_too_and_an_unknown_model_lo
         1,
         "nothing of the batch was logged"
     );
+
+    // Logged models are found by the latest value of a metric logged for them.
+    let found = |filter: &str| -> Vec<String> {
+        let search = LoggedModelSearch {
+            experiment_ids: vec!["0".into()],
+            filter: Filter::parse_for(filter, crate::search::Subject::LoggedModels).unwrap(),
+            order_by: vec![Order::parse_for("metrics.accuracy DESC", crate::search::Subject::LoggedModels).unwrap()],
+            max_results: 10,
+            page_token: None,
+        };
+        let (models, _) = tracking.search_logged_models(&search).unwrap();
+        models.into_iter().map(|model| model.id).collect()
+    };
+    assert_eq!(found("metrics.accuracy > 0.5"), ["m-1"]);
+    assert!(found("metrics.accuracy > 0.95").is_empty());
+    assert!(
+        found("metrics.loss > 0").is_empty(),
+        "the run's loss is not the model's"
+    );
 }
