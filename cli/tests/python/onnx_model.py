@@ -72,6 +72,14 @@ if mode == "make":
     assert str(info.registered_model_version) == "2", info.registered_model_version
     logged = client.get_model_version("sk-digits", "2")
     assert logged.source == info.model_uri and info.model_uri.startswith("models:/m-"), (logged.source, info.model_uri)
+    # A model_id that is not the logged model the source names is refused, as MLflow's server does.
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_model_version("sk-digits", info.model_uri, info.run_id, model_id="m-someone-else")
+        raise AssertionError("a version whose model_id contradicts its source was made")
+    except MlflowException as error:
+        assert "must match" in str(error) and error.error_code == "INVALID_PARAMETER_VALUE", error
     # The stock client reads it back: the run lists the logged model as its output, so registering the
     # run's "model" finds it (version 3), and mlflow.pyfunc loads the version and predicts with onnxruntime.
     outputs = client.get_run(info.run_id).outputs.model_outputs

@@ -113,7 +113,7 @@ pub(super) fn version_json(version: &ModelVersion, aliases: Vec<String>) -> Valu
         .iter()
         .map(|(key, value)| (key.clone(), number_json(*value)))
         .collect();
-    json!({
+    let mut answer = json!({
         "name": version.name,
         "version": version.version_text(),
         "creation_timestamp": version.creation_time_ms,
@@ -128,7 +128,20 @@ pub(super) fn version_json(version: &ModelVersion, aliases: Vec<String>) -> Valu
         "tags": pairs_json(version.tags.iter()),
         "aliases": aliases,
         "kiln_metrics": metrics,
-    })
+    });
+    // MLflow 3's model_id: the logged model a version was registered from is its source.
+    if let Some(model_id) = logged_model_of(&version.source) {
+        answer["model_id"] = json!(model_id);
+    }
+    answer
+}
+
+/// The logged model a source names (`models:/m-ID`), if it names one.
+fn logged_model_of(source: &str) -> Option<&str> {
+    source
+        .strip_prefix("models:/")
+        .map(|id| id.trim_end_matches('/'))
+        .filter(|id| id.starts_with("m-") && !id.contains('/'))
 }
 
 fn model_json(model: &RegisteredModel) -> Value {
@@ -289,6 +302,16 @@ async fn create_version(State(tracker): State<Tracker>, RawQuery(query): RawQuer
         async {
             let fields = request_fields(query, &body)?;
             let (name, source) = (fields.required_text("name")?, fields.required_text("source")?);
+            // MLflow 3 sends the logged model's id beside a source that is that model.
+            if let (Some(given), Some(named)) = (
+                fields.text("model_id")?.filter(|id| !id.is_empty()),
+                logged_model_of(&source),
+            ) && given != named
+            {
+                return Err(invalid(format!(
+                    "'model_id' is '{given}' but the source '{source}' is logged model '{named}'; they must match"
+                )));
+            }
             let mut tags = fields.pairs("tags")?;
             let read = super::mlmodel::source_tags(&tracker, &name, &source, &tags).await?;
             tags.extend(read);
