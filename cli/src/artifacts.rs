@@ -60,7 +60,8 @@ pub(crate) async fn run_root(api: &Api, run: &str) -> Result<String> {
     }
 }
 
-fn join(root: &str, path: &str) -> String {
+/// `root/path`, either of them possibly empty.
+pub(crate) fn join(root: &str, path: &str) -> String {
     let (root, path) = (root.trim_end_matches('/'), path.trim_matches('/'));
     match (root.is_empty(), path.is_empty()) {
         (_, true) => root.to_string(),

@@ -257,18 +257,10 @@ async fn proxied_directory(api: &Api, source: &str) -> Result<Option<String>> {
     let uri = if let Some(rest) = source.strip_prefix("runs:/") {
         let (run, path) = rest.split_once('/').unwrap_or((rest, ""));
         let root = crate::artifacts::run_root(api, run).await?;
-        return Ok(Some(
-            format!("{root}/{}", path.trim_matches('/'))
-                .trim_end_matches('/')
-                .to_string(),
-        ));
-    } else if let Some(id) = source.strip_prefix("models:/").filter(|id| id.starts_with("m-")) {
+        return Ok(Some(crate::artifacts::join(&root, path)));
+    } else if let Some(id) = kiln_coordinator::tracking::logged_model_of(source) {
         let model = api
-            .get(
-                &format!("logged-models/{}", id.trim_end_matches('/')),
-                &[],
-                &format!("logged model {id}"),
-            )
+            .get(&format!("logged-models/{id}"), &[], &format!("logged model {id}"))
             .await?;
         text(&model["model"]["info"]["artifact_uri"])
     } else {

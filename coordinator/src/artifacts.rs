@@ -106,6 +106,12 @@ pub fn check_path(path: &str) -> Result<Path, ArtifactError> {
     Path::parse(path).map_err(|error| refuse(&format!("is not a valid object path: {error}")))
 }
 
+/// The store's location of the object `object` (an artifact's path, or an [`upload_object`]).
+fn object_location(object: &str) -> Result<Path, ArtifactError> {
+    Path::parse(object)
+        .map_err(|error| ArtifactError::InvalidPath(format!("object '{object}' is not a valid path: {error}")))
+}
+
 pub struct ArtifactStore {
     store: Arc<dyn ObjectStore>,
     /// What the root was configured as, for messages.
@@ -204,8 +210,7 @@ impl ArtifactStore {
         body: impl Stream<Item = Result<Bytes, E>>,
     ) -> Result<Stored, ArtifactError> {
         check_path(path)?;
-        let location = Path::parse(object)
-            .map_err(|error| ArtifactError::InvalidPath(format!("object '{object}' is not a valid path: {error}")))?;
+        let location = object_location(object)?;
         let upload = self
             .store
             .put_multipart(&location)
@@ -271,8 +276,7 @@ impl ArtifactStore {
         object: &str,
     ) -> Result<(u64, futures::stream::BoxStream<'static, Result<Bytes, ArtifactError>>), ArtifactError> {
         check_path(path)?;
-        let location = Path::parse(object)
-            .map_err(|error| ArtifactError::InvalidPath(format!("object '{object}' is not a valid path: {error}")))?;
+        let location = object_location(object)?;
         let result = self.store.get(&location).await.map_err(|error| match error {
             object_store::Error::NotFound { .. } => ArtifactError::NotFound(path.to_string()),
             other => ArtifactError::Store(format!("reading '{path}': {other}")),
@@ -328,8 +332,7 @@ impl ArtifactStore {
 
     /// Removes the object `object` (one a record no longer names); one that is already gone is fine.
     pub async fn delete_object(&self, object: &str) -> Result<(), ArtifactError> {
-        let location = Path::parse(object)
-            .map_err(|error| ArtifactError::InvalidPath(format!("object '{object}' is not a valid path: {error}")))?;
+        let location = object_location(object)?;
         match self.store.delete(&location).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(error) => Err(ArtifactError::Store(format!("deleting '{object}': {error}"))),

@@ -297,11 +297,7 @@ impl Graph {
                     .source
                     .strip_prefix(&proxied)
                     .map(|path| format!("artifact:{}", path.trim_start_matches('/').trim_end_matches('/')))
-                    .or_else(|| {
-                        let id = version.source.strip_prefix("models:/")?;
-                        id.starts_with("m-")
-                            .then(|| format!("logged:{}", id.trim_end_matches('/')))
-                    });
+                    .or_else(|| crate::tracking::logged_model_of(&version.source).map(|id| format!("logged:{id}")));
                 match artifact.filter(|artifact| graph.nodes.contains_key(artifact)) {
                     Some(artifact) => graph.edge(&artifact, &node),
                     None if !version.run_id.is_empty() => graph.edge(&format!("run:{}", version.run_id), &node),

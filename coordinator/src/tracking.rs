@@ -27,7 +27,7 @@ use crate::registry::{Registry, RegistryCommand, RegistryOutcome};
 
 mod logged;
 use crate::search::{Filter, Order, SearchableRun, TextAttribute, TimeAttribute};
-pub use logged::{LoggedModel, LoggedModelCommand, LoggedModelSearch, LoggedModelStatus};
+pub use logged::{LoggedModel, LoggedModelCommand, LoggedModelSearch, LoggedModelStatus, logged_model_of};
 
 const KEY_CHARS_MAX: usize = 250;
 const PARAM_VALUE_CHARS_MAX: usize = 6_000;

@@ -85,11 +85,7 @@ pub(super) fn router(shared: Shared, artifacts: Arc<crate::artifacts::ArtifactSt
         .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
         // Artifact uploads stream past the JSON body limit (theirs is the store's).
         .merge(artifacts::routes())
-        .with_state(Tracker {
-            shared,
-            artifact_root: crate::tracking::PROXIED_ARTIFACT_ROOT.to_string(),
-            artifacts,
-        })
+        .with_state(Tracker::new(shared, artifacts))
 }
 
 /// How often the leader looks for the objects of refused replacing uploads.
@@ -106,11 +102,7 @@ pub(super) async fn sweep_uploads(
     artifacts: Arc<crate::artifacts::ArtifactStore>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let tracker = Tracker {
-        shared,
-        artifact_root: crate::tracking::PROXIED_ARTIFACT_ROOT.to_string(),
-        artifacts,
-    };
+    let tracker = Tracker::new(shared, artifacts);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -467,6 +459,15 @@ fn now_millis() -> i64 {
 }
 
 impl Tracker {
+    /// The API's state: experiments created through it record the proxied artifact root.
+    fn new(shared: Shared, artifacts: Arc<crate::artifacts::ArtifactStore>) -> Tracker {
+        Tracker {
+            shared,
+            artifact_root: crate::tracking::PROXIED_ARTIFACT_ROOT.to_string(),
+            artifacts,
+        }
+    }
+
     async fn write(&self, command: TrackingCommand) -> Result<TrackingOutcome, Failure> {
         match self.shared.execute(Request::Track(command)).await? {
             WriteOutcome::Tracked(result) => Ok(result?),

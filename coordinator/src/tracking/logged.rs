@@ -57,6 +57,15 @@ pub struct LoggedModel {
     pub params: OrdMap<String, String>,
 }
 
+/// The logged model a source names, `models:/m-ID` (how MLflow 3 registers a version of one), if it
+/// names one.
+pub fn logged_model_of(source: &str) -> Option<&str> {
+    source
+        .strip_prefix("models:/")
+        .map(|id| id.trim_end_matches('/'))
+        .filter(|id| id.starts_with("m-") && !id.contains('/'))
+}
+
 /// A logged model as its search sees it: `name`, `source_run_id`, the two timestamps, params, tags, and
 /// the latest value (highest step, then latest time) of each metric logged for it.
 struct Searched<'a> {

@@ -42,8 +42,8 @@ pub(super) fn store_directory(tracking: &Tracking, source: &str) -> Option<Strin
             format!("{root}/{path}")
         });
     }
-    if let Some(id) = source.strip_prefix("models:/").filter(|id| id.starts_with("m-")) {
-        let model = tracking.logged_model(id.trim_end_matches('/')).ok()?;
+    if let Some(id) = crate::tracking::logged_model_of(source) {
+        let model = tracking.logged_model(id).ok()?;
         return store_directory(tracking, &model.artifact_uri);
     }
     None

@@ -20,6 +20,7 @@ use axum::routing::{get, patch, post};
 use super::*;
 use crate::registry::{ModelSearch, ModelVersion, RegisteredModel, RegistryCommand, RegistryOutcome, Stage};
 use crate::search::Subject;
+use crate::tracking::logged_model_of;
 
 /// Models or versions per search page when the client does not say (MLflow's default for both).
 const DEFAULT_MODELS_PER_PAGE: usize = 100;
@@ -134,14 +135,6 @@ pub(super) fn version_json(version: &ModelVersion, aliases: Vec<String>) -> Valu
         answer["model_id"] = json!(model_id);
     }
     answer
-}
-
-/// The logged model a source names (`models:/m-ID`), if it names one.
-fn logged_model_of(source: &str) -> Option<&str> {
-    source
-        .strip_prefix("models:/")
-        .map(|id| id.trim_end_matches('/'))
-        .filter(|id| id.starts_with("m-") && !id.contains('/'))
 }
 
 fn model_json(model: &RegisteredModel) -> Value {
