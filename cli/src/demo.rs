@@ -387,6 +387,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         root.join("featurestore"),
         Duration::from_millis(200),
         Some(trackers.join(",")),
+        crate::featureserver::DEFAULT_SOURCE_CACHE_MB << 20,
         shutdown.clone(),
     )
     .await?;

@@ -40,7 +40,14 @@ pub struct FeatureServerArgs {
     /// lineage. Without it they are only reported to whoever asked for them.
     #[arg(long, env = "KILN_TRACKING")]
     tracking: Option<String>,
+    /// Megabytes of local Arrow IPC sources kept in memory, so that DoGets and SQL over them do not read
+    /// and decode the file each time (0: read the file every time). A larger file is always read.
+    #[arg(long, env = "KILN_SOURCE_CACHE_MB", default_value_t = DEFAULT_SOURCE_CACHE_MB)]
+    source_cache_mb: usize,
 }
+
+/// `--source-cache-mb`'s default: 1 GiB.
+pub const DEFAULT_SOURCE_CACHE_MB: usize = kiln_featurestore::cache::DEFAULT_BUDGET_BYTES >> 20;
 
 /// The experiment that holds one run per materialization.
 pub const MATERIALIZATIONS_EXPERIMENT: &str = "kiln-materializations";
@@ -204,6 +211,7 @@ pub async fn start(
     data_dir: PathBuf,
     refresh: Duration,
     tracking: Option<String>,
+    source_cache_bytes: usize,
     shutdown: CancellationToken,
 ) -> Result<Running> {
     let mut client = Client::new(coordinator)?;
@@ -217,6 +225,7 @@ pub async fn start(
     };
     let (sender, receiver) = watch::channel(Arc::new(initial));
     let server = FeatureServer::open(data_dir.clone(), receiver)?;
+    server.set_source_cache_bytes(source_cache_bytes);
     if let Some(tracking) = tracking.filter(|tracking| !tracking.trim().is_empty()) {
         server.record_materializations(tracking_recorder(tracking))?;
     }
@@ -262,6 +271,7 @@ pub async fn run(args: FeatureServerArgs) -> Result<()> {
         args.data_dir.clone(),
         Duration::from_millis(args.refresh_ms.max(10)),
         args.tracking.clone(),
+        args.source_cache_mb << 20,
         shutdown.clone(),
     )
     .await?;
@@ -280,6 +290,7 @@ pub async fn connect(address: &str) -> Result<FlightClient> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
         .with_context(|| format!("feature server address '{address}'"))?
         .connect_timeout(Duration::from_secs(2))
+        .max_frame_size(FRAME_BYTES_MAX)
         .connect()
         .await
         .with_context(|| format!("no feature server answers at {address} (kiln featurestore, or kiln up)"))?;
@@ -292,6 +303,11 @@ pub async fn connect(address: &str) -> Result<FlightClient> {
 
 /// The largest Flight message a client of Kiln's accepts.
 const MESSAGE_BYTES_MAX: usize = 256 << 20;
+
+/// The largest HTTP/2 DATA frame a client of Kiln's accepts (HTTP/2's default is 16 KiB). A server
+/// writes each frame with one system call, so on loopback a 2 MB Flight message costs 128 writes at the
+/// default and 2 at this size.
+const FRAME_BYTES_MAX: u32 = 1 << 20;
 
 fn flight_error(error: arrow_flight::error::FlightError) -> anyhow::Error {
     match error {

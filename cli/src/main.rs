@@ -329,6 +329,9 @@ struct UpArgs {
     /// The embedded feature server's Arrow Flight address (its data under DATA_DIR/featurestore).
     #[arg(long, default_value = "127.0.0.1:7072")]
     featurestore_listen: SocketAddr,
+    /// Megabytes of local Arrow IPC sources the embedded feature server keeps in memory (0: none).
+    #[arg(long, env = "KILN_SOURCE_CACHE_MB", default_value_t = featureserver::DEFAULT_SOURCE_CACHE_MB)]
+    source_cache_mb: usize,
     /// Where the MLflow Tracking REST API listens (MLFLOW_TRACKING_URI=http://ADDR).
     #[arg(long, default_value = "127.0.0.1:7080")]
     tracking_listen: SocketAddr,
@@ -560,6 +563,7 @@ async fn run_up(args: UpArgs) -> Result<()> {
         args.data_dir.join("featurestore"),
         Duration::from_secs(1),
         coordinator.tracking_addr.map(|address| address.to_string()),
+        args.source_cache_mb << 20,
         token.clone(),
     )
     .await?;

@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{DataType, Schema};
 use datafusion::datasource::file_format::options::ArrowReadOptions;
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::FeatureStoreError;
+use crate::cache::{CachedIpcTable, SourceCache};
 
 /// Everything one definitions file declares.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -613,8 +615,6 @@ pub fn is_object_url(path: &str) -> bool {
 /// `az://CONTAINER/…` (`AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`, …); `file://` needs
 /// nothing.
 fn register_object_store(context: &SessionContext, name: &str, url: &str) -> Result<(), FeatureStoreError> {
-    use std::sync::Arc;
-
     use object_store::ObjectStore;
 
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
@@ -671,6 +671,16 @@ pub async fn view_frame(
     view: &FeatureView,
     base: &Path,
 ) -> Result<Option<DataFrame>, FeatureStoreError> {
+    view_frame_cached(definitions, view, base, None).await
+}
+
+/// [`view_frame`], with a local Arrow IPC source scanned from `cache` while it fits the cache's budget.
+pub async fn view_frame_cached(
+    definitions: &Definitions,
+    view: &FeatureView,
+    base: &Path,
+    cache: Option<&Arc<SourceCache>>,
+) -> Result<Option<DataFrame>, FeatureStoreError> {
     let source = definitions.source_of(view)?;
     let context = in_order();
     match &source.kind {
@@ -680,7 +690,7 @@ pub async fn view_frame(
             } else {
                 base.join(path)
             };
-            register_file(&context, &source.name, &location).await?;
+            register_file_cached(&context, &source.name, &location, cache).await?;
         }
         SourceKind::Push => {
             let directory = push_directory(base, &source.name);
@@ -719,6 +729,17 @@ pub async fn view_schema(
 /// Registers a Parquet, CSV, newline-delimited JSON or Arrow IPC (.arrow, .feather, .ipc) file with DataFusion as
 /// table `name`.
 pub async fn register_file(context: &SessionContext, name: &str, path: &Path) -> Result<(), FeatureStoreError> {
+    register_file_cached(context, name, path, None).await
+}
+
+/// [`register_file`], with a local Arrow IPC file scanned from `cache` (a [`CachedIpcTable`] around
+/// DataFusion's own table for it).
+pub async fn register_file_cached(
+    context: &SessionContext,
+    name: &str,
+    path: &Path,
+    cache: Option<&Arc<SourceCache>>,
+) -> Result<(), FeatureStoreError> {
     if let Some(url) = path.to_str().filter(|text| is_object_url(text)) {
         register_object_store(context, name, url)?;
     } else if !path.exists() {
@@ -753,7 +774,15 @@ pub async fn register_file(context: &SessionContext, name: &str, path: &Path) ->
                 file_extension,
                 ..Default::default()
             };
-            context.register_arrow(name, &location, options).await
+            let registered = context.register_arrow(name, &location, options).await;
+            match (registered, cache) {
+                (Ok(()), Some(cache)) if !is_object_url(&location) => {
+                    let streamed = context.deregister_table(name)?.expect("the table just registered");
+                    let table = CachedIpcTable::new(path.to_path_buf(), streamed, cache.clone());
+                    context.register_table(name, Arc::new(table)).map(|_| ())
+                }
+                (registered, _) => registered,
+            }
         }
         Some("json" | "jsonl" | "ndjson") => {
             let options = JsonReadOptions {

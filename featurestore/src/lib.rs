@@ -2,11 +2,12 @@
 //! coordinator's catalog ([`registry`]), the point-in-time join ([`pit`]) that turns feature views and
 //! entity rows into a training set, the online store with materialization ([`online`]), and training sets
 //! for a feature service with their content hash and view versions ([`training`]), and the Arrow Flight
-//! feature server ([`server`]).
+//! feature server ([`server`]), which keeps Arrow IPC sources in memory ([`cache`]).
 
 /// The arrow crate this one builds on (DataFusion's), for callers that handle its record batches.
 pub use datafusion::arrow;
 
+pub mod cache;
 pub mod definitions;
 pub mod online;
 pub mod pit;

@@ -48,7 +48,10 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::FeatureStoreError;
-use crate::definitions::{FeatureRef, FeatureType, FeatureView, check_schema, push_directory, view_frame};
+use crate::cache::SourceCache;
+use crate::definitions::{
+    Definitions, FeatureRef, FeatureType, FeatureView, check_schema, push_directory, view_frame, view_frame_cached,
+};
 use crate::online::{OnlineStore, Value, materialize};
 use crate::registry::Registered;
 use crate::training::{publish, rename_durably, write_parquet, write_training_set};
@@ -168,6 +171,8 @@ struct Inner {
     /// Held while a training set is computed and recorded: ranks asking for the same set at once wait for
     /// the first and take its result, and a dataset's files are written once.
     building: tokio::sync::Mutex<()>,
+    /// Local Arrow IPC sources held in memory for the views' DoGets and SQL.
+    sources: Arc<SourceCache>,
 }
 
 /// A training set computed lately: its dataset, keyed by what it was computed from.
@@ -444,6 +449,7 @@ impl FeatureServer {
                 push: tokio::sync::Mutex::new(0),
                 computed: std::sync::Mutex::new(Vec::new()),
                 building: tokio::sync::Mutex::new(()),
+                sources: Arc::new(SourceCache::new(crate::cache::DEFAULT_BUDGET_BYTES)),
             }),
         })
     }
@@ -454,6 +460,21 @@ impl FeatureServer {
             .recorder
             .set(recorder)
             .map_err(|_| FeatureStoreError::InvalidInput("materializations already have a recorder".into()))
+    }
+
+    /// How many bytes of local Arrow IPC sources the server keeps in memory (0: none, every scan reads the
+    /// file); [`crate::cache::DEFAULT_BUDGET_BYTES`] unless set.
+    pub fn set_source_cache_bytes(&self, bytes: usize) {
+        self.inner.sources.set_budget(bytes);
+    }
+
+    /// A view's rows as the server serves them: a local Arrow IPC source from memory.
+    async fn view_frame(
+        &self,
+        definitions: &Definitions,
+        view: &FeatureView,
+    ) -> Result<Option<DataFrame>, FeatureStoreError> {
+        view_frame_cached(definitions, view, &self.inner.data_dir, Some(&self.inner.sources)).await
     }
 
     /// The gRPC service, ready for `tonic::transport::Server::add_service`.
@@ -475,7 +496,7 @@ impl FeatureServer {
     async fn sql_context(&self, registered: &Registered) -> Result<SessionContext, FeatureStoreError> {
         let context = SessionContext::new();
         for view in &registered.definitions.views {
-            if let Some(frame) = view_frame(&registered.definitions, view, &self.inner.data_dir).await? {
+            if let Some(frame) = self.view_frame(&registered.definitions, view).await? {
                 context.register_table(view.name.as_str(), frame.into_view())?;
             }
         }
@@ -509,7 +530,7 @@ impl FeatureServer {
         match command {
             FlightCommand::View { name } => {
                 let view = self.view(&registered, name)?;
-                match view_frame(definitions, view, &self.inner.data_dir).await? {
+                match self.view_frame(definitions, view).await? {
                     Some(frame) => Ok(Plan::Frame(frame)),
                     None => Err(FeatureStoreError::InvalidInput(format!(
                         "feature view '{name}' has no rows yet: its push source '{}' has received none",

@@ -521,3 +521,44 @@ async fn feast_shaped_http_lookups_and_pushes_share_the_flight_port() {
     );
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_of_many_messages_streams_whole_and_an_error_while_streaming_is_the_calls_status() {
+    let directory = tempfile::tempdir().unwrap();
+    let mut running = start(directory.path(), example()).await;
+    let client = &mut running.client;
+
+    // 1,000,000 rows of two columns: many Flight messages.
+    let query = "SELECT value, value * 2 AS twice FROM generate_series(1, 1000000)";
+    let batches = fetch(client, &FlightCommand::Sql { query: query.into() }).await;
+    assert!(batches.len() > 10, "{} batches", batches.len());
+    assert_eq!(rows(&batches), 1_000_000);
+    let (mut sum, mut sum_twice) = (0i64, 0i64);
+    for batch in &batches {
+        let value = batch.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+        let twice = batch.column(1).as_any().downcast_ref::<Int64Array>().unwrap();
+        sum += value.values().iter().sum::<i64>();
+        sum_twice += twice.values().iter().sum::<i64>();
+    }
+    assert_eq!(sum, 500_000_500_000);
+    assert_eq!(sum_twice, 2 * sum);
+
+    // Rows stream until the cast of 'x' fails, far into the result: the client gets the rows before it,
+    // then the query's error as the call's status.
+    let failing = FlightCommand::Sql {
+        query: "SELECT CAST(CASE WHEN value > 900000 THEN 'x' ELSE '1' END AS BIGINT) AS n FROM generate_series(1, 1000000)"
+            .into(),
+    };
+    let mut stream = client.do_get(Ticket::new(failing.to_bytes())).await.unwrap();
+    let mut received = 0;
+    let error = loop {
+        match stream.try_next().await {
+            Ok(Some(batch)) => received += batch.num_rows(),
+            Ok(None) => panic!("the failing query ended without an error after {received} rows"),
+            Err(error) => break error.to_string(),
+        }
+    };
+    assert!(received <= 900_000, "{received} rows before the error");
+    assert!(error.contains("'x'"), "{error}");
+    running.stop().await;
+}

@@ -1,0 +1,244 @@
+//! Arrow IPC sources kept in memory, so that serving one (a view's DoGet, SQL over it) hands out the
+//! same buffers every time instead of reading and decoding the file again.
+//!
+//! ```text
+//!   view_frame ──► register_file(.arrow) ──► CachedIpcTable { DataFusion's own table for the file }
+//!                                                 │ scan
+//!                                                 ▼
+//!         file fits the budget? ── no ──► DataFusion's scan, read from the file as today
+//!                │ yes
+//!                ▼
+//!   SourceCache: path ──► (length, modified time, batches)      LRU, at most `budget` bytes in all
+//!                │ same length and time: the batches held; otherwise read once (a blocking task)
+//!                ▼
+//!   MemTable over the batches (contiguous runs, one per target partition: file order within each)
+//! ```
+//!
+//! A file is keyed by its length and modification time, checked on every scan: a rewritten file is read
+//! again. Files are read, never memory-mapped: a source rewritten in place while a DoGet streams it
+//! cannot take the server down. Only local files are kept; object-store sources stream as before.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::datasource::{MemTable, TableType};
+use datafusion::error::{DataFusionError, Result};
+use datafusion::logical_expr::Expr;
+use datafusion::physical_plan::ExecutionPlan;
+
+/// The default budget: 1 GiB of files.
+pub const DEFAULT_BUDGET_BYTES: usize = 1 << 30;
+
+/// Arrow IPC files held in memory, least recently used first out, within a byte budget.
+#[derive(Debug, Default)]
+pub struct SourceCache {
+    budget: AtomicUsize,
+    held: Mutex<Held>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    files: HashMap<PathBuf, Entry>,
+    bytes: usize,
+    clock: u64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    version: Version,
+    batches: Arc<Vec<RecordBatch>>,
+    bytes: usize,
+    used: u64,
+}
+
+/// What identifies one content of a file: its length and modification time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Version {
+    length: u64,
+    modified: Option<SystemTime>,
+}
+
+impl Version {
+    fn of(path: &Path) -> std::io::Result<Version> {
+        let metadata = std::fs::metadata(path)?;
+        Ok(Version {
+            length: metadata.len(),
+            modified: metadata.modified().ok(),
+        })
+    }
+}
+
+impl SourceCache {
+    pub fn new(budget_bytes: usize) -> SourceCache {
+        SourceCache {
+            budget: AtomicUsize::new(budget_bytes),
+            held: Mutex::default(),
+        }
+    }
+
+    /// Sets the budget (0 keeps nothing); files held beyond it are let go at once.
+    pub fn set_budget(&self, bytes: usize) {
+        self.budget.store(bytes, Ordering::Relaxed);
+        let mut held = self.held.lock().expect("cache lock");
+        held.evict_to(bytes);
+    }
+
+    pub fn budget(&self) -> usize {
+        self.budget.load(Ordering::Relaxed)
+    }
+
+    /// Bytes held now (the files' sizes), and how many files.
+    pub fn held(&self) -> (usize, usize) {
+        let held = self.held.lock().expect("cache lock");
+        (held.bytes, held.files.len())
+    }
+
+    /// The batches of the Arrow IPC file at `path`: the ones held when the file is unchanged, else read
+    /// now (and held when they fit the budget). `None` when the file alone is larger than the budget: the
+    /// caller streams it instead.
+    async fn batches(&self, path: &Path) -> Result<Option<Arc<Vec<RecordBatch>>>> {
+        let version = Version::of(path).map_err(|error| io_error(path, error))?;
+        let budget = self.budget();
+        if version.length > budget as u64 {
+            return Ok(None);
+        }
+        if let Some(batches) = self.held.lock().expect("cache lock").take(path, version) {
+            return Ok(Some(batches));
+        }
+        let owned = path.to_path_buf();
+        let batches = tokio::task::spawn_blocking(move || read_ipc_file(&owned))
+            .await
+            .map_err(|error| DataFusionError::External(Box::new(error)))??;
+        let batches = Arc::new(batches);
+        // Held only if the file did not change while it was read. What is held is about the file's size:
+        // each batch's columns are slices of the one buffer its body was read into.
+        if Version::of(path).ok() == Some(version) {
+            let bytes = usize::try_from(version.length).unwrap_or(usize::MAX);
+            self.held
+                .lock()
+                .expect("cache lock")
+                .put(path.to_path_buf(), version, batches.clone(), bytes, budget);
+        }
+        Ok(Some(batches))
+    }
+}
+
+impl Held {
+    fn take(&mut self, path: &Path, version: Version) -> Option<Arc<Vec<RecordBatch>>> {
+        self.clock += 1;
+        let clock = self.clock;
+        let entry = self.files.get_mut(path)?;
+        if entry.version != version {
+            let stale = self.files.remove(path).expect("present");
+            self.bytes -= stale.bytes;
+            return None;
+        }
+        entry.used = clock;
+        Some(entry.batches.clone())
+    }
+
+    fn put(&mut self, path: PathBuf, version: Version, batches: Arc<Vec<RecordBatch>>, bytes: usize, budget: usize) {
+        if bytes > budget {
+            return;
+        }
+        if let Some(replaced) = self.files.remove(&path) {
+            self.bytes -= replaced.bytes;
+        }
+        self.evict_to(budget - bytes);
+        self.clock += 1;
+        self.bytes += bytes;
+        self.files.insert(
+            path,
+            Entry {
+                version,
+                batches,
+                bytes,
+                used: self.clock,
+            },
+        );
+    }
+
+    /// Lets the least recently used files go until at most `bytes` are held.
+    fn evict_to(&mut self, bytes: usize) {
+        while self.bytes > bytes {
+            let Some(oldest) = self
+                .files
+                .iter()
+                .min_by_key(|(_, entry)| entry.used)
+                .map(|(path, _)| path.clone())
+            else {
+                break;
+            };
+            let entry = self.files.remove(&oldest).expect("present");
+            self.bytes -= entry.bytes;
+        }
+    }
+}
+
+fn io_error(path: &Path, error: std::io::Error) -> DataFusionError {
+    DataFusionError::Execution(format!("reading {}: {error}", path.display()))
+}
+
+fn read_ipc_file(path: &Path) -> Result<Vec<RecordBatch>> {
+    let file = std::fs::File::open(path).map_err(|error| io_error(path, error))?;
+    let reader = datafusion::arrow::ipc::reader::FileReader::try_new(std::io::BufReader::new(file), None)?;
+    Ok(reader.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// A local Arrow IPC file as a table: DataFusion's own table for it, whose scans come from the
+/// [`SourceCache`] while the file fits its budget.
+#[derive(Debug)]
+pub struct CachedIpcTable {
+    path: PathBuf,
+    streamed: Arc<dyn TableProvider>,
+    cache: Arc<SourceCache>,
+}
+
+impl CachedIpcTable {
+    pub fn new(path: PathBuf, streamed: Arc<dyn TableProvider>, cache: Arc<SourceCache>) -> CachedIpcTable {
+        CachedIpcTable { path, streamed, cache }
+    }
+}
+
+#[tonic::async_trait]
+impl TableProvider for CachedIpcTable {
+    fn schema(&self) -> SchemaRef {
+        self.streamed.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let Some(batches) = self.cache.batches(&self.path).await? else {
+            return self.streamed.scan(state, projection, filters, limit).await;
+        };
+        // Contiguous runs of batches, one per partition, so each partition keeps the file's order (a
+        // one-partition context reads the file in order, as the point-in-time rules need).
+        let partitions = state.config().target_partitions().clamp(1, batches.len().max(1));
+        let per_partition = batches.len().div_ceil(partitions).max(1);
+        let mut runs: Vec<Vec<RecordBatch>> = batches.chunks(per_partition).map(<[RecordBatch]>::to_vec).collect();
+        if runs.is_empty() {
+            runs.push(Vec::new());
+        }
+        MemTable::try_new(self.schema(), runs)?
+            .scan(state, projection, filters, limit)
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests;
