@@ -271,7 +271,7 @@ pub async fn run(args: FeatureServerArgs) -> Result<()> {
         args.data_dir.clone(),
         Duration::from_millis(args.refresh_ms.max(10)),
         args.tracking.clone(),
-        args.source_cache_mb << 20,
+        args.source_cache_mb.saturating_mul(1 << 20),
         shutdown.clone(),
     )
     .await?;

@@ -563,7 +563,7 @@ async fn run_up(args: UpArgs) -> Result<()> {
         args.data_dir.join("featurestore"),
         Duration::from_secs(1),
         coordinator.tracking_addr.map(|address| address.to_string()),
-        args.source_cache_mb << 20,
+        args.source_cache_mb.saturating_mul(1 << 20),
         token.clone(),
     )
     .await?;

@@ -18,13 +18,13 @@
 //! again. Files are read, never memory-mapped: a source rewritten in place while a DoGet streams it
 //! cannot take the server down. Only local files are kept; object-store sources stream as before.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::array::{ArrayData, RecordBatch};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::{MemTable, TableType};
@@ -32,7 +32,7 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
 
-/// The default budget: 1 GiB of files.
+/// The default budget: 1 GiB of Arrow buffers.
 pub const DEFAULT_BUDGET_BYTES: usize = 1 << 30;
 
 /// Arrow IPC files held in memory, least recently used first out, within a byte budget.
@@ -93,7 +93,7 @@ impl SourceCache {
         self.budget.load(Ordering::Relaxed)
     }
 
-    /// Bytes held now (the files' sizes), and how many files.
+    /// Bytes of Arrow buffers held now, and how many files.
     pub fn held(&self) -> (usize, usize) {
         let held = self.held.lock().expect("cache lock");
         (held.bytes, held.files.len())
@@ -105,6 +105,7 @@ impl SourceCache {
     async fn batches(&self, path: &Path) -> Result<Option<Arc<Vec<RecordBatch>>>> {
         let version = Version::of(path).map_err(|error| io_error(path, error))?;
         let budget = self.budget();
+        // A file larger than the budget would not fit once read (its buffers are at least its body).
         if version.length > budget as u64 {
             return Ok(None);
         }
@@ -116,10 +117,9 @@ impl SourceCache {
             .await
             .map_err(|error| DataFusionError::External(Box::new(error)))??;
         let batches = Arc::new(batches);
-        // Held only if the file did not change while it was read. What is held is about the file's size:
-        // each batch's columns are slices of the one buffer its body was read into.
+        // Held only if the file did not change while it was read.
         if Version::of(path).ok() == Some(version) {
-            let bytes = usize::try_from(version.length).unwrap_or(usize::MAX);
+            let bytes = held_bytes(&batches);
             self.held
                 .lock()
                 .expect("cache lock")
@@ -179,6 +179,30 @@ impl Held {
             self.bytes -= entry.bytes;
         }
     }
+}
+
+/// The memory `batches` hold: each allocation once, however many arrays slice it (a batch read from an
+/// IPC file is mostly slices of the one buffer its body was read into; a compressed file's are larger
+/// than the file).
+fn held_bytes(batches: &[RecordBatch]) -> usize {
+    fn add(data: &ArrayData, seen: &mut HashSet<usize>, total: &mut usize) {
+        let nulls = data.nulls().map(|nulls| nulls.buffer());
+        for buffer in data.buffers().iter().chain(nulls) {
+            if seen.insert(buffer.data_ptr().as_ptr() as usize) {
+                *total += buffer.capacity();
+            }
+        }
+        for child in data.child_data() {
+            add(child, seen, total);
+        }
+    }
+    let (mut seen, mut total) = (HashSet::new(), 0);
+    for batch in batches {
+        for column in batch.columns() {
+            add(&column.to_data(), &mut seen, &mut total);
+        }
+    }
+    total
 }
 
 fn io_error(path: &Path, error: std::io::Error) -> DataFusionError {

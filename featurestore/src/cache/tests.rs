@@ -63,7 +63,11 @@ async fn a_file_is_read_once_and_its_buffers_handed_out_again_until_it_changes()
     );
     let (bytes, files) = cache.held();
     assert_eq!(files, 1);
-    assert_eq!(bytes as u64, std::fs::metadata(&path).unwrap().len());
+    let file_bytes = std::fs::metadata(&path).unwrap().len() as usize;
+    assert!(
+        bytes >= 4000 * 16 && bytes <= file_bytes,
+        "{bytes} bytes held for a file of {file_bytes}"
+    );
 
     // The same buffers, not a copy: the second scan's first column starts where the first one's did.
     let again = query(&context(&path, &cache, 1).await, "SELECT id, x FROM t").await;
