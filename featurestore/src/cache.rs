@@ -2,11 +2,12 @@
 //! same buffers every time instead of reading and decoding the file again.
 //!
 //! ```text
-//!   view_frame ──► register_file(.arrow) ──► CachedIpcTable { DataFusion's own table for the file }
+//!   view_frame ──► register_file(.arrow) ──► CachedIpcTable { the schema DataFusion read from the file }
 //!                                                 │ scan
 //!                                                 ▼
-//!         file fits the budget? ── no ──► DataFusion's scan, read from the file as today
-//!                │ yes
+//!         file fits the budget? ── no ──► read batch by batch: contiguous runs of the file's batches, one
+//!                │ yes                     per target partition, each read as it is polled
+//!                │
 //!                ▼
 //!   SourceCache: path ──► (length, modified time, batches)      LRU, at most `budget` bytes in all
 //!                │ same length and time: the batches held; otherwise read once (a blocking task)
@@ -26,11 +27,16 @@ use std::time::SystemTime;
 
 use datafusion::arrow::array::{ArrayData, RecordBatch};
 use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::ipc::reader::FileReader;
+use datafusion::catalog::streaming::StreamingTable;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::{MemTable, TableType};
 use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::PartitionStream;
 
 /// The default budget: 1 GiB of Arrow buffers.
 pub const DEFAULT_BUDGET_BYTES: usize = 1 << 30;
@@ -211,29 +217,90 @@ fn io_error(path: &Path, error: std::io::Error) -> DataFusionError {
 
 fn read_ipc_file(path: &Path) -> Result<Vec<RecordBatch>> {
     let file = std::fs::File::open(path).map_err(|error| io_error(path, error))?;
-    let reader = datafusion::arrow::ipc::reader::FileReader::try_new(std::io::BufReader::new(file), None)?;
+    let reader = FileReader::try_new(std::io::BufReader::new(file), None)?;
     Ok(reader.collect::<Result<Vec<_>, _>>()?)
 }
 
-/// A local Arrow IPC file as a table: DataFusion's own table for it, whose scans come from the
-/// [`SourceCache`] while the file fits its budget.
+/// A local Arrow IPC file as a table (with the schema DataFusion read from it), scanned from the
+/// [`SourceCache`] while the file fits its budget and batch by batch from the file otherwise.
+///
+/// DataFusion's own scan of an IPC file, when its context has several partitions, splits the file into
+/// byte ranges and reads each range whole into memory before its first batch; this one never holds more
+/// than a batch per partition.
 #[derive(Debug)]
 pub struct CachedIpcTable {
     path: PathBuf,
-    streamed: Arc<dyn TableProvider>,
+    schema: SchemaRef,
     cache: Arc<SourceCache>,
 }
 
 impl CachedIpcTable {
-    pub fn new(path: PathBuf, streamed: Arc<dyn TableProvider>, cache: Arc<SourceCache>) -> CachedIpcTable {
-        CachedIpcTable { path, streamed, cache }
+    pub fn new(path: PathBuf, schema: SchemaRef, cache: Arc<SourceCache>) -> CachedIpcTable {
+        CachedIpcTable { path, schema, cache }
+    }
+
+    /// Runs of the file's batches, read as they are polled.
+    fn file_runs(&self, partitions: usize) -> Result<Vec<Arc<dyn PartitionStream>>> {
+        let file = std::fs::File::open(&self.path).map_err(|error| io_error(&self.path, error))?;
+        let count = FileReader::try_new(file, None)?.num_batches();
+        let per_partition = count.div_ceil(partitions.clamp(1, count.max(1))).max(1);
+        let mut runs: Vec<Arc<dyn PartitionStream>> = (0..count)
+            .step_by(per_partition)
+            .map(|first| {
+                Arc::new(FileRun {
+                    path: self.path.clone(),
+                    schema: self.schema.clone(),
+                    batches: first..(first + per_partition).min(count),
+                }) as Arc<dyn PartitionStream>
+            })
+            .collect();
+        if runs.is_empty() {
+            runs.push(Arc::new(FileRun {
+                path: self.path.clone(),
+                schema: self.schema.clone(),
+                batches: 0..0,
+            }));
+        }
+        Ok(runs)
+    }
+}
+
+/// Batches `batches` of the Arrow IPC file at `path`, read one at a time.
+#[derive(Debug)]
+struct FileRun {
+    path: PathBuf,
+    schema: SchemaRef,
+    batches: std::ops::Range<usize>,
+}
+
+impl PartitionStream for FileRun {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _context: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let opened = std::fs::File::open(&self.path)
+            .map_err(|error| io_error(&self.path, error))
+            .and_then(|file| Ok(FileReader::try_new(std::io::BufReader::new(file), None)?))
+            .and_then(|mut reader| {
+                reader.set_index(self.batches.start)?;
+                Ok(reader)
+            });
+        let batches: Box<dyn Iterator<Item = Result<RecordBatch>> + Send> = match opened {
+            Ok(reader) => Box::new(reader.take(self.batches.len()).map(|batch| Ok(batch?))),
+            Err(error) => Box::new(std::iter::once(Err(error))),
+        };
+        Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            futures::stream::iter(batches),
+        ))
     }
 }
 
 #[tonic::async_trait]
 impl TableProvider for CachedIpcTable {
     fn schema(&self) -> SchemaRef {
-        self.streamed.schema()
+        self.schema.clone()
     }
 
     fn table_type(&self) -> TableType {
@@ -247,11 +314,14 @@ impl TableProvider for CachedIpcTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let Some(batches) = self.cache.batches(&self.path).await? else {
-            return self.streamed.scan(state, projection, filters, limit).await;
-        };
         // Contiguous runs of batches, one per partition, so each partition keeps the file's order (a
         // one-partition context reads the file in order, as the point-in-time rules need).
+        let Some(batches) = self.cache.batches(&self.path).await? else {
+            let runs = self.file_runs(state.config().target_partitions())?;
+            return StreamingTable::try_new(self.schema(), runs)?
+                .scan(state, projection, filters, limit)
+                .await;
+        };
         let partitions = state.config().target_partitions().clamp(1, batches.len().max(1));
         let per_partition = batches.len().div_ceil(partitions).max(1);
         let mut runs: Vec<Vec<RecordBatch>> = batches.chunks(per_partition).map(<[RecordBatch]>::to_vec).collect();

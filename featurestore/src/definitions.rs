@@ -777,8 +777,8 @@ pub async fn register_file_cached(
             let registered = context.register_arrow(name, &location, options).await;
             match (registered, cache) {
                 (Ok(()), Some(cache)) if !is_object_url(&location) => {
-                    let streamed = context.deregister_table(name)?.expect("the table just registered");
-                    let table = CachedIpcTable::new(path.to_path_buf(), streamed, cache.clone());
+                    let inferred = context.deregister_table(name)?.expect("the table just registered");
+                    let table = CachedIpcTable::new(path.to_path_buf(), inferred.schema(), cache.clone());
                     context.register_table(name, Arc::new(table)).map(|_| ())
                 }
                 (registered, _) => registered,

@@ -121,10 +121,25 @@ async fn files_beyond_the_budget_stream_from_disk_and_the_least_recently_used_go
     let held_b = query(&context(&b, &cache, 1).await, "SELECT id FROM t").await;
     assert_eq!(cache.held().1, 1);
 
-    // A budget below the file's size: the file is streamed by DataFusion and nothing is held.
+    // A budget below the file's size: the file is read batch by batch as it is scanned; nothing is held.
     let small = Arc::new(SourceCache::new(file_bytes / 2));
     let streamed = query(&context(&a, &small, 1).await, "SELECT id FROM t ORDER BY id").await;
     assert_eq!(ids(&streamed), (0..2000).collect::<Vec<_>>());
+    let in_order = query(&context(&a, &small, 1).await, "SELECT id FROM t").await;
+    assert_eq!(
+        ids(&in_order),
+        (0..2000).collect::<Vec<_>>(),
+        "one partition: the file's order"
+    );
+    let mut parts = ids(&query(&context(&a, &small, 3).await, "SELECT id FROM t").await);
+    parts.sort_unstable();
+    assert_eq!(
+        parts,
+        (0..2000).collect::<Vec<_>>(),
+        "several partitions: every row once"
+    );
+    let limited = query(&context(&a, &small, 1).await, "SELECT id FROM t LIMIT 5").await;
+    assert_eq!(ids(&limited), vec![0, 1, 2, 3, 4]);
     assert_eq!(small.held(), (0, 0));
 
     // Lowering the budget lets what no longer fits go.
