@@ -46,6 +46,10 @@ pub const DEFAULT_BUDGET_BYTES: usize = 1 << 30;
 pub struct SourceCache {
     budget: AtomicUsize,
     held: Mutex<Held>,
+    /// One gate per file being read: scans that miss at once wait for the first read instead of reading too.
+    reading: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    /// Files read into memory so far.
+    reads: AtomicUsize,
 }
 
 #[derive(Debug, Default)]
@@ -85,6 +89,8 @@ impl SourceCache {
         SourceCache {
             budget: AtomicUsize::new(budget_bytes),
             held: Mutex::default(),
+            reading: Mutex::default(),
+            reads: AtomicUsize::new(0),
         }
     }
 
@@ -105,6 +111,11 @@ impl SourceCache {
         (held.bytes, held.files.len())
     }
 
+    /// How many times a file was read into memory.
+    pub fn reads(&self) -> usize {
+        self.reads.load(Ordering::Relaxed)
+    }
+
     /// The batches of the Arrow IPC file at `path`: the ones held when the file is unchanged, else read
     /// now (and held when they fit the budget). `None` when the file alone is larger than the budget: the
     /// caller streams it instead.
@@ -118,11 +129,23 @@ impl SourceCache {
         if let Some(batches) = self.held.lock().expect("cache lock").take(path, version) {
             return Ok(Some(batches));
         }
+        let gate = self
+            .reading
+            .lock()
+            .expect("cache lock")
+            .entry(path.to_path_buf())
+            .or_default()
+            .clone();
+        let _reading = gate.lock().await;
+        // Another scan may have read the file while this one waited.
+        if let Some(batches) = self.held.lock().expect("cache lock").take(path, version) {
+            return Ok(Some(batches));
+        }
         let owned = path.to_path_buf();
-        let batches = tokio::task::spawn_blocking(move || read_ipc_file(&owned))
-            .await
-            .map_err(|error| DataFusionError::External(Box::new(error)))??;
-        let batches = Arc::new(batches);
+        let read = tokio::task::spawn_blocking(move || read_ipc_file(&owned)).await;
+        self.reading.lock().expect("cache lock").remove(path);
+        let batches = Arc::new(read.map_err(|error| DataFusionError::External(Box::new(error)))??);
+        self.reads.fetch_add(1, Ordering::Relaxed);
         // Held only if the file did not change while it was read.
         if Version::of(path).ok() == Some(version) {
             let bytes = held_bytes(&batches);

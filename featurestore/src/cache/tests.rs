@@ -55,6 +55,28 @@ async fn a_file_is_read_once_and_its_buffers_handed_out_again_until_it_changes()
     write_file(&path, 0, 4, 1000, 1.0);
     let cache = Arc::new(SourceCache::new(DEFAULT_BUDGET_BYTES));
 
+    // Four scans at once read the file once.
+    let contexts = [
+        context(&path, &cache, 1).await,
+        context(&path, &cache, 1).await,
+        context(&path, &cache, 2).await,
+        context(&path, &cache, 2).await,
+    ];
+    let counts =
+        futures::future::join_all(contexts.iter().map(|context| query(context, "SELECT count(*) FROM t"))).await;
+    for count in counts {
+        assert_eq!(
+            count[0]
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .value(0),
+            4000
+        );
+    }
+    assert_eq!(cache.reads(), 1);
+
     let first = query(&context(&path, &cache, 1).await, "SELECT id, x FROM t").await;
     assert_eq!(
         ids(&first),
@@ -97,6 +119,7 @@ async fn a_file_is_read_once_and_its_buffers_handed_out_again_until_it_changes()
     let x = rewritten[0].column(1).as_any().downcast_ref::<Float64Array>().unwrap();
     assert_eq!(x.value(1), 20_002.0);
     assert_eq!(cache.held().1, 1);
+    assert_eq!(cache.reads(), 2);
 }
 
 #[tokio::test]
