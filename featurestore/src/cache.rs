@@ -266,26 +266,25 @@ impl CachedIpcTable {
     fn file_runs(&self, partitions: usize) -> Result<Vec<Arc<dyn PartitionStream>>> {
         let file = std::fs::File::open(&self.path).map_err(|error| io_error(&self.path, error))?;
         let count = FileReader::try_new(file, None)?.num_batches();
-        let per_partition = count.div_ceil(partitions.clamp(1, count.max(1))).max(1);
-        let mut runs: Vec<Arc<dyn PartitionStream>> = (0..count)
-            .step_by(per_partition)
-            .map(|first| {
+        Ok(runs(count, partitions)
+            .map(|batches| {
                 Arc::new(FileRun {
                     path: self.path.clone(),
                     schema: self.schema.clone(),
-                    batches: first..(first + per_partition).min(count),
+                    batches,
                 }) as Arc<dyn PartitionStream>
             })
-            .collect();
-        if runs.is_empty() {
-            runs.push(Arc::new(FileRun {
-                path: self.path.clone(),
-                schema: self.schema.clone(),
-                batches: 0..0,
-            }));
-        }
-        Ok(runs)
+            .collect())
     }
+}
+
+/// `count` batches cut into contiguous runs, one per partition (at most `partitions`, at least one, even
+/// when empty), so that each partition keeps the file's order: a one-partition context reads the file in
+/// order, as the point-in-time rules need.
+fn runs(count: usize, partitions: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let per_partition = count.div_ceil(partitions.clamp(1, count.max(1))).max(1);
+    let starts = (0..count.max(1)).step_by(per_partition);
+    starts.map(move |first| first..(first + per_partition).min(count))
 }
 
 /// Batches `batches` of the Arrow IPC file at `path`, read one at a time.
@@ -337,21 +336,16 @@ impl TableProvider for CachedIpcTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        // Contiguous runs of batches, one per partition, so each partition keeps the file's order (a
-        // one-partition context reads the file in order, as the point-in-time rules need).
+        let partitions = state.config().target_partitions();
         let Some(batches) = self.cache.batches(&self.path).await? else {
-            let runs = self.file_runs(state.config().target_partitions())?;
-            return StreamingTable::try_new(self.schema(), runs)?
+            return StreamingTable::try_new(self.schema(), self.file_runs(partitions)?)?
                 .scan(state, projection, filters, limit)
                 .await;
         };
-        let partitions = state.config().target_partitions().clamp(1, batches.len().max(1));
-        let per_partition = batches.len().div_ceil(partitions).max(1);
-        let mut runs: Vec<Vec<RecordBatch>> = batches.chunks(per_partition).map(<[RecordBatch]>::to_vec).collect();
-        if runs.is_empty() {
-            runs.push(Vec::new());
-        }
-        MemTable::try_new(self.schema(), runs)?
+        let held = runs(batches.len(), partitions)
+            .map(|run| batches[run].to_vec())
+            .collect();
+        MemTable::try_new(self.schema(), held)?
             .scan(state, projection, filters, limit)
             .await
     }

@@ -170,3 +170,26 @@ async fn files_beyond_the_budget_stream_from_disk_and_the_least_recently_used_go
     assert_eq!(cache.held(), (0, 0));
     assert_eq!(ids(&held_b).len(), 2000, "batches already handed out stay valid");
 }
+
+#[test]
+fn runs_are_contiguous_cover_every_batch_once_and_number_at_most_the_partitions() {
+    // (batches, partitions, the runs as (first, end) pairs)
+    type Case = (usize, usize, &'static [(usize, usize)]);
+    let cases: [Case; 6] = [
+        (0, 2, &[(0, 0)]),
+        (1, 4, &[(0, 1)]),
+        (5, 1, &[(0, 5)]),
+        (5, 2, &[(0, 3), (3, 5)]),
+        (4, 8, &[(0, 1), (1, 2), (2, 3), (3, 4)]),
+        (7, 0, &[(0, 7)]),
+    ];
+    for (count, partitions, expected) in cases {
+        assert_eq!(
+            runs(count, partitions)
+                .map(|run| (run.start, run.end))
+                .collect::<Vec<_>>(),
+            expected,
+            "{count} batches, {partitions} partitions"
+        );
+    }
+}

@@ -562,3 +562,91 @@ async fn a_result_of_many_messages_streams_whole_and_an_error_while_streaming_is
     assert!(error.contains("'x'"), "{error}");
     running.stop().await;
 }
+
+/// An Arrow IPC file of scores: one row per id, at time 10 × id, score id / 8.
+fn write_scores(path: &Path, ids: std::ops::Range<i64>) {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new(
+            "event_timestamp",
+            DataType::Timestamp(TimeUnit::Microsecond, None),
+            false,
+        ),
+        Field::new("score", DataType::Float64, true),
+    ]));
+    let ids: Vec<i64> = ids.collect();
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(Int64Array::from(ids.clone())),
+            Arc::new(TimestampMicrosecondArray::from(
+                ids.iter().map(|id| id * 10).collect::<Vec<_>>(),
+            )),
+            Arc::new(Float64Array::from(
+                ids.iter().map(|id| *id as f64 / 8.0).collect::<Vec<_>>(),
+            )),
+        ],
+    )
+    .unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = datafusion::arrow::ipc::writer::FileWriter::try_new(file, &schema).unwrap();
+    writer.write(&batch).unwrap();
+    writer.finish().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arrow_source_served_from_memory_follows_its_file_when_it_is_rewritten() {
+    let directory = tempfile::tempdir().unwrap();
+    write_scores(&directory.path().join("scores.arrow"), 1..4);
+    let text = r#"
+[[entity]]
+name = "item"
+join_keys = ["id"]
+
+[[source]]
+name = "scores_file"
+path = "scores.arrow"
+timestamp_field = "event_timestamp"
+
+[[feature_view]]
+name = "scores"
+entities = ["item"]
+source = "scores_file"
+
+[[feature_view.feature]]
+name = "score"
+type = "float64"
+"#;
+    let mut definitions = parse_definitions("scores.toml", text).unwrap();
+    definitions.resolve_paths(directory.path()).unwrap();
+    let mut running = start(&directory.path().join("server"), definitions).await;
+    let client = &mut running.client;
+    let view = FlightCommand::View { name: "scores".into() };
+    let sql = FlightCommand::Sql {
+        query: "SELECT sum(id) AS ids, sum(score) AS scores FROM scores".into(),
+    };
+    let ids = |batches: &[RecordBatch]| -> Vec<i64> {
+        batches
+            .iter()
+            .flat_map(|batch| {
+                let column = batch.column_by_name("id").unwrap();
+                column.as_any().downcast_ref::<Int64Array>().unwrap().values().to_vec()
+            })
+            .collect()
+    };
+
+    // Read once, then served again from memory: the same rows, in the file's order.
+    for _ in 0..2 {
+        assert_eq!(ids(&fetch(client, &view).await), vec![1, 2, 3]);
+        let totals = fetch(client, &sql).await;
+        assert_eq!(float_column(&totals[0], "scores").value(0), 0.75);
+    }
+
+    // Rewritten in place with other rows: the next DoGet and query serve the new file.
+    write_scores(&directory.path().join("scores.arrow"), 10..15);
+    assert_eq!(ids(&fetch(client, &view).await), vec![10, 11, 12, 13, 14]);
+    let totals = fetch(client, &sql).await;
+    let summed = totals[0].column_by_name("ids").unwrap();
+    assert_eq!(summed.as_any().downcast_ref::<Int64Array>().unwrap().value(0), 60);
+    running.stop().await;
+}
