@@ -11,7 +11,9 @@
 #   10 features, sequential         feature server (`feast serve`, the same SQLite file)  against
 #                                   Kiln over Flight (pyarrow.flight), over HTTP (the same Python client,
 #                                   http.client, keep-alive, and request), and over Flight from Rust
-#                                   (`kiln bench lookup`)
+#                                   (`kiln bench lookup`); and the same Rust client over HTTP
+#                                   (`kiln bench lookup --over http`, one keep-alive connection, Feast's
+#                                   request body) against both Kiln and `feast serve`
 #   ──► one JSON line per measurement in benches/out/feast.jsonl
 #
 # Feast lives in its own virtual environment ($HOME/.cache/kiln-feast-venv), created when missing; it is
@@ -112,6 +114,12 @@ record "kiln lookup over HTTP (http.client)" \
 record "kiln lookup over Flight (Rust, kiln bench lookup)" \
   "$(timeout "$STEP_TIMEOUT" "$KILN" bench lookup --featurestore "$FEATURES" --service lookup_service --key id \
       --keys "$LOOKUP_ROWS" --requests "$LOOKUPS" --json)"
+# The same ten features by name, as Feast's feature server is asked for them.
+LOOKUP_FEATURES=$(printf 'lookup:g%s,' 0 1 2 3 4 5 6 7 8 9)
+LOOKUP_FEATURES="${LOOKUP_FEATURES%,}"
+record "kiln lookup over HTTP (Rust, kiln bench lookup --over http)" \
+  "$(timeout "$STEP_TIMEOUT" "$KILN" bench lookup --over http --featurestore "$FEATURES" \
+      --lookup-features "$LOOKUP_FEATURES" --key id --keys "$LOOKUP_ROWS" --requests "$LOOKUPS" --json)"
 log "online lookups: Feast (materialize, then $LOOKUPS lookups)"
 record "feast get_online_features (sqlite)" \
   "$(timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" feast-online "$WORK" "$LOOKUP_ROWS" "$LOOKUPS" 2>>"$WORK/feast.log")"
@@ -122,4 +130,7 @@ start_baseline "$WORK/feast-serve.log" "http://127.0.0.1:$FEAST_PORT/health" \
   "$PYTHON" "$BENCH" feast-serve "$WORK" "$FEAST_PORT"
 record "feast feature server over HTTP (feast serve, sqlite)" \
   "$(timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" http "127.0.0.1:$FEAST_PORT" "$LOOKUP_ROWS" "$LOOKUPS")"
+record "feast feature server over HTTP (Rust, kiln bench lookup --over http)" \
+  "$(timeout "$STEP_TIMEOUT" "$KILN" bench lookup --over http --featurestore "127.0.0.1:$FEAST_PORT" \
+      --lookup-features "$LOOKUP_FEATURES" --key id --keys "$LOOKUP_ROWS" --requests "$LOOKUPS" --json)"
 log "done: $OUT_DIR/feast.jsonl"

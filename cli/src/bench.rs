@@ -1,7 +1,8 @@
 //! `kiln bench SUITE`: measures a running cluster, the way nccl-tests measures a fabric. Prints a table
 //! and writes JSON that `benches/run-raft.sh` turns into a report beside its baselines.
 //!
-//! Suite `lookup`: sequential online lookups against a feature server over Flight (see [`crate::bench_lookup`]).
+//! Suite `lookup`: sequential online lookups against a feature server over Flight or HTTP, Kiln's or (over
+//! HTTP) Feast's (see [`crate::bench_lookup`]).
 //!
 //! Suite `tracking`: log-batch throughput, run creation and run-search latency against any MLflow tracking
 //! server's REST API, Kiln's or MLflow's own (see [`crate::bench_tracking`]).
@@ -90,15 +91,26 @@ pub struct BenchArgs {
     /// Suite jobs: submissions per second in the latency phase.
     #[arg(long, default_value_t = 200.0)]
     rate: f64,
-    /// Suite lookup: the feature server's Flight address.
+    /// Suites lookup and doget: the feature server's address (Flight and HTTP share it; over HTTP it may be
+    /// any server of Feast's `/get-online-features`).
     #[arg(long, env = "KILN_FEATURESTORE", default_value = "127.0.0.1:7072")]
     featurestore: String,
+    /// Suite lookup: the protocol each lookup travels over.
+    #[arg(long, value_enum, default_value = "flight")]
+    over: crate::bench_lookup::LookupOver,
     /// Suite lookup: the feature service looked up.
     #[arg(long, default_value = "")]
     service: String,
-    /// Suite lookup: the entity's join key; each lookup names one integer key drawn from 0..--keys.
+    /// Suite lookup over HTTP: the features looked up instead of a service, as view:feature, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    lookup_features: Vec<String>,
+    /// Suite lookup: the entity's join key; each lookup names one integer key drawn from
+    /// --first-key..--first-key + --keys.
     #[arg(long, default_value = "id")]
     key: String,
+    /// Suite lookup: the first entity key to draw from.
+    #[arg(long, default_value_t = 0)]
+    first_key: u64,
     /// Suite lookup: how many entity keys there are to draw from.
     #[arg(long, default_value_t = 100_000)]
     keys: u64,
@@ -358,24 +370,34 @@ async fn run_jobs_suite(args: &BenchArgs) -> Result<()> {
 }
 
 async fn run_lookup_suite(args: &BenchArgs) -> Result<()> {
-    if args.service.is_empty() {
-        bail!("suite lookup needs --service, the feature service to look up");
-    }
-    let result = crate::bench_lookup::run(
-        &args.featurestore,
-        &args.service,
-        &args.key,
-        args.keys,
-        args.requests,
-        args.max_seconds,
-    )
-    .await?;
+    let target = crate::bench_lookup::LookupTarget {
+        service: args.service.clone(),
+        features: args.lookup_features.clone(),
+        key: args.key.clone(),
+        first_key: args.first_key,
+        keys: args.keys,
+    };
+    let result =
+        crate::bench_lookup::run(args.over, &args.featurestore, &target, args.requests, args.max_seconds).await?;
+    let over = match result.over {
+        crate::bench_lookup::LookupOver::Flight => "flight",
+        crate::bench_lookup::LookupOver::Http => "http",
+    };
     report(
         args,
         &result,
-        &["SERVICE", "LOOKUPS", "NOT FOUND", "P50 MS", "P99 MS", "MAX MS"],
+        &[
+            "OVER",
+            "LOOKED UP",
+            "LOOKUPS",
+            "NOT FOUND",
+            "P50 MS",
+            "P99 MS",
+            "MAX MS",
+        ],
         &[vec![
-            result.service.clone(),
+            over.to_string(),
+            result.looked_up.clone(),
             result.lookups.to_string(),
             result.not_found.to_string(),
             format!("{:.3}", result.p50_ms),

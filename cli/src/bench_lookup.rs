@@ -1,10 +1,16 @@
-//! `kiln bench lookup`: sequential online lookups against a feature server over Flight, from Rust, so the
-//! figure is the server's and the wire's and not a Python client's. Each lookup is one DoGet whose ticket
-//! is the `online` command for one entity drawn at random from `0..keys`, as a serving path sends it.
+//! `kiln bench lookup`: sequential online lookups against a feature server from Rust, so the figure is the
+//! server's and the wire's and not a Python client's. Each lookup names one entity drawn at random from
+//! `first_key..first_key + keys`, as a serving path sends it, over either protocol:
+//!
+//! - `--over flight`: one DoGet whose ticket is the `online` command for a feature service;
+//! - `--over http`: one `POST /get-online-features` in the body Feast's feature server takes (`entities` and
+//!   `feature_service`, or `features` from `--lookup-features`), on one keep-alive HTTP/1.1 connection, so the same client measures
+//!   Kiln and `feast serve` alike.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use clap::ValueEnum;
 use futures::TryStreamExt;
 use hdrhistogram::Histogram;
 use kiln_featurestore::server::FlightCommand;
@@ -13,16 +19,41 @@ use serde::Serialize;
 /// Lookups sent before measuring starts.
 const WARMUP: usize = 100;
 
+/// The protocol a lookup travels over.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LookupOver {
+    /// Arrow Flight DoGet (Kiln's feature server).
+    Flight,
+    /// HTTP/JSON `POST /get-online-features` (Kiln's feature server or Feast's).
+    Http,
+}
+
+/// What each lookup asks for.
+pub struct LookupTarget {
+    /// The feature service looked up (required over Flight).
+    pub service: String,
+    /// Features as `view:feature` (over HTTP, instead of a service).
+    pub features: Vec<String>,
+    /// The entity's join key.
+    pub key: String,
+    /// The first entity key; lookups draw from `first_key..first_key + keys`.
+    pub first_key: u64,
+    pub keys: u64,
+}
+
 #[derive(Serialize)]
 pub struct LookupResult {
     pub suite: &'static str,
-    pub service: String,
+    pub over: LookupOver,
+    /// The feature service, or the features joined by commas.
+    pub looked_up: String,
     pub lookups: u64,
     pub seconds: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
-    /// Lookups that found no row for their entity.
+    /// Measured lookups that found no row for their entity.
     pub not_found: u64,
 }
 
@@ -35,18 +66,115 @@ pub(crate) fn next_key(state: &mut u64, keys: u64) -> u64 {
     (mixed ^ (mixed >> 31)) % keys
 }
 
+/// A connected client of one protocol.
+enum Looker {
+    Flight(arrow_flight::FlightClient),
+    Http { client: reqwest::Client, url: String },
+}
+
+impl Looker {
+    async fn connect(over: LookupOver, featurestore: &str) -> Result<Self> {
+        Ok(match over {
+            LookupOver::Flight => Looker::Flight(crate::featureserver::connect(featurestore).await?),
+            LookupOver::Http => {
+                let client = reqwest::Client::builder()
+                    .pool_max_idle_per_host(1)
+                    .tcp_nodelay(true)
+                    .timeout(Duration::from_secs(30))
+                    .build()
+                    .context("building the HTTP client")?;
+                let base = if featurestore.contains("://") {
+                    featurestore.trim_end_matches('/').to_string()
+                } else {
+                    format!("http://{featurestore}")
+                };
+                Looker::Http {
+                    client,
+                    url: format!("{base}/get-online-features"),
+                }
+            }
+        })
+    }
+
+    /// Looks one entity up; true when the server has a row for it.
+    async fn lookup(&mut self, target: &LookupTarget, entity: u64) -> Result<bool> {
+        match self {
+            Looker::Flight(client) => {
+                let command = FlightCommand::Online {
+                    service: target.service.clone(),
+                    entities: [(target.key.clone(), vec![serde_json::json!(entity)])].into(),
+                };
+                let batches: Vec<_> = client
+                    .do_get(arrow_flight::Ticket::new(command.to_bytes()))
+                    .await
+                    .context("a lookup failed")?
+                    .try_collect()
+                    .await
+                    .context("a lookup's rows did not arrive")?;
+                let batch = batches.first().context("a lookup answered no rows")?;
+                // The last column is a feature: null when the entity has no row online.
+                Ok(batch.num_rows() == 1 && batch.column(batch.num_columns() - 1).null_count() == 0)
+            }
+            Looker::Http { client, url } => {
+                let mut body = serde_json::json!({ "entities": { target.key.as_str(): [entity] } });
+                if target.features.is_empty() {
+                    body["feature_service"] = serde_json::json!(target.service);
+                } else {
+                    body["features"] = serde_json::json!(target.features);
+                }
+                let response = client
+                    .post(url.as_str())
+                    .json(&body)
+                    .send()
+                    .await
+                    .context("a lookup failed")?;
+                let status = response.status();
+                let answer: serde_json::Value = response.json().await.context("a lookup's answer is not JSON")?;
+                if !status.is_success() {
+                    bail!("a lookup was refused with {status}: {answer}");
+                }
+                online_found(&answer)
+            }
+        }
+    }
+}
+
+/// Whether a `/get-online-features` answer found its one entity: the last result (a feature) is PRESENT.
+fn online_found(answer: &serde_json::Value) -> Result<bool> {
+    let status = answer["results"]
+        .as_array()
+        .and_then(|results| results.last())
+        .and_then(|result| result["statuses"][0].as_str())
+        .with_context(|| format!("a lookup's answer has no results[].statuses: {answer}"))?;
+    Ok(status == "PRESENT")
+}
+
 pub async fn run(
+    over: LookupOver,
     featurestore: &str,
-    service: &str,
-    key: &str,
-    keys: u64,
+    target: &LookupTarget,
     requests: usize,
     max_seconds: u64,
 ) -> Result<LookupResult> {
-    if keys == 0 || requests == 0 {
+    if target.keys == 0 || requests == 0 {
         bail!("--keys and --requests must be positive");
     }
-    let mut client = crate::featureserver::connect(featurestore).await?;
+    let looked_up = match over {
+        LookupOver::Flight if target.service.is_empty() => {
+            bail!("a lookup over Flight needs --service, the feature service to look up")
+        }
+        LookupOver::Flight if !target.features.is_empty() => {
+            bail!("a lookup over Flight names a feature service (--service), not --lookup-features")
+        }
+        LookupOver::Http if target.service.is_empty() == target.features.is_empty() => {
+            bail!(
+                "a lookup over HTTP needs either --service or --lookup-features (view:feature, comma-separated), not both"
+            )
+        }
+        _ if target.features.is_empty() => target.service.clone(),
+        _ => target.features.join(","),
+    };
+    let mut looker = Looker::connect(over, featurestore).await?;
     let mut state = 11u64;
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
     let mut not_found = 0;
@@ -56,33 +184,22 @@ pub async fn run(
         if Instant::now() >= deadline {
             break;
         }
-        let entity = next_key(&mut state, keys);
-        let command = FlightCommand::Online {
-            service: service.to_string(),
-            entities: [(key.to_string(), vec![serde_json::json!(entity)])].into(),
-        };
+        let entity = target.first_key + next_key(&mut state, target.keys);
         let sent = Instant::now();
-        let batches: Vec<_> = client
-            .do_get(arrow_flight::Ticket::new(command.to_bytes()))
-            .await
-            .context("a lookup failed")?
-            .try_collect()
-            .await
-            .context("a lookup's rows did not arrive")?;
+        let found = looker.lookup(target, entity).await?;
         let elapsed = sent.elapsed();
-        let batch = batches.first().context("a lookup answered no rows")?;
-        // The last column is a feature: null when the entity has no row online.
-        if batch.num_rows() != 1 || batch.column(batch.num_columns() - 1).null_count() == 1 {
-            not_found += 1;
-        }
         if index >= WARMUP {
+            if !found {
+                not_found += 1;
+            }
             let micros = elapsed.as_micros().clamp(1, 60_000_000) as u64;
             histogram.record(micros).expect("latency within bounds");
         }
     }
     Ok(LookupResult {
         suite: "lookup",
-        service: service.to_string(),
+        over,
+        looked_up,
         lookups: histogram.len(),
         seconds: started.elapsed().as_secs_f64(),
         p50_ms: histogram.value_at_quantile(0.50) as f64 / 1000.0,
@@ -90,6 +207,27 @@ pub async fn run(
         max_ms: histogram.max() as f64 / 1000.0,
         not_found,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::online_found;
+
+    #[test]
+    fn an_answer_is_found_when_its_last_feature_is_present() {
+        let answer = |status: &str| {
+            serde_json::json!({
+                "metadata": {"feature_names": ["id", "g0"]},
+                "results": [{"values": [1], "statuses": ["PRESENT"]}, {"values": [null], "statuses": [status]}],
+            })
+        };
+        assert!(online_found(&answer("PRESENT")).unwrap());
+        assert!(!online_found(&answer("NOT_FOUND")).unwrap());
+        let error = online_found(&serde_json::json!({"detail": "no"}))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("results[].statuses"), "{error}");
+    }
 }
 
 #[derive(Serialize)]

@@ -468,6 +468,40 @@ async fn the_feature_server_serves_what_was_applied_and_keeps_its_online_store_a
     let server = FeatureServer::start(&cluster, &data);
     let again = json_of(&server.features(&cluster, &lookup, Duration::from_secs(20)));
     assert_eq!(again, found);
+
+    // `kiln bench lookup` draws the same entities over either protocol (drivers 1001-1005 of 1001-1010 are
+    // online), so both find the same ones.
+    let mut not_found = Vec::new();
+    for over in ["flight", "http"] {
+        let output = cluster
+            .cli(&[
+                "bench",
+                "lookup",
+                "--featurestore",
+                &server.address,
+                "--over",
+                over,
+                "--service",
+                "driver_activity",
+                "--key",
+                "driver_id",
+                "--first-key",
+                "1001",
+                "--keys",
+                "10",
+                "--requests",
+                "40",
+                "--json",
+            ])
+            .unwrap();
+        let result = json_of(&output);
+        assert_eq!(result["over"], over, "{result:#}");
+        assert_eq!(result["lookups"], 40, "{result:#}");
+        let missed = result["not_found"].as_u64().unwrap();
+        assert!(0 < missed && missed < 40, "{result:#}");
+        not_found.push(missed);
+    }
+    assert_eq!(not_found[0], not_found[1]);
     server.stop();
 }
 

@@ -650,3 +650,51 @@ type = "float64"
     assert_eq!(summed.as_any().downcast_ref::<Int64Array>().unwrap().value(0), 60);
     running.stop().await;
 }
+
+#[test]
+fn a_batch_sliced_from_a_larger_buffer_is_split_by_the_bytes_its_rows_hold() {
+    // Nine float64 columns sliced from arrays ten times as long, as every batch read from an Arrow IPC file
+    // slices the one buffer its body was read into.
+    let rows = 65_536;
+    let schema = Arc::new(Schema::new(
+        (0..9)
+            .map(|index| Field::new(format!("f{index}"), DataType::Float64, false))
+            .collect::<Vec<_>>(),
+    ));
+    let columns: Vec<ArrayRef> = (0..9)
+        .map(|column| {
+            let whole = Float64Array::from_iter_values((0..rows * 10).map(|row| (row * 9 + column) as f64));
+            Arc::new(whole.slice(rows, rows)) as ArrayRef
+        })
+        .collect();
+    let batch = RecordBatch::try_new(schema.clone(), columns).unwrap();
+    // What arrow-flight's own split counts: every column's whole buffer, 47 MB for 4.7 MB of rows.
+    let counted: usize = batch
+        .columns()
+        .iter()
+        .map(|column| column.get_buffer_memory_size())
+        .sum();
+    assert!(counted >= 9 * rows * 10 * 8, "{counted}");
+
+    let pieces = split_for_flight(batch.clone(), 2 << 20);
+    assert_eq!(pieces.len(), 3, "4.7 MB of rows in pieces of at most 2 MiB");
+    for piece in &pieces {
+        let bytes: usize = piece
+            .columns()
+            .iter()
+            .map(|column| column.to_data().get_slice_memory_size().unwrap())
+            .sum();
+        assert!(bytes <= 2 << 20, "{bytes}");
+    }
+    assert_eq!(
+        datafusion::arrow::compute::concat_batches(&schema, &pieces).unwrap(),
+        batch,
+        "the pieces are the batch's rows, in order"
+    );
+
+    // A batch that fits goes whole, an empty one not at all, and no piece is smaller than a row.
+    assert_eq!(split_for_flight(batch.slice(10, 1000), 2 << 20).len(), 1);
+    assert!(split_for_flight(batch.slice(0, 0), 2 << 20).is_empty());
+    let tiny = split_for_flight(batch.slice(0, 2), 8);
+    assert_eq!(tiny.iter().map(RecordBatch::num_rows).collect::<Vec<_>>(), [1, 1]);
+}
