@@ -4,8 +4,11 @@ loopback TCP reference. Stock pyarrow only.
   flight_bench.py make ROWS OUT.arrow            int64 id, 8 float64 columns f0..f7, event_timestamp; IPC file
   flight_bench.py serve PORT FILE.arrow          pyarrow.flight server: every do_get streams the table's
                                                  id and f0..f7 (read into memory once)
-  flight_bench.py fetch ADDRESS TICKET REPEATS   do_get TICKET (bytes, or @JSON for a Kiln command whose
-                                                 ticket comes from get_flight_info) REPEATS times; prints JSON
+  flight_bench.py fetch ADDRESS TICKET REPEATS [WARMUP]
+                                                 do_get TICKET (bytes, or @JSON for a Kiln command whose
+                                                 ticket comes from get_flight_info) WARMUP times untimed
+                                                 (default 0), then REPEATS times timed, on one connection;
+                                                 prints JSON
   flight_bench.py loopback BYTES REPEATS         one TCP stream over 127.0.0.1, sendall/recv_into; prints JSON
   flight_bench.py make-lookup ROWS OUT.arrow     int64 id, event_timestamp, 10 float64 features g0..g9
   flight_bench.py lookup ADDRESS SERVICE ROWS COUNT
@@ -64,13 +67,16 @@ def serve(port, path):
     server.serve()
 
 
-def fetch(address, ticket, repeats):
+def fetch(address, ticket, repeats, warmup=0):
     client = flight.connect(f"grpc://{address}")
     if ticket.startswith("@"):
         info = client.get_flight_info(flight.FlightDescriptor.for_command(ticket[1:].encode()))
         ticket = info.endpoints[0].ticket
     else:
         ticket = flight.Ticket(ticket.encode())
+    # pyarrow's client is slow on its first DoGets of a connection, whichever server it reads.
+    for _ in range(warmup):
+        client.do_get(ticket).read_all()
     rates, nbytes, rows = [], 0, 0
     for _ in range(repeats):
         started = time.perf_counter()
@@ -152,7 +158,7 @@ if __name__ == "__main__":
     elif mode == "serve":
         serve(int(sys.argv[2]), sys.argv[3])
     elif mode == "fetch":
-        fetch(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        fetch(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]) if len(sys.argv) > 5 else 0)
     elif mode == "make-lookup":
         make_lookup(int(sys.argv[2]), sys.argv[3])
     elif mode == "lookup":

@@ -14,6 +14,7 @@
 # Environment:
 #   ROWS     rows of the table (default 10000000)
 #   REPEATS  timed DoGets per server (default 5; the median is reported)
+#   WARMUP   untimed DoGets of pyarrow's client first, on the same connection (default 2)
 #   LOOKUP_ROWS, LOOKUPS  entities in the online store and lookups timed (default 100000 and 2000)
 #   CARGO_TARGET_DIR  where kiln is built (default $HOME/.cache/kiln-target)
 
@@ -21,6 +22,7 @@ set -euo pipefail
 
 ROWS="${ROWS:-10000000}"
 REPEATS="${REPEATS:-5}"
+WARMUP="${WARMUP:-2}"
 LOOKUP_ROWS="${LOOKUP_ROWS:-100000}"
 LOOKUPS="${LOOKUPS:-2000}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kiln-target}"
@@ -83,7 +85,7 @@ done
 
 : >"$OUT_DIR/flight.jsonl"
 log "Kiln: $REPEATS DoGets"
-result=$(timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" fetch "$FEATURES" "@$QUERY" "$REPEATS")
+result=$(timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" fetch "$FEATURES" "@$QUERY" "$REPEATS" "$WARMUP")
 echo "{\"side\": \"kiln\", \"result\": $result}" | tee -a "$OUT_DIR/flight.jsonl"
 log "Kiln: $REPEATS DoGets from Rust (kiln bench doget)"
 result=$(timeout "$STEP_TIMEOUT" "$KILN" bench doget --featurestore "$FEATURES" --ticket "$QUERY" --requests "$REPEATS" --json)
@@ -95,7 +97,7 @@ BASELINE_PID=$!
 trap 'kill $BASELINE_PID 2>/dev/null || true; cleanup' EXIT
 for _ in $(seq 600); do grep -q serving "$WORK/baseline.log" && break; sleep 0.1; done
 log "pyarrow.flight: $REPEATS DoGets"
-result=$(timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" fetch "127.0.0.1:$BASELINE_PORT" table "$REPEATS")
+result=$(timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" fetch "127.0.0.1:$BASELINE_PORT" table "$REPEATS" "$WARMUP")
 echo "{\"side\": \"pyarrow.flight\", \"result\": $result}" | tee -a "$OUT_DIR/flight.jsonl"
 log "pyarrow.flight: $REPEATS DoGets from Rust (kiln bench doget)"
 result=$(timeout "$STEP_TIMEOUT" "$KILN" bench doget --featurestore "127.0.0.1:$BASELINE_PORT" --ticket table --requests "$REPEATS" --json)
