@@ -257,7 +257,7 @@ impl OnlineStore {
                 let Some(stored) = table.get(key_bytes(view, key)?.as_slice()).map_err(storage)? else {
                     return Ok(None);
                 };
-                let stored = decode(stored.value())?;
+                let stored = decode_borrowed(stored.value())?;
                 let values = features
                     .iter()
                     .map(|name| {
@@ -279,6 +279,20 @@ impl OnlineStore {
 
 fn decode(bytes: &[u8]) -> Result<Stored, FeatureStoreError> {
     bincode::serde::decode_from_slice(bytes, bincode_config())
+        .map(|(stored, _)| stored)
+        .map_err(|error| FeatureStoreError::Storage(format!("an online row is corrupt: {error}")))
+}
+
+/// [`Stored`] with its feature names borrowed from the stored bytes, for lookups (no name is copied).
+#[derive(Deserialize)]
+struct StoredRef<'a> {
+    timestamp_micros: i64,
+    #[serde(borrow)]
+    features: Vec<(&'a str, Value)>,
+}
+
+fn decode_borrowed(bytes: &[u8]) -> Result<StoredRef<'_>, FeatureStoreError> {
+    bincode::serde::borrow_decode_from_slice(bytes, bincode_config())
         .map(|(stored, _)| stored)
         .map_err(|error| FeatureStoreError::Storage(format!("an online row is corrupt: {error}")))
 }

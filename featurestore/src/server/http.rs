@@ -29,7 +29,8 @@ use axum::routing::{get, post};
 use base64::Engine;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
-use serde::Deserialize;
+use serde::ser::{SerializeMap, SerializeSeq};
+use serde::{Deserialize, Serialize, Serializer};
 
 use super::{FeatureServer, Lookup, PushTarget, arrow_type};
 use crate::FeatureStoreError;
@@ -115,10 +116,25 @@ struct OnlineRequest {
 const ONLINE_EXPECTED: &str = "{\"feature_service\": NAME or \"features\": [\"view:feature\", …], \"entities\": {\"KEY\": [VALUES…]}, \"full_feature_names\": false}";
 
 async fn get_online_features(State(server): State<FeatureServer>, body: Bytes) -> Response {
-    answer(online_features(&server, &body))
+    let lookup = online_features(&server, &body);
+    match lookup {
+        Ok((lookup, full_feature_names)) => {
+            let response = OnlineResponse {
+                lookup: &lookup,
+                full_feature_names,
+            };
+            Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(serde_json::to_vec(&response).expect("json")))
+                .expect("a valid response")
+        }
+        Err(error) => answer(Err(error)),
+    }
 }
 
-fn online_features(server: &FeatureServer, body: &[u8]) -> Result<serde_json::Value, FeatureStoreError> {
+/// The lookup a `/get-online-features` body asks for, and whether it wants full feature names.
+fn online_features(server: &FeatureServer, body: &[u8]) -> Result<(Lookup, bool), FeatureStoreError> {
     let request: OnlineRequest = parse(body, ONLINE_EXPECTED)?;
     let registered = server.registered();
     let definitions = &registered.definitions;
@@ -137,70 +153,163 @@ fn online_features(server: &FeatureServer, body: &[u8]) -> Result<serde_json::Va
         )));
     }
     let lookup = server.lookup(&registered, &features, &request.entities)?;
-    Ok(online_response(&lookup, request.full_feature_names))
+    Ok((lookup, request.full_feature_names))
 }
 
-/// Feast's response: a result per column (entity keys first, then features), an entry per entity.
-fn online_response(lookup: &Lookup, full_feature_names: bool) -> serde_json::Value {
-    let epoch = serde_json::Value::from(timestamp_text(0));
-    let mut names = Vec::new();
-    let mut results = Vec::new();
-    for (key, values) in &lookup.keys {
-        names.push(serde_json::Value::from(key.as_str()));
-        results.push(serde_json::json!({
-            "values": values.iter().map(json_value).collect::<Vec<_>>(),
-            "statuses": vec!["PRESENT"; values.len()],
-            "event_timestamps": vec![epoch.clone(); values.len()],
-        }));
+/// Feast's response: a result per column (entity keys first, then features), an entry per entity. It is
+/// written straight from the lookup, with no JSON tree built in between.
+struct OnlineResponse<'a> {
+    lookup: &'a Lookup,
+    full_feature_names: bool,
+}
+
+impl Serialize for OnlineResponse<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut response = serializer.serialize_map(Some(2))?;
+        response.serialize_entry("metadata", &FeatureNames(self))?;
+        response.serialize_entry("results", &Results(self.lookup))?;
+        response.end()
     }
-    for feature in &lookup.features {
-        let name = if full_feature_names {
-            format!("{}__{}", feature.view, feature.name)
-        } else {
-            feature.name.clone()
-        };
-        names.push(name.into());
-        results.push(serde_json::json!({
-            "values": feature.values.iter().map(json_value).collect::<Vec<_>>(),
-            "statuses": feature
-                .timestamps_micros
-                .iter()
-                .map(|time| if time.is_some() { "PRESENT" } else { "NOT_FOUND" })
-                .collect::<Vec<_>>(),
-            "event_timestamps": feature
-                .timestamps_micros
-                .iter()
-                .map(|time| serde_json::Value::from(timestamp_text(time.unwrap_or(0))))
-                .collect::<Vec<_>>(),
-        }));
+}
+
+/// `{"feature_names": [keys…, features…]}`; a feature is named `VIEW__FEATURE` with full feature names.
+struct FeatureNames<'a>(&'a OnlineResponse<'a>);
+
+impl Serialize for FeatureNames<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut metadata = serializer.serialize_map(Some(1))?;
+        metadata.serialize_entry("feature_names", &FeatureNameList(self.0))?;
+        metadata.end()
     }
-    serde_json::json!({ "metadata": { "feature_names": names }, "results": results })
+}
+
+struct FeatureNameList<'a>(&'a OnlineResponse<'a>);
+
+impl Serialize for FeatureNameList<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let OnlineResponse {
+            lookup,
+            full_feature_names,
+        } = self.0;
+        let mut names = serializer.serialize_seq(Some(lookup.keys.len() + lookup.features.len()))?;
+        for (key, _) in &lookup.keys {
+            names.serialize_element(key)?;
+        }
+        for feature in &lookup.features {
+            if *full_feature_names {
+                names.serialize_element(&format_args!("{}__{}", feature.view, feature.name))?;
+            } else {
+                names.serialize_element(&feature.name)?;
+            }
+        }
+        names.end()
+    }
+}
+
+/// One result per key column (every entry PRESENT at the epoch), then one per feature.
+struct Results<'a>(&'a Lookup);
+
+impl Serialize for Results<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let lookup = self.0;
+        let mut results = serializer.serialize_seq(Some(lookup.keys.len() + lookup.features.len()))?;
+        for (_, values) in &lookup.keys {
+            results.serialize_element(&Column { values, times: None })?;
+        }
+        for feature in &lookup.features {
+            results.serialize_element(&Column {
+                values: &feature.values,
+                times: Some(&feature.timestamps_micros),
+            })?;
+        }
+        results.end()
+    }
+}
+
+/// `{"values": […], "statuses": […], "event_timestamps": […]}` for one column: a feature's entry is
+/// NOT_FOUND where its time is `None`; a key column (`times` of `None`) is PRESENT throughout.
+struct Column<'a> {
+    values: &'a [Value],
+    times: Option<&'a [Option<i64>]>,
+}
+
+impl Serialize for Column<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        struct Values<'a>(&'a [Value]);
+        impl Serialize for Values<'_> {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_seq(self.0.iter().map(JsonValue))
+            }
+        }
+        struct Statuses<'a>(&'a Column<'a>);
+        impl Serialize for Statuses<'_> {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let Column { values, times } = self.0;
+                serializer.collect_seq(
+                    (0..values.len()).map(|entry| match times.and_then(|times| times.get(entry)) {
+                        Some(None) => "NOT_FOUND",
+                        _ => "PRESENT",
+                    }),
+                )
+            }
+        }
+        struct Times<'a>(&'a Column<'a>);
+        impl Serialize for Times<'_> {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let Column { values, times } = self.0;
+                serializer.collect_seq((0..values.len()).map(|entry| {
+                    TimestampText(times.and_then(|times| times.get(entry).copied().flatten()).unwrap_or(0))
+                }))
+            }
+        }
+        let mut column = serializer.serialize_map(Some(3))?;
+        column.serialize_entry("values", &Values(self.values))?;
+        column.serialize_entry("statuses", &Statuses(self))?;
+        column.serialize_entry("event_timestamps", &Times(self))?;
+        column.end()
+    }
 }
 
 /// RFC 3339 in UTC with microseconds, as far back as the epoch; earlier times as their microsecond count.
-fn timestamp_text(micros: i64) -> String {
-    match u64::try_from(micros) {
-        Ok(micros) => {
-            humantime::format_rfc3339_micros(std::time::UNIX_EPOCH + std::time::Duration::from_micros(micros))
-                .to_string()
+struct TimestampText(i64);
+
+impl std::fmt::Display for TimestampText {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match u64::try_from(self.0) {
+            Ok(micros) => {
+                humantime::format_rfc3339_micros(std::time::UNIX_EPOCH + std::time::Duration::from_micros(micros))
+                    .fmt(formatter)
+            }
+            Err(_) => self.0.fmt(formatter),
         }
-        Err(_) => micros.to_string(),
     }
 }
 
-fn json_value(value: &Value) -> serde_json::Value {
-    match value {
-        Value::Null => serde_json::Value::Null,
-        Value::Int(value) => (*value).into(),
-        Value::Float(value) => serde_json::Number::from_f64(*value).map_or(serde_json::Value::Null, Into::into),
-        Value::Text(text) => text.as_str().into(),
-        Value::Bool(value) => (*value).into(),
-        Value::Timestamp(micros) => timestamp_text(*micros).into(),
-        Value::FloatList(items) => items
-            .iter()
-            .map(|item| serde_json::Number::from_f64(*item).map_or(serde_json::Value::Null, Into::into))
-            .collect(),
-        Value::Bytes(bytes) => base64::engine::general_purpose::STANDARD.encode(bytes).into(),
+impl Serialize for TimestampText {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// A value as JSON: numbers (a float that is not finite as null), strings, booleans, timestamps as
+/// [`TimestampText`], lists of floats, bytes as base64.
+struct JsonValue<'a>(&'a Value);
+
+impl Serialize for JsonValue<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Value::Null => serializer.serialize_unit(),
+            Value::Int(value) => serializer.serialize_i64(*value),
+            Value::Float(value) if value.is_finite() => serializer.serialize_f64(*value),
+            Value::Float(_) => serializer.serialize_unit(),
+            Value::Text(text) => serializer.serialize_str(text),
+            Value::Bool(value) => serializer.serialize_bool(*value),
+            Value::Timestamp(micros) => TimestampText(*micros).serialize(serializer),
+            Value::FloatList(items) => {
+                serializer.collect_seq(items.iter().map(|item| item.is_finite().then_some(*item)))
+            }
+            Value::Bytes(bytes) => serializer.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes)),
+        }
     }
 }
 
@@ -331,4 +440,91 @@ fn inferred_type(name: &str, values: &[serde_json::Value]) -> Result<DataType, F
         });
     }
     Ok(data_type.unwrap_or(DataType::Utf8))
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::datatypes::DataType;
+
+    use super::{Lookup, OnlineResponse};
+    use crate::online::Value;
+    use crate::server::LookupFeature;
+
+    fn feature(name: &str, values: Vec<Value>, timestamps_micros: Vec<Option<i64>>) -> LookupFeature {
+        LookupFeature {
+            view: "stats".into(),
+            name: name.into(),
+            data_type: DataType::Float64,
+            values,
+            timestamps_micros,
+        }
+    }
+
+    fn written(lookup: &Lookup, full_feature_names: bool) -> serde_json::Value {
+        let text = serde_json::to_string(&OnlineResponse {
+            lookup,
+            full_feature_names,
+        })
+        .unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn the_online_answer_is_feasts_shape_for_every_kind_of_value() {
+        let t = 1_764_151_200_123_456; // 2025-11-26T10:00:00.123456Z
+        let lookup = Lookup {
+            keys: vec![("driver_id".into(), vec![Value::Int(1001), Value::Int(1999)])],
+            features: vec![
+                feature("rate", vec![Value::Float(0.5), Value::Null], vec![Some(t), None]),
+                feature(
+                    "odd",
+                    vec![Value::Float(f64::NAN), Value::Float(f64::INFINITY)],
+                    vec![Some(t); 2],
+                ),
+                feature(
+                    "name",
+                    vec![Value::Text("a \"b\"".into()), Value::Bool(true)],
+                    vec![Some(t); 2],
+                ),
+                feature(
+                    "seen",
+                    vec![Value::Timestamp(t), Value::Timestamp(-5)],
+                    vec![Some(t); 2],
+                ),
+                feature(
+                    "embedding",
+                    vec![Value::FloatList(vec![1.0, f64::NAN]), Value::Bytes(vec![0, 255])],
+                    vec![Some(-7), Some(0)],
+                ),
+            ],
+        };
+        let stamp = "2025-11-26T10:00:00.123456Z";
+        let epoch = "1970-01-01T00:00:00.000000Z";
+        let present = ["PRESENT", "PRESENT"];
+        assert_eq!(
+            written(&lookup, false),
+            serde_json::json!({
+                "metadata": {"feature_names": ["driver_id", "rate", "odd", "name", "seen", "embedding"]},
+                "results": [
+                    {"values": [1001, 1999], "statuses": present, "event_timestamps": [epoch, epoch]},
+                    {"values": [0.5, null], "statuses": ["PRESENT", "NOT_FOUND"], "event_timestamps": [stamp, epoch]},
+                    {"values": [null, null], "statuses": present, "event_timestamps": [stamp, stamp]},
+                    {"values": ["a \"b\"", true], "statuses": present, "event_timestamps": [stamp, stamp]},
+                    {"values": [stamp, "-5"], "statuses": present, "event_timestamps": [stamp, stamp]},
+                    {"values": [[1.0, null], "AP8="], "statuses": present, "event_timestamps": ["-7", epoch]},
+                ],
+            })
+        );
+        assert_eq!(
+            written(&lookup, true)["metadata"]["feature_names"],
+            serde_json::json!([
+                "driver_id",
+                "stats__rate",
+                "stats__odd",
+                "stats__name",
+                "stats__seen",
+                "stats__embedding"
+            ])
+        );
+    }
 }
