@@ -117,11 +117,12 @@ fn float_list(items: ArrayRef) -> Result<Value, FeatureStoreError> {
     ))
 }
 
-/// What is stored for one entity of one view.
+/// What is stored for one entity of one view. Written with owned names (`N = String`) and read with names
+/// borrowed from the stored bytes (`N = &str`), so a lookup copies no name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Stored {
+struct Stored<N> {
     timestamp_micros: i64,
-    features: Vec<(String, Value)>,
+    features: Vec<(N, Value)>,
 }
 
 /// A lookup's answer for one entity: the time of the row it came from and the values asked for, in the
@@ -221,7 +222,7 @@ impl OnlineStore {
             let mut table = transaction.open_table(LATEST).map_err(storage)?;
             for (key, time, features) in rows {
                 let newer = match table.get(key.as_slice()).map_err(storage)? {
-                    Some(stored) => decode(stored.value())?.timestamp_micros <= time,
+                    Some(stored) => decode::<&str>(stored.value())?.timestamp_micros <= time,
                     None => true,
                 };
                 if newer {
@@ -257,7 +258,7 @@ impl OnlineStore {
                 let Some(stored) = table.get(key_bytes(view, key)?.as_slice()).map_err(storage)? else {
                     return Ok(None);
                 };
-                let stored = decode_borrowed(stored.value())?;
+                let stored = decode::<&str>(stored.value())?;
                 let values = features
                     .iter()
                     .map(|name| {
@@ -277,21 +278,7 @@ impl OnlineStore {
     }
 }
 
-fn decode(bytes: &[u8]) -> Result<Stored, FeatureStoreError> {
-    bincode::serde::decode_from_slice(bytes, bincode_config())
-        .map(|(stored, _)| stored)
-        .map_err(|error| FeatureStoreError::Storage(format!("an online row is corrupt: {error}")))
-}
-
-/// [`Stored`] with its feature names borrowed from the stored bytes, for lookups (no name is copied).
-#[derive(Deserialize)]
-struct StoredRef<'a> {
-    timestamp_micros: i64,
-    #[serde(borrow)]
-    features: Vec<(&'a str, Value)>,
-}
-
-fn decode_borrowed(bytes: &[u8]) -> Result<StoredRef<'_>, FeatureStoreError> {
+fn decode<'a, N: Deserialize<'a>>(bytes: &'a [u8]) -> Result<Stored<N>, FeatureStoreError> {
     bincode::serde::borrow_decode_from_slice(bytes, bincode_config())
         .map(|(stored, _)| stored)
         .map_err(|error| FeatureStoreError::Storage(format!("an online row is corrupt: {error}")))

@@ -51,7 +51,7 @@ pub fn router(server: FeatureServer) -> axum::Router {
         .with_state(server)
 }
 
-fn json_response(status: StatusCode, body: &serde_json::Value) -> Response {
+fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
@@ -116,19 +116,14 @@ struct OnlineRequest {
 const ONLINE_EXPECTED: &str = "{\"feature_service\": NAME or \"features\": [\"view:feature\", …], \"entities\": {\"KEY\": [VALUES…]}, \"full_feature_names\": false}";
 
 async fn get_online_features(State(server): State<FeatureServer>, body: Bytes) -> Response {
-    let lookup = online_features(&server, &body);
-    match lookup {
-        Ok((lookup, full_feature_names)) => {
-            let response = OnlineResponse {
+    match online_features(&server, &body) {
+        Ok((lookup, full_feature_names)) => json_response(
+            StatusCode::OK,
+            &OnlineResponse {
                 lookup: &lookup,
                 full_feature_names,
-            };
-            Response::builder()
-                .status(StatusCode::OK)
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(serde_json::to_vec(&response).expect("json")))
-                .expect("a valid response")
-        }
+            },
+        ),
         Err(error) => answer(Err(error)),
     }
 }
@@ -166,26 +161,26 @@ struct OnlineResponse<'a> {
 impl Serialize for OnlineResponse<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut response = serializer.serialize_map(Some(2))?;
-        response.serialize_entry("metadata", &FeatureNames(self))?;
+        response.serialize_entry(
+            "metadata",
+            &Metadata {
+                feature_names: FeatureNames(self),
+            },
+        )?;
         response.serialize_entry("results", &Results(self.lookup))?;
         response.end()
     }
 }
 
-/// `{"feature_names": [keys…, features…]}`; a feature is named `VIEW__FEATURE` with full feature names.
+#[derive(Serialize)]
+struct Metadata<'a> {
+    feature_names: FeatureNames<'a>,
+}
+
+/// The keys, then the features; a feature is named `VIEW__FEATURE` with full feature names.
 struct FeatureNames<'a>(&'a OnlineResponse<'a>);
 
 impl Serialize for FeatureNames<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut metadata = serializer.serialize_map(Some(1))?;
-        metadata.serialize_entry("feature_names", &FeatureNameList(self.0))?;
-        metadata.end()
-    }
-}
-
-struct FeatureNameList<'a>(&'a OnlineResponse<'a>);
-
-impl Serialize for FeatureNameList<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let OnlineResponse {
             lookup,
