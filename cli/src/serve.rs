@@ -159,9 +159,7 @@ fn load_model(path: &Path, input_name: &str) -> Result<Arc<dyn Model>> {
             .min()
     };
     if let Some(file) = onnx {
-        return Ok(Arc::new(
-            kiln_serving::OnnxModel::load(&file).map_err(anyhow::Error::msg)?,
-        ));
+        return kiln_serving::load_onnx(&file).map_err(anyhow::Error::msg);
     }
     let compute = inference_device();
     let saved = SavedModel::load_on(path, compute)?;

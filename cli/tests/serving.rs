@@ -470,8 +470,53 @@ async fn a_registered_model_is_served_over_the_open_inference_protocol_to_stock_
     );
 }
 
+/// Whether the kiln under test runs ONNX models. `cargo test --workspace` (the README's test command, and CI)
+/// builds it with kiln-serving's default feature `onnx`; `cargo test -p kiln` alone builds it without, as
+/// `cargo build -p kiln` does, and the ONNX tests are then skipped (outside CI) for the refusal test below.
+fn onnx_built() -> bool {
+    if !kiln_serving::ONNX {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI runs `cargo test --workspace`, which builds kiln with ONNX"
+        );
+        eprintln!("skipped: this kiln was built without the feature onnx (run cargo test --workspace)");
+    }
+    kiln_serving::ONNX
+}
+
+/// A kiln built without the `onnx` feature refuses an ONNX model with an error that says how to build one
+/// that serves it, and starts nothing.
+#[test]
+fn without_the_onnx_feature_an_onnx_model_is_refused_saying_how_to_build_it() {
+    let directory = tempfile::tempdir().unwrap();
+    let model = directory.path().join("model.onnx");
+    std::fs::write(&model, b"any bytes: a build without tract never reads them").unwrap();
+    let answer = Command::new(KILN)
+        .args(["serve", "--model", model.to_str().unwrap()])
+        .args(["--http-listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let message = String::from_utf8_lossy(&answer.stderr);
+    if kiln_serving::ONNX {
+        // tract read the bytes and refused them as a graph, naming the file.
+        assert!(!answer.status.success(), "{message}");
+        assert!(message.contains("model.onnx"), "{message}");
+        assert!(!message.contains("without ONNX"), "{message}");
+    } else {
+        assert!(!answer.status.success(), "{message}");
+        assert!(message.contains("model.onnx"), "{message}");
+        assert!(
+            message.contains("built without ONNX support") && message.contains("--features onnx"),
+            "{message}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_onnx_model_from_scikit_learn_registered_through_mlflow_serves_what_onnxruntime_computes() {
+    if !onnx_built() {
+        return;
+    }
     let Some(python) = stock_python() else { return };
     let mut cluster = Cluster::new(Path::new(KILN), 1, &[]).unwrap();
     cluster.tracking = true;
@@ -572,6 +617,9 @@ async fn an_onnx_model_from_scikit_learn_registered_through_mlflow_serves_what_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn onnx_models_with_fp16_and_string_tensors_serve_what_onnxruntime_computes() {
+    if !onnx_built() {
+        return;
+    }
     let Some(python) = stock_python() else { return };
     let directory = tempfile::tempdir().unwrap();
     let model_directory = directory.path().display().to_string();

@@ -48,6 +48,25 @@ pub use error::ServeError;
 pub use model::{Model, TensorSpec};
 #[cfg(feature = "onnx")]
 pub use onnx::OnnxModel;
+
+/// Whether this build runs ONNX models (the cargo feature `onnx`).
+pub const ONNX: bool = cfg!(feature = "onnx");
+
+/// The ONNX model in `path`, run by tract; in a build without the `onnx` feature, an error that says how to
+/// get one that has it.
+pub fn load_onnx(path: &std::path::Path) -> Result<std::sync::Arc<dyn Model>, String> {
+    #[cfg(feature = "onnx")]
+    {
+        Ok(std::sync::Arc::new(OnnxModel::load(path)?))
+    }
+    #[cfg(not(feature = "onnx"))]
+    {
+        Err(format!(
+            "{}: this kiln was built without ONNX support; build it with `cargo build --release -p kiln --features onnx`",
+            path.display()
+        ))
+    }
+}
 pub use tensor::{DataType, Tensor};
 
 use metrics::{Metrics, ModelMetrics};
