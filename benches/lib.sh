@@ -9,12 +9,17 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 WORK="$(mktemp -d)"
 UP_PID=""
-cleanup() {
+# stop_up: stops the cluster of kiln_up (if it runs).
+stop_up() {
   if [ -n "$UP_PID" ] && kill -0 "$UP_PID" 2>/dev/null; then
     kill -TERM "$UP_PID" 2>/dev/null || true
     for _ in $(seq $((STOP_TIMEOUT_S * 10))); do kill -0 "$UP_PID" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$UP_PID" 2>/dev/null || true
   fi
+  UP_PID=""
+}
+cleanup() {
+  stop_up
   rm -rf "$WORK"
 }
 trap cleanup EXIT
