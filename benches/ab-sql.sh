@@ -28,16 +28,7 @@ mkdir -p "$DATA"
 log "writing the tables"
 "$PYTHON" "$REPO_ROOT/benches/feast_bench.py" make "$DATA" "${ENTITY_ROWS:-100000}" "${DRIVERS:-10000}" \
   "${HOURS:-100}" "${LOOKUP_ROWS:-100000}"
-{
-  printf '[[entity]]\nname = "row"\njoin_keys = ["id"]\n\n'
-  printf '[[source]]\nname = "hourly_file"\npath = "hourly.parquet"\ntimestamp_field = "event_timestamp"\n\n'
-  printf '[[feature_view]]\nname = "hourly"\nentities = ["row"]\nsource = "hourly_file"\nttl = "1day"\n'
-  for i in 0 1 2 3; do printf '\n[[feature_view.feature]]\nname = "f%s"\ntype = "float64"\n' "$i"; done
-  printf '\n[[source]]\nname = "lookup_file"\npath = "lookup.parquet"\ntimestamp_field = "event_timestamp"\n\n'
-  printf '[[feature_view]]\nname = "lookup"\nentities = ["row"]\nsource = "lookup_file"\n'
-  for i in $(seq 0 9); do printf '\n[[feature_view.feature]]\nname = "g%s"\ntype = "float64"\n' "$i"; done
-  printf '\n[[feature_service]]\nname = "hourly_service"\nfeatures = ["hourly"]\n'
-} >"$DATA/bench.toml"
+feast_tables_toml >"$DATA/bench.toml"
 
 cpu_s() { awk '{printf "%.2f", ($14 + $15) / 100}' "/proc/$UP_PID/stat"; }
 

@@ -83,3 +83,44 @@ start_baseline() {
   cat "$log"
   exit 1
 }
+
+# feast_tables_toml: the feature definitions of the tables feast_bench.py makes (run-feast.sh, ab-sql.sh): entity
+# `row` (id), view `hourly` (f0..f3, TTL a day) and view `lookup` (g0..g9), each with its feature service.
+feast_tables_toml() {
+  cat <<TOML
+[[entity]]
+name = "row"
+join_keys = ["id"]
+
+[[source]]
+name = "hourly_file"
+path = "hourly.parquet"
+timestamp_field = "event_timestamp"
+
+[[feature_view]]
+name = "hourly"
+entities = ["row"]
+source = "hourly_file"
+ttl = "1day"
+$(for i in 0 1 2 3; do printf '\n[[feature_view.feature]]\nname = "f%s"\ntype = "float64"\n' "$i"; done)
+
+[[source]]
+name = "lookup_file"
+path = "lookup.parquet"
+timestamp_field = "event_timestamp"
+
+[[feature_view]]
+name = "lookup"
+entities = ["row"]
+source = "lookup_file"
+$(for i in 0 1 2 3 4 5 6 7 8 9; do printf '\n[[feature_view.feature]]\nname = "g%s"\ntype = "float64"\n' "$i"; done)
+
+[[feature_service]]
+name = "hourly_service"
+features = ["hourly"]
+
+[[feature_service]]
+name = "lookup_service"
+features = ["lookup"]
+TOML
+}

@@ -50,42 +50,7 @@ timeout "$STEP_TIMEOUT" "$PYTHON" "$BENCH" make "$WORK" "$ENTITY_ROWS" "$DRIVERS
 
 FEATURES="127.0.0.1:$(free_port)"
 kiln_up --featurestore-listen "$FEATURES"
-cat >"$WORK/bench.toml" <<TOML
-[[entity]]
-name = "row"
-join_keys = ["id"]
-
-[[source]]
-name = "hourly_file"
-path = "hourly.parquet"
-timestamp_field = "event_timestamp"
-
-[[feature_view]]
-name = "hourly"
-entities = ["row"]
-source = "hourly_file"
-ttl = "1day"
-$(for i in 0 1 2 3; do printf '\n[[feature_view.feature]]\nname = "f%s"\ntype = "float64"\n' "$i"; done)
-
-[[source]]
-name = "lookup_file"
-path = "lookup.parquet"
-timestamp_field = "event_timestamp"
-
-[[feature_view]]
-name = "lookup"
-entities = ["row"]
-source = "lookup_file"
-$(for i in 0 1 2 3 4 5 6 7 8 9; do printf '\n[[feature_view.feature]]\nname = "g%s"\ntype = "float64"\n' "$i"; done)
-
-[[feature_service]]
-name = "hourly_service"
-features = ["hourly"]
-
-[[feature_service]]
-name = "lookup_service"
-features = ["lookup"]
-TOML
+feast_tables_toml >"$WORK/bench.toml"
 "$KILN" features apply "$WORK/bench.toml" >/dev/null
 for _ in $(seq 100); do
   "$KILN" features sql "SELECT count(*) FROM lookup" --featurestore "$FEATURES" >/dev/null 2>&1 && break
