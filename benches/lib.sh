@@ -84,6 +84,35 @@ start_baseline() {
   exit 1
 }
 
+# float64_features PREFIX COUNT: the features PREFIX0 .. PREFIX{COUNT-1} of a feature view, all float64.
+float64_features() {
+  local i
+  for ((i = 0; i < $2; i++)); do
+    printf '\n[[feature_view.feature]]\nname = "%s%s"\ntype = "float64"\n' "$1" "$i"
+  done
+}
+
+# lookup_view_toml FILE: the online-lookup table of feast_bench.py and flight_bench.py (written to FILE, Parquet or
+# Arrow IPC): source `lookup_file`, view `lookup` (g0..g9 of entity `row`) and service `lookup_service`.
+lookup_view_toml() {
+  cat <<TOML
+[[source]]
+name = "lookup_file"
+path = "$1"
+timestamp_field = "event_timestamp"
+
+[[feature_view]]
+name = "lookup"
+entities = ["row"]
+source = "lookup_file"
+$(float64_features g 10)
+
+[[feature_service]]
+name = "lookup_service"
+features = ["lookup"]
+TOML
+}
+
 # feast_tables_toml: the feature definitions of the tables feast_bench.py makes (run-feast.sh, ab-sql.sh): entity
 # `row` (id), view `hourly` (f0..f3, TTL a day) and view `lookup` (g0..g9), each with its feature service.
 feast_tables_toml() {
@@ -102,25 +131,12 @@ name = "hourly"
 entities = ["row"]
 source = "hourly_file"
 ttl = "1day"
-$(for i in 0 1 2 3; do printf '\n[[feature_view.feature]]\nname = "f%s"\ntype = "float64"\n' "$i"; done)
-
-[[source]]
-name = "lookup_file"
-path = "lookup.parquet"
-timestamp_field = "event_timestamp"
-
-[[feature_view]]
-name = "lookup"
-entities = ["row"]
-source = "lookup_file"
-$(for i in 0 1 2 3 4 5 6 7 8 9; do printf '\n[[feature_view.feature]]\nname = "g%s"\ntype = "float64"\n' "$i"; done)
+$(float64_features f 4)
 
 [[feature_service]]
 name = "hourly_service"
 features = ["hourly"]
 
-[[feature_service]]
-name = "lookup_service"
-features = ["lookup"]
+$(lookup_view_toml lookup.parquet)
 TOML
 }

@@ -59,22 +59,9 @@ timestamp_field = "event_timestamp"
 name = "wide"
 entities = ["row"]
 source = "wide_file"
-$(for i in 0 1 2 3 4 5 6 7; do printf '\n[[feature_view.feature]]\nname = "f%s"\ntype = "float64"\n' "$i"; done)
+$(float64_features f 8)
 
-[[source]]
-name = "lookup_file"
-path = "lookup.arrow"
-timestamp_field = "event_timestamp"
-
-[[feature_view]]
-name = "lookup"
-entities = ["row"]
-source = "lookup_file"
-$(for i in 0 1 2 3 4 5 6 7 8 9; do printf '\n[[feature_view.feature]]\nname = "g%s"\ntype = "float64"\n' "$i"; done)
-
-[[feature_service]]
-name = "lookup_service"
-features = ["lookup"]
+$(lookup_view_toml lookup.arrow)
 TOML
 "$KILN" features apply "$WORK/wide.toml" >/dev/null
 QUERY='{"sql": {"query": "SELECT id, f0, f1, f2, f3, f4, f5, f6, f7 FROM wide"}}'
